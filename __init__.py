@@ -1,0 +1,1 @@
+"""kiln: a compiler for fast, small PyTorch inference."""

@@ -1,0 +1,22 @@
+"""kiln's graph IR: types, graph, op registry, text form, verifier."""
+
+from kiln.ir.builder import GraphBuilder
+from kiln.ir.errors import (
+    KilnError,
+    NumericsError,
+    ParseError,
+    ShapeError,
+    UnsupportedOpError,
+    VerificationError,
+)
+from kiln.ir.graph import Graph, Node
+from kiln.ir.registry import OpDef, all_ops, get_op, infer_types, run_reference
+from kiln.ir.text import parse_graph, print_graph
+from kiln.ir.types import DType, TensorType
+from kiln.ir.verify import verify
+
+__all__ = [
+    "DType", "Graph", "GraphBuilder", "KilnError", "Node", "NumericsError", "OpDef",
+    "ParseError", "ShapeError", "TensorType", "UnsupportedOpError", "VerificationError",
+    "all_ops", "get_op", "infer_types", "parse_graph", "print_graph", "run_reference", "verify",
+]

@@ -1,0 +1,106 @@
+"""``kiln.compile``: PyTorch model in, fast callable out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from kiln.backends.reference import run_graph
+from kiln.frontend.trace import trace_module
+from kiln.ir import Graph, KilnError
+from kiln.passes import NumericCheck, PassManager, Timing, Verify, get_pipeline
+from kiln.runtime import Executable
+
+
+def optimize(graph: Graph, pipeline: str | Sequence[str] = "O1", *, verify: bool = True,
+             check_inputs: Sequence[np.ndarray] | None = None,
+             instruments: Sequence[Any] = ()) -> tuple[Graph, Timing]:
+    """Run a named pipeline (or a list of pass names) over ``graph``.
+
+    With ``check_inputs`` every stage's outputs are compared with the previous stage's on those
+    inputs by the reference backend, so a pass that changes the numbers is named at once.
+    """
+    passes = get_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+    timing = Timing()
+    inst: list[Any] = [timing, *instruments]
+    if verify:
+        inst.append(Verify())
+    if check_inputs is not None:
+        inst.append(NumericCheck(run_graph, list(check_inputs)))
+    return PassManager(passes, inst).run(graph), timing
+
+
+class CompiledModel:
+    """A compiled model: call it like the original (torch tensors in, torch tensors out; or
+    NumPy arrays in, NumPy arrays out)."""
+
+    def __init__(self, graph: Graph, executable: Executable, out_spec: Any,
+                 source_graph: Graph, timing: Any = None) -> None:
+        self.graph = graph
+        self.source_graph = source_graph
+        self.executable = executable
+        self.timing = timing
+        self._out_spec = out_spec
+
+    @property
+    def backend(self) -> str:
+        return self.executable.backend
+
+    def __call__(self, *args: Any) -> Any:
+        use_torch = any(isinstance(a, torch.Tensor) for a in args)
+        arrays = [a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+                  for a in args]
+        outs = self.executable.run(arrays)
+        if use_torch:
+            outs = [torch.from_numpy(np.array(o, copy=True)) for o in outs]
+        if self._out_spec is None:
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        return pytree.tree_unflatten(outs, self._out_spec)
+
+    def __repr__(self) -> str:
+        return f"<CompiledModel {self.graph.name} on {self.backend}: {len(self.graph.nodes)} nodes>"
+
+
+def compile(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    *,
+    backend: str = "reference",
+    pipeline: str | Sequence[str] = "O1",
+    frontend: str = "fx",
+    verify: bool = True,
+    check_numerics: bool = False,
+) -> CompiledModel:
+    """Compile ``model`` for inference on inputs shaped like ``example_inputs``.
+
+    Args:
+        model: an ``nn.Module`` in eval mode.
+        example_inputs: a tuple of tensors (a single tensor is accepted too); the compiled model
+            takes inputs of exactly these shapes and dtypes.
+        backend: ``"reference"`` (the NumPy interpreter).
+        pipeline: a named pipeline (``"O0"`` none, ``"O1"`` cleanups) or a list of pass names.
+        frontend: ``"fx"`` (torch.fx.symbolic_trace) or ``"export"`` (torch.export).
+        verify: run the IR verifier after every pass.
+        check_numerics: compare every pass's outputs with the previous stage's on the example
+            inputs and stop with a NumericsError naming the pass that changed them.
+
+    Raises:
+        KilnError: for an unsupported op (naming it and its source line), a model in training
+            mode, or inputs kiln cannot take.
+    """
+    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(torch.as_tensor(x) if isinstance(x, np.ndarray) else x
+                           for x in example_inputs)
+    if not all(isinstance(x, torch.Tensor) for x in example_inputs):
+        raise KilnError("example_inputs must be tensors or NumPy arrays",
+                        hint="pass a tuple of tensors shaped like the real inputs")
+    source_graph, out_spec = trace_module(model, example_inputs, frontend)
+    arrays = [x.detach().cpu().numpy() for x in example_inputs]
+    graph, timing = optimize(source_graph, pipeline, verify=verify,
+                             check_inputs=arrays if check_numerics else None)
+    return CompiledModel(graph, Executable(graph, backend), out_spec, source_graph, timing)

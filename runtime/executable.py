@@ -1,0 +1,32 @@
+"""Executable: a compiled graph plus its input/output signature, callable on NumPy arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from kiln.backends import compile_for_backend
+from kiln.backends.reference import check_inputs
+from kiln.ir import Graph, TensorType
+
+
+class Executable:
+    """Runs a graph compiled by one backend. Inputs are checked against the signature."""
+
+    def __init__(self, graph: Graph, backend: str = "reference") -> None:
+        self.graph = graph
+        self.backend = backend
+        self.input_types: list[TensorType] = [graph.types[i] for i in graph.inputs]
+        self.output_types: list[TensorType] = [graph.types[o] for o in graph.outputs]
+        self._run = compile_for_backend(graph, backend)
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Outputs for ``inputs`` (a KilnError when their count, shapes or dtypes are off)."""
+        return self._run(check_inputs(self.graph, inputs))
+
+    __call__ = run
+
+    def __repr__(self) -> str:
+        sig = ", ".join(str(t) for t in self.input_types)
+        return f"<Executable {self.graph.name}({sig}) on {self.backend}>"

@@ -69,7 +69,7 @@ def run_graph(
             env[out] = arr
             if observe is not None:
                 observe(out, arr)
-        for i in n.inputs:
+        for i in dict.fromkeys(n.inputs):
             if last_use.get(i) == idx and i not in keep:
                 del env[i]
     return [env[o] for o in g.outputs]

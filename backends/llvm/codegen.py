@@ -1,0 +1,542 @@
+"""Kernel IR -> LLVM IR text: one module per model with one exported entry point.
+
+Every kernel becomes an internal function taking its buffers as pointers. A parallel loop at
+the top of a kernel is outlined into a task run by the OpenMP runtime (``GOMP_parallel`` from
+libgomp, through its C ABI): each thread takes one contiguous chunk of the iterations. The
+exported entry ``kiln_run(inputs, outputs, arena, consts)`` calls the kernels in order with
+pointers into the caller's input/output arrays, the activation arena and the weight blob.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiln.ir import KilnError
+from kiln.ir import kernel as K
+from kiln.ir.kernel import (
+    Assign,
+    Binary,
+    Broadcast,
+    Cast,
+    Const,
+    Decl,
+    Expr,
+    For,
+    If,
+    Kernel,
+    Load,
+    ReduceLanes,
+    Select,
+    Store,
+    Unary,
+    Var,
+)
+
+SCALAR = {"f32": "float", "f16": "half", "f64": "double", "i8": "i8", "u8": "i8", "i32": "i32",
+          "i64": "i64", "bool": "i1"}
+MEMORY = dict(SCALAR, bool="i8")  # bools are bytes in memory
+SIGNED = {"i8", "i32", "i64"}
+FLOAT = {"f32", "f16", "f64"}
+SUFFIX = {"float": "f32", "half": "f16", "double": "f64", "i8": "i8", "i32": "i32",
+          "i64": "i64", "i1": "i1"}
+
+
+def llvm_type(dtype: str, lanes: int = 1, memory: bool = False) -> str:
+    t = (MEMORY if memory else SCALAR)[dtype]
+    return t if lanes == 1 else f"<{lanes} x {t}>"
+
+
+def _intrinsic_suffix(dtype: str, lanes: int) -> str:
+    s = SUFFIX[SCALAR[dtype]]
+    return s if lanes == 1 else f"v{lanes}{s}"
+
+
+def float_literal(value: float, dtype: str) -> str:
+    """An exact LLVM literal (hex of the double holding the value rounded to ``dtype``)."""
+    if dtype == "f16":
+        bits = np.array(value, np.float16).view(np.uint16).item()
+        return f"0xH{bits:04X}"
+    v = float(np.float32(value)) if dtype == "f32" else float(value)
+    return f"0x{struct.unpack('>Q', struct.pack('>d', v))[0]:016X}"
+
+
+@dataclass
+class Binding:
+    """Where a kernel buffer lives for one call: ``kind`` is input/output/arena/const/scratch;
+    ``index`` is the input/output position or the byte offset."""
+
+    kind: str
+    index: int
+
+
+class _Fn:
+    """Emits one LLVM function body."""
+
+    def __init__(self, module: ModuleBuilder, name: str, params: Sequence[str]) -> None:
+        self.m = module
+        self.name = name
+        self.params = list(params)
+        self.entry: list[str] = []      # allocas
+        self.lines: list[str] = []
+        self.n = 0
+        self.vars: dict[str, tuple[str, str]] = {}   # var name -> (alloca ptr, llvm type)
+        self.buffers: dict[str, str] = {}            # buffer name -> ptr SSA value
+
+    def tmp(self) -> str:
+        self.n += 1
+        return f"%t{self.n}"
+
+    def label(self, hint: str) -> str:
+        self.n += 1
+        return f"{hint}{self.n}"
+
+    def emit(self, line: str) -> None:
+        self.lines.append("  " + line)
+
+    def block(self, label: str) -> None:
+        self.lines.append(f"{label}:")
+
+    # ---- expressions -----------------------------------------------------------------------
+    def expr(self, e: Expr) -> str:
+        t = llvm_type(e.dtype, e.lanes)
+        if isinstance(e, Const):
+            return self.const(e)
+        if isinstance(e, Var):
+            ptr, vt = self.var_slot(e)
+            r = self.tmp()
+            self.emit(f"{r} = load {vt}, ptr {ptr}")
+            return r
+        if isinstance(e, Load):
+            return self.load(e)
+        if isinstance(e, Binary):
+            return self.binary(e)
+        if isinstance(e, Unary):
+            return self.unary(e)
+        if isinstance(e, Select):
+            c, a, b = self.expr(e.cond), self.expr(e.a), self.expr(e.b)
+            r = self.tmp()
+            self.emit(f"{r} = select {llvm_type('bool', e.cond.lanes)} {c}, {t} {a}, {t} {b}")
+            return r
+        if isinstance(e, Cast):
+            return self.cast(e)
+        if isinstance(e, Broadcast):
+            x = self.expr(e.x)
+            st = llvm_type(e.x.dtype)
+            r1, r2 = self.tmp(), self.tmp()
+            self.emit(f"{r1} = insertelement <{e.lanes} x {st}> poison, {st} {x}, i64 0")
+            self.emit(f"{r2} = shufflevector <{e.lanes} x {st}> {r1}, <{e.lanes} x {st}> "
+                      f"poison, <{e.lanes} x i32> zeroinitializer")
+            return r2
+        if isinstance(e, ReduceLanes):
+            return self.reduce(e)
+        raise KilnError(f"codegen: unknown expression {type(e).__name__}")
+
+    def const(self, e: Const) -> str:
+        t = llvm_type(e.dtype)
+        if e.dtype in FLOAT:
+            s = float_literal(float(e.value), e.dtype)
+        elif e.dtype == "bool":
+            s = "true" if e.value else "false"
+        else:
+            s = str(int(e.value))
+        if e.lanes == 1:
+            return s
+        return "<" + ", ".join(f"{t} {s}" for _ in range(e.lanes)) + ">"
+
+    def var_slot(self, v: Var) -> tuple[str, str]:
+        if v.name not in self.vars:
+            raise KilnError(f"codegen: variable {v.name} used before it is declared in "
+                            f"{self.name}")
+        return self.vars[v.name]
+
+    def declare(self, v: Var) -> str:
+        t = llvm_type(v.dtype, v.lanes)
+        if v.name in self.vars and self.vars[v.name][1] == t:
+            return self.vars[v.name][0]
+        ptr = f"%var.{v.name}.{len(self.vars)}"
+        self.entry.append(f"  {ptr} = alloca {t}, align 64")
+        self.vars[v.name] = (ptr, t)
+        return ptr
+
+    def address(self, buffer: str, index: Expr, dtype: str) -> str:
+        idx = self.expr(index)
+        p = self.tmp()
+        self.emit(f"{p} = getelementptr inbounds {llvm_type(dtype, memory=True)}, "
+                  f"ptr {self.buffers[buffer]}, i64 {idx}")
+        return p
+
+    def load(self, e: Load) -> str:
+        p = self.address(e.buffer, e.index, e.dtype)
+        mt = llvm_type(e.dtype, e.lanes, memory=True)
+        r = self.tmp()
+        align = K.np_dtype(e.dtype).itemsize
+        self.emit(f"{r} = load {mt}, ptr {p}, align {align}")
+        if e.dtype == "bool":
+            r2 = self.tmp()
+            zero = "0" if e.lanes == 1 else "zeroinitializer"
+            self.emit(f"{r2} = icmp ne {mt} {r}, {zero}")
+            return r2
+        return r
+
+    def store(self, s: Store, dtype: str) -> None:
+        v = self.expr(s.value)
+        lanes = s.value.lanes
+        if dtype == "bool":
+            r = self.tmp()
+            self.emit(f"{r} = zext {llvm_type('bool', lanes)} {v} to "
+                      f"{llvm_type('bool', lanes, memory=True)}")
+            v = r
+        p = self.address(s.buffer, s.index, dtype)
+        align = K.np_dtype(dtype).itemsize
+        self.emit(f"store {llvm_type(dtype, lanes, memory=True)} {v}, ptr {p}, align {align}")
+
+    def call(self, ret: str, fn: str, args: Sequence[tuple[str, str]], flags: str = "") -> str:
+        r = self.tmp()
+        argtext = ", ".join(f"{t} {v}" for t, v in args)
+        self.emit(f"{r} = call {flags}{' ' if flags else ''}{ret} @{fn}({argtext})")
+        self.m.declare(fn, ret, [t for t, _ in args])
+        return r
+
+    def binary(self, e: Binary) -> str:
+        a, b = self.expr(e.a), self.expr(e.b)
+        at = llvm_type(e.a.dtype, e.lanes)
+        dt = e.a.dtype
+        fl = dt in FLOAT
+        r = self.tmp()
+        op = e.op
+        if op in ("add", "sub", "mul", "div"):
+            if fl:
+                inst = {"add": "fadd", "sub": "fsub", "mul": "fmul", "div": "fdiv"}[op]
+                self.emit(f"{r} = {inst} contract {at} {a}, {b}")
+            else:
+                inst = {"add": "add", "sub": "sub", "mul": "mul",
+                        "div": "sdiv" if dt in SIGNED else "udiv"}[op]
+                self.emit(f"{r} = {inst} {at} {a}, {b}")
+            return r
+        if op == "mod":
+            self.emit(f"{r} = {'frem' if fl else 'srem' if dt in SIGNED else 'urem'} {at} {a}, {b}")
+            return r
+        if op in ("max", "min"):
+            sfx = _intrinsic_suffix(dt, e.lanes)
+            if fl:
+                fn = f"llvm.{'maximum' if op == 'max' else 'minimum'}.{sfx}"
+            elif dt == "bool":
+                fn = f"llvm.{'umax' if op == 'max' else 'umin'}.{sfx}"
+            else:
+                sign = "s" if dt in SIGNED else "u"
+                fn = f"llvm.{sign}{op}.{sfx}"
+            return self.call(at, fn, [(at, a), (at, b)])
+        if op == "pow":
+            return self.call(at, f"llvm.pow.{_intrinsic_suffix(dt, e.lanes)}", [(at, a), (at, b)])
+        if op in K.COMPARE_OPS:
+            if fl:
+                pred = {"lt": "olt", "le": "ole", "gt": "ogt", "ge": "oge", "eq": "oeq",
+                        "ne": "une"}[op]
+                self.emit(f"{r} = fcmp {pred} {at} {a}, {b}")
+            else:
+                s = "s" if dt in SIGNED else "u"
+                pred = {"lt": f"{s}lt", "le": f"{s}le", "gt": f"{s}gt", "ge": f"{s}ge",
+                        "eq": "eq", "ne": "ne"}[op]
+                self.emit(f"{r} = icmp {pred} {at} {a}, {b}")
+            return r
+        if op in ("and", "or"):
+            self.emit(f"{r} = {op} {at} {a}, {b}")
+            return r
+        raise KilnError(f"codegen: unknown binary op {op}")
+
+    def unary(self, e: Unary) -> str:
+        x = self.expr(e.x)
+        t = llvm_type(e.dtype, e.lanes)
+        dt = e.dtype
+        sfx = _intrinsic_suffix(dt, e.lanes)
+        r = self.tmp()
+        if e.op == "neg":
+            if dt in FLOAT:
+                self.emit(f"{r} = fneg {t} {x}")
+            else:
+                self.emit(f"{r} = sub {t} {self.const(Const(0, dt, e.lanes))}, {x}")
+            return r
+        if e.op == "not":
+            self.emit(f"{r} = xor {t} {x}, {self.const(Const(True, 'bool', e.lanes))}")
+            return r
+        if e.op == "abs":
+            if dt in FLOAT:
+                return self.call(t, f"llvm.fabs.{sfx}", [(t, x)])
+            return self.call(t, f"llvm.abs.{sfx}", [(t, x), ("i1", "false")])
+        if e.op in ("exp", "log", "sqrt", "floor", "trunc"):
+            return self.call(t, f"llvm.{e.op}.{sfx}", [(t, x)])
+        if e.op == "rsqrt":
+            s = self.call(t, f"llvm.sqrt.{sfx}", [(t, x)])
+            one = self.const(Const(1.0, dt, e.lanes))
+            self.emit(f"{r} = fdiv {t} {one}, {s}")
+            return r
+        if e.op in ("tanh", "erf"):
+            fn = self.m.math_function(e.op, dt, e.lanes)
+            return self.call(t, fn, [(t, x)])
+        raise KilnError(f"codegen: unknown unary op {e.op}")
+
+    def cast(self, e: Cast) -> str:
+        x = self.expr(e.x)
+        src, dst = e.x.dtype, e.dtype
+        st, dt_ = llvm_type(src, e.lanes), llvm_type(dst, e.lanes)
+        if st == dt_:
+            return x
+        r = self.tmp()
+        if dst == "bool":
+            zero = self.const(Const(0.0 if src in FLOAT else 0, src, e.lanes))
+            self.emit(f"{r} = {'fcmp une' if src in FLOAT else 'icmp ne'} {st} {x}, {zero}")
+            return r
+        if src in FLOAT and dst in FLOAT:
+            bits = {"f16": 16, "f32": 32, "f64": 64}
+            inst = "fpext" if bits[dst] > bits[src] else "fptrunc"
+        elif src in FLOAT:
+            inst = "fptosi" if dst in SIGNED else "fptoui"
+        elif dst in FLOAT:
+            inst = "sitofp" if src in SIGNED else "uitofp"
+        else:
+            wi = {"i1": 1, "i8": 8, "i32": 32, "i64": 64}
+            ws, wd = wi[SCALAR[src]], wi[SCALAR[dst]]
+            inst = ("sext" if src in SIGNED else "zext") if wd > ws else "trunc"
+        self.emit(f"{r} = {inst} {st} {x} to {dt_}")
+        return r
+
+    def reduce(self, e: ReduceLanes) -> str:
+        x = self.expr(e.x)
+        vt = llvm_type(e.x.dtype, e.x.lanes)
+        st = llvm_type(e.dtype)
+        sfx = _intrinsic_suffix(e.x.dtype, e.x.lanes)
+        if e.x.dtype in FLOAT:
+            if e.op == "add":
+                return self.call(st, f"llvm.vector.reduce.fadd.{sfx}",
+                                 [(st, float_literal(-0.0, e.dtype)), (vt, x)], "reassoc")
+            fn = {"max": "fmaximum", "min": "fminimum"}[e.op]
+            return self.call(st, f"llvm.vector.reduce.{fn}.{sfx}", [(vt, x)])
+        fn = {"add": "add", "max": "smax", "min": "smin"}[e.op]
+        return self.call(st, f"llvm.vector.reduce.{fn}.{sfx}", [(vt, x)])
+
+    # ---- statements ------------------------------------------------------------------------
+    def stmts(self, body: Sequence[K.Stmt], dtypes: dict[str, str]) -> None:
+        for s in body:
+            if isinstance(s, For):
+                self.loop(s, dtypes)
+            elif isinstance(s, Store):
+                self.store(s, dtypes[s.buffer])
+            elif isinstance(s, Decl):
+                v = self.expr(s.init)
+                ptr = self.declare(s.var)
+                self.emit(f"store {llvm_type(s.var.dtype, s.var.lanes)} {v}, ptr {ptr}")
+            elif isinstance(s, Assign):
+                v = self.expr(s.value)
+                ptr, t = self.var_slot(s.var)
+                self.emit(f"store {t} {v}, ptr {ptr}")
+            elif isinstance(s, If):
+                c = self.expr(s.cond)
+                then, other, done = self.label("then"), self.label("else"), self.label("endif")
+                self.emit(f"br i1 {c}, label %{then}, label %{other}")
+                self.block(then)
+                self.stmts(s.then, dtypes)
+                self.emit(f"br label %{done}")
+                self.block(other)
+                self.stmts(s.orelse, dtypes)
+                self.emit(f"br label %{done}")
+                self.block(done)
+            else:
+                raise KilnError(f"codegen: unknown statement {type(s).__name__}")
+
+    def loop(self, s: For, dtypes: dict[str, str], lo: str | None = None,
+             hi: str | None = None) -> None:
+        if lo is None:
+            lo = self.expr(s.start)
+            ext = self.expr(s.extent)
+            hi = self.tmp()
+            self.emit(f"{hi} = add i64 {lo}, {ext}")
+        ptr = self.declare(s.var)
+        self.emit(f"store i64 {lo}, ptr {ptr}")
+        head, body, done = self.label("head"), self.label("body"), self.label("done")
+        self.emit(f"br label %{head}")
+        self.block(head)
+        i = self.tmp()
+        self.emit(f"{i} = load i64, ptr {ptr}")
+        c = self.tmp()
+        self.emit(f"{c} = icmp slt i64 {i}, {hi}")
+        self.emit(f"br i1 {c}, label %{body}, label %{done}")
+        self.block(body)
+        self.stmts(s.body, dtypes)
+        i2, nxt = self.tmp(), self.tmp()
+        self.emit(f"{i2} = load i64, ptr {ptr}")
+        self.emit(f"{nxt} = add nsw i64 {i2}, {s.step}")
+        self.emit(f"store i64 {nxt}, ptr {ptr}")
+        self.emit(f"br label %{head}")
+        self.block(done)
+
+    def text(self, linkage: str = "internal", attrs: str = "") -> str:
+        params = ", ".join(f"ptr noalias %{p}" for p in self.params)
+        return (f"define {linkage} void @{self.name}({params}) {attrs} {{\nentry:\n"
+                + "\n".join(self.entry) + ("\n" if self.entry else "")
+                + "  br label %start\nstart:\n" + "\n".join(self.lines) + "\n  ret void\n}\n")
+
+
+class ModuleBuilder:
+    """Collects functions and declarations of one LLVM module."""
+
+    def __init__(self, triple: str, features: str) -> None:
+        self.triple = triple
+        self.features = features
+        self.functions: list[str] = []
+        self.declared: dict[str, str] = {}
+        self.defined_math: set[str] = set()
+
+    def declare(self, fn: str, ret: str, args: Sequence[str]) -> None:
+        if fn not in self.declared and fn not in self.defined_math:
+            self.declared[fn] = f"declare {ret} @{fn}({', '.join(args)})"
+
+    def math_function(self, op: str, dtype: str, lanes: int) -> str:
+        """A function applying libm's ``tanhf``/``erff`` lane by lane (no LLVM intrinsic)."""
+        base = {"f32": f"{op}f", "f64": op}.get(dtype)
+        if base is None:
+            raise KilnError(f"codegen: {op} on {dtype} is not supported")
+        st = llvm_type(dtype)
+        if lanes == 1:
+            return base
+        name = f"kiln.{op}.v{lanes}{dtype}"
+        if name not in self.defined_math:
+            vt = llvm_type(dtype, lanes)
+            lines = [f"define internal {vt} @{name}({vt} %x) {{"]
+            acc = "poison"
+            for i in range(lanes):
+                lines.append(f"  %e{i} = extractelement {vt} %x, i64 {i}")
+                lines.append(f"  %r{i} = call {st} @{base}({st} %e{i})")
+                lines.append(f"  %v{i} = insertelement {vt} {acc}, {st} %r{i}, i64 {i}")
+                acc = f"%v{i}"
+            lines.append(f"  ret {vt} {acc}\n}}")
+            self.functions.append("\n".join(lines) + "\n")
+            self.defined_math.add(name)
+            self.declare(base, st, [st])
+        return name
+
+    def text(self) -> str:
+        head = [f'target triple = "{self.triple}"',
+                "@kiln_num_threads = global i32 0",
+                "declare void @GOMP_parallel(ptr, ptr, i32, i32)",
+                "declare i32 @omp_get_thread_num()",
+                "declare i32 @omp_get_num_threads()"]
+        return "\n".join(head + sorted(self.declared.values())) + "\n\n" + "\n".join(
+            self.functions)
+
+
+def _buffer_dtypes(k: Kernel) -> dict[str, str]:
+    return {b.name: b.dtype for b in k.params + k.scratch}
+
+
+def _uses_outer_locals(loop: For, outer_declared: set[str]) -> bool:
+    for st in K.walk_stmts(loop.body):
+        for e in K.stmt_exprs(st):
+            for x in K.walk_expr(e):
+                if isinstance(x, Var) and x.name in outer_declared:
+                    return True
+    for e in (loop.start, loop.extent):
+        for x in K.walk_expr(e):
+            if isinstance(x, Var):
+                return True
+    return False
+
+
+def _scratch_allocas(fn: _Fn, scratch: Sequence[K.Buffer]) -> None:
+    for b in scratch:
+        ptr = f"%scratch.{b.name}"
+        fn.entry.append(f"  {ptr} = alloca {llvm_type(b.dtype, memory=True)}, i64 {b.size}, "
+                        f"align 64")
+        fn.buffers[b.name] = ptr
+
+
+def emit_kernel(m: ModuleBuilder, k: Kernel) -> None:
+    """Emit ``k`` (and its outlined parallel tasks) into the module."""
+    dtypes = _buffer_dtypes(k)
+    params = [b.name for b in k.params]
+    fn = _Fn(m, k.name, params)
+    for p in params:
+        fn.buffers[p] = f"%{p}"
+    _scratch_allocas(fn, k.scratch)
+    declared: set[str] = set()
+    task_count = 0
+    for s in k.body:
+        if isinstance(s, For) and s.kind == "parallel" and not _uses_outer_locals(s, declared):
+            task = f"{k.name}.task{task_count}"
+            task_count += 1
+            _emit_task(m, task, k, s, dtypes)
+            # Pack the buffer pointers for the task and run it on the thread pool.
+            ctx = f"%ctx.{task_count}"
+            fn.entry.append(f"  {ctx} = alloca ptr, i64 {len(params)}, align 8")
+            for i, p in enumerate(params):
+                slot = fn.tmp()
+                fn.emit(f"{slot} = getelementptr ptr, ptr {ctx}, i64 {i}")
+                fn.emit(f"store ptr %{p}, ptr {slot}")
+            nt = fn.tmp()
+            fn.emit(f"{nt} = load i32, ptr @kiln_num_threads")
+            fn.emit(f"call void @GOMP_parallel(ptr @{task}, ptr {ctx}, i32 {nt}, i32 0)")
+        else:
+            if isinstance(s, Decl):
+                declared.add(s.var.name)
+            fn.stmts([s], dtypes)
+    m.functions.append(fn.text())
+
+
+def _emit_task(m: ModuleBuilder, name: str, k: Kernel, loop: For,
+               dtypes: dict[str, str]) -> None:
+    fn = _Fn(m, name, ["ctx"])
+    for i, b in enumerate(k.params):
+        slot, p = fn.tmp(), f"%buf.{b.name}"
+        fn.emit(f"{slot} = getelementptr ptr, ptr %ctx, i64 {i}")
+        fn.emit(f"{p} = load ptr, ptr {slot}")
+        fn.buffers[b.name] = p
+    _scratch_allocas(fn, k.scratch)
+    # This thread's chunk of [start, start + extent).
+    start, ext = fn.expr(loop.start), fn.expr(loop.extent)
+    tid32, nt32 = fn.tmp(), fn.tmp()
+    fn.emit(f"{tid32} = call i32 @omp_get_thread_num()")
+    fn.emit(f"{nt32} = call i32 @omp_get_num_threads()")
+    tid, nt = fn.tmp(), fn.tmp()
+    fn.emit(f"{tid} = sext i32 {tid32} to i64")
+    fn.emit(f"{nt} = sext i32 {nt32} to i64")
+    t1, chunk = fn.tmp(), fn.tmp()
+    fn.emit(f"{t1} = add i64 {ext}, {nt}")
+    t2 = fn.tmp()
+    fn.emit(f"{t2} = sub i64 {t1}, 1")
+    fn.emit(f"{chunk} = sdiv i64 {t2}, {nt}")
+    off, lo, end, hi0, hi = fn.tmp(), fn.tmp(), fn.tmp(), fn.tmp(), fn.tmp()
+    fn.emit(f"{off} = mul i64 {tid}, {chunk}")
+    fn.emit(f"{lo} = add i64 {start}, {off}")
+    fn.emit(f"{end} = add i64 {start}, {ext}")
+    fn.emit(f"{hi0} = add i64 {lo}, {chunk}")
+    fn.emit(f"{hi} = call i64 @llvm.smin.i64(i64 {hi0}, i64 {end})")
+    m.declare("llvm.smin.i64", "i64", ["i64", "i64"])
+    fn.loop(loop, dtypes, lo, hi)
+    text = fn.text()
+    m.functions.append(text.replace(f"define internal void @{name}(ptr noalias %ctx)",
+                                    f"define internal void @{name}(ptr %ctx)"))
+
+
+def emit_entry(m: ModuleBuilder, calls: Sequence[tuple[Kernel, Sequence[Binding]]]) -> None:
+    """The exported ``kiln_run(ptr inputs, ptr outputs, ptr arena, ptr consts)``."""
+    fn = _Fn(m, "kiln_run", ["inputs", "outputs", "arena", "consts"])
+    for k, bindings in calls:
+        args = []
+        for b in bindings:
+            p = fn.tmp()
+            if b.kind in ("input", "output"):
+                slot = fn.tmp()
+                fn.emit(f"{slot} = getelementptr ptr, ptr %{b.kind}s, i64 {b.index}")
+                fn.emit(f"{p} = load ptr, ptr {slot}")
+            else:
+                base = "%arena" if b.kind == "arena" else "%consts"
+                fn.emit(f"{p} = getelementptr i8, ptr {base}, i64 {b.index}")
+            args.append(f"ptr {p}")
+        fn.emit(f"call void @{k.name}({', '.join(args)})")
+    text = fn.text(linkage="", attrs="").replace("ptr noalias %", "ptr %")
+    m.functions.append(text)
+    m.functions.append("define void @kiln_set_threads(i32 %n) {\n"
+                       "  store i32 %n, ptr @kiln_num_threads\n  ret void\n}\n")

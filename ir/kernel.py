@@ -1,0 +1,613 @@
+"""The kernel IR: loop nests over flat buffers.
+
+A Kernel has buffer parameters (row-major arrays addressed by flat element index) and a body of
+statements: ``For`` loops (serial, parallel, vectorized or unrolled), ``Store``s, local
+variables (``Decl``/``Assign``) and ``If``s. Expressions are scalar or vector (``lanes`` > 1):
+a vector ``Load`` reads ``lanes`` consecutive elements, ``Broadcast`` splats a scalar, and
+``ReduceLanes`` folds a vector to a scalar. Schedules (tiling, vectorization, unrolling,
+parallelization) are rewrites of this IR; backends render it (LLVM for the CPU, Numba for CUDA)
+and ``run_kernel`` interprets it, so lowering is tested apart from code generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from kiln.ir.errors import KilnError
+
+INDEX = "i64"
+"""The dtype of loop variables and element indices."""
+
+_NP = {"f32": np.float32, "f16": np.float16, "f64": np.float64, "i8": np.int8, "u8": np.uint8,
+       "i32": np.int32, "i64": np.int64, "bool": np.bool_}
+
+
+def np_dtype(dtype: str) -> np.dtype:
+    return np.dtype(_NP[dtype])
+
+
+def is_float(dtype: str) -> bool:
+    return dtype in ("f32", "f16", "f64")
+
+
+# ---- expressions -----------------------------------------------------------------------------
+class Expr:
+    """Base of expressions. Arithmetic operators build ``Binary`` nodes."""
+
+    dtype: str
+    lanes: int
+
+    def __add__(self, o): return Binary("add", self, as_expr(o, self.dtype))
+    def __radd__(self, o): return Binary("add", as_expr(o, self.dtype), self)
+    def __sub__(self, o): return Binary("sub", self, as_expr(o, self.dtype))
+    def __rsub__(self, o): return Binary("sub", as_expr(o, self.dtype), self)
+    def __mul__(self, o): return Binary("mul", self, as_expr(o, self.dtype))
+    def __rmul__(self, o): return Binary("mul", as_expr(o, self.dtype), self)
+    def __truediv__(self, o): return Binary("div", self, as_expr(o, self.dtype))
+    def __floordiv__(self, o): return Binary("div", self, as_expr(o, self.dtype))
+    def __mod__(self, o): return Binary("mod", self, as_expr(o, self.dtype))
+    def __neg__(self): return Unary("neg", self)
+
+
+@dataclass(frozen=True, eq=True)
+class Const(Expr):
+    value: float | int | bool
+    dtype: str = "f32"
+    lanes: int = 1
+
+
+@dataclass(frozen=True, eq=True)
+class Var(Expr):
+    """A loop variable or a local variable."""
+
+    name: str
+    dtype: str = INDEX
+    lanes: int = 1
+
+
+@dataclass(frozen=True, eq=True)
+class Load(Expr):
+    """``buffer[index : index + lanes]``."""
+
+    buffer: str
+    index: Expr
+    dtype: str = "f32"
+    lanes: int = 1
+
+
+BINARY_OPS = ("add", "sub", "mul", "div", "mod", "max", "min", "pow", "lt", "le", "gt", "ge",
+              "eq", "ne", "and", "or")
+COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
+UNARY_OPS = ("neg", "abs", "exp", "log", "sqrt", "rsqrt", "tanh", "erf", "not", "floor",
+             "trunc")
+
+
+@dataclass(frozen=True, eq=True)
+class Binary(Expr):
+    op: str
+    a: Expr
+    b: Expr
+
+    def __post_init__(self) -> None:
+        if self.op not in BINARY_OPS:
+            raise KilnError(f"unknown binary op {self.op!r} in kernel IR")
+        if self.a.lanes != self.b.lanes:
+            raise KilnError(f"kernel IR {self.op}: lanes differ ({self.a.lanes} vs "
+                            f"{self.b.lanes})")
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return "bool" if self.op in COMPARE_OPS else self.a.dtype
+
+    @property
+    def lanes(self) -> int:  # type: ignore[override]
+        return self.a.lanes
+
+
+@dataclass(frozen=True, eq=True)
+class Unary(Expr):
+    op: str
+    x: Expr
+
+    def __post_init__(self) -> None:
+        if self.op not in UNARY_OPS:
+            raise KilnError(f"unknown unary op {self.op!r} in kernel IR")
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return self.x.dtype
+
+    @property
+    def lanes(self) -> int:  # type: ignore[override]
+        return self.x.lanes
+
+
+@dataclass(frozen=True, eq=True)
+class Select(Expr):
+    cond: Expr
+    a: Expr
+    b: Expr
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return self.a.dtype
+
+    @property
+    def lanes(self) -> int:  # type: ignore[override]
+        return self.a.lanes
+
+
+@dataclass(frozen=True, eq=True)
+class Cast(Expr):
+    x: Expr
+    dtype: str = "f32"
+
+    @property
+    def lanes(self) -> int:  # type: ignore[override]
+        return self.x.lanes
+
+
+@dataclass(frozen=True, eq=True)
+class Broadcast(Expr):
+    x: Expr
+    lanes: int = 1
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return self.x.dtype
+
+
+@dataclass(frozen=True, eq=True)
+class ReduceLanes(Expr):
+    """Fold a vector to a scalar with ``op`` (add, max, min)."""
+
+    op: str
+    x: Expr
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return self.x.dtype
+
+    @property
+    def lanes(self) -> int:  # type: ignore[override]
+        return 1
+
+
+def as_expr(v: Expr | float | int | bool, dtype: str = INDEX) -> Expr:
+    """Wrap a Python number as a Const of ``dtype`` (index for ints by default)."""
+    if isinstance(v, Expr):
+        return v
+    if isinstance(v, bool):
+        return Const(v, "bool")
+    if isinstance(v, (int, np.integer)):
+        return Const(int(v), dtype if dtype != "bool" else INDEX)
+    return Const(float(v), dtype if is_float(dtype) else "f32")
+
+
+def maximum(a: Expr, b: Expr | float) -> Expr:
+    return Binary("max", a, as_expr(b, a.dtype))
+
+
+def minimum(a: Expr, b: Expr | float) -> Expr:
+    return Binary("min", a, as_expr(b, a.dtype))
+
+
+def call(op: str, x: Expr) -> Expr:
+    return Unary(op, x)
+
+
+def cmp(op: str, a: Expr, b: Expr | float) -> Expr:
+    return Binary(op, a, as_expr(b, a.dtype))
+
+
+# ---- statements ------------------------------------------------------------------------------
+LOOP_KINDS = ("serial", "parallel", "vectorized", "unrolled")
+
+
+@dataclass(frozen=True)
+class For:
+    """``for var in range(start, start + extent, step)``; ``extent`` counts iterations*step."""
+
+    var: Var
+    start: Expr
+    extent: Expr
+    body: tuple[Stmt, ...]
+    kind: str = "serial"
+    step: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOOP_KINDS:
+            raise KilnError(f"unknown loop kind {self.kind!r}")
+        object.__setattr__(self, "body", tuple(self.body))
+
+
+@dataclass(frozen=True)
+class Store:
+    buffer: str
+    index: Expr
+    value: Expr
+
+
+@dataclass(frozen=True)
+class Decl:
+    """Declare local ``var`` with an initial value (a register in the backends)."""
+
+    var: Var
+    init: Expr
+
+
+@dataclass(frozen=True)
+class Assign:
+    var: Var
+    value: Expr
+
+
+@dataclass(frozen=True)
+class If:
+    cond: Expr
+    then: tuple[Stmt, ...]
+    orelse: tuple[Stmt, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "then", tuple(self.then))
+        object.__setattr__(self, "orelse", tuple(self.orelse))
+
+
+Stmt = For | Store | Decl | Assign | If
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A flat row-major array: a kernel parameter or a kernel-local scratch array."""
+
+    name: str
+    dtype: str
+    size: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np_dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A loop nest over buffer parameters. ``scratch`` buffers are private to the kernel (one per
+    thread when they are declared inside a parallel loop)."""
+
+    name: str
+    params: tuple[Buffer, ...]
+    body: tuple[Stmt, ...]
+    scratch: tuple[Buffer, ...] = ()
+    flops: int = 0
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", tuple(self.params))
+        object.__setattr__(self, "body", tuple(self.body))
+        object.__setattr__(self, "scratch", tuple(self.scratch))
+
+    def with_body(self, body: Sequence[Stmt]) -> Kernel:
+        return replace(self, body=tuple(body))
+
+    def buffer(self, name: str) -> Buffer:
+        for b in self.params + self.scratch:
+            if b.name == name:
+                return b
+        raise KilnError(f"kernel {self.name} has no buffer {name}")
+
+    def __str__(self) -> str:
+        return print_kernel(self)
+
+
+# ---- traversal -------------------------------------------------------------------------------
+def map_expr(e: Expr, fn: Callable[[Expr], Expr | None]) -> Expr:
+    """Rebuild ``e`` bottom-up; ``fn`` may return a replacement for a node (or None)."""
+    if isinstance(e, Load):
+        e = replace(e, index=map_expr(e.index, fn))
+    elif isinstance(e, Binary):
+        e = Binary(e.op, map_expr(e.a, fn), map_expr(e.b, fn))
+    elif isinstance(e, Unary):
+        e = Unary(e.op, map_expr(e.x, fn))
+    elif isinstance(e, Select):
+        e = Select(map_expr(e.cond, fn), map_expr(e.a, fn), map_expr(e.b, fn))
+    elif isinstance(e, Cast):
+        e = Cast(map_expr(e.x, fn), e.dtype)
+    elif isinstance(e, Broadcast):
+        e = Broadcast(map_expr(e.x, fn), e.lanes)
+    elif isinstance(e, ReduceLanes):
+        e = ReduceLanes(e.op, map_expr(e.x, fn))
+    out = fn(e)
+    return e if out is None else out
+
+
+def substitute(e: Expr, mapping: dict[str, Expr]) -> Expr:
+    """Replace variables by name."""
+    return map_expr(e, lambda x: mapping.get(x.name) if isinstance(x, Var) else None)
+
+
+def map_stmts(stmts: Sequence[Stmt], fn: Callable[[Expr], Expr | None]) -> tuple[Stmt, ...]:
+    """Apply ``map_expr(., fn)`` to every expression in a statement list."""
+    out = []
+    for s in stmts:
+        if isinstance(s, For):
+            out.append(replace(s, start=map_expr(s.start, fn), extent=map_expr(s.extent, fn),
+                               body=map_stmts(s.body, fn)))
+        elif isinstance(s, Store):
+            out.append(Store(s.buffer, map_expr(s.index, fn), map_expr(s.value, fn)))
+        elif isinstance(s, Decl):
+            out.append(Decl(s.var, map_expr(s.init, fn)))
+        elif isinstance(s, Assign):
+            out.append(Assign(s.var, map_expr(s.value, fn)))
+        elif isinstance(s, If):
+            out.append(If(map_expr(s.cond, fn), map_stmts(s.then, fn), map_stmts(s.orelse, fn)))
+        else:
+            raise KilnError(f"unknown statement {type(s).__name__}")
+    return tuple(out)
+
+
+def walk_stmts(stmts: Sequence[Stmt]) -> Iterator[Stmt]:
+    """Every statement, pre-order."""
+    for s in stmts:
+        yield s
+        if isinstance(s, For):
+            yield from walk_stmts(s.body)
+        elif isinstance(s, If):
+            yield from walk_stmts(s.then)
+            yield from walk_stmts(s.orelse)
+
+
+def walk_expr(e: Expr) -> Iterator[Expr]:
+    """Every sub-expression, pre-order."""
+    yield e
+    for child in _children(e):
+        yield from walk_expr(child)
+
+
+def _children(e: Expr) -> tuple[Expr, ...]:
+    if isinstance(e, Load):
+        return (e.index,)
+    if isinstance(e, Binary):
+        return (e.a, e.b)
+    if isinstance(e, (Unary, Cast, Broadcast, ReduceLanes)):
+        return (e.x,)
+    if isinstance(e, Select):
+        return (e.cond, e.a, e.b)
+    return ()
+
+
+def stmt_exprs(s: Stmt) -> tuple[Expr, ...]:
+    """The expressions directly held by a statement (not those of nested statements)."""
+    if isinstance(s, For):
+        return (s.start, s.extent)
+    if isinstance(s, Store):
+        return (s.index, s.value)
+    if isinstance(s, Decl):
+        return (s.init,)
+    if isinstance(s, Assign):
+        return (s.value,)
+    if isinstance(s, If):
+        return (s.cond,)
+    return ()
+
+
+# ---- simplification of index arithmetic ------------------------------------------------------
+def simplify(e: Expr) -> Expr:
+    """Fold constant integer arithmetic and drop x*1, x+0, x*0 (index expressions mostly)."""
+
+    def fold(x: Expr) -> Expr | None:
+        if not isinstance(x, Binary) or x.lanes != 1:
+            return None
+        a, b = x.a, x.b
+        if isinstance(a, Const) and isinstance(b, Const) and x.dtype == INDEX:
+            va, vb = int(a.value), int(b.value)
+            ops = {"add": va + vb, "sub": va - vb, "mul": va * vb}
+            if x.op in ops:
+                return Const(ops[x.op], INDEX)
+            if x.op == "div" and vb:
+                return Const(va // vb, INDEX)
+            if x.op == "mod" and vb:
+                return Const(va % vb, INDEX)
+        if x.dtype != INDEX:
+            return None
+        if x.op == "add":
+            if _is_const(a, 0):
+                return b
+            if _is_const(b, 0):
+                return a
+        if x.op == "sub" and _is_const(b, 0):
+            return a
+        if x.op == "mul":
+            if _is_const(a, 1):
+                return b
+            if _is_const(b, 1):
+                return a
+            if _is_const(a, 0) or _is_const(b, 0):
+                return Const(0, INDEX)
+        return None
+
+    return map_expr(e, fold)
+
+
+def _is_const(e: Expr, v: int) -> bool:
+    return isinstance(e, Const) and e.value == v
+
+
+# ---- text form -------------------------------------------------------------------------------
+def format_expr(e: Expr) -> str:
+    """Readable text of an expression."""
+    if isinstance(e, Const):
+        v = "true" if e.value is True else "false" if e.value is False else repr(e.value)
+        s = v if e.dtype in (INDEX, "f32") else f"{e.dtype}({v})"
+        return s if e.lanes == 1 else f"{s}x{e.lanes}"
+    if isinstance(e, Var):
+        return e.name
+    if isinstance(e, Load):
+        lanes = f", {e.lanes}" if e.lanes > 1 else ""
+        return f"{e.buffer}[{format_expr(e.index)}{lanes}]"
+    if isinstance(e, Binary):
+        sym = {"add": "+", "sub": "-", "mul": "*", "div": "/", "mod": "%", "lt": "<",
+               "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "&&",
+               "or": "||"}.get(e.op)
+        if sym:
+            return f"({format_expr(e.a)} {sym} {format_expr(e.b)})"
+        return f"{e.op}({format_expr(e.a)}, {format_expr(e.b)})"
+    if isinstance(e, Unary):
+        return f"{e.op}({format_expr(e.x)})"
+    if isinstance(e, Select):
+        return f"select({format_expr(e.cond)}, {format_expr(e.a)}, {format_expr(e.b)})"
+    if isinstance(e, Cast):
+        return f"{e.dtype}({format_expr(e.x)})"
+    if isinstance(e, Broadcast):
+        return f"broadcast({format_expr(e.x)}, {e.lanes})"
+    if isinstance(e, ReduceLanes):
+        return f"reduce_{e.op}({format_expr(e.x)})"
+    raise KilnError(f"unknown expression {type(e).__name__}")
+
+
+def _format_stmts(stmts: Sequence[Stmt], indent: int, out: list[str]) -> None:
+    pad = "  " * indent
+    for s in stmts:
+        if isinstance(s, For):
+            step = f" step {s.step}" if s.step != 1 else ""
+            kind = "" if s.kind == "serial" else f"{s.kind} "
+            out.append(f"{pad}{kind}for {s.var.name} in [{format_expr(s.start)}, "
+                       f"+{format_expr(s.extent)}){step}:")
+            _format_stmts(s.body, indent + 1, out)
+        elif isinstance(s, Store):
+            lanes = f", {s.value.lanes}" if s.value.lanes > 1 else ""
+            out.append(f"{pad}{s.buffer}[{format_expr(s.index)}{lanes}] = "
+                       f"{format_expr(s.value)}")
+        elif isinstance(s, Decl):
+            lanes = f"x{s.var.lanes}" if s.var.lanes > 1 else ""
+            out.append(f"{pad}{s.var.dtype}{lanes} {s.var.name} = {format_expr(s.init)}")
+        elif isinstance(s, Assign):
+            out.append(f"{pad}{s.var.name} = {format_expr(s.value)}")
+        elif isinstance(s, If):
+            out.append(f"{pad}if {format_expr(s.cond)}:")
+            _format_stmts(s.then, indent + 1, out)
+            if s.orelse:
+                out.append(f"{pad}else:")
+                _format_stmts(s.orelse, indent + 1, out)
+
+
+def print_kernel(k: Kernel) -> str:
+    """The kernel as text."""
+    params = ", ".join(f"{b.name}: {b.dtype}[{b.size}]" for b in k.params)
+    lines = [f"kernel {k.name}({params}) {{"]
+    for b in k.scratch:
+        lines.append(f"  scratch {b.name}: {b.dtype}[{b.size}]")
+    _format_stmts(k.body, 1, lines)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+# ---- reference interpreter -------------------------------------------------------------------
+_BIN = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "max": np.maximum,
+    "min": np.minimum, "pow": np.power, "lt": np.less, "le": np.less_equal,
+    "gt": np.greater, "ge": np.greater_equal, "eq": np.equal, "ne": np.not_equal,
+    "and": np.logical_and, "or": np.logical_or,
+}
+
+
+def _erf(x):
+    from scipy import special
+
+    return special.erf(x)
+
+
+_UN = {
+    "neg": np.negative, "abs": np.abs, "exp": np.exp, "log": np.log, "sqrt": np.sqrt,
+    "rsqrt": lambda x: 1 / np.sqrt(x), "tanh": np.tanh, "erf": _erf,
+    "not": np.logical_not, "floor": np.floor, "trunc": np.trunc,
+}
+
+
+def run_kernel(k: Kernel, buffers: dict[str, np.ndarray]) -> None:
+    """Interpret kernel ``k`` in place on flat NumPy ``buffers`` (a dict by parameter name).
+
+    Slow (Python per element): meant for small shapes in tests.
+    """
+    mem = dict(buffers)
+    for p in k.params:
+        if p.name not in mem:
+            raise KilnError(f"run_kernel: no array for buffer {p.name}")
+        arr = mem[p.name]
+        if arr.ndim != 1 or arr.size < p.size or arr.dtype != np_dtype(p.dtype):
+            raise KilnError(f"run_kernel: buffer {p.name} must be flat {p.dtype}[{p.size}]")
+    for s in k.scratch:
+        mem[s.name] = np.zeros(s.size, np_dtype(s.dtype))
+    _exec(k.body, mem, {})
+
+
+def _eval(e: Expr, mem: dict, env: dict):
+    if isinstance(e, Const):
+        v = np_dtype(e.dtype).type(e.value)
+        return np.full(e.lanes, v) if e.lanes > 1 else v
+    if isinstance(e, Var):
+        return env[e.name]
+    if isinstance(e, Load):
+        i = int(_eval(e.index, mem, env))
+        buf = mem[e.buffer]
+        if i < 0 or i + e.lanes > buf.size:
+            raise KilnError(f"out-of-bounds load {e.buffer}[{i}:{i + e.lanes}] "
+                            f"(size {buf.size})")
+        return buf[i:i + e.lanes].copy() if e.lanes > 1 else buf[i]
+    if isinstance(e, Binary):
+        a, b = _eval(e.a, mem, env), _eval(e.b, mem, env)
+        if e.op in ("div", "mod") and e.dtype not in ("f32", "f16", "f64"):
+            # Index arithmetic: C semantics on non-negative operands.
+            return np.floor_divide(a, b) if e.op == "div" else np.remainder(a, b)
+        if e.op == "div":
+            with np.errstate(all="ignore"):
+                return np.divide(a, b).astype(np_dtype(e.dtype))
+        with np.errstate(all="ignore"):
+            r = _BIN[e.op](a, b)
+        return r if e.op in COMPARE_OPS or e.op in ("and", "or") else np.asarray(r).astype(
+            np_dtype(e.dtype))[()]
+    if isinstance(e, Unary):
+        with np.errstate(all="ignore"):
+            x = _eval(e.x, mem, env)
+            return np.asarray(_UN[e.op](x)).astype(np_dtype(e.dtype))[()]
+    if isinstance(e, Select):
+        return np.where(_eval(e.cond, mem, env), _eval(e.a, mem, env), _eval(e.b, mem, env)
+                        ).astype(np_dtype(e.dtype))[()]
+    if isinstance(e, Cast):
+        x = _eval(e.x, mem, env)
+        if e.dtype not in ("f32", "f16", "f64", "bool") and np.asarray(x).dtype.kind == "f":
+            x = np.trunc(x)
+        return np.asarray(x).astype(np_dtype(e.dtype))[()]
+    if isinstance(e, Broadcast):
+        return np.full(e.lanes, _eval(e.x, mem, env))
+    if isinstance(e, ReduceLanes):
+        x = _eval(e.x, mem, env)
+        fn = {"add": np.sum, "max": np.max, "min": np.min}[e.op]
+        return np_dtype(e.dtype).type(fn(x))
+    raise KilnError(f"unknown expression {type(e).__name__}")
+
+
+def _exec(stmts: Sequence[Stmt], mem: dict, env: dict) -> None:
+    for s in stmts:
+        if isinstance(s, For):
+            start = int(_eval(s.start, mem, env))
+            stop = start + int(_eval(s.extent, mem, env))
+            for i in range(start, stop, s.step):
+                env[s.var.name] = np.int64(i)
+                _exec(s.body, mem, env)
+        elif isinstance(s, Store):
+            i = int(_eval(s.index, mem, env))
+            v = _eval(s.value, mem, env)
+            buf = mem[s.buffer]
+            n = s.value.lanes
+            if i < 0 or i + n > buf.size:
+                raise KilnError(f"out-of-bounds store {s.buffer}[{i}:{i + n}] "
+                                f"(size {buf.size})")
+            buf[i:i + n] = v
+        elif isinstance(s, (Decl, Assign)):
+            env[s.var.name] = _eval(s.init if isinstance(s, Decl) else s.value, mem, env)
+        elif isinstance(s, If):
+            _exec(s.then if bool(_eval(s.cond, mem, env)) else s.orelse, mem, env)
+

@@ -1,0 +1,194 @@
+"""Lowering: each fused group of the graph becomes one kernel (a loop nest over buffers)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiln.ir import Graph, KilnError, Node, get_op
+from kiln.ir import kernel as K
+from kiln.ir.kernel import Kernel, simplify
+from kiln.passes.fusion import FusionPlan, is_injective, is_shape_op, plan_fusion
+from kiln.passes.lower import elementwise  # noqa: F401  (registers the element rules)
+from kiln.passes.lower.anchors import ANCHOR_RULES
+from kiln.passes.lower.core import (
+    Lowering,
+    buffer_name,
+    default_kinds,
+    flat_index,
+    loop_nest,
+)
+
+
+@dataclass
+class KernelStep:
+    """One kernel and the graph values (or lowering-made constants) bound to its buffers."""
+
+    kernel: Kernel
+    reads: dict[str, str]
+    writes: dict[str, str]
+    root: str
+
+
+@dataclass
+class LoweredGraph:
+    """A graph as a sequence of kernels. ``constants`` holds the graph's constants and those
+    made while lowering (packed weights), by buffer binding name."""
+
+    graph: Graph
+    plan: FusionPlan
+    steps: list[KernelStep]
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def text(self) -> str:
+        """Every kernel as text, in execution order."""
+        return "\n".join(K.print_kernel(s.kernel) for s in self.steps)
+
+
+def _flat_ok(graph: Graph, producers: dict[str, Node], inline: set[str], out: str) -> set[str]:
+    """Values of an elementwise group that may be seen as 1-d (all same shape or scalars).
+
+    Returns the set of those values, or an empty set when the group needs real indices."""
+    shape = graph.types[out].shape
+    seen: set[str] = set()
+    stack = [out]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        node = producers.get(v)
+        vshape = graph.types[v].shape
+        if vshape != shape and math.prod(vshape) != 1:
+            return set()
+        if node is not None and node.name in inline:
+            if is_shape_op(node.op) or get_op(node.op).kind != "elementwise":
+                return set()
+            stack.extend(node.inputs)
+    return {v for v in seen if graph.types[v].shape == shape}
+
+
+def lower_group(graph: Graph, plan: FusionPlan, root: Node, producers: dict[str, Node],
+                index: int) -> tuple[KernelStep, dict[str, np.ndarray]]:
+    """Lower the group rooted at ``root`` to a kernel."""
+    epilogue = {n.name for n in plan.epilogues.get(root.name, [])}
+    inline = {name for name, role in plan.roles.items() if role == "inline"} | epilogue
+    low = Lowering(graph, inline, producers)
+    outs = plan.group_outputs[root.name]
+    writes = {buffer_name(o): o for o in outs}
+    body: list
+    if not is_injective(root.op):
+        rule = ANCHOR_RULES.get(root.op)
+        if rule is None:
+            raise KilnError(f"no lowering for {root.op}", node=root.name, op=root.op)
+        anchor_out, final = root.outputs[0], outs[0]
+        final_shape = graph.types[final].shape
+
+        def store(idx, value):
+            low.overrides[anchor_out] = lambda _idx, v=value: v
+            try:
+                v = low.element(final, idx)
+            finally:
+                del low.overrides[anchor_out]
+            return K.Store(buffer_name(final), flat_index(idx, final_shape), v)
+
+        body = rule(low, root, store)
+    else:
+        low.inline = inline | {root.name}
+        out_shape = graph.types[outs[0]].shape
+        flat = _flat_ok(graph, producers, low.inline, outs[0]) if len(outs) == 1 else set()
+        if flat and len(out_shape) != 1:
+            low.flat_values = flat
+            out_shape = (math.prod(out_shape),)
+
+        def body_fn(idx):
+            stmts = []
+            for o in outs:
+                shape = low.shape(o)
+                stmts.append(K.Store(buffer_name(o), flat_index(idx, shape), low.element(o, idx)))
+            return stmts
+
+        if len(outs) == 1:
+            body = loop_nest(low, out_shape, body_fn, default_kinds(out_shape))
+        else:  # a multi-output shape op stored as graph outputs: one nest per output
+            body = []
+            for o in outs:
+                shape = graph.types[o].shape
+
+                def one(idx, o=o, shape=shape):
+                    return [K.Store(buffer_name(o), flat_index(idx, shape), low.element(o, idx))]
+
+                body += loop_nest(low, shape, one, default_kinds(shape))
+    params = []
+    for b, v in low.reads.items():
+        if b in low.new_constants:
+            arr = low.new_constants[b]
+            params.append(K.Buffer(b, _kdtype(arr.dtype), arr.size))
+        else:
+            t = graph.types[v]
+            params.append(K.Buffer(b, t.dtype.value, t.numel))
+    for b, v in writes.items():
+        t = graph.types[v]
+        params.append(K.Buffer(b, t.dtype.value, t.numel))
+    flops = get_op(root.op).flops([graph.types[i] for i in root.inputs],
+                                  [graph.types[o] for o in root.outputs], root.attrs)
+    name = buffer_name(f"k{index}_{root.name}")[2:]
+    kernel = Kernel(name, tuple(params), tuple(_simplify_stmts(body)), tuple(low.scratch),
+                    flops=int(flops), meta={"root": root.name, "op": root.op})
+    reads = {b: v for b, v in low.reads.items()}
+    return KernelStep(kernel, reads, writes, root.name), low.new_constants
+
+
+def _kdtype(dt: np.dtype) -> str:
+    from kiln.ir.types import DType
+
+    return DType.from_numpy(dt).value
+
+
+def _simplify_stmts(stmts):
+    return K.map_stmts(stmts, lambda e: None if e.dtype != K.INDEX else simplify(e)
+                       if isinstance(e, K.Binary) else None)
+
+
+def lower_graph(graph: Graph, plan: FusionPlan | None = None) -> LoweredGraph:
+    """Fuse (unless a plan is given) and lower every group of ``graph`` to a kernel."""
+    plan = plan or plan_fusion(graph)
+    producers = graph.producers()
+    steps: list[KernelStep] = []
+    constants: dict[str, np.ndarray] = {buffer_name(k): v for k, v in graph.constants.items()}
+    # A group runs where its last node (the end of its epilogue) stands in the graph's order,
+    # so every value its epilogue reads has been computed by then.
+    by_last: dict[str, Node] = {}
+    for n in graph.nodes:
+        if plan.roles[n.name] == "root":
+            by_last[producers[plan.group_outputs[n.name][-1]].name] = n
+    for n in graph.nodes:
+        root = by_last.get(n.name)
+        if root is None:
+            continue
+        step, new_consts = lower_group(graph, plan, root, producers, len(steps))
+        steps.append(step)
+        constants.update(new_consts)
+    return LoweredGraph(graph, plan, steps, constants)
+
+
+def run_lowered(lowered: LoweredGraph, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Execute the kernels with the kernel-IR interpreter (slow; small shapes in tests)."""
+    g = lowered.graph
+    values: dict[str, np.ndarray] = {}
+    for name, arr in zip(g.inputs, inputs):
+        values[name] = np.ascontiguousarray(arr).reshape(-1)
+    for name, arr in g.constants.items():
+        values[name] = np.ascontiguousarray(arr).reshape(-1)
+    for step in lowered.steps:
+        bufs = {}
+        for b, v in step.reads.items():
+            bufs[b] = (values[v] if v in values
+                       else np.ascontiguousarray(lowered.constants[b]).reshape(-1))
+        for b, v in step.writes.items():
+            t = g.types[v]
+            values[v] = bufs[b] = np.zeros(t.numel, t.dtype.numpy)
+        K.run_kernel(step.kernel, bufs)
+    return [values[o].reshape(g.types[o].shape) for o in g.outputs]

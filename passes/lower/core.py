@@ -1,0 +1,189 @@
+"""Lowering core: the element of any value at a multi-dimensional index, as a kernel-IR
+expression, and helpers to build loop nests.
+
+Values that a kernel reads from memory (graph inputs, constants, other kernels' outputs) become
+``Load``s; values of nodes inlined into the kernel are computed from their operands' elements by
+the per-op index rules in ``ELEMENT_RULES``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiln.ir import Graph, KilnError, Node
+from kiln.ir import kernel as K
+from kiln.ir.graph import sanitize_name
+from kiln.ir.kernel import INDEX, Const, Expr, Var, as_expr, simplify
+
+_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def buffer_name(value: str) -> str:
+    """A kernel-IR buffer name for a graph value (identifier characters only)."""
+    return "v_" + "".join(c if c in _SAFE else "_" for c in sanitize_name(value))
+
+
+def strides(shape: Sequence[int]) -> list[int]:
+    """Row-major element strides."""
+    out, acc = [], 1
+    for d in reversed(shape):
+        out.append(acc)
+        acc *= d
+    return out[::-1]
+
+
+def flat_index(idx: Sequence[Expr], shape: Sequence[int]) -> Expr:
+    """The row-major flat index of ``idx`` in a tensor of ``shape``."""
+    e: Expr = Const(0, INDEX)
+    for i, d, s in zip(idx, shape, strides(shape)):
+        if d != 1:  # a size-1 dimension's index is always 0
+            e = e + i * s
+    return simplify(e)
+
+
+def unflatten(flat: Expr, shape: Sequence[int]) -> list[Expr]:
+    """Multi-dimensional index of a flat index."""
+    out = []
+    for d, s in zip(shape, strides(shape)):
+        out.append(simplify((flat // s) % d) if d > 1 else Const(0, INDEX))
+    return out
+
+
+@dataclass
+class Lowering:
+    """State for lowering one fused group of ``graph`` to one kernel."""
+
+    graph: Graph
+    inline: set[str]                     # node names computed inside this kernel
+    producers: dict[str, Node]
+    new_constants: dict[str, np.ndarray] = field(default_factory=dict)
+    reads: dict[str, str] = field(default_factory=dict)    # buffer name -> graph value
+    overrides: dict[str, Callable[[Sequence[Expr]], Expr]] = field(default_factory=dict)
+    scratch: list = field(default_factory=list)
+    flat_values: set[str] = field(default_factory=set)  # values seen as 1-d in flat mode
+    _counter: int = 0
+
+    def fresh(self, prefix: str = "i", dtype: str = INDEX, lanes: int = 1) -> Var:
+        self._counter += 1
+        return Var(f"{prefix}{self._counter}", dtype, lanes)
+
+    def shape(self, value: str) -> tuple[int, ...]:
+        shape = self.graph.types[value].shape
+        if value in self.flat_values:
+            return (math.prod(shape),)
+        return shape
+
+    def dtype(self, value: str) -> str:
+        return self.graph.types[value].dtype.value
+
+    def buffer(self, value: str) -> str:
+        """The buffer holding a value read from memory (recorded as a kernel input)."""
+        name = buffer_name(value)
+        self.reads[name] = value
+        return name
+
+    def constant(self, array: np.ndarray, hint: str) -> str:
+        """A new constant made at lowering time (e.g. packed weights); returns its buffer."""
+        name = buffer_name(f"{hint}_{len(self.new_constants)}")
+        while name in self.new_constants or name in self.reads:
+            name += "_"
+        arr = np.ascontiguousarray(array)
+        self.new_constants[name] = arr
+        self.reads[name] = name
+        return name
+
+    def constant_value(self, value: str) -> np.ndarray | None:
+        return self.graph.constants.get(value)
+
+    # ---- elements ----------------------------------------------------------------------------
+    def load(self, value: str, flat: Expr) -> Expr:
+        return K.Load(self.buffer(value), simplify(flat), self.dtype(value))
+
+    def element(self, value: str, idx: Sequence[Expr]) -> Expr:
+        """The element of ``value`` at ``idx`` (one expression per dimension)."""
+        if value in self.overrides:
+            return self.overrides[value](idx)
+        node = self.producers.get(value)
+        if node is None or node.name not in self.inline:
+            return self.load(value, flat_index(idx, self.shape(value)))
+        rule = ELEMENT_RULES.get(node.op)
+        if rule is None:
+            raise KilnError(f"lowering: no element rule for {node.op}", node=node.name,
+                            op=node.op)
+        return rule(self, node, value, list(idx))
+
+    def element_flat(self, value: str, flat: Expr) -> Expr:
+        """The element of ``value`` at a flat index (loads it directly when stored)."""
+        node = self.producers.get(value)
+        if value not in self.overrides and (node is None or node.name not in self.inline):
+            return self.load(value, flat)
+        return self.element(value, unflatten(flat, self.shape(value)))
+
+    def broadcast_index(self, value: str, idx: Sequence[Expr]) -> list[Expr]:
+        """The index into ``value`` that broadcasting maps the output index ``idx`` to."""
+        shape = self.shape(value)
+        lead = len(idx) - len(shape)
+        return [Const(0, INDEX) if d == 1 else idx[lead + k] for k, d in enumerate(shape)]
+
+    def operand(self, node: Node, k: int, idx: Sequence[Expr]) -> Expr:
+        """Operand ``k`` of an elementwise node at output index ``idx``, with broadcasting."""
+        v = node.inputs[k]
+        return self.element(v, self.broadcast_index(v, idx))
+
+
+def loop_nest(low: Lowering, shape: Sequence[int], body: Callable[[list[Expr]], list],
+              kinds: Sequence[str] | None = None) -> list:
+    """Loops over ``shape`` (outermost first) around ``body(index)``."""
+    vars_ = [low.fresh("i") for _ in shape]
+    stmts = body(list(vars_))
+    kinds = list(kinds or ["serial"] * len(shape))
+    for v, n, kind in reversed(list(zip(vars_, shape, kinds))):
+        stmts = [K.For(v, Const(0, INDEX), Const(int(n), INDEX), tuple(stmts), kind)]
+    return stmts
+
+
+def default_kinds(shape: Sequence[int], innermost_vector: bool = True,
+                  parallel_min: int = 1 << 14) -> list[str]:
+    """Loop kinds for a nest over ``shape``: outermost parallel when there is enough work,
+    innermost vectorized."""
+    kinds = ["serial"] * len(shape)
+    if not shape:
+        return kinds
+    if innermost_vector and shape[-1] > 1:
+        kinds[-1] = "vectorized"
+    if math.prod(shape) >= parallel_min and shape[0] > 1:
+        kinds[0] = "parallel" if kinds[0] == "serial" else kinds[0]
+    return kinds
+
+
+def f32(v: float, dtype: str = "f32") -> Expr:
+    return Const(float(v), dtype)
+
+
+ElementRule = Callable[[Lowering, Node, str, list], Expr]
+ELEMENT_RULES: dict[str, ElementRule] = {}
+
+
+def element_rule(*ops: str):
+    """Register the index rule of ops inlined into kernels."""
+
+    def deco(fn: ElementRule) -> ElementRule:
+        for op in ops:
+            ELEMENT_RULES[op] = fn
+        return fn
+
+    return deco
+
+
+def const_scalar(v, dtype: str) -> Expr:
+    return Const(bool(v) if dtype == "bool" else (int(v) if dtype in ("i8", "u8", "i32", "i64")
+                                                 else float(v)), dtype)
+
+
+def clamp_index(e: Expr, size: int) -> Expr:
+    """``e`` clamped into [0, size) so a load guarded by a select never leaves its buffer."""
+    return K.minimum(K.maximum(e, as_expr(0)), as_expr(size - 1))

@@ -1,0 +1,204 @@
+"""Index rules of the injective ops: each output element as an expression of input elements."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from kiln.ir import kernel as K
+from kiln.ir.kernel import INDEX, as_expr
+from kiln.passes.lower.core import (
+    Lowering,
+    clamp_index,
+    const_scalar,
+    element_rule,
+    f32,
+    flat_index,
+)
+
+
+def _x(low: Lowering, node, idx):
+    return low.operand(node, 0, idx)
+
+
+def sigmoid(x):
+    return f32(1.0, x.dtype) / (f32(1.0, x.dtype) + K.call("exp", -x))
+
+
+def unary_math(op: str, x: K.Expr, attrs) -> K.Expr:
+    """The expression of a unary op of the registry applied to ``x``."""
+    dt = x.dtype
+    one, zero = f32(1.0, dt), f32(0.0, dt)
+    if op == "relu":
+        return K.maximum(x, const_scalar(0, dt))
+    if op == "clamp":
+        if attrs["min"] is not None:
+            x = K.maximum(x, const_scalar(attrs["min"], dt))
+        if attrs["max"] is not None:
+            x = K.minimum(x, const_scalar(attrs["max"], dt))
+        return x
+    if op == "leaky_relu":
+        return K.Select(K.cmp("gt", x, zero), x, x * f32(attrs["negative_slope"], dt))
+    if op == "gelu":
+        half = f32(0.5, dt)
+        if attrs["approximate"] == "tanh":
+            inner = (x + x * x * x * f32(0.044715, dt)) * f32(math.sqrt(2 / math.pi), dt)
+            return half * x * (one + K.call("tanh", inner))
+        return half * x * (one + K.call("erf", x * f32(1 / math.sqrt(2), dt)))
+    if op == "silu":
+        return x * sigmoid(x)
+    if op == "sigmoid":
+        return sigmoid(x)
+    if op == "hardswish":
+        return x * K.minimum(K.maximum(x + f32(3.0, dt), zero), f32(6.0, dt)) / f32(6.0, dt)
+    if op == "hardsigmoid":
+        return K.minimum(K.maximum(x + f32(3.0, dt), zero), f32(6.0, dt)) / f32(6.0, dt)
+    if op == "reciprocal":
+        return one / x
+    if op == "neg":
+        return -x
+    if op == "logical_not":
+        return K.Unary("not", x)
+    if op in ("exp", "log", "sqrt", "rsqrt", "tanh", "erf", "abs"):
+        return K.call(op, x)
+    raise KeyError(op)
+
+
+UNARY = ("relu", "clamp", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "hardswish",
+         "hardsigmoid", "exp", "log", "sqrt", "rsqrt", "erf", "reciprocal", "neg", "abs",
+         "logical_not")
+
+
+@element_rule(*UNARY)
+def _unary(low, node, value, idx):
+    return unary_math(node.op, _x(low, node, idx), node.attrs)
+
+
+@element_rule("cast")
+def _cast(low, node, value, idx):
+    x = _x(low, node, idx)
+    if node.attrs["dtype"] == "bool":
+        return K.cmp("ne", x, const_scalar(0, x.dtype))
+    return K.Cast(x, node.attrs["dtype"])
+
+
+BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow": "pow",
+          "maximum": "max", "minimum": "min", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le",
+          "gt": "gt", "ge": "ge"}
+
+
+@element_rule(*BINARY)
+def _binary(low, node, value, idx):
+    return K.Binary(BINARY[node.op], low.operand(node, 0, idx), low.operand(node, 1, idx))
+
+
+@element_rule("where")
+def _where(low, node, value, idx):
+    return K.Select(low.operand(node, 0, idx), low.operand(node, 1, idx),
+                    low.operand(node, 2, idx))
+
+
+@element_rule("batch_norm")
+def _batch_norm(low, node, value, idx):
+    x, mean, var, w, b = node.inputs
+    arrays = [low.constant_value(v) for v in (mean, var, w, b)]
+    c = idx[1]
+    if all(a is not None for a in arrays):
+        m, v, ww, bb = (a.astype(np.float64) for a in arrays)
+        scale = ww / np.sqrt(v + node.attrs["eps"])
+        shift = bb - m * scale
+        dt = low.dtype(x)
+        sc = low.constant(scale.astype(dt), f"{node.name}_scale")
+        sh = low.constant(shift.astype(dt), f"{node.name}_shift")
+        return (low.element(x, idx) * K.Load(sc, c, dt)) + K.Load(sh, c, dt)
+    xe = low.element(x, idx)
+    me, ve, we, be = (low.element(v, [c]) for v in (mean, var, w, b))
+    return (xe - me) * (we / K.call("sqrt", ve + f32(node.attrs["eps"], xe.dtype))) + be
+
+
+@element_rule("embedding")
+def _embedding(low, node, value, idx):
+    indices, weight = node.inputs
+    rows, dim = low.shape(weight)
+    row = K.Cast(low.element(indices, idx[:-1]), INDEX)
+    # An index outside the table reads row 0 and yields NaN instead of reading out of bounds.
+    safe = clamp_index(row, rows)
+    ok = K.Binary("and", K.cmp("ge", row, as_expr(0)), K.cmp("lt", row, as_expr(rows)))
+    dt = low.dtype(weight)
+    return K.Select(ok, low.load(weight, safe * dim + idx[-1]), f32(float("nan"), dt))
+
+
+@element_rule("reshape")
+def _reshape(low, node, value, idx):
+    return low.element_flat(node.inputs[0], flat_index(idx, low.shape(value)))
+
+
+@element_rule("permute")
+def _permute(low, node, value, idx):
+    perm = node.attrs["perm"]
+    src = [None] * len(perm)
+    for k, p in enumerate(perm):
+        src[p] = idx[k]
+    return low.element(node.inputs[0], src)
+
+
+@element_rule("slice")
+def _slice(low, node, value, idx):
+    a = node.attrs
+    src = list(idx)
+    src[a["axis"]] = idx[a["axis"]] * a["step"] + a["start"]
+    return low.element(node.inputs[0], src)
+
+
+@element_rule("split")
+def _split(low, node, value, idx):
+    a = node.attrs
+    k = node.outputs.index(value)
+    src = list(idx)
+    src[a["axis"]] = idx[a["axis"]] + sum(a["sizes"][:k])
+    return low.element(node.inputs[0], src)
+
+
+@element_rule("expand")
+def _expand(low, node, value, idx):
+    return low.element(node.inputs[0], low.broadcast_index(node.inputs[0], idx))
+
+
+@element_rule("pad")
+def _pad(low, node, value, idx):
+    x = node.inputs[0]
+    shape = low.shape(x)
+    pads = node.attrs["pads"]
+    src, ok = [], None
+    for k, d in enumerate(shape):
+        lo = pads[2 * k]
+        if lo <= 0 and pads[2 * k + 1] <= 0:  # cropping only: always inside
+            src.append(idx[k] - lo)
+            continue
+        i = idx[k] - lo
+        inside = K.Binary("and", K.cmp("ge", i, as_expr(0)), K.cmp("lt", i, as_expr(d)))
+        ok = inside if ok is None else K.Binary("and", ok, inside)
+        src.append(clamp_index(i, d))
+    e = low.element(x, src)
+    if ok is None:
+        return e
+    return K.Select(ok, e, const_scalar(node.attrs["value"], e.dtype))
+
+
+@element_rule("concat")
+def _concat(low, node, value, idx):
+    axis = node.attrs["axis"]
+    offset = 0
+    pieces = []
+    for v in node.inputs:
+        n = low.shape(v)[axis]
+        src = list(idx)
+        src[axis] = clamp_index(idx[axis] - offset, n) if len(node.inputs) > 1 else idx[axis]
+        pieces.append((offset + n, low.element(v, src)))
+        offset += n
+    e = pieces[-1][1]
+    for end, piece in reversed(pieces[:-1]):
+        e = K.Select(K.cmp("lt", idx[axis], as_expr(end)), piece, e)
+    return e
+

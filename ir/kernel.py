@@ -393,6 +393,28 @@ def stmt_exprs(s: Stmt) -> tuple[Expr, ...]:
     return ()
 
 
+def affine_coef(e: Expr, var: str) -> int | None:
+    """The integer coefficient of variable ``var`` in ``e``, or None when ``e`` is not affine
+    in it (a product of two terms that both hold it, a division, a select...)."""
+    if not any(isinstance(x, Var) and x.name == var for x in walk_expr(e)):
+        return 0
+    if isinstance(e, Var):
+        return 1
+    if isinstance(e, Binary) and e.op in ("add", "sub"):
+        ca, cb = affine_coef(e.a, var), affine_coef(e.b, var)
+        if ca is None or cb is None:
+            return None
+        return ca + cb if e.op == "add" else ca - cb
+    if isinstance(e, Binary) and e.op == "mul":
+        if isinstance(e.a, Const):
+            c = affine_coef(e.b, var)
+            return None if c is None else int(e.a.value) * c
+        if isinstance(e.b, Const):
+            c = affine_coef(e.a, var)
+            return None if c is None else int(e.b.value) * c
+    return None
+
+
 # ---- simplification of index arithmetic ------------------------------------------------------
 def simplify(e: Expr) -> Expr:
     """Fold constant integer arithmetic and drop x*1, x+0, x*0 (index expressions mostly)."""

@@ -85,29 +85,40 @@ def plan_memory(lowered: LoweredGraph) -> MemoryPlan:
     free: list[tuple[int, int]] = []  # (offset, size)
     end = 0
     live: dict[str, tuple[int, int, int]] = {}  # value -> (offset, size, last use)
+    def allocate(size: int) -> int:
+        nonlocal free, end
+        best = None
+        for k, (_, sz) in enumerate(free):
+            if sz >= size and (best is None or sz < free[best][1]):
+                best = k
+        if best is None:
+            off = end
+            end += size
+            return off
+        off, sz = free.pop(best)
+        if sz > size:
+            free.append((off + size, sz - size))
+        return off
+
     for t, step in enumerate(lowered.steps):
+        temps = []
+        for b, nbytes in step.temps.items():
+            off = allocate(_align(nbytes))
+            plan.storage[f"{t}:{b}"] = Storage("arena", off)
+            temps.append((off, _align(nbytes)))
         for v in step.writes.values():
             if v in plan.storage:
                 continue
             size = _align(g.types[v].nbytes)
-            best = None
-            for k, (_, sz) in enumerate(free):
-                if sz >= size and (best is None or sz < free[best][1]):
-                    best = k
-            if best is not None:
-                off, sz = free.pop(best)
-                if sz > size:
-                    free.append((off + size, sz - size))
-            else:
-                off = end
-                end += size
+            off = allocate(size)
             plan.storage[v] = Storage("arena", off)
             live[v] = (off, size, last_use.get(v, t))
-        # Values whose last reader was this step give their block back.
+        # Workspaces and values whose last reader was this step give their blocks back.
+        free.extend(temps)
         for v in [v for v, (_, _, lu) in live.items() if lu <= t]:
             off, size, _ = live.pop(v)
             free.append((off, size))
-            free = _coalesce(free)
+        free = _coalesce(free)
     plan.arena_bytes = end
     return plan
 

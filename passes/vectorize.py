@@ -147,6 +147,17 @@ class _Vectorizer:
         return out
 
 
+def vectorize_expr(e: Expr, var: Var, width: int, varying: Sequence[str] = ()) -> Expr:
+    """``e`` evaluated for ``width`` consecutive values of ``var`` at once (vector loads where
+    ``var`` indexes memory with stride 1); variables named in ``varying`` become vectors.
+    KilnError when that is not possible."""
+    vec = _Vectorizer(var, width, set(varying))
+    try:
+        return vec.widen(vec.expr(e))
+    except _NotVectorizable as err:
+        raise K.KilnError(f"cannot vectorize {K.format_expr(e)}: {err}") from None
+
+
 def _declared(body: Sequence[K.Stmt]) -> set[str]:
     return {s.var.name for s in K.walk_stmts(body) if isinstance(s, Decl)}
 

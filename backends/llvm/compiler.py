@@ -123,11 +123,14 @@ class CompiledProgram:
         self.set_threads(int(n))
 
 
-def _bindings(step, plan: MemoryPlan, graph: Graph) -> list[Binding]:
+def _bindings(step, t: int, plan: MemoryPlan) -> list[Binding]:
     out = []
     for b in step.kernel.params:
         value = step.reads.get(b.name) or step.writes.get(b.name)
-        key = value if value in plan.storage else b.name
+        if b.name in step.temps:
+            key = f"{t}:{b.name}"
+        else:
+            key = value if value in plan.storage else b.name
         st = plan.storage[key]
         out.append(Binding(st.kind, st.index))
     return out
@@ -139,16 +142,16 @@ def compile_graph(graph: Graph, *, target: Target | None = None,
     verify(graph)
     target = target or host_target()
     t0 = time.perf_counter()
-    lowered = lower_graph(graph)
+    lowered = lower_graph(graph, width=target.f32_lanes)
     for step in lowered.steps:
         step.kernel = schedule_kernel(step.kernel, target.f32_lanes)
     plan = plan_memory(lowered)
     t1 = time.perf_counter()
     m = ModuleBuilder(target.triple, target.features)
     calls = []
-    for step in lowered.steps:
+    for t, step in enumerate(lowered.steps):
         emit_kernel(m, step.kernel)
-        calls.append((step.kernel, _bindings(step, plan, graph)))
+        calls.append((step.kernel, _bindings(step, t, plan)))
     emit_entry(m, calls)
     ir_text = m.text()
     t2 = time.perf_counter()

@@ -20,6 +20,9 @@ from kiln.passes.lower.core import (
     flat_index,
     loop_nest,
 )
+from kiln.passes.lower.gemm import lower_conv, lower_linear, lower_matmul
+
+DENSE_SCHEDULES = {"linear": lower_linear, "conv": lower_conv, "matmul": lower_matmul}
 
 
 @dataclass
@@ -30,6 +33,7 @@ class KernelStep:
     reads: dict[str, str]
     writes: dict[str, str]
     root: str
+    temps: dict[str, int] = field(default_factory=dict)  # workspace buffer -> bytes
 
 
 @dataclass
@@ -71,8 +75,9 @@ def _flat_ok(graph: Graph, producers: dict[str, Node], inline: set[str], out: st
 
 
 def lower_group(graph: Graph, plan: FusionPlan, root: Node, producers: dict[str, Node],
-                index: int) -> tuple[KernelStep, dict[str, np.ndarray]]:
-    """Lower the group rooted at ``root`` to a kernel."""
+                index: int, width: int = 1) -> tuple[KernelStep, dict[str, np.ndarray]]:
+    """Lower the group rooted at ``root`` to a kernel; ``width`` is the target's f32 vector
+    width (1: no packed dense schedules)."""
     epilogue = {n.name for n in plan.epilogues.get(root.name, [])}
     inline = {name for name, role in plan.roles.items() if role == "inline"} | epilogue
     low = Lowering(graph, inline, producers)
@@ -94,13 +99,17 @@ def lower_group(graph: Graph, plan: FusionPlan, root: Node, producers: dict[str,
                 del low.overrides[anchor_out]
             return K.Store(buffer_name(final), flat_index(idx, final_shape), v)
 
-        body = rule(low, root, store)
+        fast = DENSE_SCHEDULES.get(root.op)
+        body = fast(low, root, final, low.inline, width) if fast and width > 1 else None
+        if body is None:
+            low.view_shapes = {}
+            body = rule(low, root, store)
     else:
         low.inline = inline | {root.name}
         out_shape = graph.types[outs[0]].shape
         flat = _flat_ok(graph, producers, low.inline, outs[0]) if len(outs) == 1 else set()
         if flat and len(out_shape) != 1:
-            low.flat_values = flat
+            low.view_shapes = {v: (math.prod(graph.types[v].shape),) for v in flat}
             out_shape = (math.prod(out_shape),)
 
         def body_fn(idx):
@@ -132,13 +141,15 @@ def lower_group(graph: Graph, plan: FusionPlan, root: Node, producers: dict[str,
     for b, v in writes.items():
         t = graph.types[v]
         params.append(K.Buffer(b, t.dtype.value, t.numel))
+    params.extend(low.workspaces)
     flops = get_op(root.op).flops([graph.types[i] for i in root.inputs],
                                   [graph.types[o] for o in root.outputs], root.attrs)
     name = buffer_name(f"k{index}_{root.name}")[2:]
     kernel = Kernel(name, tuple(params), tuple(_simplify_stmts(body)), tuple(low.scratch),
                     flops=int(flops), meta={"root": root.name, "op": root.op})
     reads = {b: v for b, v in low.reads.items()}
-    return KernelStep(kernel, reads, writes, root.name), low.new_constants
+    temps = {b.name: b.nbytes for b in low.workspaces}
+    return KernelStep(kernel, reads, writes, root.name, temps), low.new_constants
 
 
 def _kdtype(dt: np.dtype) -> str:
@@ -152,8 +163,11 @@ def _simplify_stmts(stmts):
                        if isinstance(e, K.Binary) else None)
 
 
-def lower_graph(graph: Graph, plan: FusionPlan | None = None) -> LoweredGraph:
-    """Fuse (unless a plan is given) and lower every group of ``graph`` to a kernel."""
+def lower_graph(graph: Graph, plan: FusionPlan | None = None, width: int = 1) -> LoweredGraph:
+    """Fuse (unless a plan is given) and lower every group of ``graph`` to a kernel.
+
+    ``width`` is the target's f32 vector width; above 1 the dense ops get packed GEMM
+    schedules built for it."""
     plan = plan or plan_fusion(graph)
     producers = graph.producers()
     steps: list[KernelStep] = []
@@ -168,7 +182,7 @@ def lower_graph(graph: Graph, plan: FusionPlan | None = None) -> LoweredGraph:
         root = by_last.get(n.name)
         if root is None:
             continue
-        step, new_consts = lower_group(graph, plan, root, producers, len(steps))
+        step, new_consts = lower_group(graph, plan, root, producers, len(steps), width)
         steps.append(step)
         constants.update(new_consts)
     return LoweredGraph(graph, plan, steps, constants)
@@ -190,5 +204,8 @@ def run_lowered(lowered: LoweredGraph, inputs: list[np.ndarray]) -> list[np.ndar
         for b, v in step.writes.items():
             t = g.types[v]
             values[v] = bufs[b] = np.zeros(t.numel, t.dtype.numpy)
+        for buf in step.kernel.params:
+            if buf.name in step.temps:
+                bufs[buf.name] = np.zeros(buf.size, K.np_dtype(buf.dtype))
         K.run_kernel(step.kernel, bufs)
     return [values[o].reshape(g.types[o].shape) for o in g.outputs]

@@ -64,7 +64,8 @@ class Lowering:
     reads: dict[str, str] = field(default_factory=dict)    # buffer name -> graph value
     overrides: dict[str, Callable[[Sequence[Expr]], Expr]] = field(default_factory=dict)
     scratch: list = field(default_factory=list)
-    flat_values: set[str] = field(default_factory=set)  # values seen as 1-d in flat mode
+    view_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # collapsed dims
+    workspaces: list = field(default_factory=list)  # arena buffers private to this kernel
     _counter: int = 0
 
     def fresh(self, prefix: str = "i", dtype: str = INDEX, lanes: int = 1) -> Var:
@@ -72,10 +73,7 @@ class Lowering:
         return Var(f"{prefix}{self._counter}", dtype, lanes)
 
     def shape(self, value: str) -> tuple[int, ...]:
-        shape = self.graph.types[value].shape
-        if value in self.flat_values:
-            return (math.prod(shape),)
-        return shape
+        return self.view_shapes.get(value, self.graph.types[value].shape)
 
     def dtype(self, value: str) -> str:
         return self.graph.types[value].dtype.value
@@ -96,10 +94,56 @@ class Lowering:
         self.reads[name] = name
         return name
 
+    def workspace(self, hint: str, dtype: str, size: int) -> str:
+        """A scratch buffer of ``size`` elements in the arena, live during this kernel only."""
+        name = buffer_name(f"ws_{hint}_{len(self.workspaces)}")
+        self.workspaces.append(K.Buffer(name, dtype, size))
+        return name
+
+    def store_at(self, final: str, idx: Sequence[Expr], value: Expr, anchor_out: str) -> K.Store:
+        """Store the group output ``final`` at ``idx``, where the anchor's output is ``value``
+        (scalar, or a vector of consecutive elements along the last index)."""
+        from kiln.passes.vectorize import vectorize_expr
+
+        shape = self.shape(final)
+        if value.lanes == 1:
+            self.overrides[anchor_out] = lambda _idx: value
+            try:
+                return K.Store(buffer_name(final), flat_index(idx, shape),
+                               self.element(final, idx))
+            finally:
+                del self.overrides[anchor_out]
+        # Build the epilogue for one scalar lane, then vectorize it along the last index; the
+        # anchor's value enters as a placeholder that becomes the vector ``value``.
+        acc = self.fresh("acc_lane", value.dtype)
+        self.overrides[anchor_out] = lambda _idx: acc
+        try:
+            lane = self.fresh("lane")
+            lidx = list(idx[:-1]) + [lane]
+            vec = vectorize_expr(self.element(final, lidx), lane, value.lanes, [acc.name])
+        finally:
+            del self.overrides[anchor_out]
+        store = K.Store(buffer_name(final), flat_index(lidx, shape), vec)
+        col = idx[-1]
+
+        def fill(e: Expr) -> Expr | None:
+            if isinstance(e, Var) and e.name == lane.name:
+                return col
+            if isinstance(e, Var) and e.name == acc.name:
+                return value
+            return None
+
+        return K.map_stmts([store], fill)[0]
+
     def constant_value(self, value: str) -> np.ndarray | None:
         return self.graph.constants.get(value)
 
     # ---- elements ----------------------------------------------------------------------------
+    def is_inline(self, value: str) -> bool:
+        """Whether ``value`` is computed inside this kernel rather than read from memory."""
+        node = self.producers.get(value)
+        return value in self.overrides or (node is not None and node.name in self.inline)
+
     def load(self, value: str, flat: Expr) -> Expr:
         return K.Load(self.buffer(value), simplify(flat), self.dtype(value))
 

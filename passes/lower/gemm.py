@@ -1,0 +1,383 @@
+"""Packed, register-blocked GEMM schedules for linear, matmul and convolution.
+
+C[M, N] = A[M, K] @ B[K, N] is computed in tiles of MR rows x NR columns (NR = NV vectors of
+the target's width): the accumulators of one tile stay in vector registers over the whole K
+loop (a BLIS-style micro-kernel), each step broadcasting one element of A per row and loading
+NV vectors of B. Constant operands are packed once at compile time into the order the
+micro-kernel reads them: B as [N/NR][K][NR] panels (zero padded), A as [M/MR][K][MR].
+Convolutions read B straight from the input for 1x1 stride-1 kernels, otherwise from an
+im2col workspace filled by a parallel loop first. The epilogue (bias, activation, residual) is
+applied to each vector as it is stored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiln.ir import Node
+from kiln.ir import kernel as K
+from kiln.ir.kernel import (
+    INDEX,
+    Assign,
+    Broadcast,
+    Const,
+    Decl,
+    Expr,
+    For,
+    If,
+    Var,
+    affine_coef,
+    as_expr,
+)
+from kiln.ir.ops._rules import as_tuple
+from kiln.passes.lower.core import Lowering, clamp_index, f32
+
+
+@dataclass(frozen=True)
+class GemmShape:
+    """Micro-kernel geometry for a target: MR rows, NV vectors of W lanes."""
+
+    mr: int
+    nv: int
+    w: int
+
+    @property
+    def nr(self) -> int:
+        return self.nv * self.w
+
+
+def micro_shape(width: int, m: int) -> GemmShape:
+    """Register blocking for ``width``-lane vectors: AVX-512 has 32 vector registers (8 x 3
+    accumulators), AVX2 16 (6 x 2)."""
+    if width >= 16:
+        mr, nv = 8, 3
+    elif width == 8:
+        mr, nv = 6, 2
+    else:
+        mr, nv = 4, 2
+    return GemmShape(max(1, min(mr, m)), nv, width)
+
+
+ALoad = Callable[[Expr, Expr], Expr]          # (row, k) -> scalar element of A
+BLoad = Callable[[Expr, Expr, int], Expr]     # (k, col, lanes) -> lanes elements of B
+CStore = Callable[[Expr, Expr, Expr], K.Stmt]  # (row, col, value) -> store (value has lanes)
+
+
+def gemm_loops(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, store: CStore,
+               shape: GemmShape, dtype: str = "f32", parallel: bool = True) -> list:
+    """The tiled loop nest computing C = A @ B through the given element accessors."""
+    w, mr = shape.w, shape.mr
+    stmts: list = []
+    full_tiles = N // shape.nr
+    n_done = full_tiles * shape.nr
+    pieces: list[tuple[int, int, int]] = []  # (first column, tile count, vectors per tile)
+    if full_tiles:
+        pieces.append((0, full_tiles, shape.nv))
+    rest = N - n_done
+    if rest >= w:
+        pieces.append((n_done, 1, rest // w))
+        n_done += (rest // w) * w
+    m_tiles = -(-M // mr)
+    for first, count, nv in pieces:
+        jt, it = low.fresh("jt"), low.fresh("it")
+        n0 = as_expr(first) + jt * (nv * w)
+        m0 = it * mr
+        body = _micro(low, m0, n0, M, Kd, a, b, store, mr, nv, w, dtype)
+        inner = For(it, as_expr(0), as_expr(m_tiles), tuple(body))
+        if count > 1 or m_tiles == 1:
+            stmts.append(For(jt, as_expr(0), as_expr(count), (inner,),
+                             "parallel" if parallel and count > 1 else "serial"))
+        else:  # one column tile: spread the row tiles over the threads instead
+            stmts.append(For(jt, as_expr(0), as_expr(count),
+                             (For(it, as_expr(0), as_expr(m_tiles), tuple(body),
+                                  "parallel" if parallel else "serial"),)))
+    if n_done < N:  # the last columns, fewer than a vector: scalar dot products
+        i, j, k, acc = low.fresh("i"), low.fresh("j"), low.fresh("k"), low.fresh("acc", dtype)
+        body = [Decl(acc, f32(0.0, dtype)),
+                For(k, as_expr(0), as_expr(Kd), (Assign(acc, acc + a(i, k) * b(k, j, 1)),)),
+                store(i, j, acc)]
+        stmts.append(For(i, as_expr(0), as_expr(M), (
+            For(j, as_expr(n_done), as_expr(N - n_done), tuple(body)),)))
+    return stmts
+
+
+def _micro(low, m0, n0, M, Kd, a, b, store, mr, nv, w, dtype) -> list:
+    accs = [[low.fresh("c", dtype, w) for _ in range(nv)] for _ in range(mr)]
+    k = low.fresh("k")
+    bvs = [low.fresh("b", dtype, w) for _ in range(nv)]
+    zero = Broadcast(f32(0.0, dtype), w)
+    body: list = [Decl(acc, zero) for row in accs for acc in row]
+    kbody: list = [Decl(bv, b(k, n0 + v * w, w)) for v, bv in enumerate(bvs)]
+    for r in range(mr):
+        # Rows past M (the last, partial row tile) read a valid row and are not stored.
+        row = K.minimum(m0 + r, as_expr(M - 1)) if M % mr else m0 + r
+        av = Broadcast(a(row, k), w)
+        for v in range(nv):
+            kbody.append(Assign(accs[r][v], accs[r][v] + av * bvs[v]))
+    body.append(For(k, as_expr(0), as_expr(Kd), tuple(kbody)))
+    for r in range(mr):
+        stores = [store(m0 + r, n0 + v * w, accs[r][v]) for v in range(nv)]
+        if M % mr:
+            body.append(If(K.cmp("lt", m0 + r, as_expr(M)), tuple(stores)))
+        else:
+            body.extend(stores)
+    return body
+
+
+# ---- packing of constant operands ------------------------------------------------------------
+def pack_b(b: np.ndarray, nr: int) -> np.ndarray:
+    """[K, N] -> [ceil(N/NR), K, NR] panels, zero padded."""
+    kd, n = b.shape
+    tiles = -(-n // nr)
+    padded = np.zeros((kd, tiles * nr), b.dtype)
+    padded[:, :n] = b
+    return np.ascontiguousarray(padded.reshape(kd, tiles, nr).transpose(1, 0, 2))
+
+
+def pack_a(a: np.ndarray, mr: int) -> np.ndarray:
+    """[M, K] -> [ceil(M/MR), K, MR] panels, zero padded."""
+    m, kd = a.shape
+    tiles = -(-m // mr)
+    padded = np.zeros((tiles * mr, kd), a.dtype)
+    padded[:m] = a
+    return np.ascontiguousarray(padded.reshape(tiles, mr, kd).transpose(0, 2, 1))
+
+
+# ---- epilogue views --------------------------------------------------------------------------
+def collapsed_views(low: Lowering, final: str, anchor_out: str, inline: set[str],
+                    merge: Sequence[int]) -> dict[str, tuple[int, ...]] | None:
+    """Shapes of the epilogue's values with dims ``merge`` (consecutive, of the anchor's output)
+    merged into one, so that one flat column index addresses them; None if some operand
+    broadcasts over part of the merged dims only."""
+    rank = len(low.graph.types[anchor_out].shape)
+    lo, hi = merge[0], merge[-1] + 1
+    views: dict[str, tuple[int, ...]] = {}
+    stack, seen = [final], set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        shape = low.graph.types[v].shape
+        lead = rank - len(shape)
+        full = (1,) * lead + tuple(shape)
+        part = full[lo:hi]
+        if all(d == 1 for d in part):
+            merged = 1
+        elif all(d == s for d, s in zip(part, low.graph.types[anchor_out].shape[lo:hi])):
+            merged = math.prod(part)
+        else:
+            return None
+        views[v] = full[:lo] + (merged,) + full[hi:]
+        node = low.producers.get(v)
+        if node is not None and node.name in inline and v != anchor_out:
+            stack.extend(node.inputs)
+    return views
+
+
+# ---- op lowerings ----------------------------------------------------------------------------
+def lower_linear(low: Lowering, node: Node, final: str, inline: set[str],
+                 width: int) -> list | None:
+    """x[T, K] @ W^T with W packed at compile time."""
+    x, w = node.inputs[:2]
+    wv = low.constant_value(w)
+    if wv is None or low.dtype(x) != "f32":
+        return None
+    out = node.outputs[0]
+    oshape = low.graph.types[out].shape
+    T, N = math.prod(oshape[:-1]), oshape[-1]
+    Kd = wv.shape[1]
+    views = collapsed_views(low, final, out, inline, list(range(len(oshape) - 1)))
+    if views is None or N < width:
+        return None
+    low.view_shapes.update(views)
+    shape = micro_shape(width, T)
+    bp = low.constant(pack_b(wv.T.astype(np.float32), shape.nr), f"{node.name}_packed")
+    bias = low.constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
+    bias_buf = low.constant(bias.astype(np.float32), f"{node.name}_bias") \
+        if bias is not None else None
+    if len(node.inputs) > 2 and bias is None:
+        return None
+    nr = shape.nr
+    low.view_shapes[x] = (T, Kd)
+
+    def a(row, k):
+        return low.element(x, [row, k])
+
+    def b(k, col, lanes):
+        # Panel layout: column col of tile col // NR at position col % NR.
+        return K.Load(bp, (col // nr) * (Kd * nr) + k * nr + col % nr, "f32", lanes)
+
+    def store(row, col, value):
+        if bias_buf is not None:
+            value = value + K.Load(bias_buf, col, "f32", value.lanes)
+        return low.store_at(final, [row, col], value, out)
+
+    return gemm_loops(low, T, N, Kd, a, b, store, shape)
+
+
+def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
+               width: int) -> list | None:
+    """Convolution as GEMM: out[n, g] = W_g[og, K] @ im2col(x[n, g])[K, OH*OW]."""
+    x, w = node.inputs[:2]
+    wv = low.constant_value(w)
+    if wv is None or low.dtype(x) != "f32":
+        return None
+    a_ = node.attrs
+    in_shape, out = low.shape(x), node.outputs[0]
+    oshape = low.graph.types[out].shape
+    nd = len(wv.shape) - 2
+    stride = as_tuple(a_["stride"], nd, "stride")
+    pad = as_tuple(a_["padding"], nd, "padding")
+    dil = as_tuple(a_["dilation"], nd, "dilation")
+    g = a_["groups"]
+    cout, cg = wv.shape[:2]
+    og = cout // g
+    if og == 1 and g > 1:
+        return None  # depthwise: no GEMM to speak of
+    if low.is_inline(x):
+        return None  # the im2col and direct paths read the input from memory
+    ksp = wv.shape[2:]
+    Kd = cg * math.prod(ksp)
+    sp_out = oshape[2:]
+    Nn = math.prod(sp_out)
+    if Nn < width:
+        return None
+    views = collapsed_views(low, final, out, inline, list(range(2, len(oshape))))
+    if views is None:
+        return None
+    low.view_shapes.update(views)
+    shape = micro_shape(width, og)
+    wmat = wv.reshape(g, og, Kd).astype(np.float32)
+    ap = low.constant(np.stack([pack_a(wmat[i], shape.mr) for i in range(g)]),
+                      f"{node.name}_packed")
+    m_tiles = -(-og // shape.mr)
+    bias = low.constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
+    if len(node.inputs) > 2 and bias is None:
+        return None
+    bias_buf = low.constant(bias.astype(np.float32), f"{node.name}_bias") \
+        if bias is not None else None
+    xb = low.buffer(x)
+    direct = all(k == 1 for k in ksp) and all(s == 1 for s in stride) and not any(pad)
+    n_var, g_var = low.fresh("n"), low.fresh("grp")
+    in_sp = in_shape[2:]
+    hw_in = math.prod(in_sp)
+    x_base = (n_var * in_shape[1] + g_var * cg) * hw_in
+    stmts: list = []
+    if direct:
+        def b(k, col, lanes):
+            return K.Load(xb, x_base + k * hw_in + col, "f32", lanes)
+    else:
+        col_buf = low.workspace(f"{node.name}_cols", "f32", Kd * Nn)
+        stmts += _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil)
+
+        def b(k, col, lanes):
+            return K.Load(col_buf, k * Nn + col, "f32", lanes)
+
+    def a(row, k):
+        tile, r = row // shape.mr, row % shape.mr
+        return K.Load(ap, ((g_var * m_tiles + tile) * Kd + k) * shape.mr + r, "f32")
+
+    def store(row, col, value):
+        co = g_var * og + row
+        if bias_buf is not None:
+            value = value + K.Broadcast(K.Load(bias_buf, co, "f32"), value.lanes) \
+                if value.lanes > 1 else value + K.Load(bias_buf, co, "f32")
+        return low.store_at(final, [n_var, co, col], value, out)
+
+    stmts += gemm_loops(low, og, Nn, Kd, a, b, store, shape)
+    return [For(n_var, as_expr(0), as_expr(oshape[0]), (
+        For(g_var, as_expr(0), as_expr(g), tuple(stmts)),))]
+
+
+def _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil) -> list:
+    """Fill col[k, n] = x[ci, o*stride + kk*dil - pad] (0 outside), k = (ci, kernel offsets)."""
+    nd = len(ksp)
+    Nn = math.prod(sp_out)
+    kk = math.prod(ksp)
+    ci = low.fresh("ci")
+    body: list = []
+    for offs in np.ndindex(*ksp):
+        kidx = int(np.ravel_multi_index(offs, ksp))
+        ovs = [low.fresh("o") for _ in range(nd)]
+        src: Expr = Const(0, INDEX)
+        ok = None
+        for d in range(nd):
+            i = ovs[d] * stride[d] + offs[d] * dil[d] - pad[d]
+            if pad[d]:
+                inside = K.Binary("and", K.cmp("ge", i, as_expr(0)),
+                                  K.cmp("lt", i, as_expr(in_sp[d])))
+                ok = inside if ok is None else K.Binary("and", ok, inside)
+                i = clamp_index(i, in_sp[d])
+            src = src * in_sp[d] + i
+        v = K.Load(xb, x_base + ci * math.prod(in_sp) + src, "f32")
+        if ok is not None:
+            v = K.Select(ok, v, f32(0.0))
+        dst = (ci * kk + kidx) * Nn
+        flat: Expr = Const(0, INDEX)
+        for d in range(nd):
+            flat = flat * sp_out[d] + ovs[d]
+        inner: list = [K.Store(col_buf, dst + flat, v)]
+        for d in reversed(range(nd)):
+            kind = "vectorized" if d == nd - 1 and not pad[d] and stride[d] == 1 else "serial"
+            inner = [For(ovs[d], as_expr(0), as_expr(sp_out[d]), tuple(inner), kind)]
+        body += inner
+    return [For(ci, as_expr(0), as_expr(cg), tuple(body), "parallel")]
+
+
+def lower_matmul(low: Lowering, node: Node, final: str, inline: set[str],
+                 width: int) -> list | None:
+    """Batched matmul of runtime operands: rows of B are read as vectors directly."""
+    a_v, b_v = node.inputs
+    if low.dtype(a_v) != "f32":
+        return None
+    out = node.outputs[0]
+    oshape = low.graph.types[out].shape
+    M, N = oshape[-2:]
+    Kd = low.shape(a_v)[-1]
+    if N < width:
+        return None
+    batch = oshape[:-2]
+    bvars = [low.fresh("bt") for _ in batch]
+    ia = low.broadcast_index(a_v, list(bvars) + [Const(0, INDEX)] * 2)[:-2]
+    ib = low.broadcast_index(b_v, list(bvars) + [Const(0, INDEX)] * 2)[:-2]
+    shape = micro_shape(width, M)
+
+    def a(row, k):
+        return low.element(a_v, ia + [row, k])
+
+    def b(k, col, lanes):
+        e = low.element(b_v, ib + [k, col])
+        if lanes == 1:
+            return e
+        if not isinstance(e, K.Load):
+            raise _Unsupported
+        return K.Load(e.buffer, e.index, e.dtype, lanes)
+
+    def store(row, col, value):
+        return low.store_at(final, list(bvars) + [row, col], value, out)
+
+    # B must be read along its rows with stride 1 (a stored tensor, not a transposed view).
+    kv, cv = Var("__k"), Var("__col")
+    probe = low.element(b_v, ib + [kv, cv])
+    if not isinstance(probe, K.Load) or affine_coef(probe.index, cv.name) != 1:
+        return None
+    try:
+        body = gemm_loops(low, M, N, Kd, a, b, store, shape,
+                          parallel=math.prod(batch) <= 1)
+    except _Unsupported:
+        return None
+    kinds = ["serial"] * len(batch)
+    if batch and math.prod(batch) > 1:
+        kinds[0] = "parallel"
+    for v, n, kind in reversed(list(zip(bvars, batch, kinds))):
+        body = [For(v, as_expr(0), as_expr(n), tuple(body), kind)]
+    return body
+
+
+class _Unsupported(Exception):
+    pass

@@ -295,38 +295,48 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
 
 
 def _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil) -> list:
-    """Fill col[k, n] = x[ci, o*stride + kk*dil - pad] (0 outside), k = (ci, kernel offsets)."""
+    """Fill col[k, n] = x[ci, o*stride + kk*dil - pad] (0 outside), k = (ci, kernel offsets).
+
+    The input is first copied into a zero-padded workspace, so the im2col loops need no
+    bounds checks and their innermost loop is a plain (vectorizable) copy when stride is 1."""
     nd = len(ksp)
-    Nn = math.prod(sp_out)
-    kk = math.prod(ksp)
-    ci = low.fresh("ci")
-    body: list = []
-    for offs in np.ndindex(*ksp):
-        kidx = int(np.ravel_multi_index(offs, ksp))
-        ovs = [low.fresh("o") for _ in range(nd)]
-        src: Expr = Const(0, INDEX)
-        ok = None
+    stmts: list = []
+    src_buf, src_sp = xb, list(in_sp)
+    if any(pad):
+        src_sp = [n + 2 * p for n, p in zip(in_sp, pad)]
+        src_buf = low.workspace("padded", "f32", cg * math.prod(src_sp))
+        ci, ivs = low.fresh("ci"), [low.fresh("p") for _ in range(nd)]
+        ok, src, dst = None, Const(0, INDEX), Const(0, INDEX)
         for d in range(nd):
-            i = ovs[d] * stride[d] + offs[d] * dil[d] - pad[d]
-            if pad[d]:
-                inside = K.Binary("and", K.cmp("ge", i, as_expr(0)),
-                                  K.cmp("lt", i, as_expr(in_sp[d])))
-                ok = inside if ok is None else K.Binary("and", ok, inside)
-                i = clamp_index(i, in_sp[d])
-            src = src * in_sp[d] + i
-        v = K.Load(xb, x_base + ci * math.prod(in_sp) + src, "f32")
-        if ok is not None:
-            v = K.Select(ok, v, f32(0.0))
-        dst = (ci * kk + kidx) * Nn
-        flat: Expr = Const(0, INDEX)
-        for d in range(nd):
-            flat = flat * sp_out[d] + ovs[d]
-        inner: list = [K.Store(col_buf, dst + flat, v)]
+            i = ivs[d] - pad[d]
+            inside = K.Binary("and", K.cmp("ge", i, as_expr(0)), K.cmp("lt", i, as_expr(in_sp[d])))
+            ok = inside if ok is None else K.Binary("and", ok, inside)
+            src = src * in_sp[d] + clamp_index(i, in_sp[d])
+            dst = dst * src_sp[d] + ivs[d]
+        value = K.Select(ok, K.Load(xb, x_base + ci * math.prod(in_sp) + src, "f32"), f32(0.0))
+        inner: list = [K.Store(src_buf, ci * math.prod(src_sp) + dst, value)]
         for d in reversed(range(nd)):
-            kind = "vectorized" if d == nd - 1 and not pad[d] and stride[d] == 1 else "serial"
-            inner = [For(ovs[d], as_expr(0), as_expr(sp_out[d]), tuple(inner), kind)]
-        body += inner
-    return [For(ci, as_expr(0), as_expr(cg), tuple(body), "parallel")]
+            inner = [For(ivs[d], as_expr(0), as_expr(src_sp[d]), tuple(inner))]
+        stmts.append(For(ci, as_expr(0), as_expr(cg), tuple(inner), "parallel"))
+        x_base = Const(0, INDEX)
+    Nn, kk = math.prod(sp_out), math.prod(ksp)
+    ci = low.fresh("ci")
+    kvs = [low.fresh("kk") for _ in range(nd)]
+    ovs = [low.fresh("o") for _ in range(nd)]
+    src, kidx, flat = Const(0, INDEX), Const(0, INDEX), Const(0, INDEX)
+    for d in range(nd):
+        src = src * src_sp[d] + ovs[d] * stride[d] + kvs[d] * dil[d]
+        kidx = kidx * ksp[d] + kvs[d]
+        flat = flat * sp_out[d] + ovs[d]
+    inner = [K.Store(col_buf, (ci * kk + kidx) * Nn + flat,
+                     K.Load(src_buf, x_base + ci * math.prod(src_sp) + src, "f32"))]
+    for d in reversed(range(nd)):
+        kind = "vectorized" if d == nd - 1 and stride[d] == 1 else "serial"
+        inner = [For(ovs[d], as_expr(0), as_expr(sp_out[d]), tuple(inner), kind)]
+    for d in reversed(range(nd)):
+        inner = [For(kvs[d], as_expr(0), as_expr(ksp[d]), tuple(inner))]
+    stmts.append(For(ci, as_expr(0), as_expr(cg), tuple(inner), "parallel"))
+    return stmts
 
 
 def lower_matmul(low: Lowering, node: Node, final: str, inline: set[str],

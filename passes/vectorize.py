@@ -273,8 +273,10 @@ def unroll_stmts(stmts: Sequence[K.Stmt], max_extent: int = 16) -> list[K.Stmt]:
                     and int(ext.value) <= max_extent):
                 for i in range(int(start.value), int(start.value) + int(ext.value), s.step):
                     mapping = {s.var.name: Const(i, INDEX)}
-                    out.extend(K.map_stmts(body, lambda e, m=mapping: substitute(e, m)
-                                           if isinstance(e, Var) else None))
+                    copy = K.map_stmts(body, lambda e, m=mapping: substitute(e, m)
+                                       if isinstance(e, Var) else None)
+                    out.extend(K.map_stmts(copy, lambda e: simplify(e)
+                                           if e.dtype == INDEX else None))
             else:
                 out.append(replace(s, body=tuple(body),
                                    kind="serial" if s.kind == "unrolled" else s.kind))

@@ -109,8 +109,8 @@ def _batch_norm(low, node, value, idx):
         scale = ww / np.sqrt(v + node.attrs["eps"])
         shift = bb - m * scale
         dt = low.dtype(x)
-        sc = low.constant(scale.astype(dt), f"{node.name}_scale")
-        sh = low.constant(shift.astype(dt), f"{node.name}_shift")
+        sc = low.constant(scale.astype(K.np_dtype(dt)), f"{node.name}_scale")
+        sh = low.constant(shift.astype(K.np_dtype(dt)), f"{node.name}_shift")
         return (low.element(x, idx) * K.Load(sc, c, dt)) + K.Load(sh, c, dt)
     xe = low.element(x, idx)
     me, ve, we, be = (low.element(v, [c]) for v in (mean, var, w, b))

@@ -1,0 +1,489 @@
+"""Benchmark kiln against eager PyTorch, torch.compile (inductor) and ONNX Runtime on the zoo.
+
+    python examples/benchmark.py [--models mlp bert] [--batches 1 8] [--threads 2]
+        [--repeat 30] [--backend llvm] [--skip torch.compile] [--json results.json]
+    python examples/benchmark.py --quick --models mlp      # smoke test: batch 1, 3 repeats
+    python examples/benchmark.py --matmul                  # only the 1024^3 fp32 matmul
+
+Every runtime gets the same thread count. For each model and batch the table gives the median
+and p90 latency, the ratio to ONNX Runtime, the speed-up over eager, the achieved GFLOP/s
+(FLOPs counted by kiln's op registry on the imported, unoptimized graph) as a share of the
+machine's fp32 GEMM peak (torch.mm on 1024x1024 matrices, measured at startup), and the largest
+error against eager relative to the output's largest magnitude. "compile s" is kiln.compile for
+kiln, export plus session creation for ONNX Runtime and the first call for torch.compile
+(inductor keeps compiled code in an on-disk cache, so a second run compiles much faster).
+Timings are only as good as the machine is quiet: the load average is printed at the start.
+A runtime that fails on a model is reported as n/a with the reason; the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_THREADS = 2
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def requested_threads(argv: Sequence[str]) -> int:
+    """The ``--threads`` value in ``argv`` (or the default), read before numpy/torch load."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    return early.parse_known_args(list(argv))[0].threads
+
+
+if __name__ == "__main__":
+    # OpenMP and the BLAS under NumPy (which kiln's reference backend calls) size their thread
+    # pools from these variables when first loaded, so they are set before importing either.
+    os.environ.update(dict.fromkeys(THREAD_ENV_VARS, str(requested_threads(sys.argv[1:]))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils import _pytree as pytree  # noqa: E402
+
+import kiln  # noqa: E402
+from kiln.backends import backend_names  # noqa: E402
+from kiln.examples.models import ZOO, get_model  # noqa: E402
+from kiln.frontend.trace import trace_module  # noqa: E402
+from kiln.ir import Graph, get_op  # noqa: E402
+
+EAGER, KILN, TORCH_COMPILE, ORT = "eager", "kiln", "torch.compile", "onnxruntime"
+RUNTIMES = (EAGER, KILN, TORCH_COMPILE, ORT)
+MATMUL_N = 1024
+
+
+@dataclass
+class Prepared:
+    """A runtime ready to run one model: ``run()`` does one inference."""
+
+    run: Callable[[], Any]
+    compile_s: float
+    source_graph: Graph | None = None  # kiln's imported graph, for counting FLOPs
+
+
+@dataclass
+class Result:
+    """One runtime on one model at one batch size; the timing fields stay None when it failed."""
+
+    model: str
+    batch: int
+    runtime: str
+    flops: int | None = None
+    compile_s: float | None = None
+    median_ms: float | None = None
+    p90_ms: float | None = None
+    ratio_to_ort: float | None = None
+    speedup_vs_eager: float | None = None
+    gflops: float | None = None
+    pct_peak: float | None = None
+    max_rel_err: float | None = None
+    error: str | None = None
+    times_ms: list[float] | None = None
+
+
+def time_ms(fn: Callable[[], Any], warmup: int, repeat: int) -> list[float]:
+    """Wall times of ``repeat`` calls of ``fn`` in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def as_arrays(output: Any) -> list[np.ndarray]:
+    """The tensors in a (possibly nested) model output, as NumPy arrays."""
+    return [leaf.detach().numpy() if isinstance(leaf, torch.Tensor) else np.asarray(leaf)
+            for leaf in pytree.tree_leaves(output)]
+
+
+def max_rel_error(got: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> float:
+    """Largest |got - expected| over all outputs, relative to that output's largest |expected|."""
+    if len(got) != len(expected):
+        raise ValueError(f"{len(got)} outputs, expected {len(expected)}")
+    worst = 0.0
+    for g, e in zip(got, expected, strict=True):
+        if g.shape != e.shape:
+            raise ValueError(f"output shape {g.shape}, expected {e.shape}")
+        e64 = e.astype(np.float64)
+        scale = max(float(np.abs(e64).max(initial=0.0)), 1e-12)
+        worst = max(worst, float(np.abs(g.astype(np.float64) - e64).max(initial=0.0)) / scale)
+    return worst
+
+
+def graph_flops(graph: Graph) -> int:
+    """FLOPs of one run of ``graph``: the op registry's cost rule summed over its nodes."""
+    return sum(
+        get_op(n.op).flops([graph.types[i] for i in n.inputs],
+                           [graph.types[o] for o in n.outputs], dict(n.attrs))
+        for n in graph.nodes)
+
+
+def kiln_compile_options(threads: int) -> dict[str, Any]:
+    """Extra ``kiln.compile`` keywords: ``threads`` when this kiln version accepts it."""
+    accepts = "threads" in inspect.signature(kiln.compile).parameters
+    return {"threads": threads} if accepts else {}
+
+
+def prepare_eager(model: torch.nn.Module, inputs: tuple, args: argparse.Namespace,
+                  workdir: Path) -> Prepared:
+    """Eager PyTorch: nothing to compile."""
+    return Prepared(lambda: model(*inputs), 0.0)
+
+
+def prepare_kiln(model: torch.nn.Module, inputs: tuple, args: argparse.Namespace,
+                 workdir: Path) -> Prepared:
+    """``kiln.compile`` on the chosen backend, called with torch tensors like eager."""
+    t0 = time.perf_counter()
+    compiled = kiln.compile(model, inputs, backend=args.backend,
+                            **kiln_compile_options(args.threads))
+    compile_s = time.perf_counter() - t0
+    return Prepared(lambda: compiled(*inputs), compile_s, compiled.source_graph)
+
+
+def prepare_torch_compile(model: torch.nn.Module, inputs: tuple, args: argparse.Namespace,
+                          workdir: Path) -> Prepared:
+    """``torch.compile`` with inductor; it compiles on the first call, which is timed here."""
+    torch._dynamo.reset()  # start each model with fresh caches and recompile limits
+    compiled = torch.compile(model)
+    t0 = time.perf_counter()
+    compiled(*inputs)
+    return Prepared(lambda: compiled(*inputs), time.perf_counter() - t0)
+
+
+def prepare_onnxruntime(model: torch.nn.Module, inputs: tuple, args: argparse.Namespace,
+                        workdir: Path) -> Prepared:
+    """Export with the TorchScript ONNX exporter (opset 17), open an ORT_ENABLE_ALL session."""
+    import onnxruntime as ort
+
+    path = str(workdir / "model.onnx")
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+        torch.onnx.export(model, inputs, path, dynamo=False, opset_version=17)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = args.threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(inputs):
+        raise RuntimeError(f"the exported model takes {len(names)} inputs, not {len(inputs)}")
+    feeds = {name: x.numpy() for name, x in zip(names, inputs, strict=True)}
+    compile_s = time.perf_counter() - t0
+    return Prepared(lambda: session.run(None, feeds), compile_s)
+
+
+PREPARERS: dict[str, Callable[..., Prepared]] = {
+    EAGER: prepare_eager,
+    KILN: prepare_kiln,
+    TORCH_COMPILE: prepare_torch_compile,
+    ORT: prepare_onnxruntime,
+}
+
+
+def short_error(exc: BaseException) -> str:
+    """A one-line description of ``exc`` for the table and the JSON."""
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first_line}"[:300]
+
+
+def bench_runtime(runtime: str, model: torch.nn.Module, inputs: tuple,
+                  expected: list[np.ndarray] | None, args: argparse.Namespace,
+                  workdir: Path, result: Result) -> tuple[list[np.ndarray], Graph | None]:
+    """Prepare, check and time one runtime, filling ``result``; returns its outputs and, for
+    kiln, the imported graph. Raises whatever the runtime raises."""
+    with torch.no_grad():
+        prepared = PREPARERS[runtime](model, inputs, args, workdir)
+        result.compile_s = prepared.compile_s
+        outputs = as_arrays(prepared.run())
+        result.max_rel_err = max_rel_error(outputs, outputs if expected is None else expected)
+        times = time_ms(prepared.run, args.warmup, args.repeat)
+    result.median_ms = statistics.median(times)
+    result.p90_ms = float(np.percentile(times, 90))
+    result.times_ms = times
+    return outputs, prepared.source_graph
+
+
+def bench_model(name: str, batch: int, args: argparse.Namespace,
+                peak_gflops: float) -> list[Result]:
+    """Every requested runtime on zoo model ``name`` at ``batch``. A runtime that fails gets a
+    result with its error; eager runs first and is the reference for the others."""
+    runtimes = [r for r in RUNTIMES if r not in args.skip]
+    results = [Result(name, batch, r) for r in runtimes]
+    try:
+        model, inputs = get_model(name, batch=batch)
+    except Exception as exc:
+        for result in results:
+            result.error = short_error(exc)
+        return results
+
+    expected: list[np.ndarray] | None = None
+    source_graph: Graph | None = None
+    with tempfile.TemporaryDirectory(prefix="kiln_bench_") as tmp:
+        for result in results:
+            if result.runtime != EAGER and expected is None:
+                result.error = "no eager reference to check against"
+                continue
+            try:
+                outputs, graph = bench_runtime(result.runtime, model, inputs, expected, args,
+                                               Path(tmp), result)
+            except Exception as exc:  # one runtime failing must not stop the benchmark
+                result.error = short_error(exc)
+                if args.verbose:
+                    traceback.print_exc()
+                continue
+            if result.runtime == EAGER:
+                expected = outputs
+            source_graph = source_graph or graph
+
+    try:
+        flops = graph_flops(source_graph or trace_module(model, inputs)[0])
+    except Exception as exc:
+        flops = None
+        print(f"# no FLOP count for {name}: {short_error(exc)}", file=sys.stderr)
+    fill_ratios(results, flops, peak_gflops)
+    return results
+
+
+def fill_ratios(results: Sequence[Result], flops: int | None, peak_gflops: float) -> None:
+    """Set the ratio to ONNX Runtime, the speed-up over eager, GFLOP/s and % of peak."""
+    by_runtime = {r.runtime: r.median_ms for r in results}
+    ort_ms, eager_ms = by_runtime.get(ORT), by_runtime.get(EAGER)
+    for r in results:
+        r.flops = flops
+        if r.median_ms is None:
+            continue
+        if ort_ms:
+            r.ratio_to_ort = r.median_ms / ort_ms
+        if eager_ms:
+            r.speedup_vs_eager = eager_ms / r.median_ms
+        if flops is not None:
+            r.gflops = flops / (r.median_ms * 1e-3) / 1e9
+            r.pct_peak = 100.0 * r.gflops / peak_gflops
+
+
+def measure_mm_gflops(warmup: int, repeat: int) -> tuple[float, float]:
+    """GFLOP/s of torch.mm on two fp32 1024x1024 matrices, the machine's GEMM peak, at the
+    median time and at the best time (the two part when other processes compete for the CPU)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
+    b = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
+    times = time_ms(lambda: torch.mm(a, b), warmup, repeat)
+    flops = 2 * MATMUL_N**3
+    return flops / (statistics.median(times) * 1e-3) / 1e9, flops / (min(times) * 1e-3) / 1e9
+
+
+class MatMulByConstant(torch.nn.Module):
+    """``a @ b`` with ``b`` a constant weight, the shape of a dense layer's GEMM."""
+
+    def __init__(self, b: torch.Tensor) -> None:
+        super().__init__()
+        self.b = torch.nn.Parameter(b, requires_grad=False)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return a @ self.b
+
+
+def bench_matmul(args: argparse.Namespace) -> dict[str, Any]:
+    """torch.mm against kiln on a 1024x1024x1024 fp32 matmul (GFLOP/s and their ratio)."""
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
+    b = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
+    flops = 2 * MATMUL_N**3
+    expected = torch.mm(a, b)
+    torch_ms = statistics.median(time_ms(lambda: torch.mm(a, b), args.warmup, args.repeat))
+    report: dict[str, Any] = {"n": MATMUL_N, "flops": flops, "torch_ms": torch_ms,
+                              "torch_gflops": flops / (torch_ms * 1e-3) / 1e9}
+    try:
+        module = MatMulByConstant(b).eval()
+        t0 = time.perf_counter()
+        compiled = kiln.compile(module, (a,), backend=args.backend,
+                                **kiln_compile_options(args.threads))
+        report["kiln_compile_s"] = time.perf_counter() - t0
+        report["kiln_max_rel_err"] = max_rel_error(as_arrays(compiled(a)), as_arrays(expected))
+        kiln_ms = statistics.median(time_ms(lambda: compiled(a), args.warmup, args.repeat))
+    except Exception as exc:
+        report["kiln_error"] = short_error(exc)
+        return report
+    report["kiln_ms"] = kiln_ms
+    report["kiln_gflops"] = flops / (kiln_ms * 1e-3) / 1e9
+    report["kiln_over_torch"] = report["kiln_gflops"] / report["torch_gflops"]
+    return report
+
+
+def machine_info(args: argparse.Namespace) -> dict[str, Any]:
+    """CPU name, LLVM's name for the host CPU, core and thread counts, load, library versions.
+
+    The 1-minute load average is there because other processes on the machine skew timings.
+    """
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import llvmlite.binding as llvm
+
+        llvm_cpu = llvm.get_host_cpu_name()
+    except Exception as exc:  # llvmlite is optional until the LLVM backend needs it
+        llvm_cpu = f"n/a ({short_error(exc)})"
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = "not installed"
+    return {
+        "cpu": cpu, "llvm_host_cpu": llvm_cpu, "logical_cpus": os.cpu_count(),
+        "threads": args.threads, "load_avg_1m": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "torch": torch.__version__, "onnxruntime": ort_version, "kiln": kiln.__version__,
+        "kiln_backend": args.backend,
+    }
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``-`` when missing."""
+    return "-" if value is None else format(value, spec)
+
+
+HEADER = (f"{'model':<24}{'batch':>5}  {'runtime':<14}{'compile s':>9}{'median ms':>11}"
+          f"{'p90 ms':>10}{'/ORT':>8}{'vs eager':>9}{'GFLOP/s':>9}{'%peak':>7}{'max rel err':>12}")
+
+
+def format_row(r: Result) -> str:
+    """One table line for ``r``; a failed runtime shows its error instead of numbers."""
+    lead = f"{r.model:<24}{r.batch:>5}  {r.runtime:<14}"
+    if r.error is not None:
+        return lead + f"n/a: {r.error}"[:120]
+    return lead + (f"{fmt(r.compile_s, '.2f'):>9}{fmt(r.median_ms, '.3f'):>11}"
+                   f"{fmt(r.p90_ms, '.3f'):>10}{fmt(r.ratio_to_ort, '.2f'):>8}"
+                   f"{fmt(r.speedup_vs_eager, '.2f') + 'x':>9}{fmt(r.gflops, '.1f'):>9}"
+                   f"{fmt(r.pct_peak, '.1f'):>7}{fmt(r.max_rel_err, '.1e'):>12}")
+
+
+def kiln_vs_ort_summary(results: Sequence[Result]) -> dict[str, Any]:
+    """Geometric mean and worst of kiln's latency over ONNX Runtime's, over every model/batch
+    where both ran."""
+    ratios = [(r.ratio_to_ort, r.model, r.batch) for r in results
+              if r.runtime == KILN and r.ratio_to_ort is not None]
+    if not ratios:
+        return {"pairs": 0}
+    worst = max(ratios)
+    return {"pairs": len(ratios),
+            "geomean_kiln_over_ort": math.exp(statistics.fmean(math.log(x[0]) for x in ratios)),
+            "worst_kiln_over_ort": worst[0], "worst_model": worst[1], "worst_batch": worst[2]}
+
+
+def print_matmul(report: dict[str, Any]) -> None:
+    """The matmul section of the report."""
+    n = report["n"]
+    print(f"\n{n}x{n}x{n} fp32 matmul (b constant)")
+    print(f"  torch.mm  {report['torch_ms']:9.3f} ms  {report['torch_gflops']:8.1f} GFLOP/s")
+    if "kiln_error" in report:
+        print(f"  kiln      n/a: {report['kiln_error']}")
+        return
+    print(f"  kiln      {report['kiln_ms']:9.3f} ms  {report['kiln_gflops']:8.1f} GFLOP/s"
+          f"  (compiled in {report['kiln_compile_s']:.2f} s,"
+          f" max rel err {report['kiln_max_rel_err']:.1e})")
+    print(f"  kiln/torch GFLOP/s ratio  {report['kiln_over_torch']:.3f}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options; ``--quick`` changes the defaults of --repeat, --warmup, --batches."""
+    names = backend_names()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(ZOO), default=list(ZOO),
+                        metavar="MODEL", help=f"zoo models to run (default all: {list(ZOO)})")
+    parser.add_argument("--batches", nargs="+", type=int,
+                        help="batch sizes (default 1 8; 1 with --quick)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help="threads for every runtime (default %(default)s)")
+    parser.add_argument("--repeat", type=int, help="timed runs (default 30; 3 with --quick)")
+    parser.add_argument("--warmup", type=int, help="untimed runs first (default 3; 1 --quick)")
+    parser.add_argument("--backend", choices=names,
+                        default="llvm" if "llvm" in names else "reference",
+                        help="kiln backend (default %(default)s)")
+    parser.add_argument("--skip", nargs="+", default=[], choices=[r for r in RUNTIMES
+                                                                   if r != EAGER],
+                        help="runtimes to leave out (eager is the reference and always runs)")
+    parser.add_argument("--matmul", action="store_true",
+                        help="run only the 1024^3 matmul comparison, not the zoo")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: batch 1, 3 repeats, 1 warm-up")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write all results here")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    args = parser.parse_args(argv)
+    args.batches = args.batches or ([1] if args.quick else [1, 8])
+    args.repeat = args.repeat or (3 if args.quick else 30)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmark, print the report and optionally write it as JSON."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    info = machine_info(args)
+    print("command:", " ".join([sys.executable, *sys.argv]))
+    print("machine:", ", ".join(f"{k} {v}" for k, v in info.items()))
+    if info["load_avg_1m"] >= 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {info['load_avg_1m']} on {os.cpu_count()} CPUs before "
+              "starting; other processes will make these timings noisy")
+    peak, best = measure_mm_gflops(warmup=3, repeat=20)
+    print(f"fp32 GEMM peak (torch.mm {MATMUL_N}^3, {args.threads} threads): {peak:.1f} GFLOP/s "
+          f"median (best run {best:.1f}); %peak below is against the median")
+
+    results: list[Result] = []
+    if not args.matmul:
+        print(f"\nrepeat {args.repeat} after {args.warmup} warm-up; "
+              f"kiln backend {args.backend}\n{HEADER}")
+        for name in args.models:
+            for batch in args.batches:
+                rows = bench_model(name, batch, args, peak)
+                results.extend(rows)
+                for r in rows:
+                    print(format_row(r), flush=True)
+    summary = kiln_vs_ort_summary(results)
+    if summary["pairs"]:
+        print(f"\nkiln/ORT latency over {summary['pairs']} model/batch pairs: geomean "
+              f"{summary['geomean_kiln_over_ort']:.2f}, worst {summary['worst_kiln_over_ort']:.2f}"
+              f" ({summary['worst_model']} batch {summary['worst_batch']})")
+
+    matmul = bench_matmul(args)
+    print_matmul(matmul)
+
+    if args.json:
+        report = {"command": [sys.executable, *sys.argv], "machine": info,
+                  "peak_gflops": peak,
+                  "peak_gflops_best_run": best, "load_avg_1m_at_end": os.getloadavg()[0],
+                  "repeat": args.repeat, "warmup": args.warmup,
+                  "results": [asdict(r) for r in results], "summary": summary,
+                  "matmul": matmul}
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

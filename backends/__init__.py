@@ -22,11 +22,11 @@ def backend_names() -> list[str]:
     return list(_BACKENDS)
 
 
-def compile_for_backend(graph: Graph, backend: str) -> RunFn:
-    """Compile ``graph`` with the named backend."""
+def compile_for_backend(graph: Graph, backend: str, **options) -> RunFn:
+    """Compile ``graph`` with the named backend (``options`` go to its compile_graph)."""
     try:
         module = _BACKENDS[backend]
     except KeyError:
         raise KilnError(f"unknown backend {backend!r}",
                         hint=f"choose one of {backend_names()}") from None
-    return importlib.import_module(module).compile_graph(graph)
+    return importlib.import_module(module).compile_graph(graph, **options)

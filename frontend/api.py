@@ -74,6 +74,7 @@ def compile(
     frontend: str = "fx",
     verify: bool = True,
     check_numerics: bool = False,
+    threads: int = 0,
 ) -> CompiledModel:
     """Compile ``model`` for inference on inputs shaped like ``example_inputs``.
 
@@ -81,12 +82,14 @@ def compile(
         model: an ``nn.Module`` in eval mode.
         example_inputs: a tuple of tensors (a single tensor is accepted too); the compiled model
             takes inputs of exactly these shapes and dtypes.
-        backend: ``"reference"`` (the NumPy interpreter).
+        backend: ``"llvm"`` (native code for this CPU) or ``"reference"`` (the NumPy
+            interpreter, the oracle).
         pipeline: a named pipeline (``"O0"`` none, ``"O1"`` cleanups) or a list of pass names.
         frontend: ``"fx"`` (torch.fx.symbolic_trace) or ``"export"`` (torch.export).
         verify: run the IR verifier after every pass.
         check_numerics: compare every pass's outputs with the previous stage's on the example
             inputs and stop with a NumericsError naming the pass that changed them.
+        threads: worker threads of the llvm backend (0: the OpenMP default, all cores).
 
     Raises:
         KilnError: for an unsupported op (naming it and its source line), a model in training
@@ -103,4 +106,5 @@ def compile(
     arrays = [x.detach().cpu().numpy() for x in example_inputs]
     graph, timing = optimize(source_graph, pipeline, verify=verify,
                              check_inputs=arrays if check_numerics else None)
-    return CompiledModel(graph, Executable(graph, backend), out_spec, source_graph, timing)
+    return CompiledModel(graph, Executable(graph, backend, threads), out_spec, source_graph,
+                         timing)

@@ -14,16 +14,21 @@ from kiln.ir import Graph, TensorType
 class Executable:
     """Runs a graph compiled by one backend. Inputs are checked against the signature."""
 
-    def __init__(self, graph: Graph, backend: str = "reference") -> None:
+    def __init__(self, graph: Graph, backend: str = "reference", threads: int = 0) -> None:
         self.graph = graph
         self.backend = backend
         self.input_types: list[TensorType] = [graph.types[i] for i in graph.inputs]
         self.output_types: list[TensorType] = [graph.types[o] for o in graph.outputs]
-        self._run = compile_for_backend(graph, backend)
+        self._run = compile_for_backend(graph, backend, threads=threads)
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Outputs for ``inputs`` (a KilnError when their count, shapes or dtypes are off)."""
         return self._run(check_inputs(self.graph, inputs))
+
+    @property
+    def program(self):
+        """The backend's compiled program (for profiling and inspection)."""
+        return self._run
 
     __call__ = run
 

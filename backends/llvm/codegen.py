@@ -521,9 +521,16 @@ def _emit_task(m: ModuleBuilder, name: str, k: Kernel, loop: For,
 
 
 def emit_entry(m: ModuleBuilder, calls: Sequence[tuple[Kernel, Sequence[Binding]]]) -> None:
-    """The exported ``kiln_run(ptr inputs, ptr outputs, ptr arena, ptr consts)``."""
+    """The exported ``kiln_run(ptr inputs, ptr outputs, ptr arena, ptr consts)``.
+
+    Each kernel call is timed with the CPU's cycle counter into ``@kiln_cycles[step]`` (a few
+    cycles per kernel), which the profiler reads."""
     fn = _Fn(m, "kiln_run", ["inputs", "outputs", "arena", "consts"])
-    for k, bindings in calls:
+    n = max(len(calls), 1)
+    m.functions.append(f"@kiln_cycles = global [{n} x i64] zeroinitializer\n"
+                       f"@kiln_steps = global i64 {len(calls)}\n")
+    m.declare("llvm.readcyclecounter", "i64", [])
+    for step, (k, bindings) in enumerate(calls):
         args = []
         for b in bindings:
             p = fn.tmp()
@@ -535,7 +542,15 @@ def emit_entry(m: ModuleBuilder, calls: Sequence[tuple[Kernel, Sequence[Binding]
                 base = "%arena" if b.kind == "arena" else "%consts"
                 fn.emit(f"{p} = getelementptr i8, ptr {base}, i64 {b.index}")
             args.append(f"ptr {p}")
+        t0, t1, dt, slot, old, new = (fn.tmp() for _ in range(6))
+        fn.emit(f"{t0} = call i64 @llvm.readcyclecounter()")
         fn.emit(f"call void @{k.name}({', '.join(args)})")
+        fn.emit(f"{t1} = call i64 @llvm.readcyclecounter()")
+        fn.emit(f"{dt} = sub i64 {t1}, {t0}")
+        fn.emit(f"{slot} = getelementptr [{n} x i64], ptr @kiln_cycles, i64 0, i64 {step}")
+        fn.emit(f"{old} = load i64, ptr {slot}")
+        fn.emit(f"{new} = add i64 {old}, {dt}")
+        fn.emit(f"store i64 {new}, ptr {slot}")
     text = fn.text(linkage="", attrs="").replace("ptr noalias %", "ptr %")
     m.functions.append(text)
     m.functions.append("define void @kiln_set_threads(i32 %n) {\n"

@@ -76,6 +76,43 @@ def optimize_module(ir_text: str, target: Target) -> tuple[llvm.ModuleRef, llvm.
     return mod, tm
 
 
+@functools.cache
+def cycles_per_second() -> float:
+    """The cycle counter's rate, measured once against the wall clock."""
+    _init_llvm()
+    mod = llvm.parse_assembly(
+        "declare i64 @llvm.readcyclecounter()\n"
+        "define i64 @now() {\n  %t = call i64 @llvm.readcyclecounter()\n  ret i64 %t\n}\n")
+    tm = llvm.Target.from_default_triple().create_target_machine()
+    engine = llvm.create_mcjit_compiler(mod, tm)
+    engine.finalize_object()
+    now = ctypes.CFUNCTYPE(ctypes.c_int64)(engine.get_function_address("now"))
+    c0, t0 = now(), time.perf_counter()
+    time.sleep(0.05)
+    c1, t1 = now(), time.perf_counter()
+    return (c1 - c0) / (t1 - t0)
+
+
+@dataclass
+class KernelProfile:
+    """One kernel's share of an inference."""
+
+    kernel: str
+    root: str
+    op: str
+    seconds: float
+    flops: int
+    bytes: int
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    @property
+    def gbytes(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
 @dataclass
 class CompiledProgram:
     """A JIT-compiled model: call ``run(list of arrays)``. Keeps the engine alive."""
@@ -121,6 +158,29 @@ class CompiledProgram:
     def threads(self, n: int) -> None:
         """Use ``n`` threads (0: the OpenMP default)."""
         self.set_threads(int(n))
+
+    def _cycles(self) -> np.ndarray:
+        n = len(self.lowered.steps)
+        addr = self.engine.get_global_value_address("kiln_cycles")
+        return np.ctypeslib.as_array((ctypes.c_int64 * max(n, 1)).from_address(addr))[:n]
+
+    def profile(self, inputs: list[np.ndarray], repeat: int = 10) -> list[KernelProfile]:
+        """Per-kernel time (median over ``repeat`` runs), FLOPs and bytes, slowest first."""
+        self.run(inputs)
+        cycles = self._cycles()
+        samples = []
+        for _ in range(repeat):
+            cycles[:] = 0
+            self.run(inputs)
+            samples.append(cycles.copy())
+        per_run = np.median(np.stack(samples), axis=0) / cycles_per_second()
+        out = []
+        for step, seconds in zip(self.lowered.steps, per_run):
+            k = step.kernel
+            nbytes = sum(b.nbytes for b in k.params if b.name not in step.temps)
+            out.append(KernelProfile(k.name, step.root, k.meta.get("op", ""), float(seconds),
+                                     k.flops, nbytes))
+        return sorted(out, key=lambda p: -p.seconds)
 
 
 def _bindings(step, t: int, plan: MemoryPlan) -> list[Binding]:

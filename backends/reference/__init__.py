@@ -6,8 +6,9 @@ from kiln.backends.reference.interpreter import check_inputs, run_graph
 from kiln.ir import Graph, verify
 
 
-def compile_graph(graph: Graph):
-    """A function running ``graph`` on NumPy inputs with the interpreter."""
+def compile_graph(graph: Graph, threads: int = 0):
+    """A function running ``graph`` on NumPy inputs with the interpreter (single-threaded:
+    ``threads`` is accepted for a uniform backend interface)."""
     verify(graph)
 
     def run(inputs):

@@ -267,6 +267,8 @@ class _Fn:
             if dt in FLOAT:
                 return self.call(t, f"llvm.fabs.{sfx}", [(t, x)])
             return self.call(t, f"llvm.abs.{sfx}", [(t, x), ("i1", "false")])
+        if e.op in ("exp", "tanh", "erf") and dt == "f32":
+            return self.call(t, self.m.vector_math(e.op, e.lanes), [(t, x)])
         if e.op in ("exp", "log", "sqrt", "floor", "trunc"):
             return self.call(t, f"llvm.{e.op}.{sfx}", [(t, x)])
         if e.op == "rsqrt":
@@ -393,6 +395,16 @@ class ModuleBuilder:
     def declare(self, fn: str, ret: str, args: Sequence[str]) -> None:
         if fn not in self.declared and fn not in self.defined_math:
             self.declared[fn] = f"declare {ret} @{fn}({', '.join(args)})"
+
+    def vector_math(self, op: str, lanes: int) -> str:
+        """kiln's own polynomial exp/tanh/erf for float32 (see vmath.py), defined once."""
+        from kiln.backends.llvm.vmath import BUILDERS
+
+        name, text = BUILDERS[op](lanes)
+        if name not in self.defined_math:
+            self.functions.append(text)
+            self.defined_math.add(name)
+        return name
 
     def math_function(self, op: str, dtype: str, lanes: int) -> str:
         """A function applying libm's ``tanhf``/``erff`` lane by lane (no LLVM intrinsic)."""

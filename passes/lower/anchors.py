@@ -424,6 +424,14 @@ def _matmul(low: Lowering, node: Node, store: StoreFn) -> list:
     out_shape = low.shape(node.outputs[0])
     kdim = low.shape(a)[-1]
     dt = low.dtype(a)
+    # Vectorize along the output columns when B's rows are contiguous; when B is a transposed
+    # view (q @ k^T) its columns are, so vectorize the dot products along k instead.
+    probe_k, probe_j = Var("__k"), Var("__j")
+    zeros = [Const(0, INDEX)] * (len(out_shape) - 2)
+    probe = low.element(b, low.broadcast_index(b, zeros + [Const(0, INDEX)] * 2)[:-2]
+                        + [probe_k, probe_j])
+    along_k = (isinstance(probe, K.Load) and K.affine_coef(probe.index, "__j") != 1
+               and K.affine_coef(probe.index, "__k") == 1)
 
     def body(idx):
         acc, kv = low.fresh("acc", dt), low.fresh("k")
@@ -431,10 +439,13 @@ def _matmul(low: Lowering, node: Node, store: StoreFn) -> list:
         ia = low.broadcast_index(a, list(batch) + [Const(0, INDEX), Const(0, INDEX)])[:-2]
         ib = low.broadcast_index(b, list(batch) + [Const(0, INDEX), Const(0, INDEX)])[:-2]
         prod = (low.element(a, ia + [idx[-2], kv]) * low.element(b, ib + [kv, idx[-1]]))
-        return [Decl(acc, f32(0.0, dt)), _loop(kv, kdim, [K.Assign(acc, acc + prod)]),
+        return [Decl(acc, f32(0.0, dt)),
+                _loop(kv, kdim, [K.Assign(acc, acc + prod)],
+                      "vectorized" if along_k else "serial"),
                 store(idx, acc)]
 
-    return loop_nest(low, out_shape, body, default_kinds(out_shape))
+    kinds = default_kinds(out_shape, innermost_vector=not along_k)
+    return loop_nest(low, out_shape, body, _parallel_first(out_shape, kinds))
 
 
 @anchor_rule("linear")

@@ -238,7 +238,7 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     cout, cg = wv.shape[:2]
     og = cout // g
     if og == 1 and g > 1:
-        return None  # depthwise: no GEMM to speak of
+        return lower_depthwise(low, node, final, inline, width)
     if low.is_inline(x):
         return None  # the im2col and direct paths read the input from memory
     ksp = wv.shape[2:]
@@ -292,6 +292,67 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     stmts += gemm_loops(low, og, Nn, Kd, a, b, store, shape)
     return [For(n_var, as_expr(0), as_expr(oshape[0]), (
         For(g_var, as_expr(0), as_expr(g), tuple(stmts)),))]
+
+
+def lower_depthwise(low: Lowering, node: Node, final: str, inline: set[str],
+                    width: int) -> list | None:
+    """Depthwise 2-d convolution (one filter per channel), vectorized along output rows.
+
+    Each thread copies its channel into a zero-padded scratch image whose columns are split
+    by phase (column j*stride + ph is stored at [ph][j]), so for any stride every kernel tap
+    reads consecutive elements for consecutive outputs."""
+    x, w = node.inputs[:2]
+    wv = low.constant_value(w)
+    if wv is None or wv.ndim != 4 or low.dtype(x) != "f32" or low.is_inline(x):
+        return None
+    a_ = node.attrs
+    sh, sw = as_tuple(a_["stride"], 2, "stride")
+    ph_, pw = as_tuple(a_["padding"], 2, "padding")
+    dh, dw = as_tuple(a_["dilation"], 2, "dilation")
+    if dw != 1:
+        return None
+    n_, c_, H, W = low.shape(x)
+    out = node.outputs[0]
+    _, _, OH, OW = low.graph.types[out].shape
+    kh_, kw_ = wv.shape[2:]
+    Hp = H + 2 * ph_
+    # Columns needed: the last output's last tap, rounded up to whole phases.
+    Wj = -(-(max(W + 2 * pw, (OW - 1) * sw + kw_)) // sw)
+    scratch = f"dw_{low.fresh('s').name}"
+    low.scratch.append(K.Buffer(scratch, "f32", Hp * sw * Wj))
+    wb = low.constant(wv.reshape(c_, kh_ * kw_).astype(np.float32), f"{node.name}_w")
+    bias = low.constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
+    if len(node.inputs) > 2 and bias is None:
+        return None
+    bb = low.constant(bias.astype(np.float32), f"{node.name}_b") if bias is not None else None
+    xb = low.buffer(x)
+    nv, cv = low.fresh("n"), low.fresh("c")
+    ih, j, ph = low.fresh("ih"), low.fresh("j"), low.fresh("ph")
+    # Fill the padded, phase-split copy of channel (n, c).
+    iw = j * sw + ph - pw
+    r = ih - ph_
+    ok = K.Binary("and", K.Binary("and", K.cmp("ge", r, as_expr(0)), K.cmp("lt", r, as_expr(H))),
+                  K.Binary("and", K.cmp("ge", iw, as_expr(0)), K.cmp("lt", iw, as_expr(W))))
+    src = ((nv * c_ + cv) * H + clamp_index(r, H)) * W + clamp_index(iw, W)
+    fill = For(ih, as_expr(0), as_expr(Hp), (For(ph, as_expr(0), as_expr(sw), (
+        For(j, as_expr(0), as_expr(Wj), (
+            K.Store(scratch, (ih * sw + ph) * Wj + j,
+                    K.Select(ok, K.Load(xb, src, "f32"), f32(0.0))),)),)),))
+    oh, ow = low.fresh("oh"), low.fresh("ow")
+    acc = low.fresh("acc", "f32")
+    taps: list = []
+    for a in range(kh_):
+        for b in range(kw_):
+            row = oh * sh + a * dh
+            idx = (row * sw + (b % sw)) * Wj + ow + (b // sw)
+            taps.append(Assign(acc, acc + K.Load(wb, cv * (kh_ * kw_) + (a * kw_ + b), "f32")
+                               * K.Load(scratch, idx, "f32")))
+    init = K.Load(bb, cv, "f32") if bb is not None else f32(0.0)
+    compute = For(oh, as_expr(0), as_expr(OH), (For(ow, as_expr(0), as_expr(OW), (
+        Decl(acc, init), *taps, low.store_at(final, [nv, cv, oh, ow], acc, out)),
+        "vectorized"),))
+    return [For(nv, as_expr(0), as_expr(n_), (
+        For(cv, as_expr(0), as_expr(c_), (fill, compute), "parallel"),))]
 
 
 def _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil) -> list:

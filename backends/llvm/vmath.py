@@ -29,12 +29,14 @@ class _Straight:
         self.n = 0
         self.sfx = "f32" if lanes == 1 else f"v{lanes}f32"
 
+    def _splat(self, elem: str, s: str) -> str:
+        return s if self.lanes == 1 else "<" + ", ".join([f"{elem} {s}"] * self.lanes) + ">"
+
     def c(self, v: float) -> str:
-        s = float_literal(v, "f32")
-        return s if self.lanes == 1 else "<" + ", ".join(f"float {s}" for _ in range(self.lanes)) + ">"
+        return self._splat("float", float_literal(v, "f32"))
 
     def ci(self, v: int) -> str:
-        return str(v) if self.lanes == 1 else "<" + ", ".join(f"i32 {v}" for _ in range(self.lanes)) + ">"
+        return self._splat("i32", str(v))
 
     def _new(self) -> str:
         self.n += 1

@@ -39,17 +39,21 @@ def want_float(t: TensorType, what: str = "operand") -> None:
 
 
 def norm_axis(axis: int, rank: int) -> int:
-    """A non-negative axis; ShapeError when out of range."""
-    if not -rank <= axis < max(rank, 1):
+    """A non-negative axis; ShapeError when out of range.
+
+    Like PyTorch, a scalar (rank 0) accepts axis 0 and -1, both meaning "the scalar itself".
+    """
+    if not -max(rank, 1) <= axis < max(rank, 1):
         raise ShapeError(f"axis {axis} is out of range for rank {rank}")
     return axis % max(rank, 1)
 
 
 def norm_axes(axes: Sequence[int] | None, rank: int) -> tuple[int, ...]:
+    """Sorted, deduplicated non-negative axes (None: all); a scalar has none to reduce."""
     if axes is None:
         return tuple(range(rank))
     out = tuple(sorted({norm_axis(a, rank) for a in axes}))
-    return out
+    return out if rank else ()
 
 
 def conv_out_size(size: int, k: int, stride: int, pad_lo: int, pad_hi: int, dilation: int,

@@ -216,7 +216,11 @@ def _attention_infer(ins, attrs):
         m = ins[3]
         if m.dtype.value != "bool" and m.dtype != q.dtype:
             raise ShapeError(f"attention mask must be bool or {q.dtype}, got {m.dtype}")
-        broadcast(m.shape, batch + (q.shape[-2], k.shape[-2]))
+        scores = batch + (q.shape[-2], k.shape[-2])
+        if broadcast(m.shape, scores) != scores:
+            # A mask with more (or longer) batch dims would silently grow the output.
+            raise ShapeError(f"attention mask {list(m.shape)} does not broadcast to the "
+                             f"scores' shape {list(scores)}")
     return [TensorType(batch + (q.shape[-2], v.shape[-1]), q.dtype)]
 
 
@@ -232,10 +236,11 @@ def _attention_ref(q, k, v, mask=None, *, causal, scale):
             scores = np.where(mask, scores, -np.inf)
         else:
             scores = scores + mask.astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        scores = scores - scores.max(axis=-1, keepdims=True)
-        p = np.exp(scores)
-        p = p / p.sum(axis=-1, keepdims=True)
+    # A row that attends to nothing gives zeros, as PyTorch's scaled_dot_product_attention does.
+    top = scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores - np.where(np.isneginf(top), 0.0, top))
+    total = p.sum(axis=-1, keepdims=True)
+    p = p / np.where(total == 0.0, 1.0, total)
     return np.matmul(p, v64).astype(q.dtype)
 
 
@@ -249,5 +254,5 @@ def _attention_flops(ins, outs, attrs):
 register("attention", ["q", "k", "v", "mask?"], infer=_attention_infer,
          reference=_attention_ref, kind="dense",
          description="softmax(q @ k^T * scale + mask) @ v; bool mask True = attend; causal "
-                     "masks the upper triangle",
+                     "masks the upper triangle; a fully masked row gives zeros",
          attrs={"causal": False, "scale": None}, flops=_attention_flops)

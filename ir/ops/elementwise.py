@@ -27,7 +27,10 @@ def _in64(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
     return run
 
 
-def _same_type(ins, attrs):
+def _numeric_same_type(ins, attrs):
+    # Like binary arithmetic, these make no sense on bool (PyTorch rejects them too).
+    if ins[0].dtype == DType.bool:
+        raise ShapeError("arithmetic on bool tensors", hint="cast to f32 or i64 first")
     return [ins[0]]
 
 
@@ -41,7 +44,7 @@ def _unary(name: str, ref, description: str, *, float_only: bool = True, attrs=N
     register(
         name,
         ["x"],
-        infer=_float_same_type if float_only else _same_type,
+        infer=_float_same_type if float_only else _numeric_same_type,
         reference=ref,
         kind="elementwise",
         description=description,
@@ -99,6 +102,9 @@ _unary("abs", np.abs, "|x|", float_only=False)
 
 
 def _cast_infer(ins, attrs):
+    if attrs["dtype"] not in {d.value for d in DType}:
+        raise ShapeError(f"cast to unknown dtype {attrs['dtype']!r}",
+                         hint=f"use one of {[d.value for d in DType]}")
     return [TensorType(ins[0].shape, DType(attrs["dtype"]))]
 
 

@@ -12,6 +12,13 @@ from kiln.ir.registry import REQUIRED, no_flops, register
 from kiln.ir.types import TensorType
 
 
+def _not_scalar(t: TensorType, op: str) -> None:
+    # norm_axis accepts axis 0 of a scalar (reductions, softmax); there is no axis here to cut.
+    if t.rank == 0:
+        raise ShapeError(f"{op} needs a tensor of rank >= 1, got a scalar",
+                         hint="reshape the scalar to [1] first")
+
+
 def _reshape_infer(ins, attrs):
     shape = tuple(attrs["shape"])
     if any(d < 0 for d in shape) or math.prod(shape) != ins[0].numel:
@@ -39,6 +46,7 @@ register("permute", ["x"], infer=_permute_infer,
 
 def _slice_infer(ins, attrs):
     x = ins[0]
+    _not_scalar(x, "slice")
     axis = norm_axis(attrs["axis"], x.rank)
     start, end, step = attrs["start"], attrs["end"], attrs["step"]
     if not (0 <= start <= end <= x.shape[axis]) or step < 1:
@@ -63,6 +71,7 @@ register("slice", ["x"], infer=_slice_infer, reference=_slice_ref, kind="shape",
 
 def _concat_infer(ins, attrs):
     dt = same_dtype(ins)
+    _not_scalar(ins[0], "concat")
     rank = ins[0].rank
     axis = norm_axis(attrs["axis"], rank)
     for t in ins:
@@ -82,6 +91,7 @@ register("concat", ["xs"], infer=_concat_infer,
 
 def _split_infer(ins, attrs):
     x = ins[0]
+    _not_scalar(x, "split")
     axis = norm_axis(attrs["axis"], x.rank)
     sizes = tuple(attrs["sizes"])
     if sum(sizes) != x.shape[axis] or min(sizes, default=-1) < 0:
@@ -122,13 +132,17 @@ def _pad_infer(ins, attrs):
     pads = tuple(attrs["pads"])
     if len(pads) != 2 * x.rank:
         raise ShapeError(f"pad wants 2 entries per axis ({2 * x.rank}), got {len(pads)}")
-    shape = tuple(d + pads[2 * i] + pads[2 * i + 1] for i, d in enumerate(x.shape))
-    if min(shape, default=0) < 0:
+    # Negative pads crop the input before positive ones pad it (PyTorch's order), so the
+    # crops alone must fit: cropping 4 from an axis of 3 is an error even with padding after.
+    if any(d + min(pads[2 * i], 0) + min(pads[2 * i + 1], 0) < 0 for i, d in enumerate(x.shape)):
         raise ShapeError(f"pads {list(pads)} remove more than {list(x.shape)} holds")
+    shape = tuple(d + pads[2 * i] + pads[2 * i + 1] for i, d in enumerate(x.shape))
     return [x.with_shape(shape)]
 
 
 def _pad_ref(x, pads, value):
+    if x.ndim == 0:
+        return x.copy()  # nothing to pad (and np.pad refuses scalars)
     pos = [(max(pads[2 * i], 0), max(pads[2 * i + 1], 0)) for i in range(x.ndim)]
     y = np.pad(x, pos, constant_values=np.asarray(value).astype(x.dtype))
     # Negative pads crop.

@@ -62,7 +62,9 @@ def _parallel_first(shape: Sequence[int], kinds: list[str]) -> list[str]:
 def _reduce(low: Lowering, node: Node, store: StoreFn) -> list:
     x = node.inputs[0]
     shape = low.shape(x)
-    axes = tuple(range(len(shape))) if node.attrs["axes"] is None else tuple(node.attrs["axes"])
+    rank = len(shape)
+    axes = tuple(range(rank)) if node.attrs["axes"] is None else tuple(
+        sorted({a % rank for a in node.attrs["axes"]}))
     keep = [d for d in range(len(shape)) if d not in axes]
     op = {"reduce_sum": "add", "reduce_mean": "add", "reduce_max": "max",
           "reduce_min": "min"}[node.op]
@@ -135,8 +137,8 @@ def _rows(low: Lowering, shape: Sequence[int], axis: int):
 def _softmax(low: Lowering, node: Node, store: StoreFn) -> list:
     x = node.inputs[0]
     shape = low.shape(x)
-    axis = node.attrs["axis"]
-    n = shape[axis]
+    axis = node.attrs["axis"] % max(len(shape), 1)
+    n = shape[axis] if shape else 1
     dt = low.dtype(x)
     index, wrap, ik = _rows(low, shape, axis)
     m, s = low.fresh("max", dt), low.fresh("sum", dt)
@@ -273,7 +275,7 @@ def _pool(low: Lowering, node: Node, store: StoreFn) -> list:
     in_shape, out_shape = low.shape(x), low.shape(node.outputs[0])
     nd = len(a["kernel"])
     kernel = as_tuple(a["kernel"], nd, "kernel")
-    stride = as_tuple(a["stride"], nd, "stride")
+    stride = as_tuple(a["stride"] if a["stride"] is not None else kernel, nd, "stride")
     pad = as_tuple(a["padding"], nd, "padding")
     dil = as_tuple(a.get("dilation", 1), nd, "dilation")
     dt = low.dtype(x)
@@ -387,6 +389,9 @@ def _attention(low: Lowering, node: Node, store: StoreFn) -> list:
             mv = low.element(mask, midx)
             sc = K.Select(mv, sc, f32(NEG_INF, dt)) if mv.dtype == "bool" else sc + mv
         s2, s3, e2, e3 = low.fresh("s"), low.fresh("s"), low.fresh("e"), low.fresh("e")
+        # A row whose every score is masked gives zeros, as PyTorch does: shift by 0 instead
+        # of -inf so the exponentials are 0, and scale the sum by 0.
+        shift, inv = low.fresh("shift", dt), low.fresh("inv", dt)
         return [
             Decl(m, f32(NEG_INF, dt)),
             For(s, as_expr(0), extent, (
@@ -396,11 +401,14 @@ def _attention(low: Lowering, node: Node, store: StoreFn) -> list:
                 K.Store(scores, s, sc),
                 K.Assign(m, K.maximum(m, K.Load(scores, s, dt))),
             )),
+            Decl(shift, K.Select(K.cmp("eq", m, f32(NEG_INF, dt)), f32(0.0, dt), m)),
             Decl(tot, f32(0.0, dt)),
             For(s2, as_expr(0), extent, (
-                K.Store(scores, s2, K.call("exp", K.Load(scores, s2, dt) - m)),
+                K.Store(scores, s2, K.call("exp", K.Load(scores, s2, dt) - shift)),
                 K.Assign(tot, tot + K.Load(scores, s2, dt)),
             )),
+            Decl(inv, K.Select(K.cmp("gt", tot, f32(0.0, dt)), f32(1.0, dt) / tot,
+                               f32(0.0, dt))),
             _loop(e2, Ev, [K.Store(accbuf, e2, f32(0.0, dt))], "vectorized"),
             For(s3, as_expr(0), extent, (
                 _loop(e3, Ev, [K.Store(accbuf, e3, K.Load(accbuf, e3, dt)
@@ -408,8 +416,8 @@ def _attention(low: Lowering, node: Node, store: StoreFn) -> list:
                                        * low.element(v, bidx(v, b) + [s3, e3]))],
                       "vectorized"),
             )),
-            _loop(e, Ev, [store(list(b) + [l_, e],
-                                K.Load(accbuf, e, dt) * (f32(1.0, dt) / tot))], "vectorized"),
+            _loop(e, Ev, [store(list(b) + [l_, e], K.Load(accbuf, e, dt) * inv)],
+                  "vectorized"),
         ]
 
     shape = list(batch) + [L]

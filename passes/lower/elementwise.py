@@ -126,7 +126,7 @@ def _embedding(low, node, value, idx):
     safe = clamp_index(row, rows)
     ok = K.Binary("and", K.cmp("ge", row, as_expr(0)), K.cmp("lt", row, as_expr(rows)))
     dt = low.dtype(weight)
-    return K.Select(ok, low.load(weight, safe * dim + idx[-1]), f32(float("nan"), dt))
+    return K.Select(ok, low.element_flat(weight, safe * dim + idx[-1]), f32(float("nan"), dt))
 
 
 @element_rule("reshape")

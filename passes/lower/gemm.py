@@ -189,6 +189,8 @@ def lower_linear(low: Lowering, node: Node, final: str, inline: set[str],
         return None
     out = node.outputs[0]
     oshape = low.graph.types[out].shape
+    if len(oshape) < 2:
+        return None
     T, N = math.prod(oshape[:-1]), oshape[-1]
     Kd = wv.shape[1]
     views = collapsed_views(low, final, out, inline, list(range(len(oshape) - 1)))

@@ -40,6 +40,9 @@ class Node:
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "outputs", tuple(self.outputs))
         object.__setattr__(self, "attrs", {k: freeze_attr(v) for k, v in self.attrs.items()})
+        # One line, no surrounding blanks: the text form prints it after '#' and reads it back.
+        source = (self.source or "").replace("\r", " ").replace("\n", " ").strip()
+        object.__setattr__(self, "source", source or None)
 
     @property
     def name(self) -> str:

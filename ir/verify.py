@@ -33,7 +33,11 @@ def verify(g: Graph) -> None:
                     f"operand %{i} is used before it is defined", node=n.name, op=n.op,
                     source=n.source)
         opdef = get_op(n.op)
-        attrs = opdef.normalize_attrs(n.attrs, node=n.name)
+        try:
+            attrs = opdef.normalize_attrs(n.attrs, node=n.name)
+        except KilnError as e:
+            raise VerificationError(e.message, node=n.name, op=n.op, source=n.source,
+                                    hint=e.hint) from None
         if attrs != dict(n.attrs):
             raise VerificationError(f"attributes {dict(n.attrs)} are not normalized "
                                     f"(expected {attrs})", node=n.name, op=n.op)

@@ -31,15 +31,16 @@ def median_ms(fn, inputs, repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet18_cifar", choices=sorted(ZOO))
-    parser.add_argument("--backend", default="reference", choices=backend_names())
+    parser.add_argument("--backend", default="llvm", choices=backend_names())
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model, inputs = get_model(args.model, batch=args.batch)
     t0 = time.perf_counter()
-    compiled = kiln.compile(model, inputs, backend=args.backend)
+    compiled = kiln.compile(model, inputs, backend=args.backend, threads=args.threads)
     compile_s = time.perf_counter() - t0
 
     with torch.no_grad():

@@ -69,7 +69,7 @@ def compile(
     model: torch.nn.Module,
     example_inputs: Sequence[Any],
     *,
-    backend: str = "reference",
+    backend: str = "llvm",
     pipeline: str | Sequence[str] = "O1",
     frontend: str = "fx",
     verify: bool = True,

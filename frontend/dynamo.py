@@ -38,7 +38,8 @@ class _DynamoGraph:
     def _build(self, inputs: Sequence[Any]) -> None:
         graph, spec = import_graph_module(self.gm, inputs, "dynamo_graph", self.static)
         optimized, timing = optimize(graph, self.options.get("pipeline", "O1"))
-        exe = Executable(optimized, self.options.get("backend", "reference"))
+        exe = Executable(optimized, self.options.get("backend", "llvm"),
+                         self.options.get("threads", 0))
         self.compiled = CompiledModel(optimized, exe, spec, graph, timing)
         self.weights = {i: (inputs[i], inputs[i]._version) for i in self.static}
 
@@ -54,6 +55,7 @@ def kiln_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                  **options: Any) -> Callable[..., Any]:
     """The Dynamo backend: ``torch.compile(model, backend="kiln", options={...})``.
 
-    Options: ``backend`` (kiln backend name, default "reference"), ``pipeline`` (default "O1").
+    Options: ``backend`` (kiln backend name, default "llvm"), ``pipeline`` (default "O1"),
+    ``threads`` (default 0: all cores).
     """
     return _DynamoGraph(gm, example_inputs, options)

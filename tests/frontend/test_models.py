@@ -26,7 +26,7 @@ def assert_model_close(got, expected) -> None:
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_compile_matches_eager(name: str, frontend: str) -> None:
     model, inputs = get_model(name, batch=2)
-    compiled = kiln.compile(model, inputs, frontend=frontend)
+    compiled = kiln.compile(model, inputs, frontend=frontend, backend="reference")
     with torch.no_grad():
         expected = model(*inputs)
     assert_model_close(compiled(*inputs), expected)
@@ -39,18 +39,26 @@ def test_compile_matches_eager(name: str, frontend: str) -> None:
 def test_torch_compile_backend_matches_eager(name: str) -> None:
     torch._dynamo.reset()
     model, inputs = get_model(name)
-    fast = torch.compile(model, backend="kiln")
+    fast = torch.compile(model, backend="kiln", options={"backend": "reference"})
     with torch.no_grad():
         expected = model(*inputs)
         got = fast(*inputs)
     assert_model_close(got, expected)
 
 
+def test_torch_compile_backend_defaults_to_native_code() -> None:
+    torch._dynamo.reset()
+    model, inputs = get_model("lenet5")
+    fast = torch.compile(model, backend="kiln")
+    with torch.no_grad():
+        assert_model_close(fast(*inputs), model(*inputs))
+
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_text_form_round_trips(name: str) -> None:
     model, inputs = get_model(name)
-    compiled = kiln.compile(model, inputs, pipeline="O0")
-    for g in (compiled.source_graph, kiln.compile(model, inputs).graph):
+    compiled = kiln.compile(model, inputs, pipeline="O0", backend="reference")
+    for g in (compiled.source_graph, kiln.compile(model, inputs, backend="reference").graph):
         text = print_graph(g)
         back = parse_graph(text, g.constants)
         verify(back)
@@ -59,7 +67,7 @@ def test_text_form_round_trips(name: str) -> None:
 
 def test_batchnorm_folding_removes_every_batchnorm_from_resnet18() -> None:
     model, inputs = get_model("resnet18")
-    compiled = kiln.compile(model, inputs)
+    compiled = kiln.compile(model, inputs, backend="reference")
     assert any(n.op == "batch_norm" for n in compiled.source_graph.nodes)
     assert not any(n.op == "batch_norm" for n in compiled.graph.nodes)
     with torch.no_grad():
@@ -69,7 +77,7 @@ def test_batchnorm_folding_removes_every_batchnorm_from_resnet18() -> None:
 def test_dynamo_recompiles_when_a_weight_changes_in_place() -> None:
     torch._dynamo.reset()
     model, inputs = get_model("mlp")
-    fast = torch.compile(model, backend="kiln")
+    fast = torch.compile(model, backend="kiln", options={"backend": "reference"})
     with torch.no_grad():
         fast(*inputs)
         first_linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))

@@ -68,8 +68,13 @@ CStore = Callable[[Expr, Expr, Expr], K.Stmt]  # (row, col, value) -> store (val
 
 
 def gemm_loops(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, store: CStore,
-               shape: GemmShape, dtype: str = "f32", parallel: bool = True) -> list:
-    """The tiled loop nest computing C = A @ B through the given element accessors."""
+               shape: GemmShape, dtype: str = "f32", parallel: bool = True,
+               b_cols: int = 0) -> list:
+    """The tiled loop nest computing C = A @ B through the given element accessors.
+
+    ``b_cols``: how many columns of B may be read (at least N; more when B is padded). With
+    a whole vector readable past the last full one, the last few columns are computed as one
+    vector into a scratch tile and copied out; otherwise they fall back to dot products."""
     w, mr = shape.w, shape.mr
     stmts: list = []
     full_tiles = N // shape.nr
@@ -82,20 +87,38 @@ def gemm_loops(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, store
         pieces.append((n_done, 1, rest // w))
         n_done += (rest // w) * w
     m_tiles = -(-M // mr)
+
+    def wrap(count, body, jt, it):
+        inner = For(it, as_expr(0), as_expr(m_tiles), tuple(body))
+        if count > 1 or m_tiles == 1:
+            return For(jt, as_expr(0), as_expr(count), (inner,),
+                       "parallel" if parallel and count > 1 else "serial")
+        # One column tile: spread the row tiles over the threads instead.
+        return For(jt, as_expr(0), as_expr(count), (
+            For(it, as_expr(0), as_expr(m_tiles), tuple(body),
+                "parallel" if parallel else "serial"),))
+
     for first, count, nv in pieces:
         jt, it = low.fresh("jt"), low.fresh("it")
         n0 = as_expr(first) + jt * (nv * w)
-        m0 = it * mr
-        body = _micro(low, m0, n0, M, Kd, a, b, store, mr, nv, w, dtype)
-        inner = For(it, as_expr(0), as_expr(m_tiles), tuple(body))
-        if count > 1 or m_tiles == 1:
-            stmts.append(For(jt, as_expr(0), as_expr(count), (inner,),
-                             "parallel" if parallel and count > 1 else "serial"))
-        else:  # one column tile: spread the row tiles over the threads instead
-            stmts.append(For(jt, as_expr(0), as_expr(count),
-                             (For(it, as_expr(0), as_expr(m_tiles), tuple(body),
-                                  "parallel" if parallel else "serial"),)))
-    if n_done < N:  # the last columns, fewer than a vector: scalar dot products
+        stmts.append(wrap(count, _micro(low, it * mr, n0, M, Kd, a, b, store, mr, nv, w, dtype),
+                          jt, it))
+    if n_done < N and b_cols >= n_done + w:
+        tile = f"tile_{low.fresh('t').name}"
+        low.scratch.append(K.Buffer(tile, dtype, mr * w))
+        jt, it = low.fresh("jt"), low.fresh("it")
+        m0, n0 = it * mr, as_expr(n_done)
+
+        def to_tile(row, col, value):
+            return K.Store(tile, (row - m0) * w + (col - n0), value)
+
+        body = _micro(low, m0, n0, M, Kd, a, b, to_tile, mr, 1, w, dtype)
+        r, j = low.fresh("r"), low.fresh("j")
+        body.append(For(r, as_expr(0), as_expr(mr), (If(K.cmp("lt", m0 + r, as_expr(M)), (
+            For(j, as_expr(0), as_expr(N - n_done), (
+                store(m0 + r, n0 + j, K.Load(tile, r * w + j, dtype)),)),)),)))
+        stmts.append(wrap(1, body, jt, it))
+    elif n_done < N:  # the last columns, fewer than a vector: scalar dot products
         i, j, k, acc = low.fresh("i"), low.fresh("j"), low.fresh("k"), low.fresh("acc", dtype)
         body = [Decl(acc, f32(0.0, dtype)),
                 For(k, as_expr(0), as_expr(Kd), (Assign(acc, acc + a(i, k) * b(k, j, 1)),)),
@@ -219,7 +242,7 @@ def lower_linear(low: Lowering, node: Node, final: str, inline: set[str],
             value = value + K.Load(bias_buf, col, "f32", value.lanes)
         return low.store_at(final, [row, col], value, out)
 
-    return gemm_loops(low, T, N, Kd, a, b, store, shape)
+    return gemm_loops(low, T, N, Kd, a, b, store, shape, b_cols=-(-N // nr) * nr)
 
 
 def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
@@ -270,11 +293,16 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     hw_in = math.prod(in_sp)
     x_base = (n_var * in_shape[1] + g_var * cg) * hw_in
     stmts: list = []
+    if (not direct and nd == 2 and all(s == 1 for s in stride)
+            and sp_out[0] * (in_shape[3] + 2 * pad[1]) <= 1.25 * Nn):
+        return _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles,
+                              cg, og, g, Kd, in_sp, sp_out, ksp, pad, dil, n_var, g_var, x_base)
     if direct:
         def b(k, col, lanes):
             return K.Load(xb, x_base + k * hw_in + col, "f32", lanes)
     else:
-        col_buf = low.workspace(f"{node.name}_cols", "f32", Kd * Nn)
+        # One vector of slack: the last row's tail vector reads past it into junk.
+        col_buf = low.workspace(f"{node.name}_cols", "f32", Kd * Nn + width)
         stmts += _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil)
 
         def b(k, col, lanes):
@@ -291,9 +319,63 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
                 if value.lanes > 1 else value + K.Load(bias_buf, co, "f32")
         return low.store_at(final, [n_var, co, col], value, out)
 
-    stmts += gemm_loops(low, og, Nn, Kd, a, b, store, shape)
+    stmts += gemm_loops(low, og, Nn, Kd, a, b, store, shape,
+                        b_cols=0 if direct else Nn + width)
     return [For(n_var, as_expr(0), as_expr(oshape[0]), (
         For(g_var, as_expr(0), as_expr(g), tuple(stmts)),))]
+
+
+def _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles, cg, og, g,
+                   Kd, in_sp, sp_out, ksp, pad, dil, n_var, g_var, x_base) -> list:
+    """Stride-1 2-d convolution without im2col.
+
+    The input is copied once into a zero-padded image; output position (oh, ow) is then
+    column oh*Wp + ow of a GEMM whose B element (k, col) is padded[koff[k] + col], with
+    koff[k] the offset of channel and kernel tap k. Columns with ow >= OW are computed and
+    dropped; the results go to a workspace and the epilogue copies the real ones out."""
+    H, W = in_sp
+    OH, OW = sp_out
+    Hp, Wp = H + 2 * pad[0], W + 2 * pad[1]
+    kh_, kw_ = ksp
+    npad = cg * Hp * Wp
+    slack = dil[1] * (kw_ - 1) + 2 * shape.nr  # reads past the image land in dropped columns
+    padded = low.workspace(f"{node.name}_padded", "f32", npad + slack)
+    Nc = OH * Wp
+    cbuf = low.workspace(f"{node.name}_acc", "f32", og * Nc)
+    koff = np.array([ci * Hp * Wp + a * dil[0] * Wp + b * dil[1]
+                     for ci in range(cg) for a in range(kh_) for b in range(kw_)], np.int64)
+    kb = low.constant(koff, f"{node.name}_koff")
+    ci, r, c = low.fresh("ci"), low.fresh("r"), low.fresh("c")
+    ir, ic = r - pad[0], c - pad[1]
+    ok = K.Binary("and", K.Binary("and", K.cmp("ge", ir, as_expr(0)), K.cmp("lt", ir, as_expr(H))),
+                  K.Binary("and", K.cmp("ge", ic, as_expr(0)), K.cmp("lt", ic, as_expr(W))))
+    src = x_base + (ci * H + clamp_index(ir, H)) * W + clamp_index(ic, W)
+    fill = For(ci, as_expr(0), as_expr(cg), (For(r, as_expr(0), as_expr(Hp), (
+        For(c, as_expr(0), as_expr(Wp), (
+            K.Store(padded, (ci * Hp + r) * Wp + c,
+                    K.Select(ok, K.Load(xb, src, "f32"), f32(0.0))),)),)),), "parallel")
+
+    def a(row, k):
+        tile, rr = row // shape.mr, row % shape.mr
+        return K.Load(ap, ((g_var * m_tiles + tile) * Kd + k) * shape.mr + rr, "f32")
+
+    def b(k, col, lanes):
+        return K.Load(padded, K.Load(kb, k, "i64") + col, "f32", lanes)
+
+    def to_acc(row, col, value):
+        return K.Store(cbuf, row * Nc + col, value)
+
+    gemm = gemm_loops(low, og, Nc, Kd, a, b, to_acc, shape, b_cols=Nc + shape.w)
+    co, oh, ow = low.fresh("co"), low.fresh("oh"), low.fresh("ow")
+    value = K.Load(cbuf, co * Nc + oh * Wp + ow, "f32")
+    if bias_buf is not None:
+        value = value + K.Load(bias_buf, g_var * og + co, "f32")
+    epilogue = For(co, as_expr(0), as_expr(og), (For(oh, as_expr(0), as_expr(OH), (
+        For(ow, as_expr(0), as_expr(OW), (
+            low.store_at(final, [n_var, g_var * og + co, oh * OW + ow], value, out),),
+            "vectorized"),)),), "parallel")
+    return [For(n_var, as_expr(0), as_expr(oshape[0]), (
+        For(g_var, as_expr(0), as_expr(g), (fill, *gemm, epilogue)),))]
 
 
 def lower_depthwise(low: Lowering, node: Node, final: str, inline: set[str],

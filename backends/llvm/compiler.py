@@ -6,15 +6,16 @@ import ctypes
 import ctypes.util
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import llvmlite.binding as llvm
 import numpy as np
 
+from kiln.backends.llvm.cache import cache_key, load_cached, store_cached
 from kiln.backends.llvm.codegen import Binding, ModuleBuilder, emit_entry, emit_kernel
-from kiln.ir import Graph, KilnError, verify
+from kiln.ir import DType, Graph, KilnError, verify
 from kiln.passes.lower import LoweredGraph, lower_graph
-from kiln.passes.memory_plan import MemoryPlan, plan_memory
+from kiln.passes.memory_plan import MemoryPlan, plan_memory  # noqa: F401
 from kiln.passes.vectorize import schedule_kernel
 
 
@@ -67,8 +68,7 @@ def optimize_module(ir_text: str, target: Target) -> tuple[llvm.ModuleRef, llvm.
     except RuntimeError as e:
         raise KilnError(f"internal: generated LLVM IR is invalid: {e}",
                         hint="this is a kiln bug; please report it") from None
-    tm = llvm.Target.from_triple(target.triple).create_target_machine(
-        cpu=target.cpu, features=target.features, opt=3, codemodel="jitdefault")
+    tm = _target_machine(target)
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
     # kiln's schedules unroll what pays (the GEMM micro-kernel); LLVM's unroller on top of
     # them multiplies the code and the JIT time (ResNet-18: 9 s -> 3.5 s without it). Its
@@ -118,43 +118,64 @@ class KernelProfile:
 
 
 @dataclass
+class ProgramImage:
+    """Everything needed to run a compiled model without compiling it again: object code,
+    the constant blob, the arena size and the signature. It is what the cache stores."""
+
+    object_code: bytes
+    const_blob: np.ndarray
+    arena_bytes: int
+    inputs: list[tuple[str, str, tuple[int, ...]]]      # (name, dtype, shape)
+    outputs: list[tuple[str, str, tuple[int, ...]]]
+    output_copies: dict[int, tuple[str, int]]           # output -> ("input"|"output", index)
+    copy_constants: dict[int, np.ndarray]               # outputs that are graph constants
+    steps: list[dict]                                   # kernel, root, op, flops, bytes
+    target: dict[str, str]
+
+
+def load_code(object_code: bytes, target: Target):
+    """JIT-link object code; returns (engine, entry, set_threads)."""
+    _init_llvm()
+    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _target_machine(target))
+    engine.add_object_file(llvm.ObjectFileRef.from_data(object_code))
+    engine.finalize_object()
+    entry = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_void_p)(engine.get_function_address("kiln_run"))
+    set_threads = ctypes.CFUNCTYPE(None, ctypes.c_int32)(
+        engine.get_function_address("kiln_set_threads"))
+    return engine, entry, set_threads
+
+
 class CompiledProgram:
-    """A JIT-compiled model: call ``run(list of arrays)``. Keeps the engine alive."""
+    """A compiled model in this process: ``run(list of arrays)`` makes one native call."""
 
-    graph: Graph
-    lowered: LoweredGraph
-    plan: MemoryPlan
-    ir_text: str
-    engine: object
-    entry: object
-    set_threads: object
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        g = self.graph
-        self._arena = np.zeros(max(self.plan.arena_bytes, 64) // 8 + 8, np.float64)
-        self._consts = self.plan.const_blob
-        self._in = (ctypes.c_void_p * max(len(g.inputs), 1))()
-        self._out = (ctypes.c_void_p * max(len(g.outputs), 1))()
-        self._out_types = [g.types[o] for o in g.outputs]
-        self._out_written = [j not in self.plan.output_copies for j in range(len(g.outputs))]
+    def __init__(self, image: ProgramImage, *, lowered: LoweredGraph | None = None,
+                 ir_text: str = "", timings: dict[str, float] | None = None) -> None:
+        self.image = image
+        self.lowered = lowered
+        self.ir_text = ir_text
+        self.timings = dict(timings or {})
+        target = Target(**image.target) if image.target else host_target()
+        self.engine, self.entry, self.set_threads = load_code(image.object_code, target)
+        self._arena = np.zeros(max(image.arena_bytes, 64) // 8 + 8, np.float64)
+        self._consts = image.const_blob
+        self._in = (ctypes.c_void_p * max(len(image.inputs), 1))()
+        self._out = (ctypes.c_void_p * max(len(image.outputs), 1))()
+        self._out_specs = [(shape, np.dtype(DType(dt).numpy)) for _, dt, shape in image.outputs]
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Outputs for inputs already checked against the signature."""
         arrays = [np.ascontiguousarray(a) for a in inputs]
         for i, a in enumerate(arrays):
             self._in[i] = a.ctypes.data
-        outs = [np.empty(t.shape, t.dtype.numpy) for t in self._out_types]
+        outs = [np.empty(shape, dt) for shape, dt in self._out_specs]
         for j, o in enumerate(outs):
             self._out[j] = o.ctypes.data
         self.entry(self._in, self._out, self._arena.ctypes.data, self._consts.ctypes.data)
-        for j, src in self.plan.output_copies.items():
-            if src in self.graph.inputs:
-                outs[j][...] = arrays[self.graph.inputs.index(src)]
-            elif src in self.graph.constants:
-                outs[j][...] = self.graph.constants[src]
-            else:
-                outs[j][...] = outs[self.graph.outputs.index(src)]
+        for j, (kind, index) in self.image.output_copies.items():
+            outs[j][...] = arrays[index] if kind == "input" else outs[index]
+        for j, arr in self.image.copy_constants.items():
+            outs[j][...] = arr
         return outs
 
     __call__ = run
@@ -164,7 +185,7 @@ class CompiledProgram:
         self.set_threads(int(n))
 
     def _cycles(self) -> np.ndarray:
-        n = len(self.lowered.steps)
+        n = len(self.image.steps)
         addr = self.engine.get_global_value_address("kiln_cycles")
         return np.ctypeslib.as_array((ctypes.c_int64 * max(n, 1)).from_address(addr))[:n]
 
@@ -178,12 +199,8 @@ class CompiledProgram:
             self.run(inputs)
             samples.append(cycles.copy())
         per_run = np.median(np.stack(samples), axis=0) / cycles_per_second()
-        out = []
-        for step, seconds in zip(self.lowered.steps, per_run):
-            k = step.kernel
-            nbytes = sum(b.nbytes for b in k.params if b.name not in step.temps)
-            out.append(KernelProfile(k.name, step.root, k.meta.get("op", ""), float(seconds),
-                                     k.flops, nbytes))
+        out = [KernelProfile(s["kernel"], s["root"], s["op"], float(sec), s["flops"], s["bytes"])
+               for s, sec in zip(self.image.steps, per_run)]
         return sorted(out, key=lambda p: -p.seconds)
 
 
@@ -200,11 +217,14 @@ def _bindings(step, t: int, plan: MemoryPlan) -> list[Binding]:
     return out
 
 
-def compile_graph(graph: Graph, *, target: Target | None = None,
-                  threads: int = 0) -> CompiledProgram:
-    """Compile ``graph`` to native code for ``target`` (default: this machine)."""
+def _target_machine(target: Target):
+    return llvm.Target.from_triple(target.triple).create_target_machine(
+        cpu=target.cpu, features=target.features, opt=3, reloc="pic", codemodel="default")
+
+
+def build_image(graph: Graph, target: Target) -> tuple[ProgramImage, LoweredGraph, str, dict]:
+    """Lower, schedule, plan, generate and optimize: the whole compilation of ``graph``."""
     verify(graph)
-    target = target or host_target()
     t0 = time.perf_counter()
     lowered = lower_graph(graph, width=target.f32_lanes)
     for step in lowered.steps:
@@ -221,16 +241,52 @@ def compile_graph(graph: Graph, *, target: Target | None = None,
     t2 = time.perf_counter()
     mod, tm = optimize_module(ir_text, target)
     t3 = time.perf_counter()
-    engine = llvm.create_mcjit_compiler(mod, tm)
-    engine.finalize_object()
-    entry = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                             ctypes.c_void_p)(engine.get_function_address("kiln_run"))
-    set_threads = ctypes.CFUNCTYPE(None, ctypes.c_int32)(
-        engine.get_function_address("kiln_set_threads"))
+    obj = tm.emit_object(mod)
     t4 = time.perf_counter()
-    prog = CompiledProgram(graph, lowered, plan, ir_text, engine, entry, set_threads,
-                           {"lower": t1 - t0, "codegen": t2 - t1, "optimize": t3 - t2,
-                            "jit": t4 - t3})
+    g = graph
+    copies, copy_consts = {}, {}
+    for j, src in plan.output_copies.items():
+        if src in g.inputs:
+            copies[j] = ("input", g.inputs.index(src))
+        elif src in g.constants:
+            copy_consts[j] = np.array(g.constants[src])
+        else:
+            copies[j] = ("output", g.outputs.index(src))
+    steps = [{"kernel": s.kernel.name, "root": s.root, "op": s.kernel.meta.get("op", ""),
+              "flops": int(s.kernel.flops),
+              "bytes": int(sum(b.nbytes for b in s.kernel.params if b.name not in s.temps))}
+             for s in lowered.steps]
+    image = ProgramImage(
+        object_code=bytes(obj), const_blob=plan.const_blob, arena_bytes=plan.arena_bytes,
+        inputs=[(n, g.types[n].dtype.value, g.types[n].shape) for n in g.inputs],
+        outputs=[(n, g.types[n].dtype.value, g.types[n].shape) for n in g.outputs],
+        output_copies=copies, copy_constants=copy_consts, steps=steps,
+        target={"triple": target.triple, "cpu": target.cpu, "features": target.features,
+                "vector_bits": target.vector_bits})
+    timings = {"lower": t1 - t0, "codegen": t2 - t1, "optimize": t3 - t2, "emit": t4 - t3}
+    return image, lowered, ir_text, timings
+
+
+def compile_graph(graph: Graph, *, target: Target | None = None, threads: int = 0,
+                  cache: bool = True) -> CompiledProgram:
+    """Compile ``graph`` to native code for ``target`` (default: this machine).
+
+    With ``cache`` (and a writable cache directory), the program image is stored on disk under
+    a key of the graph, its weights, the target and kiln's version, and a later compile of the
+    same graph loads it instead of compiling."""
+    target = target or host_target()
+    t0 = time.perf_counter()
+    key = cache_key(graph, target) if cache else None
+    image = load_cached(key) if key else None
+    if image is not None:
+        prog = CompiledProgram(image, timings={"cache_load": time.perf_counter() - t0})
+    else:
+        image, lowered, ir_text, timings = build_image(graph, target)
+        t1 = time.perf_counter()
+        prog = CompiledProgram(image, lowered=lowered, ir_text=ir_text, timings=timings)
+        prog.timings["jit"] = time.perf_counter() - t1
+        if key:
+            store_cached(key, image)
     if threads:
         prog.threads(threads)
     return prog

@@ -1,0 +1,66 @@
+"""The compile cache: a second compile loads the stored program; damaged entries are refused."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+from kiln.examples.models import get_model
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> pathlib.Path:
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("KILN_CACHE", raising=False)
+    return tmp_path
+
+
+def _compile(name="lenet5"):
+    model, inputs = get_model(name)
+    return model, inputs, kiln.compile(model, inputs, threads=1)
+
+
+def test_second_compile_loads_the_cached_program(cache_dir) -> None:
+    model, inputs, first = _compile()
+    assert "optimize" in first.executable.program.timings
+    entries = [p for p in cache_dir.iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1
+    assert sorted(f.name for f in entries[0].iterdir()) == ["code.o", "consts.bin",
+                                                             "manifest.json"]
+    _, _, second = _compile()
+    assert "cache_load" in second.executable.program.timings
+    assert torch.equal(first(*inputs), second(*inputs))
+
+
+def test_damaged_entry_is_ignored_and_rebuilt(cache_dir) -> None:
+    model, inputs, first = _compile()
+    entry = next(p for p in cache_dir.iterdir() if not p.name.startswith("."))
+    code = entry / "code.o"
+    data = bytearray(code.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    code.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="checksum of code.o"):
+        _, _, second = _compile()
+    assert "optimize" in second.executable.program.timings
+    with torch.no_grad():
+        np.testing.assert_allclose(second(*inputs).numpy(), model(*inputs).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_cache_can_be_turned_off(cache_dir, monkeypatch) -> None:
+    monkeypatch.setenv("KILN_CACHE", "0")
+    _compile()
+    assert not any(p for p in cache_dir.iterdir())
+
+
+def test_different_weights_get_different_entries(cache_dir) -> None:
+    model, inputs = get_model("mlp")
+    kiln.compile(model, inputs, threads=1)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    kiln.compile(model, inputs, threads=1)
+    assert len([p for p in cache_dir.iterdir() if not p.name.startswith(".")]) == 2

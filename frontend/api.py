@@ -56,7 +56,9 @@ class CompiledModel:
                   for a in args]
         outs = self.executable.run(arrays)
         if use_torch:
-            outs = [torch.from_numpy(np.array(o, copy=True)) for o in outs]
+            # Backends return fresh arrays on every call, so sharing their memory is safe.
+            outs = [torch.from_numpy(o) if o.flags.writeable else torch.from_numpy(o.copy())
+                    for o in outs]
         if self._out_spec is None:
             return outs[0] if len(outs) == 1 else tuple(outs)
         return pytree.tree_unflatten(outs, self._out_spec)

@@ -294,22 +294,24 @@ def unroll(kernel: Kernel, max_extent: int = 16) -> Kernel:
 
 
 def place_parallel(kernel: Kernel) -> Kernel:
-    """Keep ``parallel`` only on a loop at the top of the kernel (the backends outline it into
-    a thread-pool task); parallel marks deeper in the nest become serial."""
+    """Keep ``parallel`` on the outermost parallel loop of each nest (the backends run it on
+    the thread pool, which may be inside serial loops); parallel loops nested in one become
+    serial."""
 
-    def demote(stmts, top):
+    def demote(stmts, inside):
         out = []
         for s in stmts:
             if isinstance(s, For):
-                kind = s.kind if (s.kind != "parallel" or top) else "serial"
-                out.append(replace(s, kind=kind, body=tuple(demote(s.body, False))))
+                par = s.kind == "parallel"
+                kind = "serial" if par and inside else s.kind
+                out.append(replace(s, kind=kind, body=tuple(demote(s.body, inside or par))))
             elif isinstance(s, If):
-                out.append(If(s.cond, demote(s.then, False), demote(s.orelse, False)))
+                out.append(If(s.cond, demote(s.then, inside), demote(s.orelse, inside)))
             else:
                 out.append(s)
         return out
 
-    return kernel.with_body(demote(kernel.body, True))
+    return kernel.with_body(demote(kernel.body, False))
 
 
 def schedule_kernel(kernel: Kernel, width: int) -> Kernel:

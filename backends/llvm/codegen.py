@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -85,6 +85,10 @@ class _Fn:
         self.n = 0
         self.vars: dict[str, tuple[str, str]] = {}   # var name -> (alloca ptr, llvm type)
         self.buffers: dict[str, str] = {}            # buffer name -> ptr SSA value
+        self.tasks: list[str] = []
+        # Set on a kernel's own function: runs a parallel loop on the thread pool. Inside a
+        # task it stays None, so nested parallel loops run serially in their thread.
+        self.outline = None
 
     def tmp(self) -> str:
         self.n += 1
@@ -323,7 +327,9 @@ class _Fn:
     # ---- statements ------------------------------------------------------------------------
     def stmts(self, body: Sequence[K.Stmt], dtypes: dict[str, str]) -> None:
         for s in body:
-            if isinstance(s, For):
+            if isinstance(s, For) and s.kind == "parallel" and self.outline is not None:
+                self.outline(s)
+            elif isinstance(s, For):
                 self.loop(s, dtypes)
             elif isinstance(s, Store):
                 self.store(s, dtypes[s.buffer])
@@ -444,19 +450,6 @@ def _buffer_dtypes(k: Kernel) -> dict[str, str]:
     return {b.name: b.dtype for b in k.params + k.scratch}
 
 
-def _uses_outer_locals(loop: For, outer_declared: set[str]) -> bool:
-    for st in K.walk_stmts(loop.body):
-        for e in K.stmt_exprs(st):
-            for x in K.walk_expr(e):
-                if isinstance(x, Var) and x.name in outer_declared:
-                    return True
-    for e in (loop.start, loop.extent):
-        for x in K.walk_expr(e):
-            if isinstance(x, Var):
-                return True
-    return False
-
-
 def _scratch_allocas(fn: _Fn, scratch: Sequence[K.Buffer]) -> None:
     for b in scratch:
         ptr = f"%scratch.{b.name}"
@@ -473,38 +466,95 @@ def emit_kernel(m: ModuleBuilder, k: Kernel) -> None:
     for p in params:
         fn.buffers[p] = f"%{p}"
     _scratch_allocas(fn, k.scratch)
-    declared: set[str] = set()
-    task_count = 0
-    for s in k.body:
-        if isinstance(s, For) and s.kind == "parallel" and not _uses_outer_locals(s, declared):
-            task = f"{k.name}.task{task_count}"
-            task_count += 1
-            _emit_task(m, task, k, s, dtypes)
-            # Pack the buffer pointers for the task and run it on the thread pool.
-            ctx = f"%ctx.{task_count}"
-            fn.entry.append(f"  {ctx} = alloca ptr, i64 {len(params)}, align 8")
-            for i, p in enumerate(params):
-                slot = fn.tmp()
-                fn.emit(f"{slot} = getelementptr ptr, ptr {ctx}, i64 {i}")
-                fn.emit(f"store ptr %{p}, ptr {slot}")
-            nt = fn.tmp()
-            fn.emit(f"{nt} = load i32, ptr @kiln_num_threads")
-            fn.emit(f"call void @GOMP_parallel(ptr @{task}, ptr {ctx}, i32 {nt}, i32 0)")
-        else:
-            if isinstance(s, Decl):
-                declared.add(s.var.name)
-            fn.stmts([s], dtypes)
+    fn.outline = lambda loop: _outline(fn, m, k, loop, dtypes)
+    fn.stmts(k.body, dtypes)
     m.functions.append(fn.text())
 
 
+def _to_slot(fn: _Fn, value: str, dtype: str) -> str:
+    """An i64 holding a scalar of ``dtype`` (for the task context)."""
+    if dtype == "i64":
+        return value
+    r = fn.tmp()
+    if dtype in ("f32", "f16"):
+        bits = "i32" if dtype == "f32" else "i16"
+        b = fn.tmp()
+        fn.emit(f"{b} = bitcast {SCALAR[dtype]} {value} to {bits}")
+        fn.emit(f"{r} = zext {bits} {b} to i64")
+    elif dtype == "f64":
+        fn.emit(f"{r} = bitcast double {value} to i64")
+    else:
+        fn.emit(f"{r} = zext {SCALAR[dtype]} {value} to i64")
+    return r
+
+
+def _from_slot(fn: _Fn, value: str, dtype: str) -> str:
+    if dtype == "i64":
+        return value
+    r = fn.tmp()
+    if dtype in ("f32", "f16"):
+        bits = "i32" if dtype == "f32" else "i16"
+        t = fn.tmp()
+        fn.emit(f"{t} = trunc i64 {value} to {bits}")
+        fn.emit(f"{r} = bitcast {bits} {t} to {SCALAR[dtype]}")
+    elif dtype == "f64":
+        fn.emit(f"{r} = bitcast i64 {value} to double")
+    else:
+        fn.emit(f"{r} = trunc i64 {value} to {SCALAR[dtype]}")
+    return r
+
+
+def _outline(fn: _Fn, m: ModuleBuilder, k: Kernel, loop: For, dtypes: dict[str, str]) -> None:
+    """Run ``loop`` as an OpenMP task: buffer pointers and the scalar variables it reads
+    from the enclosing code travel in a context array of 8-byte slots."""
+    inner_decls = {s.var.name for s in K.walk_stmts(loop.body) if isinstance(s, (Decl, For))}
+    inner_decls.add(loop.var.name)
+    captured: dict[str, Var] = {}
+    exprs = [loop.start, loop.extent] + [e for st in K.walk_stmts(loop.body)
+                                         for e in K.stmt_exprs(st)]
+    for e in exprs:
+        for x in K.walk_expr(e):
+            if isinstance(x, Var) and x.name not in inner_decls and x.name in fn.vars:
+                captured[x.name] = Var(x.name, x.dtype, x.lanes)
+    if any(v.lanes > 1 for v in captured.values()):
+        fn.loop(replace(loop, kind="serial"), dtypes)
+        return
+    task = f"{k.name}.task{len(fn.tasks)}"
+    fn.tasks.append(task)
+    params = [b.name for b in k.params]
+    nslots = len(params) + len(captured)
+    ctx = f"%ctx.{len(fn.tasks)}"
+    fn.entry.append(f"  {ctx} = alloca i64, i64 {max(nslots, 1)}, align 8")
+    for i, p in enumerate(params):
+        slot = fn.tmp()
+        fn.emit(f"{slot} = getelementptr i64, ptr {ctx}, i64 {i}")
+        fn.emit(f"store ptr {fn.buffers[p]}, ptr {slot}")
+    for i, v in enumerate(captured.values(), start=len(params)):
+        slot = fn.tmp()
+        val = _to_slot(fn, fn.expr(v), v.dtype)
+        fn.emit(f"{slot} = getelementptr i64, ptr {ctx}, i64 {i}")
+        fn.emit(f"store i64 {val}, ptr {slot}")
+    nt = fn.tmp()
+    fn.emit(f"{nt} = load i32, ptr @kiln_num_threads")
+    fn.emit(f"call void @GOMP_parallel(ptr @{task}, ptr {ctx}, i32 {nt}, i32 0)")
+    _emit_task(m, task, k, loop, dtypes, list(captured.values()))
+
+
 def _emit_task(m: ModuleBuilder, name: str, k: Kernel, loop: For,
-               dtypes: dict[str, str]) -> None:
+               dtypes: dict[str, str], captured: Sequence[Var] = ()) -> None:
     fn = _Fn(m, name, ["ctx"])
     for i, b in enumerate(k.params):
         slot, p = fn.tmp(), f"%buf.{b.name}"
-        fn.emit(f"{slot} = getelementptr ptr, ptr %ctx, i64 {i}")
+        fn.emit(f"{slot} = getelementptr i64, ptr %ctx, i64 {i}")
         fn.emit(f"{p} = load ptr, ptr {slot}")
         fn.buffers[b.name] = p
+    for i, v in enumerate(captured, start=len(k.params)):
+        slot, raw = fn.tmp(), fn.tmp()
+        fn.emit(f"{slot} = getelementptr i64, ptr %ctx, i64 {i}")
+        fn.emit(f"{raw} = load i64, ptr {slot}")
+        val = _from_slot(fn, raw, v.dtype)
+        ptr = fn.declare(v)
+        fn.emit(f"store {llvm_type(v.dtype)} {val}, ptr {ptr}")
     _scratch_allocas(fn, k.scratch)
     # This thread's chunk of [start, start + extent).
     start, ext = fn.expr(loop.start), fn.expr(loop.extent)
@@ -514,9 +564,8 @@ def _emit_task(m: ModuleBuilder, name: str, k: Kernel, loop: For,
     tid, nt = fn.tmp(), fn.tmp()
     fn.emit(f"{tid} = sext i32 {tid32} to i64")
     fn.emit(f"{nt} = sext i32 {nt32} to i64")
-    t1, chunk = fn.tmp(), fn.tmp()
+    t1, t2, chunk = fn.tmp(), fn.tmp(), fn.tmp()
     fn.emit(f"{t1} = add i64 {ext}, {nt}")
-    t2 = fn.tmp()
     fn.emit(f"{t2} = sub i64 {t1}, 1")
     fn.emit(f"{chunk} = sdiv i64 {t2}, {nt}")
     off, lo, end, hi0, hi = fn.tmp(), fn.tmp(), fn.tmp(), fn.tmp(), fn.tmp()
@@ -526,11 +575,10 @@ def _emit_task(m: ModuleBuilder, name: str, k: Kernel, loop: For,
     fn.emit(f"{hi0} = add i64 {lo}, {chunk}")
     fn.emit(f"{hi} = call i64 @llvm.smin.i64(i64 {hi0}, i64 {end})")
     m.declare("llvm.smin.i64", "i64", ["i64", "i64"])
-    fn.loop(loop, dtypes, lo, hi)
+    fn.loop(replace(loop, kind="serial"), dtypes, lo, hi)
     text = fn.text()
     m.functions.append(text.replace(f"define internal void @{name}(ptr noalias %ctx)",
                                     f"define internal void @{name}(ptr %ctx)"))
-
 
 def emit_entry(m: ModuleBuilder, calls: Sequence[tuple[Kernel, Sequence[Binding]]]) -> None:
     """The exported ``kiln_run(ptr inputs, ptr outputs, ptr arena, ptr consts)``.

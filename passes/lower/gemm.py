@@ -89,14 +89,17 @@ def gemm_loops(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, store
     m_tiles = -(-M // mr)
 
     def wrap(count, body, jt, it):
-        inner = For(it, as_expr(0), as_expr(m_tiles), tuple(body))
-        if count > 1 or m_tiles == 1:
-            return For(jt, as_expr(0), as_expr(count), (inner,),
-                       "parallel" if parallel and count > 1 else "serial")
-        # One column tile: spread the row tiles over the threads instead.
+        # Threads share the column tiles (each B panel is read by one thread, from cache, for
+        # every row tile); with a single column tile they share the row tiles instead. Blocking
+        # the rows as well (keeping a block of A in cache) measured slower here: packed B
+        # panels already stream well, and every block costs a thread-pool round trip.
+        if count == 1 and m_tiles > 1:
+            return For(jt, as_expr(0), as_expr(count), (
+                For(it, as_expr(0), as_expr(m_tiles), tuple(body),
+                    "parallel" if parallel else "serial"),))
+        kind = "parallel" if parallel and count > 1 else "serial"
         return For(jt, as_expr(0), as_expr(count), (
-            For(it, as_expr(0), as_expr(m_tiles), tuple(body),
-                "parallel" if parallel else "serial"),))
+            For(it, as_expr(0), as_expr(m_tiles), tuple(body)),), kind)
 
     for first, count, nv in pieces:
         jt, it = low.fresh("jt"), low.fresh("it")
@@ -516,16 +519,29 @@ def lower_matmul(low: Lowering, node: Node, final: str, inline: set[str],
     def store(row, col, value):
         return low.store_at(final, list(bvars) + [row, col], value, out)
 
-    # B must be read along its rows with stride 1 (a stored tensor, not a transposed view).
-    kv, cv = Var("__k"), Var("__col")
-    probe = low.element(b_v, ib + [kv, cv])
-    if not isinstance(probe, K.Load) or affine_coef(probe.index, cv.name) != 1:
-        return None
-    try:
-        body = gemm_loops(low, M, N, Kd, a, b, store, shape,
-                          parallel=math.prod(batch) <= 1)
-    except _Unsupported:
-        return None
+    bv = low.constant_value(b_v)
+    if bv is not None and all(d == 1 for d in bv.shape[:-2]):
+        # A constant B (x @ W): packed once at compile time, like linear's weight.
+        nr = shape.nr
+        bp = low.constant(pack_b(bv.reshape(bv.shape[-2:]).astype(np.float32), nr),
+                          f"{node.name}_packed")
+
+        def b(k, col, lanes):  # noqa: F811
+            return K.Load(bp, (col // nr) * (Kd * nr) + k * nr + col % nr, "f32", lanes)
+
+        body = gemm_loops(low, M, N, Kd, a, b, store, shape, parallel=math.prod(batch) <= 1,
+                          b_cols=-(-N // nr) * nr)
+    else:
+        # B must be read along its rows with stride 1 (a stored tensor, not a transposed view).
+        kv, cv = Var("__k"), Var("__col")
+        probe = low.element(b_v, ib + [kv, cv])
+        if not isinstance(probe, K.Load) or affine_coef(probe.index, cv.name) != 1:
+            return None
+        try:
+            body = gemm_loops(low, M, N, Kd, a, b, store, shape,
+                              parallel=math.prod(batch) <= 1)
+        except _Unsupported:
+            return None
     kinds = ["serial"] * len(batch)
     if batch and math.prod(batch) > 1:
         kinds[0] = "parallel"

@@ -1,0 +1,66 @@
+"""Fusion plan: which nodes share a kernel, and the reasons the debugger prints."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.ir import GraphBuilder, TensorType
+from kiln.passes.fusion import plan_fusion
+from kiln.passes.lower import lower_graph
+
+
+def _conv_block():
+    b = GraphBuilder("block")
+    x = b.input("x", TensorType((1, 4, 6, 6)))
+    w = b.constant(np.ones((4, 4, 3, 3), np.float32), "w")
+    bias = b.constant(np.zeros(4, np.float32), "bias")
+    y = b.op("conv", [x, w, bias], {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1)},
+             name="conv")
+    y = b.op("add", [y, x], name="residual")
+    y = b.op("relu", [y], name="relu")
+    flat = b.op("reshape", [y], {"shape": (1, 144)}, name="flatten")
+    s = b.op("softmax", [flat], {"axis": 1}, name="softmax")
+    b.output(s)
+    return b.build()
+
+
+def test_conv_absorbs_residual_and_activation_epilogue() -> None:
+    g = _conv_block()
+    plan = plan_fusion(g)
+    assert plan.describe(g) == (
+        "conv                     conv               root      anchor (dense); epilogue "
+        "stops: consumer flatten (reshape) is not elementwise\n"
+        "residual                 add                epilogue  fused into conv's store\n"
+        "relu                     relu               epilogue  fused into conv's store\n"
+        "flatten                  reshape            inline    shape op: index arithmetic in "
+        "each consumer\n"
+        "softmax                  softmax            root      anchor (norm); epilogue stops: "
+        "graph output")
+    lowered = lower_graph(g)
+    assert [s.root for s in lowered.steps] == ["conv", "softmax"]
+    assert list(lowered.steps[0].writes.values()) == ["relu"]
+
+
+def test_shared_value_is_stored_once() -> None:
+    b = GraphBuilder("shared")
+    x = b.input("x", TensorType((8,)))
+    e = b.op("exp", [x], name="e")
+    b.output(b.op("add", [e, e], name="twice"), b.op("neg", [e], name="negated"))
+    g = b.build()
+    plan = plan_fusion(g)
+    assert plan.roles == {"e": "root", "twice": "root", "negated": "root"}
+    assert plan.reasons["e"] == "2 users: computed once and stored"
+
+
+def test_elementwise_chain_inlines_into_one_kernel() -> None:
+    b = GraphBuilder("chain")
+    x = b.input("x", TensorType((4, 5)))
+    y = b.op("mul", [x, b.constant(np.float32(2.0).reshape(()), "two")], name="scaled")
+    y = b.op("sigmoid", [y], name="sig")
+    y = b.op("permute", [y], {"perm": (1, 0)}, name="t")
+    b.output(b.op("tanh", [y], name="out"))
+    g = b.build()
+    lowered = lower_graph(g)
+    assert len(lowered.steps) == 1
+    assert lowered.plan.roles == {"scaled": "inline", "sig": "inline", "t": "inline",
+                                  "out": "root"}

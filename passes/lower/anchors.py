@@ -47,8 +47,25 @@ def _identity(op: str, dtype: str) -> Expr:
     return Const({"add": 0, "max": int(info.min), "min": int(info.max)}[op], dtype)
 
 
-def _parallel_first(shape: Sequence[int], kinds: list[str]) -> list[str]:
-    """Make the first loop with more than one iteration parallel."""
+PARALLEL_MIN_WORK = 1 << 17
+
+
+def node_work(low: Lowering, node: Node) -> int:
+    """The node's FLOPs, or the elements it touches for data-movement ops."""
+    from kiln.ir import get_op
+
+    t = low.graph.types
+    flops = get_op(node.op).flops([t[i] for i in node.inputs], [t[o] for o in node.outputs],
+                                  node.attrs)
+    return max(int(flops), sum(t[o].numel for o in node.outputs))
+
+
+def _parallel_first(shape: Sequence[int], kinds: list[str], work: int | None = None
+                    ) -> list[str]:
+    """Make the first loop with more than one iteration parallel, when there is enough work
+    (``work``, in operations) to pay for waking the thread pool."""
+    if work is not None and work < PARALLEL_MIN_WORK:
+        return kinds
     for k, n in enumerate(shape):
         if n > 1:
             if kinds[k] == "serial":
@@ -100,7 +117,7 @@ def _reduce(low: Lowering, node: Node, store: StoreFn) -> list:
     kinds = ["serial"] * len(keep)
     if keep and not last_reduced and keep_shape[-1] > 1:
         kinds[-1] = "vectorized"
-    kinds = _parallel_first(keep_shape, kinds) if math.prod(shape) >= 1 << 14 else kinds
+    kinds = _parallel_first(keep_shape, kinds) if math.prod(shape) >= 1 << 16 else kinds
     for v, n, kind in reversed(list(zip(keep_vars, keep_shape, kinds))):
         body = [_loop(v, n, body, kind)]
     return body
@@ -114,7 +131,7 @@ def _rows(low: Lowering, shape: Sequence[int], axis: int):
     kinds = ["serial"] * len(outer)
     if axis != len(shape) - 1 and outer and shape[outer[-1]] > 1:
         kinds[-1] = "vectorized"
-    if math.prod(shape) >= 1 << 12:
+    if math.prod(shape) >= 1 << 15:
         kinds = _parallel_first([shape[d] for d in outer], kinds)
 
     def index(j: Expr) -> list[Expr]:
@@ -206,7 +223,7 @@ def _layer_norm(low: Lowering, node: Node, store: StoreFn) -> list:
 
     body += sweep(write)
     kinds = ["serial"] * len(lead)
-    if math.prod(shape) >= 1 << 12:
+    if math.prod(shape) >= 1 << 15:
         kinds = _parallel_first(list(lead), kinds)
     for v, n, kind in reversed(list(zip(lead_vars, lead, kinds))):
         body = [_loop(v, n, body, kind)]
@@ -314,7 +331,7 @@ def _pool(low: Lowering, node: Node, store: StoreFn) -> list:
         return stmts
 
     kinds = ["serial"] * len(out_shape)
-    kinds = _parallel_first(out_shape, kinds)
+    kinds = _parallel_first(out_shape, kinds, node_work(low, node))
     return loop_nest(low, out_shape, body, kinds)
 
 
@@ -350,7 +367,7 @@ def _adaptive(low: Lowering, node: Node, store: StoreFn) -> list:
             total = total * c
         return [Decl(acc, f32(0.0, dt)), *inner, store(idx, acc / K.Cast(total, dt))]
 
-    kinds = _parallel_first(out_shape, ["serial"] * len(out_shape))
+    kinds = _parallel_first(out_shape, ["serial"] * len(out_shape), node_work(low, node))
     return loop_nest(low, out_shape, body, kinds)
 
 
@@ -421,7 +438,7 @@ def _attention(low: Lowering, node: Node, store: StoreFn) -> list:
         ]
 
     shape = list(batch) + [L]
-    kinds = _parallel_first(shape, ["serial"] * len(shape))
+    kinds = _parallel_first(shape, ["serial"] * len(shape), node_work(low, node))
     return loop_nest(low, shape, body, kinds)
 
 
@@ -453,7 +470,8 @@ def _matmul(low: Lowering, node: Node, store: StoreFn) -> list:
                 store(idx, acc)]
 
     kinds = default_kinds(out_shape, innermost_vector=not along_k)
-    return loop_nest(low, out_shape, body, _parallel_first(out_shape, kinds))
+    return loop_nest(low, out_shape, body,
+                     _parallel_first(out_shape, kinds, node_work(low, node)))
 
 
 @anchor_rule("linear")
@@ -522,7 +540,8 @@ def _conv(low: Lowering, node: Node, store: StoreFn) -> list:
             val = acc + low.element(node.inputs[2], [co])
         return stmts + [store(idx, val)]
 
-    return loop_nest(low, out_shape, body, _parallel_first(out_shape, ["serial"] * len(out_shape)))
+    return loop_nest(low, out_shape, body, _parallel_first(out_shape, ["serial"] * len(out_shape),
+                                                           node_work(low, node)))
 
 
 @anchor_rule("conv_transpose")
@@ -567,4 +586,5 @@ def _conv_transpose(low: Lowering, node: Node, store: StoreFn) -> list:
             val = acc + low.element(node.inputs[2], [co])
         return stmts + [store(idx, val)]
 
-    return loop_nest(low, out_shape, body, _parallel_first(out_shape, ["serial"] * len(out_shape)))
+    return loop_nest(low, out_shape, body, _parallel_first(out_shape, ["serial"] * len(out_shape),
+                                                           node_work(low, node)))

@@ -191,7 +191,7 @@ def loop_nest(low: Lowering, shape: Sequence[int], body: Callable[[list[Expr]], 
 
 
 def default_kinds(shape: Sequence[int], innermost_vector: bool = True,
-                  parallel_min: int = 1 << 14) -> list[str]:
+                  parallel_min: int = 1 << 16) -> list[str]:
     """Loop kinds for a nest over ``shape``: outermost parallel when there is enough work,
     innermost vectorized."""
     kinds = ["serial"] * len(shape)

@@ -34,6 +34,7 @@ from kiln.ir.kernel import (
     as_expr,
 )
 from kiln.ir.ops._rules import as_tuple
+from kiln.passes.lower.anchors import PARALLEL_MIN_WORK, node_work
 from kiln.passes.lower.core import Lowering, clamp_index, f32
 
 
@@ -62,6 +63,8 @@ def micro_shape(width: int, m: int) -> GemmShape:
     return GemmShape(max(1, min(mr, m)), nv, width)
 
 
+PARALLEL_MIN_MACS = 1 << 18
+
 ALoad = Callable[[Expr, Expr], Expr]          # (row, k) -> scalar element of A
 BLoad = Callable[[Expr, Expr, int], Expr]     # (k, col, lanes) -> lanes elements of B
 CStore = Callable[[Expr, Expr, Expr], K.Stmt]  # (row, col, value) -> store (value has lanes)
@@ -76,6 +79,8 @@ def gemm_loops(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, store
     a whole vector readable past the last full one, the last few columns are computed as one
     vector into a scratch tile and copied out; otherwise they fall back to dot products."""
     w, mr = shape.w, shape.mr
+    # Waking the thread pool costs microseconds: small products run on the calling thread.
+    parallel = parallel and M * N * Kd >= PARALLEL_MIN_MACS
     stmts: list = []
     full_tiles = N // shape.nr
     n_done = full_tiles * shape.nr
@@ -292,6 +297,11 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     xb = low.buffer(x)
     direct = all(k == 1 for k in ksp) and all(s == 1 for s in stride) and not any(pad)
     n_var, g_var = low.fresh("n"), low.fresh("grp")
+    # Several images: threads take whole images (one thread-pool round trip per conv), each
+    # with its own workspaces; one image: the loops inside share the work.
+    images = oshape[0] if oshape[0] > 1 and _par(low, node) == "parallel" else 1
+    image = n_var if images > 1 else None
+    batch_kind = "parallel" if images > 1 else "serial"
     in_sp = in_shape[2:]
     hw_in = math.prod(in_sp)
     x_base = (n_var * in_shape[1] + g_var * cg) * hw_in
@@ -299,17 +309,21 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     if (not direct and nd == 2 and all(s == 1 for s in stride)
             and sp_out[0] * (in_shape[3] + 2 * pad[1]) <= 1.25 * Nn):
         return _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles,
-                              cg, og, g, Kd, in_sp, sp_out, ksp, pad, dil, n_var, g_var, x_base)
+                              cg, og, g, Kd, in_sp, sp_out, ksp, pad, dil, n_var, g_var, x_base,
+                              images)
     if direct:
         def b(k, col, lanes):
             return K.Load(xb, x_base + k * hw_in + col, "f32", lanes)
     else:
         # One vector of slack: the last row's tail vector reads past it into junk.
-        col_buf = low.workspace(f"{node.name}_cols", "f32", Kd * Nn + width)
-        stmts += _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil)
+        per_image = Kd * Nn + width
+        col_buf = low.workspace(f"{node.name}_cols", "f32", per_image * images)
+        col_base = image * per_image if image is not None else Const(0, INDEX)
+        stmts += _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil,
+                         _par(low, node), image, images, width)
 
         def b(k, col, lanes):
-            return K.Load(col_buf, k * Nn + col, "f32", lanes)
+            return K.Load(col_buf, col_base + k * Nn + col, "f32", lanes)
 
     def a(row, k):
         tile, r = row // shape.mr, row % shape.mr
@@ -325,11 +339,11 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     stmts += gemm_loops(low, og, Nn, Kd, a, b, store, shape,
                         b_cols=0 if direct else Nn + width)
     return [For(n_var, as_expr(0), as_expr(oshape[0]), (
-        For(g_var, as_expr(0), as_expr(g), tuple(stmts)),))]
+        For(g_var, as_expr(0), as_expr(g), tuple(stmts)),), batch_kind)]
 
 
 def _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles, cg, og, g,
-                   Kd, in_sp, sp_out, ksp, pad, dil, n_var, g_var, x_base) -> list:
+                   Kd, in_sp, sp_out, ksp, pad, dil, n_var, g_var, x_base, images) -> list:
     """Stride-1 2-d convolution without im2col.
 
     The input is copied once into a zero-padded image; output position (oh, ow) is then
@@ -342,9 +356,11 @@ def _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_til
     kh_, kw_ = ksp
     npad = cg * Hp * Wp
     slack = dil[1] * (kw_ - 1) + 2 * shape.nr  # reads past the image land in dropped columns
-    padded = low.workspace(f"{node.name}_padded", "f32", npad + slack)
+    padded = low.workspace(f"{node.name}_padded", "f32", (npad + slack) * images)
     Nc = OH * Wp
-    cbuf = low.workspace(f"{node.name}_acc", "f32", og * Nc)
+    cbuf = low.workspace(f"{node.name}_acc", "f32", og * Nc * images)
+    pbase = n_var * (npad + slack) if images > 1 else Const(0, INDEX)
+    cbase = n_var * (og * Nc) if images > 1 else Const(0, INDEX)
     koff = np.array([ci * Hp * Wp + a * dil[0] * Wp + b * dil[1]
                      for ci in range(cg) for a in range(kh_) for b in range(kw_)], np.int64)
     kb = low.constant(koff, f"{node.name}_koff")
@@ -355,30 +371,31 @@ def _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_til
     src = x_base + (ci * H + clamp_index(ir, H)) * W + clamp_index(ic, W)
     fill = For(ci, as_expr(0), as_expr(cg), (For(r, as_expr(0), as_expr(Hp), (
         For(c, as_expr(0), as_expr(Wp), (
-            K.Store(padded, (ci * Hp + r) * Wp + c,
-                    K.Select(ok, K.Load(xb, src, "f32"), f32(0.0))),)),)),), "parallel")
+            K.Store(padded, pbase + (ci * Hp + r) * Wp + c,
+                    K.Select(ok, K.Load(xb, src, "f32"), f32(0.0))),)),)),), _par(low, node))
 
     def a(row, k):
         tile, rr = row // shape.mr, row % shape.mr
         return K.Load(ap, ((g_var * m_tiles + tile) * Kd + k) * shape.mr + rr, "f32")
 
     def b(k, col, lanes):
-        return K.Load(padded, K.Load(kb, k, "i64") + col, "f32", lanes)
+        return K.Load(padded, pbase + K.Load(kb, k, "i64") + col, "f32", lanes)
 
     def to_acc(row, col, value):
-        return K.Store(cbuf, row * Nc + col, value)
+        return K.Store(cbuf, cbase + row * Nc + col, value)
 
     gemm = gemm_loops(low, og, Nc, Kd, a, b, to_acc, shape, b_cols=Nc + shape.w)
     co, oh, ow = low.fresh("co"), low.fresh("oh"), low.fresh("ow")
-    value = K.Load(cbuf, co * Nc + oh * Wp + ow, "f32")
+    value = K.Load(cbuf, cbase + co * Nc + oh * Wp + ow, "f32")
     if bias_buf is not None:
         value = value + K.Load(bias_buf, g_var * og + co, "f32")
     epilogue = For(co, as_expr(0), as_expr(og), (For(oh, as_expr(0), as_expr(OH), (
         For(ow, as_expr(0), as_expr(OW), (
             low.store_at(final, [n_var, g_var * og + co, oh * OW + ow], value, out),),
-            "vectorized"),)),), "parallel")
+            "vectorized"),)),), _par(low, node))
     return [For(n_var, as_expr(0), as_expr(oshape[0]), (
-        For(g_var, as_expr(0), as_expr(g), (fill, *gemm, epilogue)),))]
+        For(g_var, as_expr(0), as_expr(g), (fill, *gemm, epilogue)),),
+        "parallel" if images > 1 else "serial")]
 
 
 def lower_depthwise(low: Lowering, node: Node, final: str, inline: set[str],
@@ -438,21 +455,34 @@ def lower_depthwise(low: Lowering, node: Node, final: str, inline: set[str],
     compute = For(oh, as_expr(0), as_expr(OH), (For(ow, as_expr(0), as_expr(OW), (
         Decl(acc, init), *taps, low.store_at(final, [nv, cv, oh, ow], acc, out)),
         "vectorized"),))
+    kind = _par(low, node)
     return [For(nv, as_expr(0), as_expr(n_), (
-        For(cv, as_expr(0), as_expr(c_), (fill, compute), "parallel"),))]
+        For(cv, as_expr(0), as_expr(c_), (fill, compute), kind if n_ == 1 else "serial"),),
+        kind if n_ > 1 else "serial")]
 
 
-def _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil) -> list:
+def _par(low: Lowering, node: Node) -> str:
+    """Parallel when the op has enough work to pay for waking the thread pool."""
+    return "parallel" if node_work(low, node) >= PARALLEL_MIN_WORK else "serial"
+
+
+def _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil,
+            kind: str = "parallel", image: Expr | None = None, images: int = 1,
+            col_pad: int = 0) -> list:
     """Fill col[k, n] = x[ci, o*stride + kk*dil - pad] (0 outside), k = (ci, kernel offsets).
 
     The input is first copied into a zero-padded workspace, so the im2col loops need no
-    bounds checks and their innermost loop is a plain (vectorizable) copy when stride is 1."""
+    bounds checks and their innermost loop is a plain (vectorizable) copy when stride is 1.
+    With ``image`` set, each of ``images`` images has its own padded copy and its own block
+    of ``col`` (K*N + ``col_pad`` elements)."""
     nd = len(ksp)
     stmts: list = []
     src_buf, src_sp = xb, list(in_sp)
     if any(pad):
         src_sp = [n + 2 * p for n, p in zip(in_sp, pad)]
-        src_buf = low.workspace("padded", "f32", cg * math.prod(src_sp))
+        per_image = cg * math.prod(src_sp)
+        src_buf = low.workspace("padded", "f32", per_image * images)
+        pad_base = image * per_image if image is not None else Const(0, INDEX)
         ci, ivs = low.fresh("ci"), [low.fresh("p") for _ in range(nd)]
         ok, src, dst = None, Const(0, INDEX), Const(0, INDEX)
         for d in range(nd):
@@ -462,11 +492,11 @@ def _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil) 
             src = src * in_sp[d] + clamp_index(i, in_sp[d])
             dst = dst * src_sp[d] + ivs[d]
         value = K.Select(ok, K.Load(xb, x_base + ci * math.prod(in_sp) + src, "f32"), f32(0.0))
-        inner: list = [K.Store(src_buf, ci * math.prod(src_sp) + dst, value)]
+        inner: list = [K.Store(src_buf, pad_base + ci * math.prod(src_sp) + dst, value)]
         for d in reversed(range(nd)):
             inner = [For(ivs[d], as_expr(0), as_expr(src_sp[d]), tuple(inner))]
-        stmts.append(For(ci, as_expr(0), as_expr(cg), tuple(inner), "parallel"))
-        x_base = Const(0, INDEX)
+        stmts.append(For(ci, as_expr(0), as_expr(cg), tuple(inner), kind))
+        x_base = pad_base
     Nn, kk = math.prod(sp_out), math.prod(ksp)
     ci = low.fresh("ci")
     kvs = [low.fresh("kk") for _ in range(nd)]
@@ -476,14 +506,16 @@ def _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil) 
         src = src * src_sp[d] + ovs[d] * stride[d] + kvs[d] * dil[d]
         kidx = kidx * ksp[d] + kvs[d]
         flat = flat * sp_out[d] + ovs[d]
-    inner = [K.Store(col_buf, (ci * kk + kidx) * Nn + flat,
+    col_base = image * (math.prod(ksp) * cg * Nn + col_pad) if image is not None \
+        else Const(0, INDEX)
+    inner = [K.Store(col_buf, col_base + (ci * kk + kidx) * Nn + flat,
                      K.Load(src_buf, x_base + ci * math.prod(src_sp) + src, "f32"))]
     for d in reversed(range(nd)):
-        kind = "vectorized" if d == nd - 1 and stride[d] == 1 else "serial"
-        inner = [For(ovs[d], as_expr(0), as_expr(sp_out[d]), tuple(inner), kind)]
+        okind = "vectorized" if d == nd - 1 and stride[d] == 1 else "serial"
+        inner = [For(ovs[d], as_expr(0), as_expr(sp_out[d]), tuple(inner), okind)]
     for d in reversed(range(nd)):
         inner = [For(kvs[d], as_expr(0), as_expr(ksp[d]), tuple(inner))]
-    stmts.append(For(ci, as_expr(0), as_expr(cg), tuple(inner), "parallel"))
+    stmts.append(For(ci, as_expr(0), as_expr(cg), tuple(inner), kind))
     return stmts
 
 

@@ -1,0 +1,34 @@
+"""Every convolution schedule of the LLVM backend (direct 1x1, im2col, padded stride-1 GEMM,
+depthwise) at batch 1 and 4 (threads split images) against PyTorch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kiln
+
+CONFIGS = [  # (cin, cout, size, kernel, stride, padding, dilation, groups)
+    (64, 64, 32, 3, 1, 1, 1, 1),      # padded stride-1 GEMM
+    (512, 512, 4, 3, 1, 1, 1, 1),     # im2col (too many dropped columns for the padded GEMM)
+    (16, 24, 13, 3, 2, 2, 2, 1),      # im2col, stride and dilation
+    (8, 12, 9, 5, 1, 2, 1, 2),        # grouped
+    (64, 128, 14, 1, 1, 0, 1, 1),     # direct 1x1, GEMM tail columns
+    (3, 64, 56, 7, 2, 3, 1, 1),       # ImageNet stem
+    (32, 32, 28, 3, 2, 1, 1, 32),     # depthwise, stride 2
+    (24, 24, 17, 3, 1, 1, 1, 24),     # depthwise, stride 1, odd width
+    (64, 128, 16, 1, 2, 0, 1, 1),     # strided 1x1 (downsample)
+]
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c) for c in CONFIGS])
+def test_conv_schedule_matches_pytorch(config, batch: int) -> None:
+    cin, cout, size, k, s, p, d, g = config
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(cin, cout, k, s, p, dilation=d, groups=g), nn.ReLU()).eval()
+    x = torch.randn(batch, cin, size, size)
+    compiled = kiln.compile(model, (x,), backend="llvm")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from kiln.ir import kernel as K
-from kiln.ir.kernel import INDEX, as_expr
+from kiln.ir.kernel import INDEX, Const, as_expr
 from kiln.passes.lower.core import (
     Lowering,
     clamp_index,
@@ -15,6 +15,7 @@ from kiln.passes.lower.core import (
     element_rule,
     f32,
     flat_index,
+    unflatten,
 )
 
 
@@ -129,9 +130,47 @@ def _embedding(low, node, value, idx):
     return K.Select(ok, low.element_flat(weight, safe * dim + idx[-1]), f32(float("nan"), dt))
 
 
+def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list, list]]:
+    """Runs of dims (size-1 dims left out) with equal products in two shapes of one element
+    count: [1, 32, 768] -> [1, 32, 12, 64] gives ([1], [1]) and ([2], [2, 3])."""
+    si = [i for i, d in enumerate(src) if d != 1]
+    dj = [j for j, d in enumerate(dst) if d != 1]
+    groups = []
+    a = b = 0
+    while a < len(si) or b < len(dj):
+        gi, gj, pi, pj = [], [], 1, 1
+        while True:
+            if (pi <= pj and a < len(si)) or b >= len(dj):
+                gi.append(si[a])
+                pi *= src[si[a]]
+                a += 1
+            else:
+                gj.append(dj[b])
+                pj *= dst[dj[b]]
+                b += 1
+            if pi == pj:
+                break
+        groups.append((gi, gj))
+    return groups
+
+
 @element_rule("reshape")
 def _reshape(low, node, value, idx):
-    return low.element_flat(node.inputs[0], flat_index(idx, low.shape(value)))
+    x = node.inputs[0]
+    if not low.is_inline(x):
+        return low.element_flat(x, flat_index(idx, low.shape(value)))
+    # Map index runs without a flat detour where the reshape only splits or merges dims, so
+    # the index stays affine (and vectorizable) through views like [B, T, C] -> [B, T, H, D].
+    src, dst = low.shape(x), low.shape(value)
+    in_idx: list = [Const(0, INDEX)] * len(src)
+    for gi, gj in reshape_groups(src, dst):
+        flat = flat_index([idx[j] for j in gj], [dst[j] for j in gj])
+        if len(gi) == 1:
+            in_idx[gi[0]] = flat
+        else:
+            for d, e in zip(gi, unflatten(flat, [src[d] for d in gi])):
+                in_idx[d] = e
+    return low.element(x, in_idx)
 
 
 @element_rule("permute")

@@ -94,11 +94,11 @@ def gemm_loops(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, store
     m_tiles = -(-M // mr)
 
     def wrap(count, body, jt, it):
-        # Threads share the column tiles (each B panel is read by one thread, from cache, for
-        # every row tile); with a single column tile they share the row tiles instead. Blocking
-        # the rows as well (keeping a block of A in cache) measured slower here: packed B
-        # panels already stream well, and every block costs a thread-pool round trip.
-        if count == 1 and m_tiles > 1:
+        # Threads share whichever of column tiles and row tiles there are more of (a thread
+        # then reads its B panels from cache for every row tile, or its A rows for every
+        # column tile). Blocking the rows as well measured slower here: packed B panels
+        # stream well, and every block would cost a thread-pool round trip.
+        if m_tiles > count:
             return For(jt, as_expr(0), as_expr(count), (
                 For(it, as_expr(0), as_expr(m_tiles), tuple(body),
                     "parallel" if parallel else "serial"),))

@@ -312,8 +312,18 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
                               cg, og, g, Kd, in_sp, sp_out, ksp, pad, dil, n_var, g_var, x_base,
                               images)
     if direct:
+        # Pack B (the input's rows) into [N/NR][K][NR] panels first: the micro-kernel then
+        # reads one contiguous stream instead of K rows a whole image apart.
+        nr = shape.nr
+        tiles = -(-Nn // nr)
+        per_image = tiles * Kd * nr
+        bpk = low.workspace(f"{node.name}_packed_b", "f32", per_image * images)
+        pbase = image * per_image if image is not None else Const(0, INDEX)
+        stmts += _pack_rows(low, xb, x_base, bpk, pbase, Kd, Nn, hw_in, nr, _par(low, node))
+
         def b(k, col, lanes):
-            return K.Load(xb, x_base + k * hw_in + col, "f32", lanes)
+            return K.Load(bpk, pbase + (col // nr) * (Kd * nr) + k * nr + col % nr, "f32",
+                          lanes)
     else:
         # One vector of slack: the last row's tail vector reads past it into junk.
         per_image = Kd * Nn + width
@@ -337,7 +347,7 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
         return low.store_at(final, [n_var, co, col], value, out)
 
     stmts += gemm_loops(low, og, Nn, Kd, a, b, store, shape,
-                        b_cols=0 if direct else Nn + width)
+                        b_cols=-(-Nn // shape.nr) * shape.nr if direct else Nn + width)
     return [For(n_var, as_expr(0), as_expr(oshape[0]), (
         For(g_var, as_expr(0), as_expr(g), tuple(stmts)),), batch_kind)]
 
@@ -459,6 +469,28 @@ def lower_depthwise(low: Lowering, node: Node, final: str, inline: set[str],
     return [For(nv, as_expr(0), as_expr(n_), (
         For(cv, as_expr(0), as_expr(c_), (fill, compute), kind if n_ == 1 else "serial"),),
         kind if n_ > 1 else "serial")]
+
+
+def _pack_rows(low, src, base, dst, dbase, Kd, N, row_stride, nr, kind) -> list:
+    """dst[tile][k][j] = src[base + k*row_stride + tile*NR + j], zero past column N."""
+    jt, k, j = low.fresh("jt"), low.fresh("k"), low.fresh("j")
+    full = N // nr
+    stmts: list = []
+    if full:
+        stmts.append(For(jt, as_expr(0), as_expr(full), (For(k, as_expr(0), as_expr(Kd), (
+            For(j, as_expr(0), as_expr(nr), (
+                K.Store(dst, dbase + (jt * Kd + k) * nr + j,
+                        K.Load(src, base + k * row_stride + jt * nr + j, "f32")),),
+                "vectorized"),)),), kind))
+    if N % nr:
+        k2, j2 = low.fresh("k"), low.fresh("j")
+        col = j2 + full * nr
+        value = K.Select(K.cmp("lt", col, as_expr(N)),
+                         K.Load(src, base + k2 * row_stride + clamp_index(col, N), "f32"),
+                         f32(0.0))
+        stmts.append(For(k2, as_expr(0), as_expr(Kd), (For(j2, as_expr(0), as_expr(nr), (
+            K.Store(dst, dbase + (full * Kd + k2) * nr + j2, value),)),)))
+    return stmts
 
 
 def _par(low: Lowering, node: Node) -> str:

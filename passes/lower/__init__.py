@@ -20,9 +20,10 @@ from kiln.passes.lower.core import (
     flat_index,
     loop_nest,
 )
-from kiln.passes.lower.gemm import lower_conv, lower_linear, lower_matmul
+from kiln.passes.lower.gemm import lower_conv, lower_linear, lower_matmul, lower_pool
 
-DENSE_SCHEDULES = {"linear": lower_linear, "conv": lower_conv, "matmul": lower_matmul}
+DENSE_SCHEDULES = {"linear": lower_linear, "conv": lower_conv, "matmul": lower_matmul,
+                   "max_pool": lower_pool, "avg_pool": lower_pool}
 
 
 @dataclass

@@ -471,6 +471,62 @@ def lower_depthwise(low: Lowering, node: Node, final: str, inline: set[str],
         kind if n_ > 1 else "serial")]
 
 
+def lower_pool(low: Lowering, node: Node, final: str, inline: set[str],
+               width: int) -> list | None:
+    """2-d max / average pooling vectorized along output rows, over a padded phase-split
+    copy of each channel (as for depthwise convolution; padding is -inf for max, 0 for
+    average). Average pooling takes this path only when every window has the same divisor."""
+    x = node.inputs[0]
+    a_ = node.attrs
+    if len(a_["kernel"]) != 2 or low.dtype(x) != "f32" or low.is_inline(x):
+        return None
+    kh_, kw_ = a_["kernel"]
+    sh, sw = a_["stride"] if a_["stride"] is not None else a_["kernel"]
+    ph_, pw = as_tuple(a_["padding"], 2, "padding")
+    dh, dw = as_tuple(a_.get("dilation", 1), 2, "dilation")
+    n_, c_, H, W = low.shape(x)
+    out = node.outputs[0]
+    _, _, OH, OW = low.graph.types[out].shape
+    is_max = node.op == "max_pool"
+    if dw != 1:
+        return None
+    if not is_max:
+        overhang = ((OH - 1) * sh + kh_ > H + 2 * ph_) or ((OW - 1) * sw + kw_ > W + 2 * pw)
+        if overhang or (not a_["count_include_pad"] and (ph_ or pw)):
+            return None
+    Hp = max(H + 2 * ph_, (OH - 1) * sh + dh * (kh_ - 1) + 1)
+    Wj = -(-(max(W + 2 * pw, (OW - 1) * sw + kw_)) // sw)
+    scratch = f"pool_{low.fresh('s').name}"
+    low.scratch.append(K.Buffer(scratch, "f32", Hp * sw * Wj))
+    xb = low.buffer(x)
+    nv, cv = low.fresh("n"), low.fresh("c")
+    ih, j, ph = low.fresh("ih"), low.fresh("j"), low.fresh("ph")
+    iw, r = j * sw + ph - pw, ih - ph_
+    ok = K.Binary("and", K.Binary("and", K.cmp("ge", r, as_expr(0)), K.cmp("lt", r, as_expr(H))),
+                  K.Binary("and", K.cmp("ge", iw, as_expr(0)), K.cmp("lt", iw, as_expr(W))))
+    src = ((nv * c_ + cv) * H + clamp_index(r, H)) * W + clamp_index(iw, W)
+    pad_value = f32(float("-inf") if is_max else 0.0)
+    fill = For(ih, as_expr(0), as_expr(Hp), (For(ph, as_expr(0), as_expr(sw), (
+        For(j, as_expr(0), as_expr(Wj), (
+            K.Store(scratch, (ih * sw + ph) * Wj + j,
+                    K.Select(ok, K.Load(xb, src, "f32"), pad_value)),)),)),))
+    oh, ow = low.fresh("oh"), low.fresh("ow")
+    acc = low.fresh("acc", "f32")
+    taps: list = []
+    for p in range(kh_):
+        for q in range(kw_):
+            v = K.Load(scratch, ((oh * sh + p * dh) * sw + (q % sw)) * Wj + ow + (q // sw), "f32")
+            taps.append(Assign(acc, K.maximum(acc, v) if is_max else acc + v))
+    result = acc if is_max else acc * f32(1.0 / (kh_ * kw_))
+    compute = For(oh, as_expr(0), as_expr(OH), (For(ow, as_expr(0), as_expr(OW), (
+        Decl(acc, pad_value), *taps, low.store_at(final, [nv, cv, oh, ow], result, out)),
+        "vectorized"),))
+    kind = _par(low, node)
+    return [For(nv, as_expr(0), as_expr(n_), (
+        For(cv, as_expr(0), as_expr(c_), (fill, compute), kind if n_ == 1 else "serial"),),
+        kind if n_ > 1 else "serial")]
+
+
 def _pack_rows(low, src, base, dst, dbase, Kd, N, row_stride, nr, kind) -> list:
     """dst[tile][k][j] = src[base + k*row_stride + tile*NR + j], zero past column N."""
     jt, k, j = low.fresh("jt"), low.fresh("k"), low.fresh("j")

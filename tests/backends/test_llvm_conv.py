@@ -32,3 +32,17 @@ def test_conv_schedule_matches_pytorch(config, batch: int) -> None:
     compiled = kiln.compile(model, (x,), backend="llvm")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+POOLS = [nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+         nn.MaxPool2d(3, 1, 1, dilation=2), nn.AvgPool2d(3, 2, 1), nn.AvgPool2d(2),
+         nn.AvgPool2d(3, 2, 1, ceil_mode=True), nn.AvgPool2d(3, 2, 1, count_include_pad=False)]
+
+
+@pytest.mark.parametrize("size", [7, 10, 57])
+@pytest.mark.parametrize("pool", POOLS, ids=[repr(p) for p in POOLS])
+def test_pool_schedule_matches_pytorch(pool: nn.Module, size: int) -> None:
+    x = torch.randn(2, 5, size, size)
+    x[0, 0, 0, 0] = float("nan")  # max pooling propagates NaN like PyTorch
+    compiled = kiln.compile(pool.eval(), (x,), backend="llvm")
+    torch.testing.assert_close(compiled(x), pool(x), equal_nan=True)

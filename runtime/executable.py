@@ -30,6 +30,10 @@ class Executable:
         """The backend's compiled program (for profiling and inspection)."""
         return self._run
 
+    def run_checked(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """``run`` for inputs the caller has already matched against ``input_types``."""
+        return self._run(inputs)
+
     __call__ = run
 
     def __repr__(self) -> str:

@@ -165,7 +165,7 @@ class CompiledProgram:
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Outputs for inputs already checked against the signature."""
-        arrays = [np.ascontiguousarray(a) for a in inputs]
+        arrays = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in inputs]
         for i, a in enumerate(arrays):
             self._in[i] = a.ctypes.data
         outs = [np.empty(shape, dt) for shape, dt in self._out_specs]

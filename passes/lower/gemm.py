@@ -64,6 +64,7 @@ def micro_shape(width: int, m: int) -> GemmShape:
 
 
 PARALLEL_MIN_MACS = 1 << 18
+IMAGE_PARALLEL_MAX_WEIGHT_BYTES = 1 << 19
 
 ALoad = Callable[[Expr, Expr], Expr]          # (row, k) -> scalar element of A
 BLoad = Callable[[Expr, Expr, int], Expr]     # (k, col, lanes) -> lanes elements of B
@@ -299,7 +300,11 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     n_var, g_var = low.fresh("n"), low.fresh("grp")
     # Several images: threads take whole images (one thread-pool round trip per conv), each
     # with its own workspaces; one image: the loops inside share the work.
-    images = oshape[0] if oshape[0] > 1 and _par(low, node) == "parallel" else 1
+    # Only when the weights are small: with large weights, threads sharing each image read
+    # them once per image, where threads on separate images would each stream all of them.
+    small_weights = wv.nbytes <= IMAGE_PARALLEL_MAX_WEIGHT_BYTES
+    images = oshape[0] if (oshape[0] > 1 and small_weights
+                           and _par(low, node) == "parallel") else 1
     image = n_var if images > 1 else None
     batch_kind = "parallel" if images > 1 else "serial"
     in_sp = in_shape[2:]
@@ -311,6 +316,9 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
         return _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles,
                               cg, og, g, Kd, in_sp, sp_out, ksp, pad, dil, n_var, g_var, x_base,
                               images)
+    if not direct and oshape[0] > 1 and Nn % width == 0 and g == 1:
+        return _batched_im2col(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles,
+                               cg, og, Kd, in_sp, sp_out, ksp, stride, pad, dil, width)
     if direct:
         # Pack B (the input's rows) into [N/NR][K][NR] panels first: the micro-kernel then
         # reads one contiguous stream instead of K rows a whole image apart.
@@ -350,6 +358,43 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
                         b_cols=-(-Nn // shape.nr) * shape.nr if direct else Nn + width)
     return [For(n_var, as_expr(0), as_expr(oshape[0]), (
         For(g_var, as_expr(0), as_expr(g), tuple(stmts)),), batch_kind)]
+
+
+def _batched_im2col(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles, cg, og,
+                    Kd, in_sp, sp_out, ksp, stride, pad, dil, width) -> list:
+    """Several images as one GEMM: the im2col columns of image n follow those of image n-1,
+    so N = images x pixels and small feature maps still fill whole register tiles. Each image
+    has a multiple of the vector width of pixels, so no vector straddles two images."""
+    images, Nn = oshape[0], math.prod(sp_out)
+    Nt = images * Nn
+    col_buf = low.workspace(f"{node.name}_cols", "f32", Kd * Nt + width)
+    n_var = low.fresh("n")
+    x_base = n_var * (cg * math.prod(in_sp))
+    fill = _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil,
+                   _par(low, node), row_len=Nt, col_offset=n_var * Nn)
+
+    def a(row, k):
+        tile, r = row // shape.mr, row % shape.mr
+        return K.Load(ap, (tile * Kd + k) * shape.mr + r, "f32")
+
+    # Then pack the columns into contiguous [N/NR][K][NR] panels for the micro-kernel.
+    nr = shape.nr
+    tiles = -(-Nt // nr)
+    packed = low.workspace(f"{node.name}_packed_b", "f32", tiles * Kd * nr)
+    pack = _pack_rows(low, col_buf, Const(0, INDEX), packed, Const(0, INDEX), Kd, Nt, Nt, nr,
+                      _par(low, node))
+
+    def b(k, col, lanes):
+        return K.Load(packed, (col // nr) * (Kd * nr) + k * nr + col % nr, "f32", lanes)
+
+    def store(row, col, value):
+        if bias_buf is not None:
+            bias = K.Load(bias_buf, row, "f32")
+            value = value + (K.Broadcast(bias, value.lanes) if value.lanes > 1 else bias)
+        return low.store_at(final, [col // Nn, row, col % Nn], value, out)
+
+    gemm = gemm_loops(low, og, Nt, Kd, a, b, store, shape, b_cols=tiles * nr)
+    return [For(n_var, as_expr(0), as_expr(images), tuple(fill)), *pack, *gemm]
 
 
 def _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles, cg, og, g,
@@ -556,13 +601,15 @@ def _par(low: Lowering, node: Node) -> str:
 
 def _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil,
             kind: str = "parallel", image: Expr | None = None, images: int = 1,
-            col_pad: int = 0) -> list:
+            col_pad: int = 0, row_len: int | None = None,
+            col_offset: Expr | None = None) -> list:
     """Fill col[k, n] = x[ci, o*stride + kk*dil - pad] (0 outside), k = (ci, kernel offsets).
 
     The input is first copied into a zero-padded workspace, so the im2col loops need no
     bounds checks and their innermost loop is a plain (vectorizable) copy when stride is 1.
     With ``image`` set, each of ``images`` images has its own padded copy and its own block
-    of ``col`` (K*N + ``col_pad`` elements)."""
+    of ``col`` (K*N + ``col_pad`` elements). ``row_len``/``col_offset`` place this image's
+    columns inside longer rows (several images in one GEMM)."""
     nd = len(ksp)
     stmts: list = []
     src_buf, src_sp = xb, list(in_sp)
@@ -596,7 +643,10 @@ def _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil,
         flat = flat * sp_out[d] + ovs[d]
     col_base = image * (math.prod(ksp) * cg * Nn + col_pad) if image is not None \
         else Const(0, INDEX)
-    inner = [K.Store(col_buf, col_base + (ci * kk + kidx) * Nn + flat,
+    if col_offset is not None:
+        col_base = col_base + col_offset
+    row = row_len or Nn
+    inner = [K.Store(col_buf, col_base + (ci * kk + kidx) * row + flat,
                      K.Load(src_buf, x_base + ci * math.prod(src_sp) + src, "f32"))]
     for d in reversed(range(nd)):
         okind = "vectorized" if d == nd - 1 and stride[d] == 1 else "serial"

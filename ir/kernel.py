@@ -70,12 +70,14 @@ class Var(Expr):
 
 @dataclass(frozen=True, eq=True)
 class Load(Expr):
-    """``buffer[index : index + lanes]``."""
+    """``buffer[index : index + lanes * stride : stride]`` (``stride`` > 1: every stride-th
+    element, for vector loads of strided data)."""
 
     buffer: str
     index: Expr
     dtype: str = "f32"
     lanes: int = 1
+    stride: int = 1
 
 
 BINARY_OPS = ("add", "sub", "mul", "div", "mod", "max", "min", "pow", "lt", "le", "gt", "ge",
@@ -468,7 +470,8 @@ def format_expr(e: Expr) -> str:
         return e.name
     if isinstance(e, Load):
         lanes = f", {e.lanes}" if e.lanes > 1 else ""
-        return f"{e.buffer}[{format_expr(e.index)}{lanes}]"
+        stride = f":{e.stride}" if e.stride != 1 else ""
+        return f"{e.buffer}[{format_expr(e.index)}{lanes}{stride}]"
     if isinstance(e, Binary):
         sym = {"add": "+", "sub": "-", "mul": "*", "div": "/", "mod": "%", "lt": "<",
                "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "&&",
@@ -574,10 +577,10 @@ def _eval(e: Expr, mem: dict, env: dict):
     if isinstance(e, Load):
         i = int(_eval(e.index, mem, env))
         buf = mem[e.buffer]
-        if i < 0 or i + e.lanes > buf.size:
-            raise KilnError(f"out-of-bounds load {e.buffer}[{i}:{i + e.lanes}] "
-                            f"(size {buf.size})")
-        return buf[i:i + e.lanes].copy() if e.lanes > 1 else buf[i]
+        end = i + e.stride * (e.lanes - 1) + 1
+        if i < 0 or end > buf.size:
+            raise KilnError(f"out-of-bounds load {e.buffer}[{i}:{end}] (size {buf.size})")
+        return buf[i:end:e.stride].copy() if e.lanes > 1 else buf[i]
     if isinstance(e, Binary):
         a, b = _eval(e.a, mem, env), _eval(e.b, mem, env)
         if e.op in ("div", "mod") and e.dtype not in ("f32", "f16", "f64"):

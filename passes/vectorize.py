@@ -38,6 +38,9 @@ from kiln.ir.kernel import (
 )
 
 REDUCTION_OPS = ("add", "max", "min")
+# Loads whose address moves by up to this many elements per lane are still vectorized (one
+# wider load and a shuffle); larger strides would read mostly unused data.
+MAX_LOAD_STRIDE = 4
 
 
 class _NotVectorizable(Exception):
@@ -92,9 +95,9 @@ class _Vectorizer:
             return Var(e.name, e.dtype, self.width)
         if isinstance(e, Load):
             c = self.coef(e.index)
-            if c != 1:
+            if not 1 <= c <= MAX_LOAD_STRIDE:
                 raise _NotVectorizable(f"load {e.buffer} with stride {c}")
-            return Load(e.buffer, simplify(e.index), e.dtype, self.width)
+            return Load(e.buffer, simplify(e.index), e.dtype, self.width, c)
         if isinstance(e, Binary):
             return Binary(e.op, self.widen(self.expr(e.a)), self.widen(self.expr(e.b)))
         if isinstance(e, Unary):

@@ -178,7 +178,17 @@ class _Fn:
         mt = llvm_type(e.dtype, e.lanes, memory=True)
         r = self.tmp()
         align = K.np_dtype(e.dtype).itemsize
-        self.emit(f"{r} = load {mt}, ptr {p}, align {align}")
+        if e.stride > 1 and e.lanes > 1:
+            # Load the span the lanes cover (no element past the last lane) and keep every
+            # stride-th element.
+            span = e.stride * (e.lanes - 1) + 1
+            wide, st = self.tmp(), llvm_type(e.dtype, memory=True)
+            self.emit(f"{wide} = load <{span} x {st}>, ptr {p}, align {align}")
+            mask = ", ".join(f"i32 {i * e.stride}" for i in range(e.lanes))
+            self.emit(f"{r} = shufflevector <{span} x {st}> {wide}, <{span} x {st}> poison, "
+                      f"<{e.lanes} x i32> <{mask}>")
+        else:
+            self.emit(f"{r} = load {mt}, ptr {p}, align {align}")
         if e.dtype == "bool":
             r2 = self.tmp()
             zero = "0" if e.lanes == 1 else "zeroinitializer"

@@ -486,17 +486,9 @@ def lower_depthwise(low: Lowering, node: Node, final: str, inline: set[str],
     bb = low.constant(bias.astype(np.float32), f"{node.name}_b") if bias is not None else None
     xb = low.buffer(x)
     nv, cv = low.fresh("n"), low.fresh("c")
-    ih, j, ph = low.fresh("ih"), low.fresh("j"), low.fresh("ph")
     # Fill the padded, phase-split copy of channel (n, c).
-    iw = j * sw + ph - pw
-    r = ih - ph_
-    ok = K.Binary("and", K.Binary("and", K.cmp("ge", r, as_expr(0)), K.cmp("lt", r, as_expr(H))),
-                  K.Binary("and", K.cmp("ge", iw, as_expr(0)), K.cmp("lt", iw, as_expr(W))))
-    src = ((nv * c_ + cv) * H + clamp_index(r, H)) * W + clamp_index(iw, W)
-    fill = For(ih, as_expr(0), as_expr(Hp), (For(ph, as_expr(0), as_expr(sw), (
-        For(j, as_expr(0), as_expr(Wj), (
-            K.Store(scratch, (ih * sw + ph) * Wj + j,
-                    K.Select(ok, K.Load(xb, src, "f32"), f32(0.0))),)),)),))
+    fill = _fill_padded(low, xb, (nv * c_ + cv) * (H * W), scratch, Const(0, INDEX), H, W, ph_,
+                        pw, sw, Hp, Wj, f32(0.0))
     oh, ow = low.fresh("oh"), low.fresh("ow")
     acc = low.fresh("acc", "f32")
     taps: list = []
@@ -512,7 +504,7 @@ def lower_depthwise(low: Lowering, node: Node, final: str, inline: set[str],
         "vectorized"),))
     kind = _par(low, node)
     return [For(nv, as_expr(0), as_expr(n_), (
-        For(cv, as_expr(0), as_expr(c_), (fill, compute), kind if n_ == 1 else "serial"),),
+        For(cv, as_expr(0), as_expr(c_), (*fill, compute), kind if n_ == 1 else "serial"),),
         kind if n_ > 1 else "serial")]
 
 
@@ -545,16 +537,9 @@ def lower_pool(low: Lowering, node: Node, final: str, inline: set[str],
     low.scratch.append(K.Buffer(scratch, "f32", Hp * sw * Wj))
     xb = low.buffer(x)
     nv, cv = low.fresh("n"), low.fresh("c")
-    ih, j, ph = low.fresh("ih"), low.fresh("j"), low.fresh("ph")
-    iw, r = j * sw + ph - pw, ih - ph_
-    ok = K.Binary("and", K.Binary("and", K.cmp("ge", r, as_expr(0)), K.cmp("lt", r, as_expr(H))),
-                  K.Binary("and", K.cmp("ge", iw, as_expr(0)), K.cmp("lt", iw, as_expr(W))))
-    src = ((nv * c_ + cv) * H + clamp_index(r, H)) * W + clamp_index(iw, W)
     pad_value = f32(float("-inf") if is_max else 0.0)
-    fill = For(ih, as_expr(0), as_expr(Hp), (For(ph, as_expr(0), as_expr(sw), (
-        For(j, as_expr(0), as_expr(Wj), (
-            K.Store(scratch, (ih * sw + ph) * Wj + j,
-                    K.Select(ok, K.Load(xb, src, "f32"), pad_value)),)),)),))
+    fill = _fill_padded(low, xb, (nv * c_ + cv) * (H * W), scratch, Const(0, INDEX), H, W, ph_,
+                        pw, sw, Hp, Wj, pad_value)
     oh, ow = low.fresh("oh"), low.fresh("ow")
     acc = low.fresh("acc", "f32")
     taps: list = []
@@ -568,7 +553,7 @@ def lower_pool(low: Lowering, node: Node, final: str, inline: set[str],
         "vectorized"),))
     kind = _par(low, node)
     return [For(nv, as_expr(0), as_expr(n_), (
-        For(cv, as_expr(0), as_expr(c_), (fill, compute), kind if n_ == 1 else "serial"),),
+        For(cv, as_expr(0), as_expr(c_), (*fill, compute), kind if n_ == 1 else "serial"),),
         kind if n_ > 1 else "serial")]
 
 
@@ -591,6 +576,33 @@ def _pack_rows(low, src, base, dst, dbase, Kd, N, row_stride, nr, kind) -> list:
                          f32(0.0))
         stmts.append(For(k2, as_expr(0), as_expr(Kd), (For(j2, as_expr(0), as_expr(nr), (
             K.Store(dst, dbase + (full * Kd + k2) * nr + j2, value),)),)))
+    return stmts
+
+
+def _fill_padded(low: Lowering, src: str, src_base: Expr, dst: str, dst_base: Expr,
+                 H: int, W: int, pad_h: int, pad_w: int, sw: int, Hp: int, Wj: int,
+                 pad_value: Expr) -> list:
+    """Copy one H x W image into a padded, phase-split scratch image: column j*sw + ph of
+    padded row r lands at dst[(r*sw + ph)*Wj + j]; everything else holds ``pad_value``.
+
+    A vector fill of the whole scratch, then a copy of the interior whose bounds are known
+    here, so neither loop tests bounds per element (the copy is a plain vector copy when
+    sw is 1)."""
+    i, r = low.fresh("i"), low.fresh("r")
+    stmts: list = [For(i, as_expr(0), as_expr(Hp * sw * Wj),
+                       (K.Store(dst, dst_base + i, pad_value),), "vectorized")]
+    rows = min(H, Hp - pad_h)
+    for ph in range(sw):
+        j0 = max(0, -(-(pad_w - ph) // sw))
+        j1 = min(Wj, -(-(W + pad_w - ph) // sw))
+        if j1 <= j0 or rows <= 0:
+            continue
+        jj = low.fresh("j")
+        copy = K.Store(dst, dst_base + ((r + pad_h) * sw + ph) * Wj + jj,
+                       K.Load(src, src_base + r * W + jj * sw + (ph - pad_w), "f32"))
+        stmts.append(For(r, as_expr(0), as_expr(rows), (
+            For(jj, as_expr(j0), as_expr(j1 - j0), (copy,), "vectorized" if sw == 1
+                else "serial"),)))
     return stmts
 
 

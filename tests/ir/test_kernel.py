@@ -72,13 +72,26 @@ def test_vectorized_kernel_computes_the_same(n: int, width: int) -> None:
     np.testing.assert_allclose(outs[0], x * 2 + y, rtol=1e-6)
 
 
-def test_gather_is_not_vectorized() -> None:
+def test_wide_gather_is_not_vectorized() -> None:
     i = Var("i")
-    k = Kernel("gather", (Buffer("x", "f32", 20), Buffer("out", "f32", 10)), (
-        For(i, Const(0, INDEX), Const(10, INDEX), (Store("out", i, Load("x", i * 2)),),
+    k = Kernel("gather", (Buffer("x", "f32", 50), Buffer("out", "f32", 10)), (
+        For(i, Const(0, INDEX), Const(10, INDEX), (Store("out", i, Load("x", i * 5)),),
             "vectorized"),))
     after = vectorize(k, 4)
     assert "step" not in str(after) and "vectorized" not in str(after)
+
+
+def test_stride_two_load_becomes_a_strided_vector_load() -> None:
+    i = Var("i")
+    k = Kernel("evens", (Buffer("x", "f32", 19), Buffer("out", "f32", 10)), (
+        For(i, Const(0, INDEX), Const(10, INDEX), (Store("out", i, Load("x", i * 2)),),
+            "vectorized"),))
+    after = vectorize(k, 4)
+    assert "out[i, 4] = x[(i * 2), 4:2]" in str(after)
+    x = np.arange(19, dtype=np.float32)
+    out = np.zeros(10, np.float32)
+    K.run_kernel(after, {"x": x, "out": out})  # the last lane reads x[18], the last element
+    np.testing.assert_array_equal(out, x[::2])
 
 
 def test_unroll_and_parallel_placement() -> None:

@@ -423,7 +423,7 @@ def _attention(low: Lowering, node: Node, store: StoreFn) -> list:
             For(s2, as_expr(0), extent, (
                 K.Store(scores, s2, K.call("exp", K.Load(scores, s2, dt) - shift)),
                 K.Assign(tot, tot + K.Load(scores, s2, dt)),
-            )),
+            ), "vectorized"),
             Decl(inv, K.Select(K.cmp("gt", tot, f32(0.0, dt)), f32(1.0, dt) / tot,
                                f32(0.0, dt))),
             _loop(e2, Ev, [K.Store(accbuf, e2, f32(0.0, dt))], "vectorized"),

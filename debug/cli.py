@@ -1,0 +1,124 @@
+"""The ``kiln`` command: list passes, show a model's IR after any pass, profile its kernels.
+
+    kiln passes
+    kiln show resnet18 --after fold_batchnorm
+    kiln profile mlp --threads 4
+
+Errors a user can cause print ``kiln: error: <message>`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from kiln.debug.model_arg import SPEC_HELP
+from kiln.debug.profiling import format_table, measure_peaks, profile
+from kiln.debug.stages import INPUT_STAGE, show
+from kiln.frontend.trace import FRONTENDS
+from kiln.ir import KilnError
+from kiln.passes import PIPELINES, all_passes
+
+
+def _cmd_passes(args: argparse.Namespace) -> None:
+    passes = all_passes()
+    width = max(len(name) for name in passes)
+    print("passes:")
+    for name, pass_ in passes.items():
+        print(f"  {name:<{width}}  {pass_.numerics:<7}  {pass_.description}")
+    print("pipelines:")
+    for name, names in PIPELINES.items():
+        print(f"  {name}: {' -> '.join(names) if names else '(no passes)'}")
+
+
+def _cmd_show(args: argparse.Namespace) -> None:
+    print(show(args.model, args.after, args.pipeline, args.frontend))
+
+
+def _cmd_profile(args: argparse.Namespace) -> None:
+    rows = profile(args.model, args.threads, args.repeat, args.batch)
+    print(format_table(rows, measure_peaks(args.threads)))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``kiln`` command, one subcommand per tool."""
+    parser = argparse.ArgumentParser(
+        prog="kiln", description="kiln's pass-level debugger: inspect what each pass does "
+                                 "to a model and where its compiled code spends its time.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("passes", help="list every registered pass and every pipeline",
+                       description="List every registered pass (name, numerics class, "
+                                   "description) and every named pipeline.")
+    p.set_defaults(func=_cmd_passes)
+
+    p = sub.add_parser("show", help="print a model's IR after a pass",
+                       description="Print the IR text of MODEL after one pass of a pipeline.")
+    p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
+    p.add_argument("--after", metavar="PASS",
+                   help=f"stop after this pass ('{INPUT_STAGE}': the imported graph; 'name#2': "
+                        "the second occurrence of a pass; default: the whole pipeline)")
+    p.add_argument("--pipeline", default="O1", help="named pipeline (default: O1; "
+                   f"one of {', '.join(PIPELINES)})")
+    p.add_argument("--frontend", default="fx", choices=FRONTENDS,
+                   help="how the model is traced (default: fx)")
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("profile", help="time each kernel of a compiled model",
+                       description="Compile MODEL for this CPU and print each kernel's time, "
+                                   "GFLOP/s, GB/s, and whether it is compute- or memory-bound "
+                                   "against this machine's measured peaks.")
+    p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
+    p.add_argument("--threads", type=_non_negative, default=0,
+                   help="worker threads (default 0: all cores)")
+    p.add_argument("--repeat", type=_positive, default=10,
+                   help="runs to take the median of (default 10)")
+    p.add_argument("--batch", type=_positive, default=None,
+                   help="batch size of the example inputs (default: the model's own)")
+    p.set_defaults(func=_cmd_profile)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``kiln`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit
+    status: 0 on success (and for ``--help``), 2 for a usage or model error."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits for --help (0) and for usage errors (2)
+        return e.code if isinstance(e.code, int) else 2
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        args.func(args)
+        sys.stdout.flush()
+    except KilnError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader (`kiln show ... | head`) closed the pipe: stop quietly, as Unix tools do,
+        # and keep the interpreter's final flush from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The ``kiln`` debugging tool: its commands run in-process through ``main``, plus one run of
+the installed module as a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from kiln.debug import load_model, show
+from kiln.debug.cli import main
+from kiln.ir import KilnError
+
+FACTORY_FILE = """
+import torch
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+def build():
+    return Tiny().eval(), (torch.randn(2, 8),)
+
+
+def broken():
+    raise RuntimeError("no weights here")
+
+
+def wrong_type():
+    return 42
+"""
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run ``kiln argv...`` in-process; returns (status, stdout, stderr)."""
+    status = main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "tiny_model.py"
+    path.write_text(textwrap.dedent(FACTORY_FILE))
+    return path
+
+
+def test_no_arguments_prints_help(capsys):
+    status, out, _ = run(capsys)
+    assert status == 0
+    assert "usage: kiln" in out and "profile" in out
+
+
+def test_passes_lists_passes_and_pipelines(capsys):
+    status, out, _ = run(capsys, "passes")
+    assert status == 0
+    assert "fold_batchnorm" in out and "exact" in out
+    assert "O1:" in out
+
+
+def test_show_input_graph(capsys):
+    status, out, _ = run(capsys, "show", "mlp", "--after", "input")
+    assert status == 0
+    assert "graph" in out and "linear" in out
+
+
+def test_show_after_fold_batchnorm_removes_batch_norm(capsys):
+    _, before, _ = run(capsys, "show", "resnet18_cifar", "--after", "input")
+    status, after, _ = run(capsys, "show", "resnet18_cifar", "--after", "fold_batchnorm")
+    assert status == 0
+    assert "batch_norm(" in before
+    assert "batch_norm(" not in after
+
+
+def test_show_second_occurrence_matches_whole_pipeline():
+    assert show("mlp", after="dce#2") == show("mlp")
+    assert show("mlp", after="dce") == show("mlp", after="dce#1")
+
+
+def test_show_unknown_pass_lists_pipeline_stages(capsys):
+    status, out, err = run(capsys, "show", "mlp", "--after", "no_such_pass")
+    assert status == 2 and out == ""
+    assert err.startswith("kiln: error:")
+    assert "fold_batchnorm" in err and "dce#2" in err
+
+
+def test_file_factory_spec(capsys, model_file):
+    status, out, _ = run(capsys, "show", f"{model_file}:build", "--after", "input")
+    assert status == 0
+    assert "graph Tiny" in out and "linear" in out and "relu" in out
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_such_model", "resnet18"),                     # the error lists the zoo names
+    ("missing_dir/model.py:build", "does not exist"),
+])
+def test_bad_spec_exits_2(capsys, spec, message):
+    status, out, err = run(capsys, "show", spec)
+    assert status == 2 and out == ""
+    assert err.startswith("kiln: error:") and message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("factory, message", [
+    ("no_factory", "build"),                           # lists the functions the file has
+    ("broken", "no weights here"),
+    ("wrong_type", "(module, example_inputs)"),
+])
+def test_bad_factory_exits_2(capsys, model_file, factory, message):
+    status, _, err = run(capsys, "show", f"{model_file}:{factory}")
+    assert status == 2
+    assert err.startswith("kiln: error:") and message in err
+
+
+def test_load_model_raises_kiln_error():
+    with pytest.raises(KilnError, match="unknown model"):
+        load_model("no_such_model")
+    module, inputs, name = load_model("mlp")
+    assert name == "mlp" and isinstance(inputs, tuple)
+
+
+def test_profile_prints_table(capsys):
+    status, out, _ = run(capsys, "profile", "mlp", "--repeat", "3", "--threads", "1")
+    assert status == 0
+    assert "linear" in out and "GFLOP/s" in out and "total" in out and "peaks:" in out
+    assert "compute" in out or "memory" in out
+
+
+@pytest.mark.parametrize("command", [[], ["passes"], ["show"], ["profile"]])
+def test_help_exits_0(capsys, command):
+    status, out, _ = run(capsys, *command, "--help")
+    assert status == 0
+    assert "usage: kiln" in out
+
+
+def test_usage_error_exits_2(capsys):
+    status, _, err = run(capsys, "profile", "mlp", "--repeat", "0")
+    assert status == 2 and "--repeat" in err
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "kiln.debug.cli", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "usage: kiln" in result.stdout

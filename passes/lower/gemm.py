@@ -65,6 +65,9 @@ def micro_shape(width: int, m: int) -> GemmShape:
 
 PARALLEL_MIN_MACS = 1 << 18
 IMAGE_PARALLEL_MAX_WEIGHT_BYTES = 1 << 19
+# Folding images into one GEMM pays for small maps (few column tiles per image); for large
+# ones the all-images im2col buffer no longer fits in cache.
+BATCHED_IM2COL_MAX_PIXELS = 1024
 
 ALoad = Callable[[Expr, Expr], Expr]          # (row, k) -> scalar element of A
 BLoad = Callable[[Expr, Expr, int], Expr]     # (k, col, lanes) -> lanes elements of B
@@ -316,7 +319,8 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
         return _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles,
                               cg, og, g, Kd, in_sp, sp_out, ksp, pad, dil, n_var, g_var, x_base,
                               images)
-    if not direct and oshape[0] > 1 and Nn % width == 0 and g == 1:
+    if not direct and oshape[0] > 1 and Nn % width == 0 and Nn <= BATCHED_IM2COL_MAX_PIXELS \
+            and g == 1:
         return _batched_im2col(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles,
                                cg, og, Kd, in_sp, sp_out, ksp, stride, pad, dil, width)
     if direct:

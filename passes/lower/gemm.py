@@ -65,6 +65,7 @@ def micro_shape(width: int, m: int) -> GemmShape:
 
 PARALLEL_MIN_MACS = 1 << 18
 IMAGE_PARALLEL_MAX_WEIGHT_BYTES = 1 << 19
+IMAGE_PARALLEL_MAX_WORKSPACE_BYTES = 1 << 22
 # Folding images into one GEMM pays for small maps (few column tiles per image); for large
 # ones the all-images im2col buffer no longer fits in cache.
 BATCHED_IM2COL_MAX_PIXELS = 1024
@@ -305,8 +306,12 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     # with its own workspaces; one image: the loops inside share the work.
     # Only when the weights are small: with large weights, threads sharing each image read
     # them once per image, where threads on separate images would each stream all of them.
+    # Nor when an image's im2col buffer alone outgrows the cache (the ImageNet stem): then
+    # both threads are better off streaming one image's columns together.
     small_weights = wv.nbytes <= IMAGE_PARALLEL_MAX_WEIGHT_BYTES
+    im2col_bytes = 0 if direct else Kd * Nn * 4
     images = oshape[0] if (oshape[0] > 1 and small_weights
+                           and im2col_bytes <= IMAGE_PARALLEL_MAX_WORKSPACE_BYTES
                            and _par(low, node) == "parallel") else 1
     image = n_var if images > 1 else None
     batch_kind = "parallel" if images > 1 else "serial"

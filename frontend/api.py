@@ -75,6 +75,16 @@ class CompiledModel:
             return outs[0] if len(outs) == 1 else tuple(outs)
         return pytree.tree_unflatten(outs, self._out_spec)
 
+    def profile(self, *args: Any, repeat: int = 10) -> list:
+        """Per-kernel time, FLOPs and GFLOP/s on these inputs, slowest first (llvm backend)."""
+        program = self.executable.program
+        if not hasattr(program, "profile"):
+            raise KilnError(f"the {self.backend} backend has no per-kernel profile",
+                            hint="compile with backend='llvm'")
+        arrays = [a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+                  for a in args]
+        return program.profile(self.executable.check(arrays), repeat=repeat)
+
     def __repr__(self) -> str:
         return f"<CompiledModel {self.graph.name} on {self.backend}: {len(self.graph.nodes)} nodes>"
 

@@ -30,6 +30,10 @@ class Executable:
         """The backend's compiled program (for profiling and inspection)."""
         return self._run
 
+    def check(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """``inputs`` as arrays, after checking count, shapes and dtypes (KilnError if off)."""
+        return check_inputs(self.graph, inputs)
+
     def run_checked(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """``run`` for inputs the caller has already matched against ``input_types``."""
         return self._run(inputs)

@@ -64,3 +64,15 @@ def test_different_weights_get_different_entries(cache_dir) -> None:
         next(model.parameters()).add_(1.0)
     kiln.compile(model, inputs, threads=1)
     assert len([p for p in cache_dir.iterdir() if not p.name.startswith(".")]) == 2
+
+
+def test_profile_lists_every_kernel_with_its_rate() -> None:
+    model, inputs = get_model("lenet5")
+    compiled = kiln.compile(model, inputs, threads=1)
+    rows = compiled.profile(*inputs, repeat=3)
+    assert len(rows) == len(compiled.executable.program.image.steps)
+    assert {r.op for r in rows} >= {"conv", "linear", "max_pool"}
+    assert all(r.seconds > 0 and r.flops >= 0 for r in rows)
+    assert rows == sorted(rows, key=lambda r: -r.seconds)
+    with pytest.raises(kiln.KilnError, match="no per-kernel profile"):
+        kiln.compile(model, inputs, backend="reference").profile(*inputs)

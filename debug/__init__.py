@@ -2,10 +2,15 @@
 
     kiln.debug.show("resnet18", after="fold_batchnorm")   # IR text after that pass
     kiln.debug.profile("mlp", threads=4)                  # per-kernel rows, slowest first
+    kiln.debug.bisect("resnet18_cifar", pipeline="O1")    # first pass that breaks the outputs
+    kiln.debug.minify(graph, passes)                      # a small graph the passes still break
 """
 
+from kiln.debug.bisect import BisectResult, bisect
+from kiln.debug.minify import check_failure, minify, write_repro
 from kiln.debug.model_arg import load_model
 from kiln.debug.profiling import measure_peaks, profile
 from kiln.debug.stages import show
 
-__all__ = ["load_model", "measure_peaks", "profile", "show"]
+__all__ = ["BisectResult", "bisect", "check_failure", "load_model", "measure_peaks", "minify",
+           "profile", "show", "write_repro"]

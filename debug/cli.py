@@ -3,8 +3,11 @@
     kiln passes
     kiln show resnet18 --after fold_batchnorm
     kiln profile mlp --threads 4
+    kiln bisect resnet18_cifar --pipeline O1
+    kiln minify mlp --passes fold_batchnorm,my_pass -o /tmp/repro
 
-Errors a user can cause print ``kiln: error: <message>`` and exit with status 2.
+Errors a user can cause print ``kiln: error: <message>`` and exit with status 2; ``bisect`` and
+``minify`` exit with status 1 when they find a failing pass.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kiln.debug.model_arg import SPEC_HELP
+from kiln.debug.bisect import bisect, parse_pass_list, resolve_passes
+from kiln.debug.minify import check_failure, minify, write_repro
+from kiln.debug.model_arg import SPEC_HELP, load_model
 from kiln.debug.profiling import format_table, measure_peaks, profile
 from kiln.debug.stages import INPUT_STAGE, show
-from kiln.frontend.trace import FRONTENDS
+from kiln.frontend.trace import FRONTENDS, trace_module
 from kiln.ir import KilnError
 from kiln.passes import PIPELINES, all_passes
 
@@ -40,6 +45,40 @@ def _cmd_show(args: argparse.Namespace) -> None:
 def _cmd_profile(args: argparse.Namespace) -> None:
     rows = profile(args.model, args.threads, args.repeat, args.batch)
     print(format_table(rows, measure_peaks(args.threads)))
+
+
+def _cmd_bisect(args: argparse.Namespace) -> int:
+    result = bisect(args.model, args.pipeline, parse_pass_list(args.passes), args.frontend)
+    print(result.report())
+    return 1 if result.failed else 0
+
+
+def _cmd_minify(args: argparse.Namespace) -> int:
+    passes = resolve_passes(args.pipeline, parse_pass_list(args.passes))
+    module, inputs, _ = load_model(args.model)
+    graph, _ = trace_module(module, inputs, args.frontend)
+    failure = check_failure(graph, passes, args.seed)
+    if failure is None:
+        print(f"no failure: {', '.join(p.name for p in passes) or 'the empty pipeline'} "
+              "runs and matches the unoptimized graph; nothing to minify")
+        return 0
+    print(f"failure ({failure.kind}): {failure.message}")
+    small = minify(graph, passes, seed=args.seed)
+    repro = write_repro(small, passes, args.output, args.seed)
+    print(f"minified {len(graph.nodes)} -> {len(small.nodes)} nodes:")
+    print(small, end="")
+    print(f"wrote {repro.parent / 'minified.txt'}, {repro.parent / 'constants.npz'}, {repro}")
+    return 1
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
+    p.add_argument("--pipeline", default="O1", help="named pipeline (default: O1; "
+                   f"one of {', '.join(PIPELINES)})")
+    p.add_argument("--passes", metavar="P1,P2,...",
+                   help="run these registered passes in order instead of --pipeline")
+    p.add_argument("--frontend", default="fx", choices=FRONTENDS,
+                   help="how the model is traced (default: fx)")
 
 
 def _positive(text: str) -> int:
@@ -92,12 +131,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive, default=None,
                    help="batch size of the example inputs (default: the model's own)")
     p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("bisect", help="find the first pass that breaks a model's outputs",
+                       description="Run the pipeline on MODEL one pass at a time and compare "
+                                   "each stage's outputs (reference backend, example inputs) "
+                                   "with eager PyTorch. Prints the first pass whose outputs "
+                                   "leave tolerance (exact passes: 1e-5 + 1e-4 x max|output|; "
+                                   "lossy passes: plus their error budget) or crash, and the "
+                                   "first node it changed. Exit status 1 when a pass fails.")
+    _add_pipeline_args(p)
+    p.set_defaults(func=_cmd_bisect)
+
+    p = sub.add_parser("minify", help="shrink a failing graph to a small reproducer",
+                       description="Find how the pipeline fails on MODEL (a pass raises, the "
+                                   "verifier rejects its output, or the result differs from "
+                                   "the unoptimized graph on seeded random inputs), shrink the "
+                                   "graph while it fails the same way, and write minified.txt, "
+                                   "constants.npz and a runnable repro.py into DIR. Exit "
+                                   "status 1 when a failure was minified, 0 when none occurs.")
+    _add_pipeline_args(p)
+    p.add_argument("-o", "--output", metavar="DIR", required=True,
+                   help="directory for minified.txt, constants.npz and repro.py")
+    p.add_argument("--seed", type=_non_negative, default=0,
+                   help="seed of the random inputs (default 0)")
+    p.set_defaults(func=_cmd_minify)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``kiln`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit
-    status: 0 on success (and for ``--help``), 2 for a usage or model error."""
+    status: 0 on success (and for ``--help``), 1 when ``bisect``/``minify`` find a failing
+    pass, 2 for a usage or model error."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -107,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        args.func(args)
+        status = args.func(args)
         sys.stdout.flush()
     except KilnError as e:
         print(f"kiln: error: {e}", file=sys.stderr)
@@ -117,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # and keep the interpreter's final flush from failing again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

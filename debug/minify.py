@@ -207,7 +207,7 @@ def load_pass(path, class_name):
 
 def main():
     with np.load(HERE / "constants.npz", allow_pickle=False) as data:
-        constants = {{name: data[name] for name in data.files}}
+        constants = {{name[2:]: data[name] for name in data.files}}
     graph = parse_graph((HERE / "minified.txt").read_text(), constants)
     passes = [{passes}]
     failure = check_failure(graph, passes, SEED)
@@ -232,7 +232,8 @@ def write_repro(graph: Graph, passes: Sequence[Pass | str], directory: str | Pat
     pass_list = [get_pass(p) if isinstance(p, str) else p for p in passes]
     failure = check_failure(graph, pass_list, seed)
     (directory / "minified.txt").write_text(print_graph(graph))
-    np.savez(directory / "constants.npz", **graph.constants)
+    # Keys get a prefix so no constant name can clash with np.savez's own parameter names.
+    np.savez(directory / "constants.npz", **{f"c:{k}": v for k, v in graph.constants.items()})
     script = REPRO_TEMPLATE.format(
         failure=failure.message if failure else "none (the graph did not fail when written)",
         seed=seed, passes=", ".join(_pass_recipe(p) for p in pass_list))

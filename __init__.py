@@ -2,13 +2,32 @@
 
     compiled = kiln.compile(model.eval(), (example_input,))
     y = compiled(x)
+    kiln.export(compiled, "model.kiln")       # later, without PyTorch: kiln.load("model.kiln")
 
 or ``torch.compile(model, backend="kiln")``.
+
+The PyTorch-facing API is imported on first use, so ``kiln.load`` works where PyTorch is not
+installed.
 """
 
-from kiln.frontend.api import CompiledModel, compile, optimize
 from kiln.ir import KilnError
 
 __version__ = "0.1.0"
 
-__all__ = ["CompiledModel", "KilnError", "compile", "optimize", "__version__"]
+_LAZY = {
+    "CompiledModel": "kiln.frontend.api",
+    "compile": "kiln.frontend.api",
+    "optimize": "kiln.frontend.api",
+    "export": "kiln.frontend.api",
+    "load": "kiln.runtime.artifact",
+}
+
+__all__ = ["KilnError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kiln' has no attribute {name!r}")

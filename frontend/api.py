@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +15,7 @@ from kiln.backends.reference import run_graph
 from kiln.frontend.trace import trace_module
 from kiln.ir import Graph, KilnError
 from kiln.passes import NumericCheck, PassManager, Timing, Verify, get_pipeline
-from kiln.runtime import Executable
+from kiln.runtime import Executable, artifact
 
 
 def optimize(graph: Graph, pipeline: str | Sequence[str] = "O1", *, verify: bool = True,
@@ -91,6 +93,29 @@ class CompiledModel:
 
 _TORCH_DTYPE = {"f32": torch.float32, "f16": torch.float16, "i8": torch.int8,
                 "u8": torch.uint8, "i32": torch.int32, "i64": torch.int64, "bool": torch.bool}
+
+
+def export(compiled: CompiledModel, path: str | os.PathLike, *,
+           overwrite: bool = False) -> Path:
+    """Write ``compiled`` (llvm backend) as one artifact file that ``kiln.load`` runs without
+    PyTorch. An existing file is kept unless ``overwrite`` is True."""
+    program = compiled.executable.program
+    image = getattr(program, "image", None)
+    if image is None:
+        raise KilnError(f"a model compiled for the {compiled.backend} backend has no native "
+                        "code to export", hint="compile with backend='llvm'")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise KilnError(f"{path} already exists", hint="choose another path or pass "
+                                                       "overwrite=True")
+    pipeline = [r.name for r in compiled.timing.records] if compiled.timing else []
+    return artifact.save(path, image, pipeline=pipeline, kiln_version=_kiln_version())
+
+
+def _kiln_version() -> str:
+    from kiln import __version__
+
+    return __version__
 
 
 def compile(

@@ -9,7 +9,6 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from scipy import special
 
 from kiln.ir.errors import ShapeError
 from kiln.ir.ops._rules import broadcast, same_dtype, want_float
@@ -53,10 +52,17 @@ def _unary(name: str, ref, description: str, *, float_only: bool = True, attrs=N
     )
 
 
+def _erf(x: np.ndarray) -> np.ndarray:
+    # SciPy is imported on first use: loading a compiled artifact needs only NumPy.
+    from scipy import special
+
+    return special.erf(x)
+
+
 def _gelu(x: np.ndarray, approximate: str) -> np.ndarray:
     if approximate == "tanh":
         return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-    return 0.5 * x * (1.0 + special.erf(x / math.sqrt(2.0)))
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
 
 
 def _check_gelu(ins, attrs):
@@ -95,7 +101,7 @@ _unary("exp", _in64(np.exp), "e ** x", flops_per_element=4)
 _unary("log", _in64(np.log), "natural logarithm", flops_per_element=4)
 _unary("sqrt", _in64(np.sqrt), "square root")
 _unary("rsqrt", _in64(lambda x: 1.0 / np.sqrt(x)), "1 / sqrt(x)", flops_per_element=2)
-_unary("erf", _in64(special.erf), "error function", flops_per_element=8)
+_unary("erf", _in64(_erf), "error function", flops_per_element=8)
 _unary("reciprocal", _in64(lambda x: 1.0 / x), "1 / x")
 _unary("neg", np.negative, "-x", float_only=False)
 _unary("abs", np.abs, "|x|", float_only=False)

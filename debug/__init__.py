@@ -4,6 +4,7 @@
     kiln.debug.profile("mlp", threads=4)                  # per-kernel rows, slowest first
     kiln.debug.bisect("resnet18_cifar", pipeline="O1")    # first pass that breaks the outputs
     kiln.debug.minify(graph, passes)                      # a small graph the passes still break
+    kiln.debug.trace("resnet18_cifar", "/tmp/trace")      # every stage's IR, diff, costs, report
 """
 
 from kiln.debug.bisect import BisectResult, bisect
@@ -11,6 +12,7 @@ from kiln.debug.minify import check_failure, minify, write_repro
 from kiln.debug.model_arg import load_model
 from kiln.debug.profiling import measure_peaks, profile
 from kiln.debug.stages import show
+from kiln.debug.trace import trace
 
 __all__ = ["BisectResult", "bisect", "check_failure", "load_model", "measure_peaks", "minify",
-           "profile", "show", "write_repro"]
+           "profile", "show", "trace", "write_repro"]

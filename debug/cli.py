@@ -5,6 +5,7 @@
     kiln profile mlp --threads 4
     kiln bisect resnet18_cifar --pipeline O1
     kiln minify mlp --passes fold_batchnorm,my_pass -o /tmp/repro
+    kiln trace resnet18_cifar -o /tmp/trace
 
 Errors a user can cause print ``kiln: error: <message>`` and exit with status 2; ``bisect`` and
 ``minify`` exit with status 1 when they find a failing pass.
@@ -22,6 +23,8 @@ from kiln.debug.minify import check_failure, minify, write_repro
 from kiln.debug.model_arg import SPEC_HELP, load_model
 from kiln.debug.profiling import format_table, measure_peaks, profile
 from kiln.debug.stages import INPUT_STAGE, show
+from kiln.debug.trace import format_table as format_trace_table
+from kiln.debug.trace import trace
 from kiln.frontend.trace import FRONTENDS, trace_module
 from kiln.ir import KilnError
 from kiln.passes import PIPELINES, all_passes
@@ -69,6 +72,12 @@ def _cmd_minify(args: argparse.Namespace) -> int:
     print(small, end="")
     print(f"wrote {repro.parent / 'minified.txt'}, {repro.parent / 'constants.npz'}, {repro}")
     return 1
+
+
+def _cmd_trace(args: argparse.Namespace) -> None:
+    rows = trace(args.model, args.output, args.pipeline, args.frontend)
+    print(format_trace_table(rows))
+    print(f"wrote {len(rows)} stages (.txt, .diff), table.tsv and report.html to {args.output}")
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -155,6 +164,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_non_negative, default=0,
                    help="seed of the random inputs (default 0)")
     p.set_defaults(func=_cmd_minify)
+
+    p = sub.add_parser("trace", help="record every stage of a pipeline, with an HTML report",
+                       description="Run the pipeline on MODEL one pass at a time (stage 0: the "
+                                   "imported graph) and write into DIR each stage's IR "
+                                   "(NNN_<pass>.txt), its diff against the previous stage "
+                                   "(NNN_<pass>.diff), table.tsv (per stage: pass time, nodes, "
+                                   "parameters, FLOPs, bytes, max|diff| of the outputs against "
+                                   "eager PyTorch) and report.html (the table, and per stage a "
+                                   "picture of the graph coloured by fused kernel, and the "
+                                   "diff). Prints the table.")
+    p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
+    p.add_argument("-o", "--output", metavar="DIR", required=True,
+                   help="directory for the stage files, table.tsv and report.html")
+    p.add_argument("--pipeline", default="O1", help="named pipeline (default: O1; "
+                   f"one of {', '.join(PIPELINES)})")
+    p.add_argument("--frontend", default="fx", choices=FRONTENDS,
+                   help="how the model is traced (default: fx)")
+    p.set_defaults(func=_cmd_trace)
     return parser
 
 

@@ -131,9 +131,11 @@ def test_pipelines_and_names():
     assert PIPELINES["O0"] == []
     assert PIPELINES["O1"] == ["fold_constants", "simplify_algebra", "dce", "fold_batchnorm",
                                "cse", "dce"]
-    assert set(all_passes()) == {"fold_constants", "simplify_algebra", "dce",
-                                 "fold_batchnorm", "cse"}
-    for p in all_passes().values():
+    # Other tests in the same process may register passes of their own; kiln's are these.
+    builtin = {n: p for n, p in all_passes().items()
+               if type(p).__module__.startswith("kiln.passes")}
+    assert set(builtin) == {"fold_constants", "simplify_algebra", "dce", "fold_batchnorm", "cse"}
+    for p in builtin.values():
         assert p.numerics == "exact" and p.description and "\n" not in p.description
     g = model()
     assert print_graph(run_pipeline(g, "O0")) == print_graph(g)

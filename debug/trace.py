@@ -1,0 +1,143 @@
+"""``kiln trace``: what every pass of a pipeline does to a model, stage by stage.
+
+The pipeline runs one pass at a time (stage 0 is the imported graph). For each stage the trace
+writes ``NNN_<pass>.txt`` (its IR text, through the PassManager's ``DumpIR`` instrument) and
+``NNN_<pass>.diff`` (a unified diff against the previous stage's text; stage 0 is diffed
+against nothing), and measures one table row: pass time, nodes, parameters, FLOPs, bytes moved,
+and the largest difference of the stage's outputs from eager PyTorch on the example inputs
+(reference backend). The table goes to ``table.tsv`` and the whole trace, with a picture of
+every stage's graph and its fused kernels, to ``report.html``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kiln.backends.reference import run_graph
+from kiln.debug.bisect import combined_budget, eager_outputs, max_violation
+from kiln.debug.model_arg import load_model
+from kiln.debug.report import Stage, write_report
+from kiln.debug.stages import INPUT_STAGE
+from kiln.frontend.trace import trace_module
+from kiln.ir import Graph, get_op, print_graph
+from kiln.passes import (
+    DumpIR,
+    Instrument,
+    Pass,
+    PassManager,
+    PassResult,
+    Timing,
+    Verify,
+    get_pipeline,
+)
+
+COLUMNS = ("stage", "pass", "seconds", "nodes", "parameters", "flops", "bytes", "max_diff", "ok")
+"""The keys of a trace row, in table order."""
+
+
+class _StageGraphs(Instrument):
+    """Keeps every stage's graph: the input, then each pass's output."""
+
+    def __init__(self) -> None:
+        self.graphs: list[Graph] = []
+
+    def begin(self, graph: Graph) -> None:
+        """Keep the imported graph as stage 0."""
+        self.graphs = [graph]
+
+    def after_pass(self, pass_: Pass, before: Graph, after: Graph, result: PassResult,
+                   index: int, seconds: float) -> None:
+        """Keep the pass's output."""
+        self.graphs.append(after)
+
+
+def graph_cost(graph: Graph) -> tuple[int, int]:
+    """``(flops, bytes)`` of ``graph``: the sums of each node's op cost, every operand read and
+    every result written once."""
+    flops = moved = 0
+    for node in graph.nodes:
+        op = get_op(node.op)
+        ins = [graph.types[v] for v in node.inputs]
+        outs = [graph.types[v] for v in node.outputs]
+        flops += op.flops(ins, outs, dict(node.attrs))
+        moved += op.bytes_moved(ins, outs)
+    return flops, moved
+
+
+def unified_diff(before: str, after: str, before_name: str, after_name: str) -> str:
+    """The unified diff (``difflib.unified_diff``) between two IR texts, as one string."""
+    return "".join(difflib.unified_diff(before.splitlines(keepends=True),
+                                        after.splitlines(keepends=True),
+                                        fromfile=before_name, tofile=after_name))
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The trace rows as an aligned text table, one line per stage."""
+    cells = [["#", "pass", "time (s)", "nodes", "params", "FLOPs", "bytes", "max|diff|", "ok"]]
+    for r in rows:
+        cells.append([str(r["stage"]), r["pass"], f"{r['seconds']:.4f}", str(r["nodes"]),
+                      f"{r['parameters']:,}", f"{r['flops']:,}", f"{r['bytes']:,}",
+                      f"{r['max_diff']:.3g}", "yes" if r["ok"] else "NO"])
+    widths = [max(len(row[k]) for row in cells) for k in range(len(cells[0]))]
+    return "\n".join("  ".join(c.ljust(w) if k == 1 else c.rjust(w)
+                               for k, (c, w) in enumerate(zip(row, widths))).rstrip()
+                     for row in cells)
+
+
+def _write_tsv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    lines = ["\t".join(COLUMNS)]
+    lines += ["\t".join(repr(r[c]) if c == "max_diff" else str(r[c]) for c in COLUMNS)
+              for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def trace(spec: str, out_dir: str | Path, pipeline: str = "O1", frontend: str = "fx"
+          ) -> list[dict[str, Any]]:
+    """Trace model ``spec`` (zoo name or ``file.py:factory``) through ``pipeline`` into
+    ``out_dir``; returns one row per stage (keys: ``COLUMNS``).
+
+    ``seconds`` is the pass's wall time (0 for the input stage), ``max_diff`` the largest
+    |stage output - eager output|, and ``ok`` whether that is within ``kiln bisect``'s
+    tolerance for the passes run so far. Writes the per-stage ``.txt``/``.diff`` files,
+    ``table.tsv`` and ``report.html``. KilnError for a bad model, pipeline or frontend.
+    """
+    out = Path(out_dir)
+    passes = get_pipeline(pipeline)
+    module, inputs, name = load_model(spec)
+    graph, _ = trace_module(module, inputs, frontend)
+    timing, graphs = Timing(), _StageGraphs()
+    PassManager(passes, [Verify(), DumpIR(out), timing, graphs]).run(graph)
+
+    arrays = [t.detach().cpu().numpy() for t in inputs]
+    expected = eager_outputs(module, inputs)
+    names = [INPUT_STAGE] + [p.name for p in passes]
+    seconds = [0.0] + [r.seconds for r in timing.records]
+    rows: list[dict[str, Any]] = []
+    stages: list[Stage] = []
+    previous_text, previous_file = "", "/dev/null"
+    for index, (stage_graph, stage_name) in enumerate(zip(graphs.graphs, names)):
+        text = print_graph(stage_graph)
+        filename = f"{index:03d}_{stage_name}"
+        stage = Stage(index, stage_name, stage_graph,
+                      unified_diff(previous_text, text, previous_file, f"{filename}.txt"))
+        (out / f"{filename}.diff").write_text(stage.diff)
+        stages.append(stage)
+        previous_text, previous_file = text, f"{filename}.txt"
+
+        diff, ok = max_violation(expected, run_graph(stage_graph, arrays),
+                                 combined_budget(passes[:index]))
+        flops, moved = graph_cost(stage_graph)
+        rows.append({"stage": index, "pass": stage_name, "seconds": seconds[index],
+                     "nodes": len(stage_graph.nodes),
+                     "parameters": stage_graph.num_parameters(), "flops": flops,
+                     "bytes": moved, "max_diff": diff, "ok": ok})
+    _write_tsv(out / "table.tsv", rows)
+    write_report(out / "report.html", f"kiln trace: {name} ({pipeline}, {frontend})",
+                 rows, stages)
+    return rows
+
+
+__all__ = ["COLUMNS", "Stage", "format_table", "graph_cost", "trace", "unified_diff"]

@@ -260,16 +260,16 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
     return f'<table class="stages">{head}{"".join(body)}</table>'
 
 
-def stage_section(stage: Stage) -> str:
-    """One collapsible ``<details>`` section: the stage's graph picture, its fusion legend and
-    its diff against the previous stage."""
+def stage_section(stage: Stage, open_: bool = False) -> str:
+    """One collapsible ``<details>`` section (expanded when ``open_``): the stage's graph
+    picture, its fusion legend and its diff against the previous stage."""
     plan = plan_fusion(stage.graph)
     kernel_list = [name for name, role in plan.roles.items() if role == "root"]
     kernel_list.sort(key=[n.name for n in stage.graph.nodes].index)
     colours = {root: _colour(k) for k, root in enumerate(kernel_list)}
     summary = (f"{stage.index:03d} {html.escape(stage.name)}: {len(stage.graph.nodes)} nodes, "
                f"{len(colours)} kernels")
-    return (f"<details><summary>{summary}</summary>\n"
+    return (f"<details{' open' if open_ else ''}><summary>{summary}</summary>\n"
             f"{_legend(stage.graph, plan, colours)}\n"
             f"{graph_svg(stage.graph, plan, colours, f'arrow{stage.index}')}\n"
             f"<p><b>Diff against the previous stage</b></p>\n{diff_html(stage.diff)}\n"
@@ -280,7 +280,9 @@ def write_report(path: str | Path, title: str, rows: Sequence[dict[str, Any]],
                  stages: Sequence[Stage]) -> None:
     """Write the self-contained HTML report of a trace: ``title``, the table of ``rows`` (see
     ``kiln.debug.trace.COLUMNS``), then one section per stage."""
-    sections = "\n".join(stage_section(s) for s in stages)
+    # The final graph, what the pipeline hands to the backend, is shown expanded.
+    sections = "\n".join(stage_section(s, open_=k == len(stages) - 1)
+                         for k, s in enumerate(stages))
     Path(path).write_text(
         f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"

@@ -6,6 +6,7 @@
     kiln bisect resnet18_cifar --pipeline O1
     kiln minify mlp --passes fold_batchnorm,my_pass -o /tmp/repro
     kiln trace resnet18_cifar -o /tmp/trace
+    kiln export resnet18 -o /tmp/resnet18_c --format c
 
 Errors a user can cause print ``kiln: error: <message>`` and exit with status 2; ``bisect`` and
 ``minify`` exit with status 1 when they find a failing pass.
@@ -14,9 +15,11 @@ Errors a user can cause print ``kiln: error: <message>`` and exit with status 2;
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from kiln.debug.bisect import bisect, parse_pass_list, resolve_passes
 from kiln.debug.minify import check_failure, minify, write_repro
@@ -78,6 +81,38 @@ def _cmd_trace(args: argparse.Namespace) -> None:
     rows = trace(args.model, args.output, args.pipeline, args.frontend)
     print(format_trace_table(rows))
     print(f"wrote {len(rows)} stages (.txt, .diff), table.tsv and report.html to {args.output}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    import kiln
+
+    out = Path(args.output)
+    if args.format != "c" and out.is_dir():
+        raise KilnError(f"{out} is a directory", hint=f"--format {args.format} writes one file")
+    if out.exists() and not args.overwrite and not (out.is_dir() and not any(out.iterdir())):
+        raise KilnError(f"{out} already exists", hint="choose another path or pass --overwrite")
+    if args.threads and args.format != "c":
+        raise KilnError("--threads is baked into C libraries only",
+                        hint="a kiln artifact takes its threads at kiln.load(path, threads=N)")
+    if args.format == "onnx":
+        try:
+            to_onnx = importlib.import_module("kiln.frontend.to_onnx")
+        except ModuleNotFoundError as e:
+            if e.name != "kiln.frontend.to_onnx":
+                raise
+            raise KilnError("ONNX export is not available in this kiln (kiln.frontend.to_onnx "
+                            "is missing)", hint="use --format kiln or --format c") from None
+    module, inputs, name = load_model(args.model, args.batch)
+    compiled = kiln.compile(module, inputs, backend="llvm")
+    if args.format == "kiln":
+        path = kiln.export(compiled, out, overwrite=args.overwrite)
+    elif args.format == "c":
+        from kiln.runtime.c_export import export_c
+
+        path = export_c(compiled, out, threads=args.threads, overwrite=args.overwrite)
+    else:
+        path = to_onnx.export_onnx(compiled, out, overwrite=args.overwrite)
+    print(f"exported {name} ({args.format}) to {path}")
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -182,6 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frontend", default="fx", choices=FRONTENDS,
                    help="how the model is traced (default: fx)")
     p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("export", help="compile a model ahead of time to a file or C library",
+                       description="Compile MODEL (llvm backend, this CPU) and write it as "
+                                   "a kiln artifact (one file that kiln.load runs without "
+                                   "PyTorch), a C library (a directory with model.h, "
+                                   "libmodel.so and model_weights.bin; see examples/c) or an "
+                                   "ONNX file. Existing outputs are kept unless --overwrite.")
+    p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
+    p.add_argument("-o", "--output", metavar="PATH", required=True,
+                   help="the artifact or ONNX file, or the C library's directory")
+    p.add_argument("--format", default="kiln", choices=("kiln", "c", "onnx"),
+                   help="what to write (default: kiln)")
+    p.add_argument("--threads", type=_non_negative, default=0,
+                   help="worker threads the C library starts with (--format c only; "
+                        "default 0: all cores)")
+    p.add_argument("--batch", type=_positive, default=None,
+                   help="batch size the model is compiled for (default: the model's own)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

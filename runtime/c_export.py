@@ -1,0 +1,383 @@
+"""Ahead-of-time export to C: a compiled model as a shared library with a small C API.
+
+``export_c(compiled, out_dir, name="model")`` writes into ``out_dir``:
+
+    <name>.o            kiln's object code (ELF, PIC), exporting kiln_run / kiln_set_threads
+    <name>_weights.bin  the constant blob (and any outputs that are constants), loaded at run time
+    <name>.h            the documented C API and the model's signature
+    <name>.c            the wrapper: loads and checks the weights, owns the arena, calls kiln_run
+    lib<name>.so        <name>.o + <name>.c linked with the system C compiler (-lgomp -lm)
+
+Only the ``<name>_*`` functions are exported from the library (a version script hides
+``kiln_run`` and the kernels), so several exported models can live in one process. The code is
+compiled for the CPU that exported it, like a ``kiln.export`` artifact: build and run the library
+on a machine of the same kind.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.ir import KilnError
+from kiln.ir.types import DType
+
+_ALIGN = 64
+# The C enum's values; the order is part of the ABI of every generated header.
+_DTYPE_ENUM = {"f32": 0, "f16": 1, "i8": 2, "u8": 3, "i32": 4, "i64": 5, "bool": 6}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def _image_of(compiled_or_image: Any) -> Any:
+    """The ProgramImage of a CompiledModel (llvm backend), or the image itself."""
+    if hasattr(compiled_or_image, "object_code"):
+        return compiled_or_image
+    program = getattr(getattr(compiled_or_image, "executable", None), "program", None)
+    image = getattr(program, "image", None)
+    if image is None:
+        backend = getattr(compiled_or_image, "backend", type(compiled_or_image).__name__)
+        raise KilnError(f"{backend!s} has no native code to export to C",
+                        hint="compile with backend='llvm'")
+    return image
+
+
+def _weights_layout(image: Any) -> tuple[list[bytes], dict[int, tuple[int, int]]]:
+    """The weights file's parts (each padded to 64 bytes) and, for every output that is a
+    graph constant, its (offset, size) in the file."""
+    consts = np.ascontiguousarray(image.const_blob).tobytes()
+    parts = [consts, b"\0" * (-len(consts) % _ALIGN)]
+    offset = len(consts) + len(parts[1])
+    constant_outputs = {}
+    for j, arr in sorted(image.copy_constants.items()):
+        data = np.ascontiguousarray(arr).tobytes()
+        constant_outputs[int(j)] = (offset, len(data))
+        pad = b"\0" * (-len(data) % _ALIGN)
+        parts += [data, pad]
+        offset += len(data) + len(pad)
+    return parts, constant_outputs
+
+
+def _c_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _header(image: Any, name: str, weights_bytes: int) -> str:
+    up = name.upper()
+    lines = [
+        f"/* {name}.h: C API of a model compiled ahead of time by kiln.",
+        " *",
+        " * Build: link lib" + name + ".so (or " + name + ".o + " + name + ".c with -lgomp -lm).",
+        " *",
+        f" *     kiln_model* m = {name}_load(\"{name}_weights.bin\");  // NULL on failure:",
+        f" *     if (!m) fprintf(stderr, \"%s\\n\", {name}_error());      // says why",
+        f" *     const void* in[{up}_NUM_INPUTS] = {{x}};",
+        f" *     void* out[{up}_NUM_OUTPUTS] = {{y}};",
+        f" *     {name}_run(m, in, out);                               // 0 on success",
+        f" *     {name}_free(m);",
+        " *",
+        " * Tensors are dense, C-contiguous (row-major) buffers of the dtype and shape the",
+        " * constants below give; the caller owns them. One model runs one inference at a time",
+        " * (it owns one scratch arena); load it twice to run two at once.",
+        " *",
+        " * The code was compiled for (and may use every feature of) this CPU; run it on",
+        " * a machine of the same kind:",
+        f" *     target {image.target.get('triple', '?')}, cpu {image.target.get('cpu', '?')}",
+        " */",
+        f"#ifndef KILN_{up}_H",
+        f"#define KILN_{up}_H",
+        "",
+        "#include <stddef.h>",
+        "#include <stdint.h>",
+        "",
+        "#ifdef __cplusplus",
+        'extern "C" {',
+        "#endif",
+        "",
+        "#ifndef KILN_COMMON_TYPES",
+        "#define KILN_COMMON_TYPES",
+        "/* Element types; kiln_dtype_size() gives their size in bytes. */",
+        "typedef enum kiln_dtype {",
+        *(f"    KILN_{k.upper()} = {v}," for k, v in _DTYPE_ENUM.items()),
+        "} kiln_dtype;",
+        "",
+        "static inline size_t kiln_dtype_size(kiln_dtype t) {",
+        "    switch (t) {",
+        "    case KILN_F16: return 2;",
+        "    case KILN_I8: case KILN_U8: case KILN_BOOL: return 1;",
+        "    case KILN_I64: return 8;",
+        "    default: return 4;",
+        "    }",
+        "}",
+        "",
+        "/* One input or output: its name, dtype, rank, shape, elements and bytes. */",
+        "typedef struct kiln_tensor_info {",
+        "    const char* name;",
+        "    kiln_dtype dtype;",
+        "    int32_t ndim;",
+        "    const int64_t* shape;",
+        "    int64_t numel;",
+        "    size_t nbytes;",
+        "} kiln_tensor_info;",
+        "",
+        "/* A loaded model: its weights and its scratch arena. Opaque. */",
+        "typedef struct kiln_model kiln_model;",
+        "#endif",
+        "",
+        f"#define {up}_NUM_INPUTS {len(image.inputs)}",
+        f"#define {up}_NUM_OUTPUTS {len(image.outputs)}",
+        f"/* Size in bytes of {name}_weights.bin; {name}_load refuses a file of another size. */",
+        f"#define {up}_WEIGHTS_BYTES {weights_bytes}ULL",
+        f"#define {up}_ARENA_BYTES {int(image.arena_bytes)}ULL",
+    ]
+    for kind, entries in (("INPUT", image.inputs), ("OUTPUT", image.outputs)):
+        for i, (tname, dtype, shape) in enumerate(entries):
+            lines += [
+                f"/* {kind.lower()} {i}: %{tname}, {dtype}{list(shape)} */",
+                f"#define {up}_{kind}{i}_DTYPE KILN_{dtype.upper()}",
+                f"#define {up}_{kind}{i}_NDIM {len(shape)}",
+                f"#define {up}_{kind}{i}_NUMEL {math.prod(shape)}",
+                f"#define {up}_{kind}{i}_BYTES {math.prod(shape) * DType(dtype).itemsize}ULL",
+            ]
+    lines += [
+        "",
+        "/* Input/output i's description; NULL when i is out of range. */",
+        f"const kiln_tensor_info* {name}_input_info(int i);",
+        f"const kiln_tensor_info* {name}_output_info(int i);",
+        "",
+        f"/* Read the weights file ({up}_WEIGHTS_BYTES bytes) into 64-byte aligned memory and",
+        " * allocate the arena. Returns NULL (and sets the message of " + name + "_error) when the",
+        " * file cannot be read, has the wrong size, or memory runs out. */",
+        f"kiln_model* {name}_load(const char* weights_path);",
+        "",
+        "/* Run one inference: inputs[i] points to input i, outputs[j] to a buffer for output",
+        " * j (see the constants above). Returns 0, or -1 (and sets the message of "
+        + name + "_error)",
+        " * when the model or a pointer is NULL. */",
+        f"int {name}_run(kiln_model* model, const void* const* inputs, void* const* outputs);",
+        "",
+        f"/* Release a model from {name}_load (NULL is allowed). */",
+        f"void {name}_free(kiln_model* model);",
+        "",
+        "/* Worker threads of every later run, in every model of this library (0: the OpenMP",
+        " * default, all cores). Returns 0, or -1 for a negative n. */",
+        f"int {name}_set_threads(int n);",
+        "",
+        f"/* Why the last {name}_load or {name}_run of this thread failed (\"\" if none). */",
+        f"const char* {name}_error(void);",
+        "",
+        "#ifdef __cplusplus",
+        "}",
+        "#endif",
+        f"#endif /* KILN_{up}_H */",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _infos(name: str, kind: str, entries: list) -> list[str]:
+    lines = []
+    for i, (_, _, shape) in enumerate(entries):
+        dims = ", ".join(f"{d}LL" for d in shape) or "0"
+        lines.append(f"static const int64_t {kind}_shape{i}[] = {{{dims}}};")
+    lines.append(f"static const kiln_tensor_info {kind}_info[] = {{")
+    for i, (tname, dtype, shape) in enumerate(entries):
+        n = math.prod(shape)
+        lines.append(f"    {{{_c_string(tname)}, KILN_{dtype.upper()}, {len(shape)}, "
+                     f"{kind}_shape{i}, {n}LL, {n * DType(dtype).itemsize}ULL}},")
+    if not entries:  # C has no empty arrays
+        lines.append("    {NULL, KILN_F32, 0, NULL, 0, 0},")
+    lines += ["};", "",
+              f"const kiln_tensor_info* {name}_{kind}_info(int i) {{",
+              f"    return i >= 0 && i < {len(entries)} ? &{kind}_info[i] : NULL;",
+              "}", ""]
+    return lines
+
+
+def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]],
+             threads: int) -> str:
+    up = name.upper()
+    copies = []
+    for j, (kind, index) in sorted(image.output_copies.items()):
+        src = "inputs" if kind == "input" else "outputs"
+        copies.append(f"    memcpy(outputs[{j}], {src}[{index}], "
+                      f"{name}_output_info({j})->nbytes);")
+    for j, (offset, size) in sorted(constant_outputs.items()):
+        copies.append(f"    memcpy(outputs[{j}], model->weights + {offset}, {size});")
+    lines = [
+        f"/* {name}.c: generated by kiln; see {name}.h. */",
+        "#define _POSIX_C_SOURCE 200112L",
+        f'#include "{name}.h"',
+        "",
+        "#include <errno.h>",
+        "#include <stdio.h>",
+        "#include <stdlib.h>",
+        "#include <string.h>",
+        "",
+        "/* kiln's object code. */",
+        "void kiln_run(void** inputs, void** outputs, void* arena, const void* consts);",
+        "void kiln_set_threads(int32_t n);",
+        "",
+        "struct kiln_model {",
+        "    unsigned char* weights;",
+        "    void* arena;",
+        "};",
+        "",
+        "static _Thread_local char last_error[512];",
+        "",
+        f"const char* {name}_error(void) {{ return last_error; }}",
+        "",
+        *_infos(name, "input", image.inputs),
+        *_infos(name, "output", image.outputs),
+        "static void* aligned(size_t bytes) {",
+        "    void* p = NULL;",
+        f"    if (posix_memalign(&p, {_ALIGN}, bytes ? bytes : {_ALIGN}) != 0) return NULL;",
+        "    return p;",
+        "}",
+        "",
+        f"kiln_model* {name}_load(const char* weights_path) {{",
+        "    last_error[0] = '\\0';",
+        "    if (!weights_path) {",
+        "        snprintf(last_error, sizeof last_error, \"weights path is NULL\");",
+        "        return NULL;",
+        "    }",
+        "    FILE* f = fopen(weights_path, \"rb\");",
+        "    if (!f) {",
+        "        snprintf(last_error, sizeof last_error, \"cannot open %s: %s\", weights_path,",
+        "                 strerror(errno));",
+        "        return NULL;",
+        "    }",
+        "    kiln_model* m = calloc(1, sizeof *m);",
+        f"    if (m) m->weights = aligned({up}_WEIGHTS_BYTES);",
+        f"    if (m) m->arena = aligned({up}_ARENA_BYTES);",
+        "    if (!m || !m->weights || !m->arena) {",
+        "        snprintf(last_error, sizeof last_error, \"out of memory\");",
+        "        fclose(f);",
+        f"        {name}_free(m);",
+        "        return NULL;",
+        "    }",
+        f"    memset(m->arena, 0, {up}_ARENA_BYTES);",
+        f"    size_t got = fread(m->weights, 1, {up}_WEIGHTS_BYTES, f);",
+        "    /* One byte more than expected would be read if the file were too long. */",
+        "    int longer = fgetc(f) != EOF;",
+        "    int failed = ferror(f);",
+        "    fclose(f);",
+        f"    if (failed || got != {up}_WEIGHTS_BYTES || longer) {{",
+        "        snprintf(last_error, sizeof last_error,",
+        "                 \"%s is not the weights of this model: expected %llu bytes, %s\",",
+        f"                 weights_path, {up}_WEIGHTS_BYTES,",
+        "                 failed ? \"read error\" : longer ? \"the file is longer\"",
+        "                                                : \"the file is shorter\");",
+        f"        {name}_free(m);",
+        "        return NULL;",
+        "    }",
+        *([f"    kiln_set_threads({threads});  /* exported with threads={threads} */"]
+          if threads else []),
+        "    return m;",
+        "}",
+        "",
+        f"int {name}_run(kiln_model* model, const void* const* inputs, void* const* outputs) {{",
+        "    if (!model || !outputs",
+        f"        || ({up}_NUM_INPUTS > 0 && !inputs)) {{",
+        "        snprintf(last_error, sizeof last_error, \"model, inputs or outputs is NULL\");",
+        "        return -1;",
+        "    }",
+        f"    for (int i = 0; i < {up}_NUM_INPUTS; i++)",
+        "        if (!inputs[i]) {",
+        "            snprintf(last_error, sizeof last_error, \"input %d is NULL\", i);",
+        "            return -1;",
+        "        }",
+        f"    for (int j = 0; j < {up}_NUM_OUTPUTS; j++)",
+        "        if (!outputs[j]) {",
+        "            snprintf(last_error, sizeof last_error, \"output %d is NULL\", j);",
+        "            return -1;",
+        "        }",
+        "    /* kiln_run only reads the inputs; its ABI has no const. */",
+        "    kiln_run((void**)inputs, (void**)outputs, model->arena, model->weights);",
+        *copies,
+        "    return 0;",
+        "}",
+        "",
+        f"void {name}_free(kiln_model* model) {{",
+        "    if (!model) return;",
+        "    free(model->weights);",
+        "    free(model->arena);",
+        "    free(model);",
+        "}",
+        "",
+        f"int {name}_set_threads(int n) {{",
+        "    if (n < 0) return -1;",
+        "    kiln_set_threads((int32_t)n);",
+        "    return 0;",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build_command(out_dir: str | Path, name: str = "model", cc: str = "cc") -> list[str]:
+    """The command that links ``lib<name>.so`` from ``<name>.o`` and ``<name>.c``."""
+    d = Path(out_dir)
+    return [cc, "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-std=c11",
+            f"-Wl,--version-script={d / (name + '.map')}", "-Wl,-z,noexecstack",
+            str(d / f"{name}.c"), str(d / f"{name}.o"), "-o", str(d / f"lib{name}.so"),
+            "-lgomp", "-lm"]
+
+
+def find_c_compiler() -> str | None:
+    """The system C compiler (``cc``, else ``gcc``, else ``clang``), or None."""
+    for cc in ("cc", "gcc", "clang"):
+        path = shutil.which(cc)
+        if path:
+            return path
+    return None
+
+
+def export_c(compiled_or_image: Any, out_dir: str | Path, name: str = "model", *,
+             threads: int = 0, overwrite: bool = False) -> Path:
+    """Write ``compiled_or_image`` (a CompiledModel of the llvm backend, or its ProgramImage)
+    as a C library in ``out_dir`` and build ``lib<name>.so``; returns ``out_dir``.
+
+    ``name`` prefixes every file and every C function (``<name>_load`` ...); it must be a C
+    identifier. ``threads`` (when not 0) is the worker threads ``<name>_load`` sets, as if it
+    called ``<name>_set_threads(threads)``. An existing ``out_dir`` that is not empty is
+    refused unless ``overwrite``.
+
+    Raises:
+        KilnError: for a model without native code, a bad name, an existing output, no C
+            compiler (the sources are written first, and the message says how to build them),
+            or a failed build (with the compiler's message).
+    """
+    image = _image_of(compiled_or_image)
+    if threads < 0:
+        raise KilnError(f"threads must be 0 or more, got {threads}")
+    if not _NAME.fullmatch(name):
+        raise KilnError(f"library name {name!r} is not a C identifier",
+                        hint="use letters, digits and underscores, e.g. name='model'")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise KilnError(f"{out} exists and is not a directory", hint="choose another path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise KilnError(f"{out} already exists and is not empty",
+                        hint="choose another directory or pass overwrite=True (--overwrite)")
+    out.mkdir(parents=True, exist_ok=True)
+    parts, constant_outputs = _weights_layout(image)
+    weights_bytes = sum(len(p) for p in parts)
+    (out / f"{name}.o").write_bytes(bytes(image.object_code))
+    (out / f"{name}_weights.bin").write_bytes(b"".join(parts))
+    (out / f"{name}.h").write_text(_header(image, name, weights_bytes))
+    (out / f"{name}.c").write_text(_wrapper(image, name, constant_outputs, threads))
+    (out / f"{name}.map").write_text(f"{{\n  global: {name}_*;\n  local: *;\n}};\n")
+    cc = find_c_compiler()
+    command = build_command(out, name, cc or "cc")
+    if cc is None:
+        raise KilnError(f"no C compiler found; the sources are in {out}",
+                        hint="install gcc, then run: " + " ".join(command))
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise KilnError(f"building lib{name}.so failed:\n{done.stderr.strip()}",
+                        hint="run: " + " ".join(command))
+    return out

@@ -1,0 +1,153 @@
+"""Export to C: the generated library, driven by examples/c/run_model.c in a subprocess, gives
+the same bits as the compiled model in Python; the ``kiln export`` command writes C libraries
+and artifacts and keeps existing outputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+from kiln.debug.cli import main
+from kiln.examples.models import get_model
+from kiln.runtime.c_export import export_c, find_c_compiler
+
+EXAMPLE = Path(kiln.__file__).parent / "examples" / "c" / "run_model.c"
+CC = find_c_compiler()
+pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler (cc, gcc or clang) found")
+
+
+def build_example(lib_dir: Path) -> Path:
+    """Compile examples/c/run_model.c against the library in ``lib_dir``, warnings as errors."""
+    exe = lib_dir / "run_model"
+    subprocess.run([CC, "-O2", "-Wall", "-Wextra", "-Werror", "-std=c11", str(EXAMPLE),
+                    f"-I{lib_dir}", f"-L{lib_dir}", "-lmodel", f"-Wl,-rpath,{lib_dir}",
+                    "-o", str(exe)], check=True)
+    return exe
+
+
+def run_example(lib_dir: Path, inputs: list[np.ndarray], outputs: list[tuple],
+                weights: Path | None = None) -> tuple[subprocess.CompletedProcess, list]:
+    """Run the example on ``inputs``; returns the process and the outputs it wrote, shaped
+    like ``outputs`` ((shape, dtype) pairs)."""
+    in_paths = []
+    for i, a in enumerate(inputs):
+        in_paths.append(lib_dir / f"in{i}.bin")
+        np.ascontiguousarray(a).tofile(in_paths[-1])
+    out_paths = [lib_dir / f"out{j}.bin" for j in range(len(outputs))]
+    done = subprocess.run([str(lib_dir / "run_model"),
+                           str(weights or lib_dir / "model_weights.bin"),
+                           *map(str, in_paths), *map(str, out_paths)],
+                          capture_output=True, text=True)
+    got = [np.fromfile(p, dt).reshape(shape) if done.returncode == 0 else None
+           for p, (shape, dt) in zip(out_paths, outputs)]
+    return done, got
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet18"])
+def test_c_library_matches_python(name: str, tmp_path: Path) -> None:
+    model, inputs = get_model(name)
+    compiled = kiln.compile(model, inputs, backend="llvm")
+    arrays = [x.numpy() for x in inputs]
+    want = compiled(*arrays)
+    lib = export_c(compiled, tmp_path / "lib")
+    build_example(lib)
+    done, got = run_example(lib, arrays, [(want.shape, want.dtype)])
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(got[0], want)
+
+
+class CopiesAndConstants(torch.nn.Module):
+    """Outputs the wrapper fills itself: a copy of the input and a folded constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("c", torch.arange(6.0).reshape(2, 3))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.relu(x), x, self.c * 2
+
+
+def test_output_copies_and_constant_outputs(tmp_path: Path) -> None:
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    compiled = kiln.compile(CopiesAndConstants().eval(), (x,), backend="llvm")
+    image = compiled.executable.program.image
+    assert image.output_copies and image.copy_constants  # the case this test is about
+    want = compiled(x.numpy())
+    lib = export_c(compiled, tmp_path / "lib", threads=2)
+    assert "kiln_set_threads(2);" in (lib / "model.c").read_text()
+    build_example(lib)
+    done, got = run_example(lib, [x.numpy()], [(w.shape, w.dtype) for w in want])
+    assert done.returncode == 0, done.stderr
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)
+
+
+def test_wrong_weights_are_refused(tmp_path: Path) -> None:
+    model, inputs = get_model("mlp")
+    lib = export_c(kiln.compile(model, inputs), tmp_path / "lib")
+    build_example(lib)
+    weights = (lib / "model_weights.bin").read_bytes()
+    header = (lib / "model.h").read_text()
+    assert f"#define MODEL_WEIGHTS_BYTES {len(weights)}ULL" in header
+    for bad in (weights[:-64], weights + b"\0"):
+        (tmp_path / "bad.bin").write_bytes(bad)
+        done, _ = run_example(lib, [inputs[0].numpy()], [((1, 10), np.float32)],
+                              weights=tmp_path / "bad.bin")
+        assert done.returncode == 1
+        assert "is not the weights of this model" in done.stderr
+    done, _ = run_example(lib, [inputs[0].numpy()], [((1, 10), np.float32)],
+                          weights=tmp_path / "missing.bin")
+    assert done.returncode == 1 and "cannot open" in done.stderr
+
+
+def test_export_c_refuses_a_bad_name_and_a_full_directory(tmp_path: Path) -> None:
+    model, inputs = get_model("mlp")
+    compiled = kiln.compile(model, inputs)
+    with pytest.raises(kiln.KilnError, match="not a C identifier"):
+        export_c(compiled, tmp_path / "a", name="my-model")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    with pytest.raises(kiln.KilnError, match="not empty"):
+        export_c(compiled, tmp_path / "full")
+    reference = kiln.compile(model, inputs, backend="reference")
+    with pytest.raises(kiln.KilnError, match="no native code"):
+        export_c(reference, tmp_path / "b")
+
+
+def test_cli_exports_c_and_keeps_existing_output(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "mlp_c"
+    assert main(["export", "mlp", "-o", str(out), "--format", "c"]) == 0
+    assert {"model.h", "model.c", "model.o", "libmodel.so", "model_weights.bin"} <= {
+        p.name for p in out.iterdir()}
+    assert main(["export", "mlp", "-o", str(out), "--format", "c"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", "mlp", "-o", str(out), "--format", "c", "--overwrite"]) == 0
+
+
+def test_cli_exports_a_loadable_artifact(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "mlp.kiln"
+    assert main(["export", "mlp", "-o", str(path), "--batch", "2"]) == 0
+    model, inputs = get_model("mlp", batch=2)
+    x = inputs[0].numpy()
+    assert np.array_equal(kiln.load(path)(x), kiln.compile(model, inputs)(x))
+    assert main(["export", "mlp", "-o", str(path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", "mlp", "-o", str(tmp_path / "t.kiln"), "--threads", "2"]) == 2
+    assert "--threads" in capsys.readouterr().err
+
+
+def test_cli_onnx_format(tmp_path: Path, capsys, monkeypatch) -> None:
+    pytest.importorskip("onnx")
+    path = tmp_path / "mlp.onnx"
+    assert main(["export", "mlp", "-o", str(path), "--format", "onnx"]) == 0
+    assert path.stat().st_size > 0
+    # Without kiln.frontend.to_onnx the command says so instead of a traceback.
+    monkeypatch.setitem(sys.modules, "kiln.frontend.to_onnx", None)
+    assert main(["export", "mlp", "-o", str(tmp_path / "b.onnx"), "--format", "onnx"]) == 2
+    assert "ONNX export is not available" in capsys.readouterr().err

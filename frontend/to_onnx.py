@@ -1,0 +1,561 @@
+"""kiln Graph -> ONNX model: ahead-of-time export that ONNX Runtime (or any ONNX consumer) runs.
+
+``ONNX_IMPL`` maps every registered op to a function ``fn(emitter, node)`` that writes the
+ONNX nodes computing that kiln node: the kiln node's output names become the last ONNX nodes'
+outputs, intermediates get fresh names. Constants become initializers under their kiln names;
+the shape, axes and pad operands ONNX takes as tensors become extra int64 initializers.
+
+Ops ONNX has no one node for are decomposed so that they compute what kiln's NumPy reference
+computes: attention (with kiln's rule that a fully masked row gives zeros), gelu, silu,
+rsqrt, group_norm, adaptive_avg_pool (separable slices and means when not global).
+
+The model uses the default ONNX domain only, at opset 17 (the first with LayerNormalization)
+up to 21, with the static shapes and dtypes of the kiln graph.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.ir import DType, Graph, KilnError, Node, TensorType, UnsupportedOpError
+
+try:
+    import onnx
+    from onnx import helper, numpy_helper
+except ImportError as exc:  # onnx is an optional dependency of kiln
+    raise KilnError("ONNX export needs the onnx package",
+                    hint="pip install onnx (or kiln's 'test' extra)") from exc
+
+MIN_OPSET = 17
+MAX_OPSET = 21
+
+
+def onnx_dtype(dtype: DType) -> int:
+    """The ONNX TensorProto element type of a kiln dtype."""
+    return helper.np_dtype_to_tensor_dtype(dtype.numpy)
+
+
+def _ntuple(value: Any, n: int) -> tuple[int, ...]:
+    """An int or a 1- or n-entry sequence as an n-tuple (kiln attrs allow all three)."""
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(int(v) for v in value)
+    return value * n if len(value) == 1 else value
+
+
+class OnnxEmitter:
+    """Collects the ONNX nodes and initializers for one kiln graph.
+
+    ``g`` is the kiln graph being exported; ``opset`` the target opset (some ops take their
+    axes as an attribute before opset 18 and as an input from 18 on).
+    """
+
+    def __init__(self, g: Graph, opset: int) -> None:
+        self.g = g
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._used: set[str] = set(g.values())
+        self._node_name = ""
+
+    def fresh(self, hint: str) -> str:
+        """A value name not used by the kiln graph nor by anything emitted so far."""
+        name, k = hint, 0
+        while name in self._used:
+            k += 1
+            name = f"{hint}_{k}"
+        self._used.add(name)
+        return name
+
+    def type_of(self, value: str) -> TensorType:
+        """The kiln type of a kiln value."""
+        return self.g.type_of(value)
+
+    def begin(self, name: str) -> None:
+        """Start the ONNX nodes of kiln node ``name`` (intermediates are named after it)."""
+        self._node_name = name
+
+    def const(self, array: np.ndarray, hint: str = "const") -> str:
+        """A new initializer holding ``array``; returns its name."""
+        name = self.fresh(f"{self._node_name}/{hint}")
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def ints(self, values: Sequence[int], hint: str = "ints") -> str:
+        """A 1-d int64 initializer (shapes, axes, pads, starts ...)."""
+        return self.const(np.asarray(list(values), dtype=np.int64).reshape(-1), hint)
+
+    def scalar(self, value: Any, dtype: DType, hint: str = "scalar") -> str:
+        """A rank-0 initializer of kiln dtype ``dtype``."""
+        return self.const(np.asarray(value).astype(dtype.numpy), hint)
+
+    def op(self, op_type: str, inputs: Sequence[str], out: str | None = None,
+           **attrs: Any) -> str:
+        """Emit a single-output ONNX node; returns its output (``out`` or a fresh name)."""
+        out = out or self.fresh(f"{self._node_name}/{op_type}")
+        self.op_multi(op_type, inputs, [out], **attrs)
+        return out
+
+    def op_multi(self, op_type: str, inputs: Sequence[str], outs: Sequence[str],
+                 **attrs: Any) -> None:
+        """Emit an ONNX node with the given outputs."""
+        name = self.fresh(f"{self._node_name}/{op_type}_node")
+        self.nodes.append(helper.make_node(op_type, list(inputs), list(outs), name=name,
+                                           **attrs))
+
+    def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: bool,
+               out: str | None = None) -> str:
+        """ReduceMean/Max/Min/Sum over ``axes``: as an attribute or an input, by opset."""
+        if op_type == "ReduceSum" or self.opset >= 18:
+            return self.op(op_type, [x, self.ints(axes, "axes")], out, keepdims=int(keepdims))
+        return self.op(op_type, [x], out, axes=list(axes), keepdims=int(keepdims))
+
+
+Emit = Callable[[OnnxEmitter, Node], None]
+
+
+def _simple(op_type: str, **fixed: Any) -> Emit:
+    """An op that is one ONNX node with the same operands in the same order."""
+
+    def emit(e: OnnxEmitter, node: Node) -> None:
+        e.op_multi(op_type, node.inputs, node.outputs, **fixed)
+
+    return emit
+
+
+# ---- dense -----------------------------------------------------------------------------------
+def _linear(e: OnnxEmitter, node: Node) -> None:
+    x, w = node.inputs[:2]
+    out = node.outputs[0]
+    if e.type_of(x).rank == 2:
+        e.op("Gemm", node.inputs, out, transB=1)
+        return
+    if e.g.is_constant(w):
+        wt = e.const(np.asarray(e.g.constants[w]).T, "weight_t")
+    else:
+        wt = e.op("Transpose", [w], perm=[1, 0])
+    if len(node.inputs) == 2:
+        e.op("MatMul", [x, wt], out)
+    else:
+        e.op("Add", [e.op("MatMul", [x, wt]), node.inputs[2]], out)
+
+
+def _conv_attrs(node: Node, nd: int) -> dict[str, Any]:
+    a = node.attrs
+    pads = _ntuple(a["padding"], nd)
+    return dict(strides=list(_ntuple(a["stride"], nd)), pads=list(pads) * 2,
+                dilations=list(_ntuple(a["dilation"], nd)), group=a["groups"])
+
+
+def _conv(e: OnnxEmitter, node: Node) -> None:
+    w = e.type_of(node.inputs[1])
+    e.op("Conv", node.inputs, node.outputs[0], kernel_shape=list(w.shape[2:]),
+         **_conv_attrs(node, w.rank - 2))
+
+
+def _conv_transpose(e: OnnxEmitter, node: Node) -> None:
+    w = e.type_of(node.inputs[1])
+    nd = w.rank - 2
+    e.op("ConvTranspose", node.inputs, node.outputs[0], kernel_shape=list(w.shape[2:]),
+         output_padding=list(_ntuple(node.attrs["output_padding"], nd)),
+         **_conv_attrs(node, nd))
+
+
+def _attention(e: OnnxEmitter, node: Node) -> None:
+    q, k, v = node.inputs[:3]
+    qt, kt = e.type_of(q), e.type_of(k)
+    dt = qt.dtype
+    scale = node.attrs["scale"]
+    scale = 1.0 / math.sqrt(qt.shape[-1]) if scale is None else scale
+    perm = list(range(kt.rank - 2)) + [kt.rank - 1, kt.rank - 2]
+    scores = e.op("MatMul", [q, e.op("Transpose", [k], perm=perm)])
+    scores = e.op("Mul", [scores, e.scalar(scale, dt, "scale")])
+    if node.attrs["causal"]:
+        keep = np.tril(np.ones((qt.shape[-2], kt.shape[-2]), dtype=bool))
+        scores = e.op("Where", [e.const(keep, "causal"), scores,
+                                e.scalar(-np.inf, dt, "neg_inf")])
+    if len(node.inputs) == 3:
+        # Without a mask no row is fully masked (the causal triangle keeps the diagonal).
+        e.op("MatMul", [e.op("Softmax", [scores], axis=-1), v], node.outputs[0])
+        return
+    mask = node.inputs[3]
+    if e.type_of(mask).dtype == DType.bool:
+        scores = e.op("Where", [mask, scores, e.scalar(-np.inf, dt, "neg_inf")])
+    else:
+        scores = e.op("Add", [scores, mask])
+    # kiln's softmax where a row that attends to nothing gives zeros (Softmax would give NaN):
+    # subtract the row max unless it is -inf, divide by the row sum unless it is 0.
+    zero, one = e.scalar(0.0, dt, "zero"), e.scalar(1.0, dt, "one")
+    top = e.reduce("ReduceMax", scores, [-1], True)
+    top = e.op("Where", [e.op("IsInf", [top], detect_positive=0), zero, top])
+    p = e.op("Exp", [e.op("Sub", [scores, top])])
+    total = e.reduce("ReduceSum", p, [-1], True)
+    total = e.op("Where", [e.op("Equal", [total, zero]), one, total])
+    e.op("MatMul", [e.op("Div", [p, total]), v], node.outputs[0])
+
+
+# ---- elementwise -----------------------------------------------------------------------------
+def _relu(e: OnnxEmitter, node: Node) -> None:
+    x, out = node.inputs[0], node.outputs[0]
+    dt = e.type_of(x).dtype
+    if dt.is_float:
+        e.op("Relu", [x], out)
+    else:
+        e.op("Max", [x, e.scalar(0, dt, "zero")], out)
+
+
+def _clamp(e: OnnxEmitter, node: Node) -> None:
+    x, out = node.inputs[0], node.outputs[0]
+    lo, hi = node.attrs["min"], node.attrs["max"]
+    if lo is None and hi is None:
+        e.op("Identity", [x], out)
+        return
+    dt = e.type_of(x).dtype
+    bounds = ["" if b is None else e.scalar(b, dt, name) for b, name in ((lo, "min"),
+                                                                          (hi, "max"))]
+    e.op("Clip", [x, *bounds] if bounds[1] else [x, bounds[0]], out)
+
+
+def _gelu(e: OnnxEmitter, node: Node) -> None:
+    x, out = node.inputs[0], node.outputs[0]
+    dt = e.type_of(x).dtype
+    if node.attrs["approximate"] == "tanh":
+        # 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))
+        cube = e.op("Mul", [x, e.op("Mul", [x, x])])
+        inner = e.op("Add", [x, e.op("Mul", [cube, e.scalar(0.044715, dt, "c")])])
+        inner = e.op("Mul", [inner, e.scalar(math.sqrt(2.0 / math.pi), dt, "k")])
+        gate = e.op("Tanh", [inner])
+    else:
+        # 0.5 * x * (1 + erf(x / sqrt(2)))
+        gate = e.op("Erf", [e.op("Mul", [x, e.scalar(1.0 / math.sqrt(2.0), dt, "k")])])
+    gate = e.op("Add", [gate, e.scalar(1.0, dt, "one")])
+    e.op("Mul", [e.op("Mul", [x, e.scalar(0.5, dt, "half")]), gate], out)
+
+
+def _silu(e: OnnxEmitter, node: Node) -> None:
+    x = node.inputs[0]
+    e.op("Mul", [x, e.op("Sigmoid", [x])], node.outputs[0])
+
+
+def _rsqrt(e: OnnxEmitter, node: Node) -> None:
+    e.op("Reciprocal", [e.op("Sqrt", [node.inputs[0]])], node.outputs[0])
+
+
+def _cast(e: OnnxEmitter, node: Node) -> None:
+    e.op("Cast", node.inputs, node.outputs[0], to=onnx_dtype(DType(node.attrs["dtype"])))
+
+
+def _ne(e: OnnxEmitter, node: Node) -> None:
+    e.op("Not", [e.op("Equal", node.inputs)], node.outputs[0])
+
+
+# ---- normalization ---------------------------------------------------------------------------
+def _batch_norm(e: OnnxEmitter, node: Node) -> None:
+    x, mean, var, weight, bias = node.inputs
+    e.op("BatchNormalization", [x, weight, bias, mean, var], node.outputs[0],
+         epsilon=node.attrs["eps"])
+
+
+def _layer_norm(e: OnnxEmitter, node: Node) -> None:
+    x = node.inputs[0]
+    xt = e.type_of(x)
+    k = node.attrs["normalized_ndim"]
+    operands = list(node.inputs)
+    if len(operands) == 1:
+        # ONNX's scale operand is required: ones leave the normalized values as they are.
+        operands.append(e.const(np.ones(xt.shape[-k:], xt.dtype.numpy), "ones"))
+    e.op("LayerNormalization", operands, node.outputs[0], axis=-k, epsilon=node.attrs["eps"])
+
+
+def _group_norm(e: OnnxEmitter, node: Node) -> None:
+    x = node.inputs[0]
+    xt = e.type_of(x)
+    n, c, g = xt.shape[0], xt.shape[1], node.attrs["groups"]
+    out = node.outputs[0]
+    grouped = e.op("Reshape", [x, e.ints([n, g, xt.numel // max(n * g, 1)], "grouped")])
+    centred = e.op("Sub", [grouped, e.reduce("ReduceMean", grouped, [2], True)])
+    var = e.reduce("ReduceMean", e.op("Mul", [centred, centred]), [2], True)
+    std = e.op("Sqrt", [e.op("Add", [var, e.scalar(node.attrs["eps"], xt.dtype, "eps")])])
+    normalized = e.op("Div", [centred, std])
+    steps = []
+    per_channel = e.ints([1, c] + [1] * (xt.rank - 2), "per_channel")
+    for op_type, operand in zip(("Mul", "Add"), node.inputs[1:]):
+        steps.append((op_type, e.op("Reshape", [operand, per_channel])))
+    y = e.op("Reshape", [normalized, e.ints(xt.shape, "shape")], None if steps else out)
+    for i, (op_type, operand) in enumerate(steps):
+        y = e.op(op_type, [y, operand], out if i == len(steps) - 1 else None)
+
+
+# ---- pooling ---------------------------------------------------------------------------------
+def _pool(e: OnnxEmitter, node: Node, op_type: str, **extra: Any) -> None:
+    """MaxPool/AveragePool with PyTorch's ceil mode.
+
+    PyTorch (and kiln) drop a last ceil-mode window that would start in the right padding;
+    ONNX's ceil mode keeps it. Such a dropped window leaves exactly the floor-mode count, so
+    ceil mode is asked for only where some axis needs it, and the windows ONNX adds past
+    kiln's on the other axes are sliced off (the kept windows are the same in both).
+    """
+    a = node.attrs
+    x, out = node.inputs[0], node.outputs[0]
+    nd = len(a["kernel"])
+    kernel = _ntuple(a["kernel"], nd)
+    stride = _ntuple(kernel if a["stride"] is None else a["stride"], nd)
+    padding = _ntuple(a["padding"], nd)
+    dilation = _ntuple(a.get("dilation", 1), nd)
+    sizes = e.type_of(x).shape[2:]
+    want = e.type_of(out).shape[2:]
+    avail = [n + 2 * p - d * (k - 1) - 1 for n, p, d, k in zip(sizes, padding, dilation, kernel)]
+    ceil_mode = any(w != v // s + 1 for w, v, s in zip(want, avail, stride))
+    attrs = dict(kernel_shape=list(kernel), strides=list(stride), pads=list(padding) * 2,
+                 ceil_mode=int(ceil_mode), **extra)
+    if ceil_mode:
+        got = [-(-v // s) + 1 for v, s in zip(avail, stride)]
+        extra_axes = [2 + i for i, (g, w) in enumerate(zip(got, want)) if g != w]
+        if extra_axes:
+            pooled = e.op(op_type, [x], **attrs)
+            ends = [want[i - 2] for i in extra_axes]
+            e.op("Slice", [pooled, e.ints([0] * len(ends), "starts"), e.ints(ends, "ends"),
+                           e.ints(extra_axes, "axes")], out)
+            return
+    e.op(op_type, [x], out, **attrs)
+
+
+def _max_pool(e: OnnxEmitter, node: Node) -> None:
+    nd = len(node.attrs["kernel"])
+    _pool(e, node, "MaxPool", dilations=list(_ntuple(node.attrs["dilation"], nd)))
+
+
+def _avg_pool(e: OnnxEmitter, node: Node) -> None:
+    _pool(e, node, "AveragePool", count_include_pad=int(node.attrs["count_include_pad"]))
+
+
+def _adaptive_avg_pool(e: OnnxEmitter, node: Node) -> None:
+    x, out = node.inputs[0], node.outputs[0]
+    xt = e.type_of(x)
+    size = tuple(node.attrs["output_size"])
+    if all(s == 1 for s in size):
+        e.op("GlobalAveragePool", [x], out)
+        return
+    # A mean over a box is a mean over each of its axes in turn, so pool one axis at a time:
+    # per output position, slice PyTorch's window and average it; then concatenate.
+    axes = [2 + i for i, s in enumerate(size) if s != xt.shape[2 + i]]
+    if not axes:
+        e.op("Identity", [x], out)
+        return
+    y = x
+    for j, axis in enumerate(axes):
+        n_in, n_out = xt.shape[axis], size[axis - 2]
+        pieces = []
+        for i in range(n_out):
+            lo, hi = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+            window = e.op("Slice", [y, e.ints([lo], "start"), e.ints([hi], "end"),
+                                    e.ints([axis], "axis")])
+            pieces.append(e.reduce("ReduceMean", window, [axis], True))
+        y = e.op("Concat", pieces, out if j == len(axes) - 1 else None, axis=axis)
+
+
+# ---- reductions ------------------------------------------------------------------------------
+def _reduction(op_type: str) -> Emit:
+    def emit(e: OnnxEmitter, node: Node) -> None:
+        x, out = node.inputs[0], node.outputs[0]
+        rank = e.type_of(x).rank
+        if rank == 0:
+            e.op("Identity", [x], out)
+            return
+        axes = node.attrs["axes"]
+        axes = range(rank) if axes is None else sorted({a % rank for a in axes})
+        e.reduce(op_type, x, list(axes), node.attrs["keepdim"], out)
+
+    return emit
+
+
+# ---- shape -----------------------------------------------------------------------------------
+def _reshape(e: OnnxEmitter, node: Node) -> None:
+    e.op("Reshape", [node.inputs[0], e.ints(node.attrs["shape"], "shape")], node.outputs[0])
+
+
+def _permute(e: OnnxEmitter, node: Node) -> None:
+    e.op("Transpose", node.inputs, node.outputs[0], perm=list(node.attrs["perm"]))
+
+
+def _slice(e: OnnxEmitter, node: Node) -> None:
+    a = node.attrs
+    e.op("Slice", [node.inputs[0], e.ints([a["start"]], "start"), e.ints([a["end"]], "end"),
+                   e.ints([a["axis"]], "axis"), e.ints([a["step"]], "step")], node.outputs[0])
+
+
+def _concat(e: OnnxEmitter, node: Node) -> None:
+    e.op("Concat", node.inputs, node.outputs[0], axis=node.attrs["axis"])
+
+
+def _split(e: OnnxEmitter, node: Node) -> None:
+    e.op_multi("Split", [node.inputs[0], e.ints(node.attrs["sizes"], "sizes")], node.outputs,
+               axis=node.attrs["axis"])
+
+
+def _expand(e: OnnxEmitter, node: Node) -> None:
+    e.op("Expand", [node.inputs[0], e.ints(node.attrs["shape"], "shape")], node.outputs[0])
+
+
+def _pad(e: OnnxEmitter, node: Node) -> None:
+    x, out = node.inputs[0], node.outputs[0]
+    xt = e.type_of(x)
+    pads = node.attrs["pads"]
+    if xt.rank == 0:
+        e.op("Identity", [x], out)
+        return
+    # kiln lists (lo, hi) per axis; ONNX all the starts, then all the ends. Negative pads
+    # crop in both.
+    onnx_pads = list(pads[0::2]) + list(pads[1::2])
+    e.op("Pad", [x, e.ints(onnx_pads, "pads"), e.scalar(node.attrs["value"], xt.dtype, "value")],
+         out, mode="constant")
+
+
+ONNX_IMPL: dict[str, Emit] = {
+    "embedding": lambda e, node: e.op("Gather", node.inputs[::-1], node.outputs[0], axis=0),
+    "matmul": _simple("MatMul"),
+    "linear": _linear,
+    "conv": _conv,
+    "conv_transpose": _conv_transpose,
+    "attention": _attention,
+    "relu": _relu,
+    "clamp": _clamp,
+    "leaky_relu": lambda e, node: e.op("LeakyRelu", node.inputs, node.outputs[0],
+                                       alpha=node.attrs["negative_slope"]),
+    "gelu": _gelu,
+    "silu": _silu,
+    "sigmoid": _simple("Sigmoid"),
+    "tanh": _simple("Tanh"),
+    "hardswish": _simple("HardSwish"),
+    "hardsigmoid": _simple("HardSigmoid", alpha=1.0 / 6.0, beta=0.5),
+    "exp": _simple("Exp"),
+    "log": _simple("Log"),
+    "sqrt": _simple("Sqrt"),
+    "rsqrt": _rsqrt,
+    "erf": _simple("Erf"),
+    "reciprocal": _simple("Reciprocal"),
+    "neg": _simple("Neg"),
+    "abs": _simple("Abs"),
+    "cast": _cast,
+    "add": _simple("Add"),
+    "sub": _simple("Sub"),
+    "mul": _simple("Mul"),
+    "div": _simple("Div"),
+    "pow": _simple("Pow"),
+    "maximum": _simple("Max"),
+    "minimum": _simple("Min"),
+    "eq": _simple("Equal"),
+    "ne": _ne,
+    "lt": _simple("Less"),
+    "le": _simple("LessOrEqual"),
+    "gt": _simple("Greater"),
+    "ge": _simple("GreaterOrEqual"),
+    "where": _simple("Where"),
+    "logical_not": _simple("Not"),
+    "softmax": lambda e, node: e.op("Softmax", node.inputs, node.outputs[0],
+                                    axis=node.attrs["axis"]),
+    "log_softmax": lambda e, node: e.op("LogSoftmax", node.inputs, node.outputs[0],
+                                        axis=node.attrs["axis"]),
+    "batch_norm": _batch_norm,
+    "layer_norm": _layer_norm,
+    "group_norm": _group_norm,
+    "max_pool": _max_pool,
+    "avg_pool": _avg_pool,
+    "adaptive_avg_pool": _adaptive_avg_pool,
+    "reduce_sum": _reduction("ReduceSum"),
+    "reduce_mean": _reduction("ReduceMean"),
+    "reduce_max": _reduction("ReduceMax"),
+    "reduce_min": _reduction("ReduceMin"),
+    "reshape": _reshape,
+    "permute": _permute,
+    "slice": _slice,
+    "concat": _concat,
+    "split": _split,
+    "expand": _expand,
+    "pad": _pad,
+}
+"""Op name -> function(emitter, node) writing the ONNX nodes that compute the kiln node."""
+
+
+# ---- graph -> model --------------------------------------------------------------------------
+def _value_info(name: str, t: TensorType) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, onnx_dtype(t.dtype), list(t.shape))
+
+
+def graph_to_onnx(g: Graph, opset: int = MIN_OPSET) -> onnx.ModelProto:
+    """An ONNX model (default domain, opset ``opset``) computing the same outputs as ``g``.
+
+    Graph inputs keep their kiln names, types and static shapes; constants become initializers
+    under their kiln names; every node is written by its ``ONNX_IMPL`` entry. An output that is
+    a graph input, a constant or listed twice goes through an Identity node to a fresh name.
+
+    Raises:
+        KilnError: for an opset outside 17..21; an UnsupportedOpError naming the node and op
+            for an op without an ONNX mapping.
+    """
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise KilnError(f"ONNX opset {opset} is not supported",
+                        hint=f"export with an opset from {MIN_OPSET} to {MAX_OPSET}")
+    e = OnnxEmitter(g, opset)
+    for node in g.nodes:
+        emit = ONNX_IMPL.get(node.op)
+        if emit is None:
+            raise UnsupportedOpError(f"no ONNX mapping for op {node.op}", node=node.name,
+                                     op=node.op, source=node.source)
+        e.begin(node.name)
+        emit(e, node)
+
+    produced = {o for n in g.nodes for o in n.outputs}
+    outputs, seen = [], set()
+    for name in g.outputs:
+        if name not in produced or name in seen:
+            e.begin(name)
+            name = e.op("Identity", [name], e.fresh(f"{name}_output"))
+        seen.add(name)
+        outputs.append(name)
+    # Only the constants some ONNX node reads (linear may have read a transposed copy instead).
+    read = {i for n in e.nodes for i in n.input}
+    e.initializers[:0] = [numpy_helper.from_array(np.ascontiguousarray(a), name)
+                          for name, a in g.constants.items() if name in read]
+
+    graph = helper.make_graph(
+        e.nodes,
+        g.name,
+        inputs=[_value_info(i, g.types[i]) for i in g.inputs],
+        outputs=[_value_info(o, g.types[src]) for o, src in zip(outputs, g.outputs)],
+        initializer=e.initializers,
+        # Every kiln intermediate's type, so the checker's shape inference judges the mapping.
+        value_info=[_value_info(o, g.types[o]) for o in sorted(produced - seen)],
+    )
+    opset_ids = [helper.make_opsetid("", opset)]
+    model = helper.make_model(graph, opset_imports=opset_ids, producer_name="kiln",
+                              ir_version=helper.find_min_ir_version_for(opset_ids))
+    return model
+
+
+def export_onnx(model_or_graph: Any, path: str | os.PathLike, opset: int = MIN_OPSET, *,
+                overwrite: bool = False) -> Path:
+    """Write a kiln CompiledModel's optimized graph (or a Graph) as an ONNX file at ``path``.
+
+    The model passes ``onnx.checker.check_model(..., full_check=True)`` before it is written.
+    An existing file is kept (KilnError) unless ``overwrite`` is True. Returns the path.
+    """
+    g = model_or_graph if isinstance(model_or_graph, Graph) else getattr(
+        model_or_graph, "graph", None)
+    if not isinstance(g, Graph):
+        raise KilnError(f"cannot export a {type(model_or_graph).__name__} to ONNX",
+                        hint="pass a kiln CompiledModel (from kiln.compile) or a kiln Graph")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise KilnError(f"{path} already exists",
+                        hint="choose another path or pass overwrite=True")
+    proto = graph_to_onnx(g, opset)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, path)
+    return path

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kiln
-from kiln.examples.models import get_model
+from kiln.examples.models import ZOO, get_model
 from kiln.runtime.artifact import MAGIC, ArtifactError
 
 PREFIX = struct.Struct("<8sIQ")
@@ -29,7 +29,7 @@ def exported(tmp_path_factory) -> tuple[pathlib.Path, list[np.ndarray], np.ndarr
     return path, arrays, compiled(*arrays)
 
 
-@pytest.mark.parametrize("name", ["mlp", "lenet5", "resnet18_cifar", "bert", "gpt2_block"])
+@pytest.mark.parametrize("name", sorted(ZOO))
 def test_round_trip_is_bit_exact(name: str, tmp_path) -> None:
     model, inputs = get_model(name)
     compiled = kiln.compile(model, inputs)

@@ -72,7 +72,8 @@ BATCHED_IM2COL_MAX_PIXELS = 1024
 
 ALoad = Callable[[Expr, Expr], Expr]          # (row, k) -> scalar element of A
 BLoad = Callable[[Expr, Expr, int], Expr]     # (k, col, lanes) -> lanes elements of B
-CStore = Callable[[Expr, Expr, Expr], K.Stmt]  # (row, col, value) -> store (value has lanes)
+# (row, col, value) -> store statement(s) (value has lanes)
+CStore = Callable[[Expr, Expr, Expr], "K.Stmt | list"]
 
 
 def gemm_loops(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, store: CStore,
@@ -156,7 +157,10 @@ def _micro(low, m0, n0, M, Kd, a, b, store, mr, nv, w, dtype) -> list:
             kbody.append(Assign(accs[r][v], accs[r][v] + av * bvs[v]))
     body.append(For(k, as_expr(0), as_expr(Kd), tuple(kbody)))
     for r in range(mr):
-        stores = [store(m0 + r, n0 + v * w, accs[r][v]) for v in range(nv)]
+        stores = []
+        for v in range(nv):
+            st = store(m0 + r, n0 + v * w, accs[r][v])
+            stores.extend(st if isinstance(st, list) else [st])
         if M % mr:
             body.append(If(K.cmp("lt", m0 + r, as_expr(M)), tuple(stores)))
         else:
@@ -324,8 +328,7 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
         return _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles,
                               cg, og, g, Kd, in_sp, sp_out, ksp, pad, dil, n_var, g_var, x_base,
                               images)
-    if not direct and oshape[0] > 1 and Nn % width == 0 and Nn <= BATCHED_IM2COL_MAX_PIXELS \
-            and g == 1:
+    if not direct and oshape[0] > 1 and Nn <= BATCHED_IM2COL_MAX_PIXELS and g == 1:
         return _batched_im2col(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles,
                                cg, og, Kd, in_sp, sp_out, ksp, stride, pad, dil, width)
     if direct:
@@ -372,8 +375,9 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
 def _batched_im2col(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles, cg, og,
                     Kd, in_sp, sp_out, ksp, stride, pad, dil, width) -> list:
     """Several images as one GEMM: the im2col columns of image n follow those of image n-1,
-    so N = images x pixels and small feature maps still fill whole register tiles. Each image
-    has a multiple of the vector width of pixels, so no vector straddles two images."""
+    so N = images x pixels and small feature maps still fill whole register tiles. When the
+    pixels per image are not a multiple of the vector width, vectors that may straddle two
+    images are stored element by element."""
     images, Nn = oshape[0], math.prod(sp_out)
     Nt = images * Nn
     col_buf = low.workspace(f"{node.name}_cols", "f32", Kd * Nt + width)
@@ -396,11 +400,25 @@ def _batched_im2col(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_ti
     def b(k, col, lanes):
         return K.Load(packed, (col // nr) * (Kd * nr) + k * nr + col % nr, "f32", lanes)
 
+    lane_tile = None
+    if Nn % width:
+        # Vectors may straddle two images: they go through a small scratch and are stored one
+        # element at a time.
+        lane_tile = f"lanes_{low.fresh('t').name}"
+        low.scratch.append(K.Buffer(lane_tile, "f32", width))
+
     def store(row, col, value):
         if bias_buf is not None:
             bias = K.Load(bias_buf, row, "f32")
             value = value + (K.Broadcast(bias, value.lanes) if value.lanes > 1 else bias)
-        return low.store_at(final, [col // Nn, row, col % Nn], value, out)
+        if lane_tile is None or value.lanes == 1:
+            return low.store_at(final, [col // Nn, row, col % Nn], value, out)
+        j = low.fresh("j")
+        c = col + j
+        return [K.Store(lane_tile, Const(0, INDEX), value),
+                For(j, as_expr(0), as_expr(value.lanes), (
+                    low.store_at(final, [c // Nn, row, c % Nn],
+                                 K.Load(lane_tile, j, "f32"), out),))]
 
     gemm = gemm_loops(low, og, Nt, Kd, a, b, store, shape, b_cols=tiles * nr)
     return [For(n_var, as_expr(0), as_expr(images), tuple(fill)), *pack, *gemm]

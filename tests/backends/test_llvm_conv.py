@@ -12,6 +12,7 @@ import kiln
 CONFIGS = [  # (cin, cout, size, kernel, stride, padding, dilation, groups)
     (64, 64, 32, 3, 1, 1, 1, 1),      # padded stride-1 GEMM
     (512, 512, 4, 3, 1, 1, 1, 1),     # im2col (too many dropped columns for the padded GEMM)
+    (64, 96, 7, 3, 1, 1, 1, 1),       # im2col, 7x7 maps: images folded, vectors straddle images
     (16, 24, 13, 3, 2, 2, 2, 1),      # im2col, stride and dilation
     (8, 12, 9, 5, 1, 2, 1, 2),        # grouped
     (64, 128, 14, 1, 1, 0, 1, 1),     # direct 1x1, GEMM tail columns

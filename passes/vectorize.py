@@ -41,6 +41,8 @@ REDUCTION_OPS = ("add", "max", "min")
 # Loads whose address moves by up to this many elements per lane are still vectorized (one
 # wider load and a shuffle); larger strides would read mostly unused data.
 MAX_LOAD_STRIDE = 4
+# Loop tails shorter than a vector are vectorized with narrower vectors down to this width.
+MIN_TAIL_WIDTH = 4
 
 
 class _NotVectorizable(Exception):
@@ -239,9 +241,15 @@ def vectorize_loop(loop: For, width: int) -> list[K.Stmt]:
         stmts.append(Assign(acc, Binary(op, acc, ReduceLanes(op, Var(n + "_v", dtypes[n],
                                                                        width)))))
     if not (isinstance(tail, Const) and tail.value == 0):
-        tail_loop = For(loop.var, simplify(loop.start + main), tail,
-                        tuple(vectorize_stmts(loop.body, width)), "serial")
-        stmts.append(tail_loop)
+        tail_loop = For(loop.var, simplify(loop.start + main), tail, loop.body, "vectorized")
+        if width // 2 >= MIN_TAIL_WIDTH and not (isinstance(tail, Const)
+                                                 and tail.value < width // 2):
+            # The rest runs on half-width vectors (then quarter...), so a 14-wide row on
+            # 16 lanes is not left scalar.
+            stmts.extend(vectorize_loop(tail_loop, width // 2))
+        else:
+            stmts.append(replace(tail_loop, kind="serial",
+                                 body=tuple(vectorize_stmts(loop.body, width))))
     return stmts
 
 

@@ -161,7 +161,8 @@ class _Fn:
         t = llvm_type(v.dtype, v.lanes)
         if v.name in self.vars and self.vars[v.name][1] == t:
             return self.vars[v.name][0]
-        ptr = f"%var.{v.name}.{len(self.vars)}"
+        self.n += 1
+        ptr = f"%var.{v.name}.{self.n}"
         self.entry.append(f"  {ptr} = alloca {t}, align 64")
         self.vars[v.name] = (ptr, t)
         return ptr

@@ -482,11 +482,13 @@ def _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_til
 
 def lower_depthwise(low: Lowering, node: Node, final: str, inline: set[str],
                     width: int) -> list | None:
-    """Depthwise 2-d convolution (one filter per channel), vectorized along output rows.
+    """Depthwise 2-d convolution (one filter per channel), vectorized along output rows and
+    reading the input in place.
 
-    Each thread copies its channel into a zero-padded scratch image whose columns are split
-    by phase (column j*stride + ph is stored at [ph][j]), so for any stride every kernel tap
-    reads consecutive elements for consecutive outputs."""
+    The output plane splits into an interior, where every kernel tap lands inside the image
+    (plain vector loads, strided ones for stride 2), and a border of a few rows and columns
+    whose taps test their bounds one element at a time. No padded copy is made: on large maps
+    the layer is limited by memory traffic, and a copy would double it."""
     x, w = node.inputs[:2]
     wv = low.constant_value(w)
     if wv is None or wv.ndim != 4 or low.dtype(x) != "f32" or low.is_inline(x):
@@ -495,17 +497,10 @@ def lower_depthwise(low: Lowering, node: Node, final: str, inline: set[str],
     sh, sw = as_tuple(a_["stride"], 2, "stride")
     ph_, pw = as_tuple(a_["padding"], 2, "padding")
     dh, dw = as_tuple(a_["dilation"], 2, "dilation")
-    if dw != 1:
-        return None
     n_, c_, H, W = low.shape(x)
     out = node.outputs[0]
     _, _, OH, OW = low.graph.types[out].shape
     kh_, kw_ = wv.shape[2:]
-    Hp = H + 2 * ph_
-    # Columns needed: the last output's last tap, rounded up to whole phases.
-    Wj = -(-(max(W + 2 * pw, (OW - 1) * sw + kw_)) // sw)
-    scratch = f"dw_{low.fresh('s').name}"
-    low.scratch.append(K.Buffer(scratch, "f32", Hp * sw * Wj))
     wb = low.constant(wv.reshape(c_, kh_ * kw_).astype(np.float32), f"{node.name}_w")
     bias = low.constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
     if len(node.inputs) > 2 and bias is None:
@@ -513,25 +508,59 @@ def lower_depthwise(low: Lowering, node: Node, final: str, inline: set[str],
     bb = low.constant(bias.astype(np.float32), f"{node.name}_b") if bias is not None else None
     xb = low.buffer(x)
     nv, cv = low.fresh("n"), low.fresh("c")
-    # Fill the padded, phase-split copy of channel (n, c).
-    fill = _fill_padded(low, xb, (nv * c_ + cv) * (H * W), scratch, Const(0, INDEX), H, W, ph_,
-                        pw, sw, Hp, Wj, f32(0.0))
-    oh, ow = low.fresh("oh"), low.fresh("ow")
-    acc = low.fresh("acc", "f32")
-    taps: list = []
-    for a in range(kh_):
-        for b in range(kw_):
-            row = oh * sh + a * dh
-            idx = (row * sw + (b % sw)) * Wj + ow + (b // sw)
-            taps.append(Assign(acc, acc + K.Load(wb, cv * (kh_ * kw_) + (a * kw_ + b), "f32")
-                               * K.Load(scratch, idx, "f32")))
+    base = (nv * c_ + cv) * (H * W)
     init = K.Load(bb, cv, "f32") if bb is not None else f32(0.0)
-    compute = For(oh, as_expr(0), as_expr(OH), (For(ow, as_expr(0), as_expr(OW), (
-        Decl(acc, init), *taps, low.store_at(final, [nv, cv, oh, ow], acc, out)),
-        "vectorized"),))
+
+    def interior_range(n_out, size, stride, pad, taps, dil):
+        # Outputs o with 0 <= o*stride - pad and o*stride - pad + (taps-1)*dil < size.
+        lo = -(-pad // stride)
+        hi = (size - 1 - (taps - 1) * dil + pad) // stride + 1
+        lo, hi = min(max(lo, 0), n_out), min(max(hi, 0), n_out)
+        return (lo, hi) if hi > lo else (n_out, n_out)
+
+    r0, r1 = interior_range(OH, H, sh, ph_, kh_, dh)
+    c0, c1 = interior_range(OW, W, sw, pw, kw_, dw)
+
+    def body(oh, ow, guarded):
+        acc = low.fresh("acc", "f32")
+        stmts: list = [Decl(acc, init)]
+        for a in range(kh_):
+            for b in range(kw_):
+                ih, iw = oh * sh + (a * dh - ph_), ow * sw + (b * dw - pw)
+                wt = K.Load(wb, cv * (kh_ * kw_) + (a * kw_ + b), "f32")
+                if guarded:
+                    ok = K.Binary("and", K.Binary("and", K.cmp("ge", ih, as_expr(0)),
+                                                  K.cmp("lt", ih, as_expr(H))),
+                                  K.Binary("and", K.cmp("ge", iw, as_expr(0)),
+                                           K.cmp("lt", iw, as_expr(W))))
+                    v = K.Select(ok, K.Load(xb, base + clamp_index(ih, H) * W
+                                            + clamp_index(iw, W), "f32"), f32(0.0))
+                else:
+                    v = K.Load(xb, base + ih * W + iw, "f32")
+                stmts.append(Assign(acc, acc + wt * v))
+        stmts.append(low.store_at(final, [nv, cv, oh, ow], acc, out))
+        return stmts
+
+    def cols(oh, lo, hi, guarded, kind="serial"):
+        ow = low.fresh("ow")
+        return For(ow, as_expr(lo), as_expr(hi - lo), tuple(body(oh, ow, guarded)), kind)
+
+    def rows(lo, hi, interior):
+        if hi <= lo:
+            return []
+        oh = low.fresh("oh")
+        if interior:
+            inner = [cols(oh, 0, c0, True), cols(oh, c0, c1, False, "vectorized"),
+                     cols(oh, c1, OW, True)]
+            inner = [f for f in inner if int(f.extent.value) > 0]
+        else:
+            inner = [cols(oh, 0, OW, True)]
+        return [For(oh, as_expr(lo), as_expr(hi - lo), tuple(inner))]
+
+    compute = rows(0, r0, False) + rows(r0, r1, True) + rows(r1, OH, False)
     kind = _par(low, node)
     return [For(nv, as_expr(0), as_expr(n_), (
-        For(cv, as_expr(0), as_expr(c_), (*fill, compute), kind if n_ == 1 else "serial"),),
+        For(cv, as_expr(0), as_expr(c_), tuple(compute), kind if n_ == 1 else "serial"),),
         kind if n_ > 1 else "serial")]
 
 

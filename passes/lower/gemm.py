@@ -279,7 +279,7 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     g = a_["groups"]
     cout, cg = wv.shape[:2]
     og = cout // g
-    if og == 1 and g > 1:
+    if og == 1 and cg == 1 and g > 1:
         return lower_depthwise(low, node, final, inline, width)
     if low.is_inline(x):
         return None  # the im2col and direct paths read the input from memory
@@ -493,11 +493,13 @@ def lower_depthwise(low: Lowering, node: Node, final: str, inline: set[str],
     wv = low.constant_value(w)
     if wv is None or wv.ndim != 4 or low.dtype(x) != "f32" or low.is_inline(x):
         return None
+    n_, c_, H, W = low.shape(x)
+    if wv.shape[:2] != (c_, 1):
+        return None  # one filter per input channel only (no channel multiplier)
     a_ = node.attrs
     sh, sw = as_tuple(a_["stride"], 2, "stride")
     ph_, pw = as_tuple(a_["padding"], 2, "padding")
     dh, dw = as_tuple(a_["dilation"], 2, "dilation")
-    n_, c_, H, W = low.shape(x)
     out = node.outputs[0]
     _, _, OH, OW = low.graph.types[out].shape
     kh_, kw_ = wv.shape[2:]

@@ -1,0 +1,36 @@
+"""The narrower schedules (AVX2: 6x16 GEMM tile on 8-lane vectors; SSE: 4 lanes) compiled for
+those targets and run on this CPU (which has their instructions), against eager PyTorch."""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+import numpy as np
+import pytest
+import torch
+
+import kiln
+from kiln.backends.llvm.compiler import Target, compile_graph, host_target
+from kiln.examples.models import get_model
+
+_FEATURES = llvm.get_host_cpu_features()
+TARGETS = {
+    "avx2": ("haswell", "+avx,+avx2,+fma,+f16c,+sse4.2,+popcnt,+bmi,+bmi2", 256),
+    "sse2": ("x86-64", "+sse2", 128),
+}
+
+
+@pytest.mark.skipif(not (_FEATURES.get("avx2") and _FEATURES.get("fma")),
+                    reason="the host cannot run AVX2 code")
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("name", ["lenet5", "resnet18_cifar", "mobilenetv2", "bert",
+                                  "gpt2_block"])
+def test_zoo_model_on_narrower_target(name: str, target: str) -> None:
+    cpu, features, bits = TARGETS[target]
+    t = Target(host_target().triple, cpu, features, bits)
+    model, inputs = get_model(name)
+    graph = kiln.compile(model, inputs, backend="reference").graph
+    program = compile_graph(graph, target=t, cache=False)
+    with torch.no_grad():
+        expected = model(*inputs).numpy()
+    got = program([x.numpy() for x in inputs])[0]
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()

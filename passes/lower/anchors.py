@@ -498,12 +498,50 @@ def _linear(low: Lowering, node: Node, store: StoreFn) -> list:
     return loop_nest(low, out_shape, body, default_kinds(out_shape))
 
 
+def _window_sum(low: Lowering, node: Node, store: StoreFn, channels_per_group: int,
+                tap: Callable[[Sequence[Expr], Expr, Expr, list[Var]], tuple[list, Expr | None,
+                                                                         list]]) -> list:
+    """The unpacked convolution loop nest shared by conv and conv_transpose: for each output
+    element, sum over the group's input channels and the kernel taps of input * weight.
+
+    ``tap(idx, co, ci, kvs)`` gives the input index, a bounds condition (or None) and the
+    weight index of one tap."""
+    x, w = node.inputs[:2]
+    w_shape = low.shape(w)
+    out_shape = low.shape(node.outputs[0])
+    nd = len(w_shape) - 2
+    dt = low.dtype(x)
+
+    def body(idx):
+        acc, ci = low.fresh("acc", dt), low.fresh("ci")
+        kvs = [low.fresh("k") for _ in range(nd)]
+        co = idx[1]
+        src, ok, widx = tap(idx, co, ci, kvs)
+        xv = low.element(x, src)
+        if ok is not None:
+            xv = K.Select(ok, xv, f32(0.0, dt))
+        inner: list = [K.Assign(acc, acc + xv * low.element(w, widx))]
+        for d in reversed(range(nd)):
+            inner = [_loop(kvs[d], w_shape[2 + d], inner)]
+        stmts = [Decl(acc, f32(0.0, dt)), _loop(ci, channels_per_group, inner)]
+        val: Expr = acc
+        if len(node.inputs) > 2:
+            val = acc + low.element(node.inputs[2], [co])
+        return stmts + [store(idx, val)]
+
+    return loop_nest(low, out_shape, body, _parallel_first(out_shape, ["serial"] * len(out_shape),
+                                                           node_work(low, node)))
+
+
+def _and(a: Expr | None, b: Expr) -> Expr:
+    return b if a is None else K.Binary("and", a, b)
+
+
 @anchor_rule("conv")
 def _conv(low: Lowering, node: Node, store: StoreFn) -> list:
     x, w = node.inputs[:2]
     a = node.attrs
     in_shape, w_shape = low.shape(x), low.shape(w)
-    out_shape = low.shape(node.outputs[0])
     nd = len(w_shape) - 2
     stride = as_tuple(a["stride"], nd, "stride")
     pad = as_tuple(a["padding"], nd, "padding")
@@ -511,37 +549,19 @@ def _conv(low: Lowering, node: Node, store: StoreFn) -> list:
     g = a["groups"]
     cout, cg = w_shape[:2]
     og = cout // g
-    dt = low.dtype(x)
 
-    def body(idx):
-        acc, ci = low.fresh("acc", dt), low.fresh("ci")
-        kvs = [low.fresh("k") for _ in range(nd)]
-        co = idx[1]
-        ch = (co // og) * cg + ci if g > 1 else ci
-        src = [idx[0], ch]
+    def tap(idx, co, ci, kvs):
+        src = [idx[0], (co // og) * cg + ci if g > 1 else ci]
         ok = None
         for d in range(nd):
             i = idx[2 + d] * stride[d] + kvs[d] * dil[d] - pad[d]
             if pad[d]:
-                inside = _in_range(i, in_shape[2 + d])
-                ok = inside if ok is None else K.Binary("and", ok, inside)
+                ok = _and(ok, _in_range(i, in_shape[2 + d]))
                 i = clamp_index(i, in_shape[2 + d])
             src.append(i)
-        xv = low.element(x, src)
-        if ok is not None:
-            xv = K.Select(ok, xv, f32(0.0, dt))
-        prod = xv * low.element(w, [co, ci, *kvs])
-        inner: list = [K.Assign(acc, acc + prod)]
-        for d in reversed(range(nd)):
-            inner = [_loop(kvs[d], w_shape[2 + d], inner)]
-        stmts = [Decl(acc, f32(0.0, dt)), _loop(ci, cg, inner)]
-        val: Expr = acc
-        if len(node.inputs) > 2:
-            val = acc + low.element(node.inputs[2], [co])
-        return stmts + [store(idx, val)]
+        return src, ok, [co, ci, *kvs]
 
-    return loop_nest(low, out_shape, body, _parallel_first(out_shape, ["serial"] * len(out_shape),
-                                                           node_work(low, node)))
+    return _window_sum(low, node, store, cg, tap)
 
 
 @anchor_rule("conv_transpose")
@@ -549,7 +569,6 @@ def _conv_transpose(low: Lowering, node: Node, store: StoreFn) -> list:
     x, w = node.inputs[:2]
     a = node.attrs
     in_shape, w_shape = low.shape(x), low.shape(w)
-    out_shape = low.shape(node.outputs[0])
     nd = len(w_shape) - 2
     stride = as_tuple(a["stride"], nd, "stride")
     pad = as_tuple(a["padding"], nd, "padding")
@@ -557,12 +576,8 @@ def _conv_transpose(low: Lowering, node: Node, store: StoreFn) -> list:
     g = a["groups"]
     cin, og = w_shape[:2]
     cig = cin // g
-    dt = low.dtype(x)
 
-    def body(idx):
-        acc, ci = low.fresh("acc", dt), low.fresh("ci")
-        kvs = [low.fresh("k") for _ in range(nd)]
-        co = idx[1]
+    def tap(idx, co, ci, kvs):
         ch = (co // og) * cig + ci if g > 1 else ci
         src = [idx[0], ch]
         ok = None
@@ -570,21 +585,10 @@ def _conv_transpose(low: Lowering, node: Node, store: StoreFn) -> list:
             # out = i * stride + k * dilation - pad  =>  i = (out + pad - k * dilation) / stride
             num = idx[2 + d] + pad[d] - kvs[d] * dil[d]
             i = num // stride[d]
-            cond = K.Binary("and", K.cmp("ge", num, as_expr(0)),
-                            K.Binary("and", K.cmp("eq", num % stride[d], as_expr(0)),
-                                     K.cmp("lt", i, as_expr(in_shape[2 + d]))))
-            ok = cond if ok is None else K.Binary("and", ok, cond)
+            ok = _and(ok, K.Binary("and", K.cmp("ge", num, as_expr(0)),
+                                   K.Binary("and", K.cmp("eq", num % stride[d], as_expr(0)),
+                                            K.cmp("lt", i, as_expr(in_shape[2 + d])))))
             src.append(clamp_index(i, in_shape[2 + d]))
-        xv = K.Select(ok, low.element(x, src), f32(0.0, dt))
-        prod = xv * low.element(w, [ch, co % og if g > 1 else co, *kvs])
-        inner: list = [K.Assign(acc, acc + prod)]
-        for d in reversed(range(nd)):
-            inner = [_loop(kvs[d], w_shape[2 + d], inner)]
-        stmts = [Decl(acc, f32(0.0, dt)), _loop(ci, cig, inner)]
-        val: Expr = acc
-        if len(node.inputs) > 2:
-            val = acc + low.element(node.inputs[2], [co])
-        return stmts + [store(idx, val)]
+        return src, ok, [ch, co % og if g > 1 else co, *kvs]
 
-    return loop_nest(low, out_shape, body, _parallel_first(out_shape, ["serial"] * len(out_shape),
-                                                           node_work(low, node)))
+    return _window_sum(low, node, store, cig, tap)

@@ -189,6 +189,14 @@ def as_expr(v: Expr | float | int | bool, dtype: str = INDEX) -> Expr:
     return Const(float(v), dtype if is_float(dtype) else "f32")
 
 
+def reduction_identity(op: str, dtype: str) -> Const:
+    """The neutral start value of an add / max / min reduction in ``dtype``."""
+    if is_float(dtype):
+        return Const({"add": 0.0, "max": float("-inf"), "min": float("inf")}[op], dtype)
+    info = np.iinfo(np_dtype(dtype))
+    return Const({"add": 0, "max": int(info.min), "min": int(info.max)}[op], dtype)
+
+
 def maximum(a: Expr, b: Expr | float) -> Expr:
     return Binary("max", a, as_expr(b, a.dtype))
 

@@ -50,11 +50,10 @@ class _NotVectorizable(Exception):
 
 
 def _identity(op: str, dtype: str) -> Expr:
-    if K.is_float(dtype):
-        return Const({"add": 0.0, "max": float("-inf"), "min": float("inf")}[op], dtype)
-    if op != "add":
+    # Integer max/min stay scalar: the backends' vector reductions are signed only.
+    if not K.is_float(dtype) and op != "add":
         raise _NotVectorizable("integer max/min reduction")
-    return Const(0, dtype)
+    return K.reduction_identity(op, dtype)
 
 
 class _Vectorizer:

@@ -39,14 +39,6 @@ def _loop(var: Var, extent, body, kind: str = "serial", start=0) -> For:
     return For(var, as_expr(start), as_expr(extent), tuple(body), kind)
 
 
-def _identity(op: str, dtype: str) -> Expr:
-    """The neutral start value of a reduction."""
-    if dtype.startswith("f"):
-        return f32({"add": 0.0, "max": NEG_INF, "min": float("inf")}[op], dtype)
-    info = np.iinfo(K.np_dtype(dtype))
-    return Const({"add": 0, "max": int(info.min), "min": int(info.max)}[op], dtype)
-
-
 PARALLEL_MIN_WORK = 1 << 17
 
 
@@ -112,7 +104,7 @@ def _reduce(low: Lowering, node: Node, store: StoreFn) -> list:
                 out_idx.append(Const(0, INDEX))
         else:
             out_idx.append(next(ki))
-    body = [Decl(acc, _identity(op, dt)), *inner, store(out_idx, result)]
+    body = [Decl(acc, K.reduction_identity(op, dt)), *inner, store(out_idx, result)]
     keep_shape = [shape[d] for d in keep]
     kinds = ["serial"] * len(keep)
     if keep and not last_reduced and keep_shape[-1] > 1:

@@ -417,6 +417,68 @@ def _pad(e: OnnxEmitter, node: Node) -> None:
          out, mode="constant")
 
 
+# ---- quantized ops: QuantizeLinear / DequantizeLinear around float ops (the QDQ form) --------
+def _quantize(e: OnnxEmitter, node: Node) -> None:
+    a = node.attrs
+    e.op("QuantizeLinear", [node.inputs[0], e.scalar(a["scale"], DType.f32, "scale"),
+                            e.scalar(a["zero_point"], DType(a["dtype"]), "zero_point")],
+         node.outputs[0])
+
+
+def _dequantize(e: OnnxEmitter, node: Node) -> None:
+    a, q = node.attrs, node.inputs[0]
+    e.op("DequantizeLinear", [q, e.scalar(a["scale"], DType.f32, "scale"),
+                              e.scalar(a["zero_point"], e.type_of(q).dtype, "zero_point")],
+         node.outputs[0])
+
+
+def _q_anchor(e: OnnxEmitter, node: Node, float_op) -> None:
+    """x_q, w_q, bias_i32, scale -> DQ(x) op DQ(w) + DQ(bias) [-> Relu] [-> Q].
+
+    Only the product x_scale * w_scale / out_scale is known, so the QDQ form uses it as the
+    weights' per-channel scale with x and output scales of 1: the same function, up to the
+    float rounding of ONNX's float convolution (kiln accumulates in int32)."""
+    x, w, bias, scale = node.inputs
+    a = node.attrs
+    one = e.scalar(1.0, DType.f32, "unit_scale")
+    xf = e.op("DequantizeLinear", [x, one, e.scalar(a["x_zero_point"], DType.u8, "x_zp")])
+    cout = e.type_of(w).shape[0]
+    wf = e.op("DequantizeLinear", [w, scale, e.const(np.zeros(cout, np.int8), "w_zp")], axis=0)
+    bf = e.op("DequantizeLinear", [bias, scale, e.const(np.zeros(cout, np.int32), "b_zp")],
+              axis=0)
+    last = a["out_dtype"] == "f32" and not a["relu"]
+    y = float_op(xf, wf, bf, node.outputs[0] if last else None)
+    if a["relu"]:
+        y = e.op("Relu", [y], node.outputs[0] if a["out_dtype"] == "f32" else None)
+    if a["out_dtype"] == "u8":
+        e.op("QuantizeLinear", [y, one, e.scalar(a["out_zero_point"], DType.u8, "out_zp")],
+             node.outputs[0])
+
+
+def _qlinear(e: OnnxEmitter, node: Node) -> None:
+    def gemm(xf, wf, bf, out):
+        return e.op("Add", [e.op("MatMul", [xf, e.op("Transpose", [wf], perm=[1, 0])]), bf],
+                    out)
+
+    _q_anchor(e, node, gemm)
+
+
+def _qconv(e: OnnxEmitter, node: Node) -> None:
+    wt = e.type_of(node.inputs[1])
+
+    def conv(xf, wf, bf, out):
+        # kiln's qconv is channels-last; ONNX's Conv is channels-first.
+        xc = e.op("Transpose", [xf], perm=[0, 3, 1, 2])
+        wc = e.op("Transpose", [wf], perm=[0, 3, 1, 2])
+        y = e.op("Conv", [xc, wc, bf], kernel_shape=list(wt.shape[1:3]),
+                 strides=list(_ntuple(node.attrs["stride"], 2)),
+                 pads=list(_ntuple(node.attrs["padding"], 2)) * 2,
+                 dilations=list(_ntuple(node.attrs["dilation"], 2)))
+        return e.op("Transpose", [y], out, perm=[0, 2, 3, 1])
+
+    _q_anchor(e, node, conv)
+
+
 ONNX_IMPL: dict[str, Emit] = {
     "embedding": lambda e, node: e.op("Gather", node.inputs[::-1], node.outputs[0], axis=0),
     "matmul": _simple("MatMul"),
@@ -479,6 +541,10 @@ ONNX_IMPL: dict[str, Emit] = {
     "split": _split,
     "expand": _expand,
     "pad": _pad,
+    "quantize": _quantize,
+    "dequantize": _dequantize,
+    "qlinear": _qlinear,
+    "qconv": _qconv,
 }
 """Op name -> function(emitter, node) writing the ONNX nodes that compute the kiln node."""
 

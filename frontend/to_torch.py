@@ -209,6 +209,42 @@ def _pad(x, *, pads, value):
     return F.pad(x, torch_pads, value=value)
 
 
+# ---- quantized ops (integer semantics of kiln.ir.ops.quant; not differentiable) ---------------
+def _quantize(x, *, scale, zero_point, dtype):
+    lo, hi = (0, 255) if dtype == "u8" else (-128, 127)
+    q = torch.round(x.float() / torch.tensor(scale, dtype=torch.float32)) + zero_point
+    q = torch.nan_to_num(q, nan=float(lo)).clamp(lo, hi)
+    return q.to(torch.uint8 if dtype == "u8" else torch.int8)
+
+
+def _dequantize(q, *, scale, zero_point):
+    return (q.to(torch.int32) - zero_point).to(torch.float32) * torch.tensor(scale,
+                                                                             dtype=torch.float32)
+
+
+def _requantize(acc, scale, out_dtype, out_zero_point, relu):
+    y = acc.to(torch.int32).to(torch.float32) * scale.to(torch.float32)
+    if out_dtype == "f32":
+        return torch.relu(y) if relu else y
+    q = torch.round(y) + out_zero_point
+    return q.clamp(out_zero_point if relu else 0, 255).to(torch.uint8)
+
+
+def _qlinear(x, weight, bias, scale, *, x_zero_point, out_zero_point, out_dtype, relu):
+    xs = x.to(torch.float64) - x_zero_point
+    acc = torch.round(xs @ weight.to(torch.float64).T).to(torch.int64) + bias.to(torch.int64)
+    return _requantize(acc, scale, out_dtype, out_zero_point, relu)
+
+
+def _qconv(x, weight, bias, scale, *, stride, padding, dilation, x_zero_point, out_zero_point,
+           out_dtype, relu):
+    xs = (x.to(torch.float64) - x_zero_point).permute(0, 3, 1, 2)
+    w = weight.to(torch.float64).permute(0, 3, 1, 2)
+    acc = F.conv2d(xs, w, None, _ntuple(stride, 2), _ntuple(padding, 2), _ntuple(dilation, 2))
+    acc = torch.round(acc.permute(0, 2, 3, 1)).to(torch.int64) + bias.to(torch.int64)
+    return _requantize(acc, scale, out_dtype, out_zero_point, relu)
+
+
 TORCH_IMPL: dict[str, Callable] = {
     "embedding": F.embedding,
     "matmul": torch.matmul,
@@ -268,6 +304,10 @@ TORCH_IMPL: dict[str, Callable] = {
     "split": _split,
     "expand": _expand,
     "pad": _pad,
+    "quantize": _quantize,
+    "dequantize": _dequantize,
+    "qlinear": _qlinear,
+    "qconv": _qconv,
 }
 """Op name -> function(*tensors, **attrs) returning a tensor (a tuple for multi-output ops)."""
 

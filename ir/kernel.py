@@ -84,7 +84,8 @@ BINARY_OPS = ("add", "sub", "mul", "div", "mod", "max", "min", "pow", "lt", "le"
               "eq", "ne", "and", "or")
 COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
 UNARY_OPS = ("neg", "abs", "exp", "log", "sqrt", "rsqrt", "tanh", "erf", "not", "floor",
-             "trunc")
+             "trunc", "round")
+"""Unary functions; ``round`` rounds half to even (like np.rint)."""
 
 
 @dataclass(frozen=True, eq=True)
@@ -176,6 +177,35 @@ class ReduceLanes(Expr):
     @property
     def lanes(self) -> int:  # type: ignore[override]
         return 1
+
+
+@dataclass(frozen=True, eq=True)
+class DotAdd4(Expr):
+    """``acc + sum of 4 products``: lane l of the i32 vector ``acc`` gains
+    ``u[4l + j] * s[4l + j]`` for j < 4, with ``u`` unsigned and ``s`` signed 8-bit
+    (the int8 dot-product instructions: AVX-512 VNNI vpdpbusd, CUDA dp4a). An operand with
+    only 4 lanes is one group used by every lane (a broadcast 32-bit word)."""
+
+    acc: Expr
+    u: Expr
+    s: Expr
+
+    def __post_init__(self) -> None:
+        n = self.acc.lanes
+        if self.acc.dtype != "i32" or self.u.dtype != "u8" or self.s.dtype != "i8":
+            raise KilnError(f"kernel IR dot_add4 wants i32 += u8 * i8, got {self.acc.dtype}, "
+                            f"{self.u.dtype}, {self.s.dtype}")
+        if self.u.lanes not in (4, 4 * n) or self.s.lanes not in (4, 4 * n):
+            raise KilnError(f"kernel IR dot_add4: {n} accumulator lanes want 4 or {4 * n} "
+                            f"byte lanes, got {self.u.lanes} and {self.s.lanes}")
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return "i32"
+
+    @property
+    def lanes(self) -> int:  # type: ignore[override]
+        return self.acc.lanes
 
 
 def as_expr(v: Expr | float | int | bool, dtype: str = INDEX) -> Expr:
@@ -329,6 +359,8 @@ def map_expr(e: Expr, fn: Callable[[Expr], Expr | None]) -> Expr:
         e = Broadcast(map_expr(e.x, fn), e.lanes)
     elif isinstance(e, ReduceLanes):
         e = ReduceLanes(e.op, map_expr(e.x, fn))
+    elif isinstance(e, DotAdd4):
+        e = DotAdd4(map_expr(e.acc, fn), map_expr(e.u, fn), map_expr(e.s, fn))
     out = fn(e)
     return e if out is None else out
 
@@ -385,6 +417,8 @@ def _children(e: Expr) -> tuple[Expr, ...]:
         return (e.x,)
     if isinstance(e, Select):
         return (e.cond, e.a, e.b)
+    if isinstance(e, DotAdd4):
+        return (e.acc, e.u, e.s)
     return ()
 
 
@@ -497,6 +531,8 @@ def format_expr(e: Expr) -> str:
         return f"broadcast({format_expr(e.x)}, {e.lanes})"
     if isinstance(e, ReduceLanes):
         return f"reduce_{e.op}({format_expr(e.x)})"
+    if isinstance(e, DotAdd4):
+        return f"dot_add4({format_expr(e.acc)}, {format_expr(e.u)}, {format_expr(e.s)})"
     raise KilnError(f"unknown expression {type(e).__name__}")
 
 
@@ -555,7 +591,7 @@ def _erf(x):
 _UN = {
     "neg": np.negative, "abs": np.abs, "exp": np.exp, "log": np.log, "sqrt": np.sqrt,
     "rsqrt": lambda x: 1 / np.sqrt(x), "tanh": np.tanh, "erf": _erf,
-    "not": np.logical_not, "floor": np.floor, "trunc": np.trunc,
+    "not": np.logical_not, "floor": np.floor, "trunc": np.trunc, "round": np.rint,
 }
 
 
@@ -619,6 +655,12 @@ def _eval(e: Expr, mem: dict, env: dict):
         x = _eval(e.x, mem, env)
         fn = {"add": np.sum, "max": np.max, "min": np.min}[e.op]
         return np_dtype(e.dtype).type(fn(x))
+    if isinstance(e, DotAdd4):
+        acc = np.asarray(_eval(e.acc, mem, env), np.int64).reshape(-1)
+        u = np.asarray(_eval(e.u, mem, env), np.int64).reshape(-1, 4)
+        s = np.asarray(_eval(e.s, mem, env), np.int64).reshape(-1, 4)
+        total = acc + (u * s).sum(axis=1)
+        return total.astype(np.int32) if e.lanes > 1 else np.int32(total[0])
     raise KilnError(f"unknown expression {type(e).__name__}")
 
 

@@ -137,6 +137,8 @@ class _Fn:
             return r2
         if isinstance(e, ReduceLanes):
             return self.reduce(e)
+        if isinstance(e, K.DotAdd4):
+            return self.dot_add4(e)
         raise KilnError(f"codegen: unknown expression {type(e).__name__}")
 
     def const(self, e: Const) -> str:
@@ -286,6 +288,8 @@ class _Fn:
             return self.call(t, self.m.vector_math(e.op, e.lanes), [(t, x)])
         if e.op in ("exp", "log", "sqrt", "floor", "trunc"):
             return self.call(t, f"llvm.{e.op}.{sfx}", [(t, x)])
+        if e.op == "round":
+            return self.call(t, f"llvm.roundeven.{sfx}", [(t, x)])
         if e.op == "rsqrt":
             s = self.call(t, f"llvm.sqrt.{sfx}", [(t, x)])
             one = self.const(Const(1.0, dt, e.lanes))
@@ -319,6 +323,74 @@ class _Fn:
             ws, wd = wi[SCALAR[src]], wi[SCALAR[dst]]
             inst = ("sext" if src in SIGNED else "zext") if wd > ws else "trunc"
         self.emit(f"{r} = {inst} {st} {x} to {dt_}")
+        return r
+
+    def _bytes_as_words(self, e: K.Expr, lanes: int) -> str:
+        """A u8/i8 operand of dot_add4 as ``lanes`` 32-bit words (a 4-byte group splat)."""
+        v = self.expr(e)
+        if e.lanes == 4 * lanes:
+            r = self.tmp()
+            self.emit(f"{r} = bitcast <{4 * lanes} x i8> {v} to <{lanes} x i32>")
+            return r
+        w, r1, r2 = self.tmp(), self.tmp(), self.tmp()
+        self.emit(f"{w} = bitcast <4 x i8> {v} to i32")
+        self.emit(f"{r1} = insertelement <{lanes} x i32> poison, i32 {w}, i64 0")
+        self.emit(f"{r2} = shufflevector <{lanes} x i32> {r1}, <{lanes} x i32> poison, "
+                  f"<{lanes} x i32> zeroinitializer")
+        return r2
+
+    def dot_add4(self, e: K.DotAdd4) -> str:
+        n = e.lanes
+        acc = self.expr(e.acc)
+        scalar = n == 1
+        if scalar:  # one lane: computed as a 1-lane vector
+            a1 = self.tmp()
+            self.emit(f"{a1} = insertelement <1 x i32> poison, i32 {acc}, i64 0")
+            acc = a1
+        u, s = self._bytes_as_words(e.u, n), self._bytes_as_words(e.s, n)
+        vt = f"<{n} x i32>"
+        feats = self.m.features
+        if n * 32 in (128, 256, 512) and ("+avx512vnni" in feats and (n == 16 or "+avx512vl"
+                                                                      in feats)):
+            # u8 x i8 products summed in groups of four into each i32 lane, in one instruction.
+            return self.call(vt, f"llvm.x86.avx512.vpdpbusd.{n * 32}",
+                             [(vt, acc), (vt, u), (vt, s)])
+        # Elsewhere: widen to 16 bits, multiply-add pairs (pmaddwd's pattern), then add pairs.
+        bt, wt = f"<{4 * n} x i8>", f"<{4 * n} x i16>"
+        ub, sb = self.tmp(), self.tmp()
+        self.emit(f"{ub} = bitcast {vt} {u} to {bt}")
+        self.emit(f"{sb} = bitcast {vt} {s} to {bt}")
+        uw, sw = self.tmp(), self.tmp()
+        self.emit(f"{uw} = zext {bt} {ub} to {wt}")
+        self.emit(f"{sw} = sext {bt} {sb} to {wt}")
+
+        def half(x: str, ty: str, count: int, odd: int) -> str:
+            r = self.tmp()
+            mask = ", ".join(f"i32 {2 * i + odd}" for i in range(count))
+            self.emit(f"{r} = shufflevector {ty} {x}, {ty} poison, <{count} x i32> <{mask}>")
+            return r
+
+        def widen_mul(a: str, b: str) -> str:
+            a32, b32, p = self.tmp(), self.tmp(), self.tmp()
+            ht = f"<{2 * n} x i16>"
+            self.emit(f"{a32} = sext {ht} {a} to <{2 * n} x i32>")
+            self.emit(f"{b32} = sext {ht} {b} to <{2 * n} x i32>")
+            self.emit(f"{p} = mul <{2 * n} x i32> {a32}, {b32}")
+            return p
+
+        pe = widen_mul(half(uw, wt, 2 * n, 0), half(sw, wt, 2 * n, 0))
+        po = widen_mul(half(uw, wt, 2 * n, 1), half(sw, wt, 2 * n, 1))
+        pairs = self.tmp()
+        self.emit(f"{pairs} = add <{2 * n} x i32> {pe}, {po}")
+        p2t = f"<{2 * n} x i32>"
+        quads = self.tmp()
+        self.emit(f"{quads} = add {vt} {half(pairs, p2t, n, 0)}, {half(pairs, p2t, n, 1)}")
+        r = self.tmp()
+        self.emit(f"{r} = add {vt} {acc}, {quads}")
+        if scalar:
+            r1 = self.tmp()
+            self.emit(f"{r1} = extractelement <1 x i32> {r}, i64 0")
+            return r1
         return r
 
     def reduce(self, e: ReduceLanes) -> str:

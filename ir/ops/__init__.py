@@ -1,3 +1,12 @@
 """kiln's op declarations. Importing this package registers every op."""
 
-from kiln.ir.ops import data, dense, elementwise, norm, pool, reduce, shape  # noqa: F401
+from kiln.ir.ops import (  # noqa: F401
+    data,
+    dense,
+    elementwise,
+    norm,
+    pool,
+    quant,
+    reduce,
+    shape,
+)

@@ -21,9 +21,11 @@ from kiln.passes.lower.core import (
     loop_nest,
 )
 from kiln.passes.lower.gemm import lower_conv, lower_linear, lower_matmul, lower_pool
+from kiln.passes.lower.qgemm import lower_qconv, lower_qlinear
 
 DENSE_SCHEDULES = {"linear": lower_linear, "conv": lower_conv, "matmul": lower_matmul,
-                   "max_pool": lower_pool, "avg_pool": lower_pool}
+                   "max_pool": lower_pool, "avg_pool": lower_pool, "qconv": lower_qconv,
+                   "qlinear": lower_qlinear}
 
 
 @dataclass

@@ -84,6 +84,23 @@ def _cast(low, node, value, idx):
     return K.Cast(x, node.attrs["dtype"])
 
 
+@element_rule("quantize")
+def _quantize(low, node, value, idx):
+    # kiln.ir.ops.quant: clamp(rint(x / scale) + zero_point) in float32; NaN -> the low end.
+    a = node.attrs
+    lo, hi = (0, 255) if a["dtype"] == "u8" else (-128, 127)
+    q = K.Unary("round", _x(low, node, idx) / f32(a["scale"])) + f32(float(a["zero_point"]))
+    q = K.Select(K.cmp("eq", q, q), q, f32(float(lo)))
+    return K.Cast(K.minimum(K.maximum(q, f32(float(lo))), f32(float(hi))), a["dtype"])
+
+
+@element_rule("dequantize")
+def _dequantize(low, node, value, idx):
+    a = node.attrs
+    centered = K.Cast(_x(low, node, idx), "i32") - Const(a["zero_point"], "i32")
+    return K.Cast(centered, "f32") * f32(a["scale"])
+
+
 BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow": "pow",
           "maximum": "max", "minimum": "min", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le",
           "gt": "gt", "ge": "ge"}

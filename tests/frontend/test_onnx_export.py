@@ -191,6 +191,53 @@ CASES = {
 }
 
 
+def quant_operands(x_shape, w_shape, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    cout = w_shape[0]
+    return [rng.integers(0, 256, x_shape).astype(np.uint8),
+            rng.integers(-127, 128, w_shape).astype(np.int8),
+            rng.integers(-3000, 3000, cout).astype(np.int32),
+            rng.uniform(2e-4, 1e-3, cout).astype(np.float32)]
+
+
+CASES["quantize_u8"] = ("quantize", [f32(3, 8) * 3], {"scale": 0.03125, "zero_point": 100}, ())
+CASES["quantize_i8"] = ("quantize", [f32(3, 8) * 3], {"scale": 0.0625, "zero_point": -3,
+                                                     "dtype": "i8"}, ())
+CASES["dequantize"] = ("dequantize", [np.arange(256, dtype=np.uint8).reshape(16, 16)],
+                       {"scale": 0.05, "zero_point": 7}, ())
+Q_CASES = {
+    "qlinear_u8_relu": ("qlinear", quant_operands((3, 8), (5, 8)),
+                        {"x_zero_point": 120, "out_zero_point": 3, "relu": True}),
+    "qlinear_f32": ("qlinear", quant_operands((2, 3, 8), (5, 8)), {"out_dtype": "f32"}),
+    "qconv_u8": ("qconv", quant_operands((1, 6, 7, 3), (4, 2, 3, 3)),
+                 {"stride": 2, "padding": 1, "x_zero_point": 9, "out_zero_point": 128}),
+    "qconv_f32_relu": ("qconv", quant_operands((2, 5, 5, 4), (3, 3, 3, 4)),
+                       {"padding": 1, "dilation": 2, "out_dtype": "f32", "relu": True}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(Q_CASES))
+def test_quantized_anchor_matches_reference_in_qdq_form(case: str) -> None:
+    """ONNX's QDQ form computes in float what kiln computes in int32: u8 outputs may differ by
+    one step where a value lands next to a rounding boundary, f32 ones by float rounding."""
+    op, operands, attrs = Q_CASES[case]
+    b = GraphBuilder(op)
+    x = b.input("x", TensorType.of(operands[0]))
+    consts = [b.constant(a, f"c{k}") for k, a in enumerate(operands[1:], 1)]
+    b.output(*b.op_multi(op, [x, *consts], attrs))
+    g = b.build()
+    model = graph_to_onnx(g)
+    onnx.checker.check_model(model, full_check=True)
+    expected = run_graph(g, operands[:1])[0]
+    got = run_onnx(model, g, operands[:1])[0]
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    if got.dtype == np.uint8:
+        diff = np.abs(got.astype(int) - expected.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.05
+    else:
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_single_op_matches_reference(case: str) -> None:
     op, operands, attrs, constant = CASES[case]

@@ -344,7 +344,8 @@ def _propose_clamp(g: Grower) -> Proposal:
 
 # float -> i8/u8 overflows (undefined), so casts stay within these.
 _CAST_TARGETS = {DType.f32: ["i32", "i64", "bool"], DType.i32: ["f32", "i64", "bool"],
-                 DType.i64: ["f32", "i32", "bool"], DType.bool: ["f32", "i32", "i64"]}
+                 DType.i64: ["f32", "i32", "bool"], DType.bool: ["f32", "i32", "i64"],
+                 DType.u8: ["f32", "i32", "i64"], DType.i8: ["f32", "i32", "i64"]}
 
 
 def _propose_cast(g: Grower) -> Proposal:
@@ -614,6 +615,57 @@ def _approximate(g: Grower) -> dict:
     return {"approximate": _choice(g, ["none", "tanh"])}
 
 
+def _qscale(values: np.ndarray, steps: float) -> float:
+    """A float32-exact scale that spreads ``values`` over about ``steps`` quantization steps."""
+    span = float(np.abs(values).max(initial=0.0)) if values.size else 0.0
+    return float(np.float32(max(span, 1e-3) / steps))
+
+
+def _propose_quantize(g: Grower) -> Proposal:
+    x = g.pick(_is_float)
+    dtype = _choice(g, ["u8", "i8"])
+    zp = int(g.rng.integers(0, 256)) - (128 if dtype == "i8" else 0)
+    return Proposal([x], {"scale": _qscale(g.values[x], 100.0), "zero_point": zp,
+                          "dtype": dtype})
+
+
+def _propose_dequantize(g: Grower) -> Proposal:
+    q = g.pick(lambda t: t.dtype in (DType.u8, DType.i8))
+    zp = int(g.rng.integers(0, 256)) - (128 if g.type(q).dtype == DType.i8 else 0)
+    return Proposal([q], {"scale": _choice(g, [0.01, 0.03125]), "zero_point": zp})
+
+
+def _q_weights(g: Grower, shape, fan_in: int) -> list[np.ndarray]:
+    cout = shape[0]
+    w = g.rng.integers(-127, 128, shape).astype(np.int8)
+    bias = g.rng.integers(-2000, 2000, cout).astype(np.int32)
+    # About one output step per few accumulated products: the outputs use the u8 range.
+    scale = (g.rng.uniform(0.5, 2.0, cout) / (fan_in ** 0.5 * 2000)).astype(np.float32)
+    return [w, bias, scale]
+
+
+def _q_attrs(g: Grower) -> dict:
+    return {"x_zero_point": int(g.rng.integers(0, 256)),
+            "out_zero_point": int(g.rng.integers(0, 256)),
+            "out_dtype": _choice(g, ["u8", "f32"]), "relu": bool(g.rng.random() < 0.5)}
+
+
+def _propose_qlinear(g: Grower) -> Proposal:
+    x = g.pick(lambda t: t.dtype == DType.u8 and t.rank >= 1)
+    k = g.type(x).shape[-1]
+    n = int(g.rng.integers(1, 17))
+    return Proposal([x, *_q_weights(g, (n, k), k)], _q_attrs(g))
+
+
+def _propose_qconv(g: Grower) -> Proposal:
+    x = g.pick(lambda t: t.dtype == DType.u8 and t.rank == 4)
+    c = g.type(x).shape[3]
+    kernel = _ints(g, 1, 3, 2)
+    cout = int(g.rng.integers(1, 17))
+    return Proposal([x, *_q_weights(g, (cout, *kernel, c), c * math.prod(kernel))],
+                    {**_q_attrs(g), **_conv_attrs(g, 2, transpose=False)})
+
+
 PROPOSERS: dict[str, tuple[float, Callable[[Grower], Proposal]]] = {
     "embedding": (1, _propose_embedding),
     "matmul": (2, _propose_matmul),
@@ -673,6 +725,10 @@ PROPOSERS: dict[str, tuple[float, Callable[[Grower], Proposal]]] = {
     "split": (1, _propose_split),
     "expand": (1, _propose_expand),
     "pad": (1, _propose_pad),
+    "quantize": (1.5, _propose_quantize),
+    "dequantize": (1, _propose_dequantize),
+    "qlinear": (2, _propose_qlinear),
+    "qconv": (2, _propose_qconv),
 }
 """Op name -> (how often to pick it, relative; its proposer)."""
 

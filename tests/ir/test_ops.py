@@ -649,6 +649,74 @@ def test_conv_transpose(nd, data):
     check_op("conv_transpose", operands, attrs)
 
 
+# ---- quantized ops ---------------------------------------------------------------------------
+def qparams(data) -> dict:
+    """A scale exactly representable in float32 and a u8 zero point."""
+    scale = float(np.float32(data.draw(st.sampled_from([0.007, 0.02, 0.1, 0.5]))))
+    return {"scale": scale, "zero_point": data.draw(st.integers(0, 255))}
+
+
+@covers("quantize", "dequantize")
+@SETTINGS
+@given(data=st.data())
+def test_quantize_dequantize(data):
+    rng = rng_of(data)
+    shape = data.draw(shapes())
+    attrs = qparams(data)
+    dtype = data.draw(st.sampled_from(["u8", "i8"]))
+    if dtype == "i8":
+        attrs["zero_point"] -= 128
+    x = randn(rng, shape, 3.0)
+    # Values exactly half-way between two steps: rounding must be half to even everywhere.
+    halves = (rng.integers(-40, 40, shape) + 0.5).astype(np.float32) * np.float32(attrs["scale"])
+    x = np.where(rng.random(shape) < 0.3, halves, x).astype(np.float32)
+    q = check_op("quantize", [x], {**attrs, "dtype": dtype})[0]
+    back = check_op("dequantize", [q], attrs)[0]
+    lo, hi = (0, 255) if dtype == "u8" else (-128, 127)
+    steps = x / attrs["scale"] + attrs["zero_point"]
+    inside = (steps > lo) & (steps < hi)
+    assert np.all(np.abs(back - x)[inside] <= attrs["scale"] / 2 * 1.0001 + 1e-7)
+
+
+def qanchor_operands(rng, data, x_shape, cout: int, k: int) -> tuple[list[np.ndarray], dict]:
+    x = rng.integers(0, 256, x_shape).astype(np.uint8)
+    w = rng.integers(-127, 128, (cout, k)).astype(np.int8)
+    bias = rng.integers(-5000, 5000, cout).astype(np.int32)
+    out_dtype = data.draw(st.sampled_from(["u8", "f32"]))
+    scale = rng.uniform(1e-4, 3e-3, cout).astype(np.float32)
+    attrs = {"x_zero_point": data.draw(st.integers(0, 255)),
+             "out_zero_point": data.draw(st.integers(0, 255)), "out_dtype": out_dtype,
+             "relu": data.draw(st.booleans())}
+    return [x, w, bias, scale], attrs
+
+
+@covers("qlinear")
+@SETTINGS
+@given(data=st.data())
+def test_qlinear(data):
+    rng = rng_of(data)
+    x_shape = data.draw(shapes(min_dims=1, max_dims=3, max_side=6))
+    operands, attrs = qanchor_operands(rng, data, x_shape, data.draw(st.integers(1, 6)),
+                                       x_shape[-1])
+    check_op("qlinear", operands, attrs)
+
+
+@covers("qconv")
+@SETTINGS
+@given(data=st.data())
+def test_qconv(data):
+    rng = rng_of(data)
+    c, cout = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 5))
+    kh, kw = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    x_shape = [data.draw(st.integers(1, 2)), data.draw(st.integers(5, 7)),
+               data.draw(st.integers(5, 7)), c]
+    operands, attrs = qanchor_operands(rng, data, x_shape, cout, kh * kw * c)
+    operands[1] = operands[1].reshape(cout, kh, kw, c)
+    attrs.update(stride=data.draw(st.integers(1, 2)), padding=data.draw(st.integers(0, 1)),
+                 dilation=data.draw(st.integers(1, 2)))
+    check_op("qconv", operands, attrs)
+
+
 @covers("attention")
 @SETTINGS
 @given(data=st.data())

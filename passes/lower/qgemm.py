@@ -1,0 +1,338 @@
+"""Lowering of the int8 anchors qlinear and qconv (semantics: kiln.ir.ops.quant).
+
+Both are a GEMM C[M, N] = A[M, K] @ B[K, N] with u8 activations A (rows: tokens or output
+pixels, channels last) and i8 weights B (columns: output channels). The packed schedule keeps
+an MR x NV-vector tile of int32 accumulators in registers; each step of the K loop takes four
+consecutive k at once: NV vector loads of packed weights ([N/NR][K/4][NR][4] bytes, packed at
+compile time) and, per row, one 4-byte group of activations splat over the lanes, combined by
+``dot_add4`` (vpdpbusd on AVX-512 VNNI). For a convolution the K loop runs over kernel taps and
+channel groups and reads the (zero-point padded) input in place: no im2col. The zero point of
+the activations is folded into the bias (sum_k (x - zx) w = sum_k x w - zx sum_k w), padded
+input positions hold zx, and the float32 requantization is the epilogue of each vector.
+
+Without vectors (``width`` 1, or shapes the schedule does not take) the plain loop nests
+registered as anchor rules compute the same integers one element at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from kiln.ir import KilnError, Node
+from kiln.ir import kernel as K
+from kiln.ir.kernel import INDEX, Broadcast, Const, Decl, Expr, For, If, Var, as_expr
+from kiln.ir.ops._rules import as_tuple
+from kiln.passes.lower.anchors import StoreFn, anchor_rule, node_work
+from kiln.passes.lower.core import Lowering, clamp_index, default_kinds, f32, loop_nest
+from kiln.passes.lower.gemm import collapsed_views
+
+PARALLEL_MIN_MACS = 1 << 19
+
+
+def requantize(acc: Expr, scale: Expr, attrs) -> Expr:
+    """The float32 epilogue of qlinear / qconv applied to int32 ``acc`` (scalar or vector)."""
+    lanes = acc.lanes
+
+    def c(v: float) -> Expr:
+        e = f32(v)
+        return Broadcast(e, lanes) if lanes > 1 else e
+
+    y = K.Cast(acc, "f32") * scale
+    if attrs["out_dtype"] == "f32":
+        return K.maximum(y, c(0.0)) if attrs["relu"] else y
+    zp = attrs["out_zero_point"]
+    q = K.Unary("round", y) + c(float(zp))
+    q = K.minimum(K.maximum(q, c(float(zp if attrs["relu"] else 0))), c(255.0))
+    return K.Cast(q, "u8")
+
+
+def _centered(low: Lowering, value: str, idx: Sequence[Expr], zero_point: int) -> Expr:
+    return K.Cast(low.element(value, idx), "i32") - Const(zero_point, "i32")
+
+
+# ---- plain loop nests ------------------------------------------------------------------------
+@anchor_rule("qlinear")
+def _qlinear_plain(low: Lowering, node: Node, store: StoreFn) -> list:
+    x, w, bias, scale = node.inputs
+    out_shape = low.shape(node.outputs[0])
+    kdim = low.shape(w)[1]
+    a = node.attrs
+
+    def body(idx):
+        acc, k = low.fresh("acc", "i32"), low.fresh("k")
+        prod = _centered(low, x, list(idx[:-1]) + [k], a["x_zero_point"]) * \
+            K.Cast(low.element(w, [idx[-1], k]), "i32")
+        return [Decl(acc, low.element(bias, [idx[-1]])),
+                For(k, as_expr(0), as_expr(kdim), (K.Assign(acc, acc + prod),)),
+                store(idx, requantize(acc, low.element(scale, [idx[-1]]), a))]
+
+    return loop_nest(low, out_shape, body, default_kinds(out_shape, innermost_vector=False))
+
+
+@anchor_rule("qconv")
+def _qconv_plain(low: Lowering, node: Node, store: StoreFn) -> list:
+    x, w, bias, scale = node.inputs
+    out_shape = low.shape(node.outputs[0])
+    _, h, wd, c = low.shape(x)
+    _, kh, kw, _ = low.shape(w)
+    a = node.attrs
+    stride = as_tuple(a["stride"], 2, "stride")
+    pad = as_tuple(a["padding"], 2, "padding")
+    dil = as_tuple(a["dilation"], 2, "dilation")
+
+    def body(idx):
+        n, oh, ow, co = idx
+        acc = low.fresh("acc", "i32")
+        i, j, ci = low.fresh("kh"), low.fresh("kw"), low.fresh("ci")
+        ih = oh * stride[0] + i * dil[0] - pad[0]
+        iw = ow * stride[1] + j * dil[1] - pad[1]
+        inside = K.Binary("and", K.Binary("and", K.cmp("ge", ih, 0), K.cmp("lt", ih, h)),
+                          K.Binary("and", K.cmp("ge", iw, 0), K.cmp("lt", iw, wd)))
+        xv = _centered(low, x, [n, clamp_index(ih, h), clamp_index(iw, wd), ci],
+                       a["x_zero_point"])
+        prod = K.Select(inside, xv, Const(0, "i32")) * \
+            K.Cast(low.element(w, [co, i, j, ci]), "i32")
+        loops = For(i, as_expr(0), as_expr(kh), (For(j, as_expr(0), as_expr(kw), (
+            For(ci, as_expr(0), as_expr(c), (K.Assign(acc, acc + prod),)),)),))
+        return [Decl(acc, low.element(bias, [co])), loops,
+                store(idx, requantize(acc, low.element(scale, [co]), a))]
+
+    kinds = default_kinds(out_shape, innermost_vector=False)
+    if node_work(low, node) < PARALLEL_MIN_MACS:
+        kinds = ["serial"] * len(kinds)
+    return loop_nest(low, out_shape, body, kinds)
+
+
+# ---- packed schedule -------------------------------------------------------------------------
+def tile_shape(width: int, cols: int) -> tuple[int, int]:
+    """(MR rows, NV vectors) of int32 accumulators for ``width``-lane vectors: as many
+    registers as the target has (32 with AVX-512, 16 with AVX2) minus the weight vectors, and
+    column tiles that divide the channel count when one of the common ones does."""
+    if width >= 16:
+        vectors = -(-cols // width)
+        for nv, mr in ((4, 6), (3, 8), (2, 12)):
+            if vectors % nv == 0:
+                return mr, nv
+        return (8, 3) if vectors > 2 else (12, vectors)
+    if width == 8:
+        return 4, 2
+    return 4, 1
+
+
+def pack_weights(w: np.ndarray, nr: int) -> np.ndarray:
+    """i8 [N, K] (K a multiple of 4) -> [ceil(N/NR)][K/4][NR][4], zero padded."""
+    n, kd = w.shape
+    tiles = -(-n // nr)
+    padded = np.zeros((tiles * nr, kd), np.int8)
+    padded[:n] = w
+    return np.ascontiguousarray(padded.reshape(tiles, nr, kd // 4, 4).transpose(0, 2, 1, 3))
+
+
+def _padded_vector(v: np.ndarray, size: int, dtype) -> np.ndarray:
+    out = np.zeros(size, dtype)
+    out[:v.size] = v
+    return out
+
+
+class _QGemm:
+    """The packed int8 GEMM of one node: rows from ``row_base``, taps, channel groups."""
+
+    def __init__(self, low: Lowering, node: Node, final: str, width: int, M: int, N: int,
+                 taps: list[int], groups4: int, a_buf: str, row_base) -> None:
+        self.low, self.node, self.final, self.w = low, node, final, width
+        self.M, self.N, self.taps, self.groups4 = M, N, taps, groups4
+        self.a_buf, self.row_base = a_buf, row_base
+
+    def build(self, wmat: np.ndarray, bias: np.ndarray, scale: np.ndarray) -> list:
+        low, w = self.low, self.w
+        self.mr, self.nv = tile_shape(w, self.N)
+        self.mr = max(1, min(self.mr, self.M))
+        nr = self.nv * w
+        tiles = -(-self.N // nr)
+        self.k4 = len(self.taps) * self.groups4
+        self.packed = low.constant(pack_weights(wmat, nr), f"{self.node.name}_packed")
+        self.bias = low.constant(_padded_vector(bias, tiles * nr, np.int32),
+                                 f"{self.node.name}_bias")
+        self.scale = low.constant(_padded_vector(scale, tiles * nr, np.float32),
+                                  f"{self.node.name}_scale")
+        vectors = -(-self.N // w)
+        full, last = divmod(vectors, self.nv)
+        m_tiles = -(-self.M // self.mr)
+        macs = self.M * self.N * self.k4 * 4
+        parallel = macs >= PARALLEL_MIN_MACS
+        stmts = []
+        for first_tile, count, nv in ((0, full, self.nv), (full, 1 if last else 0, last)):
+            if not count:
+                continue
+            jt, it = low.fresh("jt"), low.fresh("it")
+            body = self._micro(it, as_expr(first_tile) + jt, nv, nr)
+            # Threads share the larger of the two tile counts (see gemm.gemm_loops).
+            if m_tiles > count:
+                inner = For(it, as_expr(0), as_expr(m_tiles), tuple(body),
+                            "parallel" if parallel else "serial")
+                stmts.append(For(jt, as_expr(0), as_expr(count), (inner,)))
+            else:
+                inner = For(it, as_expr(0), as_expr(m_tiles), tuple(body))
+                stmts.append(For(jt, as_expr(0), as_expr(count), (inner,),
+                                 "parallel" if parallel and count > 1 else "serial"))
+        return stmts
+
+    def _micro(self, it: Var, tile: Expr, nv: int, nr: int) -> list:
+        low, w, mr, M = self.low, self.w, self.mr, self.M
+        m0 = it * mr
+        bases = [low.fresh("row") for _ in range(mr)]
+        body: list = []
+        for r, b in enumerate(bases):
+            row = K.minimum(m0 + r, as_expr(M - 1)) if M % mr else m0 + r
+            body.append(Decl(b, self.row_base(row)))
+        accs = [[low.fresh("c", "i32", w) for _ in range(nv)] for _ in range(mr)]
+        body += [Decl(acc, Broadcast(Const(0, "i32"), w)) for row in accs for acc in row]
+        bvs = [low.fresh("b", "i8", 4 * w) for _ in range(nv)]
+        t, g = low.fresh("tap"), low.fresh("g")
+        kk = t * self.groups4 + g
+        # Per tap the rows move by a fixed offset, so a taps table costs one load per tap.
+        taps = low.constant(np.asarray(self.taps, np.int64), f"{self.node.name}_taps")
+        off = low.fresh("toff")
+        step: list = [Decl(bv, K.Load(self.packed, ((tile * self.k4 + kk) * nr + v * w) * 4,
+                                      "i8", 4 * w)) for v, bv in enumerate(bvs)]
+        for r in range(mr):
+            av = K.Load(self.a_buf, bases[r] + off + g * 4, "u8", 4)
+            for v in range(nv):
+                step.append(K.Assign(accs[r][v], K.DotAdd4(accs[r][v], av, bvs[v])))
+        body.append(For(t, as_expr(0), as_expr(len(self.taps)), (
+            Decl(off, K.Load(taps, t, INDEX)),
+            For(g, as_expr(0), as_expr(self.groups4), tuple(step)))))
+        for r in range(mr):
+            stores: list = []
+            for v in range(nv):
+                col = tile * nr + v * w
+                value = requantize(accs[r][v] + K.Load(self.bias, col, "i32", w),
+                                   K.Load(self.scale, col, "f32", w), self.node.attrs)
+                stores += self._store(m0 + r, col, value, v, tile, nr)
+            if M % mr:
+                body.append(If(K.cmp("lt", m0 + r, as_expr(M)), tuple(stores)))
+            else:
+                body.extend(stores)
+        return body
+
+    def _store(self, row: Expr, col: Expr, value: Expr, v: int, tile: Expr, nr: int) -> list:
+        low, w, N = self.low, self.w, self.N
+        out = self.node.outputs[0]
+        full = low.store_at(self.final, [row, col], value, out)
+        if N % w == 0:
+            return [full]
+        # The last vector of the last tile is partial: through a scratch, element by element.
+        lanes = f"lanes_{low.fresh('t').name}"
+        low.scratch.append(K.Buffer(lanes, value.dtype, w))
+        j = low.fresh("j")
+        part = [K.Store(lanes, Const(0, INDEX), value),
+                For(j, as_expr(0), as_expr(N % w), (
+                    low.store_at(self.final, [row, col + j], K.Load(lanes, j, value.dtype),
+                                 out),))]
+        return [If(K.cmp("le", col + w, as_expr(N)), (full,), tuple(part))]
+
+
+def _fold_zero_point(w: np.ndarray, bias: np.ndarray, zx: int, node: Node) -> np.ndarray:
+    folded = bias.astype(np.int64) - zx * w.reshape(w.shape[0], -1).astype(np.int64).sum(1)
+    if np.abs(folded).max(initial=0) >= 2 ** 31:
+        raise KilnError("int8 bias with the zero point folded in overflows int32",
+                        node=node.name, op=node.op, hint="leave this layer in float")
+    return folded.astype(np.int32)
+
+
+def _padded_copy(low: Lowering, x: str, dims: tuple[int, int, int, int], pad: tuple[int, int],
+                 cp: int, zx: int, work: int) -> tuple[str, list]:
+    """x [N, H, W, C] -> workspace [N, H + 2ph, W + 2pw, Cp] with zx around and past C."""
+    n_, h, wd, c = dims
+    hp, wp = h + 2 * pad[0], wd + 2 * pad[1]
+    xp = low.workspace(f"{x}_qpad", "u8", n_ * hp * wp * cp)
+    src = low.buffer(x)
+    n, i, j, ch = low.fresh("n"), low.fresh("h"), low.fresh("w"), low.fresh("c")
+    dst = ((n * hp + i) * wp + j) * cp
+    ih, iw = i - pad[0], j - pad[1]
+    inside = K.Binary("and", K.Binary("and", K.cmp("ge", ih, 0), K.cmp("lt", ih, h)),
+                      K.Binary("and", K.cmp("ge", iw, 0), K.cmp("lt", iw, wd)))
+    zero = Const(zx, "u8")
+    copy: list = [For(ch, as_expr(0), as_expr(c), (
+        K.Store(xp, dst + ch, K.Load(src, ((n * h + ih) * wd + iw) * c + ch, "u8")),),
+        "vectorized")]
+    if cp > c:
+        copy.append(For(ch, as_expr(c), as_expr(cp - c), (K.Store(xp, dst + ch, zero),)))
+    fill = For(ch, as_expr(0), as_expr(cp), (K.Store(xp, dst + ch, zero),), "vectorized")
+    kind = "parallel" if work >= PARALLEL_MIN_MACS and n_ * hp > 1 else "serial"
+    rows = For(j, as_expr(0), as_expr(wp), (If(inside, tuple(copy), (fill,)),))
+    return xp, [For(n, as_expr(0), as_expr(n_), (For(i, as_expr(0), as_expr(hp), (rows,),
+                                                     kind),))]
+
+
+def lower_qconv(low: Lowering, node: Node, final: str, inline: set[str],
+                width: int) -> list | None:
+    """qconv as a packed int8 GEMM over output pixels x output channels."""
+    x, w, bias, scale = node.inputs
+    wv, bv, sv = (low.constant_value(v) for v in (w, bias, scale))
+    if wv is None or bv is None or sv is None or low.is_inline(x):
+        return None
+    a = node.attrs
+    out = node.outputs[0]
+    oshape = low.graph.types[out].shape
+    views = collapsed_views(low, final, out, inline, [0, 1, 2])
+    if views is None:
+        return None
+    low.view_shapes.update(views)
+    n_, h, wd, c = low.shape(x)
+    cout, kh, kw, _ = wv.shape
+    stride = as_tuple(a["stride"], 2, "stride")
+    pad = as_tuple(a["padding"], 2, "padding")
+    dil = as_tuple(a["dilation"], 2, "dilation")
+    cp = -(-c // 4) * 4
+    zx = a["x_zero_point"]
+    stmts: list = []
+    if any(pad) or cp != c:
+        xbuf, stmts = _padded_copy(low, x, (n_, h, wd, c), pad, cp, zx, node_work(low, node))
+        hp, wp = h + 2 * pad[0], wd + 2 * pad[1]
+    else:
+        xbuf, hp, wp = low.buffer(x), h, wd
+    _, oh, ow, _ = oshape
+    M = n_ * oh * ow
+
+    def row_base(m: Expr) -> Expr:
+        img, pix = m // (oh * ow), m % (oh * ow)
+        return ((img * hp + (pix // ow) * stride[0]) * wp + (pix % ow) * stride[1]) * cp
+
+    taps = [(i * dil[0] * wp + j * dil[1]) * cp for i in range(kh) for j in range(kw)]
+    wpad = np.zeros((cout, kh, kw, cp), np.int8)
+    wpad[..., :c] = wv
+    gemm = _QGemm(low, node, final, width, M, cout, taps, cp // 4, xbuf, row_base)
+    return stmts + gemm.build(wpad.reshape(cout, -1), _fold_zero_point(wv, bv, zx, node), sv)
+
+
+def lower_qlinear(low: Lowering, node: Node, final: str, inline: set[str],
+                  width: int) -> list | None:
+    """qlinear as a packed int8 GEMM over tokens x output features."""
+    x, w, bias, scale = node.inputs
+    wv, bv, sv = (low.constant_value(v) for v in (w, bias, scale))
+    if wv is None or bv is None or sv is None or low.is_inline(x):
+        return None
+    out = node.outputs[0]
+    oshape = low.graph.types[out].shape
+    if len(oshape) < 2:
+        return None
+    views = collapsed_views(low, final, out, inline, list(range(len(oshape) - 1)))
+    if views is None:
+        return None
+    low.view_shapes.update(views)
+    T, (N, kd) = math.prod(oshape[:-1]), wv.shape
+    kp = -(-kd // 4) * 4
+    zx = node.attrs["x_zero_point"]
+    stmts: list = []
+    if kp != kd:
+        xbuf, stmts = _padded_copy(low, x, (1, T, 1, kd), (0, 0), kp, zx, node_work(low, node))
+    else:
+        xbuf = low.buffer(x)
+    wpad = np.zeros((N, kp), np.int8)
+    wpad[:, :kd] = wv
+    gemm = _QGemm(low, node, final, width, T, N, [0], kp // 4, xbuf, lambda m: m * kp)
+    return stmts + gemm.build(wpad, _fold_zero_point(wv, bv, zx, node), sv)

@@ -1,0 +1,129 @@
+"""int8 ops on the llvm backend: the same integers as the reference backend, bit for bit.
+
+Each case runs through the packed VNNI/widening schedule (the host's vector width), the plain
+loop nests (width 1, through the kernel interpreter) and, where the host runs AVX2 code, the
+AVX2 target's widening dot product."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kiln.backends.llvm import compile_graph
+from kiln.backends.llvm.compiler import Target, host_target
+from kiln.backends.reference import run_graph
+from kiln.ir import GraphBuilder, TensorType
+from kiln.ir import kernel as K
+from kiln.passes.lower import lower_graph
+
+
+def q_graph(op: str, x_shape, w_shape, attrs: dict, seed: int = 0, epilogue: bool = False):
+    rng = np.random.default_rng(seed)
+    cout = w_shape[0]
+    x = rng.integers(0, 256, x_shape).astype(np.uint8)
+    b = GraphBuilder(op)
+    xin = b.input("x", TensorType.of(x))
+    w = b.constant(rng.integers(-127, 128, w_shape).astype(np.int8), "w")
+    bias = b.constant(rng.integers(-4000, 4000, cout).astype(np.int32), "bias")
+    fan_in = int(np.prod(w_shape[1:]))
+    scale = b.constant((rng.uniform(0.5, 2.0, cout) / (fan_in ** 0.5 * 3000))
+                       .astype(np.float32), "scale")
+    y = b.op(op, [xin, w, bias, scale], attrs)
+    if epilogue:  # a residual add in float, requantized: what a quantized ResNet block does
+        other = b.input("other", TensorType(b.type_of(y).shape))
+        deq = b.op("dequantize", [y], {"scale": 0.05, "zero_point": attrs["out_zero_point"]})
+        s = b.op("relu", [b.op("add", [deq, other])])
+        y = b.op("quantize", [s], {"scale": 0.04, "zero_point": 0})
+        b.output(y)
+        g = b.build()
+        return g, [x, rng.standard_normal(g.types[other].shape).astype(np.float32)]
+    b.output(y)
+    return b.build(), [x]
+
+
+CASES = {
+    "linear_u8": ("qlinear", (5, 64), (48, 64), {"x_zero_point": 128, "out_zero_point": 7}),
+    "linear_f32_relu_odd": ("qlinear", (3, 37), (21, 37),
+                            {"x_zero_point": 3, "out_dtype": "f32", "relu": True}),
+    "linear_3d_many_rows": ("qlinear", (2, 9, 32), (64, 32), {"x_zero_point": 90,
+                                                              "out_zero_point": 100,
+                                                              "relu": True}),
+    "conv3x3_pad": ("qconv", (1, 8, 8, 16), (32, 3, 3, 16),
+                    {"padding": 1, "x_zero_point": 11, "out_zero_point": 0, "relu": True}),
+    "conv_first_layer_c3": ("qconv", (2, 9, 9, 3), (16, 3, 3, 3),
+                            {"padding": 1, "stride": 2, "x_zero_point": 128,
+                             "out_zero_point": 128}),
+    "conv1x1_stride2_f32": ("qconv", (1, 8, 8, 32), (64, 1, 1, 32),
+                            {"stride": 2, "x_zero_point": 5, "out_dtype": "f32"}),
+    "conv_dilated_odd_cout": ("qconv", (1, 9, 10, 8), (20, 3, 2, 8),
+                              {"padding": 2, "dilation": 2, "x_zero_point": 200,
+                               "out_zero_point": 30}),
+    "conv_48_cols_rows_remainder": ("qconv", (1, 5, 5, 12), (48, 3, 3, 12),
+                                    {"padding": 1, "x_zero_point": 1, "out_zero_point": 9}),
+}
+
+
+def _same(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_llvm_matches_reference_exactly(case):
+    op, xs, ws, attrs = CASES[case]
+    g, inputs = q_graph(op, xs, ws, attrs)
+    _same(compile_graph(g, cache=False)(inputs)[0], run_graph(g, inputs)[0])
+
+
+@pytest.mark.parametrize("case", ["conv3x3_pad", "linear_u8"])
+def test_requantizing_epilogue_fuses_and_matches(case):
+    op, xs, ws, attrs = CASES[case]
+    g, inputs = q_graph(op, xs, ws, attrs, epilogue=True)
+    prog = compile_graph(g, cache=False)
+    _same(prog(inputs)[0], run_graph(g, inputs)[0])
+    assert len(prog.image.steps) == 1, "dequantize-add-relu-quantize should fuse into the store"
+
+
+SMALL = {  # the kernel interpreter runs Python per element: small shapes
+    "linear": ("qlinear", (3, 7), (5, 7), {"x_zero_point": 3, "out_dtype": "f32",
+                                           "relu": True}),
+    "conv_dilated": ("qconv", (1, 5, 6, 3), (4, 3, 2, 3),
+                     {"padding": 2, "dilation": 2, "stride": 2, "x_zero_point": 200,
+                      "out_zero_point": 30}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SMALL))
+def test_plain_loop_nests_match_reference(case):
+    """The width-1 lowering (no packed schedule), run by the kernel interpreter."""
+    op, xs, ws, attrs = SMALL[case]
+    g, inputs = q_graph(op, xs, ws, attrs)
+    lowered = lower_graph(g, width=1)
+    (step,) = lowered.steps
+    bufs = {}
+    for p in step.kernel.params:
+        value = step.reads.get(p.name) or step.writes.get(p.name)
+        if value in g.inputs:
+            bufs[p.name] = inputs[g.inputs.index(value)].reshape(-1).copy()
+        elif value in lowered.constants or value in g.constants:
+            src = lowered.constants.get(value, g.constants.get(value))
+            bufs[p.name] = np.asarray(src).reshape(-1).copy()
+        else:
+            bufs[p.name] = np.zeros(p.size, K.np_dtype(p.dtype))
+    K.run_kernel(step.kernel, bufs)
+    out = g.outputs[0]
+    got = bufs[next(n for n, v in step.writes.items() if v == out)]
+    _same(got.reshape(g.types[out].shape), run_graph(g, inputs)[0])
+
+
+def test_avx2_widening_dot_product_matches():
+    host = host_target()
+    if "+avx2" not in host.features:
+        pytest.skip("this CPU cannot run AVX2 code")
+    feats = ",".join(f for f in host.features.split(",")
+                     if not f[1:].startswith(("avx512", "avxvnni", "amx")))
+    avx2 = Target(host.triple, "haswell", feats, 256)
+    for case in ("conv3x3_pad", "linear_f32_relu_odd"):
+        op, xs, ws, attrs = CASES[case]
+        g, inputs = q_graph(op, xs, ws, attrs)
+        _same(compile_graph(g, target=avx2, cache=False)(inputs)[0], run_graph(g, inputs)[0])

@@ -14,7 +14,8 @@ RunFn = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 # name -> module with compile_graph(graph) -> RunFn. Modules load on first use so that a
 # backend's heavy dependencies (llvmlite, numba) are imported only when it is asked for.
-_BACKENDS = {"reference": "kiln.backends.reference", "llvm": "kiln.backends.llvm"}
+_BACKENDS = {"reference": "kiln.backends.reference", "llvm": "kiln.backends.llvm",
+             "cuda": "kiln.backends.cuda"}
 
 
 def backend_names() -> list[str]:

@@ -1,0 +1,132 @@
+"""Numba's CUDA, loaded on demand: the real driver or its simulator, and the namespace the
+generated kernels run in.
+
+The generated source is the same on both; only the names it refers to differ. On a GPU the
+type constructors are numba's types and ``math`` is Python's module, which numba compiles to
+libdevice calls. In the simulator the kernels are plain Python run by one Python thread per CUDA
+thread: there the type constructors are NumPy's scalar types and ``math`` is a NumPy-backed
+stand-in, so float32 arithmetic stays float32 and overflow or a domain error gives inf/NaN as
+on the GPU instead of a Python exception.
+"""
+
+from __future__ import annotations
+
+import functools
+import linecache
+import math
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from kiln.backends.cuda.codegen import HELPER_NAMES, HELPERS_SOURCE
+from kiln.ir import KilnError
+
+NO_CUDA_HINT = ("set NUMBA_ENABLE_CUDASIM=1 in the environment before numba is imported to run "
+                "on Numba's CUDA simulator (slow; for tests), or use a machine with an NVIDIA "
+                "GPU and its driver")
+
+# Threads per block and blocks per multiprocessor on a GPU. The simulator runs one Python thread
+# per CUDA thread and one block after another: a few threads in two blocks exercise the
+# grid-stride loop across blocks without paying for hundreds of threads.
+GPU_BLOCK = 256
+GPU_BLOCKS_PER_SM = 32
+SIM_BLOCK = 4
+SIM_BLOCKS = 2
+
+
+@dataclass(frozen=True)
+class CudaDevice:
+    """The loaded ``numba.cuda`` module, whether it is the simulator, and the device's size."""
+
+    cuda: Any
+    simulated: bool
+    name: str
+    multiprocessors: int
+
+    def launch_config(self, work: int, parallel: bool) -> tuple[int, int]:
+        """(blocks, threads per block) for a grid-stride loop of ``work`` iterations."""
+        if not parallel or work <= 1:
+            return 1, 1
+        block = SIM_BLOCK if self.simulated else GPU_BLOCK
+        max_blocks = SIM_BLOCKS if self.simulated else GPU_BLOCKS_PER_SM * self.multiprocessors
+        block = min(block, work)
+        return min(-(-work // block), max_blocks), block
+
+
+@functools.cache
+def cuda_device() -> CudaDevice:
+    """numba.cuda and the device it drives (a KilnError when there is neither a GPU nor the
+    simulator)."""
+    try:
+        import numba
+        from numba import cuda
+    except ImportError as e:
+        raise KilnError(f"the cuda backend needs numba, which cannot be imported ({e})",
+                        hint="pip install numba") from None
+    simulated = bool(numba.config.ENABLE_CUDASIM)
+    if not simulated and os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+        raise KilnError("NUMBA_ENABLE_CUDASIM was set after numba was imported, so numba uses "
+                        "the real CUDA driver", hint=NO_CUDA_HINT)
+    if not cuda.is_available():
+        raise KilnError("the cuda backend found no usable CUDA GPU (numba.cuda.is_available() "
+                        "is False)", hint=NO_CUDA_HINT)
+    if simulated:
+        return CudaDevice(cuda, True, "Numba CUDA simulator", 1)
+    dev = cuda.get_current_device()
+    name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+    return CudaDevice(cuda, False, name, int(dev.MULTIPROCESSOR_COUNT))
+
+
+def _sim_math() -> SimpleNamespace:
+    from scipy import special
+
+    return SimpleNamespace(exp=np.exp, log=np.log, sqrt=np.sqrt, tanh=np.tanh, erf=special.erf,
+                           floor=np.floor, trunc=np.trunc)
+
+
+@functools.cache
+def _namespace_base(simulated: bool) -> dict:
+    import numba
+
+    dev = cuda_device()
+    ns: dict[str, Any] = {"cuda": dev.cuda, "numba": numba, "_INF": math.inf, "_NAN": math.nan}
+    types = {"f32": "float32", "f16": "float16", "f64": "float64", "i8": "int8",
+             "u8": "uint8", "i32": "int32", "i64": "int64", "bool_": "bool_"}
+    for short, full in types.items():
+        ns[short] = getattr(np, full) if simulated else getattr(numba, full)
+    ns["math"] = _sim_math() if simulated else math
+    ns["_rint32"] = np.rint if simulated else dev.cuda.libdevice.rintf
+    ns["_rint64"] = np.rint if simulated else dev.cuda.libdevice.rint
+    helpers: dict[str, Any] = {}
+    exec(compile(HELPERS_SOURCE, "<kiln cuda helpers>", "exec"), helpers)
+    for name in HELPER_NAMES:
+        # Simulated device functions go through the simulator's per-call module swap; plain
+        # Python functions do the same work without it.
+        ns[name] = helpers[name] if simulated else dev.cuda.jit(device=True)(helpers[name])
+    return ns
+
+
+_counter = 0
+
+
+def load_source(text: str, label: str) -> dict[str, Any]:
+    """Execute generated kernel source in a fresh namespace; returns that namespace.
+
+    The text is registered with ``linecache`` so tracebacks (and numba's error messages) show
+    the generated lines."""
+    global _counter
+    _counter += 1
+    filename = f"<kiln-cuda {_counter} {label}>"
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+    ns = dict(_namespace_base(cuda_device().simulated))
+    try:
+        exec(compile(text, filename, "exec"), ns)
+    except Exception as e:  # numba type or compile errors surface here with an eager signature
+        raise KilnError(f"numba could not compile the CUDA kernels of {label}: "
+                        f"{type(e).__name__}: {e}",
+                        hint="this is a kiln bug; please report it with the kernel source "
+                             "(CudaProgram.source)") from e
+    return ns

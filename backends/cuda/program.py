@@ -1,0 +1,353 @@
+"""Graph -> CUDA program: lowering, memory plan on the device, kernel source, launches.
+
+Device memory is allocated once per program: the activation arena of the memory plan (values
+reuse the blocks of dead ones), the constant blob (weights, uploaded once), a staging buffer per
+input and a buffer per output. Every kernel argument is a typed view into one of them, and every
+launch configuration is fixed at compile time, so ``run`` only copies inputs in, launches, and
+copies outputs out.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kiln.backends.cuda.codegen import KernelSource, Launch, render_kernel
+from kiln.backends.cuda.device import CudaDevice, cuda_device, load_source
+from kiln.ir import Graph, KilnError, verify
+from kiln.ir import kernel as K
+from kiln.passes.lower import LoweredGraph, lower_graph
+from kiln.passes.memory_plan import MemoryPlan, plan_memory
+from kiln.passes.vectorize import schedule_kernel
+
+
+@dataclass
+class KernelProfile:
+    """One kiln kernel's share of an inference (all its CUDA launches together)."""
+
+    kernel: str
+    root: str
+    op: str
+    seconds: float
+    flops: int
+    bytes: int
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    @property
+    def gbytes(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Call:
+    """One configured CUDA launch and where each of its arguments comes from: ("static",
+    device array), ("input", i) or ("output", j)."""
+
+    launch: Launch
+    kernel: Any
+    args: list[tuple[str, Any]]
+
+
+@dataclass
+class _Step:
+    name: str
+    root: str
+    op: str
+    flops: int
+    bytes: int
+    calls: list[_Call]
+
+
+class CudaProgram:
+    """A graph compiled to numba.cuda kernels with its device memory.
+
+    ``run(*arrays)`` takes NumPy arrays (returns NumPy arrays) or device arrays — anything with
+    ``__cuda_array_interface__``, such as CUDA torch tensors, or numba device arrays — and then
+    returns numba device arrays. ``program([arrays])`` is the backend interface the Executable
+    uses (a list in, a list of NumPy arrays out).
+    """
+
+    def __init__(self, graph: Graph, lowered: LoweredGraph, plan: MemoryPlan,
+                 sources: list[KernelSource], device: CudaDevice,
+                 timings: dict[str, float]) -> None:
+        self.graph = graph
+        self.lowered = lowered
+        self.plan = plan
+        self.sources = sources
+        self.device = device
+        self.timings = timings
+        cuda = device.cuda
+        g = graph
+        self._in_specs = [(g.types[n].shape, g.types[n].dtype.numpy) for n in g.inputs]
+        self._out_specs = [(g.types[n].shape, g.types[n].dtype.numpy) for n in g.outputs]
+        self._arena = cuda.device_array(max(plan.arena_bytes, 8), np.uint8)
+        blob = plan.const_blob if plan.const_blob.size else np.zeros(8, np.uint8)
+        self._consts = cuda.to_device(blob)
+        self._staging = [_device_empty(cuda, math.prod(s), d) for s, d in self._in_specs]
+        self._outputs = [_device_empty(cuda, math.prod(s), d) for s, d in self._out_specs]
+        self._steps = [self._bind(t, step, src) for t, (step, src)
+                       in enumerate(zip(lowered.steps, sources))]
+
+    # ---- compile-time binding --------------------------------------------------------------
+    def _view(self, kind: str, offset: int, buf: K.Buffer):
+        base = self._arena if kind == "arena" else self._consts
+        nbytes = buf.nbytes
+        if nbytes == 0:
+            return _device_empty(self.device.cuda, 0, K.np_dtype(buf.dtype))
+        return base[offset:offset + nbytes].view(K.np_dtype(buf.dtype))
+
+    def _bind(self, t: int, step, src: KernelSource) -> _Step:
+        ns = load_source(src.text, src.kernel.name)
+        where: dict[str, tuple[str, Any]] = {}
+        for buf in step.kernel.params:
+            value = step.reads.get(buf.name) or step.writes.get(buf.name)
+            if buf.name in step.temps:
+                key = f"{t}:{buf.name}"
+            else:
+                key = value if value in self.plan.storage else buf.name
+            if key not in self.plan.storage:
+                raise KilnError(f"kernel {step.kernel.name}: no storage for buffer {buf.name}",
+                                node=step.root, hint="this is a kiln bug; please report it")
+            st = self.plan.storage[key]
+            if st.kind in ("input", "output"):
+                where[buf.name] = (st.kind, st.index)
+            else:
+                where[buf.name] = ("static", self._view(st.kind, st.index, buf))
+        calls = []
+        for launch in src.launches:
+            blocks, threads = self.device.launch_config(launch.work, launch.parallel)
+            kernel = ns[launch.name][blocks, threads]
+            calls.append(_Call(launch, kernel, [where[p] for p in launch.params]))
+        k = step.kernel
+        return _Step(k.name, step.root, k.meta.get("op", ""), int(k.flops),
+                     int(sum(b.nbytes for b in k.params if b.name not in step.temps)), calls)
+
+    # ---- running ---------------------------------------------------------------------------
+    def _device_inputs(self, arrays: Sequence[Any]) -> list[Any]:
+        """Inputs as flat device arrays: device arrays as they are, host arrays through the
+        staging buffers."""
+        g = self.graph
+        if len(arrays) != len(g.inputs):
+            raise KilnError(f"{g.name} takes {len(g.inputs)} inputs "
+                            f"({', '.join(g.inputs)}), got {len(arrays)}")
+        out = []
+        for k, (a, (shape, dtype)) in enumerate(zip(arrays, self._in_specs)):
+            if _is_device_array(a):
+                d = self._as_device(a)
+                if tuple(d.shape) != tuple(shape) or d.dtype != dtype:
+                    raise KilnError(f"input %{g.inputs[k]} expects {g.types[g.inputs[k]]}, "
+                                    f"got {d.dtype}{list(d.shape)} on the device",
+                                    hint="kiln compiles for the example inputs' shapes and "
+                                         "dtypes")
+                if not d.is_c_contiguous():
+                    raise KilnError(f"input %{g.inputs[k]} is not contiguous on the device",
+                                    hint="pass a contiguous tensor (tensor.contiguous())")
+                out.append(d.reshape(d.size) if d.size else self._staging[k])
+            else:
+                host = check_inputs_one(g, k, a)
+                if host.size:
+                    self._staging[k].copy_to_device(np.ascontiguousarray(host).reshape(-1))
+                out.append(self._staging[k])
+        return out
+
+    def _as_device(self, a: Any):
+        cuda = self.device.cuda
+        if hasattr(a, "copy_to_host"):
+            return a
+        return cuda.as_cuda_array(a)
+
+    def _launch_all(self, inputs: list[Any], outputs: list[Any], timed: bool = False
+                    ) -> list[float]:
+        times = []
+        cuda = self.device.cuda
+        for step in self._steps:
+            if timed:
+                if self.device.simulated:
+                    t0 = time.perf_counter()
+                else:
+                    ev0, ev1 = cuda.event(), cuda.event()
+                    ev0.record()
+            for call in step.calls:
+                if call.launch.work == 0:
+                    continue
+                args = [a if kind == "static" else inputs[a] if kind == "input" else outputs[a]
+                        for kind, a in call.args]
+                call.kernel(*args)
+            if timed:
+                if self.device.simulated:
+                    times.append(time.perf_counter() - t0)
+                else:
+                    ev1.record()
+                    times.append((ev0, ev1))
+        if timed and not self.device.simulated:
+            cuda.synchronize()
+            times = [cuda.event_elapsed_time(a, b) / 1e3 for a, b in times]
+        return times
+
+    def run(self, *arrays: Any) -> list[Any]:
+        """Outputs for ``arrays``: NumPy arrays for NumPy inputs; numba device arrays (fresh
+        ones each call) when any input is a device array."""
+        on_device = any(_is_device_array(a) for a in arrays)
+        inputs = self._device_inputs(arrays)
+        cuda = self.device.cuda
+        if on_device:
+            outputs = [_device_empty(cuda, math.prod(s), d) for s, d in self._out_specs]
+        else:
+            outputs = self._outputs
+        self._launch_all(inputs, outputs)
+        results: list[Any] = []
+        for j, ((shape, _), buf) in enumerate(zip(self._out_specs, outputs)):
+            if j in self.plan.output_copies:
+                results.append(None)  # filled below, once every written output is there
+            else:
+                results.append(buf.reshape(shape) if on_device else
+                               buf.copy_to_host().reshape(shape))
+        for j, src in self.plan.output_copies.items():
+            results[j] = self._copy_output(src, arrays, results, on_device)
+        return results
+
+    def _copy_output(self, src: str, arrays: Sequence[Any], results: list[Any],
+                     on_device: bool) -> Any:
+        """A graph output no kernel writes: an input, a constant or another output."""
+        g = self.graph
+        if src in g.inputs:
+            a = arrays[g.inputs.index(src)]
+            host = a.copy_to_host() if hasattr(a, "copy_to_host") else (
+                self._as_device(a).copy_to_host() if _is_device_array(a) else np.array(a))
+        elif src in g.constants:
+            host = np.array(g.constants[src])
+        else:
+            other = results[g.outputs.index(src)]
+            host = other.copy_to_host() if on_device else other.copy()
+        return self.device.cuda.to_device(host) if on_device else host
+
+    def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The backend interface: a list of NumPy arrays in, a list of NumPy arrays out."""
+        return self.run(*inputs)
+
+    def profile(self, inputs: Sequence[Any], repeat: int = 10) -> list[KernelProfile]:
+        """Per-kernel time (median over ``repeat`` runs: CUDA events on a GPU, wall time in the
+        simulator), FLOPs and bytes, slowest first."""
+        device_inputs = self._device_inputs(list(inputs))
+        self._launch_all(device_inputs, self._outputs)
+        samples = [self._launch_all(device_inputs, self._outputs, timed=True)
+                   for _ in range(max(repeat, 1))]
+        per_step = np.median(np.array(samples, dtype=np.float64), axis=0) if self._steps \
+            else []
+        out = [KernelProfile(s.name, s.root, s.op, float(sec), s.flops, s.bytes)
+               for s, sec in zip(self._steps, per_step)]
+        return sorted(out, key=lambda p: -p.seconds)
+
+    @property
+    def source(self) -> str:
+        """The generated Python source of every kernel, in execution order."""
+        return "\n\n".join(s.text for s in self.sources)
+
+    def launches(self) -> list[tuple[str, int, tuple[int, int], tuple[str, ...]]]:
+        """Every CUDA launch: (function name, grid-stride iterations, (blocks, threads),
+        loop variables bound to threads), in execution order."""
+        out = []
+        for step in self._steps:
+            for call in step.calls:
+                lc = call.launch
+                out.append((lc.name, lc.work,
+                            self.device.launch_config(lc.work, lc.parallel), lc.bound))
+        return out
+
+    def __repr__(self) -> str:
+        n = sum(len(s.calls) for s in self._steps)
+        return (f"<CudaProgram {self.graph.name}: {len(self._steps)} kernels, {n} launches on "
+                f"{self.device.name}>")
+
+
+def check_inputs_one(g: Graph, k: int, a: Any) -> np.ndarray:
+    """Host input ``k`` as an array, checked against the graph's signature (KilnError if
+    off, worded like the other backends')."""
+    name = g.inputs[k]
+    a = np.asarray(a)
+    want = g.types[name]
+    if a.dtype != want.dtype.numpy or a.shape != want.shape:
+        raise KilnError(f"input %{name} expects {want}, got {a.dtype}{list(a.shape)}",
+                        hint="kiln compiles for the example inputs' shapes and dtypes; compile "
+                             "again with an example of this shape")
+    return a
+
+
+def _is_device_array(a: Any) -> bool:
+    return hasattr(a, "__cuda_array_interface__") or (
+        hasattr(a, "copy_to_host") and hasattr(a, "copy_to_device"))
+
+
+def _device_empty(cuda, n: int, dtype) -> Any:
+    """A flat device array of ``n`` elements (a zero-length view for ``n`` = 0, which not every
+    driver allocates)."""
+    return cuda.device_array(max(n, 1), dtype)[:n]
+
+
+def compile_graph_cuda(graph: Graph, *, width: int = 1) -> CudaProgram:
+    """Compile ``graph`` to numba.cuda kernels.
+
+    ``width`` 1 (the default) lowers every group to scalar loop nests, the natural form for GPU
+    threads. A larger width applies the CPU's schedules (packed GEMM micro-kernels with
+    workspaces, vector loads and reductions): they are correct loop nests too and run as they
+    are, scalarized, which tests the code generator on every construct of the kernel IR.
+
+    Raises:
+        KilnError: when numba's CUDA is unavailable (no GPU and no simulator), or for a graph
+            that cannot be lowered (naming its node and op).
+    """
+    device = cuda_device()
+    verify(graph)
+    t0 = time.perf_counter()
+    lowered = lower_graph(graph, width=width)
+    if width > 1:
+        for step in lowered.steps:
+            step.kernel = schedule_kernel(step.kernel, width)
+    plan = plan_memory(lowered)
+    t1 = time.perf_counter()
+    sources = [render_kernel(step.kernel) for step in lowered.steps]
+    t2 = time.perf_counter()
+    program = CudaProgram(graph, lowered, plan, sources, device, {})
+    t3 = time.perf_counter()
+    program.timings.update(lower=t1 - t0, codegen=t2 - t1, jit=t3 - t2)
+    return program
+
+
+def run_kernel_cuda(kernel: K.Kernel, buffers: dict[str, np.ndarray]) -> str:
+    """Run one kernel on the device, in place on flat NumPy ``buffers`` (by parameter name),
+    like ``kiln.ir.kernel.run_kernel`` does in the interpreter; returns the generated source.
+
+    For tests and debugging: it uploads and downloads every buffer."""
+    device = cuda_device()
+    src = render_kernel(kernel)
+    ns = load_source(src.text, kernel.name)
+    cuda = device.cuda
+    dev = {}
+    for p in kernel.params:
+        arr = buffers.get(p.name)
+        if arr is None or arr.ndim != 1 or arr.size < p.size or arr.dtype != K.np_dtype(p.dtype):
+            raise KilnError(f"run_kernel_cuda: buffer {p.name} must be flat {p.dtype}[{p.size}]")
+        dev[p.name] = cuda.to_device(arr) if arr.size else _device_empty(cuda, 0, arr.dtype)
+    for launch in src.launches:
+        if launch.work:
+            blocks, threads = device.launch_config(launch.work, launch.parallel)
+            ns[launch.name][blocks, threads](*[dev[p] for p in launch.params])
+    for p in kernel.params:
+        if buffers[p.name].size:
+            buffers[p.name][...] = dev[p.name].copy_to_host()
+    return src.text
+
+
+def compile_graph(graph: Graph, threads: int = 0) -> CudaProgram:
+    """The backend interface (``kiln.compile(..., backend="cuda")``). ``threads`` (CPU worker
+    threads) does not apply to a GPU and is accepted for a uniform interface."""
+    del threads
+    return compile_graph_cuda(graph)

@@ -244,21 +244,22 @@ def _fold_zero_point(w: np.ndarray, bias: np.ndarray, zx: int, node: Node) -> np
 
 
 def _padded_copy(low: Lowering, x: str, dims: tuple[int, int, int, int], pad: tuple[int, int],
-                 cp: int, zx: int, work: int) -> tuple[str, list]:
-    """x [N, H, W, C] -> workspace [N, H + 2ph, W + 2pw, Cp] with zx around and past C."""
+                 cp: int, zx: int, work: int, read) -> tuple[str, list]:
+    """x [N, H, W, C] -> workspace [N, H + 2ph, W + 2pw, Cp] with zx around and past C.
+
+    ``read(n, h, w, c)`` gives an element of x (computed in place when x is an inlined
+    producer, such as the permute that makes a channels-first input channels-last)."""
     n_, h, wd, c = dims
     hp, wp = h + 2 * pad[0], wd + 2 * pad[1]
     xp = low.workspace(f"{x}_qpad", "u8", n_ * hp * wp * cp)
-    src = low.buffer(x)
     n, i, j, ch = low.fresh("n"), low.fresh("h"), low.fresh("w"), low.fresh("c")
     dst = ((n * hp + i) * wp + j) * cp
     ih, iw = i - pad[0], j - pad[1]
     inside = K.Binary("and", K.Binary("and", K.cmp("ge", ih, 0), K.cmp("lt", ih, h)),
                       K.Binary("and", K.cmp("ge", iw, 0), K.cmp("lt", iw, wd)))
     zero = Const(zx, "u8")
-    copy: list = [For(ch, as_expr(0), as_expr(c), (
-        K.Store(xp, dst + ch, K.Load(src, ((n * h + ih) * wd + iw) * c + ch, "u8")),),
-        "vectorized")]
+    copy: list = [For(ch, as_expr(0), as_expr(c), (K.Store(xp, dst + ch, read(n, ih, iw, ch)),),
+                      "vectorized")]
     if cp > c:
         copy.append(For(ch, as_expr(c), as_expr(cp - c), (K.Store(xp, dst + ch, zero),)))
     fill = For(ch, as_expr(0), as_expr(cp), (K.Store(xp, dst + ch, zero),), "vectorized")
@@ -273,7 +274,7 @@ def lower_qconv(low: Lowering, node: Node, final: str, inline: set[str],
     """qconv as a packed int8 GEMM over output pixels x output channels."""
     x, w, bias, scale = node.inputs
     wv, bv, sv = (low.constant_value(v) for v in (w, bias, scale))
-    if wv is None or bv is None or sv is None or low.is_inline(x):
+    if wv is None or bv is None or sv is None:
         return None
     a = node.attrs
     out = node.outputs[0]
@@ -290,8 +291,9 @@ def lower_qconv(low: Lowering, node: Node, final: str, inline: set[str],
     cp = -(-c // 4) * 4
     zx = a["x_zero_point"]
     stmts: list = []
-    if any(pad) or cp != c:
-        xbuf, stmts = _padded_copy(low, x, (n_, h, wd, c), pad, cp, zx, node_work(low, node))
+    if any(pad) or cp != c or low.is_inline(x):
+        xbuf, stmts = _padded_copy(low, x, (n_, h, wd, c), pad, cp, zx, node_work(low, node),
+                                   lambda n, i, j, ch: low.element(x, [n, i, j, ch]))
         hp, wp = h + 2 * pad[0], wd + 2 * pad[1]
     else:
         xbuf, hp, wp = low.buffer(x), h, wd
@@ -314,7 +316,7 @@ def lower_qlinear(low: Lowering, node: Node, final: str, inline: set[str],
     """qlinear as a packed int8 GEMM over tokens x output features."""
     x, w, bias, scale = node.inputs
     wv, bv, sv = (low.constant_value(v) for v in (w, bias, scale))
-    if wv is None or bv is None or sv is None or low.is_inline(x):
+    if wv is None or bv is None or sv is None:
         return None
     out = node.outputs[0]
     oshape = low.graph.types[out].shape
@@ -328,8 +330,9 @@ def lower_qlinear(low: Lowering, node: Node, final: str, inline: set[str],
     kp = -(-kd // 4) * 4
     zx = node.attrs["x_zero_point"]
     stmts: list = []
-    if kp != kd:
-        xbuf, stmts = _padded_copy(low, x, (1, T, 1, kd), (0, 0), kp, zx, node_work(low, node))
+    if kp != kd or low.is_inline(x):
+        xbuf, stmts = _padded_copy(low, x, (1, T, 1, kd), (0, 0), kp, zx, node_work(low, node),
+                                   lambda n, i, j, ch: low.element_flat(x, i * kd + ch))
     else:
         xbuf = low.buffer(x)
     wpad = np.zeros((N, kp), np.int8)

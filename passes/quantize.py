@@ -1,0 +1,259 @@
+"""Post-training static int8 quantization: conv / linear -> qconv / qlinear.
+
+Needs calibrated activation ranges (``quantize_int8.ranges``: value name -> (min, max), made
+by ``kiln.passes.calibration`` from data the user passes to ``kiln.compress``). For every 2-d
+conv (one group) and linear with constant weights whose input has a range:
+
+- weights become i8, symmetric, one scale per output channel (max |w| -> 127);
+- the input is quantized to u8 with the range's scale and zero point (per tensor,
+  asymmetric), once per value however many layers read it; a convolution's input goes
+  channels-last first (qconv is NHWC), the permutes are left for ``sink_permutes``;
+- the bias becomes i32 in the accumulator's scale;
+- a relu right after the layer fuses into it (the requantization clamp);
+- the output stays u8 (requantized in the layer's epilogue) when every reader is another
+  quantized layer of the same kind, else it is produced as f32 by the layer itself;
+- float readers of a value that also has a u8 version read the dequantized u8 version, so the
+  float value is only an intermediate of the quantize that follows it (fused into the
+  producer's store): between two quantized layers only u8 tensors reach memory.
+
+Grouped and depthwise convolutions, layers whose input has no range and protected layers stay
+in float. The error budget is stated for ranges calibrated on representative data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from kiln.ir import DType, Graph, KilnError, Node, get_op, infer_types
+from kiln.ir.ops._rules import as_tuple
+from kiln.passes.base import LOSSY, ErrorBudget, Pass, PassContext, PassResult, register_pass
+from kiln.passes.dce import remove_dead
+
+NCHW_TO_NHWC = (0, 2, 3, 1)
+NHWC_TO_NCHW = (0, 3, 1, 2)
+# sum_k |x - zx| |w| <= 255 * 127 * K must stay inside int32.
+MAX_REDUCTION = (2 ** 31 - 1) // (255 * 127)
+
+
+def activation_qparams(lo: float, hi: float, value: str = "?") -> tuple[float, int]:
+    """u8 scale (float32-exact) and zero point of the range [lo, hi], widened to hold 0."""
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
+        raise KilnError(f"calibrated range [{lo}, {hi}] of %{value} is not a finite interval",
+                        hint="calibrate on data without NaN/Inf")
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    span = hi - lo
+    if span <= 0.0:
+        span = 1.0  # an all-zero tensor: any scale represents it exactly
+    scale = float(np.float32(span / 255.0))
+    if not (np.isfinite(scale) and scale > 0):
+        raise KilnError(f"range [{lo}, {hi}] of %{value} gives no usable int8 scale",
+                        hint="check the calibration data of this layer's input")
+    zero_point = int(np.clip(np.rint(-lo / scale), 0, 255))
+    return scale, zero_point
+
+
+def weight_qparams(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel symmetric i8 weights and their float32 scales (w ~ q * scale)."""
+    flat = w.reshape(w.shape[0], -1).astype(np.float64)
+    amax = np.abs(flat).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(flat / scale.astype(np.float64)[:, None]), -127, 127).astype(np.int8)
+    return q.reshape(w.shape), scale
+
+
+def _quantizable(node: Node, graph: Graph, ranges: dict, protect: set[str]) -> str | None:
+    """Why ``node`` stays float (None: it is quantized)."""
+    if node.op not in ("conv", "linear"):
+        return "not a conv or linear"
+    if node.name in protect:
+        return "protected"
+    if any(v not in graph.constants for v in node.inputs[1:]):
+        return "weights or bias are not constants"
+    x = node.inputs[0]
+    if graph.types[x].dtype != DType.f32:
+        return "input is not f32"
+    if x not in ranges:
+        return "its input has no calibrated range"
+    w = graph.constants[node.inputs[1]]
+    if node.op == "conv":
+        if w.ndim != 4:
+            return "not a 2-d convolution"
+        if node.attrs["groups"] != 1:
+            return "grouped / depthwise convolution"
+    elif w.ndim != 2:
+        return "weight is not 2-d"
+    if int(np.prod(w.shape[1:])) > MAX_REDUCTION:
+        return "too many products per output for an int32 accumulator"
+    return None
+
+
+class _Builder:
+    """Appends typed nodes to a new graph."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.g = graph.copy()
+        self.g.nodes = []
+
+    def emit(self, op: str, inputs: Sequence[str], attrs: dict, *, name: str | None = None,
+             hint: str = "q", source: str | None = None) -> str:
+        attrs = get_op(op).normalize_attrs(attrs)
+        (t,) = infer_types(op, [self.g.types[i] for i in inputs], attrs, node=name or hint)
+        out = name or self.g.fresh_name(hint)
+        self.g.types[out] = t
+        self.g.nodes.append(Node(op, tuple(inputs), (out,), attrs, source))
+        return out
+
+    def keep(self, node: Node, rename: dict[str, str]) -> None:
+        self.g.nodes.append(node.with_(inputs=tuple(rename.get(i, i) for i in node.inputs)))
+
+
+@register_pass
+class QuantizeInt8(Pass):
+    """Static int8 quantization of conv / linear layers from calibrated activation ranges."""
+
+    name = "quantize_int8"
+    description = "int8 conv/linear (per-channel weights, calibrated u8 activations)"
+    numerics = LOSSY
+    # Each layer adds about half a quantization step of its input and weights; through a deep
+    # network the output moves by a few percent of its largest magnitude.
+    error_budget = ErrorBudget(rtol=0.0, atol=0.1)
+
+    def apply(self, graph: Graph, ctx: PassContext) -> PassResult:
+        ranges = ctx.option(self.name, "ranges", None)
+        if ranges is None:
+            raise KilnError("quantize_int8 needs calibrated activation ranges",
+                            hint="pass calibration data: kiln.compress(model, data, "
+                                 "quantize=True) (or set the option quantize_int8.ranges)")
+        protect = set(ctx.option(self.name, "protect", ()))
+        known = {n.name for n in graph.nodes} | set(graph.types)
+        unknown = sorted(protect - known)
+        if unknown:
+            raise KilnError(f"quantize_int8.protect names nothing in the graph: {unknown}",
+                            hint="use node names as `kiln show MODEL` prints them")
+        users = graph.users()
+        outputs = set(graph.outputs)
+        cands: dict[str, Node] = {}
+        for n in graph.nodes:
+            why = _quantizable(n, graph, ranges, protect)
+            if why is None:
+                cands[n.name] = n
+            elif n.op in ("conv", "linear"):
+                ctx.logger.info("quantize_int8: %s stays float: %s", n.name, why)
+        if not cands:
+            return PassResult(graph, False)
+
+        # Where each layer's result goes: through a fused relu, and as u8 or f32.
+        result: dict[str, tuple[str, bool, bool]] = {}   # node -> (value, relu, u8 output)
+        absorbed: set[str] = set()
+        for name, n in cands.items():
+            out = n.outputs[0]
+            us = users.get(out, [])
+            relu = len(us) == 1 and us[0].op == "relu" and out not in outputs
+            value = us[0].outputs[0] if relu else out
+            readers = users.get(value, [])
+            u8 = (value not in outputs and value in ranges and bool(readers)
+                  and all(r.name in cands and r.op == n.op and r.inputs[0] == value
+                          for r in readers))
+            result[name] = (value, relu, u8)
+            if relu:
+                absorbed.add(us[0].name)
+        u8_values = {result[n][0]: n for n in cands if result[n][2]}
+
+        # Values quantized by a quantize node (not already u8 from a layer), per layout.
+        wanted: dict[str, set[str]] = {}
+        for n in cands.values():
+            x = n.inputs[0]
+            if x not in u8_values:
+                wanted.setdefault(x, set()).add("nhwc" if n.op == "conv" else "plain")
+
+        b = _Builder(graph)
+        quantized: dict[tuple[str, str], tuple[str, float, int]] = {}
+        rename: dict[str, str] = {}
+
+        def quantize_value(v: str) -> None:
+            scale, zp = activation_qparams(*ranges[v], value=v)
+            float_readers = [u for u in users.get(v, []) if u.name not in cands
+                             or u.inputs[0] != v] + ([None] if v in outputs else [])
+            deq = None
+            for layout in sorted(wanted[v]):
+                src = v
+                if layout == "nhwc":
+                    src = b.emit("permute", [v], {"perm": NCHW_TO_NHWC}, hint=f"{v}.nhwc")
+                q = b.emit("quantize", [src], {"scale": scale, "zero_point": zp},
+                           hint=f"{v}.q")
+                quantized[(v, layout)] = (q, scale, zp)
+                if deq is None and any(r is not None for r in float_readers):
+                    deq = b.emit("dequantize", [q], {"scale": scale, "zero_point": zp},
+                                 hint=f"{v}.dq")
+                    if layout == "nhwc":
+                        deq = b.emit("permute", [deq], {"perm": NHWC_TO_NCHW}, hint=f"{v}.dq")
+            if deq is not None:
+                rename[v] = deq
+
+        for v in graph.inputs:
+            if v in wanted:
+                quantize_value(v)
+        for n in graph.nodes:
+            if n.name in absorbed:
+                continue
+            if n.name in cands:
+                self._emit_layer(b, n, graph, ranges, result[n.name], quantized)
+                produced = result[n.name][0]
+            else:
+                b.keep(n, rename)
+                produced = n.outputs[0]
+            for v in ([produced] if n.name in cands else n.outputs):
+                if v in wanted:
+                    quantize_value(v)
+        g = b.g
+        g.outputs = list(graph.outputs)
+        ctx.logger.info("quantize_int8: %d layers to int8 (%d with u8 outputs)", len(cands),
+                        len(u8_values))
+        return PassResult(remove_dead(g), True)
+
+    @staticmethod
+    def _emit_layer(b: _Builder, n: Node, graph: Graph, ranges: dict,
+                    result: tuple[str, bool, bool], quantized: dict) -> None:
+        value, relu, u8 = result
+        x = n.inputs[0]
+        conv = n.op == "conv"
+        layout = "nhwc" if conv else "plain"
+        xq, sx, zx = quantized[(x, layout)]
+        w = graph.constants[n.inputs[1]].astype(np.float32)
+        if conv:
+            w = w.transpose(0, 2, 3, 1)
+        wq, sw = weight_qparams(w)
+        acc_scale = sx * sw.astype(np.float64)
+        bias = graph.constants[n.inputs[2]] if len(n.inputs) > 2 else np.zeros(w.shape[0])
+        bq = np.rint(bias.astype(np.float64) / acc_scale)
+        if np.abs(bq).max(initial=0) >= 2 ** 31:
+            raise KilnError("a bias does not fit the int32 accumulator's scale", node=n.name,
+                            op=n.op, hint="protect this layer (quantize_int8.protect)")
+        attrs = {"x_zero_point": zx, "relu": relu}
+        if u8:
+            so, zo = activation_qparams(*ranges[value], value=value)
+            scale = (acc_scale / so).astype(np.float32)
+            attrs.update(out_dtype="u8", out_zero_point=zo)
+        else:
+            scale = acc_scale.astype(np.float32)
+            attrs.update(out_dtype="f32")
+        if conv:
+            a = n.attrs
+            attrs.update(stride=as_tuple(a["stride"], 2, "stride"),
+                         padding=as_tuple(a["padding"], 2, "padding"),
+                         dilation=as_tuple(a["dilation"], 2, "dilation"))
+        g = b.g
+        consts = [g.add_constant(wq, f"{n.inputs[1]}.i8"),
+                  g.add_constant(bq.astype(np.int32), f"{n.name}.bias_i32"),
+                  g.add_constant(scale, f"{n.name}.requant")]
+        op = "qconv" if conv else "qlinear"
+        if u8:
+            q = b.emit(op, [xq, *consts], attrs, hint=f"{value}.u8", source=n.source)
+            quantized[(value, layout)] = (q, so, zo)
+        elif conv:
+            y = b.emit(op, [xq, *consts], attrs, hint=f"{value}.nhwc", source=n.source)
+            b.emit("permute", [y], {"perm": NHWC_TO_NCHW}, name=value, source=n.source)
+        else:
+            b.emit(op, [xq, *consts], attrs, name=value, source=n.source)

@@ -285,7 +285,10 @@ class _Walk:
                        if v in self.a.layouts]
             if tracked:
                 rule = _RULES.get(node.op)
-                if rule is None and get_op(node.op).kind == "elementwise":
+                # An elementwise op is per position, unless an attribute holds per-channel
+                # data (a sequence) that no rule knows how to cut.
+                if rule is None and get_op(node.op).kind == "elementwise" and not any(
+                        isinstance(v, tuple) for v in node.attrs.values()):
                     rule = _broadcast_rule
                 if rule is None:
                     self.refuse_all(tracked, f"no channel rule for op {node.op} at "

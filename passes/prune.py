@@ -356,16 +356,14 @@ def plan_pruning(graph: Graph, analysis: ChannelAnalysis | None = None,
     protected = set()
     for name in opts.protect:
         protected.update(g.id for g in analysis.groups_touching(name))
+    for src in analysis.sources:
+        given = (opts.scores or {}).get(src.value)
+        if given is not None and np.shape(given) != (src.channels,):
+            raise KilnError(f"pruning scores for %{src.value} have shape {np.shape(given)}, "
+                            f"expected ({src.channels},)", node=src.node, op=src.op,
+                            hint="give one score per output channel")
     groups = [g for g in analysis.prunable() if g.id not in protected]
-    scores = {g.id: unit_scores(graph, g, opts.criterion, opts.scores)
-              for g in groups}
-    for g in groups:
-        for src in g.sources:
-            if opts.scores and src.value in opts.scores and \
-                    np.shape(opts.scores[src.value]) != (src.channels,):
-                raise KilnError(f"pruning scores for %{src.value} have shape "
-                                f"{np.shape(opts.scores[src.value])}, expected "
-                                f"({src.channels},)", node=src.node, op=src.op)
+    scores = {g.id: unit_scores(graph, g, opts.criterion, opts.scores) for g in groups}
 
     def plan(ratio: float) -> dict[int, np.ndarray]:
         counts = _keep_counts(groups, scores, ratio, opts.global_, opts.multiple,
@@ -429,7 +427,7 @@ class PruneChannels(Pass):
             return PassResult(graph, False)
         for gid, units in keep.items():
             g = analysis.groups[gid]
-            ctx.logger.info("%s: group %d (%s): kept %d/%d units of %d channels", PASS_NAME,
+            ctx.logger.info("%s: group %d (%s): kept %d/%d units of %d channel(s)", PASS_NAME,
                             gid, ", ".join(s.node for s in g.sources), len(units), g.num_units,
                             g.unit_width)
         return PassResult(rewrite(graph, analysis, keep), True)

@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "CompiledModel": "kiln.frontend.api",
     "compile": "kiln.frontend.api",
+    "compress": "kiln.frontend.api",
     "optimize": "kiln.frontend.api",
     "export": "kiln.frontend.api",
     "load": "kiln.runtime.artifact",

@@ -12,6 +12,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from kiln.backends.reference import run_graph
+from kiln.frontend.compress import Compressed, compress_graph
 from kiln.frontend.trace import trace_module
 from kiln.ir import Graph, KilnError
 from kiln.passes import NumericCheck, PassManager, Timing, Verify, get_pipeline
@@ -46,6 +47,8 @@ class CompiledModel:
         self.source_graph = source_graph
         self.executable = executable
         self.timing = timing
+        # The kiln.compress result when the model was compressed (its report per stage).
+        self.compression: Compressed | None = None
         self._out_spec = out_spec
         # A model returning one tensor needs no pytree rebuild on the hot path.
         self._single = out_spec is None or out_spec.is_leaf()
@@ -128,6 +131,12 @@ def compile(
     verify: bool = True,
     check_numerics: bool = False,
     threads: int = 0,
+    prune: Any = None,
+    low_rank: Any = None,
+    distill: Any = None,
+    quantize: Any = None,
+    data: Any = None,
+    labels: Any = None,
 ) -> CompiledModel:
     """Compile ``model`` for inference on inputs shaped like ``example_inputs``.
 
@@ -143,6 +152,9 @@ def compile(
         check_numerics: compare every pass's outputs with the previous stage's on the example
             inputs and stop with a NumericsError naming the pass that changed them.
         threads: worker threads of the llvm backend (0: the OpenMP default, all cores).
+        prune, low_rank, distill, quantize, data, labels: compress the model first, as
+            ``kiln.compress`` does with the same arguments (the pipeline is then the
+            compression's own; see ``help(kiln.compress)``).
 
     Raises:
         KilnError: for an unsupported op (naming it and its source line), a model in training
@@ -156,8 +168,91 @@ def compile(
         raise KilnError("example_inputs must be tensors or NumPy arrays",
                         hint="pass a tuple of tensors shaped like the real inputs")
     source_graph, out_spec = trace_module(model, example_inputs, frontend)
+    if any(o is not None and o is not False for o in (prune, low_rank, distill, quantize)):
+        result = compress_graph(source_graph, data, teacher=model, prune=prune,
+                                low_rank=low_rank, distill=distill, quantize=quantize,
+                                labels=labels, out_spec=out_spec,
+                                prune_multiple=_preferred_multiple(backend))
+        compiled = CompiledModel(result.graph, Executable(result.graph, backend, threads),
+                                 out_spec, source_graph)
+        compiled.compression = result
+        return compiled
     arrays = [x.detach().cpu().numpy() for x in example_inputs]
     graph, timing = optimize(source_graph, pipeline, verify=verify,
                              check_inputs=arrays if check_numerics else None)
     return CompiledModel(graph, Executable(graph, backend, threads), out_spec, source_graph,
                          timing)
+
+
+def _preferred_multiple(backend: str) -> int:
+    """Channel counts that fill whole vectors of the backend's target (16 lanes for AVX-512)."""
+    if backend == "llvm":
+        from kiln.backends.llvm.compiler import host_target
+
+        return host_target().f32_lanes
+    return 8
+
+
+def compress(
+    model: torch.nn.Module,
+    data: Any,
+    *,
+    example_inputs: Sequence[Any] | None = None,
+    prune: Any = None,
+    low_rank: Any = None,
+    distill: Any = None,
+    quantize: Any = None,
+    labels: Any = None,
+    frontend: str = "fx",
+    backend: str = "llvm",
+) -> Compressed:
+    """Make ``model`` smaller and faster: structured pruning, low-rank factorization,
+    distillation and int8 quantization, each only when asked for.
+
+    Args:
+        model: an ``nn.Module`` in eval mode (also the distillation teacher).
+        data: representative inputs: an iterable of batches (a tensor or a tuple of tensors,
+            each shaped like ``example_inputs``) or one tensor of samples (cut into the example
+            batch size). Used for calibration, Taylor scores and distillation.
+        example_inputs: the inputs the compressed model will take (default: the first batch of
+            ``data``, or its first sample when ``data`` is a tensor of samples).
+        prune: None (default: no pruning); a number: the fraction of FLOPs to remove (e.g. 0.5);
+            or a dict of ``prune_channels`` options: ``flops_target``, ``ratio``, ``global``,
+            ``criterion`` (``l1`` default, ``l2``, ``bn_scale``, ``taylor``), ``protect``,
+            ``multiple`` (default: the backend's vector width), ``min_channels``.
+        low_rank: None; a number: the singular-value energy each layer keeps (0.9 by default
+            with True); or a dict of ``low_rank`` options: ``energy``, ``param_ratio``,
+            ``flops_target``, ``protect``, ``min_size``, ``multiple``.
+        distill: None; True (3 epochs, lr 1e-3, temperature 4, alpha 0.9); or a dict of
+            ``kiln.frontend.distill.distill`` arguments (``epochs``, ``lr``, ``temperature``,
+            ``alpha``, ``batch_size``, ``feature_pairs`` ...). Trains the pruned / factorized
+            model against ``model`` on ``data`` (and ``labels`` when given).
+        quantize: None; True (static int8 with percentile-99.99 calibration over at most 32
+            batches); or a dict: ``method`` (``minmax``, ``percentile``, ``entropy``),
+            ``percentile``, ``max_batches``, ``protect`` (layers left in float).
+        labels: class labels of ``data`` for distillation and Taylor scores (optional).
+        frontend: ``"fx"`` or ``"export"``.
+        backend: the backend the result is meant for (sets the default channel multiple).
+
+    Returns:
+        a ``Compressed`` with ``graph`` (compile it with ``kiln.compile_graph``-style
+        executables or pass the same options to ``kiln.compile``), ``source_graph`` and
+        ``report`` (parameters, FLOPs and time per stage; ``table()`` prints it).
+    """
+    if example_inputs is None:
+        if isinstance(data, (torch.Tensor, np.ndarray)):
+            example_inputs = (torch.as_tensor(data[:1]),)
+        else:
+            try:
+                first = next(iter(data))
+            except (TypeError, StopIteration):
+                raise KilnError("kiln.compress needs example_inputs or non-empty data",
+                                hint="pass data=... (batches) or example_inputs=...") from None
+            example_inputs = first if isinstance(first, (tuple, list)) else (first,)
+    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(torch.as_tensor(x) for x in example_inputs)
+    source_graph, out_spec = trace_module(model, example_inputs, frontend)
+    return compress_graph(source_graph, data, teacher=model, prune=prune, low_rank=low_rank,
+                          distill=distill, quantize=quantize, labels=labels, out_spec=out_spec,
+                          prune_multiple=_preferred_multiple(backend))

@@ -1,0 +1,200 @@
+"""``kiln.compress``: make a model smaller and faster at an accuracy cost the user chooses.
+
+Stages, each only when asked for, in this order:
+
+1. cleanups that keep batch norms (their scales rank channels): fold_constants,
+   simplify_algebra, dce;
+2. ``prune``: structured channel pruning (passes/prune.py), Taylor scores from the data when
+   the criterion is ``taylor``;
+3. ``low_rank``: SVD factorization of dense layers (passes/low_rank.py);
+4. ``distill``: knowledge distillation of the pruned / factorized student against the original
+   model on the data (frontend/distill.py);
+5. the O1 cleanups (batch norms fold into the layers);
+6. ``quantize``: int8 with activation ranges calibrated on the data (passes/quantize.py), then
+   the layout cleanup and dce.
+
+Every stage is recorded (parameters, FLOPs, seconds) in the result's report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.backends.reference import run_graph
+from kiln.ir import DType, Graph, KilnError, verify
+from kiln.passes import PassContext, PassManager, Verify, get_pass, get_pipeline
+from kiln.passes.calibration import RangeObserver
+from kiln.passes.prune import graph_flops
+
+PRUNE_DEFAULTS = {"criterion": "l1"}
+QUANTIZE_DEFAULTS = {"method": "percentile", "percentile": 99.99, "max_batches": 32,
+                     "protect": ()}
+DISTILL_DEFAULTS = {"epochs": 3, "lr": 1e-3, "temperature": 4.0, "alpha": 0.9}
+LOW_RANK_DEFAULTS = {"energy": 0.9}
+
+
+@dataclass
+class StageReport:
+    """What one compression stage left: its name, parameters, FLOPs and the seconds it took."""
+
+    stage: str
+    parameters: int
+    flops: int
+    seconds: float
+
+
+@dataclass
+class Compressed:
+    """The result of ``kiln.compress``: the compressed graph, the graph it came from, and one
+    report line per stage."""
+
+    graph: Graph
+    source_graph: Graph
+    out_spec: Any
+    report: list[StageReport] = field(default_factory=list)
+
+    def table(self) -> str:
+        """The report as a text table."""
+        lines = [f"{'stage':<12} {'params':>12} {'MFLOPs':>10} {'seconds':>8}"]
+        for r in self.report:
+            lines.append(f"{r.stage:<12} {r.parameters:>12,} {r.flops / 1e6:>10.2f} "
+                         f"{r.seconds:>8.2f}")
+        return "\n".join(lines)
+
+
+def _options(value: Any, defaults: Mapping[str, Any], scalar_key: str | None, what: str
+             ) -> dict[str, Any] | None:
+    """None/False -> None; True -> defaults; a number -> {scalar_key: number}; a dict ->
+    defaults updated by it."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return dict(defaults)
+    if isinstance(value, (int, float)) and scalar_key is not None:
+        return {**defaults, scalar_key: float(value)}
+    if isinstance(value, Mapping):
+        return {**defaults, **value}
+    raise KilnError(f"{what}= takes None, True, a number or a dict of options, got "
+                    f"{type(value).__name__}", hint=f"see help(kiln.compress) for {what}")
+
+
+def _batches(data: Any, graph: Graph, limit: int | None = None) -> list[list[np.ndarray]]:
+    """The data as batches shaped exactly like the graph's inputs (a tensor or array of many
+    samples is cut into the graph's batch size; a trailing partial batch is dropped)."""
+    if data is None:
+        raise KilnError("this compression needs data", hint="pass data=...: an iterable of input "
+                        "batches shaped like the example inputs, or a tensor of samples")
+    types = [graph.types[i] for i in graph.inputs]
+    out: list[list[np.ndarray]] = []
+
+    def as_arrays(item) -> list[np.ndarray]:
+        items = item if isinstance(item, (tuple, list)) else (item,)
+        return [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+                for x in items][:len(types)]
+
+    if isinstance(data, (torch.Tensor, np.ndarray)) and len(types) == 1:
+        arr = as_arrays(data)[0]
+        n = types[0].shape[0] if types[0].rank else 1
+        if arr.shape[1:] != types[0].shape[1:]:
+            raise KilnError(f"data samples are shaped {list(arr.shape[1:])}, the model's "
+                            f"input {list(types[0].shape[1:])}",
+                            hint="pass samples shaped like the example inputs")
+        chunks: Iterable = (arr[i:i + n] for i in range(0, len(arr) - n + 1, n))
+    else:
+        chunks = (as_arrays(item) for item in data)
+    for chunk in chunks:
+        arrays = chunk if isinstance(chunk, list) else [chunk]
+        for a, t in zip(arrays, types):
+            if a.shape != t.shape:
+                raise KilnError(f"a data batch is shaped {list(a.shape)}, the model's input "
+                                f"{list(t.shape)}", hint="batches must match the example "
+                                                         "inputs exactly")
+        out.append([a.astype(t.dtype.numpy, copy=False) for a, t in zip(arrays, types)])
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise KilnError("the compression data holds no batch",
+                        hint="pass at least one batch shaped like the example inputs")
+    return out
+
+
+def calibrate(graph: Graph, batches: Sequence[Sequence[np.ndarray]], method: str = "percentile",
+              percentile: float = 99.99) -> dict[str, tuple[float, float]]:
+    """Activation ranges of every f32 value of ``graph`` over ``batches`` (reference backend)."""
+    obs = RangeObserver(method, percentile)
+
+    def observe(value: str, array: np.ndarray) -> None:
+        if graph.types[value].dtype == DType.f32:
+            obs.observe(value, array)
+
+    for batch in batches:
+        for v, a in zip(graph.inputs, batch):
+            observe(v, a)
+        run_graph(graph, list(batch), observe=observe)
+    return obs.ranges()
+
+
+def _record(result: Compressed, stage: str, graph: Graph, t0: float) -> None:
+    result.report.append(StageReport(stage, graph.num_parameters(), graph_flops(graph),
+                                     time.perf_counter() - t0))
+
+
+def _run(graph: Graph, names: Sequence[str], options: Mapping[str, Any]) -> Graph:
+    return PassManager([get_pass(n) for n in names], [Verify()]).run(
+        graph, PassContext(options=dict(options)))
+
+
+def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
+                   prune: Any = None, low_rank: Any = None, distill: Any = None,
+                   quantize: Any = None, labels: Any = None, out_spec: Any = None,
+                   prune_multiple: int = 16) -> Compressed:
+    """The stages of ``kiln.compress`` on a kiln graph (see the module docstring)."""
+    prune_o = _options(prune, PRUNE_DEFAULTS, "flops_target", "prune")
+    low_rank_o = _options(low_rank, LOW_RANK_DEFAULTS, "energy", "low_rank")
+    distill_o = _options(distill, DISTILL_DEFAULTS, None, "distill")
+    quant_o = _options(quantize, QUANTIZE_DEFAULTS, None, "quantize")
+    result = Compressed(graph, graph, out_spec)
+    t0 = time.perf_counter()
+    _record(result, "imported", graph, t0)
+    g = _run(graph, ["fold_constants", "simplify_algebra", "dce"], {})
+    if prune_o is not None:
+        t0 = time.perf_counter()
+        prune_o.setdefault("multiple", prune_multiple)
+        if prune_o.get("criterion") == "taylor" and "scores" not in prune_o:
+            from kiln.frontend.prune_scores import taylor_scores
+
+            prune_o["scores"] = taylor_scores(g, _batches(data, g, 16), labels)
+        g = _run(g, ["prune_channels"], {f"prune_channels.{k}": v for k, v in prune_o.items()})
+        _record(result, "pruned", g, t0)
+    if low_rank_o is not None:
+        t0 = time.perf_counter()
+        g = _run(g, ["low_rank"], {f"low_rank.{k}": v for k, v in low_rank_o.items()})
+        _record(result, "low-rank", g, t0)
+    if distill_o is not None:
+        from kiln.frontend.distill import distill as run_distill
+
+        if teacher is None:
+            raise KilnError("distillation needs the original model as teacher")
+        if data is None:
+            raise KilnError("distillation needs data", hint="pass data=... to kiln.compress")
+        t0 = time.perf_counter()
+        g = run_distill(g, teacher, data, labels=labels, **distill_o)
+        _record(result, "distilled", g, t0)
+    g = PassManager(get_pipeline("O1"), [Verify()]).run(g)
+    if quant_o is not None:
+        t0 = time.perf_counter()
+        batches = _batches(data, g, int(quant_o["max_batches"]))
+        ranges = calibrate(g, batches, quant_o["method"], float(quant_o["percentile"]))
+        g = _run(g, ["quantize_int8", "sink_permutes", "dce"],
+                 {"quantize_int8.ranges": ranges,
+                  "quantize_int8.protect": tuple(quant_o["protect"])})
+        _record(result, "int8", g, t0)
+    verify(g)
+    result.graph = g
+    return result

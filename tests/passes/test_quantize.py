@@ -1,0 +1,156 @@
+"""int8 quantization: golden IR, calibration, error budget, exact llvm vs reference, errors."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from passes_testlib import fingerprint
+
+from kiln.backends.reference import run_graph
+from kiln.ir import GraphBuilder, KilnError, TensorType, print_graph, verify
+from kiln.passes import PassContext, get_pass
+from kiln.passes.calibration import RangeObserver, entropy_threshold
+from kiln.passes.quantize import activation_qparams, weight_qparams
+
+
+def tiny():
+    """conv -> relu -> conv -> residual add with the input: both quantized layer kinds of
+    output (u8 into the next conv, f32 into the float add)."""
+    b = GraphBuilder("tiny")
+    x = b.input("x", TensorType((1, 2, 4, 4)))
+    w1 = b.constant(np.array([1, -2, 0.5, 1], np.float32).reshape(2, 2, 1, 1), "c1.w")
+    r1 = b.op("relu", [b.op("conv", [x, w1], name="c1")], name="r1")
+    w2 = b.constant(np.array([1, 1, -1, 0.5], np.float32).reshape(2, 2, 1, 1), "c2.w")
+    b.output(b.op("add", [b.op("conv", [r1, w2], name="c2"), x], name="y"))
+    return b.build()
+
+
+TINY_RANGES = {"x": (-2.0, 2.0), "r1": (0.0, 6.0), "c2": (-8.0, 8.0), "y": (-10.0, 10.0)}
+
+
+def quantize(graph, ranges, **options):
+    ctx = PassContext(options={"quantize_int8.ranges": ranges,
+                               **{f"quantize_int8.{k}": v for k, v in options.items()}})
+    before = fingerprint(graph)
+    out = get_pass("quantize_int8").run(graph, ctx)
+    assert fingerprint(graph) == before, "quantize_int8 modified its input"
+    verify(out.graph)
+    return out
+
+
+def test_golden_tiny():
+    result = quantize(tiny(), TINY_RANGES)
+    assert result.changed
+    text = print_graph(get_pass("sink_permutes").run(result.graph).graph)
+    assert text == """\
+graph tiny(%x: f32[1,2,4,4]) -> (%y) {
+  const %c1.w.i8: i8[2,1,1,2] = [64, -127, 64, 127]
+  const %c1.bias_i32: i32[2] = [0, 0]
+  const %c1.requant: f32[2] = [0.010498688, 0.005249344]
+  const %c2.w.i8: i8[2,1,1,2] = [127, 127, -127, 64]
+  const %c2.bias_i32: i32[2] = [0, 0]
+  const %c2.requant: f32[2] = [0.00018527097, 0.00018527097]
+  %x.q_1: u8[1,2,4,4] = quantize(%x) {scale=0.01568627543747425, zero_point=127, dtype="u8"}
+  %x.q: u8[1,4,4,2] = permute(%x.q_1) {perm=[0, 2, 3, 1]}
+  %x.dq_2: f32[1,2,4,4] = dequantize(%x.q_1) {scale=0.01568627543747425, zero_point=127}
+  %r1.u8: u8[1,4,4,2] = qconv(%x.q, %c1.w.i8, %c1.bias_i32, %c1.requant) {stride=[1, 1], \
+padding=[0, 0], dilation=[1, 1], x_zero_point=127, out_zero_point=0, out_dtype="u8", relu=true}
+  %c2.nhwc: f32[1,4,4,2] = qconv(%r1.u8, %c2.w.i8, %c2.bias_i32, %c2.requant) {stride=[1, 1], \
+padding=[0, 0], dilation=[1, 1], x_zero_point=0, out_zero_point=0, out_dtype="f32", relu=false}
+  %c2: f32[1,2,4,4] = permute(%c2.nhwc) {perm=[0, 3, 1, 2]}
+  %y: f32[1,2,4,4] = add(%c2, %x.dq_2) {}
+  return %y
+}
+"""
+    x = np.random.default_rng(0).uniform(-2, 2, (1, 2, 4, 4)).astype(np.float32)
+    want = run_graph(tiny(), [x])[0]
+    got = run_graph(result.graph, [x])[0]
+    # Two layers of about half a step each (input step 4/255, output step 12/255 * ...).
+    assert np.abs(got - want).max() < 0.1
+
+
+def test_qparams():
+    scale, zp = activation_qparams(-1.0, 3.0)
+    assert scale == pytest.approx(4 / 255) and zp == 64
+    assert activation_qparams(0.5, 2.0)[1] == 0        # widened to hold 0
+    assert activation_qparams(0.0, 0.0) == (float(np.float32(1 / 255)), 0)
+    with pytest.raises(KilnError, match="finite"):
+        activation_qparams(float("nan"), 1.0)
+    w = np.array([[0.5, -1.0], [0.0, 0.0]], np.float32)
+    q, s = weight_qparams(w)
+    assert q.tolist() == [[64, -127], [0, 0]] and s.tolist() == [np.float32(1 / 127), 1.0]
+
+
+def test_missing_ranges_and_bad_protect_are_clear():
+    with pytest.raises(KilnError, match="calibrat"):
+        get_pass("quantize_int8").run(tiny(), PassContext())
+    with pytest.raises(KilnError, match="nothing in the graph"):
+        quantize(tiny(), TINY_RANGES, protect=["no_such_layer"])
+
+
+def test_protected_and_uncalibrated_layers_stay_float():
+    g = quantize(tiny(), TINY_RANGES, protect=["c2"]).graph
+    assert [n.op for n in g.nodes].count("qconv") == 1
+    assert any(n.op == "conv" and n.name == "c2" for n in g.nodes)
+    g = quantize(tiny(), {"x": (-2.0, 2.0)}).graph   # r1 has no range: c2 stays float
+    assert [n.op for n in g.nodes].count("conv") == 1
+
+
+# ---- calibration -----------------------------------------------------------------------------
+def test_observer_methods():
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal(100_000).astype(np.float32)
+    data[:3] = [40.0, -35.0, 50.0]   # outliers
+    ranges = {}
+    for method in ("minmax", "percentile", "entropy"):
+        obs = RangeObserver(method)
+        for part in np.split(data, 4):
+            obs.observe("v", part)
+        ranges[method] = obs.ranges()["v"]
+    assert ranges["minmax"] == (-35.0, 50.0)
+    assert 3.0 < ranges["percentile"][1] < 6.0 and -6.0 < ranges["percentile"][0] < -3.0
+    assert ranges["entropy"][1] < 50.0
+
+
+def test_entropy_threshold_keeps_a_uniform_range():
+    data = np.random.default_rng(1).uniform(0, 1, 50_000).astype(np.float32)
+    assert entropy_threshold(data) > 0.9
+
+
+def test_non_finite_calibration_values(caplog):
+    obs = RangeObserver()
+    obs.observe("v", np.array([1.0, np.nan, -2.0, np.inf], np.float32))
+    obs.observe("w", np.array([np.nan, np.inf], np.float32))
+    with pytest.raises(KilnError, match="no finite value of w"):
+        obs.ranges()
+    obs = RangeObserver()
+    obs.observe("v", np.array([1.0, np.nan, -2.0, np.inf], np.float32))
+    with caplog.at_level(logging.WARNING, logger="kiln.calibration"):
+        assert obs.ranges() == {"v": (-2.0, 1.0)}
+    assert "ignored 2 non-finite values of %v" in caplog.text
+
+
+def test_bad_observer_options():
+    with pytest.raises(KilnError, match="unknown calibration method"):
+        RangeObserver("mse")
+    with pytest.raises(KilnError, match="percentile"):
+        RangeObserver("percentile", percentile=20)
+
+
+# ---- layout cleanup --------------------------------------------------------------------------
+def test_sink_permutes_cancels_pairs():
+    b = GraphBuilder("perm")
+    x = b.input("x", TensorType((1, 3, 2, 2)))
+    y = b.input("y", TensorType((1, 3, 2, 2)))
+    px = b.op("permute", [x], {"perm": [0, 2, 3, 1]})
+    py = b.op("permute", [y], {"perm": [0, 2, 3, 1]})
+    s = b.op("relu", [b.op("add", [px, py])])
+    b.output(b.op("permute", [s], {"perm": [0, 3, 1, 2]}, name="out"))
+    g = b.build()
+    out = get_pass("sink_permutes").run(g).graph
+    assert [n.op for n in out.nodes] == ["add", "relu"]
+    a = [np.random.default_rng(k).standard_normal((1, 3, 2, 2)).astype(np.float32)
+         for k in range(2)]
+    np.testing.assert_array_equal(run_graph(out, a)[0], run_graph(g, a)[0])

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,10 @@ class GraphRunner:
             if not graph.types[name].shape:
                 raise KilnError(f"{role} input %{name} is a scalar: it has no batch axis",
                                 hint="give the graph inputs whose axis 0 is the batch")
+        sizes = {graph.types[name].shape[0] for name in graph.inputs}
+        if len(sizes) > 1:
+            raise KilnError(f"the {role} graph's inputs have batch axes of sizes {sorted(sizes)}",
+                            hint="distill graphs whose inputs share axis 0 (the batch)")
         self.graph = graph
         self.role = role
         extended = graph.copy()
@@ -194,7 +199,8 @@ def _flatten_inputs(item: Any, runner: GraphRunner) -> Tensors:
     layout = runner.input_layout()
     if len(parts) != len(layout):
         raise KilnError(f"a batch holds {len(parts)} tensors; the student takes {len(layout)} "
-                        "inputs", hint="give one tensor per graph input, in order")
+                        "inputs", hint="give one tensor per graph input, in order (labels go "
+                                       "in labels=)")
     flat = []
     for k, (x, (n, rest, dtype)) in enumerate(zip(parts, layout)):
         x = torch.as_tensor(x)
@@ -362,11 +368,11 @@ def distillation_loss(s_out: Tensors, t_out: Tensors, s_feat: Tensors, t_feat: T
 def _check_settings(epochs: int, lr: float, temperature: float, alpha: float, batch_size: int,
                     objective: str, feature_weight: float) -> None:
     def positive_int(name: str, v: Any) -> None:
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not isinstance(v, Integral) or isinstance(v, bool) or v < 1:
             raise KilnError(f"distill: {name}={v!r}", hint=f"{name} must be an integer >= 1")
 
     def positive(name: str, v: Any, allow_zero: bool = False) -> None:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
+        ok = isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) and (
             v >= 0 if allow_zero else v > 0)
         if not ok:
             raise KilnError(f"distill: {name}={v!r}",
@@ -377,7 +383,7 @@ def _check_settings(epochs: int, lr: float, temperature: float, alpha: float, ba
     positive("lr", lr)
     positive("temperature", temperature)
     positive("feature_weight", feature_weight, allow_zero=True)
-    if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+    if not isinstance(alpha, Real) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
         raise KilnError(f"distill: alpha={alpha!r}", hint="alpha must be a number in [0, 1]")
     if objective not in OBJECTIVES:
         raise KilnError(f"distill: objective={objective!r}",

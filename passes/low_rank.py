@@ -265,8 +265,9 @@ def _ranks_for_flops(layers: list[Layer], graph: Graph, target: float, multiple:
         return {layer.node.name: rank_for_energy(layer, energy, multiple) for layer in layers}
 
     def flops_at(ranks: dict[str, int]) -> int:
-        return fixed + sum(layer.flops(r if layer.saves(r) else None)
-                           for layer, r in zip(layers, ranks.values()))
+        return fixed + sum(layer.flops(ranks[layer.node.name])
+                           if layer.saves(ranks[layer.node.name]) else layer.flops(None)
+                           for layer in layers)
 
     # Ranks change only where some layer's cumulative energy is crossed, and a layer's FLOPs
     # never fall as its rank grows (it stays whole once halves would cost more), so the

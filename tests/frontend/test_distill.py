@@ -120,13 +120,28 @@ def test_result_compiles_on_llvm_and_matches_its_torch_module(teacher, student):
     assert not np.allclose(run_torch(student, inputs)[0], want[0])
 
 
-def test_same_seed_same_weights(teacher, student):
+class SampleList(torch.utils.data.Dataset):
+    """A map-style dataset that is neither a tensor nor a TensorDataset."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[i]
+
+
+def test_same_seed_same_weights_from_any_dataset(teacher, student):
     x, _ = synthetic_task(256)
-    runs = [distill(student, teacher, x, epochs=2, batch_size=32, progress=False, seed=s)
-            for s in (7, 7, 8)]
+    datasets = [x, torch.utils.data.TensorDataset(x), SampleList(x), x]
+    runs = [distill(student, teacher, d, epochs=2, batch_size=32, progress=False, seed=s)
+            for d, s in zip(datasets, (7, 7, 7, 8))]
     for name in student.constants:
-        np.testing.assert_array_equal(runs[0].constants[name], runs[1].constants[name])
-    assert any(not np.array_equal(runs[0].constants[n], runs[2].constants[n])
+        for run in runs[1:3]:
+            np.testing.assert_array_equal(runs[0].constants[name], run.constants[name])
+    assert any(not np.array_equal(runs[0].constants[n], runs[3].constants[n])
                for n in student.constants)
 
 

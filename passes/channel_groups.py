@@ -104,8 +104,9 @@ class ChannelGroup:
     def unit_width(self) -> int:
         """The fewest output channels a unit holds in any one source (1 for plain channels,
         the head size for attention heads)."""
-        return min(int(np.bincount(u, minlength=self.num_units).min())
-                   for u in self.unit_of.values())
+        # A source need not reach every unit (a residual add may couple only some of its
+        # channels), so units it does not have are not counted.
+        return min(int(np.bincount(u)[np.unique(u)].min()) for u in self.unit_of.values())
 
     def names(self) -> set[str]:
         """Every node, value and constant name this group touches."""

@@ -171,7 +171,9 @@ def test_residual_add_couples_producers():
     s = b.op("relu", [b.op("add", [c, a], name="add")])
     b.output(b.op("conv", [s, const(b, rng, (4, 8, 1, 1))], name="head"))
     g = b.build()
-    groups = {tuple(s.node for s in grp.sources): grp for grp in find_channel_groups(g).groups}
+    analysis = find_channel_groups(g)
+    assert "unprunable: channels reach graph output %head" in analysis.summary()
+    groups = {tuple(s.node for s in grp.sources): grp for grp in analysis.groups}
     assert set(groups) == {("a", "c"), ("b",), ("head",)}
     res = groups[("a", "c")]
     assert res.prunable and res.num_units == 8
@@ -502,3 +504,24 @@ def test_prune_then_o1(zoo_graphs):
     inputs = random_inputs(g, seed=3)
     for want, got in zip(run_graph(pruned, inputs), run_graph(folded, inputs)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_partly_coupled_source():
+    """Only 4 of q's 6 channels meet p's in the add: q's other 2 are units of their own."""
+    rng = np.random.default_rng(8)
+    b = GraphBuilder("partly")
+    x = b.input("x", TensorType((1, 2, 3, 3)))
+    p = b.op("conv", [x, const(b, rng, (4, 2, 1, 1))], name="p")
+    q = b.op("conv", [x, const(b, rng, (6, 2, 1, 1))], name="q")
+    head = b.op("slice", [q], {"axis": 1, "start": 0, "end": 4}, name="head")
+    tail = b.op("slice", [q], {"axis": 1, "start": 4, "end": 6}, name="tail")
+    s = b.op("concat", [b.op("add", [p, head]), tail], {"axis": 1}, name="cat")
+    b.output(b.op("conv", [s, const(b, rng, (2, 6, 1, 1))], name="out"))
+    g = b.build()
+    grp = next(grp for grp in find_channel_groups(g).groups if grp.prunable)
+    assert grp.num_units == 6 and grp.unit_width == 1
+    np.testing.assert_array_equal(grp.unit_of["p"], [0, 1, 2, 3])
+    pruned, _ = assert_prunes_exactly(g, ratio=0.5, multiple=1)
+    assert pruned.types["cat"].shape[1] == 3
+    slices = [n.attrs for n in pruned.nodes if n.op == "slice"]
+    assert slices[0]["end"] == slices[1]["start"] and slices[1]["end"] == 3

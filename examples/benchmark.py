@@ -4,6 +4,8 @@
         [--repeat 30] [--backend llvm] [--skip torch.compile] [--json results.json]
     python examples/benchmark.py --quick --models mlp      # smoke test: batch 1, 3 repeats
     python examples/benchmark.py --matmul                  # only the 1024^3 fp32 matmul
+    python examples/benchmark.py --compression --models resnet18_cifar resnet18 bert \
+        --batches 1                                        # compressed variants vs fp32, ORT
 
 Every runtime gets the same thread count. For each model and batch the table gives the median
 and p90 latency, the ratio to ONNX Runtime, the speed-up over eager, the achieved GFLOP/s
@@ -14,6 +16,13 @@ kiln, export plus session creation for ONNX Runtime and the first call for torch
 (inductor keeps compiled code in an on-disk cache, so a second run compiles much faster).
 Timings are only as good as the machine is quiet: the load average is printed at the start.
 A runtime that fails on a model is reported as n/a with the reason; the run goes on.
+
+``--compression`` times, per model and batch, kiln fp32, kiln with 50% of the FLOPs pruned
+(L1 criterion), kiln int8 and kiln pruned + int8 against ONNX Runtime fp32 in one run. The
+zoo's weights are random, so the models are calibrated on random inputs and the error column
+only says the outputs stay finite and comparable: accuracy is measured on real data by
+examples/digits.py. "saved/removed" is the fraction of kiln fp32's time a variant saves over
+the fraction of FLOPs it removes (1.0: time follows FLOPs exactly).
 """
 
 from __future__ import annotations
@@ -410,6 +419,86 @@ def print_matmul(report: dict[str, Any]) -> None:
     print(f"  kiln/torch GFLOP/s ratio  {report['kiln_over_torch']:.3f}")
 
 
+COMPRESSION_VARIANTS = {
+    "kiln fp32": {},
+    "kiln pruned 50%": {"prune": 0.5},
+    "kiln int8": {"quantize": True},
+    "kiln pruned+int8": {"prune": 0.5, "quantize": True},
+}
+
+
+def bench_compression(name: str, batch: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """kiln's compressed variants of one zoo model and ONNX Runtime fp32, timed in one run."""
+    from kiln.passes.prune import graph_flops as kiln_flops
+
+    model, inputs = get_model(name, batch=batch)
+    gen = torch.Generator().manual_seed(0)
+    data = [tuple(torch.randn(x.shape, generator=gen) if x.is_floating_point() else x
+                  for x in inputs) for _ in range(8)]
+    with torch.no_grad():
+        expected = as_arrays(model(*inputs))
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="kiln_bench_") as tmp:
+        prepared = prepare_onnxruntime(model, inputs, args, Path(tmp))
+        with torch.no_grad():
+            err = max_rel_error(as_arrays(prepared.run()), expected)
+            times = time_ms(prepared.run, args.warmup, args.repeat)
+        rows.append({"model": name, "batch": batch, "variant": "onnxruntime fp32",
+                     "median_ms": statistics.median(times), "flops": None, "max_rel_err": err})
+    for variant, options in COMPRESSION_VARIANTS.items():
+        row: dict[str, Any] = {"model": name, "batch": batch, "variant": variant}
+        try:
+            t0 = time.perf_counter()
+            compiled = kiln.compile(model, inputs, data=data if options else None,
+                                    **options, **kiln_compile_options(args.threads))
+            row["compile_s"] = time.perf_counter() - t0
+            with torch.no_grad():
+                row["max_rel_err"] = max_rel_error(as_arrays(compiled(*inputs)), expected)
+                times = time_ms(lambda c=compiled: c(*inputs), args.warmup, args.repeat)
+            row["median_ms"] = statistics.median(times)
+            row["flops"] = kiln_flops(compiled.graph)
+            row["params"] = compiled.graph.num_parameters()
+        except Exception as exc:  # one variant failing must not stop the benchmark
+            row["error"] = short_error(exc)
+            if args.verbose:
+                traceback.print_exc()
+        rows.append(row)
+    base = next(r for r in rows if r["variant"] == "kiln fp32")
+    ort = rows[0]
+    for r in rows:
+        if r.get("median_ms") is None or base.get("median_ms") is None:
+            continue
+        r["speedup_vs_kiln_fp32"] = base["median_ms"] / r["median_ms"]
+        r["speedup_vs_ort"] = ort["median_ms"] / r["median_ms"]
+        if r.get("flops") and base.get("flops"):
+            removed = 1.0 - r["flops"] / base["flops"]
+            saved = 1.0 - r["median_ms"] / base["median_ms"]
+            r["flops_removed"] = removed
+            r["time_saved"] = saved
+            r["saved_over_removed"] = saved / removed if removed > 0.01 else None
+    return rows
+
+
+COMPRESSION_HEADER = (f"{'model':<16}{'batch':>5}  {'variant':<18}{'median ms':>10}"
+                      f"{'vs kiln fp32':>13}{'vs ORT fp32':>12}{'FLOPs -':>8}{'time -':>8}"
+                      f"{'saved/removed':>14}{'max rel err':>12}")
+
+
+def format_compression_row(r: dict[str, Any]) -> str:
+    lead = f"{r['model']:<16}{r['batch']:>5}  {r['variant']:<18}"
+    if "error" in r:
+        return lead + f"n/a: {r['error']}"[:120]
+
+    def pct(key: str) -> str:
+        return "-" if r.get(key) is None else f"{100 * r[key]:.0f}%"
+
+    return lead + (f"{fmt(r.get('median_ms'), '.3f'):>10}"
+                   f"{fmt(r.get('speedup_vs_kiln_fp32'), '.2f') + 'x':>13}"
+                   f"{fmt(r.get('speedup_vs_ort'), '.2f') + 'x':>12}{pct('flops_removed'):>8}"
+                   f"{pct('time_saved'):>8}{fmt(r.get('saved_over_removed'), '.2f'):>14}"
+                   f"{fmt(r.get('max_rel_err'), '.1e'):>12}")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``--quick`` changes the defaults of --repeat, --warmup, --batches."""
     names = backend_names()
@@ -430,6 +519,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="runtimes to leave out (eager is the reference and always runs)")
     parser.add_argument("--matmul", action="store_true",
                         help="run only the 1024^3 matmul comparison, not the zoo")
+    parser.add_argument("--compression", action="store_true",
+                        help="run the compression comparison (pruned / int8 variants of kiln "
+                             "against kiln fp32 and ONNX Runtime fp32) instead of the zoo table")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: batch 1, 3 repeats, 1 warm-up")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write all results here")
@@ -456,6 +548,19 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"median (best run {best:.1f}); %peak below is against the median")
 
     results: list[Result] = []
+    if args.compression:
+        print(f"\nrepeat {args.repeat} after {args.warmup} warm-up\n{COMPRESSION_HEADER}")
+        rows = []
+        for name in args.models:
+            for batch in args.batches:
+                for r in bench_compression(name, batch, args):
+                    rows.append(r)
+                    print(format_compression_row(r), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"command": [sys.executable, *sys.argv],
+                                             "machine": info, "compression": rows}, indent=2))
+            print(f"\nwrote {args.json}")
+        return
     if not args.matmul:
         print(f"\nrepeat {args.repeat} after {args.warmup} warm-up; "
               f"kiln backend {args.backend}\n{HEADER}")

@@ -217,11 +217,11 @@ def compress(
         example_inputs: the inputs the compressed model will take (default: the first batch of
             ``data``, or its first sample when ``data`` is a tensor of samples).
         prune: None (default: no pruning); a number: the fraction of FLOPs to remove (e.g. 0.5);
-            or a dict of ``prune_channels`` options: ``flops_target``, ``ratio``, ``global``,
+            True: 30% of every channel group by L1 norm; or a dict of ``prune_channels`` options: ``flops_target``, ``ratio``, ``global``,
             ``criterion`` (``l1`` default, ``l2``, ``bn_scale``, ``taylor``), ``protect``,
             ``multiple`` (default: the backend's vector width), ``min_channels``.
-        low_rank: None; a number: the singular-value energy each layer keeps (0.9 by default
-            with True); or a dict of ``low_rank`` options: ``energy``, ``param_ratio``,
+        low_rank: None; a number: the singular-value energy each layer keeps (True: 0.9); or a
+            dict of ``low_rank`` options: ``energy``, ``param_ratio``,
             ``flops_target``, ``protect``, ``min_size``, ``multiple``.
         distill: None; True (3 epochs, lr 1e-3, temperature 4, alpha 0.9); or a dict of
             ``kiln.frontend.distill.distill`` arguments (``epochs``, ``lr``, ``temperature``,

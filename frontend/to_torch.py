@@ -330,7 +330,9 @@ def graph_to_module(g: Graph, trainable: bool = True) -> torch.fx.GraphModule:
     """A torch.fx.GraphModule computing the same outputs as ``g``.
 
     Graph inputs become placeholders (in order). Floating-point constants become
-    ``nn.Parameter``s (``requires_grad=trainable``), the others buffers, registered under
+    ``nn.Parameter``s (``requires_grad=trainable``), the others, and the running statistics of
+    batch norms (which inference uses as they are, and F.batch_norm refuses to differentiate),
+    buffers, registered under
     sanitized names; ``module.meta["kiln_constants"]`` maps each constant's kiln name to its
     attribute name. Every node calls its ``TORCH_IMPL`` entry with the node's attrs as keyword
     arguments. The module returns a tensor for a single output, else a tuple.
@@ -339,10 +341,11 @@ def graph_to_module(g: Graph, trainable: bool = True) -> torch.fx.GraphModule:
     # Attribute names must not shadow what every nn.Module already has (forward, training...).
     taken = set(dir(root))
     attr_names: dict[str, str] = {}
+    statistics = {i for n in g.nodes if n.op == "batch_norm" for i in n.inputs[1:3]}
     for name, array in g.constants.items():
         attr = _identifier(name, taken)
         tensor = torch.from_numpy(np.array(array))
-        if g.types[name].dtype.is_float:
+        if g.types[name].dtype.is_float and name not in statistics:
             root.register_parameter(attr, torch.nn.Parameter(tensor, requires_grad=trainable))
         else:
             root.register_buffer(attr, tensor)

@@ -35,6 +35,7 @@ from kiln.ir.kernel import (
     Cast,
     Const,
     Decl,
+    DotAdd4,
     Expr,
     For,
     If,
@@ -47,10 +48,6 @@ from kiln.ir.kernel import (
     Unary,
     Var,
 )
-
-# The int8 dot-product expression arrived with the quantized GEMM schedules; kernels of a kiln
-# without it never contain one.
-_DOT_ADD4 = getattr(K, "DotAdd4", None)
 
 # kiln dtype -> the name of its scalar constructor in the kernels' namespace, and its numba
 # signature spelling.
@@ -195,7 +192,7 @@ class _Module:
             return self.expr(e.x)
         if isinstance(e, ReduceLanes):
             return self.reduce_lanes(e)
-        if _DOT_ADD4 is not None and isinstance(e, _DOT_ADD4):
+        if isinstance(e, DotAdd4):
             return self.dot_add4(e, lane)
         raise KilnError(f"kernel {self.kernel.name}: no CUDA rendering for "
                         f"{type(e).__name__}", hint="this is a kiln bug; please report it")
@@ -254,7 +251,7 @@ class _Module:
             return f"{t}(math.{_MATH[e.op]}({x}))"
         raise KilnError(f"kernel {self.kernel.name}: no CUDA rendering for unary {e.op}")
 
-    def dot_add4(self, e, lane: str | None) -> str:
+    def dot_add4(self, e: DotAdd4, lane: str | None) -> str:
         """Lane ``lane`` of ``acc + sum of four u8 * i8 products`` (int32, wrapping)."""
         terms = [self.expr(e.acc, lane)]
         for j in range(4):

@@ -150,7 +150,7 @@ def bind_loops(nest: For, scratch: set[str]) -> list[BoundLoop]:
         if start is None or extent is None:
             break
         count = max(0, -(-extent // loop.step))
-        ranges[loop.var.name] = (start, start + max(extent, 1) - 1)
+        ranges[loop.var.name] = (start, start + max(count - 1, 0) * loop.step)
         if count > 1 and not independent(loop, [b.var for b in bound], ranges, scratch):
             break
         bound.append(BoundLoop(loop.var.name, start, count, loop.step))
@@ -219,7 +219,9 @@ def _accesses(stmts: Sequence[Stmt], ranges: dict[str, Interval]
             inner = dict(ranges)
             start, extent = interval(s.start, ranges), interval(s.extent, ranges)
             if start is not None and extent is not None:
-                inner[s.var.name] = (start[0], start[1] + max(extent[1], 1) - 1)
+                # The last iteration starts a whole number of steps after the first.
+                last = max(extent[1] - 1, 0) // s.step * s.step
+                inner[s.var.name] = (start[0], start[1] + last)
             else:
                 inner.pop(s.var.name, None)
             yield from _accesses(s.body, inner)

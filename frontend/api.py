@@ -81,7 +81,8 @@ class CompiledModel:
         return pytree.tree_unflatten(outs, self._out_spec)
 
     def profile(self, *args: Any, repeat: int = 10) -> list:
-        """Per-kernel time, FLOPs and GFLOP/s on these inputs, slowest first (llvm backend)."""
+        """Per-kernel time, FLOPs and GFLOP/s on these inputs, slowest first (llvm and cuda
+        backends)."""
         program = self.executable.program
         if not hasattr(program, "profile"):
             raise KilnError(f"the {self.backend} backend has no per-kernel profile",
@@ -144,8 +145,9 @@ def compile(
         model: an ``nn.Module`` in eval mode.
         example_inputs: a tuple of tensors (a single tensor is accepted too); the compiled model
             takes inputs of exactly these shapes and dtypes.
-        backend: ``"llvm"`` (native code for this CPU) or ``"reference"`` (the NumPy
-            interpreter, the oracle).
+        backend: ``"llvm"`` (native code for this CPU), ``"cuda"`` (numba.cuda kernels on an
+            NVIDIA GPU, or on Numba's CUDA simulator when NUMBA_ENABLE_CUDASIM=1 is set before
+            numba is imported) or ``"reference"`` (the NumPy interpreter, the oracle).
         pipeline: a named pipeline (``"O0"`` none, ``"O1"`` cleanups) or a list of pass names.
         frontend: ``"fx"`` (torch.fx.symbolic_trace) or ``"export"`` (torch.export).
         verify: run the IR verifier after every pass.
@@ -158,7 +160,8 @@ def compile(
 
     Raises:
         KilnError: for an unsupported op (naming it and its source line), a model in training
-            mode, or inputs kiln cannot take.
+            mode, inputs kiln cannot take, or ``backend="cuda"`` with neither a GPU nor the
+            simulator.
     """
     if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
         example_inputs = (example_inputs,)

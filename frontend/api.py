@@ -112,7 +112,10 @@ def export(compiled: CompiledModel, path: str | os.PathLike, *,
     if path.exists() and not overwrite:
         raise KilnError(f"{path} already exists", hint="choose another path or pass "
                                                        "overwrite=True")
-    pipeline = [r.name for r in compiled.timing.records] if compiled.timing else []
+    if compiled.compression is not None:
+        pipeline = [r.stage for r in compiled.compression.report[1:]]
+    else:
+        pipeline = [r.name for r in compiled.timing.records] if compiled.timing else []
     return artifact.save(path, image, pipeline=pipeline, kiln_version=_kiln_version())
 
 
@@ -220,7 +223,8 @@ def compress(
         example_inputs: the inputs the compressed model will take (default: the first batch of
             ``data``, or its first sample when ``data`` is a tensor of samples).
         prune: None (default: no pruning); a number: the fraction of FLOPs to remove (e.g. 0.5);
-            True: 30% of every channel group by L1 norm; or a dict of ``prune_channels`` options: ``flops_target``, ``ratio``, ``global``,
+            True: 30% of every channel group by L1 norm; or a dict of ``prune_channels``
+            options: ``flops_target``, ``ratio``, ``global``,
             ``criterion`` (``l1`` default, ``l2``, ``bn_scale``, ``taylor``), ``protect``,
             ``multiple`` (default: the backend's vector width), ``min_channels``.
         low_rank: None; a number: the singular-value energy each layer keeps (True: 0.9); or a
@@ -238,9 +242,10 @@ def compress(
         backend: the backend the result is meant for (sets the default channel multiple).
 
     Returns:
-        a ``Compressed`` with ``graph`` (compile it with ``kiln.compile_graph``-style
-        executables or pass the same options to ``kiln.compile``), ``source_graph`` and
-        ``report`` (parameters, FLOPs and time per stage; ``table()`` prints it).
+        a ``Compressed`` with ``graph`` (the compressed kiln graph; ``kiln.compile`` with the
+        same options returns it compiled, or run it with
+        ``kiln.backends.llvm.compile_graph(graph)``), ``source_graph`` and ``report``
+        (parameters, FLOPs and time per stage; ``table()`` prints it).
     """
     if example_inputs is None:
         if isinstance(data, (torch.Tensor, np.ndarray)):

@@ -29,6 +29,19 @@ def exported(tmp_path_factory) -> tuple[pathlib.Path, list[np.ndarray], np.ndarr
     return path, arrays, compiled(*arrays)
 
 
+@pytest.mark.parametrize("name", ["resnet18_cifar", "bert"])
+def test_compressed_int8_round_trip_is_bit_exact(name: str, tmp_path) -> None:
+    model, inputs = get_model(name)
+    gen = torch.Generator().manual_seed(0)
+    data = [tuple(torch.randn(x.shape, generator=gen) if x.is_floating_point() else x
+                  for x in inputs) for _ in range(2)]
+    compiled = kiln.compile(model, inputs, prune={"ratio": 0.25}, quantize=True, data=data)
+    arrays = [x.numpy() for x in inputs]
+    loaded = kiln.load(kiln.export(compiled, tmp_path / f"{name}.kiln"))
+    assert np.array_equal(loaded(*arrays), compiled(*arrays))
+    assert loaded.manifest["pipeline"] == ["pruned", "int8"]
+
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_round_trip_is_bit_exact(name: str, tmp_path) -> None:
     model, inputs = get_model(name)

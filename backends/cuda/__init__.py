@@ -14,8 +14,9 @@ from kiln.backends.cuda.program import (
     KernelProfile,
     compile_graph,
     compile_graph_cuda,
+    compile_graph_ptx,
     run_kernel_cuda,
 )
 
 __all__ = ["CudaProgram", "KernelProfile", "compile_graph", "compile_graph_cuda",
-           "run_kernel_cuda"]
+           "compile_graph_ptx", "run_kernel_cuda"]

@@ -12,9 +12,11 @@ redeclared with another type gets a typed suffix). Vector expressions (``lanes``
 CPU schedules) are scalarized: a lane loop per vector statement, vector locals in
 ``cuda.local.array``, ``ReduceLanes`` folded in a loop hoisted before its statement.
 
-The source refers to a few names the runtime provides (``cuda``, ``math``, the type
-constructors ``f32``... and the helpers in ``HELPERS_SOURCE``), so the same text runs on a GPU
-and in Numba's CUDA simulator.
+Float max/min propagate NaN like NumPy's, written inline with their operands in temporaries
+(hoisted before the statement, so nested ones do not repeat work); no device functions, so the
+kernels compile to PTX without a driver. The source refers to a few names the runtime provides
+(``cuda``, ``math``, the type constructors ``f32``..., ``_rint32``), so the same text runs on a
+GPU and in Numba's CUDA simulator.
 """
 
 from __future__ import annotations
@@ -58,29 +60,9 @@ NUMBA_TYPES = {"f32": "float32", "f16": "float16", "f64": "float64", "i8": "int8
 # Arithmetic in these types is computed wider by numba and must be wrapped back.
 _NARROW = ("i8", "u8", "i32", "f16")
 
-HELPERS_SOURCE = '''\
-def _fmax(a, b):
-    return a if a > b or a != a else b
-
-
-def _fmin(a, b):
-    return a if a < b or a != a else b
-
-
-def _imax(a, b):
-    return a if a > b else b
-
-
-def _imin(a, b):
-    return a if a < b else b
-'''
-"""Device helpers the kernels call (NaN-propagating float max/min like NumPy's)."""
-
-HELPER_NAMES = ("_fmax", "_fmin", "_imax", "_imin")
 # Round half to even: libdevice's rint on a GPU, np.rint in the simulator.
 RINT_NAMES = {"f32": "_rint32", "f64": "_rint64"}
-NAMESPACE_NAMES = ("cuda", "math", "_INF", "_NAN", *TYPE_NAMES.values(), *HELPER_NAMES,
-                   *RINT_NAMES.values())
+NAMESPACE_NAMES = ("cuda", "math", "_INF", "_NAN", *TYPE_NAMES.values(), *RINT_NAMES.values())
 
 _BINARY_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "lt": "<", "le": "<=", "gt": ">",
                    "ge": ">=", "eq": "==", "ne": "!="}
@@ -161,8 +143,8 @@ class _Module:
 
     # ---- expressions -----------------------------------------------------------------------
     def expr(self, e: Expr, lane: str | None = None) -> str:
-        """Python text of ``e`` (lane ``lane`` of it when it is a vector). ``ReduceLanes``
-        loops are appended to ``self.pre``, to run before the statement that uses them."""
+        """Python text of ``e`` (lane ``lane`` of it when it is a vector). Lines that must run
+        first (``ReduceLanes`` loops, max/min operands) are appended to ``self.pre``."""
         if e.lanes > 1 and lane is None and not isinstance(e, ReduceLanes):
             raise KilnError(f"kernel {self.kernel.name}: vector expression "
                             f"{K.format_expr(e)} where a scalar is needed",
@@ -210,8 +192,7 @@ class _Module:
             text = f"({a} {sym} {b})"
             return f"{TYPE_NAMES[dt]}{text}" if dt in _NARROW else text
         if e.op in ("max", "min"):
-            fn = ("_f" if K.is_float(dt) else "_i") + e.op
-            return f"{fn}({a}, {b})"
+            return self.max_min(e.op, dt, a, b)
         if e.op == "pow":
             return f"{TYPE_NAMES[dt]}({a} ** {b})"
         if e.op in ("and", "or"):
@@ -259,18 +240,45 @@ class _Module:
             terms.append(f"i32({self.expr(e.u, sub[0])}) * i32({self.expr(e.s, sub[1])})")
         return f"i32({' + '.join(terms)})"
 
+    def max_min(self, op: str, dt: str, a: str, b: str) -> str:
+        # Inline rather than numba's max(): its CUDA version is a device function. Floats
+        # follow NumPy's maximum/minimum: a NaN on either side wins.
+        a, b = self.hoist(a), self.hoist(b)
+        cmp = ">" if op == "max" else "<"
+        nan = f" or {a} != {a}" if K.is_float(dt) else ""
+        return f"({a} if {a} {cmp} {b}{nan} else {b})"
+
+    def hoist(self, text: str) -> str:
+        """A name holding the value of expression ``text`` (itself when it is a name)."""
+        if text.isidentifier():
+            return text
+        t = self.fresh("m")
+        self.pre.append(f"{t} = {text}")
+        return t
+
+    def in_loop(self, render) -> tuple[str, list[str]]:
+        """``render()`` with its hoisted lines collected apart, for the body of a lane loop."""
+        saved, self.pre = self.pre, []
+        try:
+            return render(), self.pre
+        finally:
+            self.pre = saved
+
     def reduce_lanes(self, e: ReduceLanes) -> str:
         dt = e.dtype
         acc, lane = self.fresh("r"), self.fresh("l")
-        x = self.expr(e.x, lane)  # nested reductions land in self.pre first
         init = self.expr(K.reduction_identity(e.op, dt))
-        if e.op == "add":
-            step = f"{acc} + {x}"
-            step = f"{TYPE_NAMES[dt]}({step})" if dt in _NARROW else step
-        else:
-            step = f"{'_f' if K.is_float(dt) else '_i'}{e.op}({acc}, {x})"
+
+        def step() -> str:
+            x = self.expr(e.x, lane)
+            if e.op == "add":
+                text = f"{acc} + {x}"
+                return f"{TYPE_NAMES[dt]}({text})" if dt in _NARROW else text
+            return self.max_min(e.op, dt, acc, x)
+
+        text, body = self.in_loop(step)
         self.pre += [f"{acc} = {init}", f"for {lane} in range({e.x.lanes}):",
-                     f"    {acc} = {step}"]
+                     *(f"    {line}" for line in body), f"    {acc} = {text}"]
         return acc
 
     # ---- statements ------------------------------------------------------------------------
@@ -305,9 +313,10 @@ class _Module:
                 out.append(f"{pad}{buf}[{index}] = {value}")
             else:
                 lane = self.fresh("l")
-                value = self.expr(s.value, lane)
+                value, body = self.in_loop(lambda: self.expr(s.value, lane))
                 self._flush(depth, out)
                 out.append(f"{pad}for {lane} in range({s.value.lanes}):")
+                out.extend(f"{pad}    {line}" for line in body)
                 out.append(f"{pad}    {buf}[{index} + {lane}] = {value}")
         elif isinstance(s, (Decl, Assign)):
             v = s.var
@@ -321,13 +330,14 @@ class _Module:
                 out.append(f"{pad}{name} = {value}")
             else:
                 lane = self.fresh("l")
-                value = self.expr(value_expr, lane) if value_expr.lanes > 1 else \
-                    self.expr(value_expr)
+                value, body = self.in_loop(lambda: self.expr(
+                    value_expr, lane if value_expr.lanes > 1 else None))
                 self._flush(depth, out)
                 if isinstance(s, Decl):
                     out.append(f"{pad}{name} = cuda.local.array({v.lanes}, "
-                               f"numba.{NUMBA_TYPES[v.dtype]})")
+                               f"numba.types.{NUMBA_TYPES[v.dtype]})")
                 out.append(f"{pad}for {lane} in range({v.lanes}):")
+                out.extend(f"{pad}    {line}" for line in body)
                 out.append(f"{pad}    {name}[{lane}] = {value}")
         elif isinstance(s, If):
             cond = self.expr(s.cond)
@@ -355,7 +365,7 @@ class _Module:
                 # One private copy per thread, reused across its grid-stride iterations (the
                 # IR's contract for scratch inside parallel loops).
                 out.append(f"    {self.buf(b.name)} = cuda.local.array({b.size}, "
-                           f"numba.{NUMBA_TYPES[b.dtype]})")
+                           f"numba.types.{NUMBA_TYPES[b.dtype]})")
         if seg.bound:
             t = self.fresh("t")
             out.append(f"    for {t} in range(cuda.grid(1), {seg.work}, cuda.gridsize(1)):")

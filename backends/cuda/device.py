@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from kiln.backends.cuda.codegen import HELPER_NAMES, HELPERS_SOURCE
 from kiln.ir import KilnError
 
 NO_CUDA_HINT = ("set NUMBA_ENABLE_CUDASIM=1 in the environment before numba is imported to run "
@@ -90,22 +89,20 @@ def _sim_math() -> SimpleNamespace:
 @functools.cache
 def _namespace_base(simulated: bool) -> dict:
     import numba
+    from numba import cuda
 
-    dev = cuda_device()
-    ns: dict[str, Any] = {"cuda": dev.cuda, "numba": numba, "_INF": math.inf, "_NAN": math.nan}
+    ns: dict[str, Any] = {"cuda": cuda, "numba": numba, "_INF": math.inf, "_NAN": math.nan}
     types = {"f32": "float32", "f16": "float16", "f64": "float64", "i8": "int8",
              "u8": "uint8", "i32": "int32", "i64": "int64", "bool_": "bool_"}
     for short, full in types.items():
-        ns[short] = getattr(np, full) if simulated else getattr(numba, full)
+        ns[short] = getattr(np, full) if simulated else getattr(numba.types, full)
     ns["math"] = _sim_math() if simulated else math
-    ns["_rint32"] = np.rint if simulated else dev.cuda.libdevice.rintf
-    ns["_rint64"] = np.rint if simulated else dev.cuda.libdevice.rint
-    helpers: dict[str, Any] = {}
-    exec(compile(HELPERS_SOURCE, "<kiln cuda helpers>", "exec"), helpers)
-    for name in HELPER_NAMES:
-        # Simulated device functions go through the simulator's per-call module swap; plain
-        # Python functions do the same work without it.
-        ns[name] = helpers[name] if simulated else dev.cuda.jit(device=True)(helpers[name])
+    if simulated:
+        ns["_rint32"] = ns["_rint64"] = np.rint
+    else:
+        from numba.cuda import libdevice
+
+        ns["_rint32"], ns["_rint64"] = libdevice.rintf, libdevice.rint
     return ns
 
 
@@ -122,6 +119,11 @@ def load_source(text: str, label: str) -> dict[str, Any]:
     filename = f"<kiln-cuda {_counter} {label}>"
     linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
     ns = dict(_namespace_base(cuda_device().simulated))
+    _exec_source(text, filename, ns, label)
+    return ns
+
+
+def _exec_source(text: str, filename: str, ns: dict[str, Any], label: str) -> None:
     try:
         exec(compile(text, filename, "exec"), ns)
     except Exception as e:  # numba type or compile errors surface here with an eager signature
@@ -129,4 +131,46 @@ def load_source(text: str, label: str) -> dict[str, Any]:
                         f"{type(e).__name__}: {e}",
                         hint="this is a kiln bug; please report it with the kernel source "
                              "(CudaProgram.source)") from e
-    return ns
+
+
+class _RecordingJit:
+    """Stands for ``numba.cuda`` while generated source is executed for PTX: ``@cuda.jit(sig)``
+    records the signature and leaves the Python function as it is."""
+
+    def __init__(self) -> None:
+        self.signatures: dict[str, str] = {}
+
+    def jit(self, signature: str):
+        def record(fn):
+            self.signatures[fn.__name__] = signature
+            return fn
+
+        return record
+
+
+def source_ptx(text: str, label: str, cc: tuple[int, int] = (8, 0)) -> dict[str, str]:
+    """PTX for compute capability ``cc`` of every kernel in generated ``text``, from numba's
+    CUDA compiler (NVVM): it needs the CUDA toolkit's libNVVM, not a GPU. Unavailable in the
+    simulator, which has no compiler."""
+    import numba
+
+    if numba.config.ENABLE_CUDASIM:
+        raise KilnError("PTX cannot be generated under the CUDA simulator",
+                        hint="unset NUMBA_ENABLE_CUDASIM (in a fresh process)")
+    from numba import cuda
+
+    recorder = _RecordingJit()
+    ns = dict(_namespace_base(False))
+    ns["cuda"] = recorder
+    _exec_source(text, f"<kiln-cuda ptx {label}>", ns, label)
+    ns["cuda"] = cuda  # the kernels' bodies are compiled against the real module
+    out = {}
+    for name, signature in recorder.signatures.items():
+        try:
+            out[name], _ = cuda.compile_ptx(ns[name], signature, cc=cc)
+        except Exception as e:
+            raise KilnError(f"numba could not compile CUDA kernel {name} of {label}: "
+                            f"{type(e).__name__}: {e}",
+                            hint="this is a kiln bug; please report it with the kernel "
+                                 "source") from e
+    return out

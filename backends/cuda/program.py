@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from kiln.backends.cuda.codegen import KernelSource, Launch, render_kernel
-from kiln.backends.cuda.device import CudaDevice, cuda_device, load_source
+from kiln.backends.cuda.device import CudaDevice, cuda_device, load_source, source_ptx
 from kiln.ir import Graph, KilnError, verify
 from kiln.ir import kernel as K
 from kiln.passes.lower import LoweredGraph, lower_graph
@@ -344,6 +344,23 @@ def run_kernel_cuda(kernel: K.Kernel, buffers: dict[str, np.ndarray]) -> str:
         if buffers[p.name].size:
             buffers[p.name][...] = dev[p.name].copy_to_host()
     return src.text
+
+
+def compile_graph_ptx(graph: Graph, *, cc: tuple[int, int] = (8, 0), width: int = 1
+                      ) -> dict[str, str]:
+    """PTX for compute capability ``cc`` of every CUDA kernel of ``graph`` (by function name,
+    in execution order), compiled by numba's CUDA compiler without a GPU (it needs the CUDA
+    toolkit's libNVVM, and a process without NUMBA_ENABLE_CUDASIM).
+
+    It checks, on any machine with the toolkit, that the generated kernels type and compile
+    for a real device."""
+    verify(graph)
+    lowered = lower_graph(graph, width=width)
+    out: dict[str, str] = {}
+    for step in lowered.steps:
+        kernel = schedule_kernel(step.kernel, width) if width > 1 else step.kernel
+        out.update(source_ptx(render_kernel(kernel).text, kernel.name, cc))
+    return out
 
 
 def compile_graph(graph: Graph, threads: int = 0) -> CudaProgram:

@@ -125,7 +125,9 @@ def test_columns_of_a_row_major_buffer_are_independent():
         assert_same(want, got)
 
 
-def test_every_construct_renders_and_matches_the_interpreter():
+def all_constructs_kernel() -> Kernel:
+    """A kernel using every expression and statement kind of the kernel IR (also compiled to
+    PTX by test_cuda_gpu.py)."""
     i, j, l_ = idx("i"), idx("j"), idx("l")
     v4 = Var("v", "f32", 4)
     s = Var("s", "f32")
@@ -157,8 +159,12 @@ def test_every_construct_renders_and_matches_the_interpreter():
     params = (Buffer("x", "f32", 48), Buffer("y", "f32", 6), Buffer("u", "u8", 24),
               Buffer("w", "i8", 4), Buffer("vec", "f32", 24), Buffer("ints", "i32", 6),
               Buffer("out", "f32", 6), Buffer("ints2", "i32", 6))
-    k = Kernel("all", params, (For(j, c(0), c(1), (For(i, c(0), c(6), body),)),),
-               scratch=(Buffer("scratch", "f32", 2),))
+    return Kernel("all", params, (For(j, c(0), c(1), (For(i, c(0), c(6), body),)),),
+                  scratch=(Buffer("scratch", "f32", 2),))
+
+
+def test_every_construct_renders_and_matches_the_interpreter():
+    k = all_constructs_kernel()
     assert bound_vars(k) == [("j", "i")]
     buffers = {"x": RNG.standard_normal(48).astype(np.float32),
                "y": RNG.standard_normal(6).astype(np.float32),

@@ -1,7 +1,9 @@
-"""The CUDA backend on a real NVIDIA GPU: skipped (with the reason) where there is none.
+"""The CUDA backend outside the simulator: PTX from numba's real CUDA compiler (needs the CUDA
+toolkit's libNVVM, not a GPU) and a run on a real NVIDIA GPU. Each skips, with the reason, where
+its requirement is missing.
 
-This process runs numba's CUDA simulator (see conftest.py), so the GPU run happens in a child
-process started without NUMBA_ENABLE_CUDASIM; it reports SKIP when numba finds no usable GPU.
+This process runs numba's CUDA simulator (see conftest.py), so both happen in a child process
+started without NUMBA_ENABLE_CUDASIM; the child reports SKIP when what it needs is missing.
 """
 
 from __future__ import annotations
@@ -46,6 +48,52 @@ GPU_SCRIPT = textwrap.dedent("""
 """)
 
 
+PTX_SCRIPT = textwrap.dedent("""
+    import sys
+
+    from numba.cuda.cudadrv import nvvm
+
+    if not nvvm.is_available():
+        print("SKIP: numba finds no libNVVM (the CUDA toolkit's compiler library)")
+        raise SystemExit(0)
+    sys.path.insert(0, sys.argv[1])
+    import test_cuda_codegen
+    import test_cuda_ops
+
+    from kiln.backends.cuda import compile_graph_ptx
+    from kiln.backends.cuda.codegen import render_kernel
+    from kiln.backends.cuda.device import source_ptx
+
+    count = 0
+    for name in test_cuda_ops.LIVE:
+        op, operands, attrs, consts = test_cuda_ops.CASES[name]
+        graph, _ = test_cuda_ops.one_op_graph(op, operands, attrs, consts)
+        ptx = compile_graph_ptx(graph, cc=(8, 0))
+        assert all(".entry" in text for text in ptx.values()), name
+        count += len(ptx)
+    kernel = test_cuda_codegen.all_constructs_kernel()
+    assert source_ptx(render_kernel(kernel).text, kernel.name, (7, 5))
+    print("OK", count)
+""")
+
+
+def _child(script: str, *args: str) -> tuple[int, str, str]:
+    """Run ``script`` in a Python without the simulator; (return code, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+                          text=True, timeout=900)
+    return proc.returncode, proc.stdout.strip(), proc.stderr
+
+
+def test_every_op_compiles_to_ptx_with_numbas_cuda_compiler():
+    """The simulator runs the kernels as Python; this proves numba's CUDA compiler types and
+    compiles every one of them (every op case, every kernel-IR construct) for a real device."""
+    code, out, err = _child(PTX_SCRIPT, str(Path(__file__).parent))
+    if code == 0 and out.startswith("SKIP"):
+        pytest.skip(out.removeprefix("SKIP: "))
+    assert code == 0 and out.startswith("OK"), f"{out}\n{err[-4000:]}"
+
+
 def _nvidia_driver_present() -> bool:
     return ctypes.util.find_library("cuda") is not None or any(Path("/dev").glob("nvidia[0-9]*"))
 
@@ -53,10 +101,7 @@ def _nvidia_driver_present() -> bool:
 def test_zoo_models_on_a_real_gpu():
     if not _nvidia_driver_present():
         pytest.skip("no NVIDIA driver on this machine (no libcuda, no /dev/nvidia*)")
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    proc = subprocess.run([sys.executable, "-c", GPU_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=900)
-    out = proc.stdout.strip()
-    if proc.returncode == 0 and out.startswith("SKIP"):
+    code, out, err = _child(GPU_SCRIPT)
+    if code == 0 and out.startswith("SKIP"):
         pytest.skip(out.removeprefix("SKIP: "))
-    assert proc.returncode == 0 and out.endswith("OK"), f"{out}\n{proc.stderr[-4000:]}"
+    assert code == 0 and out.endswith("OK"), f"{out}\n{err[-4000:]}"

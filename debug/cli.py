@@ -7,6 +7,8 @@
     kiln minify mlp --passes fold_batchnorm,my_pass -o /tmp/repro
     kiln trace resnet18_cifar -o /tmp/trace
     kiln export resnet18 -o /tmp/resnet18_c --format c
+    kiln export resnet18_cifar -o /tmp/r.onnx --format onnx --prune 0.5 --quantize percentile
+    kiln compare resnet18_cifar --prune 0.3 --quantize minmax
 
 Errors a user can cause print ``kiln: error: <message>`` and exit with status 2; ``bisect`` and
 ``minify`` exit with status 1 when they find a failing pass.
@@ -103,7 +105,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
             raise KilnError("ONNX export is not available in this kiln (kiln.frontend.to_onnx "
                             "is missing)", hint="use --format kiln or --format c") from None
     module, inputs, name = load_model(args.model, args.batch)
-    compiled = kiln.compile(module, inputs, backend="llvm")
+    compiled = kiln.compile(module, inputs, backend="llvm", **_compression_kwargs(args, inputs))
     if args.format == "kiln":
         path = kiln.export(compiled, out, overwrite=args.overwrite)
     elif args.format == "c":
@@ -113,6 +115,51 @@ def _cmd_export(args: argparse.Namespace) -> None:
     else:
         path = to_onnx.export_onnx(compiled, out, overwrite=args.overwrite)
     print(f"exported {name} ({args.format}) to {path}")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from kiln.debug.compare import check_options, compare
+
+    check_options(args.prune, args.low_rank)
+    result = compare(args.model, prune=args.prune, low_rank=args.low_rank,
+                     quantize=args.quantize, calibration_batches=args.calibration_batches,
+                     backend=not args.no_codegen)
+    print(result.table())
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not a fraction in (0, 1)")
+    return value
+
+
+def _add_compression_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prune", type=_fraction, metavar="FRACTION",
+                   help="structured pruning: remove this fraction of the FLOPs (L1 criterion)")
+    p.add_argument("--low-rank", type=_fraction, metavar="ENERGY",
+                   help="low-rank factorization keeping this fraction of each layer's "
+                        "singular-value energy")
+    p.add_argument("--quantize", choices=("minmax", "percentile", "entropy"),
+                   help="int8 quantization with this calibration method (calibrated on "
+                        "seeded random inputs shaped like the model's)")
+    p.add_argument("--calibration-batches", type=_positive, default=4,
+                   help="random calibration batches (default 4)")
+
+
+def _compression_kwargs(args: argparse.Namespace, inputs) -> dict:
+    import torch
+
+    if args.prune is None and args.low_rank is None and args.quantize is None:
+        return {}
+    gen = torch.Generator().manual_seed(0)
+    data = [tuple(torch.randn(x.shape, generator=gen) if x.is_floating_point() else x
+                  for x in inputs) for _ in range(args.calibration_batches)]
+    return {"prune": args.prune, "low_rank": args.low_rank, "data": data,
+            "quantize": {"method": args.quantize} if args.quantize else None}
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -236,7 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch size the model is compiled for (default: the model's own)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output")
+    _add_compression_args(p)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("compare", help="per-layer error of each compression stage",
+                       description="Compress MODEL (pruning, low-rank, int8: each only when "
+                                   "asked for), then compile it (fusion, codegen), and print "
+                                   "one table: for each layer, the error of its output after "
+                                   "each stage against the imported model, so the layer and "
+                                   "the stage that lost the accuracy stand out. The last line "
+                                   "compares the final outputs with eager PyTorch.")
+    p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
+    _add_compression_args(p)
+    p.add_argument("--no-codegen", action="store_true",
+                   help="leave out the llvm (fusion + codegen) column")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 

@@ -13,7 +13,8 @@ Stages, each only when asked for, in this order:
 6. ``quantize``: int8 with activation ranges calibrated on the data (passes/quantize.py), then
    the layout cleanup and dce.
 
-Every stage is recorded (parameters, FLOPs, seconds) in the result's report.
+Every stage is recorded (parameters, FLOPs, seconds, the graph after it) in the result's
+report; ``kiln compare`` reads the graphs to say which stage moved which layer.
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ LOW_RANK_DEFAULTS: dict[str, Any] = {}
 
 @dataclass
 class StageReport:
-    """What one compression stage left: its name, parameters, FLOPs and the seconds it took."""
+    """What one compression stage left: its name, parameters, FLOPs, the seconds it took and
+    the graph after it."""
 
     stage: str
     parameters: int
     flops: int
     seconds: float
+    graph: Graph | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -144,7 +147,7 @@ def calibrate(graph: Graph, batches: Sequence[Sequence[np.ndarray]], method: str
 
 def _record(result: Compressed, stage: str, graph: Graph, t0: float) -> None:
     result.report.append(StageReport(stage, graph.num_parameters(), graph_flops(graph),
-                                     time.perf_counter() - t0))
+                                     time.perf_counter() - t0, graph))
 
 
 def _run(graph: Graph, names: Sequence[str], options: Mapping[str, Any]) -> Graph:
@@ -188,7 +191,9 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
         t0 = time.perf_counter()
         g = run_distill(g, teacher, data, labels=labels, **distill_o)
         _record(result, "distilled", g, t0)
+    t0 = time.perf_counter()
     g = PassManager(get_pipeline("O1"), [Verify()]).run(g)
+    _record(result, "O1", g, t0)
     if quant_o is not None:
         t0 = time.perf_counter()
         batches = _batches(data, g, int(quant_o["max_batches"]))

@@ -28,7 +28,7 @@ def test_every_stage_shrinks_and_reports():
                            low_rank={"param_ratio": 0.5, "min_size": 1000},
                            distill={"epochs": 1, "progress": False}, quantize=True)
     stages = [r.stage for r in result.report]
-    assert stages == ["imported", "pruned", "low-rank", "distilled", "int8"]
+    assert stages == ["imported", "pruned", "low-rank", "distilled", "O1", "int8"]
     assert result.report[1].parameters < result.report[0].parameters
     assert result.report[1].flops < result.report[0].flops
     assert "int8" in result.table()

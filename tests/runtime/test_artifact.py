@@ -39,7 +39,7 @@ def test_compressed_int8_round_trip_is_bit_exact(name: str, tmp_path) -> None:
     arrays = [x.numpy() for x in inputs]
     loaded = kiln.load(kiln.export(compiled, tmp_path / f"{name}.kiln"))
     assert np.array_equal(loaded(*arrays), compiled(*arrays))
-    assert loaded.manifest["pipeline"] == ["pruned", "int8"]
+    assert loaded.manifest["pipeline"] == ["pruned", "O1", "int8"]
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))

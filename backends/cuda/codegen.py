@@ -372,6 +372,7 @@ class _Module:
             inner = 1
             decode = []
             for b in reversed(seg.bound):
+                # The flat index, unflattened: outermost bound loop in the highest digits.
                 q = t if inner == 1 else f"{t} // {inner}"
                 if b is not seg.bound[0]:
                     q = f"({q}) % {b.count}" if inner != 1 else f"{q} % {b.count}"
@@ -379,6 +380,8 @@ class _Module:
                     q = f"({q}) * {b.step}"
                 if b.start != 0:
                     q = f"{b.start} + {q}"
+                if b.count == 1:
+                    q = str(b.start)
                 decode.append(f"        {self.names[(b.var, INDEX, 1)]} = {q}")
                 inner *= b.count
             out.extend(reversed(decode))

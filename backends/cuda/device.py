@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from kiln.backends.cuda.codegen import NUMBA_TYPES, TYPE_NAMES
 from kiln.ir import KilnError
+from kiln.ir.kernel import np_dtype
 
 NO_CUDA_HINT = ("set NUMBA_ENABLE_CUDASIM=1 in the environment before numba is imported to run "
                 "on Numba's CUDA simulator (slow; for tests), or use a machine with an NVIDIA "
@@ -92,10 +94,9 @@ def _namespace_base(simulated: bool) -> dict:
     from numba import cuda
 
     ns: dict[str, Any] = {"cuda": cuda, "numba": numba, "_INF": math.inf, "_NAN": math.nan}
-    types = {"f32": "float32", "f16": "float16", "f64": "float64", "i8": "int8",
-             "u8": "uint8", "i32": "int32", "i64": "int64", "bool_": "bool_"}
-    for short, full in types.items():
-        ns[short] = getattr(np, full) if simulated else getattr(numba.types, full)
+    for dtype, name in TYPE_NAMES.items():
+        ns[name] = np_dtype(dtype).type if simulated else getattr(numba.types,
+                                                                  NUMBA_TYPES[dtype])
     ns["math"] = _sim_math() if simulated else math
     if simulated:
         ns["_rint32"] = ns["_rint64"] = np.rint

@@ -127,6 +127,8 @@ def _rows(low: Lowering, shape: Sequence[int], axis: int):
         kinds = _parallel_first([shape[d] for d in outer], kinds)
 
     def index(j: Expr) -> list[Expr]:
+        if not shape:  # a scalar is its own (one-element) row
+            return []
         full: list = [None] * len(shape)
         for d, v in zip(outer, vars_):
             full[d] = v
@@ -138,7 +140,8 @@ def _rows(low: Lowering, shape: Sequence[int], axis: int):
             body = [_loop(v, shape[d], body, kind)]
         return body
 
-    inner_kind = "vectorized" if axis == len(shape) - 1 and shape[axis] > 1 else "serial"
+    inner_kind = ("vectorized" if shape and axis == len(shape) - 1 and shape[axis] > 1
+                  else "serial")
     return index, wrap, inner_kind
 
 

@@ -576,7 +576,7 @@ def lower_pool(low: Lowering, node: Node, final: str, inline: set[str],
     if len(a_["kernel"]) != 2 or low.dtype(x) != "f32" or low.is_inline(x):
         return None
     kh_, kw_ = a_["kernel"]
-    sh, sw = a_["stride"] if a_["stride"] is not None else a_["kernel"]
+    sh, sw = as_tuple(a_["stride"] if a_["stride"] is not None else a_["kernel"], 2, "stride")
     ph_, pw = as_tuple(a_["padding"], 2, "padding")
     dh, dw = as_tuple(a_.get("dilation", 1), 2, "dilation")
     n_, c_, H, W = low.shape(x)

@@ -134,9 +134,14 @@ def test_pipelines_and_names():
     # Other tests in the same process may register passes of their own; kiln's are these.
     builtin = {n: p for n, p in all_passes().items()
                if type(p).__module__.startswith("kiln.passes")}
-    assert set(builtin) == {"fold_constants", "simplify_algebra", "dce", "fold_batchnorm", "cse"}
-    for p in builtin.values():
-        assert p.numerics == "exact" and p.description and "\n" not in p.description
+    exact = {"fold_constants", "simplify_algebra", "dce", "fold_batchnorm", "cse",
+             "sink_permutes"}
+    lossy = {"prune_channels", "low_rank", "quantize_int8"}
+    assert set(builtin) == exact | lossy
+    for name, p in builtin.items():
+        assert p.numerics == ("lossy" if name in lossy else "exact")
+        assert p.description and "\n" not in p.description
+        assert (p.error_budget is not None) == (name in lossy)
     g = model()
     assert print_graph(run_pipeline(g, "O0")) == print_graph(g)
     assert [p.name for p in get_pipeline("O1")] == PIPELINES["O1"]

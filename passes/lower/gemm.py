@@ -573,7 +573,7 @@ def lower_pool(low: Lowering, node: Node, final: str, inline: set[str],
     average). Average pooling takes this path only when every window has the same divisor."""
     x = node.inputs[0]
     a_ = node.attrs
-    if len(a_["kernel"]) != 2 or low.dtype(x) != "f32" or low.is_inline(x):
+    if len(a_["kernel"]) != 2 or low.dtype(x) != "f32":
         return None
     kh_, kw_ = a_["kernel"]
     sh, sw = as_tuple(a_["stride"] if a_["stride"] is not None else a_["kernel"], 2, "stride")
@@ -593,11 +593,14 @@ def lower_pool(low: Lowering, node: Node, final: str, inline: set[str],
     Wj = -(-(max(W + 2 * pw, (OW - 1) * sw + kw_)) // sw)
     scratch = f"pool_{low.fresh('s').name}"
     low.scratch.append(K.Buffer(scratch, "f32", Hp * sw * Wj))
-    xb = low.buffer(x)
     nv, cv = low.fresh("n"), low.fresh("c")
     pad_value = f32(float("-inf") if is_max else 0.0)
+    if low.is_inline(x):  # e.g. a channels-last tensor seen through a permute
+        xb, read = None, lambda r, col: low.element(x, [nv, cv, r, col])
+    else:
+        xb, read = low.buffer(x), None
     fill = _fill_padded(low, xb, (nv * c_ + cv) * (H * W), scratch, Const(0, INDEX), H, W, ph_,
-                        pw, sw, Hp, Wj, pad_value)
+                        pw, sw, Hp, Wj, pad_value, read)
     oh, ow = low.fresh("oh"), low.fresh("ow")
     acc = low.fresh("acc", "f32")
     taps: list = []
@@ -637,15 +640,16 @@ def _pack_rows(low, src, base, dst, dbase, Kd, N, row_stride, nr, kind) -> list:
     return stmts
 
 
-def _fill_padded(low: Lowering, src: str, src_base: Expr, dst: str, dst_base: Expr,
+def _fill_padded(low: Lowering, src: str | None, src_base: Expr, dst: str, dst_base: Expr,
                  H: int, W: int, pad_h: int, pad_w: int, sw: int, Hp: int, Wj: int,
-                 pad_value: Expr) -> list:
+                 pad_value: Expr, read: Callable[[Expr, Expr], Expr] | None = None) -> list:
     """Copy one H x W image into a padded, phase-split scratch image: column j*sw + ph of
     padded row r lands at dst[(r*sw + ph)*Wj + j]; everything else holds ``pad_value``.
 
     A vector fill of the whole scratch, then a copy of the interior whose bounds are known
     here, so neither loop tests bounds per element (the copy is a plain vector copy when
-    sw is 1)."""
+    sw is 1). ``read(row, col)``, when given, computes an image element instead of loading it
+    from ``src`` (an input made by an inlined producer, e.g. a channels-last permute)."""
     i, r = low.fresh("i"), low.fresh("r")
     stmts: list = [For(i, as_expr(0), as_expr(Hp * sw * Wj),
                        (K.Store(dst, dst_base + i, pad_value),), "vectorized")]
@@ -656,8 +660,9 @@ def _fill_padded(low: Lowering, src: str, src_base: Expr, dst: str, dst_base: Ex
         if j1 <= j0 or rows <= 0:
             continue
         jj = low.fresh("j")
-        copy = K.Store(dst, dst_base + ((r + pad_h) * sw + ph) * Wj + jj,
-                       K.Load(src, src_base + r * W + jj * sw + (ph - pad_w), "f32"))
+        col = jj * sw + (ph - pad_w)
+        value = read(r, col) if read is not None else K.Load(src, src_base + r * W + col, "f32")
+        copy = K.Store(dst, dst_base + ((r + pad_h) * sw + ph) * Wj + jj, value)
         stmts.append(For(r, as_expr(0), as_expr(rows), (
             For(jj, as_expr(j0), as_expr(j1 - j0), (copy,), "vectorized" if sw == 1
                 else "serial"),)))

@@ -235,8 +235,10 @@ def compress(
             ``alpha``, ``batch_size``, ``feature_pairs`` ...). Trains the pruned / factorized
             model against ``model`` on ``data`` (and ``labels`` when given).
         quantize: None; True (static int8 with percentile-99.99 calibration over at most 32
-            batches); or a dict: ``method`` (``minmax``, ``percentile``, ``entropy``),
-            ``percentile``, ``max_batches``, ``protect`` (layers left in float).
+            batches); or a dict: ``mode`` (``static``; ``dynamic``: linear layers quantize
+            their input on every call, no data needed; ``weight_only``: linear layers keep
+            float activations and int8 weights), ``method`` (``minmax``, ``percentile``,
+            ``entropy``), ``percentile``, ``max_batches``, ``protect`` (layers left in float).
         labels: class labels of ``data`` for distillation and Taylor scores (optional).
         frontend: ``"fx"`` or ``"export"``.
         backend: the backend the result is meant for (sets the default channel multiple).

@@ -36,8 +36,8 @@ from kiln.passes.prune import graph_flops
 # The passes' own defaults apply to whatever is not set here (prune_channels: ratio 0.3 of every
 # group by L1 norm; low_rank: energy 0.9).
 PRUNE_DEFAULTS: dict[str, Any] = {}
-QUANTIZE_DEFAULTS = {"method": "percentile", "percentile": 99.99, "max_batches": 32,
-                     "protect": ()}
+QUANTIZE_DEFAULTS = {"mode": "static", "method": "percentile", "percentile": 99.99,
+                     "max_batches": 32, "protect": ()}
 DISTILL_DEFAULTS = {"epochs": 3, "lr": 1e-3, "temperature": 4.0, "alpha": 0.9}
 LOW_RANK_DEFAULTS: dict[str, Any] = {}
 
@@ -196,11 +196,13 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
     _record(result, "O1", g, t0)
     if quant_o is not None:
         t0 = time.perf_counter()
-        batches = _batches(data, g, int(quant_o["max_batches"]))
-        ranges = calibrate(g, batches, quant_o["method"], float(quant_o["percentile"]))
-        g = _run(g, ["quantize_int8", "sink_permutes", "dce"],
-                 {"quantize_int8.ranges": ranges,
-                  "quantize_int8.protect": tuple(quant_o["protect"])})
+        options = {"quantize_int8.mode": quant_o["mode"],
+                   "quantize_int8.protect": tuple(quant_o["protect"])}
+        if quant_o["mode"] == "static":
+            batches = _batches(data, g, int(quant_o["max_batches"]))
+            options["quantize_int8.ranges"] = calibrate(g, batches, quant_o["method"],
+                                                        float(quant_o["percentile"]))
+        g = _run(g, ["quantize_int8", "sink_permutes", "dce"], options)
         _record(result, "int8", g, t0)
     verify(g)
     result.graph = g

@@ -479,6 +479,35 @@ def _qconv(e: OnnxEmitter, node: Node) -> None:
     _q_anchor(e, node, conv)
 
 
+def _linear_w8(e: OnnxEmitter, node: Node) -> None:
+    x, w, scale = node.inputs[:3]
+    cout = e.type_of(w).shape[0]
+    wf = e.op("DequantizeLinear", [w, scale, e.const(np.zeros(cout, np.int8), "w_zp")], axis=0)
+    y = e.op("MatMul", [x, e.op("Transpose", [wf], perm=[1, 0])],
+             None if len(node.inputs) > 3 else node.outputs[0])
+    if len(node.inputs) > 3:
+        e.op("Add", [y, node.inputs[3]], node.outputs[0])
+
+
+def _dynamic_qlinear(e: OnnxEmitter, node: Node) -> None:
+    """The per-call scale max|x| / 127, x rounded to it, a float product of the integer-valued
+    operands (exact while sums stay below 2^24), then the two scales and the bias."""
+    x, w, scale = node.inputs[:3]
+    f32 = DType.f32
+    amax = e.reduce("ReduceMax", e.op("Abs", [x]), list(range(e.type_of(x).rank)), False)
+    s = e.op("Div", [amax, e.scalar(127.0, f32, "int8_max")])
+    is_zero = e.op("Equal", [amax, e.scalar(0.0, f32, "zero")])
+    s = e.op("Where", [is_zero, e.scalar(1.0, f32, "one"), s])
+    xq = e.op("Clip", [e.op("Round", [e.op("Div", [x, s])]), e.scalar(-127.0, f32, "lo"),
+                       e.scalar(127.0, f32, "hi")])
+    wf = e.op("Cast", [w], to=onnx_dtype(f32))
+    acc = e.op("MatMul", [xq, e.op("Transpose", [wf], perm=[1, 0])])
+    last = len(node.inputs) == 3
+    y = e.op("Mul", [acc, e.op("Mul", [s, scale])], node.outputs[0] if last else None)
+    if not last:
+        e.op("Add", [y, node.inputs[3]], node.outputs[0])
+
+
 ONNX_IMPL: dict[str, Emit] = {
     "embedding": lambda e, node: e.op("Gather", node.inputs[::-1], node.outputs[0], axis=0),
     "matmul": _simple("MatMul"),
@@ -545,6 +574,8 @@ ONNX_IMPL: dict[str, Emit] = {
     "dequantize": _dequantize,
     "qlinear": _qlinear,
     "qconv": _qconv,
+    "linear_w8": _linear_w8,
+    "dynamic_qlinear": _dynamic_qlinear,
 }
 """Op name -> function(emitter, node) writing the ONNX nodes that compute the kiln node."""
 

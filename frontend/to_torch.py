@@ -245,6 +245,22 @@ def _qconv(x, weight, bias, scale, *, stride, padding, dilation, x_zero_point, o
     return _requantize(acc, scale, out_dtype, out_zero_point, relu)
 
 
+def _linear_w8(x, weight, scale, bias=None):
+    y = (x.to(torch.float64) @ weight.to(torch.float64).T) * scale.to(torch.float64)
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(torch.float32)
+
+
+def _dynamic_qlinear(x, weight, scale, bias=None):
+    amax = x.float().abs().max()
+    s = torch.where(amax == 0, torch.ones_like(amax), amax / 127.0)
+    xq = torch.nan_to_num(torch.clamp(torch.round(x.float() / s), -127, 127))
+    acc = torch.round(xq.to(torch.float64) @ weight.to(torch.float64).T).to(torch.int64)
+    y = acc.to(torch.int32).to(torch.float32) * (s * scale.to(torch.float32))
+    return y + bias.to(torch.float32) if bias is not None else y
+
+
 TORCH_IMPL: dict[str, Callable] = {
     "embedding": F.embedding,
     "matmul": torch.matmul,
@@ -308,6 +324,8 @@ TORCH_IMPL: dict[str, Callable] = {
     "dequantize": _dequantize,
     "qlinear": _qlinear,
     "qconv": _qconv,
+    "linear_w8": _linear_w8,
+    "dynamic_qlinear": _dynamic_qlinear,
 }
 """Op name -> function(*tensors, **attrs) returning a tensor (a tuple for multi-output ops)."""
 

@@ -17,7 +17,13 @@ conv (one group) and linear with constant weights whose input has a range:
   producer's store): between two quantized layers only u8 tensors reach memory.
 
 Grouped and depthwise convolutions, layers whose input has no range and protected layers stay
-in float. The error budget is stated for ranges calibrated on representative data.
+in float.
+
+Option ``mode``: ``static`` (the above, default), ``dynamic`` (linear layers only, no
+calibration: dynamic_qlinear quantizes x on every call) or ``weight_only`` (linear layers
+only: linear_w8 keeps float activations and stores i8 weights, a quarter of the bytes).
+
+The error budget is stated for ranges calibrated on representative data.
 """
 
 from __future__ import annotations
@@ -89,6 +95,36 @@ def _quantizable(node: Node, graph: Graph, ranges: dict, protect: set[str]) -> s
     return None
 
 
+MODES = ("static", "dynamic", "weight_only")
+
+
+def _int8_weight_linears(graph: Graph, ctx: PassContext, mode: str, protect: set[str]
+                         ) -> PassResult:
+    """Modes without calibration, for linear layers: ``dynamic`` (dynamic_qlinear: x
+    quantized on every call) and ``weight_only`` (linear_w8: float activations)."""
+    op = "dynamic_qlinear" if mode == "dynamic" else "linear_w8"
+    g = graph.copy()
+    g.nodes = []
+    count = 0
+    for n in graph.nodes:
+        w = graph.constants.get(n.inputs[1]) if n.op == "linear" else None
+        bias_ok = len(n.inputs) < 3 or n.inputs[2] in graph.constants
+        if (w is None or w.ndim != 2 or not bias_ok or n.name in protect
+                or graph.types[n.inputs[0]].dtype != DType.f32
+                or (mode == "dynamic" and w.shape[1] > MAX_REDUCTION)):
+            g.nodes.append(n)
+            continue
+        wq, sw = weight_qparams(w.astype(np.float32))
+        inputs = [n.inputs[0], g.add_constant(wq, f"{n.inputs[1]}.i8"),
+                  g.add_constant(sw, f"{n.inputs[1]}.scale")]
+        if len(n.inputs) > 2:
+            inputs.append(n.inputs[2])
+        g.nodes.append(Node(op, tuple(inputs), n.outputs, {}, n.source))
+        count += 1
+    ctx.logger.info("quantize_int8 (%s): %d linear layers to %s", mode, count, op)
+    return PassResult(remove_dead(g), count > 0)
+
+
 class _Builder:
     """Appends typed nodes to a new graph."""
 
@@ -121,17 +157,23 @@ class QuantizeInt8(Pass):
     error_budget = ErrorBudget(rtol=0.0, atol=0.1)
 
     def apply(self, graph: Graph, ctx: PassContext) -> PassResult:
-        ranges = ctx.option(self.name, "ranges", None)
-        if ranges is None:
-            raise KilnError("quantize_int8 needs calibrated activation ranges",
-                            hint="pass calibration data: kiln.compress(model, data, "
-                                 "quantize=True) (or set the option quantize_int8.ranges)")
+        mode = ctx.option(self.name, "mode", "static")
+        if mode not in MODES:
+            raise KilnError(f"unknown quantization mode {mode!r}",
+                            hint=f"use one of {', '.join(MODES)}")
         protect = set(ctx.option(self.name, "protect", ()))
         known = {n.name for n in graph.nodes} | set(graph.types)
         unknown = sorted(protect - known)
         if unknown:
             raise KilnError(f"quantize_int8.protect names nothing in the graph: {unknown}",
                             hint="use node names as `kiln show MODEL` prints them")
+        if mode != "static":
+            return _int8_weight_linears(graph, ctx, mode, protect)
+        ranges = ctx.option(self.name, "ranges", None)
+        if ranges is None:
+            raise KilnError("quantize_int8 needs calibrated activation ranges",
+                            hint="pass calibration data: kiln.compress(model, data, "
+                                 "quantize=True) (or set the option quantize_int8.ranges)")
         users = graph.users()
         outputs = set(graph.outputs)
         cands: dict[str, Node] = {}

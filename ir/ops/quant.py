@@ -13,7 +13,14 @@ it bit for bit (no fused multiply-add, round half to even):
     out_dtype f32: y = f32(acc) * scale[c], then max(y, 0) with ``relu``
 
 ``scale`` is x_scale * w_scale[c] / out_scale for u8 outputs and x_scale * w_scale[c] for f32
-outputs. qconv works on channels-last tensors (x [N, H, W, C], weight [Cout, kh, kw, Cin],
+outputs.
+
+Two float-activation forms for linear layers: ``linear_w8`` (weight-only: i8 weights widened
+to float in the product, y = (x @ w.T) * scale + bias) and ``dynamic_qlinear`` (x quantized to
+int8 on every call with the scale max|x| / 127 (float32), int32 products, then
+y = f32(acc) * (x_scale * scale[c]) + bias[c]).
+
+qconv works on channels-last tensors (x [N, H, W, C], weight [Cout, kh, kw, Cin],
 output [N, OH, OW, Cout]): each output pixel's inputs are then contiguous runs of channels,
 which is what the int8 dot-product instructions want. Padding reads x_zero_point (a real 0).
 """
@@ -199,3 +206,60 @@ register("qconv", ["x", "weight", "bias", "scale"], infer=_qconv_infer, referenc
          description="int8 2-d convolution, channels last: u8 x [N, H, W, C] with i8 weight "
                      "[Cout, kh, kw, C], int32 accumulation, requantized to u8 or scaled to f32",
          flops=lambda i, o, a: 2 * o[0].numel * i[1].shape[1] * i[1].shape[2] * i[1].shape[3])
+
+
+# ---- int8 weights with float activations -----------------------------------------------------
+def _w8_infer(ins, attrs, op: str):
+    x, w, scale = ins[:3]
+    want_float(x)
+    if w.dtype != DType.i8 or scale.dtype != DType.f32:
+        raise ShapeError(f"{op} wants i8 weights and f32 scales, got {w.dtype} and {scale.dtype}")
+    if w.rank != 2 or x.rank < 1 or x.shape[-1] != w.shape[1]:
+        raise ShapeError(f"{op}: input {list(x.shape)} does not fit weight {list(w.shape)}")
+    n = w.shape[0]
+    if scale.shape != (n,) or (len(ins) == 4 and ins[3].shape != (n,)):
+        raise ShapeError(f"{op}: scale and bias must be [{n}]")
+    if len(ins) == 4 and ins[3].dtype != DType.f32:
+        raise ShapeError(f"{op}: bias must be f32, got {ins[3].dtype}")
+    return [TensorType(x.shape[:-1] + (n,), DType.f32)]
+
+
+def _linear_w8_ref(x, w, scale, bias=None):
+    y = (x.astype(np.float64) @ w.astype(np.float64).T) * scale.astype(np.float64)
+    if bias is not None:
+        y = y + bias.astype(np.float64)
+    return y.astype(np.float32)
+
+
+register("linear_w8", ["x", "weight", "scale", "bias?"],
+         infer=lambda ins, attrs: _w8_infer(ins, attrs, "linear_w8"),
+         reference=_linear_w8_ref, kind="dense",
+         description="weight-only int8 linear: (x @ weight.T) * scale + bias, float activations",
+         flops=lambda i, o, a: 2 * o[0].numel * i[1].shape[1])
+
+
+def dynamic_scale(x: np.ndarray) -> np.float32:
+    """The activation scale of dynamic_qlinear: max |x| / 127 in float32 (1 for all zeros)."""
+    with np.errstate(all="ignore"):
+        amax = np.float32(np.abs(x.astype(np.float32)).max(initial=np.float32(0)))
+        return np.float32(1) if amax == 0 else np.float32(amax / np.float32(127))
+
+
+def _dynamic_qlinear_ref(x, w, scale, bias=None):
+    s = dynamic_scale(x)
+    with np.errstate(all="ignore"):
+        xq = np.clip(np.rint(x.astype(np.float32) / s), -127, 127)
+    xq = np.nan_to_num(xq)  # a NaN input makes the scale NaN: every output is NaN anyway
+    acc = np.rint(xq.astype(np.float64) @ w.astype(np.float64).T).astype(np.int64)
+    y = acc.astype(np.int32).astype(np.float32) * (s * scale.astype(np.float32))
+    if bias is not None:
+        y = y + bias.astype(np.float32)
+    return y
+
+
+register("dynamic_qlinear", ["x", "weight", "scale", "bias?"],
+         infer=lambda ins, attrs: _w8_infer(ins, attrs, "dynamic_qlinear"),
+         reference=_dynamic_qlinear_ref, kind="dense",
+         description="dynamically quantized int8 linear: x quantized per call to int8 with "
+                     "scale max|x|/127, int32 products with the i8 weights, scaled back to f32",
+         flops=lambda i, o, a: 2 * o[0].numel * i[1].shape[1])

@@ -136,6 +136,14 @@ def _pad_infer(ins, attrs):
     # crops alone must fit: cropping 4 from an axis of 3 is an error even with padding after.
     if any(d + min(pads[2 * i], 0) + min(pads[2 * i + 1], 0) < 0 for i, d in enumerate(x.shape)):
         raise ShapeError(f"pads {list(pads)} remove more than {list(x.shape)} holds")
+    value = attrs["value"]
+    if not x.dtype.is_float and x.dtype.value != "bool":
+        info = np.iinfo(x.dtype.numpy)
+        # A fraction is truncated (as NumPy and PyTorch do); a value out of range has no
+        # meaning (NumPy wraps it, PyTorch refuses).
+        if not info.min <= int(value) <= info.max:
+            raise ShapeError(f"pad value {value} does not fit a {x.dtype} tensor",
+                             hint=f"use an integer in [{info.min}, {info.max}]")
     shape = tuple(d + pads[2 * i] + pads[2 * i + 1] for i, d in enumerate(x.shape))
     return [x.with_shape(shape)]
 

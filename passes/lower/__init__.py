@@ -21,11 +21,17 @@ from kiln.passes.lower.core import (
     loop_nest,
 )
 from kiln.passes.lower.gemm import lower_conv, lower_linear, lower_matmul, lower_pool
-from kiln.passes.lower.qgemm import lower_qconv, lower_qlinear
+from kiln.passes.lower.qgemm import (
+    lower_dynamic_qlinear,
+    lower_linear_w8,
+    lower_qconv,
+    lower_qlinear,
+)
 
 DENSE_SCHEDULES = {"linear": lower_linear, "conv": lower_conv, "matmul": lower_matmul,
                    "max_pool": lower_pool, "avg_pool": lower_pool, "qconv": lower_qconv,
-                   "qlinear": lower_qlinear}
+                   "qlinear": lower_qlinear, "linear_w8": lower_linear_w8,
+                   "dynamic_qlinear": lower_dynamic_qlinear}
 
 
 @dataclass

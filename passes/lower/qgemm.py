@@ -146,8 +146,12 @@ class _QGemm:
         self.M, self.N, self.taps, self.groups4 = M, N, taps, groups4
         self.a_buf, self.row_base = a_buf, row_base
 
-    def build(self, wmat: np.ndarray, bias: np.ndarray, scale: np.ndarray) -> list:
+    def build(self, wmat: np.ndarray, bias: np.ndarray, scale: np.ndarray,
+              epilogue=None) -> list:
+        """The loop nest; ``epilogue(acc, col, scale)`` turns an int32 accumulator vector (bias
+        added) into the stored value (default: the static requantization)."""
         low, w = self.low, self.w
+        self.epilogue = epilogue or (lambda acc, col, sc: requantize(acc, sc, self.node.attrs))
         self.mr, self.nv = tile_shape(w, self.N)
         self.mr = max(1, min(self.mr, self.M))
         nr = self.nv * w
@@ -209,8 +213,8 @@ class _QGemm:
             stores: list = []
             for v in range(nv):
                 col = tile * nr + v * w
-                value = requantize(accs[r][v] + K.Load(self.bias, col, "i32", w),
-                                   K.Load(self.scale, col, "f32", w), self.node.attrs)
+                value = self.epilogue(accs[r][v] + K.Load(self.bias, col, "i32", w), col,
+                                      K.Load(self.scale, col, "f32", w))
                 stores += self._store(m0 + r, col, value, v, tile, nr)
             if M % mr:
                 body.append(If(K.cmp("lt", m0 + r, as_expr(M)), tuple(stores)))
@@ -339,3 +343,160 @@ def lower_qlinear(low: Lowering, node: Node, final: str, inline: set[str],
     wpad[:, :kd] = wv
     gemm = _QGemm(low, node, final, width, T, N, [0], kp // 4, xbuf, lambda m: m * kp)
     return stmts + gemm.build(wpad, _fold_zero_point(wv, bv, zx, node), sv)
+
+
+# ---- float activations, int8 weights --------------------------------------------------------
+@anchor_rule("linear_w8")
+def _linear_w8_plain(low: Lowering, node: Node, store: StoreFn) -> list:
+    x, w, scale = node.inputs[:3]
+    out_shape = low.shape(node.outputs[0])
+    kdim = low.shape(w)[1]
+
+    def body(idx):
+        acc, k = low.fresh("acc", "f32"), low.fresh("k")
+        prod = low.element(x, list(idx[:-1]) + [k]) * K.Cast(low.element(w, [idx[-1], k]),
+                                                               "f32")
+        value = acc * low.element(scale, [idx[-1]])
+        if len(node.inputs) > 3:
+            value = value + low.element(node.inputs[3], [idx[-1]])
+        return [Decl(acc, f32(0.0)),
+                For(k, as_expr(0), as_expr(kdim), (K.Assign(acc, acc + prod),)),
+                store(idx, value)]
+
+    return loop_nest(low, out_shape, body, default_kinds(out_shape, innermost_vector=False))
+
+
+def lower_linear_w8(low: Lowering, node: Node, final: str, inline: set[str],
+                    width: int) -> list | None:
+    """The float packed GEMM (gemm.gemm_loops) with its weight panels stored as i8 and widened
+    to float as they are loaded: a quarter of the weight bytes to stream, which is what bounds
+    a linear layer at small batch."""
+    from kiln.passes.lower.gemm import gemm_loops, micro_shape, pack_b
+
+    x, w, scale = node.inputs[:3]
+    wv, sv = low.constant_value(w), low.constant_value(scale)
+    bv = low.constant_value(node.inputs[3]) if len(node.inputs) > 3 else None
+    if wv is None or sv is None or (len(node.inputs) > 3 and bv is None):
+        return None
+    out = node.outputs[0]
+    oshape = low.graph.types[out].shape
+    if len(oshape) < 2:
+        return None
+    T, (N, kd) = math.prod(oshape[:-1]), wv.shape
+    views = collapsed_views(low, final, out, inline, list(range(len(oshape) - 1)))
+    if views is None or N < width:
+        return None
+    low.view_shapes.update(views)
+    shape = micro_shape(width, T)
+    nr = shape.nr
+    tiles = -(-N // nr)
+    bp = low.constant(pack_b(np.ascontiguousarray(wv.T), nr), f"{node.name}_packed")
+    sbuf = low.constant(_padded_vector(sv, tiles * nr, np.float32), f"{node.name}_scale")
+    bbuf = low.constant(_padded_vector(bv, tiles * nr, np.float32), f"{node.name}_bias") \
+        if bv is not None else None
+    low.view_shapes[x] = (T, kd)
+
+    def a(row, k):
+        return low.element(x, [row, k])
+
+    def b(k, col, lanes):
+        return K.Cast(K.Load(bp, (col // nr) * (kd * nr) + k * nr + col % nr, "i8", lanes), "f32")
+
+    def store(row, col, value):
+        lanes = value.lanes
+        value = value * K.Load(sbuf, col, "f32", lanes)
+        if bbuf is not None:
+            value = value + K.Load(bbuf, col, "f32", lanes)
+        return low.store_at(final, [row, col], value, out)
+
+    return gemm_loops(low, T, N, kd, a, b, store, shape, b_cols=tiles * nr)
+
+
+def _dynamic_scale(low: Lowering, x: str, count: int, work: int) -> tuple[Var, list]:
+    """Statements computing the per-call scale max|x| / 127 (1 when x is all zeros)."""
+    amax, i, s = low.fresh("amax", "f32"), low.fresh("i"), low.fresh("xscale", "f32")
+    stmts = [Decl(amax, f32(0.0)),
+             For(i, as_expr(0), as_expr(count), (
+                 K.Assign(amax, K.maximum(amax, K.call("abs", low.element_flat(x, i)))),),
+                 "vectorized"),
+             Decl(s, K.Select(K.cmp("eq", amax, f32(0.0)), f32(1.0), amax / f32(127.0)))]
+    return s, stmts
+
+
+def _quantized_x(xv: Expr, s: Var) -> Expr:
+    """x rounded to the int8 grid of scale s, as the u8 value x_q + 128."""
+    q = K.Unary("round", xv / s)
+    q = K.Select(K.cmp("eq", q, q), q, f32(0.0))
+    return K.Cast(K.minimum(K.maximum(q, f32(-127.0)), f32(127.0)) + f32(128.0), "u8")
+
+
+@anchor_rule("dynamic_qlinear")
+def _dynamic_qlinear_plain(low: Lowering, node: Node, store: StoreFn) -> list:
+    x, w, scale = node.inputs[:3]
+    out_shape = low.shape(node.outputs[0])
+    x_shape = low.shape(x)
+    kdim = low.shape(w)[1]
+    s, stmts = _dynamic_scale(low, x, math.prod(x_shape), 0)
+
+    def body(idx):
+        acc, k = low.fresh("acc", "i32"), low.fresh("k")
+        xq = K.Cast(_quantized_x(low.element(x, list(idx[:-1]) + [k]), s), "i32") - \
+            Const(128, "i32")
+        prod = xq * K.Cast(low.element(w, [idx[-1], k]), "i32")
+        value = K.Cast(acc, "f32") * (s * low.element(scale, [idx[-1]]))
+        if len(node.inputs) > 3:
+            value = value + low.element(node.inputs[3], [idx[-1]])
+        return [Decl(acc, Const(0, "i32")),
+                For(k, as_expr(0), as_expr(kdim), (K.Assign(acc, acc + prod),)),
+                store(idx, value)]
+
+    return stmts + loop_nest(low, out_shape, body,
+                             default_kinds(out_shape, innermost_vector=False))
+
+
+def lower_dynamic_qlinear(low: Lowering, node: Node, final: str, inline: set[str],
+                          width: int) -> list | None:
+    """Scale of x (a vector max), x to u8 (x_q + 128) in a workspace, then the packed int8
+    GEMM with the two scales and the float bias in its epilogue."""
+    x, w, scale = node.inputs[:3]
+    wv, sv = low.constant_value(w), low.constant_value(scale)
+    bv = low.constant_value(node.inputs[3]) if len(node.inputs) > 3 else None
+    if wv is None or sv is None or (len(node.inputs) > 3 and bv is None):
+        return None
+    out = node.outputs[0]
+    oshape = low.graph.types[out].shape
+    if len(oshape) < 2:
+        return None
+    views = collapsed_views(low, final, out, inline, list(range(len(oshape) - 1)))
+    if views is None:
+        return None
+    low.view_shapes.update(views)
+    T, (N, kd) = math.prod(oshape[:-1]), wv.shape
+    kp = -(-kd // 4) * 4
+    s, stmts = _dynamic_scale(low, x, T * kd, node_work(low, node))
+    xq = low.workspace(f"{node.name}_xq", "u8", T * kp)
+    t, k = low.fresh("t"), low.fresh("k")
+    fill = [For(k, as_expr(0), as_expr(kd), (
+        K.Store(xq, t * kp + k, _quantized_x(low.element_flat(x, t * kd + k), s)),),
+        "vectorized")]
+    if kp > kd:
+        fill.append(For(k, as_expr(kd), as_expr(kp - kd), (
+            K.Store(xq, t * kp + k, Const(128, "u8")),)))
+    stmts.append(For(t, as_expr(0), as_expr(T), tuple(fill)))
+    wpad = np.zeros((N, kp), np.int8)
+    wpad[:, :kd] = wv
+    gemm = _QGemm(low, node, final, width, T, N, [0], kp // 4, xq, lambda m: m * kp)
+    # Padded past the last column tile the GEMM may load from (at most four vectors wide).
+    padded = (-(-N // width) + 4) * width
+    bbuf = low.constant(_padded_vector(bv, padded, np.float32), f"{node.name}_fbias") \
+        if bv is not None else None
+
+    def epilogue(acc, col, sc):
+        lanes = acc.lanes
+        value = K.Cast(acc, "f32") * (Broadcast(s, lanes) * sc)
+        if bbuf is not None:
+            value = value + K.Load(bbuf, col, "f32", lanes)
+        return value
+
+    zeros = np.zeros(N, np.int32)
+    return stmts + gemm.build(wpad, _fold_zero_point(wv, zeros, 128, node), sv, epilogue)

@@ -226,6 +226,10 @@ CASES["quantize_i8"] = ("quantize", [f32(3, 8) * 3], {"scale": 0.0625, "zero_poi
                                                      "dtype": "i8"}, ())
 CASES["dequantize"] = ("dequantize", [np.arange(256, dtype=np.uint8).reshape(16, 16)],
                        {"scale": 0.05, "zero_point": 7}, ())
+_W8 = [np.random.default_rng(3).integers(-127, 128, (5, 8)).astype(np.int8),
+       np.random.default_rng(4).uniform(1e-3, 1e-2, 5).astype(np.float32)]
+CASES["linear_w8"] = ("linear_w8", [f32(3, 8), *_W8, f32(5)], {}, (1, 2, 3))
+CASES["dynamic_qlinear"] = ("dynamic_qlinear", [f32(2, 3, 8), *_W8], {}, (1, 2))
 Q_CASES = {
     "qlinear_u8_relu": ("qlinear", quant_operands((3, 8), (5, 8)),
                         {"x_zero_point": 120, "out_zero_point": 3, "relu": True}),

@@ -506,7 +506,8 @@ def _propose_pad(g: Grower) -> Proposal:
         lo = int(g.rng.integers(-1 if d > 1 else 0, 3))
         hi = int(g.rng.integers(-1 if d + min(lo, 0) > 1 else 0, 3))
         pads += [lo, hi]
-    value = _choice(g, [0.0, 1.0, -2.0] if g.type(x).dtype != DType.bool else [0.0, 1.0])
+    dtype = g.type(x).dtype
+    value = _choice(g, [0.0, 1.0] if dtype in (DType.bool, DType.u8) else [0.0, 1.0, -2.0])
     return Proposal([x], {"pads": pads, "value": value})
 
 
@@ -666,6 +667,18 @@ def _propose_qconv(g: Grower) -> Proposal:
                     {**_q_attrs(g), **_conv_attrs(g, 2, transpose=False)})
 
 
+def _propose_w8(g: Grower) -> Proposal:
+    x = g.pick(_rank_at_least(1))
+    k = g.type(x).shape[-1]
+    n = int(g.rng.integers(1, 17))
+    w = g.rng.integers(-127, 128, (n, k)).astype(np.int8)
+    scale = (g.rng.uniform(0.5, 2.0, n) / (127 * k ** 0.5)).astype(np.float32)
+    operands: list[str | np.ndarray] = [x, w, scale]
+    if g.rng.random() < 0.5:
+        operands.append(g.normal(n))
+    return Proposal(operands)
+
+
 PROPOSERS: dict[str, tuple[float, Callable[[Grower], Proposal]]] = {
     "embedding": (1, _propose_embedding),
     "matmul": (2, _propose_matmul),
@@ -729,6 +742,8 @@ PROPOSERS: dict[str, tuple[float, Callable[[Grower], Proposal]]] = {
     "dequantize": (1, _propose_dequantize),
     "qlinear": (2, _propose_qlinear),
     "qconv": (2, _propose_qconv),
+    "linear_w8": (1, _propose_w8),
+    "dynamic_qlinear": (1, _propose_w8),
 }
 """Op name -> (how often to pick it, relative; its proposer)."""
 

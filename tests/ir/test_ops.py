@@ -717,6 +717,21 @@ def test_qconv(data):
     check_op("qconv", operands, attrs)
 
 
+@covers("linear_w8", "dynamic_qlinear")
+@pytest.mark.parametrize("op", ["linear_w8", "dynamic_qlinear"])
+@SETTINGS
+@given(data=st.data())
+def test_int8_weight_linears(op, data):
+    rng = rng_of(data)
+    x_shape = data.draw(shapes(min_dims=1, max_dims=3, max_side=6))
+    n, k = data.draw(st.integers(1, 6)), x_shape[-1]
+    operands = [randn(rng, x_shape), rng.integers(-127, 128, (n, k)).astype(np.int8),
+                rng.uniform(0.001, 0.01, n).astype(np.float32)]
+    if data.draw(st.booleans()):
+        operands.append(randn(rng, n))
+    check_op(op, operands)
+
+
 @covers("attention")
 @SETTINGS
 @given(data=st.data())

@@ -31,8 +31,10 @@ TINY_RANGES = {"x": (-2.0, 2.0), "r1": (0.0, 6.0), "c2": (-8.0, 8.0), "y": (-10.
 
 
 def quantize(graph, ranges, **options):
-    ctx = PassContext(options={"quantize_int8.ranges": ranges,
-                               **{f"quantize_int8.{k}": v for k, v in options.items()}})
+    opts = {f"quantize_int8.{k}": v for k, v in options.items()}
+    if ranges is not None:
+        opts["quantize_int8.ranges"] = ranges
+    ctx = PassContext(options=opts)
     before = fingerprint(graph)
     out = get_pass("quantize_int8").run(graph, ctx)
     assert fingerprint(graph) == before, "quantize_int8 modified its input"
@@ -154,3 +156,36 @@ def test_sink_permutes_cancels_pairs():
     a = [np.random.default_rng(k).standard_normal((1, 3, 2, 2)).astype(np.float32)
          for k in range(2)]
     np.testing.assert_array_equal(run_graph(out, a)[0], run_graph(g, a)[0])
+
+
+# ---- modes without calibration ---------------------------------------------------------------
+def mlp_graph():
+    rng = np.random.default_rng(0)
+    b = GraphBuilder("mlp")
+    x = b.input("x", TensorType((2, 16)))
+    w1 = b.constant(rng.standard_normal((32, 16)).astype(np.float32), "fc1.w")
+    b1 = b.constant(rng.standard_normal(32).astype(np.float32), "fc1.b")
+    h = b.op("relu", [b.op("linear", [x, w1, b1], name="fc1")])
+    w2 = b.constant(rng.standard_normal((4, 32)).astype(np.float32), "fc2.w")
+    b.output(b.op("linear", [h, w2], name="fc2"))
+    return b.build()
+
+
+@pytest.mark.parametrize("mode, op", [("dynamic", "dynamic_qlinear"),
+                                      ("weight_only", "linear_w8")])
+def test_modes_without_calibration(mode, op):
+    g = mlp_graph()
+    out = quantize(g, None, mode=mode).graph
+    assert [n.op for n in out.nodes] == [op, "relu", op]
+    assert out.constants["fc1.w.i8"].dtype == np.int8
+    assert "fc1.w" not in out.constants
+    x = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
+    want, got = run_graph(g, [x])[0], run_graph(out, [x])[0]
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+    kept = quantize(g, None, mode=mode, protect=["fc2"]).graph
+    assert [n.op for n in kept.nodes][-1] == "linear"
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(KilnError, match="unknown quantization mode"):
+        quantize(mlp_graph(), None, mode="fp8")

@@ -480,9 +480,11 @@ def _qconv(e: OnnxEmitter, node: Node) -> None:
 
 
 def _linear_w8(e: OnnxEmitter, node: Node) -> None:
+    """i8 weights stored as such, widened by Cast and scaled by Mul: a DequantizeLinear here
+    would let ONNX Runtime quantize x too (its QDQ MatMul fusion), which kiln does not do."""
     x, w, scale = node.inputs[:3]
-    cout = e.type_of(w).shape[0]
-    wf = e.op("DequantizeLinear", [w, scale, e.const(np.zeros(cout, np.int8), "w_zp")], axis=0)
+    column = e.op("Unsqueeze", [scale, e.ints([1], "axes")])
+    wf = e.op("Mul", [e.op("Cast", [w], to=onnx_dtype(DType.f32)), column])
     y = e.op("MatMul", [x, e.op("Transpose", [wf], perm=[1, 0])],
              None if len(node.inputs) > 3 else node.outputs[0])
     if len(node.inputs) > 3:

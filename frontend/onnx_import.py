@@ -1,0 +1,1451 @@
+"""ONNX model -> kiln IR: ``import_onnx(path)`` reads an ONNX file into a kiln Graph.
+
+The importer is the reverse of ``to_onnx``: ``ONNX_IMPORT`` maps each ONNX op type to a
+function ``fn(ctx, node)`` that emits the kiln nodes computing that ONNX node and returns one
+kiln value per ONNX output it computes. ``ctx`` (an ``ImportContext``) gives the node's
+attributes with defaults, its operands as kiln values, the NumPy value of operands that must be
+constant (Reshape's shape, Slice's starts, Pad's pads ...) and a GraphBuilder to emit kiln ops.
+
+Shapes are static, as everywhere in kiln. So everything ONNX computes from shapes alone
+(``Shape``, ``Constant``, ``ConstantOfShape`` and the arithmetic an exporter builds on them) is
+folded while importing: a node whose operands are all constants is imported as usual, then
+its kiln nodes are run by the NumPy reference and replaced by their results. That is why
+Reshape, Expand and friends can insist on constant operands.
+
+After each node the importer checks the kiln types it made against the types ONNX shape
+inference gives, so a mistranslated node fails at import, naming the node, not later as a wrong
+number. Every kiln value keeps its ONNX name (sanitized for the text form; the last kiln node of
+an ONNX node gets the ONNX output's name, its helpers ``<name>.<op>``), and every kiln node's
+``source`` is ``onnx:<node name>``.
+
+Covered: the ONNX files ``torch.onnx.export`` writes for the kiln zoo (opset 17, the
+TorchScript exporter) and everything kiln's own ``graph_to_onnx`` writes (opsets 17..21,
+QuantizeLinear / DequantizeLinear included). Opsets before 13 are read too where an op's
+operands moved from attributes to inputs (axes, splits, pads, clip bounds, slice bounds).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.ir import (
+    DType,
+    Graph,
+    GraphBuilder,
+    KilnError,
+    ShapeError,
+    TensorType,
+    UnsupportedOpError,
+    get_op,
+    infer_types,
+    run_reference,
+)
+from kiln.ir.graph import sanitize_name
+
+try:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ImportError as exc:  # keep the message kiln gives for every missing optional piece
+    raise KilnError("ONNX import needs the onnx package", hint="pip install onnx") from exc
+
+__all__ = ["ONNX_IMPORT", "ImportContext", "import_onnx"]
+
+# ONNX element types kiln has a dtype for. DOUBLE is read as f32 (kiln computes in single
+# precision, as the PyTorch importer does with float64 buffers) for constants and casts only.
+_ELEM_TO_DTYPE = {
+    TensorProto.FLOAT: DType.f32,
+    TensorProto.FLOAT16: DType.f16,
+    TensorProto.INT8: DType.i8,
+    TensorProto.UINT8: DType.u8,
+    TensorProto.INT32: DType.i32,
+    TensorProto.INT64: DType.i64,
+    TensorProto.BOOL: DType.bool,
+}
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_REEXPORT_HINT = ("re-export the model without this op (another torch.onnx.export opset, or a "
+                  "rewrite in the model), or add an entry to "
+                  "kiln.frontend.onnx_import.ONNX_IMPORT")
+_STATIC_HINT = ("kiln compiles static shapes: export with constant folding (torch.onnx.export "
+                "does it by default) and fix dynamic input dims with import_onnx(..., "
+                "input_shapes={name: shape})")
+
+
+def _elem_name(elem_type: int) -> str:
+    return TensorProto.DataType.Name(elem_type) if elem_type in TensorProto.DataType.values() \
+        else str(elem_type)
+
+
+def kiln_array(array: np.ndarray, what: str) -> np.ndarray:
+    """``array`` in a dtype kiln has (float64 becomes float32); a KilnError for others."""
+    array = np.asarray(array)
+    if array.dtype == np.float64:
+        return array.astype(np.float32)
+    try:
+        DType.from_numpy(array.dtype)
+    except ShapeError:
+        raise KilnError(f"{what} has dtype {array.dtype}, which kiln does not compile",
+                        hint="convert it to float32, float16, int8/uint8, int32/int64 or "
+                             "bool before exporting") from None
+    return array
+
+
+def _dtype_of_elem(elem_type: int, what: str, *, allow_double: bool = False) -> DType:
+    if allow_double and elem_type == TensorProto.DOUBLE:
+        return DType.f32
+    try:
+        return _ELEM_TO_DTYPE[elem_type]
+    except KeyError:
+        raise KilnError(f"{what} has ONNX type {_elem_name(elem_type)}, which kiln does not "
+                        "compile", hint="use float32, float16, int8/uint8, int32/int64 or bool"
+                        ) from None
+
+
+# ---- the context handlers see ----------------------------------------------------------------
+class ImportContext:
+    """What an ``ONNX_IMPORT`` function sees of the import of one ONNX node.
+
+    ``node`` is the ONNX NodeProto, ``opset`` the model's default-domain opset and ``b`` the
+    GraphBuilder of the kiln graph (``ctx.op`` wraps it so nodes are named and sourced).
+    """
+
+    def __init__(self, b: GraphBuilder, opset: int) -> None:
+        self.b = b
+        self.opset = opset
+        self.node: onnx.NodeProto = onnx.NodeProto()
+        self.values: dict[str, str] = {}
+        self._attrs: dict[str, onnx.AttributeProto] = {}
+
+    # ---- where we are ------------------------------------------------------------------------
+    def begin(self, node: onnx.NodeProto) -> None:
+        self.node = node
+        self._attrs = {a.name: a for a in node.attribute}
+
+    @property
+    def name(self) -> str:
+        """The ONNX node's name (its op type and first output when it has none)."""
+        return self.node.name or f"{self.node.op_type}({self.node.output[0]})"
+
+    @property
+    def source(self) -> str:
+        return f"onnx:{self.name}"
+
+    @property
+    def base(self) -> str:
+        """The value-name stem of this node's kiln values: its first ONNX output's name."""
+        return sanitize_name(self.node.output[0] if self.node.output else self.name)
+
+    def error(self, message: str, hint: str | None = None,
+              cls: type[KilnError] = KilnError) -> KilnError:
+        """A KilnError naming the ONNX node and op."""
+        return cls(message, node=self.name, op=self.node.op_type, source=self.source,
+                   hint=hint)
+
+    def unsupported(self, message: str, hint: str | None = None) -> KilnError:
+        return self.error(message, hint or _REEXPORT_HINT, UnsupportedOpError)
+
+    # ---- attributes --------------------------------------------------------------------------
+    def has_attr(self, name: str) -> bool:
+        return name in self._attrs
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        """Attribute ``name`` as a Python value (strings decoded, tensors as NumPy arrays,
+        repeated fields as lists), or ``default`` when the node does not set it."""
+        a = self._attrs.get(name)
+        if a is None:
+            return default
+        if a.type == onnx.AttributeProto.TENSOR:
+            return numpy_helper.to_array(a.t)
+        value = helper.get_attribute_value(a)
+        if isinstance(value, bytes):
+            return value.decode()
+        if isinstance(value, list):
+            return [v.decode() if isinstance(v, bytes) else v for v in value]
+        return value
+
+    # ---- operands ----------------------------------------------------------------------------
+    def has_input(self, i: int) -> bool:
+        """Whether operand ``i`` is given (optional operands may be missing or empty)."""
+        return i < len(self.node.input) and self.node.input[i] != ""
+
+    def input(self, i: int) -> str:
+        """The kiln value of operand ``i``."""
+        if not self.has_input(i):
+            raise self.error(f"{self.node.op_type} needs operand {i}, which is missing")
+        return self.values[self.node.input[i]]
+
+    def optional(self, i: int) -> str | None:
+        """The kiln value of operand ``i``, or None when it is not given."""
+        return self.input(i) if self.has_input(i) else None
+
+    def inputs(self) -> list[str]:
+        """The kiln values of all given operands, in order."""
+        return [self.values[n] for n in self.node.input if n]
+
+    def type_of(self, value: str) -> TensorType:
+        return self.b.type_of(value)
+
+    def in_type(self, i: int) -> TensorType:
+        return self.type_of(self.input(i))
+
+    def const_value(self, value: str | None) -> np.ndarray | None:
+        """The array of a kiln constant, or None for a computed value."""
+        if value is None:
+            return None
+        return self.b.graph.constants.get(value)
+
+    def const_input(self, i: int, what: str) -> np.ndarray:
+        """Operand ``i`` as a NumPy array; a KilnError when it is computed from the inputs."""
+        array = self.const_value(self.input(i))
+        if array is None:
+            raise self.error(f"{self.node.op_type}'s {what} (operand {i}, "
+                             f"{self.node.input[i]!r}) must be a constant, but it is computed "
+                             "from the graph inputs", _STATIC_HINT)
+        return array
+
+    def all_constant(self) -> bool:
+        """Whether every given operand is a constant."""
+        return all(self.const_value(v) is not None for v in self.inputs())
+
+    def ints(self, name: str, index: int | None = None) -> list[int] | None:
+        """An int list given as attribute ``name`` (older opsets) or as constant operand
+        ``index`` (newer ones); None when neither is given."""
+        if self.has_attr(name):
+            return [int(v) for v in self.attr(name)]
+        if index is not None and self.has_input(index):
+            return [int(v) for v in self.const_input(index, name).reshape(-1)]
+        return None
+
+    # ---- emitting ----------------------------------------------------------------------------
+    def op(self, op: str, inputs: Sequence[str], attrs: dict | None = None) -> str:
+        """Emit one single-output kiln node; returns its value."""
+        return self.b.op(op, inputs, attrs, name=f"{self.base}.{op}", source=self.source)
+
+    def op_multi(self, op: str, inputs: Sequence[str], attrs: dict | None = None) -> list[str]:
+        return self.b.op_multi(op, inputs, attrs, name=f"{self.base}.{op}", source=self.source)
+
+    def constant(self, array: np.ndarray, hint: str | None = None) -> str:
+        """A new kiln constant (float64 stored as float32)."""
+        name = self.base if hint is None else f"{self.base}.{hint}"
+        return self.b.constant(kiln_array(array, f"constant {name}"), name)
+
+    def scalar(self, value: Any, dtype: DType, hint: str = "scalar") -> str:
+        """A rank-0 kiln constant of ``dtype``."""
+        return self.constant(np.asarray(value).astype(dtype.numpy), hint)
+
+    def reshape(self, x: str, shape: Sequence[int]) -> str:
+        """``x`` reshaped (no node when the shape is already right)."""
+        shape = tuple(int(d) for d in shape)
+        if self.type_of(x).shape == shape:
+            return x
+        return self.op("reshape", [x], {"shape": shape})
+
+
+ImportFn = Callable[[ImportContext, onnx.NodeProto], list[str]]
+
+
+def _axis(ctx: ImportContext, axis: int, rank: int) -> int:
+    if not -rank <= axis < max(rank, 1):
+        raise ctx.error(f"axis {axis} is out of range for rank {rank}")
+    return axis % max(rank, 1)
+
+
+# ---- elementwise -----------------------------------------------------------------------------
+def _unary(kiln_op: str) -> ImportFn:
+    def imp(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+        return [ctx.op(kiln_op, [ctx.input(0)])]
+
+    return imp
+
+
+def _binary(kiln_op: str) -> ImportFn:
+    def imp(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+        return [ctx.op(kiln_op, [ctx.input(0), ctx.input(1)])]
+
+    return imp
+
+
+def _div(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    a, b = ctx.input(0), ctx.input(1)
+    if ctx.type_of(a).dtype.is_float:
+        return [ctx.op("div", [a, b])]
+    # Integer division (shape arithmetic) truncates toward zero in ONNX; kiln's div is float.
+    if not ctx.all_constant():
+        raise ctx.unsupported("integer Div of computed values", hint="cast the operands to "
+                              "float before dividing, or keep the division on constants")
+    x, y = ctx.const_value(a), ctx.const_value(b)
+    if np.any(y == 0):
+        raise ctx.error("integer division by zero")
+    q = np.abs(x) // np.abs(y) * np.sign(x) * np.sign(y)
+    return [ctx.constant(q.astype(x.dtype))]
+
+
+def _pow(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x, e = ctx.input(0), ctx.input(1)
+    dt = ctx.type_of(x).dtype
+    if ctx.type_of(e).dtype != dt:  # ONNX lets the exponent have its own type
+        e = ctx.op("cast", [e], {"dtype": dt.value})
+    return [ctx.op("pow", [x, e])]
+
+
+def _variadic(kiln_op: str) -> ImportFn:
+    """Max / Min / Sum of any number of operands, as a chain of binary ops."""
+
+    def imp(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+        values = ctx.inputs()
+        y = values[0]
+        for v in values[1:]:
+            y = ctx.op(kiln_op, [y, v])
+        return [y]
+
+    return imp
+
+
+def _mean(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    values = ctx.inputs()
+    total = _variadic("add")(ctx, node)[0]
+    if len(values) == 1:
+        return [total]
+    return [ctx.op("div", [total, ctx.scalar(len(values), ctx.type_of(total).dtype, "count")])]
+
+
+def _clip(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    dt = ctx.type_of(x).dtype
+    if ctx.opset < 11:
+        lo, hi = ctx.attr("min"), ctx.attr("max")
+        return [ctx.op("clamp", [x], {"min": lo, "max": hi})]
+    bounds: list[Any] = []
+    computed = []
+    for i, kiln_op in ((1, "maximum"), (2, "minimum")):
+        v = ctx.optional(i)
+        array = ctx.const_value(v)
+        if v is None:
+            bounds.append(None)
+        elif array is not None:
+            value = array.reshape(-1)[0].item()
+            bounds.append(float(value) if dt.is_float else int(value))
+        else:
+            bounds.append(None)
+            computed.append((kiln_op, v))
+    y = x
+    if bounds != [None, None]:
+        y = ctx.op("clamp", [y], {"min": bounds[0], "max": bounds[1]})
+    for kiln_op, v in computed:  # bounds computed at run time
+        y = ctx.op(kiln_op, [y, v])
+    if y == x:
+        return [x]
+    return [y]
+
+
+def _leaky_relu(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    return [ctx.op("leaky_relu", [ctx.input(0)], {"negative_slope": ctx.attr("alpha", 0.01)})]
+
+
+def _hard_sigmoid(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    alpha, beta = ctx.attr("alpha", 0.2), ctx.attr("beta", 0.5)
+    # kiln's hardsigmoid is PyTorch's: relu6(x + 3) / 6, i.e. alpha 1/6 and beta 1/2.
+    if math.isclose(alpha, 1.0 / 6.0, rel_tol=1e-6) and math.isclose(beta, 0.5):
+        return [ctx.op("hardsigmoid", [x])]
+    dt = ctx.type_of(x).dtype
+    y = ctx.op("add", [ctx.op("mul", [x, ctx.scalar(alpha, dt, "alpha")]),
+                       ctx.scalar(beta, dt, "beta")])
+    return [ctx.op("clamp", [y], {"min": 0.0, "max": 1.0})]
+
+
+def _gelu(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    return [ctx.op("gelu", [ctx.input(0)], {"approximate": ctx.attr("approximate", "none")})]
+
+
+def _cast(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    to = _dtype_of_elem(ctx.attr("to"), f"Cast {ctx.name}'s target", allow_double=True)
+    if ctx.type_of(x).dtype == to:
+        return [x]
+    return [ctx.op("cast", [x], {"dtype": to.value})]
+
+
+def _is_inf(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    t = ctx.type_of(x)
+    pos, neg = ctx.attr("detect_positive", 1), ctx.attr("detect_negative", 1)
+    if pos and neg:
+        return [ctx.op("eq", [ctx.op("abs", [x]), ctx.scalar(np.inf, t.dtype, "inf")])]
+    if pos or neg:
+        return [ctx.op("eq", [x, ctx.scalar(np.inf if pos else -np.inf, t.dtype, "inf")])]
+    return [ctx.constant(np.zeros(t.shape, bool))]
+
+
+def _is_nan(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    return [ctx.op("ne", [x, x])]  # NaN is the only value unequal to itself
+
+
+def _where(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    return [ctx.op("where", [ctx.input(0), ctx.input(1), ctx.input(2)])]
+
+
+def _dropout(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    training = ctx.optional(2)
+    if training is not None:
+        flag = ctx.const_value(training)
+        if flag is None or bool(flag.reshape(-1)[0]):
+            raise ctx.unsupported("Dropout in training mode",
+                                  hint="export the model in eval() mode")
+    # Inference: dropout is the identity. Its mask output is not computed (see _outputs).
+    return [ctx.input(0)]
+
+
+def _identity(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    return [ctx.input(0)]
+
+
+# ---- dense -----------------------------------------------------------------------------------
+def _matmul(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    a, b = ctx.input(0), ctx.input(1)
+    at, bt = ctx.type_of(a), ctx.type_of(b)
+    w = ctx.const_value(b)
+    if w is not None and w.ndim == 2 and at.rank >= 2:
+        # x @ W with a constant W is a linear layer (weight [out, in]): the form kiln's
+        # passes (fusion, pruning, quantization) look for.
+        return [ctx.op("linear", [a, ctx.constant(w.T, "weight")])]
+    # NumPy's rules for vectors: a 1-d operand is a row (left) or a column (right) whose
+    # axis is dropped from the result.
+    if at.rank == 1:
+        a = ctx.reshape(a, (1,) + at.shape)
+    if bt.rank == 1:
+        b = ctx.reshape(b, bt.shape + (1,))
+    y = ctx.op("matmul", [a, b])
+    shape = list(ctx.type_of(y).shape)
+    if bt.rank == 1:
+        shape.pop(-1)
+    if at.rank == 1:
+        shape.pop(-2 if bt.rank != 1 else -1)
+    return [ctx.reshape(y, shape)]
+
+
+def _gemm(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    a, b, c = ctx.input(0), ctx.input(1), ctx.optional(2)
+    alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
+    trans_a, trans_b = ctx.attr("transA", 0), ctx.attr("transB", 0)
+    if trans_a:
+        a = ctx.op("permute", [a], {"perm": (1, 0)})
+    dt = ctx.type_of(a).dtype
+    w = ctx.const_value(b)
+    if w is not None:
+        # A constant B becomes a linear layer's [N, K] weight, alpha folded in.
+        w = w if trans_b else w.T
+        if alpha != 1.0:
+            w = (w.astype(np.float64) * alpha).astype(w.dtype)
+        weight, scaled = ctx.constant(w, "weight"), True
+        n = w.shape[0]
+    else:
+        weight = b if trans_b else ctx.op("permute", [b], {"perm": (1, 0)})
+        scaled = alpha == 1.0
+        n = ctx.type_of(weight).shape[0]
+    bias = ctx.const_value(c)
+    if bias is not None and scaled and bias.size == n and bias.shape[-1:] == (n,) \
+            and bias.ndim <= 2:
+        # A [N] (or [1, N]) constant C is the linear layer's bias, beta folded in.
+        bias = (bias.astype(np.float64) * beta).astype(bias.dtype).reshape(n)
+        return [ctx.op("linear", [a, weight, ctx.constant(bias, "bias")])]
+    y = ctx.op("linear", [a, weight])
+    if not scaled:
+        y = ctx.op("mul", [y, ctx.scalar(alpha, dt, "alpha")])
+    if c is not None:
+        if beta != 1.0:
+            c = ctx.op("mul", [c, ctx.scalar(beta, dt, "beta")])
+        y = ctx.op("add", [y, c])
+    return [y]
+
+
+def _spatial_pads(ctx: ImportContext, in_sizes: Sequence[int], kernel: Sequence[int],
+                  strides: Sequence[int], dilations: Sequence[int]) -> list[tuple[int, int]]:
+    """(lo, hi) padding per spatial axis from ``pads`` or ``auto_pad``."""
+    nd = len(in_sizes)
+    auto = ctx.attr("auto_pad", "NOTSET")
+    if auto in ("NOTSET", ""):
+        pads = ctx.attr("pads", [0] * (2 * nd))
+        return [(int(pads[i]), int(pads[nd + i])) for i in range(nd)]
+    if auto == "VALID":
+        return [(0, 0)] * nd
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        out = []
+        for n, k, s, d in zip(in_sizes, kernel, strides, dilations):
+            total = max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
+            small, big = total // 2, total - total // 2
+            out.append((small, big) if auto == "SAME_UPPER" else (big, small))
+        return out
+    raise ctx.error(f"unknown auto_pad {auto!r}")
+
+
+def _window(ctx: ImportContext, x: str, kernel: Sequence[int]
+            ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    nd = len(kernel)
+    strides = [int(s) for s in ctx.attr("strides", [1] * nd)]
+    dilations = [int(d) for d in ctx.attr("dilations", [1] * nd)]
+    pads = _spatial_pads(ctx, ctx.type_of(x).shape[2:], kernel, strides, dilations)
+    return strides, dilations, pads
+
+
+def _pad_spatial(ctx: ImportContext, x: str, pads: Sequence[tuple[int, int]],
+                 value: float) -> str:
+    """``x`` [N, C, *spatial] padded explicitly (negative amounts crop)."""
+    flat = [0, 0, 0, 0] + [p for lo_hi in pads for p in lo_hi]
+    return ctx.op("pad", [x], {"pads": tuple(flat), "value": value})
+
+
+def _conv(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x, w, bias = ctx.input(0), ctx.input(1), ctx.optional(2)
+    kernel = list(ctx.type_of(w).shape[2:])
+    strides, dilations, pads = _window(ctx, x, kernel)
+    attrs = {"stride": tuple(strides), "dilation": tuple(dilations),
+             "groups": ctx.attr("group", 1)}
+    if all(lo == hi for lo, hi in pads):
+        attrs["padding"] = tuple(lo for lo, _ in pads)
+    else:
+        # kiln's conv pads symmetrically: pad the input itself with zeros first.
+        x = _pad_spatial(ctx, x, pads, 0.0)
+    return [ctx.op("conv", [x, w] + ([bias] if bias else []), attrs)]
+
+
+def _conv_transpose(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x, w, bias = ctx.input(0), ctx.input(1), ctx.optional(2)
+    if ctx.has_attr("output_shape") or ctx.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        raise ctx.unsupported("ConvTranspose with output_shape or auto_pad",
+                              hint="export explicit pads and output_padding")
+    nd = ctx.type_of(w).rank - 2
+    pads = ctx.attr("pads", [0] * (2 * nd))
+    lo_hi = [(int(pads[i]), int(pads[nd + i])) for i in range(nd)]
+    attrs = {"stride": tuple(ctx.attr("strides", [1] * nd)),
+             "dilation": tuple(ctx.attr("dilations", [1] * nd)),
+             "groups": ctx.attr("group", 1),
+             "output_padding": tuple(ctx.attr("output_padding", [0] * nd))}
+    symmetric = all(lo == hi for lo, hi in lo_hi)
+    attrs["padding"] = tuple(lo for lo, _ in lo_hi) if symmetric else (0,) * nd
+    y = ctx.op("conv_transpose", [x, w] + ([bias] if bias else []), attrs)
+    if not symmetric:
+        # Padding a transposed convolution crops its output.
+        y = _pad_spatial(ctx, y, [(-lo, -hi) for lo, hi in lo_hi], 0.0)
+    return [y]
+
+
+# ---- normalization and softmax ---------------------------------------------------------------
+def _softmax(kiln_op: str) -> ImportFn:
+    def imp(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+        x = ctx.input(0)
+        t = ctx.type_of(x)
+        if ctx.opset >= 13:
+            return [ctx.op(kiln_op, [x], {"axis": _axis(ctx, ctx.attr("axis", -1), t.rank)})]
+        # Before opset 13 the input is seen as a matrix [prod(:axis), prod(axis:)] and each
+        # row is normalized: over all the trailing axes together.
+        axis = _axis(ctx, ctx.attr("axis", 1), t.rank)
+        rows = (math.prod(t.shape[:axis]), math.prod(t.shape[axis:]))
+        y = ctx.op(kiln_op, [ctx.reshape(x, rows)], {"axis": 1})
+        return [ctx.reshape(y, t.shape)]
+
+    return imp
+
+
+def _batch_norm(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    if ctx.attr("training_mode", 0):
+        raise ctx.unsupported("BatchNormalization in training mode",
+                              hint="export the model in eval() mode")
+    x, scale, bias, mean, var = (ctx.input(i) for i in range(5))
+    return [ctx.op("batch_norm", [x, mean, var, scale, bias],
+                   {"eps": float(ctx.attr("epsilon", 1e-5))})]
+
+
+def _affine_operand(ctx: ImportContext, v: str, shape: tuple[int, ...]) -> str:
+    """A LayerNormalization scale or bias broadcast to the normalized shape."""
+    if ctx.type_of(v).shape == shape:
+        return v
+    array = ctx.const_value(v)
+    if array is not None:
+        return ctx.constant(np.broadcast_to(array, shape), "affine")
+    t = ctx.type_of(v)
+    v = ctx.reshape(v, t.shape[max(t.rank - len(shape), 0):])
+    return ctx.op("expand", [v], {"shape": shape})
+
+
+def _layer_norm(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    t = ctx.type_of(x)
+    axis = _axis(ctx, ctx.attr("axis", -1), t.rank)
+    shape = t.shape[axis:]
+    operands = [x] + [_affine_operand(ctx, v, shape) for v in (ctx.input(1), ctx.optional(2))
+                      if v is not None]
+    return [ctx.op("layer_norm", operands, {"normalized_ndim": t.rank - axis,
+                                            "eps": float(ctx.attr("epsilon", 1e-5))})]
+
+
+# ---- pooling ---------------------------------------------------------------------------------
+def _pool_out_sizes(ctx: ImportContext, sizes, kernel, strides, dilations, pads) -> list[int]:
+    """ONNX's output size per spatial axis (floor, or ceil with ceil_mode)."""
+    ceil = bool(ctx.attr("ceil_mode", 0))
+    out = []
+    for n, k, s, d, (lo, hi) in zip(sizes, kernel, strides, dilations, pads):
+        avail = n + lo + hi - d * (k - 1) - 1
+        out.append((-(-avail // s) if ceil else avail // s) + 1)
+    return out
+
+
+def _pool(ctx: ImportContext, kind: str) -> str:
+    """MaxPool / AveragePool.
+
+    Symmetric padding whose output size kiln (PyTorch's rules) computes the same as ONNX maps
+    straight to kiln's pool. Otherwise (asymmetric or auto padding, or a ceil-mode window that
+    ONNX keeps and PyTorch drops) the input is padded explicitly to exactly the extent ONNX's
+    windows cover and pooled without padding: with -inf for max; for average, zeros and a
+    constant per-window divisor for the cells ONNX counts.
+    """
+    x = ctx.input(0)
+    t = ctx.type_of(x)
+    kernel = [int(k) for k in ctx.attr("kernel_shape")]
+    nd = len(kernel)
+    if t.rank != nd + 2:
+        raise ctx.error(f"{nd}-d pooling of a rank-{t.rank} input")
+    strides, dilations, pads = _window(ctx, x, kernel)
+    if kind == "avg_pool" and any(d != 1 for d in dilations):
+        raise ctx.unsupported("AveragePool with dilations")
+    sizes = t.shape[2:]
+    out = _pool_out_sizes(ctx, sizes, kernel, strides, dilations, pads)
+    ceil = bool(ctx.attr("ceil_mode", 0))
+    count_pad = bool(ctx.attr("count_include_pad", 0))
+    attrs: dict[str, Any] = {"kernel": tuple(kernel), "stride": tuple(strides)}
+    if kind == "max_pool":
+        attrs["dilation"] = tuple(dilations)
+    else:
+        attrs["count_include_pad"] = count_pad
+    if all(lo == hi and 2 * lo <= k for (lo, hi), k in zip(pads, kernel)):
+        direct = {**attrs, "padding": tuple(lo for lo, _ in pads), "ceil_mode": ceil}
+        want = TensorType(t.shape[:2] + tuple(out), t.dtype)
+        try:
+            same = infer_types(kind, [t], get_op(kind).normalize_attrs(direct)) == [want]
+        except KilnError:
+            same = False
+        if same:
+            return ctx.op(kind, [x], direct)
+    # Explicit padding to the extent the windows cover (negative crops unused input).
+    spans = [(o - 1) * s + d * (k - 1) + 1 for o, s, d, k in zip(out, strides, dilations, kernel)]
+    explicit = [(lo, span - n - lo) for (lo, _), span, n in zip(pads, spans, sizes)]
+    if kind == "max_pool":
+        xp = _pad_spatial(ctx, x, explicit, -math.inf)
+        return ctx.op(kind, [xp], {**attrs, "padding": 0, "ceil_mode": False})
+    xp = _pad_spatial(ctx, x, explicit, 0.0)
+    mean = ctx.op(kind, [xp], {**attrs, "padding": 0, "ceil_mode": False,
+                               "count_include_pad": True})
+    # Divisor per window: the cells inside the input, plus the declared pads when ONNX
+    # counts them (never the extra cells a ceil-mode window hangs over).
+    counted = np.zeros([n + lo + max(hi, 0) for n, (lo, hi) in zip(sizes, explicit)])
+    inner = tuple(slice(0 if count_pad else lo, lo + n + (pads[i][1] if count_pad else 0))
+                  for i, (n, (lo, _)) in enumerate(zip(sizes, explicit)))
+    counted[inner] = 1.0
+    windows = np.zeros(out)
+    for offs in np.ndindex(*kernel):
+        windows += counted[tuple(slice(o, o + s * (m - 1) + 1, s)
+                                 for o, s, m in zip(offs, strides, out))]
+    if np.any(windows == 0):
+        raise ctx.unsupported("AveragePool with a window that covers no counted cell")
+    factor = (math.prod(kernel) / windows).astype(t.dtype.numpy)
+    return ctx.op("mul", [mean, ctx.constant(factor.reshape((1, 1) + factor.shape), "divisor")])
+
+
+def _max_pool(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    if ctx.attr("storage_order", 0):
+        raise ctx.unsupported("MaxPool with storage_order=1")
+    return [_pool(ctx, "max_pool")]
+
+
+def _avg_pool(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    return [_pool(ctx, "avg_pool")]
+
+
+def _global_avg_pool(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    nd = ctx.type_of(x).rank - 2
+    return [ctx.op("adaptive_avg_pool", [x], {"output_size": (1,) * nd})]
+
+
+def _global_max_pool(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    rank = ctx.type_of(x).rank
+    return [ctx.op("reduce_max", [x], {"axes": tuple(range(2, rank)), "keepdim": True})]
+
+
+# ---- reductions ------------------------------------------------------------------------------
+def _reduce(kiln_op: str) -> ImportFn:
+    def imp(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+        x = ctx.input(0)
+        rank = ctx.type_of(x).rank
+        axes = ctx.ints("axes", 1)
+        keep = bool(ctx.attr("keepdims", 1))
+        if not axes:
+            if ctx.attr("noop_with_empty_axes", 0) or rank == 0:
+                return [x]
+            axes = list(range(rank))
+        axes = sorted({_axis(ctx, a, rank) for a in axes})
+        return [ctx.op(kiln_op, [x], {"axes": tuple(axes), "keepdim": keep})]
+
+    return imp
+
+
+# ---- shape -----------------------------------------------------------------------------------
+def _reshape(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    t = ctx.type_of(x)
+    shape = [int(d) for d in (ctx.attr("shape") if ctx.opset < 5 else
+                              ctx.const_input(1, "shape").reshape(-1))]
+    if not ctx.attr("allowzero", 0):  # 0 copies the input's size on that axis
+        shape = [t.shape[i] if d == 0 and i < t.rank else d for i, d in enumerate(shape)]
+    if shape.count(-1) > 1:
+        raise ctx.error(f"Reshape to {shape} has more than one -1")
+    if -1 in shape:
+        known = math.prod(d for d in shape if d != -1)
+        if known == 0 or t.numel % known:
+            raise ctx.error(f"cannot reshape {list(t.shape)} to {shape}")
+        shape[shape.index(-1)] = t.numel // known
+    return [ctx.reshape(x, shape)]
+
+
+def _flatten(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    t = ctx.type_of(x)
+    axis = ctx.attr("axis", 1)
+    axis = axis + t.rank if axis < 0 else axis
+    if not 0 <= axis <= t.rank:
+        raise ctx.error(f"Flatten axis {axis} is out of range for rank {t.rank}")
+    return [ctx.reshape(x, (math.prod(t.shape[:axis]), math.prod(t.shape[axis:])))]
+
+
+def _transpose(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    rank = ctx.type_of(x).rank
+    perm = tuple(int(p) for p in ctx.attr("perm", list(range(rank))[::-1]))
+    if perm == tuple(range(rank)):
+        return [x]
+    return [ctx.op("permute", [x], {"perm": perm})]
+
+
+def _squeeze(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    t = ctx.type_of(x)
+    axes = ctx.ints("axes", 1)
+    if axes is None:
+        drop = {i for i, d in enumerate(t.shape) if d == 1}
+    else:
+        drop = {_axis(ctx, a, t.rank) for a in axes}
+        if any(t.shape[a] != 1 for a in drop):
+            raise ctx.error(f"Squeeze axes {axes} of shape {list(t.shape)} are not all 1")
+    return [ctx.reshape(x, [d for i, d in enumerate(t.shape) if i not in drop])]
+
+
+def _unsqueeze(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    t = ctx.type_of(x)
+    axes = ctx.ints("axes", 1) or []
+    rank = t.rank + len(axes)
+    new = {_axis(ctx, a, rank) for a in axes}
+    if len(new) != len(axes):
+        raise ctx.error(f"Unsqueeze axes {axes} repeat an axis")
+    dims = iter(t.shape)
+    return [ctx.reshape(x, [1 if i in new else next(dims) for i in range(rank)])]
+
+
+def _concat(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    values = ctx.inputs()
+    rank = ctx.type_of(values[0]).rank
+    axis = _axis(ctx, ctx.attr("axis"), rank)
+    if len(values) == 1:
+        return values
+    return [ctx.op("concat", values, {"axis": axis})]
+
+
+def _split(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    t = ctx.type_of(x)
+    axis = _axis(ctx, ctx.attr("axis", 0), t.rank)
+    size, count = t.shape[axis], len(node.output)
+    sizes = ctx.ints("split", 1)
+    if sizes is None:
+        if ctx.has_attr("num_outputs"):
+            # Opset 18: equal pieces of ceil(size / n), the last one smaller.
+            piece = -(-size // count)
+            sizes = [min(piece, size - piece * i) for i in range(count)]
+        elif size % count:
+            raise ctx.error(f"cannot split {size} into {count} equal pieces")
+        else:
+            sizes = [size // count] * count
+    if len(sizes) != count:
+        raise ctx.error(f"Split has {count} outputs but {len(sizes)} sizes")
+    if count == 1:
+        return [x]
+    return ctx.op_multi("split", [x], {"axis": axis, "sizes": tuple(sizes)})
+
+
+def _reverse(ctx: ImportContext, x: str, axis: int) -> str:
+    """``x`` reversed along ``axis``: kiln has no flip, so one slice per element."""
+    n = ctx.type_of(x).shape[axis]
+    if n <= 1:
+        return x
+    if n > 256:
+        raise ctx.unsupported(f"a negative-step Slice over {n} elements",
+                              hint="kiln reverses an axis element by element (up to 256)")
+    pieces = [ctx.op("slice", [x], {"axis": axis, "start": i, "end": i + 1})
+              for i in range(n - 1, -1, -1)]
+    return ctx.op("concat", pieces, {"axis": axis})
+
+
+def _slice_axis(ctx: ImportContext, x: str, axis: int, start: int, end: int, step: int) -> str:
+    """``x[start:end:step]`` along ``axis`` with NumPy's (= ONNX's) clamping."""
+    if step == 0:
+        raise ctx.error("Slice step 0")
+    n = ctx.type_of(x).shape[axis]
+    # ONNX clamps huge starts/ends (INT64_MAX means "to the end") exactly as Python does.
+    idx = range(*slice(max(min(start, 2**62), -2**62), max(min(end, 2**62), -2**62),
+                       step).indices(n))
+    if len(idx) == n and step > 0:
+        return x
+    if len(idx) == 0:
+        return ctx.op("slice", [x], {"axis": axis, "start": 0, "end": 0})
+    lo, hi = min(idx[0], idx[-1]), max(idx[0], idx[-1])
+    y = ctx.op("slice", [x], {"axis": axis, "start": lo, "end": hi + 1, "step": abs(step)})
+    return y if step > 0 else _reverse(ctx, y, axis)
+
+
+def _slice(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    rank = ctx.type_of(x).rank
+    if ctx.opset < 10:
+        starts, ends = ctx.ints("starts"), ctx.ints("ends")
+        axes, steps = ctx.ints("axes"), None
+    else:
+        starts = [int(v) for v in ctx.const_input(1, "starts").reshape(-1)]
+        ends = [int(v) for v in ctx.const_input(2, "ends").reshape(-1)]
+        axes = ctx.ints("axes", 3)
+        steps = ctx.ints("steps", 4)
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    if not len(starts) == len(ends) == len(axes) == len(steps):
+        raise ctx.error("Slice's starts, ends, axes and steps differ in length")
+    y = x
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        y = _slice_axis(ctx, y, _axis(ctx, a, rank), s, e, st)
+    return [y]
+
+
+def _gather(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    """Gather: constant indices pick slices; computed indices into a table are an embedding
+    (other axes are moved to the front first)."""
+    data, idx = ctx.input(0), ctx.input(1)
+    t, it = ctx.type_of(data), ctx.type_of(idx)
+    axis = _axis(ctx, ctx.attr("axis", 0), t.rank)
+    n = t.shape[axis]
+    out_shape = t.shape[:axis] + it.shape + t.shape[axis + 1:]
+    table, indices = ctx.const_value(data), ctx.const_value(idx)
+    if indices is not None:
+        if np.any((indices < -n) | (indices >= n)):
+            raise ctx.error(f"Gather index out of range [-{n}, {n})")
+        indices = np.where(indices < 0, indices + n, indices)
+        if table is not None:
+            return [ctx.constant(np.take(table, indices, axis=axis))]
+        flat = [int(i) for i in indices.reshape(-1)]
+        if not flat:
+            return [ctx.constant(np.zeros(out_shape, t.dtype.numpy))]
+        # Runs of consecutive indices are one slice each.
+        runs: list[list[int]] = []
+        for i in flat:
+            if runs and i == runs[-1][1]:
+                runs[-1][1] += 1
+            else:
+                runs.append([i, i + 1])
+        pieces = [ctx.op("slice", [data], {"axis": axis, "start": lo, "end": hi})
+                  if (lo, hi) != (0, n) else data for lo, hi in runs]
+        y = pieces[0] if len(pieces) == 1 else ctx.op("concat", pieces, {"axis": axis})
+        return [ctx.reshape(y, out_shape)]
+    # Computed indices: rows of a [n, rest] table.
+    rest = t.shape[:axis] + t.shape[axis + 1:]
+    perm = (axis,) + tuple(i for i in range(t.rank) if i != axis)
+    if table is not None and t.rank == 2 and axis == 0:
+        rows = data
+    elif table is not None:
+        rows = ctx.constant(np.transpose(table, perm).reshape(n, -1), "table")
+    else:
+        moved = data if axis == 0 else ctx.op("permute", [data], {"perm": perm})
+        rows = ctx.reshape(moved, (n, math.prod(rest)))
+    y = ctx.reshape(ctx.op("embedding", [idx, rows]), it.shape + rest)
+    if axis:
+        q = it.rank
+        back = tuple(range(q, q + axis)) + tuple(range(q)) + tuple(range(q + axis, len(
+            out_shape)))
+        y = ctx.op("permute", [y], {"perm": back})
+    return [y]
+
+
+def _expand(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    t = ctx.type_of(x)
+    shape = [int(d) for d in ctx.const_input(1, "shape").reshape(-1)]
+    try:  # ONNX's Expand broadcasts both ways: the result may be larger than `shape`
+        target = tuple(int(d) for d in np.broadcast_shapes(t.shape, tuple(shape)))
+    except ValueError:
+        raise ctx.error(f"cannot expand {list(t.shape)} to {shape}") from None
+    if target == t.shape:
+        return [x]
+    return [ctx.op("expand", [x], {"shape": target})]
+
+
+def _pad(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    t = ctx.type_of(x)
+    mode = ctx.attr("mode", "constant")
+    if mode != "constant":
+        raise ctx.unsupported(f"Pad mode {mode!r}", hint="kiln pads with a constant only")
+    if ctx.opset < 11:
+        pads, value = ctx.ints("pads"), float(ctx.attr("value", 0.0))
+    else:
+        pads = ctx.ints("pads", 1)
+        v = ctx.optional(2)
+        value = 0.0 if v is None else ctx.const_input(2, "constant_value").reshape(-1)[0].item()
+    axes = ctx.ints("axes", 3)
+    axes = list(range(t.rank)) if axes is None else [_axis(ctx, a, t.rank) for a in axes]
+    if pads is None or len(pads) != 2 * len(axes):
+        raise ctx.error(f"Pad wants 2 entries per padded axis, got {pads}")
+    # ONNX lists all the starts, then all the ends; kiln (lo, hi) per axis.
+    flat = [0] * (2 * t.rank)
+    for k, a in enumerate(axes):
+        flat[2 * a], flat[2 * a + 1] = pads[k], pads[len(axes) + k]
+    if not any(flat):
+        return [x]
+    value = float(value) if t.dtype.is_float else int(value)
+    return [ctx.op("pad", [x], {"pads": tuple(flat), "value": value})]
+
+
+def _trilu(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    t = ctx.type_of(x)
+    k = int(ctx.const_input(1, "k").reshape(-1)[0]) if ctx.has_input(1) else 0
+    rows, cols = t.shape[-2:]
+    ones = np.ones((rows, cols), bool)
+    keep = np.triu(ones, k) if ctx.attr("upper", 1) else np.tril(ones, k)
+    array = ctx.const_value(x)
+    if array is not None:
+        return [ctx.constant(np.where(keep, array, np.zeros((), array.dtype)))]
+    return [ctx.op("where", [ctx.constant(keep, "keep"), x, ctx.scalar(0, t.dtype, "zero")])]
+
+
+# ---- values known from shapes and attributes alone -------------------------------------------
+def _shape(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    shape = ctx.in_type(0).shape
+    start, end = ctx.attr("start", 0), ctx.attr("end", None)
+    return [ctx.constant(np.array(shape[slice(start, end)], np.int64))]
+
+
+def _size(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    return [ctx.constant(np.array(ctx.in_type(0).numel, np.int64))]
+
+
+def _constant(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    for name, make in (("value", lambda v: v),
+                       ("value_float", lambda v: np.array(v, np.float32)),
+                       ("value_floats", lambda v: np.array(v, np.float32)),
+                       ("value_int", lambda v: np.array(v, np.int64)),
+                       ("value_ints", lambda v: np.array(v, np.int64))):
+        if ctx.has_attr(name):
+            return [ctx.constant(make(ctx.attr(name)))]
+    raise ctx.unsupported(f"Constant with {[a.name for a in node.attribute]}",
+                          hint="kiln reads dense tensor, float and int constants")
+
+
+def _constant_of_shape(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    shape = [int(d) for d in ctx.const_input(0, "shape").reshape(-1)]
+    value = ctx.attr("value")
+    value = np.zeros(1, np.float32) if value is None else value
+    return [ctx.constant(np.full(shape, value.reshape(-1)[0], value.dtype))]
+
+
+def _range(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    start, limit, delta = (ctx.const_input(i, what).reshape(())
+                           for i, what in enumerate(("start", "limit", "delta")))
+    return [ctx.constant(np.arange(start, limit, delta, dtype=start.dtype))]
+
+
+def _constant_only(fn: Callable[..., np.ndarray], what: str) -> ImportFn:
+    """An op kiln has no node for, imported when its operands are all constants (shape
+    arithmetic) by computing it here."""
+
+    def imp(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+        if not ctx.all_constant():
+            raise ctx.unsupported(f"{node.op_type} of computed values: kiln has no {what} op",
+                                  hint="keep this computation on constants, or rewrite it")
+        arrays = [ctx.const_value(v) for v in ctx.inputs()]
+        return [ctx.constant(np.asarray(fn(ctx, *arrays)))]
+
+    return imp
+
+
+def _mod(ctx: ImportContext, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if np.any(b == 0):
+        raise ctx.error("Mod by zero")
+    # fmod=1: C's remainder (sign of the dividend); fmod=0: Python's (sign of the divisor).
+    return (np.fmod(a, b) if ctx.attr("fmod", 0) else np.mod(a, b)).astype(a.dtype)
+
+
+# ---- quantization ----------------------------------------------------------------------------
+def _qparams(ctx: ImportContext, quantize: bool) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Scale and zero point as arrays, and the axis when they are per channel (else None)."""
+    if ctx.attr("block_size", 0):
+        raise ctx.unsupported("blocked quantization (block_size)")
+    scale = ctx.const_input(1, "scale").astype(np.float32)
+    if ctx.has_input(2):
+        zero = ctx.const_input(2, "zero point")
+    elif quantize:
+        # Opset 21 names the type when no zero point does; uint8 before that.
+        elem = ctx.attr("output_dtype", TensorProto.UINT8) or TensorProto.UINT8
+        zero = np.zeros((), _dtype_of_elem(elem, "QuantizeLinear output").numpy)
+    else:
+        zero = np.zeros((), ctx.in_type(0).dtype.numpy)
+    per_tensor = scale.size == 1 and zero.size == 1
+    axis = None if per_tensor else _axis(ctx, ctx.attr("axis", 1), ctx.in_type(0).rank)
+    return scale, zero, axis
+
+
+def _channel(array: np.ndarray, axis: int | None, rank: int) -> np.ndarray:
+    if axis is None:
+        return array.reshape(())
+    shape = [1] * rank
+    shape[axis] = -1
+    return array.reshape(shape)
+
+
+def _quantize_linear(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    scale, zero, axis = _qparams(ctx, quantize=True)
+    dt = DType.from_numpy(zero.dtype)
+    if dt not in (DType.u8, DType.i8):
+        raise ctx.unsupported(f"QuantizeLinear to {dt}", hint="kiln quantizes to u8 or i8")
+    array = ctx.const_value(x)
+    if axis is None and array is None:
+        return [ctx.op("quantize", [x], {"scale": float(scale.reshape(())),
+                                         "zero_point": int(zero.reshape(())),
+                                         "dtype": dt.value})]
+    if array is None:
+        raise ctx.unsupported("per-channel QuantizeLinear of a computed value",
+                              hint="kiln quantizes activations per tensor")
+    info = np.iinfo(dt.numpy)
+    rank = array.ndim
+    with np.errstate(all="ignore"):  # rint(x / scale) + zero point, saturated, in float32
+        q = np.rint(array.astype(np.float32) / _channel(scale, axis, rank)) + _channel(
+            zero, axis, rank).astype(np.float32)
+    return [ctx.constant(np.clip(q, info.min, info.max).astype(dt.numpy))]
+
+
+def _dequantize_linear(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    x = ctx.input(0)
+    scale, zero, axis = _qparams(ctx, quantize=False)
+    dt = ctx.type_of(x).dtype
+    array = ctx.const_value(x)
+    if array is not None:
+        # Constant weights and biases (int8 or int32, per channel or not) become float.
+        rank = array.ndim
+        y = (array.astype(np.int64) - _channel(zero, axis, rank)).astype(np.float32)
+        return [ctx.constant(y * _channel(scale, axis, rank))]
+    if axis is not None or dt not in (DType.u8, DType.i8):
+        raise ctx.unsupported(f"DequantizeLinear of a computed {dt} value"
+                              f"{' per channel' if axis is not None else ''}",
+                              hint="kiln dequantizes u8/i8 activations per tensor")
+    return [ctx.op("dequantize", [x], {"scale": float(scale.reshape(())),
+                                       "zero_point": int(zero.reshape(()))})]
+
+
+ONNX_IMPORT: dict[str, ImportFn] = {
+    # elementwise
+    "Add": _binary("add"),
+    "Sub": _binary("sub"),
+    "Mul": _binary("mul"),
+    "Div": _div,
+    "Pow": _pow,
+    "Max": _variadic("maximum"),
+    "Min": _variadic("minimum"),
+    "Sum": _variadic("add"),
+    "Mean": _mean,
+    "Relu": _unary("relu"),
+    "Clip": _clip,
+    "LeakyRelu": _leaky_relu,
+    "Sigmoid": _unary("sigmoid"),
+    "HardSigmoid": _hard_sigmoid,
+    "HardSwish": _unary("hardswish"),
+    "Gelu": _gelu,
+    "Tanh": _unary("tanh"),
+    "Erf": _unary("erf"),
+    "Exp": _unary("exp"),
+    "Log": _unary("log"),
+    "Sqrt": _unary("sqrt"),
+    "Reciprocal": _unary("reciprocal"),
+    "Neg": _unary("neg"),
+    "Abs": _unary("abs"),
+    "Cast": _cast,
+    "Equal": _binary("eq"),
+    "Less": _binary("lt"),
+    "LessOrEqual": _binary("le"),
+    "Greater": _binary("gt"),
+    "GreaterOrEqual": _binary("ge"),
+    "Not": _unary("logical_not"),
+    "IsInf": _is_inf,
+    "IsNaN": _is_nan,
+    "Where": _where,
+    "Identity": _identity,
+    "Dropout": _dropout,
+    # dense
+    "MatMul": _matmul,
+    "Gemm": _gemm,
+    "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
+    # normalization
+    "Softmax": _softmax("softmax"),
+    "LogSoftmax": _softmax("log_softmax"),
+    "BatchNormalization": _batch_norm,
+    "LayerNormalization": _layer_norm,
+    # pooling
+    "MaxPool": _max_pool,
+    "AveragePool": _avg_pool,
+    "GlobalAveragePool": _global_avg_pool,
+    "GlobalMaxPool": _global_max_pool,
+    # reductions
+    "ReduceMean": _reduce("reduce_mean"),
+    "ReduceSum": _reduce("reduce_sum"),
+    "ReduceMax": _reduce("reduce_max"),
+    "ReduceMin": _reduce("reduce_min"),
+    # shape
+    "Reshape": _reshape,
+    "Flatten": _flatten,
+    "Transpose": _transpose,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Concat": _concat,
+    "Split": _split,
+    "Slice": _slice,
+    "Gather": _gather,
+    "Expand": _expand,
+    "Pad": _pad,
+    "Trilu": _trilu,
+    # known from shapes and attributes
+    "Shape": _shape,
+    "Size": _size,
+    "Constant": _constant,
+    "ConstantOfShape": _constant_of_shape,
+    "Range": _range,
+    "Floor": _constant_only(lambda ctx, a: np.floor(a), "floor"),
+    "Ceil": _constant_only(lambda ctx, a: np.ceil(a), "ceil"),
+    "Round": _constant_only(lambda ctx, a: np.rint(a), "round"),
+    "Mod": _constant_only(_mod, "modulo"),
+    "And": _constant_only(lambda ctx, a, b: np.logical_and(a, b), "logical and"),
+    "Or": _constant_only(lambda ctx, a, b: np.logical_or(a, b), "logical or"),
+    # quantization
+    "QuantizeLinear": _quantize_linear,
+    "DequantizeLinear": _dequantize_linear,
+}
+"""ONNX op type -> function(ctx, node) emitting the kiln nodes; returns one kiln value per
+ONNX output it computes (optional outputs it leaves out must be unused)."""
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def _subgraph_tensors(graph: onnx.GraphProto):
+    """Every tensor of a graph: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            elif a.type == onnx.AttributeProto.TENSORS:
+                yield from a.tensors
+            elif a.type == onnx.AttributeProto.GRAPH:
+                yield from _subgraph_tensors(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _subgraph_tensors(g)
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in _subgraph_tensors(model.graph)
+            if t.data_location == TensorProto.EXTERNAL]
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Load external tensor data, refusing any file outside the model's directory."""
+    base = path.parent.resolve()
+    for t in _external_tensors(model):
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(base):
+            raise KilnError(f"tensor {t.name!r} of {path} keeps its data at {location!r}, "
+                            "outside the model's directory",
+                            hint="keep external data files next to the .onnx file")
+        if not target.is_file():
+            raise KilnError(f"tensor {t.name!r} of {path}: external data file {location!r} "
+                            "does not exist", hint="copy it next to the .onnx file")
+    if _external_tensors(model):
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(base))
+        except Exception as e:
+            raise KilnError(f"cannot read the external data of {path}: {e}") from e
+
+
+def _load(path_or_model: Any) -> tuple[onnx.ModelProto, str]:
+    """The ModelProto (a private copy) and a name for the graph."""
+    if isinstance(path_or_model, onnx.ModelProto):
+        if _external_tensors(path_or_model):
+            raise KilnError("the ONNX model's external data is not loaded",
+                            hint="pass the .onnx file's path instead, so kiln loads it from "
+                                 "the model's directory")
+        model = onnx.ModelProto()
+        model.CopyFrom(path_or_model)
+        return model, path_or_model.graph.name or "onnx_model"
+    if not isinstance(path_or_model, (str, os.PathLike)):
+        raise KilnError(f"cannot import a {type(path_or_model).__name__} as ONNX",
+                        hint="pass the path of an .onnx file or an onnx.ModelProto")
+    path = Path(path_or_model)
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise KilnError(f"ONNX model {str(path)!r} {what}", hint="give the path of an .onnx file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
+        raise KilnError(f"cannot parse {str(path)!r} as an ONNX model: {type(e).__name__}: {e}",
+                        hint="check that the file is a complete .onnx file") from e
+    _load_external_data(model, path)
+    return model, path.stem
+
+
+def _static_dims(vi: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    """The static shape of a value info, or None when some dim (or the rank) is unknown."""
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    dims = []
+    for d in tt.shape.dim:
+        if not d.HasField("dim_value"):
+            return None
+        dims.append(int(d.dim_value))
+    return tuple(dims)
+
+
+def _describe_dims(vi: onnx.ValueInfoProto) -> str:
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return "unknown rank"
+    return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else
+                           (d.dim_param or "?") for d in tt.shape.dim) + "]"
+
+
+def _fix_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None,
+                      inputs: Sequence[onnx.ValueInfoProto]) -> None:
+    """Write ``input_shapes`` into the model's inputs; every input must end up static."""
+    input_shapes = dict(input_shapes or {})
+    names = [i.name for i in inputs]
+    unknown = sorted(set(input_shapes) - set(names))
+    if unknown:
+        raise KilnError(f"input_shapes names {unknown}, which are not inputs of the model",
+                        hint=f"the model's inputs are {names}")
+    for vi in inputs:
+        if vi.name in input_shapes:
+            shape = tuple(int(d) for d in input_shapes[vi.name])
+            tt = vi.type.tensor_type
+            if tt.HasField("shape"):
+                dims = list(tt.shape.dim)
+                if len(dims) != len(shape) or any(
+                        d.HasField("dim_value") and d.dim_value != s for d, s in zip(dims, shape)):
+                    raise KilnError(f"input_shapes gives {list(shape)} for input {vi.name!r}, "
+                                    f"whose shape is {_describe_dims(vi)}",
+                                    hint="fix only the dynamic dims, keep the others")
+            if any(s < 0 for s in shape):
+                raise KilnError(f"input_shapes gives a negative size for input {vi.name!r}")
+            tt.shape.Clear()
+            for s in shape:
+                tt.shape.dim.add().dim_value = s
+        if _static_dims(vi) is None:
+            raise KilnError(f"input {vi.name!r} has a dynamic shape {_describe_dims(vi)}",
+                            hint="kiln compiles static shapes: pass import_onnx(..., "
+                                 f"input_shapes={{{vi.name!r}: (...)}}) with every size")
+
+
+def _check_and_infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise KilnError(f"the ONNX model is not valid: {e}",
+                        hint="re-export it, or check it with onnx.checker.check_model") from e
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as e:
+        raise KilnError(f"ONNX shape inference failed: {e}",
+                        hint="check the model's input shapes (input_shapes=) and types") from e
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in _DEFAULT_DOMAINS:
+            return int(o.version)
+    raise KilnError("the ONNX model imports no default-domain opset",
+                    hint="kiln imports models of the standard ONNX operator set")
+
+
+# ---- the import ------------------------------------------------------------------------------
+class _OnnxImporter:
+    def __init__(self, model: onnx.ModelProto, name: str) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.b = GraphBuilder(sanitize_name(name))
+        self.ctx = ImportContext(self.b, _default_opset(model))
+        self.values = self.ctx.values
+        # What ONNX shape inference says each value is, to check each node's kiln types.
+        self.expected: dict[str, onnx.ValueInfoProto] = {
+            vi.name: vi for vi in [*self.graph.value_info, *self.graph.output]}
+        self.used = {i for n in self.graph.node for i in n.input} | {
+            o.name for o in self.graph.output}
+
+    def run(self) -> Graph:
+        g = self.graph
+        if g.sparse_initializer:
+            raise KilnError("the ONNX model has sparse initializers",
+                            hint="store the weights as dense tensors")
+        for init in g.initializer:
+            array = kiln_array(numpy_helper.to_array(init), f"initializer {init.name!r}")
+            self.values[init.name] = self.b.constant(array, sanitize_name(init.name))
+        for vi in g.input:
+            if vi.name in self.values:  # an initializer listed as an input (IR < 4)
+                continue
+            dtype = _dtype_of_elem(vi.type.tensor_type.elem_type, f"input {vi.name!r}")
+            self.values[vi.name] = self.b.input(sanitize_name(vi.name),
+                                                TensorType(_static_dims(vi), dtype))
+        for node in g.node:
+            self._import_node(node)
+        for vi in g.output:
+            self.b.output(self.values[vi.name])
+        graph = self.b.graph
+        read = {i for n in graph.nodes for i in n.inputs} | set(graph.outputs)
+        for name in [c for c in graph.constants if c not in read]:
+            del graph.constants[name]
+        return self.b.build()
+
+    def _import_node(self, node: onnx.NodeProto) -> None:
+        ctx = self.ctx
+        ctx.begin(node)
+        if node.domain not in _DEFAULT_DOMAINS:
+            raise ctx.unsupported(f"op {node.op_type} of domain {node.domain!r}",
+                                  hint="kiln imports the standard ONNX operator set only; "
+                                       "export without custom or contrib ops")
+        fn = ONNX_IMPORT.get(node.op_type)
+        if fn is None:
+            raise ctx.unsupported(f"kiln cannot import ONNX op {node.op_type}")
+        graph = self.b.graph
+        start = len(graph.nodes)
+        foldable = ctx.all_constant()
+        try:
+            results = list(fn(ctx, node))
+        except KilnError as e:
+            raise self._locate(e) from None
+        if foldable:
+            results = self._fold(start, results)
+        self._name_outputs(start, results)
+        for k, out in enumerate(node.output):
+            if not out:
+                continue
+            if k >= len(results):
+                if out in self.used:
+                    raise ctx.unsupported(f"output {k} ({out!r}) of {node.op_type}",
+                                          hint="kiln computes this op's first output(s) only")
+                continue
+            self.values[out] = results[k]
+            self._check_type(out, results[k])
+
+    def _locate(self, e: KilnError) -> KilnError:
+        """Name the ONNX node in an error raised while importing it."""
+        if e.source is None or e.node is None:
+            e.source = e.source or self.ctx.source
+            e.node = e.node or self.ctx.name
+            e.op = e.op or self.ctx.node.op_type
+            e.args = (e._format(),)
+        return e
+
+    def _fold(self, start: int, results: list[str]) -> list[str]:
+        """Evaluate this node's kiln nodes (all on constants) and replace them by constants."""
+        graph = self.b.graph
+        tail = graph.nodes[start:]
+        if not tail:
+            return results
+        env = graph.constants
+        computed: dict[str, np.ndarray] = {}
+        for n in tail:
+            try:
+                arrays = run_reference(n.op, [computed.get(i, env.get(i)) for i in n.inputs],
+                                       n.attrs)
+            except KilnError as e:
+                raise self._locate(e) from None
+            for out, a in zip(n.outputs, arrays):
+                computed[out] = np.asarray(a).astype(graph.types[out].dtype.numpy)
+        del graph.nodes[start:]
+        return [self.ctx.constant(computed[v]) if v in computed else v for v in results]
+
+    def _name_outputs(self, start: int, results: list[str]) -> None:
+        """Give the kiln values made for this node's ONNX outputs the ONNX names."""
+        graph = self.b.graph
+        made = {o for n in graph.nodes[start:] for o in n.outputs}
+        renames: dict[str, str] = {}
+        for onnx_name, v in zip(self.ctx.node.output, results):
+            if v in made and v not in renames:
+                t = graph.types.pop(v)
+                renames[v] = graph.fresh_name(sanitize_name(onnx_name))
+                graph.types[renames[v]] = t
+        if renames:
+            graph.nodes[start:] = [
+                n.with_(inputs=tuple(renames.get(i, i) for i in n.inputs),
+                        outputs=tuple(renames.get(o, o) for o in n.outputs))
+                for n in graph.nodes[start:]]
+            results[:] = [renames.get(v, v) for v in results]
+
+    def _check_type(self, onnx_name: str, value: str) -> None:
+        vi = self.expected.get(onnx_name)
+        if vi is None:
+            return
+        shape = _static_dims(vi)
+        elem = vi.type.tensor_type.elem_type
+        if shape is None or not elem:
+            return
+        dtype = DType.f32 if elem == TensorProto.DOUBLE else _ELEM_TO_DTYPE.get(elem)
+        got = self.b.type_of(value)
+        if dtype is not None and got != TensorType(shape, dtype):
+            raise self.ctx.error(
+                f"internal: kiln made {got} for {onnx_name!r} where ONNX infers "
+                f"{TensorType(shape, dtype)}",
+                hint="this is a kiln bug; please report it with this message")
+
+
+def import_onnx(path_or_model: str | os.PathLike | onnx.ModelProto, *,
+                input_shapes: Mapping[str, Sequence[int]] | None = None) -> Graph:
+    """Import an ONNX model (a file path or an ``onnx.ModelProto``) as a kiln Graph.
+
+    The model is checked with ``onnx.checker.check_model`` and typed by ONNX shape inference.
+    Every graph input needs a static shape; ``input_shapes`` (ONNX input name -> shape) fixes
+    the dynamic ones. Initializers become constants (float64 as float32); external data is
+    read only from files inside the model's directory. Graph inputs and outputs keep their
+    ONNX order and (sanitized) names.
+
+    Raises:
+        KilnError: for a missing or unreadable file, an invalid model, a dynamic input shape
+            without ``input_shapes``, or an operand that must be constant and is not;
+            UnsupportedOpError naming the ONNX node and op type for an op kiln cannot import.
+    """
+    model, name = _load(path_or_model)
+    inputs = [vi for vi in model.graph.input
+              if vi.name not in {i.name for i in model.graph.initializer}]
+    _fix_input_shapes(model, input_shapes, inputs)
+    model = _check_and_infer(model)
+    return _OnnxImporter(model, name).run()

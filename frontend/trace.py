@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +15,25 @@ from kiln.frontend.importer import Importer
 from kiln.ir import Graph, KilnError
 
 FRONTENDS = ("fx", "export")
+
+
+class _SourceTracer(torch.fx.Tracer):
+    """symbolic_trace that records, for each node, the user's stack (for error messages that
+    name the source line) with the standard library's traceback. torch.fx's own
+    ``record_stack_traces`` goes through torch._dynamo, whose first import alone takes about a
+    second: more than the rest of a cached compile."""
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        if not node.stack_trace:
+            frames = [f for f in traceback.extract_stack()[:-1]
+                      if not f.filename.startswith(_SKIP_DIRS)]
+            if frames:
+                node.stack_trace = "".join(traceback.format_list(frames[-8:])).strip()
+        return node
+
+
+_SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
 
 
 def import_graph_module(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
@@ -37,8 +58,7 @@ def trace_module(model: torch.nn.Module, example_inputs: Sequence[Any],
                         hint="call model.eval() before compiling for inference")
     name = type(model).__name__
     if frontend == "fx":
-        tracer = torch.fx.Tracer()
-        tracer.record_stack_traces = True
+        tracer = _SourceTracer()
         try:
             graph = tracer.trace(model)
         except Exception as e:

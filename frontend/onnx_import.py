@@ -123,6 +123,7 @@ class ImportContext:
 
     # ---- where we are ------------------------------------------------------------------------
     def begin(self, node: onnx.NodeProto) -> None:
+        """Start importing ``node``."""
         self.node = node
         self._attrs = {a.name: a for a in node.attribute}
 
@@ -133,6 +134,7 @@ class ImportContext:
 
     @property
     def source(self) -> str:
+        """The ``source`` of this node's kiln nodes: ``onnx:<node name>``."""
         return f"onnx:{self.name}"
 
     @property
@@ -147,10 +149,12 @@ class ImportContext:
                    hint=hint)
 
     def unsupported(self, message: str, hint: str | None = None) -> KilnError:
+        """An UnsupportedOpError naming the ONNX node and op."""
         return self.error(message, hint or _REEXPORT_HINT, UnsupportedOpError)
 
     # ---- attributes --------------------------------------------------------------------------
     def has_attr(self, name: str) -> bool:
+        """Whether the node sets attribute ``name``."""
         return name in self._attrs
 
     def attr(self, name: str, default: Any = None) -> Any:
@@ -188,9 +192,11 @@ class ImportContext:
         return [self.values[n] for n in self.node.input if n]
 
     def type_of(self, value: str) -> TensorType:
+        """The kiln type of a kiln value."""
         return self.b.type_of(value)
 
     def in_type(self, i: int) -> TensorType:
+        """The kiln type of operand ``i``."""
         return self.type_of(self.input(i))
 
     def const_value(self, value: str | None) -> np.ndarray | None:
@@ -227,6 +233,7 @@ class ImportContext:
         return self.b.op(op, inputs, attrs, name=f"{self.base}.{op}", source=self.source)
 
     def op_multi(self, op: str, inputs: Sequence[str], attrs: dict | None = None) -> list[str]:
+        """Emit one kiln node with several outputs; returns them."""
         return self.b.op_multi(op, inputs, attrs, name=f"{self.base}.{op}", source=self.source)
 
     def constant(self, array: np.ndarray, hint: str | None = None) -> str:
@@ -338,8 +345,6 @@ def _clip(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
         y = ctx.op("clamp", [y], {"min": bounds[0], "max": bounds[1]})
     for kiln_op, v in computed:  # bounds computed at run time
         y = ctx.op(kiln_op, [y, v])
-    if y == x:
-        return [x]
     return [y]
 
 
@@ -807,9 +812,8 @@ def _slice_axis(ctx: ImportContext, x: str, axis: int, start: int, end: int, ste
     if step == 0:
         raise ctx.error("Slice step 0")
     n = ctx.type_of(x).shape[axis]
-    # ONNX clamps huge starts/ends (INT64_MAX means "to the end") exactly as Python does.
-    idx = range(*slice(max(min(start, 2**62), -2**62), max(min(end, 2**62), -2**62),
-                       step).indices(n))
+    # ONNX clamps starts and ends (INT64_MAX meaning "to the end") exactly as Python does.
+    idx = range(*slice(start, end, step).indices(n))
     if len(idx) == n and step > 0:
         return x
     if len(idx) == 0:

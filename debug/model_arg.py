@@ -1,4 +1,10 @@
-"""The MODEL argument of the ``kiln`` tool: a zoo name or ``path/to/file.py:factory``."""
+"""The MODEL argument of the ``kiln`` tool: a zoo name, ``path/to/file.py:factory`` or an ONNX
+file.
+
+``load_model`` gives the PyTorch module (for the commands that compare against eager PyTorch or
+compile the module); ``load_graph`` gives the imported kiln graph and example inputs, and is
+the one that also reads ``.onnx`` files (there is no module to trace for them).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kiln.examples.models import ZOO
-from kiln.ir import KilnError
+from kiln.frontend.trace import trace_module
+from kiln.ir import DType, Graph, KilnError
 
-SPEC_HELP = ("a zoo model name (" + ", ".join(ZOO) + ") or path/to/file.py:factory, where "
-             "factory() returns (module, example_inputs)")
+SPEC_HELP = ("a zoo model name (" + ", ".join(ZOO) + "), path/to/file.py:factory, where "
+             "factory() returns (module, example_inputs), or path/to/model.onnx (an ONNX "
+             "file, run on seeded random inputs; for commands that need no PyTorch module)")
+ONNX_SUFFIX = ".onnx"
+
+
+def is_onnx_spec(spec: str) -> bool:
+    """Whether MODEL ``spec`` names an ONNX file."""
+    return spec.lower().endswith(ONNX_SUFFIX)
 
 
 def load_model(spec: str, batch: int | None = None
@@ -29,6 +44,10 @@ def load_model(spec: str, batch: int | None = None
         KilnError: for an unknown zoo name, a missing file or function, or a factory that
             raises or does not return ``(module, example_inputs)``.
     """
+    if is_onnx_spec(spec):
+        raise KilnError(f"{spec!r} is an ONNX file; this command needs a PyTorch model",
+                        hint="give a zoo name or path/to/file.py:factory (ONNX files work "
+                             "with the commands built on kiln.debug.model_arg.load_graph)")
     if ":" in spec or spec.endswith(".py"):
         factory, name = _file_factory(spec)
     elif spec in ZOO:
@@ -94,3 +113,104 @@ def _check_result(result: Any, spec: str) -> tuple[torch.nn.Module, tuple[torch.
         raise KilnError(f"model factory {spec!r} returned example inputs that are not "
                         "tensors", hint=hint)
     return module, tuple(inputs)
+
+
+def load_graph(spec: str, batch: int | None = None, frontend: str = "fx"
+               ) -> tuple[Graph, list[np.ndarray], str]:
+    """The kiln graph of MODEL ``spec`` with example inputs; returns
+    ``(graph, example_arrays, name)``.
+
+    A zoo name or ``file.py:factory`` is built as by ``load_model`` and traced with
+    ``frontend`` (``fx`` or ``export``); its example inputs are the factory's. An ``.onnx``
+    file is imported with ``kiln.frontend.onnx_import.import_onnx``; a dynamic leading (batch)
+    dim of an input becomes ``batch`` (default 1), and the example inputs are seeded random
+    arrays of the input types (``random_inputs``).
+
+    Raises:
+        KilnError: as ``load_model`` does, or for an ONNX file kiln cannot import (unreadable,
+            an unsupported op, a dynamic dim other than the leading one, or a ``batch`` that
+            differs from the file's static batch size).
+    """
+    if is_onnx_spec(spec):
+        from kiln.frontend.onnx_import import import_onnx
+
+        graph = import_onnx(spec, input_shapes=_onnx_batch_shapes(Path(spec), batch))
+        return graph, random_inputs(graph), Path(spec).stem
+    module, inputs, name = load_model(spec, batch)
+    graph, _ = trace_module(module, inputs, frontend)
+    return graph, [x.detach().cpu().numpy() for x in inputs], name
+
+
+def _onnx_batch_shapes(path: Path, batch: int | None) -> dict[str, list[int]] | None:
+    """Input shapes that fix each input's dynamic leading dim to ``batch`` (default 1).
+
+    Only the inputs' declared shapes are read here; import_onnx reports a file it cannot load
+    and the dims still dynamic.
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # import_onnx says what is wrong with the file
+        return None
+    weights = {t.name for t in model.graph.initializer}
+    shapes = {}
+    for vi in model.graph.input:
+        tt = vi.type.tensor_type
+        if vi.name in weights or not tt.HasField("shape") or not tt.shape.dim:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        if dims[0] == -1:
+            dims[0] = 1 if batch is None else batch
+        elif batch is not None and dims[0] != batch:
+            raise KilnError(f"{str(path)!r} fixes the batch size of input {vi.name!r} to "
+                            f"{dims[0]}; it cannot be compiled for batch {batch}",
+                            hint="leave out --batch, or export the model with a dynamic "
+                                 "batch dim")
+        if -1 not in dims:
+            shapes[vi.name] = dims
+    return shapes
+
+
+def random_inputs(graph: Graph, seed: int = 0) -> list[np.ndarray]:
+    """Seeded example inputs of ``graph``'s input types.
+
+    Floats are standard normal, bools fair coins; integers are uniform in [0, n) where n is
+    the smallest number of rows of any embedding table they index (through shape ops), so
+    token ids are valid, else in [0, 2).
+    """
+    rng = np.random.default_rng(seed)
+    bounds = _index_bounds(graph)
+    arrays = []
+    for name in graph.inputs:
+        t = graph.types[name]
+        if t.dtype.is_float:
+            arrays.append(rng.standard_normal(t.shape).astype(t.dtype.numpy))
+        elif t.dtype == DType.bool:
+            arrays.append(rng.random(t.shape) < 0.5)
+        else:
+            high = min(bounds.get(name, 2), int(np.iinfo(t.dtype.numpy).max))
+            arrays.append(rng.integers(0, high, t.shape).astype(t.dtype.numpy))
+    return arrays
+
+
+_SHAPE_OPS = ("reshape", "permute", "slice", "expand", "concat", "split", "cast")
+
+
+def _index_bounds(graph: Graph) -> dict[str, int]:
+    """For each graph input, the fewest rows of the embedding tables it indexes."""
+    users = graph.users()
+    bounds = {}
+    for name in graph.inputs:
+        seen, todo, rows = set(), [name], []
+        while todo:
+            value = todo.pop()
+            for n in users.get(value, []):
+                if n.op == "embedding" and n.inputs[0] == value:
+                    rows.append(graph.types[n.inputs[1]].shape[0])
+                elif n.op in _SHAPE_OPS:
+                    todo.extend(o for o in n.outputs if o not in seen)
+                    seen.update(n.outputs)
+        if rows:
+            bounds[name] = max(min(rows), 1)
+    return bounds

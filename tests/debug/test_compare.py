@@ -58,3 +58,25 @@ def test_export_onnx_with_int8_and_pruning(capsys, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
     weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     assert any(w.dtype == np.int8 and w.ndim == 4 for w in weights.values())
+
+
+def test_export_onnx_with_low_rank_matches_kiln(capsys, tmp_path):
+    import onnxruntime as ort
+    import torch
+
+    import kiln
+    from kiln.examples.models import get_model
+
+    path = tmp_path / "mlp.onnx"
+    status, _, _ = run(capsys, "export", "mlp", "-o", str(path), "--format", "onnx",
+                       "--low-rank", "0.5")
+    assert status == 0
+    model, inputs = get_model("mlp")
+    compiled = kiln.compile(model, inputs, low_rank=0.5)
+    linears = [n for n in compiled.graph.nodes if n.op == "linear"]
+    assert len(linears) > 3          # at least one layer became two
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = inputs[0].numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    want = compiled(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -444,24 +444,30 @@ def _gemm(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     dt = ctx.type_of(a).dtype
     w = ctx.const_value(b)
     if w is not None:
-        # A constant B becomes a linear layer's [N, K] weight, alpha folded in.
-        w = w if trans_b else w.T
-        if alpha != 1.0:
-            w = (w.astype(np.float64) * alpha).astype(w.dtype)
-        weight, scaled = ctx.constant(w, "weight"), True
-        n = w.shape[0]
+        # A constant B becomes a linear layer's [N, K] weight, alpha folded in (B itself,
+        # keeping its name, when it already is that).
+        n = w.shape[0] if trans_b else w.shape[1]
+        if trans_b and alpha == 1.0:
+            weight = b
+        else:
+            w = w if trans_b else w.T
+            w = w if alpha == 1.0 else (w.astype(np.float64) * alpha).astype(w.dtype)
+            weight = ctx.constant(w, "weight")
+        alpha_done = True
     else:
         weight = b if trans_b else ctx.op("permute", [b], {"perm": (1, 0)})
-        scaled = alpha == 1.0
+        alpha_done = alpha == 1.0
         n = ctx.type_of(weight).shape[0]
     bias = ctx.const_value(c)
-    if bias is not None and scaled and bias.size == n and bias.shape[-1:] == (n,) \
+    if bias is not None and alpha_done and bias.size == n and bias.shape[-1:] == (n,) \
             and bias.ndim <= 2:
         # A [N] (or [1, N]) constant C is the linear layer's bias, beta folded in.
-        bias = (bias.astype(np.float64) * beta).astype(bias.dtype).reshape(n)
-        return [ctx.op("linear", [a, weight, ctx.constant(bias, "bias")])]
+        if beta != 1.0 or bias.shape != (n,):
+            c = ctx.constant((bias.astype(np.float64) * beta).astype(bias.dtype).reshape(n),
+                             "bias")
+        return [ctx.op("linear", [a, weight, c])]
     y = ctx.op("linear", [a, weight])
-    if not scaled:
+    if not alpha_done:
         y = ctx.op("mul", [y, ctx.scalar(alpha, dt, "alpha")])
     if c is not None:
         if beta != 1.0:

@@ -476,21 +476,26 @@ def _linear(low: Lowering, node: Node, store: StoreFn) -> list:
     n, kdim = low.shape(w)
     dt = low.dtype(x)
     wv = low.constant_value(w)
-    # The weight transposed to [in, out] so the output loop reads it contiguously.
-    wt = low.constant(np.ascontiguousarray(wv.T), f"{node.name}_wt") if wv is not None else None
+    narrow = n < 16 and kdim >= 16 and dt == "f32"
+    # The weight transposed to [in, out] so the output loop reads it contiguously (kept as
+    # [out, in] when the reduction is the vectorized loop).
+    wt = (low.constant(np.ascontiguousarray(wv.T), f"{node.name}_wt")
+          if wv is not None and not narrow else None)
 
     def body(idx):
         acc, kv = low.fresh("acc", dt), low.fresh("k")
         wel = (K.Load(wt, kv * n + idx[-1], dt) if wt is not None
                else low.element(w, [idx[-1], kv]))
         prod = low.element(x, list(idx[:-1]) + [kv]) * wel
-        stmts = [Decl(acc, f32(0.0, dt)), _loop(kv, kdim, [K.Assign(acc, acc + prod)])]
+        # Few outputs per row (a classifier head): the vectors go along the reduction instead.
+        k_kind = "vectorized" if narrow else "serial"
+        stmts = [Decl(acc, f32(0.0, dt)), _loop(kv, kdim, [K.Assign(acc, acc + prod)], k_kind)]
         val: Expr = acc
         if len(node.inputs) > 2:
             val = acc + low.element(node.inputs[2], [idx[-1]])
         return stmts + [store(idx, val)]
 
-    return loop_nest(low, out_shape, body, default_kinds(out_shape))
+    return loop_nest(low, out_shape, body, default_kinds(out_shape, innermost_vector=not narrow))
 
 
 def _window_sum(low: Lowering, node: Node, store: StoreFn, channels_per_group: int,

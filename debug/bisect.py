@@ -17,7 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from kiln.backends.reference import run_graph
-from kiln.debug.model_arg import load_model
+from kiln.debug.model_arg import is_onnx_spec, load_checked
 from kiln.frontend.trace import trace_module
 from kiln.ir import Graph, KilnError, NumericsError
 from kiln.ir.text import print_node
@@ -119,6 +119,7 @@ class BisectResult:
     changed_nodes: tuple[str, ...] = ()
     error: str | None = None
     stages: tuple[StageCheck, ...] = field(default=())
+    reference: str = "eager PyTorch"
 
     @property
     def failed(self) -> bool:
@@ -130,7 +131,7 @@ class BisectResult:
         lines = [f"{s.stage:>3}  {s.name:<24} max|diff| {s.max_diff:.3g}  "
                  f"{'ok' if s.ok else 'OUT OF TOLERANCE'}" for s in self.stages]
         if not self.failed:
-            lines.append("all stages match eager PyTorch")
+            lines.append(f"all stages match {self.reference}")
             return "\n".join(lines)
         if self.error is not None:
             lines.append(f"first failing pass: {self.pass_name} (#{self.index}) raised "
@@ -238,14 +239,18 @@ def bisect(model: ModelArg, pipeline: str = "O1", passes: Sequence[Pass | str] |
     ``model`` is a MODEL spec (zoo name or ``file.py:factory``) or ``(module, inputs)``.
     A pass that raises (verifier errors included) is reported as the failing pass.
     """
+    pass_list = resolve_passes(pipeline, passes)
+    reference = "eager PyTorch"
     if isinstance(model, str):
-        module, inputs, _ = load_model(model)
+        graph, arrays, expected, _ = load_checked(model, frontend=frontend)
+        if is_onnx_spec(model):
+            reference = "the imported ONNX model (reference backend)"
     else:
         module, inputs = model[0], tuple(model[1])
-    pass_list = resolve_passes(pipeline, passes)
-    graph, _ = trace_module(module, inputs, frontend)
-    arrays = [t.detach().cpu().numpy() for t in inputs]
-    check = _EagerCheck(arrays, eager_outputs(module, inputs), pass_list)
+        graph, _ = trace_module(module, inputs, frontend)
+        arrays = [t.detach().cpu().numpy() for t in inputs]
+        expected = eager_outputs(module, inputs)
+    check = _EagerCheck(arrays, expected, pass_list)
     try:
         PassManager(pass_list, [Verify(), check]).run(graph)
     except Exception as e:  # a crashing pass is a finding, whatever it raised
@@ -256,7 +261,7 @@ def bisect(model: ModelArg, pipeline: str = "O1", passes: Sequence[Pass | str] |
         return BisectResult(pass_list[check.current].name, check.current, float("nan"),
                             error=f"{type(e).__name__}: {e}", stages=tuple(check.stages))
     return BisectResult(None, None, max(s.max_diff for s in check.stages),
-                        stages=tuple(check.stages))
+                        stages=tuple(check.stages), reference=reference)
 
 
 def parse_pass_list(text: str | None) -> list[str] | None:

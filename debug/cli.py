@@ -25,12 +25,12 @@ from pathlib import Path
 
 from kiln.debug.bisect import bisect, parse_pass_list, resolve_passes
 from kiln.debug.minify import check_failure, minify, write_repro
-from kiln.debug.model_arg import SPEC_HELP, load_model
+from kiln.debug.model_arg import SPEC_HELP, is_onnx_spec, load_graph, load_model
 from kiln.debug.profiling import format_table, measure_peaks, profile
 from kiln.debug.stages import INPUT_STAGE, show
 from kiln.debug.trace import format_table as format_trace_table
 from kiln.debug.trace import trace
-from kiln.frontend.trace import FRONTENDS, trace_module
+from kiln.frontend.trace import FRONTENDS
 from kiln.ir import KilnError
 from kiln.passes import PIPELINES, all_passes
 
@@ -63,8 +63,7 @@ def _cmd_bisect(args: argparse.Namespace) -> int:
 
 def _cmd_minify(args: argparse.Namespace) -> int:
     passes = resolve_passes(args.pipeline, parse_pass_list(args.passes))
-    module, inputs, _ = load_model(args.model)
-    graph, _ = trace_module(module, inputs, args.frontend)
+    graph, _, _ = load_graph(args.model, frontend=args.frontend)
     failure = check_failure(graph, passes, args.seed)
     if failure is None:
         print(f"no failure: {', '.join(p.name for p in passes) or 'the empty pipeline'} "
@@ -104,8 +103,20 @@ def _cmd_export(args: argparse.Namespace) -> None:
                 raise
             raise KilnError("ONNX export is not available in this kiln (kiln.frontend.to_onnx "
                             "is missing)", hint="use --format kiln or --format c") from None
-    module, inputs, name = load_model(args.model, args.batch)
-    compiled = kiln.compile(module, inputs, backend="llvm", **_compression_kwargs(args, inputs))
+    if is_onnx_spec(args.model):
+        if args.prune or args.low_rank or args.quantize:
+            raise KilnError("compression options need the PyTorch model (calibration, "
+                            "distillation teacher)", hint="pass a zoo name or file.py:factory")
+        from kiln.frontend.api import CompiledModel, optimize
+        from kiln.runtime import Executable
+
+        graph, _, name = load_graph(args.model, args.batch)
+        graph, timing = optimize(graph, "O1")
+        compiled = CompiledModel(graph, Executable(graph, "llvm", 0), None, graph, timing)
+    else:
+        module, inputs, name = load_model(args.model, args.batch)
+        compiled = kiln.compile(module, inputs, backend="llvm",
+                                **_compression_kwargs(args, inputs))
     if args.format == "kiln":
         path = kiln.export(compiled, out, overwrite=args.overwrite)
     elif args.format == "c":
@@ -214,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compile MODEL for this CPU and print each kernel's time, "
                                    "GFLOP/s, GB/s, and whether it is compute- or memory-bound "
                                    "against this machine's measured peaks.")
-    p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
+    p.add_argument("model", metavar="MODEL",
+                   help=SPEC_HELP + ", or an exported .kiln artifact")
     p.add_argument("--threads", type=_non_negative, default=0,
                    help="worker threads (default 0: all cores)")
     p.add_argument("--repeat", type=_positive, default=10,

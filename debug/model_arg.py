@@ -23,7 +23,8 @@ from kiln.ir import DType, Graph, KilnError
 
 SPEC_HELP = ("a zoo model name (" + ", ".join(ZOO) + "), path/to/file.py:factory, where "
              "factory() returns (module, example_inputs), or path/to/model.onnx (an ONNX "
-             "file, run on seeded random inputs; for commands that need no PyTorch module)")
+             "file, run on seeded random inputs and judged against its own import on the "
+             "reference backend; not for compare, which needs the PyTorch module)")
 ONNX_SUFFIX = ".onnx"
 
 
@@ -214,3 +215,24 @@ def _index_bounds(graph: Graph) -> dict[str, int]:
         if rows:
             bounds[name] = max(min(rows), 1)
     return bounds
+
+
+def load_checked(spec: str, batch: int | None = None, frontend: str = "fx"
+                 ) -> tuple[Graph, list[np.ndarray], list[np.ndarray], str]:
+    """``load_graph`` plus the outputs every stage is judged against: eager PyTorch's for a
+    PyTorch model, the imported graph's on the reference backend for an ONNX file (there is
+    no PyTorch module to run); returns ``(graph, arrays, expected, name)``."""
+    from torch.utils import _pytree as pytree
+
+    from kiln.backends.reference import run_graph
+
+    if is_onnx_spec(spec):
+        graph, arrays, name = load_graph(spec, batch, frontend)
+        return graph, arrays, [np.asarray(o) for o in run_graph(graph, arrays)], name
+    module, inputs, name = load_model(spec, batch)
+    graph, _ = trace_module(module, inputs, frontend)
+    with torch.no_grad():
+        result = module(*inputs)
+    expected = [leaf.detach().cpu().numpy() for leaf in pytree.tree_leaves(result)
+                if isinstance(leaf, torch.Tensor)]
+    return graph, [x.detach().cpu().numpy() for x in inputs], expected, name

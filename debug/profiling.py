@@ -13,7 +13,10 @@ import numpy as np
 import torch
 
 import kiln
-from kiln.debug.model_arg import load_model
+from kiln.debug.model_arg import load_graph
+from kiln.frontend.api import optimize
+from kiln.ir import DType
+from kiln.runtime import Executable
 
 GEMM_SIZE = 1024
 COPY_BYTES = 256 * 2**20
@@ -68,10 +71,19 @@ def profile(spec: str, threads: int = 0, repeat: int = 10,
     (FLOPs per byte) and ``bound``: ``"compute"`` when the intensity is above the machine
     balance of ``measure_peaks(threads)``, else ``"memory"``.
     """
-    module, inputs, _ = load_model(spec, batch)
-    compiled = kiln.compile(module, inputs, backend="llvm", threads=threads)
-    arrays = [x.detach().cpu().numpy() for x in inputs]
-    kernels = compiled.executable.program.profile(arrays, repeat)
+    if spec.endswith(".kiln"):
+        # An exported artifact: its own code, on seeded inputs of its signature.
+        loaded = kiln.load(spec, threads=threads)
+        program = loaded.program
+        rng = np.random.default_rng(0)
+        arrays = [rng.standard_normal(shape).astype(dtype) if np.dtype(dtype).kind == "f"
+                  else np.zeros(shape, dtype) for _, dtype, shape in
+                  ((n, DType(dt).numpy, s) for n, dt, s in program.image.inputs)]
+    else:
+        graph, arrays, _ = load_graph(spec, batch)
+        graph, _ = optimize(graph, "O1")
+        program = Executable(graph, "llvm", threads).program
+    kernels = program.profile(arrays, repeat)
     balance = measure_peaks(threads).balance
     total = sum(k.seconds for k in kernels)
     rows = []

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from kiln.debug.model_arg import load_model
-from kiln.frontend.trace import trace_module
+from kiln.debug.model_arg import load_graph
 from kiln.ir import Graph, KilnError, print_graph
 from kiln.passes import PIPELINES, PassManager, Verify, get_pipeline
 
@@ -43,8 +42,7 @@ def graph_after(spec: str, after: str | None = None, pipeline: str = "O1",
                 frontend: str = "fx") -> Graph:
     """The graph of model ``spec`` after stage ``after`` of ``pipeline`` (see ``pass_count``)."""
     count = pass_count(pipeline, after)
-    module, inputs, _ = load_model(spec)
-    graph, _ = trace_module(module, inputs, frontend)
+    graph, _, _ = load_graph(spec, frontend=frontend)
     passes = get_pipeline(pipeline)[:count]
     return PassManager(passes, [Verify()]).run(graph)
 

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from kiln.backends.reference import run_graph
-from kiln.debug.bisect import combined_budget, eager_outputs, max_violation
-from kiln.debug.model_arg import load_model
+from kiln.debug.bisect import combined_budget, max_violation
+from kiln.debug.model_arg import load_checked
 from kiln.debug.report import Stage, write_report
 from kiln.debug.stages import INPUT_STAGE
-from kiln.frontend.trace import trace_module
 from kiln.ir import Graph, get_op, print_graph
 from kiln.passes import (
     DumpIR,
@@ -106,13 +105,10 @@ def trace(spec: str, out_dir: str | Path, pipeline: str = "O1", frontend: str = 
     """
     out = Path(out_dir)
     passes = get_pipeline(pipeline)
-    module, inputs, name = load_model(spec)
-    graph, _ = trace_module(module, inputs, frontend)
+    graph, arrays, expected, name = load_checked(spec, frontend=frontend)
     timing, graphs = Timing(), _StageGraphs()
     PassManager(passes, [Verify(), DumpIR(out), timing, graphs]).run(graph)
 
-    arrays = [t.detach().cpu().numpy() for t in inputs]
-    expected = eager_outputs(module, inputs)
     names = [INPUT_STAGE] + [p.name for p in passes]
     seconds = [0.0] + [r.seconds for r in timing.records]
     rows: list[dict[str, Any]] = []

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import keyword
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kiln.backends.cuda.mapping import Segment, plan_segments
+from kiln.backends.cuda.mapping import BoundLoop, Segment, plan_segments
 from kiln.ir import KilnError
 from kiln.ir import kernel as K
 from kiln.ir.kernel import (
@@ -75,13 +75,22 @@ _MATH_F16 = ("exp", "log", "sqrt", "floor", "trunc")
 @dataclass(frozen=True)
 class Launch:
     """One CUDA kernel of a kiln kernel: its function name, its buffer parameters in argument
-    order, and the iterations of its grid-stride loop (1 and ``parallel`` False: one thread)."""
+    order, and the iterations of its grid-stride loop (1 and ``parallel`` False: one thread).
+
+    ``schedule`` names how the work is spread: ``grid-stride`` and ``serial`` (the generic
+    mapping, whose launch size the device picks), or a schedule with a launch shape of its own
+    (``tiled-gemm``, ``block-reduce``): then ``grid`` and ``block`` are fixed here and
+    ``shared_bytes`` is its static shared memory per block."""
 
     name: str
     params: tuple[str, ...]
     work: int
     parallel: bool
     bound: tuple[str, ...]
+    schedule: str = ""
+    grid: tuple[int, int, int] | None = None
+    block: tuple[int, int, int] | None = None
+    shared_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,14 +102,27 @@ class KernelSource:
     launches: tuple[Launch, ...]
 
 
-def render_kernel(kernel: Kernel) -> KernelSource:
-    """Python source of the CUDA kernels that run ``kernel``."""
-    return _Module(kernel).render()
+SegmentSchedule = Callable[["KernelWriter", Segment, str, list[str]], "Launch | None"]
+"""A schedule for one segment: given the writer, the segment, the CUDA function name and the
+output lines, it appends a whole ``@cuda.jit`` function and returns its Launch, or returns None
+(appending nothing) when the segment is not of its shape."""
 
 
-class _Module:
-    def __init__(self, kernel: Kernel) -> None:
+def render_kernel(kernel: Kernel, schedules: Sequence[SegmentSchedule] = ()) -> KernelSource:
+    """Python source of the CUDA kernels that run ``kernel``. Each segment gets the first of
+    ``schedules`` that takes it, else the generic grid-stride (or one-thread) mapping."""
+    return KernelWriter(kernel, schedules).render()
+
+
+class KernelWriter:
+    """Renders one kiln kernel as CUDA kernel source: expressions and statements of the kernel
+    IR as typed Python text (``expr``, ``stmts``), constants hoisted to module level, and the
+    generic launch of a segment (``launch``). Segment schedules (``dense``, ``reduce``) use the
+    same writer for the kernel IR they embed in their own loop structure."""
+
+    def __init__(self, kernel: Kernel, schedules: Sequence[SegmentSchedule] = ()) -> None:
         self.kernel = kernel
+        self.schedules = tuple(schedules)
         self.consts: dict[tuple[str, object], str] = {}
         self.const_lines: list[str] = []
         self.counter = 0
@@ -248,6 +270,20 @@ class _Module:
         nan = f" or {a} != {a}" if K.is_float(dt) else ""
         return f"({a} if {a} {cmp} {b}{nan} else {b})"
 
+    def combine(self, op: str, dt: str, a: str, b: str) -> str:
+        """Text of the reduction step ``op`` (add, max, min) of names ``a`` and ``b`` in
+        ``dt``; max/min operands that are not names are hoisted to ``self.pre``."""
+        if op == "add":
+            text = f"{a} + {b}"
+            return f"{TYPE_NAMES[dt]}({text})" if dt in _NARROW else f"({text})"
+        return self.max_min(op, dt, a, b)
+
+    def expr_at(self, e: Expr, depth: int, out: list[str]) -> str:
+        """Text of scalar ``e``, with the lines it needs first appended to ``out``."""
+        text = self.expr(e)
+        self._flush(depth, out)
+        return text
+
     def hoist(self, text: str) -> str:
         """A name holding the value of expression ``text`` (itself when it is a name)."""
         if text.isidentifier():
@@ -352,10 +388,11 @@ class _Module:
                             f"{type(s).__name__}")
 
     # ---- kernels ---------------------------------------------------------------------------
-    def launch(self, seg: Segment, index: int, out: list[str]) -> Launch:
+    def header(self, name: str, stmts: Sequence[Stmt], out: list[str]) -> tuple[str, ...]:
+        """Append the ``@cuda.jit`` line, the ``def`` line and the per-thread scratch arrays of
+        a CUDA function running ``stmts``; returns its buffer parameters in argument order."""
         k = self.kernel
-        name = _ident(f"{k.name}_{index}")
-        used = _buffers_in(seg.stmts)
+        used = buffers_in(stmts)
         params = tuple(b.name for b in k.params if b.name in used)
         sig = ", ".join(f"{NUMBA_TYPES[self.buffers[p].dtype]}[::1]" for p in params)
         out.append(f'@cuda.jit("void({sig})")')
@@ -366,38 +403,61 @@ class _Module:
                 # IR's contract for scratch inside parallel loops).
                 out.append(f"    {self.buf(b.name)} = cuda.local.array({b.size}, "
                            f"numba.types.{NUMBA_TYPES[b.dtype]})")
+        return params
+
+    def decode(self, flat: str, loops: Sequence[BoundLoop], depth: int, out: list[str]) -> None:
+        """Append the lines setting the variables of ``loops`` (outermost first) from the flat
+        iteration number ``flat`` (a name, below the product of their counts)."""
+        inner = 1
+        lines = []
+        for b in reversed(loops):
+            # Outermost loop in the highest digits; it needs no modulo, being below its count.
+            q = flat if inner == 1 else f"{flat} // {inner}"
+            if b is not loops[0]:
+                q = f"({q}) % {b.count}" if inner != 1 else f"{q} % {b.count}"
+            if b.step != 1:
+                q = f"({q}) * {b.step}"
+            if b.start != 0:
+                q = f"{b.start} + {q}"
+            if b.count == 1:
+                q = str(b.start)
+            lines.append(f"{'    ' * depth}{self.loop_var(b.var)} = {q}")
+            inner *= b.count
+        out.extend(reversed(lines))
+
+    def loop_var(self, name: str) -> str:
+        """The Python name of index loop variable ``name``."""
+        return self.names[(name, INDEX, 1)]
+
+    def launch(self, seg: Segment, name: str, out: list[str]) -> Launch:
+        """The generic mapping of a segment: a grid-stride loop over its bound loops, or one
+        thread."""
+        params = self.header(name, seg.stmts, out)
         if seg.bound:
             t = self.fresh("t")
             out.append(f"    for {t} in range(cuda.grid(1), {seg.work}, cuda.gridsize(1)):")
-            inner = 1
-            decode = []
-            for b in reversed(seg.bound):
-                # The flat index, unflattened: outermost bound loop in the highest digits.
-                q = t if inner == 1 else f"{t} // {inner}"
-                if b is not seg.bound[0]:
-                    q = f"({q}) % {b.count}" if inner != 1 else f"{q} % {b.count}"
-                if b.step != 1:
-                    q = f"({q}) * {b.step}"
-                if b.start != 0:
-                    q = f"{b.start} + {q}"
-                if b.count == 1:
-                    q = str(b.start)
-                decode.append(f"        {self.names[(b.var, INDEX, 1)]} = {q}")
-                inner *= b.count
-            out.extend(reversed(decode))
+            self.decode(t, seg.bound, 2, out)
             self.stmts(seg.body(), 2, out)
         else:
             out.append("    if cuda.grid(1) == 0:")
             self.stmts(seg.stmts, 2, out)
         out.append("")
         out.append("")
-        return Launch(name, params, seg.work, bool(seg.bound), tuple(b.var for b in seg.bound))
+        return Launch(name, params, seg.work, bool(seg.bound), tuple(b.var for b in seg.bound),
+                      "grid-stride" if seg.bound else "serial")
 
     def render(self) -> KernelSource:
         body: list[str] = []
         launches = []
         for i, seg in enumerate(plan_segments(self.kernel)):
-            launches.append(self.launch(seg, i, body))
+            name = _ident(f"{self.kernel.name}_{i}")
+            for schedule in self.schedules:
+                launch = schedule(self, seg, name, body)
+                if launch is not None:
+                    break
+            else:
+                launch = self.launch(seg, name, body)
+            launches.append(launch)
         header = [f"# kernel {self.kernel.name}", *self.const_lines, "", ""]
         text = "\n".join(header + body).rstrip() + "\n"
         return KernelSource(self.kernel, text, tuple(launches))
@@ -441,7 +501,8 @@ def _name_table(kernel: Kernel) -> dict[tuple[str, str, int], str]:
     return table
 
 
-def _buffers_in(stmts: Sequence[Stmt]) -> set[str]:
+def buffers_in(stmts: Sequence[Stmt]) -> set[str]:
+    """Names of the buffers ``stmts`` load from or store to."""
     names = set()
     for s in K.walk_stmts(stmts):
         if isinstance(s, Store):

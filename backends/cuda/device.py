@@ -11,10 +11,13 @@ on the GPU instead of a Python exception.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import linecache
 import math
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -36,6 +39,7 @@ GPU_BLOCK = 256
 GPU_BLOCKS_PER_SM = 32
 SIM_BLOCK = 4
 SIM_BLOCKS = 2
+SIM_SWITCH_INTERVAL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,22 @@ class CudaDevice:
     simulated: bool
     name: str
     multiprocessors: int
+
+    @contextlib.contextmanager
+    def pacing(self) -> Iterator[None]:
+        """Around launches: in the simulator, a short GIL switch interval. Its block manager
+        busy-polls the block's Python threads for barriers, so with Python's default 5 ms
+        interval every ``cuda.syncthreads()`` costs several milliseconds; at 0.1 ms about one.
+        The interval is the process's, so it is restored on the way out. No-op on a GPU."""
+        if not self.simulated:
+            yield
+            return
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(min(old, SIM_SWITCH_INTERVAL))
+        try:
+            yield
+        finally:
+            sys.setswitchinterval(old)
 
     def launch_config(self, work: int, parallel: bool) -> tuple[int, int]:
         """(blocks, threads per block) for a grid-stride loop of ``work`` iterations."""

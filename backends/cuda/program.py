@@ -13,12 +13,13 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from kiln.backends.cuda.codegen import KernelSource, Launch, render_kernel
+from kiln.backends.cuda.codegen import KernelSource, Launch
 from kiln.backends.cuda.device import CudaDevice, cuda_device, load_source, source_ptx
+from kiln.backends.cuda.schedule import GPU_TUNING, SIM_TUNING, CudaTuning, render_scheduled
 from kiln.ir import Graph, KilnError, verify
 from kiln.ir import kernel as K
 from kiln.passes.lower import LoweredGraph, lower_graph
@@ -44,6 +45,31 @@ class KernelProfile:
     @property
     def gbytes(self) -> float:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class LaunchInfo(NamedTuple):
+    """One CUDA launch as configured: its schedule (``tiled-gemm``, ``block-reduce``,
+    ``grid-stride`` or ``serial``), grid and block dimensions, static shared memory per block,
+    the work it covers (output elements, rows or grid-stride iterations) and the kernel-IR loop
+    variables it binds to threads."""
+
+    name: str
+    work: int
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    bound: tuple[str, ...]
+    schedule: str
+    shared_bytes: int
+
+
+def launch_shape(launch: Launch, device: CudaDevice) -> tuple[tuple[int, int, int],
+                                                             tuple[int, int, int]]:
+    """(grid, block) of ``launch``: its own for the CUDA schedules, the device's choice for a
+    generic grid-stride loop."""
+    if launch.grid is not None and launch.block is not None:
+        return launch.grid, launch.block
+    blocks, threads = device.launch_config(launch.work, launch.parallel)
+    return (blocks, 1, 1), (threads, 1, 1)
 
 
 @dataclass
@@ -123,8 +149,7 @@ class CudaProgram:
                 where[buf.name] = ("static", self._view(st.kind, st.index, buf))
         calls = []
         for launch in src.launches:
-            blocks, threads = self.device.launch_config(launch.work, launch.parallel)
-            kernel = ns[launch.name][blocks, threads]
+            kernel = ns[launch.name][launch_shape(launch, self.device)]
             calls.append(_Call(launch, kernel, [where[p] for p in launch.params]))
         k = step.kernel
         return _Step(k.name, step.root, k.meta.get("op", ""), int(k.flops),
@@ -166,6 +191,10 @@ class CudaProgram:
 
     def _launch_all(self, inputs: list[Any], outputs: list[Any], timed: bool = False
                     ) -> list[float]:
+        with self.device.pacing():
+            return self._launch_steps(inputs, outputs, timed)
+
+    def _launch_steps(self, inputs: list[Any], outputs: list[Any], timed: bool) -> list[float]:
         times = []
         cuda = self.device.cuda
         for step in self._steps:
@@ -251,15 +280,15 @@ class CudaProgram:
         """The generated Python source of every kernel, in execution order."""
         return "\n\n".join(s.text for s in self.sources)
 
-    def launches(self) -> list[tuple[str, int, tuple[int, int], tuple[str, ...]]]:
-        """Every CUDA launch: (function name, grid-stride iterations, (blocks, threads),
-        loop variables bound to threads), in execution order."""
+    def launches(self) -> list[LaunchInfo]:
+        """Every CUDA launch as configured, in execution order."""
         out = []
         for step in self._steps:
             for call in step.calls:
                 lc = call.launch
-                out.append((lc.name, lc.work,
-                            self.device.launch_config(lc.work, lc.parallel), lc.bound))
+                grid, block = launch_shape(lc, self.device)
+                out.append(LaunchInfo(lc.name, lc.work, grid, block, lc.bound,
+                                      lc.schedule, lc.shared_bytes))
         return out
 
     def __repr__(self) -> str:
@@ -292,8 +321,15 @@ def _device_empty(cuda, n: int, dtype) -> Any:
     return cuda.device_array(max(n, 1), dtype)[:n]
 
 
-def compile_graph_cuda(graph: Graph, *, width: int = 1) -> CudaProgram:
+def compile_graph_cuda(graph: Graph, *, width: int = 1,
+                       tuning: CudaTuning | None = None) -> CudaProgram:
     """Compile ``graph`` to numba.cuda kernels.
+
+    Dense nests (linear, matmul, conv and the int8 GEMMs) run as shared-memory tiled GEMMs,
+    row reductions (softmax, norms, reduce_*) with a thread block per row, everything else
+    with the generic grid-stride mapping (see ``schedule``). ``tuning`` sets those schedules'
+    sizes (default: the GPU's, or small blocks in the simulator; ``schedule.GENERIC`` turns
+    them off).
 
     ``width`` 1 (the default) lowers every group to scalar loop nests, the natural form for GPU
     threads. A larger width applies the CPU's schedules (packed GEMM micro-kernels with
@@ -313,7 +349,9 @@ def compile_graph_cuda(graph: Graph, *, width: int = 1) -> CudaProgram:
             step.kernel = schedule_kernel(step.kernel, width)
     plan = plan_memory(lowered)
     t1 = time.perf_counter()
-    sources = [render_kernel(step.kernel) for step in lowered.steps]
+    if tuning is None:
+        tuning = SIM_TUNING if device.simulated else GPU_TUNING
+    sources = [render_scheduled(step.kernel, tuning) for step in lowered.steps]
     t2 = time.perf_counter()
     program = CudaProgram(graph, lowered, plan, sources, device, {})
     t3 = time.perf_counter()
@@ -321,13 +359,16 @@ def compile_graph_cuda(graph: Graph, *, width: int = 1) -> CudaProgram:
     return program
 
 
-def run_kernel_cuda(kernel: K.Kernel, buffers: dict[str, np.ndarray]) -> str:
+def run_kernel_cuda(kernel: K.Kernel, buffers: dict[str, np.ndarray],
+                    tuning: CudaTuning | None = None) -> str:
     """Run one kernel on the device, in place on flat NumPy ``buffers`` (by parameter name),
     like ``kiln.ir.kernel.run_kernel`` does in the interpreter; returns the generated source.
 
     For tests and debugging: it uploads and downloads every buffer."""
     device = cuda_device()
-    src = render_kernel(kernel)
+    if tuning is None:
+        tuning = SIM_TUNING if device.simulated else GPU_TUNING
+    src = render_scheduled(kernel, tuning)
     ns = load_source(src.text, kernel.name)
     cuda = device.cuda
     dev = {}
@@ -336,18 +377,18 @@ def run_kernel_cuda(kernel: K.Kernel, buffers: dict[str, np.ndarray]) -> str:
         if arr is None or arr.ndim != 1 or arr.size < p.size or arr.dtype != K.np_dtype(p.dtype):
             raise KilnError(f"run_kernel_cuda: buffer {p.name} must be flat {p.dtype}[{p.size}]")
         dev[p.name] = cuda.to_device(arr) if arr.size else _device_empty(cuda, 0, arr.dtype)
-    for launch in src.launches:
-        if launch.work:
-            blocks, threads = device.launch_config(launch.work, launch.parallel)
-            ns[launch.name][blocks, threads](*[dev[p] for p in launch.params])
+    with device.pacing():
+        for launch in src.launches:
+            if launch.work:
+                ns[launch.name][launch_shape(launch, device)](*[dev[p] for p in launch.params])
     for p in kernel.params:
         if buffers[p.name].size:
             buffers[p.name][...] = dev[p.name].copy_to_host()
     return src.text
 
 
-def compile_graph_ptx(graph: Graph, *, cc: tuple[int, int] = (8, 0), width: int = 1
-                      ) -> dict[str, str]:
+def compile_graph_ptx(graph: Graph, *, cc: tuple[int, int] = (8, 0), width: int = 1,
+                      tuning: CudaTuning = GPU_TUNING) -> dict[str, str]:
     """PTX for compute capability ``cc`` of every CUDA kernel of ``graph`` (by function name,
     in execution order), compiled by numba's CUDA compiler without a GPU (it needs the CUDA
     toolkit's libNVVM, and a process without NUMBA_ENABLE_CUDASIM).
@@ -359,7 +400,7 @@ def compile_graph_ptx(graph: Graph, *, cc: tuple[int, int] = (8, 0), width: int 
     out: dict[str, str] = {}
     for step in lowered.steps:
         kernel = schedule_kernel(step.kernel, width) if width > 1 else step.kernel
-        out.update(source_ptx(render_kernel(kernel).text, kernel.name, cc))
+        out.update(source_ptx(render_scheduled(kernel, tuning).text, kernel.name, cc))
     return out
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from kiln.backends.cuda import compile_graph_cuda, run_kernel_cuda
 from kiln.backends.cuda.mapping import plan_segments
+from kiln.backends.cuda.schedule import GENERIC
 from kiln.backends.reference import run_graph
 from kiln.ir import GraphBuilder, KilnError, TensorType
 from kiln.ir import kernel as K
@@ -229,14 +230,23 @@ def test_cpu_schedules_run_as_they_are(op, operands, attrs, consts):
 
 
 def test_launches_bind_the_output_loops():
+    # A softmax over the first axis reads its columns with a stride: a thread per column.
     graph, _ = _graph("softmax", [_f32(3, 4)], {"axis": 0})
     program = compile_graph_cuda(graph)
-    [(name, work, (blocks, threads), bound)] = program.launches()
-    assert work == 4 and bound == ("i1",) and blocks * threads <= work + threads
+    [launch] = program.launches()
+    assert launch.work == 4 and launch.bound == ("i1",) and launch.schedule == "grid-stride"
+    (blocks, _, _), (threads, _, _) = launch.grid, launch.block
+    assert blocks * threads <= launch.work + threads
     assert "cuda.grid(1)" in program.source and "@cuda.jit" in program.source
+    # A sum over everything: one block folds it, instead of one thread.
     graph, _ = _graph("reduce_sum", [_f32(3, 4)], {"axes": None, "keepdim": False})
-    [(_, work, config, bound)] = compile_graph_cuda(graph).launches()
-    assert (work, config, bound) == (1, (1, 1), ())
+    [launch] = compile_graph_cuda(graph).launches()
+    assert (launch.work, launch.grid, launch.bound, launch.schedule) == (
+        1, (1, 1, 1), (), "block-reduce")
+    # With the CUDA schedules off it is the generic single thread.
+    [launch] = compile_graph_cuda(graph, tuning=GENERIC).launches()
+    assert (launch.work, launch.grid, launch.block, launch.schedule) == (
+        1, (1, 1, 1), (1, 1, 1), "serial")
 
 
 def test_run_kernel_cuda_checks_buffers():

@@ -188,6 +188,13 @@ case("qlinear_u8_relu", "qlinear", _q_operands((3, 8), (5, 8)),
 case("qlinear_f32", "qlinear", _q_operands((2, 8), (3, 8)), {"out_dtype": "f32"})
 case("qconv_u8", "qconv", _q_operands((1, 5, 5, 3), (4, 2, 2, 3)),
      {"stride": 2, "padding": 1, "x_zero_point": 9, "out_zero_point": 128}, consts=(1, 2, 3))
+case("linear_w8", "linear_w8", [f32(3, 8), ints(np.int8, 5, 8, lo=-127, hi=127),
+                                 RNG.uniform(1e-3, 1e-2, 5).astype(np.float32), f32(5)],
+     consts=(1, 2, 3))
+case("dynamic_qlinear", "dynamic_qlinear", [f32(4, 8, scale=3.0), ints(np.int8, 3, 8, lo=-127,
+                                                                        hi=127),
+                                             RNG.uniform(1e-3, 1e-2, 3).astype(np.float32)],
+     consts=(1, 2))
 
 
 def one_op_graph(op: str, operands: list[np.ndarray], attrs: dict, consts: tuple[int, ...]):

@@ -32,5 +32,5 @@ def test_cuda_backend_agrees_with_reference(seed: int) -> None:
     program = compile_graph_cuda(graph)
     fuzz.assert_outputs_close(run_graph(graph, inputs), program.run(*inputs),
                               f"seed {seed}, cuda")
-    serial = [name for name, work, _, bound in program.launches() if work > 1 and not bound]
+    serial = [lc.name for lc in program.launches() if lc.work > 1 and not lc.bound]
     assert not serial, f"seed {seed}: launches left in one thread: {serial}"

@@ -179,6 +179,9 @@ def read_image(path: str | os.PathLike) -> tuple[Any, dict]:
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise _fail(f"artifact header is not valid JSON: {e}") from None
     _want(isinstance(header, dict), "header must be an object")
+    if header.get("kind", "cpu") != "cpu":
+        raise _fail(f"{path} is a {str(header.get('kind'))[:32]} artifact, not a CPU one",
+                    hint="load a CUDA artifact with kiln.backends.cuda.load_cuda(path)")
     _want(header.get("format") == FORMAT, "format mismatch between prefix and header")
     data = memoryview(raw)[_PREFIX.size + head_len:]
 

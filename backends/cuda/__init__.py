@@ -8,10 +8,14 @@ the static memory plan (``program``). Each launch gets a schedule (``schedule``)
 shared-memory tree (``reduce``), and everything else as a grid-stride loop over its outermost
 independent loops (``mapping``). It runs on an NVIDIA GPU, or on Numba's CUDA simulator when
 ``NUMBA_ENABLE_CUDASIM=1`` is set before numba is imported.
+
+``export_cuda(compiled, path)`` writes the kernels as PTX with their launch table and memory
+plan (``artifact``); ``load_cuda(path)`` runs such a file on a GPU without PyTorch.
 """
 
 from __future__ import annotations
 
+from kiln.backends.cuda.artifact import CudaArtifactModel, export_cuda, load_cuda
 from kiln.backends.cuda.program import (
     CudaProgram,
     KernelProfile,
@@ -23,6 +27,6 @@ from kiln.backends.cuda.program import (
 )
 from kiln.backends.cuda.schedule import GENERIC, GPU_TUNING, SIM_TUNING, CudaTuning
 
-__all__ = ["GENERIC", "GPU_TUNING", "SIM_TUNING", "CudaProgram", "CudaTuning", "KernelProfile",
-           "LaunchInfo", "compile_graph", "compile_graph_cuda", "compile_graph_ptx",
-           "run_kernel_cuda"]
+__all__ = ["GENERIC", "GPU_TUNING", "SIM_TUNING", "CudaArtifactModel", "CudaProgram",
+           "CudaTuning", "KernelProfile", "LaunchInfo", "compile_graph", "compile_graph_cuda",
+           "compile_graph_ptx", "export_cuda", "load_cuda", "run_kernel_cuda"]

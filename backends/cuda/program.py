@@ -22,8 +22,8 @@ from kiln.backends.cuda.device import CudaDevice, cuda_device, load_source, sour
 from kiln.backends.cuda.schedule import GPU_TUNING, SIM_TUNING, CudaTuning, render_scheduled
 from kiln.ir import Graph, KilnError, verify
 from kiln.ir import kernel as K
-from kiln.passes.lower import LoweredGraph, lower_graph
-from kiln.passes.memory_plan import MemoryPlan, plan_memory
+from kiln.passes.lower import KernelStep, LoweredGraph, lower_graph
+from kiln.passes.memory_plan import MemoryPlan, Storage, plan_memory
 from kiln.passes.vectorize import schedule_kernel
 
 
@@ -134,15 +134,7 @@ class CudaProgram:
         ns = load_source(src.text, src.kernel.name)
         where: dict[str, tuple[str, Any]] = {}
         for buf in step.kernel.params:
-            value = step.reads.get(buf.name) or step.writes.get(buf.name)
-            if buf.name in step.temps:
-                key = f"{t}:{buf.name}"
-            else:
-                key = value if value in self.plan.storage else buf.name
-            if key not in self.plan.storage:
-                raise KilnError(f"kernel {step.kernel.name}: no storage for buffer {buf.name}",
-                                node=step.root, hint="this is a kiln bug; please report it")
-            st = self.plan.storage[key]
+            st = param_storage(self.plan, t, step, buf)
             if st.kind in ("input", "output"):
                 where[buf.name] = (st.kind, st.index)
             else:
@@ -295,6 +287,20 @@ class CudaProgram:
         n = sum(len(s.calls) for s in self._steps)
         return (f"<CudaProgram {self.graph.name}: {len(self._steps)} kernels, {n} launches on "
                 f"{self.device.name}>")
+
+
+def param_storage(plan: MemoryPlan, t: int, step: KernelStep, buf: K.Buffer) -> Storage:
+    """Where kernel parameter ``buf`` of step ``t`` lives: a graph input or output (by
+    position), or a byte offset in the arena or the constant blob."""
+    value = step.reads.get(buf.name) or step.writes.get(buf.name)
+    if buf.name in step.temps:
+        key = f"{t}:{buf.name}"
+    else:
+        key = value if value in plan.storage else buf.name
+    if key not in plan.storage:
+        raise KilnError(f"kernel {step.kernel.name}: no storage for buffer {buf.name}",
+                        node=step.root, hint="this is a kiln bug; please report it")
+    return plan.storage[key]
 
 
 def check_inputs_one(g: Graph, k: int, a: Any) -> np.ndarray:

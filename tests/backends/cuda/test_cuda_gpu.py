@@ -23,10 +23,14 @@ GPU_SCRIPT = textwrap.dedent("""
     if not numba.cuda.is_available():
         print("SKIP: numba.cuda.is_available() is False (no usable GPU or driver)")
         raise SystemExit(0)
+    import os
+    import tempfile
+
     import numpy as np
     import torch
 
     import kiln
+    from kiln.backends.cuda.artifact import export_cuda, load_cuda
     from kiln.examples.models import get_model
 
     for name in ["mlp", "lenet5", "resnet18_cifar", "gpt2_block"]:
@@ -43,6 +47,12 @@ GPU_SCRIPT = textwrap.dedent("""
             (out,) = program.run(*[x.cuda() for x in inputs])
             np.testing.assert_allclose(out.copy_to_host(), expected.numpy(), rtol=1e-4,
                                        atol=1e-4 * float(expected.abs().max()))
+        # The same model as a CUDA artifact (PTX), loaded back and run.
+        path = os.path.join(tempfile.mkdtemp(), name + ".kiln")
+        export_cuda(compiled, path)
+        loaded = load_cuda(path)
+        np.testing.assert_allclose(loaded(*[x.numpy() for x in inputs]), expected.numpy(),
+                                   rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
         print(name, "ok", compiled.profile(*inputs, repeat=3)[0])
     print("OK")
 """)

@@ -62,7 +62,17 @@ class CompiledModel:
 
     def __call__(self, *args: Any) -> Any:
         use_torch = any(isinstance(a, torch.Tensor) for a in args)
-        if use_torch and len(args) == len(self._torch_sig) and all(
+        on_device = self.backend == "cuda" and any(
+            a.is_cuda if isinstance(a, torch.Tensor) else hasattr(a, "__cuda_array_interface__")
+            for a in args)
+        if on_device:
+            # Device memory stays on the device: the CUDA program reads the inputs in place and
+            # returns fresh device arrays, which torch wraps as CUDA tensors without a copy.
+            outs = self.executable.program.run(
+                *[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+            if use_torch:
+                outs = [torch.as_tensor(o, device="cuda") for o in outs]
+        elif use_torch and len(args) == len(self._torch_sig) and all(
                 isinstance(a, torch.Tensor) and a.shape == s and a.dtype == d
                 and a.device.type == "cpu" and not a.requires_grad
                 for a, (s, d) in zip(args, self._torch_sig)):
@@ -72,7 +82,7 @@ class CompiledModel:
             arrays = [a.detach().cpu().numpy() if isinstance(a, torch.Tensor)
                       else np.asarray(a) for a in args]
             outs = self.executable.run(arrays)
-        if use_torch:
+        if use_torch and not on_device:
             # Backends return fresh arrays on every call, so sharing their memory is safe.
             outs = [torch.from_numpy(o) if o.flags.writeable else torch.from_numpy(o.copy())
                     for o in outs]

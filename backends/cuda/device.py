@@ -51,6 +51,29 @@ class CudaDevice:
     name: str
     multiprocessors: int
 
+    def as_device_array(self, a: Any) -> Any:
+        """``a`` as a numba device array without a copy: numba device arrays as they are,
+        anything else through its ``__cuda_array_interface__`` (a CUDA torch tensor, CuPy).
+
+        In the simulator, device memory is host memory: the interface's pointer is read as a
+        host address (what a stand-in for a device array hands out in tests), and a tensor
+        that really lives on a GPU is refused."""
+        if hasattr(a, "copy_to_host"):
+            return a
+        if not self.simulated:
+            return self.cuda.as_cuda_array(a)
+        if getattr(getattr(a, "device", None), "type", None) == "cuda":
+            raise KilnError("Numba's CUDA simulator cannot read GPU memory (a CUDA tensor)",
+                            hint="pass CPU tensors or NumPy arrays to a model compiled in the "
+                                 "simulator")
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        cai = a.__cuda_array_interface__
+        host = SimpleNamespace(__array_interface__={
+            "shape": tuple(cai["shape"]), "typestr": cai["typestr"], "data": cai["data"],
+            "strides": cai.get("strides"), "version": 3})
+        return FakeCUDAArray(np.asarray(host))
+
     @contextlib.contextmanager
     def pacing(self) -> Iterator[None]:
         """Around launches: in the simulator, a short GIL switch interval. Its block manager

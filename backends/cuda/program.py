@@ -176,10 +176,7 @@ class CudaProgram:
         return out
 
     def _as_device(self, a: Any):
-        cuda = self.device.cuda
-        if hasattr(a, "copy_to_host"):
-            return a
-        return cuda.as_cuda_array(a)
+        return self.device.as_device_array(a)
 
     def _launch_all(self, inputs: list[Any], outputs: list[Any], timed: bool = False
                     ) -> list[float]:

@@ -47,6 +47,11 @@ GPU_SCRIPT = textwrap.dedent("""
             (out,) = program.run(*[x.cuda() for x in inputs])
             np.testing.assert_allclose(out.copy_to_host(), expected.numpy(), rtol=1e-4,
                                        atol=1e-4 * float(expected.abs().max()))
+            # Through kiln.compile's model: CUDA tensors in, CUDA tensors out.
+            got_cuda = compiled(*[x.cuda() for x in inputs])
+            assert got_cuda.is_cuda, name
+            torch.testing.assert_close(got_cuda.cpu(), expected, rtol=1e-4,
+                                       atol=1e-4 * float(expected.abs().max()))
         # The same model as a CUDA artifact (PTX), loaded back and run.
         path = os.path.join(tempfile.mkdtemp(), name + ".kiln")
         export_cuda(compiled, path)

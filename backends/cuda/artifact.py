@@ -124,7 +124,8 @@ def default_cc() -> tuple[int, int]:
 
     try:
         if cuda.is_available():
-            return tuple(cuda.get_current_device().compute_capability)  # type: ignore[return-value]
+            major, minor = cuda.get_current_device().compute_capability
+            return int(major), int(minor)
     except Exception:  # a broken driver: export for the default target all the same
         pass
     return DEFAULT_CC
@@ -165,13 +166,14 @@ def build_cuda_image(source: Any, *, cc: tuple[int, int] | None = None,
     from kiln.backends.cuda.program import param_storage
 
     graph, lowered, plan = _lowered(source)
-    cc = tuple(cc or default_cc())  # type: ignore[assignment]
+    major, minor = cc or default_cc()
+    target = (int(major), int(minor))
     launches: list[LaunchEntry] = []
     ptx: dict[str, str] = {}
     for t, step in enumerate(lowered.steps):
         kernel = step.kernel
         src = render_scheduled(kernel, tuning)
-        compiled = compile_ptx(src.text, kernel.name, cc)  # type: ignore[arg-type]
+        compiled = compile_ptx(src.text, kernel.name, target)
         storage = {b.name: param_storage(plan, t, step, b) for b in kernel.params}
         buffers = {b.name: b for b in kernel.params}
         for launch in src.launches:
@@ -197,7 +199,7 @@ def build_cuda_image(source: Any, *, cc: tuple[int, int] | None = None,
             copy_constants[j] = np.ascontiguousarray(graph.constants[src_value])
         else:
             copies[j] = ("output", graph.outputs.index(src_value))
-    return CudaImage(cc, _signature(graph, graph.inputs),  # type: ignore[arg-type]
+    return CudaImage(target, _signature(graph, graph.inputs),
                      _signature(graph, graph.outputs), int(plan.arena_bytes),
                      np.ascontiguousarray(plan.const_blob).view(np.uint8).reshape(-1),
                      launches, ptx, copies, copy_constants)
@@ -327,7 +329,7 @@ def _dims(v: Any, what: str, limits: tuple[int, int, int]) -> tuple[int, int, in
     _want(isinstance(v, list) and len(v) == 3 and all(_is_int(d) and 1 <= d <= lim
                                                        for d, lim in zip(v, limits)),
           f"{what} must be three positive integers within the device limits")
-    return tuple(v)  # type: ignore[return-value]
+    return v[0], v[1], v[2]
 
 
 def _parts(header: dict, data: memoryview) -> dict[str, bytes]:
@@ -524,7 +526,7 @@ def _array_args(arrays: Sequence[Any]) -> list[Any]:
 
     out: list[Any] = []
     for a in arrays:
-        ptr = driver.device_pointer(a)
+        ptr = driver.device_pointer(a) if a.size else 0  # an empty view may have none
         out += [ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_ssize_t(a.size),
                 ctypes.c_ssize_t(a.dtype.itemsize), ctypes.c_void_p(int(ptr)),
                 ctypes.c_ssize_t(a.shape[0]), ctypes.c_ssize_t(a.strides[0])]

@@ -77,8 +77,10 @@ class Contraction:
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """(batch, M, N, K)."""
-        return tuple(math.prod(b.count for b in loops)  # type: ignore[return-value]
-                     for loops in (self.batch, self.rows, self.cols, self.k))
+        def size(loops: tuple[BoundLoop, ...]) -> int:
+            return math.prod(b.count for b in loops)
+
+        return size(self.batch), size(self.rows), size(self.cols), size(self.k)
 
     @property
     def compute_dtype(self) -> str:
@@ -247,7 +249,7 @@ def render_tiled_gemm(tiling: GemmTiling, writer: KernelWriter, seg: Segment, na
         text = writer.expr_at(factor if factor.dtype == ct else K.Cast(factor, ct), 4, lines)
         lines += [f"                {value} = {text}", f"            {tile}[_c, _r] = {value}"]
     update = "_acc[_i, _j] + _ra[_i] * _rb[_j]"
-    if ct in ("i32",):  # numba computes in int64: wrap back like the generic nest does
+    if ct == "i32":  # numba computes in int64: wrap back like the generic nest does
         update = f"{TYPE_NAMES[ct]}({update})"
     lines += [
         "        cuda.syncthreads()",

@@ -110,8 +110,9 @@ def _classify(loop: _Loop) -> _Loop | None:
         if isinstance(s, Store):
             return None
         exprs = K.stmt_exprs(s)
-        if isinstance(s, Assign) and s.var.name in names:
-            exprs = (_fold(s)[1],)  # type: ignore[index]
+        fold = _fold(s) if isinstance(s, Assign) and s.var.name in names else None
+        if fold is not None:  # the fold reads its accumulator; only its operand counts
+            exprs = (fold[1],)
         if any(isinstance(x, Var) and x.name in names for e in exprs for x in K.walk_expr(e)):
             return None
     return _Loop(loop.loops, loop.fors, loop.body, tuple(accs))
@@ -148,7 +149,9 @@ def _contiguous(loop: _Loop) -> bool:
     return True
 
 
-Item = tuple[str, object]  # ("plain" | "single", Stmt) or ("loop", _Loop)
+Item = Decl | Assign | Store | If | _Loop
+"""A row-body step: a local (run by every thread), a store or if (run by thread 0), or a
+reduction or map loop (spread over the block)."""
 
 
 def plan_row(seg: Segment, kernel: K.Kernel, tiling: RowTiling) -> list[Item] | None:
@@ -162,20 +165,20 @@ def plan_row(seg: Segment, kernel: K.Kernel, tiling: RowTiling) -> list[Item] | 
         if isinstance(s, (Decl, Assign)):
             if s.var.lanes != 1:
                 return None
-            items.append(("plain", s))
+            items.append(s)
         elif isinstance(s, For):
             chain = _chain(s)
             loop = None if chain is None else _classify(chain)
             if loop is None or not loop.accs and not _independent(loop, seg.bound):
                 return None
-            items.append(("loop", loop))
+            items.append(loop)
         elif isinstance(s, (Store, If)):
             if any(isinstance(x, (For, Decl, Assign)) for x in K.walk_stmts([s])):
                 return None
-            items.append(("single", s))
+            items.append(s)
         else:
             return None
-    reductions = [it[1] for it in items if it[0] == "loop" and it[1].accs]  # type: ignore
+    reductions = [it for it in items if isinstance(it, _Loop) and it.accs]
     if not reductions:
         return None
     if seg.bound and seg.work > 1 and not any(
@@ -185,7 +188,7 @@ def plan_row(seg: Segment, kernel: K.Kernel, tiling: RowTiling) -> list[Item] | 
 
 
 def _threads(items: list[Item], tiling: RowTiling) -> int:
-    longest = max((it[1].count for it in items if it[0] == "loop"), default=1)  # type: ignore
+    longest = max((it.count for it in items if isinstance(it, _Loop)), default=1)
     t = tiling.min_threads
     while t < tiling.max_threads and t < longest:
         t *= 2
@@ -209,21 +212,21 @@ def render_block_reduce(tiling: RowTiling, writer: KernelWriter, seg: Segment, n
         depth = 2
     pad = "    " * depth
     decl_init: dict[str, Expr] = {}
-    for n, (kind, item) in enumerate(items):
+    for n, item in enumerate(items):
         last = n == len(items) - 1
-        if kind == "plain":
-            writer.stmt(item, depth, body)  # type: ignore[arg-type]
-            if isinstance(item, Decl):
-                decl_init[item.var.name] = item.init
-            else:
-                decl_init.pop(item.var.name, None)  # type: ignore[union-attr]
-        elif kind == "single":
+        if isinstance(item, Decl):
+            writer.stmt(item, depth, body)
+            decl_init[item.var.name] = item.init
+        elif isinstance(item, Assign):
+            writer.stmt(item, depth, body)
+            decl_init.pop(item.var.name, None)
+        elif isinstance(item, (Store, If)):
             body.append(f"{pad}if _tid == 0:")
-            writer.stmt(item, depth + 1, body)  # type: ignore[arg-type]
+            writer.stmt(item, depth + 1, body)
             if not last:
                 body.append(f"{pad}cuda.syncthreads()")
         else:
-            loop: _Loop = item  # type: ignore[assignment]
+            loop = item
             keep = {}
             for v, op in loop.accs:
                 identity = K.reduction_identity(op, v.dtype)

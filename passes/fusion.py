@@ -22,6 +22,8 @@ SHAPE_OPS = frozenset({"reshape", "permute", "slice", "split", "expand", "pad", 
 ELEMENTWISE_EXTRA = frozenset({"batch_norm", "embedding"})
 # Anchors that read each input element a bounded, small number of times: cheap producers may be
 # recomputed inside them instead of being written to memory first.
+# Anchors whose packed schedules need their input in memory (a permute feeding them is stored).
+MATERIALIZE_FOR = frozenset({"conv", "conv_transpose"})
 READ_FEW_TIMES = frozenset({"reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "softmax",
                             "log_softmax", "layer_norm", "group_norm"})
 
@@ -97,8 +99,14 @@ def plan_fusion(graph: Graph) -> FusionPlan:
     for n in reversed(graph.nodes):
         if n.name in plan.roles:
             continue
+        readers = [u for o in n.outputs for u in users.get(o, [])]
         if any(o in outputs for o in n.outputs):
             role, why = "root", "graph output"
+        elif n.op == "permute" and any(u.op in MATERIALIZE_FOR for u in readers):
+            # A convolution's schedules read their input from memory in its own layout: a
+            # transposed view would leave them the slow unpacked loop nest (as when an int8
+            # layer's channels-last output feeds a float depthwise conv).
+            role, why = "root", "permute read by a convolution: stored transposed once"
         elif is_shape_op(n.op):
             role, why = "inline", "shape op: index arithmetic in each consumer"
         else:

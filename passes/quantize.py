@@ -16,8 +16,9 @@ conv (one group) and linear with constant weights whose input has a range:
   float value is only an intermediate of the quantize that follows it (fused into the
   producer's store): between two quantized layers only u8 tensors reach memory.
 
-Grouped and depthwise convolutions, layers whose input has no range and protected layers stay
-in float.
+Grouped and depthwise convolutions, the convs right next to them (their layout changes would
+cost more than int8 saves), layers whose input has no range and protected layers stay in
+float.
 
 Option ``mode``: ``static`` (the above, default), ``dynamic`` (linear layers only, no
 calibration: dynamic_qlinear quantizes x on every call) or ``weight_only`` (linear layers
@@ -125,6 +126,33 @@ def _int8_weight_linears(graph: Graph, ctx: PassContext, mode: str, protect: set
     return PassResult(remove_dead(g), count > 0)
 
 
+def _near_float_conv(node: Node, users: dict, producers: dict, float_convs: set[str],
+                     depth: int = 4) -> bool:
+    """Whether a float conv reads ``node``'s result or makes its input, through at most
+    ``depth`` elementwise ops (relu6, bias adds...)."""
+    frontier = [node.outputs[0]]
+    for _ in range(depth):
+        nxt = []
+        for v in frontier:
+            for u in users.get(v, []):
+                if u.name in float_convs:
+                    return True
+                if get_op(u.op).kind == "elementwise" and len(u.outputs) == 1:
+                    nxt.append(u.outputs[0])
+        frontier = nxt
+    v = node.inputs[0]
+    for _ in range(depth + 1):
+        p = producers.get(v)
+        if p is None:
+            return False
+        if p.name in float_convs:
+            return True
+        if get_op(p.op).kind != "elementwise":
+            return False
+        v = p.inputs[0]
+    return False
+
+
 class _Builder:
     """Appends typed nodes to a new graph."""
 
@@ -183,6 +211,18 @@ class QuantizeInt8(Pass):
                 cands[n.name] = n
             elif n.op in ("conv", "linear"):
                 ctx.logger.info("quantize_int8: %s stays float: %s", n.name, why)
+        # A conv next to a grouped convolution (which stays float, e.g. a depthwise one) would
+        # put a layout change (channels-last <-> channels-first transposes) on each side of
+        # that float conv, which costs more than int8 saves on such memory-bound layers.
+        producers = graph.producers()
+        float_convs = {n.name for n in graph.nodes
+                       if n.op == "conv" and n.attrs["groups"] > 1 and n.name not in cands}
+        for name in [c for c, n in cands.items() if n.op == "conv"]:
+            n = cands[name]
+            if _near_float_conv(n, users, producers, float_convs):
+                del cands[name]
+                ctx.logger.info("quantize_int8: %s stays float: next to a float (grouped or "
+                                "depthwise) convolution", name)
         if not cands:
             return PassResult(graph, False)
 

@@ -64,3 +64,22 @@ def test_elementwise_chain_inlines_into_one_kernel() -> None:
     assert len(lowered.steps) == 1
     assert lowered.plan.roles == {"scaled": "inline", "sig": "inline", "t": "inline",
                                   "out": "root"}
+
+
+def test_permute_read_by_a_conv_is_stored():
+    """A convolution's schedules read their input from memory: a channels-last tensor
+    transposed for it is stored once, not recomputed inside the conv."""
+    from kiln.backends.llvm import compile_graph
+    from kiln.backends.reference import run_graph
+
+    b = GraphBuilder("t")
+    x = b.input("x", TensorType((1, 6, 6, 8)))
+    p = b.op("permute", [x], {"perm": [0, 3, 1, 2]}, name="to_nchw")
+    w = b.constant(np.random.default_rng(0).standard_normal((8, 1, 3, 3)).astype(np.float32))
+    b.output(b.op("conv", [p, w], {"padding": 1, "groups": 8}, name="dw"))
+    g = b.build()
+    plan = plan_fusion(g)
+    assert plan.roles["to_nchw"] == "root" and "convolution" in plan.reasons["to_nchw"]
+    a = np.random.default_rng(1).standard_normal((1, 6, 6, 8)).astype(np.float32)
+    np.testing.assert_allclose(compile_graph(g, cache=False)([a])[0], run_graph(g, [a])[0],
+                               rtol=1e-5, atol=1e-5)

@@ -189,3 +189,30 @@ def test_modes_without_calibration(mode, op):
 def test_unknown_mode_is_refused():
     with pytest.raises(KilnError, match="unknown quantization mode"):
         quantize(mlp_graph(), None, mode="fp8")
+
+
+def test_convs_next_to_a_depthwise_conv_stay_float():
+    """An inverted-residual block: expand 1x1 -> relu -> depthwise 3x3 -> project 1x1. The
+    depthwise conv stays float, and so do its neighbours (their layout changes would cost more
+    than int8 saves); a 1x1 conv two layers away is quantized."""
+    rng = np.random.default_rng(0)
+    b = GraphBuilder("block")
+    x = b.input("x", TensorType((1, 8, 6, 6)))
+
+    def w(*shape):
+        return b.constant(rng.standard_normal(shape).astype(np.float32), "w")
+
+    head = b.op("conv", [x, w(8, 8, 1, 1)], name="head")
+    e = b.op("relu", [b.op("conv", [b.op("relu", [head]), w(16, 8, 1, 1)], name="expand")])
+    d = b.op("relu", [b.op("conv", [e, w(16, 1, 3, 3)], {"padding": 1, "groups": 16},
+                           name="dw")])
+    b.output(b.op("conv", [d, w(8, 16, 1, 1)], name="project"))
+    g = b.build()
+    ranges = {}
+    for v in g.types:
+        if v not in g.constants:
+            ranges[v] = (-5.0, 5.0)
+    out = quantize(g, ranges).graph
+    ops = {n.name: n.op for n in out.nodes}
+    assert [n.op for n in out.nodes].count("qconv") == 1     # only head
+    assert ops["expand"] == "conv" and ops["project"] == "conv" and ops["dw"] == "conv"

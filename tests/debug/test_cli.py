@@ -134,7 +134,8 @@ def test_profile_prints_table(capsys):
     assert "compute" in out or "memory" in out
 
 
-@pytest.mark.parametrize("command", [[], ["passes"], ["show"], ["profile"]])
+@pytest.mark.parametrize("command", [[], ["passes"], ["show"], ["profile"], ["bisect"], ["minify"],
+                                     ["trace"], ["export"], ["compare"]])
 def test_help_exits_0(capsys, command):
     status, out, _ = run(capsys, *command, "--help")
     assert status == 0

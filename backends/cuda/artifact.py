@@ -1,17 +1,13 @@
 """CUDA artifacts: a compiled model as PTX plus everything needed to launch it, in one file.
 
-The container is the CPU artifact's (``runtime/artifact.py``; this module cannot import the
-runtime layer, so the few lines of layout are repeated here)::
-
-    b"KILNART\\0"  u32 format  u64 header length  header (JSON, UTF-8)  data
-
-with ``"kind": "cuda"`` in the header, which the CPU loader refuses with a pointer here. The
-header holds the format and kiln version, the target compute capability, the input and output
-signature, the arena size, the launch table (per CUDA launch: its PTX part, PTX entry name,
-grid and block or the grid-stride work, static shared memory, and where each argument lives:
-an arena or constant-blob byte range, or a graph input or output) and, for every part of the
-data (the constant blob, one PTX module per launch, constant outputs), its offset, size and
-SHA-256. Nothing is pickled or evaluated.
+The container is every kiln artifact's (backends/artifact_format.py: magic, format, JSON
+header, checksummed parts) with ``"kind": "cuda"`` in the header, which the CPU loader refuses
+with a pointer here. The header holds the format and kiln version, the target compute
+capability, the input and output signature, the arena size, the launch table (per CUDA launch:
+its PTX part, PTX entry name, grid and block or the grid-stride work, static shared memory, and
+where each argument lives: an arena or constant-blob byte range, or a graph input or output)
+and, for every part of the data (the constant blob, one PTX module per launch, constant
+outputs), its offset, size and SHA-256. Nothing is pickled or evaluated.
 
 ``export_cuda`` renders every kernel with the GPU schedules and compiles it to PTX with numba's
 CUDA compiler (libNVVM; no GPU needed). ``load_cuda`` checks the magic, the kind, the format
@@ -25,12 +21,9 @@ source, not PTX.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import math
 import os
 import re
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,23 +31,18 @@ from typing import Any
 
 import numpy as np
 
+from kiln.backends.artifact_format import Validator, read_container, write_container
 from kiln.backends.cuda.device import cuda_device, source_ptx
 from kiln.backends.cuda.schedule import GPU_TUNING, CudaTuning, render_scheduled
 from kiln.ir import Graph, KilnError, verify
 from kiln.ir import kernel as K
 from kiln.ir.types import DType
 
-MAGIC = b"KILNART\0"
-FORMAT = 1
 KIND = "cuda"
 DEFAULT_CC = (8, 0)
-MAX_HEADER_BYTES = 16 << 20
 MAX_ARENA_BYTES = 1 << 40
-MAX_TENSOR_BYTES = 1 << 40
 MAX_KERNELS = 1 << 16
 MAX_SHARED_BYTES = 48 << 10  # static shared memory per block on every CUDA device
-_PREFIX = struct.Struct("<8sIQ")
-_ALIGN = 64
 _ENTRY = re.compile(r"\.entry\s+([A-Za-z_$][\w$]*)\s*\(")
 _ARG_KINDS = ("arena", "const", "input", "output")
 
@@ -205,10 +193,6 @@ def build_cuda_image(source: Any, *, cc: tuple[int, int] | None = None,
                      launches, ptx, copies, copy_constants)
 
 
-def _sha(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def save_cuda_image(path: str | os.PathLike, image: CudaImage, *,
                     kiln_version: str = "") -> Path:
     """Write ``image`` at ``path`` (through a temporary file renamed into place, so a failed
@@ -222,14 +206,7 @@ def save_cuda_image(path: str | os.PathLike, image: CudaImage, *,
         parts[f"output{j}"] = arr.tobytes()
         tensors[f"output{j}"] = {"dtype": DType.from_numpy(arr.dtype).value,
                                  "shape": list(arr.shape), "output": int(j)}
-    table, offset, chunks = {}, 0, []
-    for name, data in parts.items():
-        table[name] = {"offset": offset, "size": len(data), "sha256": _sha(data)}
-        pad = -len(data) % _ALIGN
-        chunks += [data, b"\0" * pad]
-        offset += len(data) + pad
     header = {
-        "format": FORMAT,
         "kind": KIND,
         "kiln_version": kiln_version,
         "target": {"compute_capability": list(image.cc)},
@@ -245,18 +222,8 @@ def save_cuda_image(path: str | os.PathLike, image: CudaImage, *,
         } for lc in image.launches],
         "output_copies": {str(j): [k, int(i)] for j, (k, i) in image.output_copies.items()},
         "tensors": tensors,
-        "parts": table,
     }
-    head = json.dumps(header, sort_keys=True).encode()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(_PREFIX.pack(MAGIC, FORMAT, len(head)))
-        f.write(head)
-        for c in chunks:
-            f.write(c)
-    os.replace(tmp, path)
-    return path
+    return write_container(path, header, parts)
 
 
 def export_cuda(source: Any, path: str | os.PathLike, *, cc: tuple[int, int] | None = None,
@@ -282,13 +249,8 @@ def export_cuda(source: Any, path: str | os.PathLike, *, cc: tuple[int, int] | N
 
 
 # ---- reading ---------------------------------------------------------------------------------
-def _want(cond: bool, what: str) -> None:
-    if not cond:
-        raise _fail(f"CUDA artifact manifest is invalid: {what}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_check = Validator(_fail, "CUDA artifact manifest")
+_want, _is_int = _check.want, _check.is_int
 
 
 def _name(v: Any, what: str) -> str:
@@ -301,28 +263,6 @@ def _name(v: Any, what: str) -> str:
 _DTYPES = {d.value for d in DType}
 
 
-def _signature_of(entries: Any, what: str) -> list[tuple[str, str, tuple[int, ...]]]:
-    _want(isinstance(entries, list) and len(entries) <= 4096, f"{what}s must be a list")
-    out = []
-    for e in entries:
-        _want(isinstance(e, list) and len(e) == 3, f"{what} entry must be [name, dtype, shape]")
-        name, dtype, shape = e
-        _name(name, f"{what} name")
-        _want(dtype in _DTYPES, f"{what} dtype {dtype!r} is unknown")
-        out.append((name, dtype, _shape(shape, dtype, what)))
-    return out
-
-
-def _shape(shape: Any, dtype: str, what: str) -> tuple[int, ...]:
-    _want(isinstance(shape, list) and len(shape) <= 16, f"{what} shape must be a short list")
-    _want(all(_is_int(d) and 0 <= d < (1 << 40) for d in shape),
-          f"{what} shape has a bad dimension")
-    # Python integers do not overflow: the product is exact before it is compared.
-    _want(math.prod(shape) * DType(dtype).itemsize <= MAX_TENSOR_BYTES,
-          f"{what} shape {shape} is too large")
-    return tuple(shape)
-
-
 def _dims(v: Any, what: str, limits: tuple[int, int, int]) -> tuple[int, int, int] | None:
     if v is None:
         return None
@@ -330,30 +270,6 @@ def _dims(v: Any, what: str, limits: tuple[int, int, int]) -> tuple[int, int, in
                                                        for d, lim in zip(v, limits)),
           f"{what} must be three positive integers within the device limits")
     return v[0], v[1], v[2]
-
-
-def _parts(header: dict, data: memoryview) -> dict[str, bytes]:
-    parts = header.get("parts")
-    _want(isinstance(parts, dict) and "consts" in parts, "parts must list consts")
-    spans, blobs = [], {}
-    for name, p in parts.items():
-        _name(name, "part name")
-        _want(isinstance(p, dict) and _is_int(p.get("offset")) and _is_int(p.get("size"))
-              and isinstance(p.get("sha256"), str), f"part {name} needs offset, size, sha256")
-        off, size = p["offset"], p["size"]
-        if off < 0 or size < 0 or off + size > len(data):
-            raise _fail(f"part {name} [{off}, {off + size}) lies outside the data "
-                        f"({len(data)} bytes)")
-        spans.append((off, off + size, name))
-        chunk = data[off:off + size]
-        if _sha(chunk) != p["sha256"]:
-            raise _fail(f"checksum of part {name} does not match: the file is damaged")
-        blobs[name] = bytes(chunk)
-    spans.sort()
-    for (_, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
-        if b0 < a1:
-            raise _fail(f"parts {an} and {bn} overlap")
-    return blobs
 
 
 def _launch(raw: Any, blobs: dict[str, bytes], sizes: dict[str, int],
@@ -410,30 +326,8 @@ def _launch(raw: Any, blobs: dict[str, bytes], sizes: dict[str, int],
 def read_cuda_image(path: str | os.PathLike) -> tuple[CudaImage, dict]:
     """Read and check a CUDA artifact; returns (CudaImage, header). Loads no code and needs no
     GPU."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise CudaArtifactError(f"cannot read CUDA artifact {path}: {e}") from None
-    if len(raw) < _PREFIX.size:
-        raise _fail(f"{path} is too short to be a kiln artifact ({len(raw)} bytes)")
-    magic, fmt, head_len = _PREFIX.unpack_from(raw)
-    if magic != MAGIC:
-        raise _fail(f"{path} is not a kiln artifact (bad magic)")
-    if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len > len(raw):
-        raise _fail(f"artifact header length {head_len} is out of range (file has "
-                    f"{len(raw)} bytes)")
-    try:
-        header = json.loads(raw[_PREFIX.size:_PREFIX.size + head_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise _fail(f"artifact header is not valid JSON: {e}") from None
-    _want(isinstance(header, dict), "header must be an object")
-    if header.get("kind", "cpu") != KIND:
-        raise _fail(f"{path} is a CPU artifact, not a CUDA one",
-                    hint="load it with kiln.load(path)")
-    if fmt != FORMAT or header.get("format") != FORMAT:
-        raise _fail(f"CUDA artifact format {fmt} is not supported (this kiln reads format "
-                    f"{FORMAT})")
-    blobs = _parts(header, memoryview(raw)[_PREFIX.size + head_len:])
+    header, blobs = read_container(path, _fail, CudaArtifactError, KIND, ("consts",),
+                                   lambda kind: "load it with kiln.load(path)")
 
     target = header.get("target")
     _want(isinstance(target, dict), "target must be an object")
@@ -441,8 +335,8 @@ def read_cuda_image(path: str | os.PathLike) -> tuple[CudaImage, dict]:
     _want(isinstance(cc, list) and len(cc) == 2 and all(_is_int(v) and 0 <= v < 100
                                                         for v in cc),
           "target.compute_capability must be [major, minor]")
-    inputs = _signature_of(header.get("inputs"), "input")
-    outputs = _signature_of(header.get("outputs"), "output")
+    inputs = _check.signature(header.get("inputs"), "input")
+    outputs = _check.signature(header.get("outputs"), "output")
     arena = header.get("arena_bytes")
     _want(_is_int(arena) and 0 <= arena <= MAX_ARENA_BYTES, "arena_bytes out of range")
     sizes = {"arena": arena, "const": len(blobs["consts"])}
@@ -466,7 +360,7 @@ def read_cuda_image(path: str | os.PathLike) -> tuple[CudaImage, dict]:
         _want(name in blobs and isinstance(t, dict), f"tensor {name!r} has no part")
         dtype = t.get("dtype")
         _want(dtype in _DTYPES, f"tensor {name} dtype {dtype!r} is unknown")
-        shape = _shape(t.get("shape"), dtype, f"tensor {name}")
+        shape = _check.shape(t.get("shape"), dtype, f"tensor {name}")
         j = t.get("output")
         _want(_is_int(j) and 0 <= j < len(outputs), f"tensor {name} names no output")
         if math.prod(shape) * DType(dtype).itemsize != len(blobs[name]):

@@ -119,7 +119,7 @@ def test_other_versions_and_kinds_are_refused(artifact: Path, tmp_path: Path):
         read_cuda_image(cpu)
     assert "kiln.load" in str(info.value)
     # The CPU loader points a CUDA artifact here.
-    with pytest.raises(KilnError, match="cuda artifact, not a CPU one") as info:
+    with pytest.raises(KilnError, match="CUDA artifact, not a CPU one") as info:
         cpu_artifact.read_image(artifact)
     assert "load_cuda" in str(info.value)
 

@@ -315,22 +315,32 @@ def lower_qconv(low: Lowering, node: Node, final: str, inline: set[str],
     return stmts + gemm.build(wpad.reshape(cout, -1), _fold_zero_point(wv, bv, zx, node), sv)
 
 
-def lower_qlinear(low: Lowering, node: Node, final: str, inline: set[str],
-                  width: int) -> list | None:
-    """qlinear as a packed int8 GEMM over tokens x output features."""
-    x, w, bias, scale = node.inputs
-    wv, bv, sv = (low.constant_value(v) for v in (w, bias, scale))
-    if wv is None or bv is None or sv is None:
-        return None
+def _token_rows(low: Lowering, node: Node, final: str, inline: set[str]
+                ) -> tuple[list[np.ndarray], int] | None:
+    """For a linear-like node (x [..., K] and constant operands after it): the operands'
+    constant values and the number of rows T, with the output (and its epilogue) viewed as
+    [T, N]; None when an operand is not constant or the views do not collapse."""
+    consts = [low.constant_value(v) for v in node.inputs[1:]]
     out = node.outputs[0]
     oshape = low.graph.types[out].shape
-    if len(oshape) < 2:
+    if any(c is None for c in consts) or len(oshape) < 2:
         return None
     views = collapsed_views(low, final, out, inline, list(range(len(oshape) - 1)))
     if views is None:
         return None
     low.view_shapes.update(views)
-    T, (N, kd) = math.prod(oshape[:-1]), wv.shape
+    return consts, math.prod(oshape[:-1])
+
+
+def lower_qlinear(low: Lowering, node: Node, final: str, inline: set[str],
+                  width: int) -> list | None:
+    """qlinear as a packed int8 GEMM over tokens x output features."""
+    x = node.inputs[0]
+    found = _token_rows(low, node, final, inline)
+    if found is None:
+        return None
+    (wv, bv, sv), T = found
+    N, kd = wv.shape
     kp = -(-kd // 4) * 4
     zx = node.attrs["x_zero_point"]
     stmts: list = []
@@ -373,20 +383,16 @@ def lower_linear_w8(low: Lowering, node: Node, final: str, inline: set[str],
     a linear layer at small batch."""
     from kiln.passes.lower.gemm import gemm_loops, micro_shape, pack_b
 
-    x, w, scale = node.inputs[:3]
-    wv, sv = low.constant_value(w), low.constant_value(scale)
-    bv = low.constant_value(node.inputs[3]) if len(node.inputs) > 3 else None
-    if wv is None or sv is None or (len(node.inputs) > 3 and bv is None):
-        return None
+    x = node.inputs[0]
     out = node.outputs[0]
-    oshape = low.graph.types[out].shape
-    if len(oshape) < 2:
+    found = _token_rows(low, node, final, inline)
+    if found is None:
         return None
-    T, (N, kd) = math.prod(oshape[:-1]), wv.shape
-    views = collapsed_views(low, final, out, inline, list(range(len(oshape) - 1)))
-    if views is None or N < width:
+    (wv, sv, *rest), T = found
+    bv = rest[0] if rest else None
+    N, kd = wv.shape
+    if N < width:
         return None
-    low.view_shapes.update(views)
     shape = micro_shape(width, T)
     nr = shape.nr
     tiles = -(-N // nr)
@@ -458,20 +464,13 @@ def lower_dynamic_qlinear(low: Lowering, node: Node, final: str, inline: set[str
                           width: int) -> list | None:
     """Scale of x (a vector max), x to u8 (x_q + 128) in a workspace, then the packed int8
     GEMM with the two scales and the float bias in its epilogue."""
-    x, w, scale = node.inputs[:3]
-    wv, sv = low.constant_value(w), low.constant_value(scale)
-    bv = low.constant_value(node.inputs[3]) if len(node.inputs) > 3 else None
-    if wv is None or sv is None or (len(node.inputs) > 3 and bv is None):
+    x = node.inputs[0]
+    found = _token_rows(low, node, final, inline)
+    if found is None:
         return None
-    out = node.outputs[0]
-    oshape = low.graph.types[out].shape
-    if len(oshape) < 2:
-        return None
-    views = collapsed_views(low, final, out, inline, list(range(len(oshape) - 1)))
-    if views is None:
-        return None
-    low.view_shapes.update(views)
-    T, (N, kd) = math.prod(oshape[:-1]), wv.shape
+    (wv, sv, *rest), T = found
+    bv = rest[0] if rest else None
+    N, kd = wv.shape
     kp = -(-kd // 4) * 4
     s, stmts = _dynamic_scale(low, x, T * kd, node_work(low, node))
     xq = low.workspace(f"{node.name}_xq", "u8", T * kp)

@@ -17,6 +17,7 @@ import linecache
 import math
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -83,6 +84,7 @@ class CudaDevice:
         if not self.simulated:
             yield
             return
+        _serialize_simulated_shared_arrays()
         old = sys.getswitchinterval()
         sys.setswitchinterval(min(old, SIM_SWITCH_INTERVAL))
         try:
@@ -218,3 +220,34 @@ def source_ptx(text: str, label: str, cc: tuple[int, int] = (8, 0)) -> dict[str,
                             hint="this is a kiln bug; please report it with the kernel "
                                  "source") from e
     return out
+
+
+@functools.cache
+def _serialize_simulated_shared_arrays() -> None:
+    """Make the simulator's ``cuda.shared.array`` allocate once per block.
+
+    The simulator looks an allocation up by call site and creates it when missing, without a
+    lock: when two threads of a block reach the line together, both create one and the block
+    silently computes with two "shared" arrays (wrong results a few runs in a hundred, more
+    often with the short switch interval above). A lock around that lookup is all it needs."""
+    from numba.core import types
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+    from numba.np import numpy_support
+
+    lock = threading.Lock()
+    dynamic = FakeCUDAShared.array
+
+    def array(self, shape, dtype):
+        if shape == 0:  # dynamic shared memory: one buffer, nothing to race on
+            return dynamic(self, shape, dtype)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        frame = sys._getframe(1)  # the kernel's line identifies the allocation, as before
+        caller = (frame.f_code.co_filename, frame.f_lineno)
+        with lock:
+            found = self._allocations.get(caller)
+            if found is None:
+                found = self._allocations[caller] = np.empty(shape, dtype)
+        return found
+
+    FakeCUDAShared.array = array

@@ -20,31 +20,12 @@ import numpy as np
 from kiln.backends.cuda.codegen import KernelSource, Launch
 from kiln.backends.cuda.device import CudaDevice, cuda_device, load_source, source_ptx
 from kiln.backends.cuda.schedule import GPU_TUNING, SIM_TUNING, CudaTuning, render_scheduled
+from kiln.backends.kernel_profile import KernelProfile
 from kiln.ir import Graph, KilnError, verify
 from kiln.ir import kernel as K
 from kiln.passes.lower import KernelStep, LoweredGraph, lower_graph
 from kiln.passes.memory_plan import MemoryPlan, Storage, plan_memory
 from kiln.passes.vectorize import schedule_kernel
-
-
-@dataclass
-class KernelProfile:
-    """One kiln kernel's share of an inference (all its CUDA launches together)."""
-
-    kernel: str
-    root: str
-    op: str
-    seconds: float
-    flops: int
-    bytes: int
-
-    @property
-    def gflops(self) -> float:
-        return self.flops / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-    @property
-    def gbytes(self) -> float:
-        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
 class LaunchInfo(NamedTuple):

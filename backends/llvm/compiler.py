@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import llvmlite.binding as llvm
 import numpy as np
 
+from kiln.backends.kernel_profile import KernelProfile
 from kiln.backends.llvm.cache import cache_key, load_cached, store_cached
 from kiln.backends.llvm.codegen import Binding, ModuleBuilder, emit_entry, emit_kernel
 from kiln.ir import DType, Graph, KilnError, verify
@@ -95,26 +96,6 @@ def cycles_per_second() -> float:
     time.sleep(0.05)
     c1, t1 = now(), time.perf_counter()
     return (c1 - c0) / (t1 - t0)
-
-
-@dataclass
-class KernelProfile:
-    """One kernel's share of an inference."""
-
-    kernel: str
-    root: str
-    op: str
-    seconds: float
-    flops: int
-    bytes: int
-
-    @property
-    def gflops(self) -> float:
-        return self.flops / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-    @property
-    def gbytes(self) -> float:
-        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
 @dataclass

@@ -34,6 +34,7 @@ from kiln.ir.kernel import (
     as_expr,
 )
 from kiln.ir.ops._rules import as_tuple
+from kiln.passes.lower import winograd
 from kiln.passes.lower.anchors import PARALLEL_MIN_WORK, node_work
 from kiln.passes.lower.core import Lowering, clamp_index, f32
 
@@ -69,6 +70,16 @@ IMAGE_PARALLEL_MAX_WORKSPACE_BYTES = 1 << 22
 # Folding images into one GEMM pays for small maps (few column tiles per image); for large
 # ones the all-images im2col buffer no longer fits in cache.
 BATCHED_IM2COL_MAX_PIXELS = 1024
+# Batched direct convolution (all images in one GEMM): used while it computes at most this many
+# GEMM columns per output pixel (the columns between images are dropped).
+DIRECT_BATCH_MAX_WASTE = 1.3
+# Up to this many output pixels per image the batched direct convolution runs transposed
+# (pixels as rows, output channels as vectors), with K blocks of DIRECT_T_KC.
+DIRECT_T_MAX_PIXELS = 64
+DIRECT_T_KC = 64
+# Winograd F(4, 3) along the rows for 3x3 stride-1 convolutions (passes/lower/winograd.py);
+# 0 turns it off (the tests compare both).
+WINOGRAD = 1
 
 ALoad = Callable[[Expr, Expr], Expr]          # (row, k) -> scalar element of A
 BLoad = Callable[[Expr, Expr, int], Expr]     # (k, col, lanes) -> lanes elements of B
@@ -142,12 +153,18 @@ def gemm_loops(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, store
     return stmts
 
 
-def _micro(low, m0, n0, M, Kd, a, b, store, mr, nv, w, dtype) -> list:
+def _micro(low, m0, n0, M, Kd, a, b, store, mr, nv, w, dtype, init=None) -> list:
+    """One MR x NV*W register tile over the whole K loop. ``init``: (cond, load(row, col)):
+    when cond holds, the accumulators start from the loaded values instead of zero."""
     accs = [[low.fresh("c", dtype, w) for _ in range(nv)] for _ in range(mr)]
     k = low.fresh("k")
     bvs = [low.fresh("b", dtype, w) for _ in range(nv)]
     zero = Broadcast(f32(0.0, dtype), w)
     body: list = [Decl(acc, zero) for row in accs for acc in row]
+    if init is not None:
+        cond, load = init
+        body.append(If(cond, tuple(Assign(accs[r][v], load(m0 + r, n0 + v * w))
+                                   for r in range(mr) for v in range(nv))))
     kbody: list = [Decl(bv, b(k, n0 + v * w, w)) for v, bv in enumerate(bvs)]
     for r in range(mr):
         # Rows past M (the last, partial row tile) read a valid row and are not stored.
@@ -166,6 +183,49 @@ def _micro(low, m0, n0, M, Kd, a, b, store, mr, nv, w, dtype) -> list:
         else:
             body.extend(stores)
     return body
+
+
+def k_block(Kd: int, target: int = 256) -> int:
+    """The K block of ``gemm_kblocked``: the largest divisor of Kd not above ``target`` (at
+    least 64), so that one block of a B panel stays in L1; Kd itself when there is none."""
+    for kc in range(min(target, Kd), 63, -1):
+        if Kd % kc == 0:
+            return kc
+    return Kd
+
+
+def gemm_kblocked(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, cbuf: str,
+                  ldc: int, shape: GemmShape, kc: int, parallel: bool = True) -> list:
+    """C = A @ B into the workspace ``cbuf`` (row stride ``ldc``, at least N rounded up to NR)
+    in K blocks of ``kc``: for each column tile, each K block of B (KC x NR: a packed
+    constant panel's slice) stays in L1 while every row tile of A runs over it, adding to
+    the partial sums in C after the first block. For long K, where one tile's whole panel
+    would stream from L2 for every row tile.
+
+    Threads take column tiles. All ceil(N / NR) tiles are full: ``b`` must be readable up
+    to that column (the extra columns are computed and never used)."""
+    w, mr, nv, nr = shape.w, shape.mr, shape.nv, shape.nr
+    tiles, m_tiles, blocks = -(-N // nr), -(-M // mr), Kd // kc
+    jt, kb, it = low.fresh("jt"), low.fresh("kb"), low.fresh("it")
+    n0, k0 = jt * nr, kb * kc
+
+    def a_blk(row, kk):
+        return a(row, k0 + kk)
+
+    def b_blk(kk, col, lanes):
+        return b(k0 + kk, col, lanes)
+
+    def store(row, col, value):
+        return K.Store(cbuf, row * ldc + col, value)
+
+    def load(row, col):
+        return K.Load(cbuf, row * ldc + col, "f32", w)
+
+    micro = _micro(low, it * mr, n0, M, kc, a_blk, b_blk, store, mr, nv, w, "f32",
+                   init=(K.cmp("gt", kb, as_expr(0)), load) if blocks > 1 else None)
+    kind = "parallel" if parallel and tiles > 1 and M * N * Kd >= PARALLEL_MIN_MACS else "serial"
+    return [For(jt, as_expr(0), as_expr(tiles), (For(kb, as_expr(0), as_expr(blocks), (
+        For(it, as_expr(0), as_expr(m_tiles), tuple(micro)),)),), kind)]
 
 
 # ---- packing of constant operands ------------------------------------------------------------
@@ -323,8 +383,22 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     hw_in = math.prod(in_sp)
     x_base = (n_var * in_shape[1] + g_var * cg) * hw_in
     stmts: list = []
-    if (not direct and nd == 2 and all(s == 1 for s in stride)
-            and sp_out[0] * (in_shape[3] + 2 * pad[1]) <= 1.25 * Nn):
+    if not direct and nd == 2 and WINOGRAD and winograd.applies(wv, stride, dil, g, oshape):
+        return winograd.lower_winograd(low, node, final, out, oshape, xb, wv, bias_buf, width,
+                                       in_sp, sp_out, pad)
+    padded_ok = (not direct and nd == 2 and all(s == 1 for s in stride)
+                 and sp_out[0] * (in_shape[3] + 2 * pad[1]) <= 1.25 * Nn)
+    # Several images, unless each thread takes whole images on the per-image path: one GEMM
+    # over the batch (weights read once per batch, stride phases instead of im2col).
+    if (not direct and nd == 2 and g == 1 and oshape[0] > 1 and not (padded_ok and images > 1)
+            and direct_batch_waste(oshape[0], in_sp, sp_out, ksp, stride, pad, dil)
+            <= DIRECT_BATCH_MAX_WASTE):
+        if math.prod(sp_out) <= DIRECT_T_MAX_PIXELS:
+            return _direct_batch_t(low, node, final, out, oshape, xb, wv, bias_buf, width, cg,
+                                   og, Kd, in_sp, sp_out, ksp, stride, pad, dil)
+        return _direct_batch(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles,
+                             cg, og, Kd, in_sp, sp_out, ksp, stride, pad, dil)
+    if padded_ok:
         return _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles,
                               cg, og, g, Kd, in_sp, sp_out, ksp, pad, dil, n_var, g_var, x_base,
                               images)
@@ -478,6 +552,171 @@ def _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_til
     return [For(n_var, as_expr(0), as_expr(oshape[0]), (
         For(g_var, as_expr(0), as_expr(g), (fill, *gemm, epilogue)),),
         "parallel" if images > 1 else "serial")]
+
+
+def _direct_batch(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles, cg, og,
+                  Kd, in_sp, sp_out, ksp, stride, pad, dil) -> list:
+    """All images of a batch as one GEMM without im2col, for any stride (2-d, one group).
+
+    Each image's zero-padded input P is split into its stride phases, Q[pr, pc][i, j] =
+    P[i*sh + pr, j*sw + pc] (only the phases some kernel tap reads), and the images lie side
+    by side along every phase row, S columns apart. Tap (a, b) of output (oh, ow) of image n
+    reads phase ((a*dh) % sh, (b*dw) % sw) at row oh + a*dh//sh, column n*S + ow + b*dw//sw:
+    at a fixed offset koff[k] from column oh*Wrow + n*S + ow. So B(k, col) = Q[koff[k] + col]
+    and the whole batch is one GEMM with N ~ OH * Wrow columns, its weights read once per batch
+    rather than once per image. Columns between images are computed and dropped: with stride
+    1 neighbouring images share their zero padding (S = W + pad), so few are. The GEMM writes
+    a workspace; the epilogue copies the real columns out through the fused ops."""
+    n_img = oshape[0]
+    H, W = in_sp
+    OH, OW = sp_out
+    kh_, kw_ = ksp
+    sh, sw = stride
+    ph, pw = pad
+    dh, dw = dil
+    rph = sorted({(a * dh) % sh for a in range(kh_)})
+    cph = sorted({(b * dw) % sw for b in range(kw_)})
+    phases = [(pr, pc) for pr in rph for pc in cph]
+    Hq = OH + ((kh_ - 1) * dh) // sh
+    Wq = OW + ((kw_ - 1) * dw) // sw
+    S = Wq - pw if sw == 1 else Wq
+    Wrow = (n_img - 1) * S + Wq
+    plane = Hq * Wrow
+    per_ci = len(phases) * plane
+    Nc = (OH - 1) * Wrow + (n_img - 1) * S + OW
+    ldc = -(-Nc // shape.nr) * shape.nr      # every column tile full
+    slack = Wrow + 3 * shape.nr   # reads past the last plane land in dropped columns
+    q = low.workspace(f"{node.name}_phases", "f32", cg * per_ci + slack)
+    cbuf = low.workspace(f"{node.name}_acc", "f32", og * ldc)
+    koff = np.array([(ci * len(phases) + phases.index(((a * dh) % sh, (b * dw) % sw))) * plane
+                     + ((a * dh) // sh) * Wrow + (b * dw) // sw
+                     for ci in range(cg) for a in range(kh_) for b in range(kw_)], np.int64)
+    kb = low.constant(koff, f"{node.name}_koff")
+    stmts = _fill_phases(low, node, xb, q, cg, per_ci, plane, phases, n_img, H, W, Hq, Wq,
+                         Wrow, S, stride, pad)
+
+    def a(row, k):
+        tile, rr = row // shape.mr, row % shape.mr
+        return K.Load(ap, (tile * Kd + k) * shape.mr + rr, "f32")
+
+    def b(k, col, lanes):
+        return K.Load(q, K.Load(kb, k, "i64") + col, "f32", lanes)
+
+    def to_acc(row, col, value):
+        return K.Store(cbuf, row * ldc + col, value)
+
+    stmts += gemm_loops(low, og, Nc, Kd, a, b, to_acc, shape, b_cols=ldc)
+    co, n, oh, ow = low.fresh("co"), low.fresh("n"), low.fresh("oh"), low.fresh("ow")
+    value = K.Load(cbuf, co * ldc + oh * Wrow + n * S + ow, "f32")
+    if bias_buf is not None:
+        value = value + K.Load(bias_buf, co, "f32")
+    stmts.append(For(co, as_expr(0), as_expr(og), (For(n, as_expr(0), as_expr(n_img), (
+        For(oh, as_expr(0), as_expr(OH), (
+            For(ow, as_expr(0), as_expr(OW), (
+                low.store_at(final, [n, co, oh * OW + ow], value, out),), "vectorized"),)),)),),
+        _par(low, node)))
+    return stmts
+
+
+def _direct_batch_t(low, node, final, out, oshape, xb, wv, bias_buf, width, cg, og, Kd,
+                    in_sp, sp_out, ksp, stride, pad, dil) -> list:
+    """The batched direct convolution transposed: output pixels are the GEMM's rows and output
+    channels its vector columns, C^T[pixel, co] = sum_k Q[koff[k] + pos[pixel]] * W^T[k, co].
+
+    The phase buffer Q is the one of ``_direct_batch``; but a pixel's value is broadcast from
+    its own position pos[pixel], so no column between images is computed, and the weights are
+    packed at compile time into contiguous [K][NR] panels that stream from memory once per
+    batch (each stays in L2 while every pixel tile runs over it). For small feature maps,
+    where the gaps between images cost most. The result goes to a workspace ([pixel, co]) and
+    the epilogue writes it out in NCHW order through the fused ops."""
+    n_img = oshape[0]
+    H, W = in_sp
+    OH, OW = sp_out
+    kh_, kw_ = ksp
+    sh, sw = stride
+    ph, pw = pad
+    dh, dw = dil
+    rph = sorted({(a * dh) % sh for a in range(kh_)})
+    cph = sorted({(b * dw) % sw for b in range(kw_)})
+    phases = [(pr, pc) for pr in rph for pc in cph]
+    Hq = OH + ((kh_ - 1) * dh) // sh
+    Wq = OW + ((kw_ - 1) * dw) // sw
+    S = Wq - pw if sw == 1 else Wq
+    Wrow = (n_img - 1) * S + Wq
+    plane = Hq * Wrow
+    per_ci = len(phases) * plane
+    P = n_img * OH * OW
+    q = low.workspace(f"{node.name}_phases", "f32", cg * per_ci)
+    koff = np.array([(ci * len(phases) + phases.index(((a * dh) % sh, (b * dw) % sw))) * plane
+                     + ((a * dh) // sh) * Wrow + (b * dw) // sw
+                     for ci in range(cg) for a in range(kh_) for b in range(kw_)], np.int64)
+    kb = low.constant(koff, f"{node.name}_koff")
+    nn, oo, ww = np.meshgrid(np.arange(n_img), np.arange(OH), np.arange(OW), indexing="ij")
+    pos = low.constant((nn * S + oo * Wrow + ww).reshape(-1).astype(np.int64),
+                       f"{node.name}_pos")
+    stmts = _fill_phases(low, node, xb, q, cg, per_ci, plane, phases, n_img, H, W, Hq, Wq,
+                         Wrow, S, stride, pad)
+    shape = GemmShape(6, 4, width) if width >= 16 and og % (4 * width) == 0 \
+        else micro_shape(width, P)
+    nr = shape.nr
+    wt = wv.reshape(og, Kd).T.astype(np.float32)
+    wp = low.constant(pack_b(wt, nr), f"{node.name}_packed_t")
+    ldc = -(-og // nr) * nr
+
+    def a(row, k):
+        return K.Load(q, K.Load(kb, k, "i64") + K.Load(pos, row, "i64"), "f32")
+
+    def b(k, col, lanes):
+        return K.Load(wp, (col // nr) * (Kd * nr) + k * nr + col % nr, "f32", lanes)
+
+    cbuf = low.workspace(f"{node.name}_acc", "f32", P * ldc)
+
+    def to_acc(row, col, value):
+        return K.Store(cbuf, row * ldc + col, value)
+
+    stmts += gemm_kblocked(low, P, og, Kd, a, b, cbuf, ldc, shape, k_block(Kd, DIRECT_T_KC))
+    n, co, sp = low.fresh("n"), low.fresh("co"), low.fresh("s")
+    value = K.Load(cbuf, (n * (OH * OW) + sp) * ldc + co, "f32")
+    if bias_buf is not None:
+        value = value + K.Load(bias_buf, co, "f32")
+    stmts.append(For(co, as_expr(0), as_expr(og), (For(n, as_expr(0), as_expr(n_img), (
+        For(sp, as_expr(0), as_expr(OH * OW), (
+            low.store_at(final, [n, co, sp], value, out),), "vectorized"),)),), _par(low, node)))
+    return stmts
+
+
+def _fill_phases(low, node, xb, q, cg, per_ci, plane, phases, n_img, H, W, Hq, Wq, Wrow, S,
+                 stride, pad) -> list:
+    """Q[ci, phase (pr, pc), i, n*S + j] = P_n[ci, i*sh + pr, j*sw + pc] (P: the zero-padded
+    input of image n): zero each channel's phases, then copy the images' rows in."""
+    sh, sw = stride
+    ph, pw = pad
+    ci, i0v = low.fresh("ci"), low.fresh("i")
+    fill: list = [For(i0v, as_expr(0), as_expr(per_ci),
+                      (K.Store(q, ci * per_ci + i0v, f32(0.0)),), "vectorized")]
+    for p, (pr, pc) in enumerate(phases):
+        r0 = max(0, -(-(ph - pr) // sh))
+        r1 = min(Hq, -(-(H + ph - pr) // sh))
+        j0 = max(0, -(-(pw - pc) // sw))
+        j1 = min(Wq, -(-(W + pw - pc) // sw))
+        if r1 <= r0 or j1 <= j0:
+            continue
+        n, r, j = low.fresh("n"), low.fresh("r"), low.fresh("j")
+        src = ((n * cg + ci) * H + (r * sh + pr - ph)) * W + j * sw + (pc - pw)
+        dst = ci * per_ci + p * plane + r * Wrow + n * S + j
+        fill.append(For(n, as_expr(0), as_expr(n_img), (For(r, as_expr(r0), as_expr(r1 - r0), (
+            For(j, as_expr(j0), as_expr(j1 - j0), (K.Store(q, dst, K.Load(xb, src, "f32")),),
+                "vectorized"),)),)))   # strided loads when sw > 1 (see passes/vectorize)
+    return [For(ci, as_expr(0), as_expr(cg), tuple(fill), _par(low, node))]
+
+
+def direct_batch_waste(n_img, in_sp, sp_out, ksp, stride, pad, dil) -> float:
+    """Columns the batched direct GEMM computes per output pixel (1.0: none wasted)."""
+    OH, OW = sp_out
+    Wq = OW + ((ksp[1] - 1) * dil[1]) // stride[1]
+    S = Wq - pad[1] if stride[1] == 1 else Wq
+    Nc = (OH - 1) * ((n_img - 1) * S + Wq) + (n_img - 1) * S + OW
+    return Nc / (n_img * OH * OW)
 
 
 def lower_depthwise(low: Lowering, node: Node, final: str, inline: set[str],

@@ -117,18 +117,20 @@ def lower_winograd(low: Lowering, node: Node, final: str, out: str, oshape, xb: 
     koff = low.constant(np.array([c * v_plane + b for c in range(cin) for b in range(3)],
                                  np.int64), f"{node.name}_koff")
     mbuf = low.workspace(f"{node.name}_wino_out", "f32", ALPHA * cout * ldc)
-    for xi in range(ALPHA):
-        def a(row, k, xi=xi):
-            tile, r = row // shape.mr, row % shape.mr
-            return K.Load(ap, ((xi * m_tiles + tile) * kd + k) * shape.mr + r, "f32")
+    xi = low.fresh("xi")   # one loop over the 6 GEMMs: one copy of the micro-kernel's code
 
-        def b(k, col, lanes, xi=xi):
-            return K.Load(v, K.Load(koff, k, "i64") + (xi * cin * v_plane) + col, "f32", lanes)
+    def a(row, k):
+        tile, r = row // shape.mr, row % shape.mr
+        return K.Load(ap, ((xi * m_tiles + tile) * kd + k) * shape.mr + r, "f32")
 
-        def to_acc(row, col, value, xi=xi):
-            return K.Store(mbuf, (xi * cout + row) * ldc + col, value)
+    def b(k, col, lanes):
+        return K.Load(v, K.Load(koff, k, "i64") + xi * (cin * v_plane) + col, "f32", lanes)
 
-        stmts += gemm_loops(low, cout, Nc, kd, a, b, to_acc, shape, b_cols=ldc)
+    def to_acc(row, col, value):
+        return K.Store(mbuf, (xi * cout + row) * ldc + col, value)
+
+    stmts.append(For(xi, as_expr(0), as_expr(ALPHA),
+                     tuple(gemm_loops(low, cout, Nc, kd, a, b, to_acc, shape, b_cols=ldc))))
 
     # Output: 4 rows per tile from the 6 GEMM results, through the fused epilogue.
     co, n, t, ow = low.fresh("co"), low.fresh("n"), low.fresh("t"), low.fresh("ow")

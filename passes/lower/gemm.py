@@ -388,9 +388,11 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
                                        in_sp, sp_out, pad)
     padded_ok = (not direct and nd == 2 and all(s == 1 for s in stride)
                  and sp_out[0] * (in_shape[3] + 2 * pad[1]) <= 1.25 * Nn)
-    # Several images, unless each thread takes whole images on the per-image path: one GEMM
-    # over the batch (weights read once per batch, stride phases instead of im2col).
-    if (not direct and nd == 2 and g == 1 and oshape[0] > 1 and not (padded_ok and images > 1)
+    # Several images (unless each thread takes whole images on the per-image path), or a
+    # strided convolution: one GEMM over the batch (weights read once per batch), its input
+    # split into stride phases instead of im2col.
+    if (not direct and nd == 2 and g == 1 and (oshape[0] > 1 or any(s > 1 for s in stride))
+            and not (padded_ok and images > 1)
             and direct_batch_waste(oshape[0], in_sp, sp_out, ksp, stride, pad, dil)
             <= DIRECT_BATCH_MAX_WASTE):
         if math.prod(sp_out) <= DIRECT_T_MAX_PIXELS:

@@ -52,6 +52,8 @@ PATHS = [  # (cin, cout, (h, w), kernel, stride, padding, dilation, batch, path)
     (24, 16, (10, 11), 3, 1, 2, 1, 2, "winograd"),       # padding 2
     (16, 32, (33, 33), 3, 2, 1, 1, 3, "direct"),         # stride 2: stride phases
     (16, 24, (12, 12), 3, 1, 2, 2, 2, "direct"),         # dilation 2 (no Winograd)
+    (3, 64, (56, 56), 7, 2, 3, 1, 1, "direct"),          # ImageNet stem at batch 1
+    (16, 24, (21, 19), 3, 2, 2, 2, 1, "direct"),         # stride and dilation, batch 1
     (32, 64, (16, 16), 3, 2, 1, 1, 2, "transposed"),     # 8x8 output maps
     (32, 40, (15, 15), 3, 2, 1, 1, 3, "transposed"),     # channels not a multiple of 64
     (64, 64, (16, 16), 1, 2, 0, 1, 2, "transposed"),     # strided 1x1 (downsample)

@@ -18,7 +18,10 @@ CONFIGS = [  # (cin, cout, size, kernel, stride, padding, dilation, groups)
     (64, 128, 14, 1, 1, 0, 1, 1),     # direct 1x1, GEMM tail columns
     (3, 64, 56, 7, 2, 3, 1, 1),       # ImageNet stem
     (32, 32, 28, 3, 2, 1, 1, 32),     # depthwise, stride 2
-    (24, 24, 17, 3, 1, 1, 1, 24),     # depthwise, stride 1, odd width
+    (24, 24, 17, 3, 1, 1, 1, 24),     # depthwise, stride 1, odd width (padded copy)
+    (16, 16, 12, 5, 1, 2, 1, 16),     # depthwise 5x5 (padded copy)
+    (16, 16, 12, 3, 1, 2, 2, 16),     # depthwise, dilation 2 (in place)
+    (8, 8, 72, 3, 1, 1, 1, 8),        # depthwise, large map (in place)
     (64, 128, 16, 1, 2, 0, 1, 1),     # strided 1x1 (downsample)
 ]
 

@@ -40,8 +40,8 @@ class _Block(nn.Module):
 
 def _markers(compiled) -> set[str]:
     lowered = lower_graph(compiled.graph, width=host_target().f32_lanes)
-    names = " ".join(b.name for s in lowered.steps for b in s.kernel.params)
-    return {m for m in ("wino_in", "phases", "pos") if m in names}
+    names = " ".join(b.name for s in lowered.steps for b in s.kernel.params + s.kernel.scratch)
+    return {m for m in ("wino_in", "phases", "pos", "dw_") if m in names}
 
 
 PATHS = [  # (cin, cout, (h, w), kernel, stride, padding, dilation, batch, path)
@@ -58,8 +58,12 @@ PATHS = [  # (cin, cout, (h, w), kernel, stride, padding, dilation, batch, path)
     (32, 40, (15, 15), 3, 2, 1, 1, 3, "transposed"),     # channels not a multiple of 64
     (64, 64, (16, 16), 1, 2, 0, 1, 2, "transposed"),     # strided 1x1 (downsample)
     (16, 32, (7, 7), 3, 1, 1, 1, 2, "transposed"),       # small map, too few pixels for Winograd
+    (24, 24, (14, 13), 3, 1, 1, 1, 2, "depthwise padded"),   # groups = channels, stride 1
+    (24, 24, (14, 13), 5, 1, 2, (2, 1), 1, "depthwise padded"),  # dilation along rows only
+    (24, 24, (14, 13), 3, 2, 1, 1, 2, "depthwise in place"),  # stride 2
 ]
-EXPECT = {"winograd": {"wino_in"}, "direct": {"phases"}, "transposed": {"phases", "pos"}}
+EXPECT = {"winograd": {"wino_in"}, "direct": {"phases"}, "transposed": {"phases", "pos"},
+          "depthwise padded": {"dw_"}, "depthwise in place": set()}
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -67,7 +71,8 @@ EXPECT = {"winograd": {"wino_in"}, "direct": {"phases"}, "transposed": {"phases"
 def test_conv_path_matches_pytorch_and_reference(case, residual: bool) -> None:
     cin, cout, (h, w), k, s, p, d, batch, path = case
     torch.manual_seed(0)
-    model = _Block(nn.Conv2d(cin, cout, k, s, p, dilation=d), residual).eval()
+    groups = cin if path.startswith("depthwise") else 1
+    model = _Block(nn.Conv2d(cin, cout, k, s, p, dilation=d, groups=groups), residual).eval()
     x = torch.randn(batch, cin, h, w)
     with torch.no_grad():
         r = torch.randn_like(model.conv(x))

@@ -651,17 +651,28 @@ def _direct_batch_t(low, node, final, out, oshape, xb, wv, bias_buf, width, cg, 
     Wrow = (n_img - 1) * S + Wq
     plane = Hq * Wrow
     per_ci = len(phases) * plane
-    P = n_img * OH * OW
     q = low.workspace(f"{node.name}_phases", "f32", cg * per_ci)
     koff = np.array([(ci * len(phases) + phases.index(((a * dh) % sh, (b * dw) % sw))) * plane
                      + ((a * dh) // sh) * Wrow + (b * dw) // sw
                      for ci in range(cg) for a in range(kh_) for b in range(kw_)], np.int64)
-    kb = low.constant(koff, f"{node.name}_koff")
     nn, oo, ww = np.meshgrid(np.arange(n_img), np.arange(OH), np.arange(OW), indexing="ij")
-    pos = low.constant((nn * S + oo * Wrow + ww).reshape(-1).astype(np.int64),
-                       f"{node.name}_pos")
     stmts = _fill_phases(low, node, xb, q, cg, per_ci, plane, phases, n_img, H, W, Hq, Wq,
                          Wrow, S, stride, pad)
+    return stmts + _gemm_transposed(low, node, final, out, oshape, wv, bias_buf, width, og, Kd,
+                                    q, koff, (nn * S + oo * Wrow + ww).reshape(-1))
+
+
+def _gemm_transposed(low, node, final, out, oshape, wv, bias_buf, width, og, Kd, q: str,
+                     koff: np.ndarray, pos: np.ndarray) -> list:
+    """out[n, co, s] = sum_k q[koff[k] + pos[p]] * W[co, k] for pixel p = (n, s): output pixels
+    are the GEMM's rows (each broadcast from its own position), output channels its vector
+    columns over weights packed at compile time into contiguous [K][NR] panels, in K blocks
+    (gemm_kblocked). The result goes to a workspace ([pixel, co]) that the epilogue writes out
+    in NCHW order through the fused ops."""
+    n_img, hw = oshape[0], math.prod(oshape[2:])
+    P = n_img * hw
+    kb = low.constant(koff.astype(np.int64), f"{node.name}_koff")
+    pb = low.constant(pos.astype(np.int64), f"{node.name}_pos")
     shape = GemmShape(6, 4, width) if width >= 16 and og % (4 * width) == 0 \
         else micro_shape(width, P)
     nr = shape.nr
@@ -670,23 +681,19 @@ def _direct_batch_t(low, node, final, out, oshape, xb, wv, bias_buf, width, cg, 
     ldc = -(-og // nr) * nr
 
     def a(row, k):
-        return K.Load(q, K.Load(kb, k, "i64") + K.Load(pos, row, "i64"), "f32")
+        return K.Load(q, K.Load(kb, k, "i64") + K.Load(pb, row, "i64"), "f32")
 
     def b(k, col, lanes):
         return K.Load(wp, (col // nr) * (Kd * nr) + k * nr + col % nr, "f32", lanes)
 
     cbuf = low.workspace(f"{node.name}_acc", "f32", P * ldc)
-
-    def to_acc(row, col, value):
-        return K.Store(cbuf, row * ldc + col, value)
-
-    stmts += gemm_kblocked(low, P, og, Kd, a, b, cbuf, ldc, shape, k_block(Kd, DIRECT_T_KC))
+    stmts = gemm_kblocked(low, P, og, Kd, a, b, cbuf, ldc, shape, k_block(Kd, DIRECT_T_KC))
     n, co, sp = low.fresh("n"), low.fresh("co"), low.fresh("s")
-    value = K.Load(cbuf, (n * (OH * OW) + sp) * ldc + co, "f32")
+    value = K.Load(cbuf, (n * hw + sp) * ldc + co, "f32")
     if bias_buf is not None:
         value = value + K.Load(bias_buf, co, "f32")
     stmts.append(For(co, as_expr(0), as_expr(og), (For(n, as_expr(0), as_expr(n_img), (
-        For(sp, as_expr(0), as_expr(OH * OW), (
+        For(sp, as_expr(0), as_expr(hw), (
             low.store_at(final, [n, co, sp], value, out),), "vectorized"),)),), _par(low, node)))
     return stmts
 

@@ -65,6 +65,7 @@ def micro_shape(width: int, m: int) -> GemmShape:
 
 
 PARALLEL_MIN_MACS = 1 << 18
+GEMM_ONE_REGION = 1
 IMAGE_PARALLEL_MAX_WEIGHT_BYTES = 1 << 19
 IMAGE_PARALLEL_MAX_WORKSPACE_BYTES = 1 << 22
 # Folding images into one GEMM pays for small maps (few column tiles per image); for large
@@ -119,6 +120,10 @@ def gemm_loops(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, store
         # then reads its B panels from cache for every row tile, or its A rows for every
         # column tile). Blocking the rows as well measured slower here: packed B panels
         # stream well, and every block would cost a thread-pool round trip.
+        if m_tiles > count and parallel and count > 1 and GEMM_ONE_REGION:
+            t = low.fresh("t")
+            return For(t, as_expr(0), as_expr(count * m_tiles), (
+                Decl(it, t // count), Decl(jt, t % count), *body), "parallel")
         if m_tiles > count:
             return For(jt, as_expr(0), as_expr(count), (
                 For(it, as_expr(0), as_expr(m_tiles), tuple(body),

@@ -119,4 +119,7 @@ def format_table(rows: list[dict[str, Any]], peaks: Peaks) -> str:
     lines.append(f"peaks: {peaks.gflops:.1f} GFLOP/s ({GEMM_SIZE}x{GEMM_SIZE} fp32 GEMM), "
                  f"{peaks.gbytes:.1f} GB/s (NumPy copy); compute-bound above "
                  f"{peaks.balance:.2f} FLOP/byte")
+    if any(r["op"].endswith("/winograd") for r in rows):
+        lines.append("conv/winograd: FLOPs and GFLOP/s are the direct convolution's (Winograd "
+                     "F(4,3) does half its multiply-adds), so they can exceed the GEMM peak")
     return "\n".join(lines)

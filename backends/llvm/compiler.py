@@ -237,7 +237,9 @@ def build_image(graph: Graph, target: Target) -> tuple[ProgramImage, LoweredGrap
             copy_consts[j] = np.array(g.constants[src])
         else:
             copies[j] = ("output", g.outputs.index(src))
-    steps = [{"kernel": s.kernel.name, "root": s.root, "op": s.kernel.meta.get("op", ""),
+    steps = [{"kernel": s.kernel.name, "root": s.root,
+              "op": "/".join(filter(None, (s.kernel.meta.get("op", ""),
+                                           s.kernel.meta.get("algorithm", "")))),
               "flops": int(s.kernel.flops),
               "bytes": int(sum(b.nbytes for b in s.kernel.params if b.name not in s.temps))}
              for s in lowered.steps]

@@ -155,7 +155,9 @@ def lower_group(graph: Graph, plan: FusionPlan, root: Node, producers: dict[str,
                                   [graph.types[o] for o in root.outputs], root.attrs)
     name = buffer_name(f"k{index}_{root.name}")[2:]
     kernel = Kernel(name, tuple(params), tuple(_simplify_stmts(body)), tuple(low.scratch),
-                    flops=int(flops), meta={"root": root.name, "op": root.op})
+                    flops=int(flops), meta={"root": root.name, "op": root.op,
+                                            **({"algorithm": low.algorithm} if low.algorithm
+                                               else {})})
     reads = {b: v for b, v in low.reads.items()}
     temps = {b.name: b.nbytes for b in low.workspaces}
     return KernelStep(kernel, reads, writes, root.name, temps), low.new_constants

@@ -66,6 +66,9 @@ class Lowering:
     scratch: list = field(default_factory=list)
     view_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # collapsed dims
     workspaces: list = field(default_factory=list)  # arena buffers private to this kernel
+    # A schedule whose arithmetic differs from the op's definition (e.g. "winograd"): the
+    # kernel's FLOP count stays the op's, and the profiler says so.
+    algorithm: str = ""
     _counter: int = 0
 
     def fresh(self, prefix: str = "i", dtype: str = INDEX, lanes: int = 1) -> Var:

@@ -78,6 +78,7 @@ def lower_winograd(low: Lowering, node: Node, final: str, out: str, oshape, xb: 
     """The F(4, 3)-along-rows convolution of ``node`` (see the module docstring)."""
     from kiln.passes.lower.gemm import _fill_phases, _par, gemm_loops, micro_shape, pack_a
 
+    low.algorithm = "winograd"
     n_img, cout = oshape[0], oshape[1]
     cin = wv.shape[1]
     H, W = in_sp

@@ -364,8 +364,11 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     low.view_shapes.update(views)
     shape = micro_shape(width, og)
     wmat = wv.reshape(g, og, Kd).astype(np.float32)
-    ap = low.constant(np.stack([pack_a(wmat[i], shape.mr) for i in range(g)]),
-                      f"{node.name}_packed")
+
+    def packed_a() -> str:  # made only on the paths that read it (else dead weight in the image)
+        return low.constant(np.stack([pack_a(wmat[i], shape.mr) for i in range(g)]),
+                            f"{node.name}_packed")
+
     m_tiles = -(-og // shape.mr)
     bias = low.constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
     if len(node.inputs) > 2 and bias is None:
@@ -407,8 +410,9 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
         if math.prod(sp_out) <= DIRECT_T_MAX_PIXELS:
             return _direct_batch_t(low, node, final, out, oshape, xb, wv, bias_buf, width, cg,
                                    og, Kd, in_sp, sp_out, ksp, stride, pad, dil)
-        return _direct_batch(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles,
-                             cg, og, Kd, in_sp, sp_out, ksp, stride, pad, dil)
+        return _direct_batch(low, node, final, out, oshape, xb, packed_a(), bias_buf, shape,
+                             m_tiles, cg, og, Kd, in_sp, sp_out, ksp, stride, pad, dil)
+    ap = packed_a()
     if padded_ok:
         return _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles,
                               cg, og, g, Kd, in_sp, sp_out, ksp, pad, dil, n_var, g_var, x_base,

@@ -112,6 +112,27 @@ class Validator:
         return out
 
 
+def peek_kind(path: str | os.PathLike) -> str | None:
+    """The ``kind`` of the artifact at ``path`` (``cpu`` when the manifest has none), read from
+    its prefix and header only; None when that much cannot be read as a kiln artifact (the
+    kind's own reader then says what is wrong)."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(PREFIX.size)
+            if len(prefix) < PREFIX.size:
+                return None
+            magic, _, head_len = PREFIX.unpack(prefix)
+            if magic != MAGIC or head_len > MAX_HEADER_BYTES:
+                return None
+            header = json.loads(f.read(head_len).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    kind = header.get("kind", "cpu")
+    return kind if isinstance(kind, str) else None
+
+
 def read_container(path: str | os.PathLike, fail: Fail, error: type[KilnError], kind: str,
                    required: Sequence[str], wrong_kind_hint: Callable[[str], str]
                    ) -> tuple[dict, dict[str, bytes]]:

@@ -8,6 +8,7 @@
     kiln trace resnet18_cifar -o /tmp/trace
     kiln export resnet18 -o /tmp/resnet18_c --format c
     kiln export resnet18_cifar -o /tmp/r.onnx --format onnx --prune 0.5 --quantize percentile
+    kiln export resnet18_cifar -o /tmp/r_gpu.kiln --format cuda
     kiln compare resnet18_cifar --prune 0.3 --quantize minmax
 
 Errors a user can cause print ``kiln: error: <message>`` and exit with status 2; ``bisect`` and
@@ -112,13 +113,20 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
         graph, _, name = load_graph(args.model, args.batch)
         graph, timing = optimize(graph, "O1")
-        compiled = CompiledModel(graph, Executable(graph, "llvm", 0), None, graph, timing)
+        backend = "reference" if args.format == "cuda" else "llvm"
+        compiled = CompiledModel(graph, Executable(graph, backend, 0), None, graph, timing)
     else:
         module, inputs, name = load_model(args.model, args.batch)
-        compiled = kiln.compile(module, inputs, backend="llvm",
+        # A CUDA artifact is rendered from the optimized graph: no CPU code is needed.
+        compiled = kiln.compile(module, inputs,
+                                backend="reference" if args.format == "cuda" else "llvm",
                                 **_compression_kwargs(args, inputs))
     if args.format == "kiln":
         path = kiln.export(compiled, out, overwrite=args.overwrite)
+    elif args.format == "cuda":
+        from kiln.backends.cuda.artifact import export_cuda
+
+        path = export_cuda(compiled, out, overwrite=args.overwrite)
     elif args.format == "c":
         from kiln.runtime.c_export import export_c
 
@@ -282,12 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a kiln artifact (one file that kiln.load runs without "
                                    "PyTorch), a C library (a directory with model.h, "
                                    "libmodel.so and model_weights.bin; see examples/c) or an "
-                                   "ONNX file. Existing outputs are kept unless --overwrite.")
+                                   "ONNX file; or (--format cuda) as a CUDA artifact of PTX "
+                                   "for NVIDIA GPUs, which kiln.load runs on a machine with "
+                                   "one. Existing outputs are kept unless --overwrite.")
     p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
     p.add_argument("-o", "--output", metavar="PATH", required=True,
                    help="the artifact or ONNX file, or the C library's directory")
-    p.add_argument("--format", default="kiln", choices=("kiln", "c", "onnx"),
-                   help="what to write (default: kiln)")
+    p.add_argument("--format", default="kiln", choices=("kiln", "c", "onnx", "cuda"),
+                   help="what to write (default: kiln; cuda: PTX for NVIDIA GPUs, loaded by "
+                        "kiln.load on a machine with one; needs numba and the CUDA toolkit's "
+                        "libNVVM, not a GPU)")
     p.add_argument("--threads", type=_non_negative, default=0,
                    help="worker threads the C library starts with (--format c only; "
                         "default 0: all cores)")

@@ -111,13 +111,19 @@ _TORCH_DTYPE = {"f32": torch.float32, "f16": torch.float16, "i8": torch.int8,
 
 def export(compiled: CompiledModel, path: str | os.PathLike, *,
            overwrite: bool = False) -> Path:
-    """Write ``compiled`` (llvm backend) as one artifact file that ``kiln.load`` runs without
-    PyTorch. An existing file is kept unless ``overwrite`` is True."""
+    """Write ``compiled`` as one artifact file that ``kiln.load`` runs without PyTorch: native
+    code for this CPU (llvm backend), or PTX with its launch table for NVIDIA GPUs (cuda
+    backend; see ``kiln.backends.cuda.export_cuda``). An existing file is kept unless
+    ``overwrite`` is True."""
+    if compiled.backend == "cuda":
+        from kiln.backends.cuda.artifact import export_cuda
+
+        return export_cuda(compiled, path, overwrite=overwrite)
     program = compiled.executable.program
     image = getattr(program, "image", None)
     if image is None:
         raise KilnError(f"a model compiled for the {compiled.backend} backend has no native "
-                        "code to export", hint="compile with backend='llvm'")
+                        "code to export", hint="compile with backend='llvm' or 'cuda'")
     path = Path(path)
     if path.exists() and not overwrite:
         raise KilnError(f"{path} already exists", hint="choose another path or pass "

@@ -20,7 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from kiln.backends.artifact_format import MAGIC, Validator, read_container, write_container
+from kiln.backends.artifact_format import (
+    MAGIC,
+    Validator,
+    peek_kind,
+    read_container,
+    write_container,
+)
 from kiln.ir import KilnError
 from kiln.ir.types import DType
 
@@ -170,9 +176,23 @@ class LoadedModel:
         return f"<kiln LoadedModel ({sig})>"
 
 
-def load(path: str | os.PathLike, threads: int = 0) -> LoadedModel:
-    """Load an artifact written by ``kiln.export``; needs NumPy and llvmlite, not PyTorch.
+def load(path: str | os.PathLike, threads: int = 0) -> Any:
+    """Load an artifact written by ``kiln.export``: a CPU artifact (llvm backend; needs NumPy
+    and llvmlite, not PyTorch) as a ``LoadedModel``, a CUDA one (cuda backend; needs numba and
+    a CUDA GPU of the artifact's compute capability) as a ``CudaArtifactModel``.
 
     Raises ArtifactError (a KilnError) for a damaged or foreign file, a format this kiln does
-    not read, or a CPU that lacks the features the code was compiled for."""
+    not read, or a CPU that lacks the features the code was compiled for; CudaArtifactError
+    likewise for CUDA artifacts, and where no GPU can run them."""
+    if peek_kind(path) == "cuda":
+        if threads:
+            raise KilnError(f"{path} is a CUDA artifact: threads={threads} applies to CPU "
+                            "artifacts only", hint="call kiln.load(path) without threads")
+        try:
+            from kiln.backends.cuda.artifact import load_cuda
+        except ModuleNotFoundError as e:
+            raise KilnError(f"{path} is a CUDA artifact, and loading it needs {e.name}",
+                            hint="pip install 'kiln[cuda]' on a machine with a CUDA GPU"
+                            ) from None
+        return load_cuda(path)
     return LoadedModel(path, threads)

@@ -193,3 +193,42 @@ def test_export_writes_real_ptx(tmp_path: Path):
     assert "bar.sync" in image.ptx[image.launches[0].name]  # the GEMM's barriers
     with pytest.raises(CudaArtifactError, match="simulator cannot run"):
         load_cuda(path)
+
+
+def test_kiln_load_and_export_dispatch_to_the_cuda_artifact(artifact: Path, tmp_path: Path):
+    """kiln.load reads the artifact's kind: a CUDA artifact goes to load_cuda (which, under the
+    simulator, refuses clearly), a CPU reader error never appears; kiln.export of a model
+    compiled for the cuda backend writes a CUDA artifact (here: refused by the simulator)."""
+    import kiln
+
+    with pytest.raises(CudaArtifactError, match="simulator cannot run"):
+        kiln.load(artifact)
+    with pytest.raises(KilnError, match="threads=2 applies to CPU artifacts only"):
+        kiln.load(artifact, threads=2)
+    truncated = tmp_path / "truncated.kiln"
+    truncated.write_bytes(artifact.read_bytes()[:10])
+    with pytest.raises(cpu_artifact.ArtifactError, match="too short"):
+        kiln.load(truncated)
+    import torch
+
+    compiled = kiln.compile(model_graph_module(), (torch.zeros(2, 8),),
+                            backend="cuda")
+    with pytest.raises(KilnError, match="cannot be generated under the CUDA simulator"):
+        kiln.export(compiled, tmp_path / "gpu.kiln")
+    assert not (tmp_path / "gpu.kiln").exists()
+
+
+def model_graph_module():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()).eval()
+
+
+def test_cli_export_format_cuda(tmp_path: Path, capsys):
+    from kiln.debug.cli import main
+
+    out = tmp_path / "mlp_gpu.kiln"
+    assert main(["export", "mlp", "-o", str(out), "--format", "cuda"]) == 2
+    assert "cannot be generated under the CUDA simulator" in capsys.readouterr().err
+    assert not out.exists()

@@ -30,7 +30,6 @@ GPU_SCRIPT = textwrap.dedent("""
     import torch
 
     import kiln
-    from kiln.backends.cuda.artifact import export_cuda, load_cuda
     from kiln.examples.models import get_model
 
     for name in ["mlp", "lenet5", "resnet18_cifar", "gpt2_block"]:
@@ -52,10 +51,12 @@ GPU_SCRIPT = textwrap.dedent("""
             assert got_cuda.is_cuda, name
             torch.testing.assert_close(got_cuda.cpu(), expected, rtol=1e-4,
                                        atol=1e-4 * float(expected.abs().max()))
-        # The same model as a CUDA artifact (PTX), loaded back and run.
+        # The same model as a CUDA artifact (PTX), loaded back and run: kiln.export and
+        # kiln.load dispatch on the backend and on the artifact's kind.
         path = os.path.join(tempfile.mkdtemp(), name + ".kiln")
-        export_cuda(compiled, path)
-        loaded = load_cuda(path)
+        kiln.export(compiled, path)
+        loaded = kiln.load(path)
+        assert type(loaded).__name__ == "CudaArtifactModel", type(loaded)
         np.testing.assert_allclose(loaded(*[x.numpy() for x in inputs]), expected.numpy(),
                                    rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
         print(name, "ok", compiled.profile(*inputs, repeat=3)[0])

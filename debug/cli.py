@@ -140,9 +140,11 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from kiln.debug.compare import check_options, compare
 
     check_options(args.prune, args.low_rank)
+    if args.prune_multiple is not None and args.prune is None:
+        raise KilnError("--prune-multiple applies to pruning", hint="pass --prune FRACTION too")
     result = compare(args.model, prune=args.prune, low_rank=args.low_rank,
                      quantize=args.quantize, calibration_batches=args.calibration_batches,
-                     backend=not args.no_codegen)
+                     backend=not args.no_codegen, prune_multiple=args.prune_multiple)
     print(result.table())
 
 
@@ -159,6 +161,10 @@ def _fraction(text: str) -> float:
 def _add_compression_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune", type=_fraction, metavar="FRACTION",
                    help="structured pruning: remove this fraction of the FLOPs (L1 criterion)")
+    p.add_argument("--prune-multiple", type=_positive, metavar="N",
+                   help="keep a multiple of N channels in every pruned group (default: the "
+                        "target's vector width, 16 with AVX-512; 1 removes any channel, for "
+                        "small models such as LeNet)")
     p.add_argument("--low-rank", type=_fraction, metavar="ENERGY",
                    help="low-rank factorization keeping this fraction of each layer's "
                         "singular-value energy")
@@ -172,12 +178,17 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
 def _compression_kwargs(args: argparse.Namespace, inputs) -> dict:
     import torch
 
+    if args.prune_multiple is not None and args.prune is None:
+        raise KilnError("--prune-multiple applies to pruning", hint="pass --prune FRACTION too")
     if args.prune is None and args.low_rank is None and args.quantize is None:
         return {}
     gen = torch.Generator().manual_seed(0)
     data = [tuple(torch.randn(x.shape, generator=gen) if x.is_floating_point() else x
                   for x in inputs) for _ in range(args.calibration_batches)]
-    return {"prune": args.prune, "low_rank": args.low_rank, "data": data,
+    prune = args.prune
+    if prune is not None and args.prune_multiple is not None:
+        prune = {"flops_target": prune, "multiple": args.prune_multiple}
+    return {"prune": prune, "low_rank": args.low_rank, "data": data,
             "quantize": {"method": args.quantize} if args.quantize else None}
 
 

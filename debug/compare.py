@@ -100,8 +100,9 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
 
 def compare(spec: str, *, prune: float | None = None, low_rank: float | None = None,
             quantize: str | None = None, calibration_batches: int = 4, backend: bool = True,
-            seed: int = 0) -> Comparison:
-    """Run the compression stages on MODEL ``spec`` and measure each layer after each."""
+            seed: int = 0, prune_multiple: int | None = None) -> Comparison:
+    """Run the compression stages on MODEL ``spec`` and measure each layer after each
+    (``prune_multiple``: channels kept per pruned group are a multiple of it)."""
     module, inputs, _ = load_model(spec)
     module.eval()
     source, _ = trace_module(module, inputs, "fx")
@@ -109,7 +110,9 @@ def compare(spec: str, *, prune: float | None = None, low_rank: float | None = N
     data = [tuple(torch.randn(x.shape, generator=gen) if x.is_floating_point() else x
                   for x in inputs) for _ in range(max(1, calibration_batches))]
     result = compress_graph(
-        source, data, teacher=module, prune=prune, low_rank=low_rank,
+        source, data, teacher=module, low_rank=low_rank,
+        prune=({"flops_target": prune, "multiple": prune_multiple}
+               if prune is not None and prune_multiple is not None else prune),
         quantize={"method": quantize} if quantize else None)
     arrays = [x.numpy() for x in inputs]
     ref = _values(source, arrays)

@@ -65,7 +65,6 @@ def micro_shape(width: int, m: int) -> GemmShape:
 
 
 PARALLEL_MIN_MACS = 1 << 18
-GEMM_ONE_REGION = 1
 IMAGE_PARALLEL_MAX_WEIGHT_BYTES = 1 << 19
 IMAGE_PARALLEL_MAX_WORKSPACE_BYTES = 1 << 22
 # Folding images into one GEMM pays for small maps (few column tiles per image); for large
@@ -119,8 +118,10 @@ def gemm_loops(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, store
         # Threads share whichever of column tiles and row tiles there are more of (a thread
         # then reads its B panels from cache for every row tile, or its A rows for every
         # column tile). Blocking the rows as well measured slower here: packed B panels
-        # stream well, and every block would cost a thread-pool round trip.
-        if m_tiles > count and parallel and count > 1 and GEMM_ONE_REGION:
+        # stream well, and every block would cost a thread-pool round trip. With more row
+        # tiles, one parallel loop runs over all (row, column) pairs, row-major: each thread
+        # keeps its rows of A for every column tile, in one thread-pool round trip.
+        if m_tiles > count and parallel and count > 1:
             t = low.fresh("t")
             return For(t, as_expr(0), as_expr(count * m_tiles), (
                 Decl(it, t // count), Decl(jt, t % count), *body), "parallel")
@@ -405,7 +406,7 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     # split into stride phases instead of im2col.
     if (not direct and nd == 2 and g == 1 and (oshape[0] > 1 or any(s > 1 for s in stride))
             and not (padded_ok and images > 1)
-            and direct_batch_waste(oshape[0], in_sp, sp_out, ksp, stride, pad, dil)
+            and direct_batch_waste(oshape[0], sp_out, ksp, stride, pad, dil)
             <= DIRECT_BATCH_MAX_WASTE):
         if math.prod(sp_out) <= DIRECT_T_MAX_PIXELS:
             return _direct_batch_t(low, node, final, out, oshape, xb, wv, bias_buf, width, cg,
@@ -569,6 +570,45 @@ def _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_til
         "parallel" if images > 1 else "serial")]
 
 
+@dataclass(frozen=True)
+class _PhaseLayout:
+    """Where the batched direct convolutions put their input (see ``_direct_batch``): per
+    input channel, one plane of Hq rows x Wrow columns for each stride phase, images S columns
+    apart along the rows; ``koff[k]``: the offset of tap k = (ci, a, b) from its output
+    position; ``nc``: the GEMM columns up to the last image's last output."""
+
+    phases: list
+    hq: int
+    wq: int
+    s: int
+    wrow: int
+    plane: int
+    per_ci: int
+    nc: int
+    koff: np.ndarray
+
+
+def _phase_layout(n_img, cg, sp_out, ksp, stride, pad, dil) -> _PhaseLayout:
+    OH, OW = sp_out
+    kh_, kw_ = ksp
+    sh, sw = stride
+    dh, dw = dil
+    rph = sorted({(a * dh) % sh for a in range(kh_)})
+    cph = sorted({(b * dw) % sw for b in range(kw_)})
+    phases = [(pr, pc) for pr in rph for pc in cph]
+    hq = OH + ((kh_ - 1) * dh) // sh
+    wq = OW + ((kw_ - 1) * dw) // sw
+    s = wq - pad[1] if sw == 1 else wq   # stride 1: neighbours share their zero padding
+    wrow = (n_img - 1) * s + wq
+    plane = hq * wrow
+    tap = np.array([phases.index(((a * dh) % sh, (b * dw) % sw)) * plane
+                    + ((a * dh) // sh) * wrow + (b * dw) // sw
+                    for a in range(kh_) for b in range(kw_)], np.int64)
+    koff = (np.arange(cg, dtype=np.int64)[:, None] * (len(phases) * plane) + tap).reshape(-1)
+    return _PhaseLayout(phases, hq, wq, s, wrow, plane, len(phases) * plane,
+                        (OH - 1) * wrow + (n_img - 1) * s + OW, koff)
+
+
 def _direct_batch(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles, cg, og,
                   Kd, in_sp, sp_out, ksp, stride, pad, dil) -> list:
     """All images of a batch as one GEMM without im2col, for any stride (2-d, one group).
@@ -583,32 +623,15 @@ def _direct_batch(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tile
     1 neighbouring images share their zero padding (S = W + pad), so few are. The GEMM writes
     a workspace; the epilogue copies the real columns out through the fused ops."""
     n_img = oshape[0]
-    H, W = in_sp
     OH, OW = sp_out
-    kh_, kw_ = ksp
-    sh, sw = stride
-    ph, pw = pad
-    dh, dw = dil
-    rph = sorted({(a * dh) % sh for a in range(kh_)})
-    cph = sorted({(b * dw) % sw for b in range(kw_)})
-    phases = [(pr, pc) for pr in rph for pc in cph]
-    Hq = OH + ((kh_ - 1) * dh) // sh
-    Wq = OW + ((kw_ - 1) * dw) // sw
-    S = Wq - pw if sw == 1 else Wq
-    Wrow = (n_img - 1) * S + Wq
-    plane = Hq * Wrow
-    per_ci = len(phases) * plane
-    Nc = (OH - 1) * Wrow + (n_img - 1) * S + OW
+    lay = _phase_layout(n_img, cg, sp_out, ksp, stride, pad, dil)
+    Wrow, S, Nc = lay.wrow, lay.s, lay.nc
     ldc = -(-Nc // shape.nr) * shape.nr      # every column tile full
     slack = Wrow + 3 * shape.nr   # reads past the last plane land in dropped columns
-    q = low.workspace(f"{node.name}_phases", "f32", cg * per_ci + slack)
+    q = low.workspace(f"{node.name}_phases", "f32", cg * lay.per_ci + slack)
     cbuf = low.workspace(f"{node.name}_acc", "f32", og * ldc)
-    koff = np.array([(ci * len(phases) + phases.index(((a * dh) % sh, (b * dw) % sw))) * plane
-                     + ((a * dh) // sh) * Wrow + (b * dw) // sw
-                     for ci in range(cg) for a in range(kh_) for b in range(kw_)], np.int64)
-    kb = low.constant(koff, f"{node.name}_koff")
-    stmts = _fill_phases(low, node, xb, q, cg, per_ci, plane, phases, n_img, H, W, Hq, Wq,
-                         Wrow, S, stride, pad)
+    kb = low.constant(lay.koff, f"{node.name}_koff")
+    stmts = _fill_phases(low, node, xb, q, cg, lay, n_img, in_sp, stride, pad)
 
     def a(row, k):
         tile, rr = row // shape.mr, row % shape.mr
@@ -645,30 +668,13 @@ def _direct_batch_t(low, node, final, out, oshape, xb, wv, bias_buf, width, cg, 
     where the gaps between images cost most. The result goes to a workspace ([pixel, co]) and
     the epilogue writes it out in NCHW order through the fused ops."""
     n_img = oshape[0]
-    H, W = in_sp
     OH, OW = sp_out
-    kh_, kw_ = ksp
-    sh, sw = stride
-    ph, pw = pad
-    dh, dw = dil
-    rph = sorted({(a * dh) % sh for a in range(kh_)})
-    cph = sorted({(b * dw) % sw for b in range(kw_)})
-    phases = [(pr, pc) for pr in rph for pc in cph]
-    Hq = OH + ((kh_ - 1) * dh) // sh
-    Wq = OW + ((kw_ - 1) * dw) // sw
-    S = Wq - pw if sw == 1 else Wq
-    Wrow = (n_img - 1) * S + Wq
-    plane = Hq * Wrow
-    per_ci = len(phases) * plane
-    q = low.workspace(f"{node.name}_phases", "f32", cg * per_ci)
-    koff = np.array([(ci * len(phases) + phases.index(((a * dh) % sh, (b * dw) % sw))) * plane
-                     + ((a * dh) // sh) * Wrow + (b * dw) // sw
-                     for ci in range(cg) for a in range(kh_) for b in range(kw_)], np.int64)
+    lay = _phase_layout(n_img, cg, sp_out, ksp, stride, pad, dil)
+    q = low.workspace(f"{node.name}_phases", "f32", cg * lay.per_ci)
     nn, oo, ww = np.meshgrid(np.arange(n_img), np.arange(OH), np.arange(OW), indexing="ij")
-    stmts = _fill_phases(low, node, xb, q, cg, per_ci, plane, phases, n_img, H, W, Hq, Wq,
-                         Wrow, S, stride, pad)
+    stmts = _fill_phases(low, node, xb, q, cg, lay, n_img, in_sp, stride, pad)
     return stmts + _gemm_transposed(low, node, final, out, oshape, wv, bias_buf, width, og, Kd,
-                                    q, koff, (nn * S + oo * Wrow + ww).reshape(-1))
+                                    q, lay.koff, (nn * lay.s + oo * lay.wrow + ww).reshape(-1))
 
 
 def _gemm_transposed(low, node, final, out, oshape, wv, bias_buf, width, og, Kd, q: str,
@@ -707,16 +713,17 @@ def _gemm_transposed(low, node, final, out, oshape, wv, bias_buf, width, og, Kd,
     return stmts
 
 
-def _fill_phases(low, node, xb, q, cg, per_ci, plane, phases, n_img, H, W, Hq, Wq, Wrow, S,
-                 stride, pad) -> list:
+def _fill_phases(low, node, xb, q, cg, lay: _PhaseLayout, n_img, in_sp, stride, pad) -> list:
     """Q[ci, phase (pr, pc), i, n*S + j] = P_n[ci, i*sh + pr, j*sw + pc] (P: the zero-padded
     input of image n): zero each channel's phases, then copy the images' rows in."""
+    H, W = in_sp
     sh, sw = stride
     ph, pw = pad
+    per_ci, plane, Hq, Wq, Wrow, S = lay.per_ci, lay.plane, lay.hq, lay.wq, lay.wrow, lay.s
     ci, i0v = low.fresh("ci"), low.fresh("i")
     fill: list = [For(i0v, as_expr(0), as_expr(per_ci),
                       (K.Store(q, ci * per_ci + i0v, f32(0.0)),), "vectorized")]
-    for p, (pr, pc) in enumerate(phases):
+    for p, (pr, pc) in enumerate(lay.phases):
         r0 = max(0, -(-(ph - pr) // sh))
         r1 = min(Hq, -(-(H + ph - pr) // sh))
         j0 = max(0, -(-(pw - pc) // sw))
@@ -732,13 +739,10 @@ def _fill_phases(low, node, xb, q, cg, per_ci, plane, phases, n_img, H, W, Hq, W
     return [For(ci, as_expr(0), as_expr(cg), tuple(fill), _par(low, node))]
 
 
-def direct_batch_waste(n_img, in_sp, sp_out, ksp, stride, pad, dil) -> float:
+def direct_batch_waste(n_img, sp_out, ksp, stride, pad, dil) -> float:
     """Columns the batched direct GEMM computes per output pixel (1.0: none wasted)."""
-    OH, OW = sp_out
-    Wq = OW + ((ksp[1] - 1) * dil[1]) // stride[1]
-    S = Wq - pad[1] if stride[1] == 1 else Wq
-    Nc = (OH - 1) * ((n_img - 1) * S + Wq) + (n_img - 1) * S + OW
-    return Nc / (n_img * OH * OW)
+    lay = _phase_layout(n_img, 1, sp_out, ksp, stride, pad, dil)
+    return lay.nc / (n_img * math.prod(sp_out))
 
 
 def lower_depthwise(low: Lowering, node: Node, final: str, inline: set[str],

@@ -76,7 +76,14 @@ def lower_winograd(low: Lowering, node: Node, final: str, out: str, oshape, xb: 
                    wv: np.ndarray, bias_buf: str | None, width: int, in_sp, sp_out,
                    pad) -> list:
     """The F(4, 3)-along-rows convolution of ``node`` (see the module docstring)."""
-    from kiln.passes.lower.gemm import _fill_phases, _par, gemm_loops, micro_shape, pack_a
+    from kiln.passes.lower.gemm import (
+        _fill_phases,
+        _par,
+        _PhaseLayout,
+        gemm_loops,
+        micro_shape,
+        pack_a,
+    )
 
     low.algorithm = "winograd"
     n_img, cout = oshape[0], oshape[1]
@@ -98,8 +105,8 @@ def lower_winograd(low: Lowering, node: Node, final: str, out: str, oshape, xb: 
 
     # Input: zero-padded rows, images side by side; then the 6 transformed rows per tile.
     padded = low.workspace(f"{node.name}_rows", "f32", cin * p_plane)
-    stmts = _fill_phases(low, node, xb, padded, cin, p_plane, p_plane, [(0, 0)], n_img, H, W,
-                         rows, Wq, Wrow, S, (1, 1), pad)
+    lay = _PhaseLayout([(0, 0)], rows, Wq, S, Wrow, p_plane, p_plane, 0, np.zeros(0, np.int64))
+    stmts = _fill_phases(low, node, xb, padded, cin, lay, n_img, in_sp, (1, 1), pad)
     v = low.workspace(f"{node.name}_wino_in", "f32", ALPHA * cin * v_plane + slack)
     ci, th, x = low.fresh("ci"), low.fresh("th"), low.fresh("x")
     d = [K.Load(padded, ci * p_plane + (th * M_OUT + i) * Wrow + x, "f32") for i in range(ALPHA)]

@@ -119,12 +119,14 @@ def gemm_loops(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, store
         # then reads its B panels from cache for every row tile, or its A rows for every
         # column tile). Blocking the rows as well measured slower here: packed B panels
         # stream well, and every block would cost a thread-pool round trip. With more row
-        # tiles, one parallel loop runs over all (row, column) pairs, row-major: each thread
-        # keeps its rows of A for every column tile, in one thread-pool round trip.
+        # tiles, one parallel loop runs over all (column, row) tile pairs, column-major: each
+        # B panel stays in cache while all row tiles run over it (row-major order streamed
+        # every panel once per row tile: 1024^3 matmul 310 -> 200 GFLOP/s), in one
+        # thread-pool round trip instead of one per column tile.
         if m_tiles > count and parallel and count > 1:
             t = low.fresh("t")
             return For(t, as_expr(0), as_expr(count * m_tiles), (
-                Decl(it, t // count), Decl(jt, t % count), *body), "parallel")
+                Decl(jt, t // m_tiles), Decl(it, t % m_tiles), *body), "parallel")
         if m_tiles > count:
             return For(jt, as_expr(0), as_expr(count), (
                 For(it, as_expr(0), as_expr(m_tiles), tuple(body),

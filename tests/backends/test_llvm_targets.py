@@ -34,3 +34,22 @@ def test_zoo_model_on_narrower_target(name: str, target: str) -> None:
         expected = model(*inputs).numpy()
     got = program([x.numpy() for x in inputs])[0]
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+@pytest.mark.skipif(not (_FEATURES.get("avx2") and _FEATURES.get("fma")),
+                    reason="the host cannot run AVX2 code")
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_batched_conv_schedules_on_narrower_target(target: str) -> None:
+    """Batch 2: Winograd, the batched stride-phase GEMM and its transposed form (their tiles
+    sized for 8 and 4 lanes), as in ResNet-18 (CIFAR)."""
+    cpu, features, bits = TARGETS[target]
+    t = Target(host_target().triple, cpu, features, bits)
+    model, inputs = get_model("resnet18_cifar", batch=2)
+    graph = kiln.compile(model, inputs, backend="reference").graph
+    program = compile_graph(graph, target=t, cache=False)
+    ops = {s["op"] for s in program.image.steps}
+    assert "conv/winograd" in ops
+    with torch.no_grad():
+        expected = model(*inputs).numpy()
+    got = program([x.numpy() for x in inputs])[0]
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()

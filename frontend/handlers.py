@@ -133,6 +133,16 @@ for _op, _keys in {
 }.items():
     on(*_keys)(_unary(_op))
 
+
+@on(torch.round, aten.round, method("round"))
+def _round(imp, real, x, *args, decimals=0, **kwargs):
+    if args:
+        decimals = args[0]
+    if decimals != 0:
+        raise imp.error(f"round to {decimals} decimals is not supported",
+                        hint="write torch.round(x * 10**d) / 10**d")
+    return imp.op("round", [imp.value(x)], {})
+
 for _op, _classes in {"relu": [nn.ReLU], "silu": [nn.SiLU], "sigmoid": [nn.Sigmoid],
                       "tanh": [nn.Tanh], "hardswish": [nn.Hardswish],
                       "hardsigmoid": [nn.Hardsigmoid]}.items():

@@ -1153,7 +1153,7 @@ ONNX_IMPORT: dict[str, ImportFn] = {
     "Range": _range,
     "Floor": _constant_only(lambda ctx, a: np.floor(a), "floor"),
     "Ceil": _constant_only(lambda ctx, a: np.ceil(a), "ceil"),
-    "Round": _constant_only(lambda ctx, a: np.rint(a), "round"),
+    "Round": _unary("round"),
     "Mod": _constant_only(_mod, "modulo"),
     "And": _constant_only(lambda ctx, a, b: np.logical_and(a, b), "logical and"),
     "Or": _constant_only(lambda ctx, a, b: np.logical_or(a, b), "logical or"),

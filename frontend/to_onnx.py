@@ -535,6 +535,7 @@ ONNX_IMPL: dict[str, Emit] = {
     "reciprocal": _simple("Reciprocal"),
     "neg": _simple("Neg"),
     "abs": _simple("Abs"),
+    "round": _simple("Round"),
     "cast": _cast,
     "add": _simple("Add"),
     "sub": _simple("Sub"),

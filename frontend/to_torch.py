@@ -285,6 +285,7 @@ TORCH_IMPL: dict[str, Callable] = {
     "reciprocal": torch.reciprocal,
     "neg": torch.neg,
     "abs": torch.abs,
+    "round": torch.round,
     "cast": _cast,
     "add": torch.add,
     "sub": torch.sub,

@@ -105,6 +105,7 @@ _unary("erf", _in64(_erf), "error function", flops_per_element=8)
 _unary("reciprocal", _in64(lambda x: 1.0 / x), "1 / x")
 _unary("neg", np.negative, "-x", float_only=False)
 _unary("abs", np.abs, "|x|", float_only=False)
+_unary("round", np.rint, "nearest integer, halves to even (as torch.round and ONNX Round)")
 
 
 def _cast_infer(ins, attrs):

@@ -61,14 +61,14 @@ def unary_math(op: str, x: K.Expr, attrs) -> K.Expr:
         return -x
     if op == "logical_not":
         return K.Unary("not", x)
-    if op in ("exp", "log", "sqrt", "rsqrt", "tanh", "erf", "abs"):
+    if op in ("exp", "log", "sqrt", "rsqrt", "tanh", "erf", "abs", "round"):
         return K.call(op, x)
     raise KeyError(op)
 
 
 UNARY = ("relu", "clamp", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "hardswish",
          "hardsigmoid", "exp", "log", "sqrt", "rsqrt", "erf", "reciprocal", "neg", "abs",
-         "logical_not")
+         "round", "logical_not")
 
 
 @element_rule(*UNARY)

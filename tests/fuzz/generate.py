@@ -245,8 +245,9 @@ _COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge"}
 def _clear_of_cliffs(op: str, arrays: list[np.ndarray], attrs: dict, same: bool) -> bool:
     """Whether the node keeps its float operands clear of the spots where a last-bit rounding
     difference changes its result wholesale: a float->int cast near an integer (trunc), a
-    float->bool cast near 0, a comparison near a tie (unless ``same``: both sides are one
-    value), a normalization of a group whose values (nearly) agree (noise times 1/sqrt(eps)).
+    float->bool cast near 0, a round near a half-integer, a comparison near a tie (unless
+    ``same``: both sides are one value), a normalization of a group whose values (nearly)
+    agree (noise times 1/sqrt(eps)).
 
     well_conditioned's perturbation test finds most of these, but not where the value sits
     on a flat spot: erf saturated at exactly 1.0 and then cast to int, or a row of equal
@@ -259,6 +260,8 @@ def _clear_of_cliffs(op: str, arrays: list[np.ndarray], attrs: dict, same: bool)
     if op == "cast":
         gap = np.abs(x) if attrs["dtype"] == "bool" else np.abs(x - np.round(x))
         return attrs["dtype"] in ("f32", "f16") or bool(np.all(gap >= margin))
+    if op == "round":  # jumps at every half-integer
+        return bool(np.all(np.abs(np.abs(x - np.floor(x)) - 0.5) >= margin))
     if op in _COMPARISONS:
         # The same value on both sides ties in every backend alike.
         return same or bool(np.all(np.abs(x - arrays[1]) >= margin))
@@ -703,6 +706,7 @@ PROPOSERS: dict[str, tuple[float, Callable[[Grower], Proposal]]] = {
     "reciprocal": (1, _unary(positive=True)),
     "neg": (1, _unary(_is_numeric)),
     "abs": (1, _unary(_is_numeric)),
+    "round": (0.5, _unary()),
     "cast": (1, _propose_cast),
     "add": (4, _binary()),
     "sub": (2, _binary()),

@@ -110,7 +110,7 @@ UNARY_ATTRS = {
     "gelu": st.fixed_dictionaries({"approximate": st.sampled_from(["none", "tanh"])}),
 }
 UNARY = ["relu", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
-         "exp", "erf", "neg", "abs"]
+         "exp", "erf", "neg", "abs", "round"]
 POSITIVE_UNARY = ["log", "sqrt", "rsqrt", "reciprocal"]
 
 

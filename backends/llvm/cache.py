@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kiln.ir import Graph, print_graph
+from kiln.passes.lower import schedule_settings
 
 if TYPE_CHECKING:
     from kiln.backends.llvm.compiler import ProgramImage, Target
@@ -59,6 +60,7 @@ def cache_key(graph: Graph, target: Target) -> str | None:
     h = hashlib.sha256()
     h.update(f"kiln-cache-{FORMAT}\n{_source_digest()}\n".encode())
     h.update(f"{target.triple}\n{target.cpu}\n{target.features}\n".encode())
+    h.update(schedule_settings().encode())
     h.update(print_graph(graph).encode())
     for name in sorted(graph.constants):
         arr = graph.constants[name]

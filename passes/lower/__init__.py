@@ -60,6 +60,18 @@ class LoweredGraph:
         return "\n".join(K.print_kernel(s.kernel) for s in self.steps)
 
 
+def schedule_settings() -> str:
+    """The lowering's module-level schedule switches and thresholds (``gemm.WINOGRAD``,
+    ``winograd.MIN_PIXELS``, ...) as text: part of the compile cache's key, so that changing
+    one at run time (to compare schedules, or to debug one) never loads code made under
+    another setting."""
+    from kiln.passes.lower import anchors, gemm, qgemm, winograd
+
+    return "\n".join(f"{mod.__name__}.{k}={v!r}" for mod in (anchors, gemm, qgemm, winograd)
+                     for k, v in sorted(vars(mod).items())
+                     if k.isupper() and isinstance(v, (bool, int, float, str)))
+
+
 def _flat_ok(graph: Graph, producers: dict[str, Node], inline: set[str], out: str) -> set[str]:
     """Values of an elementwise group that may be seen as 1-d (all same shape or scalars).
 

@@ -13,6 +13,9 @@ are plain vector loops; images lie side by side along the rows, sharing their ze
 
 Rounding: the transforms scale values by up to 8 and 1/24, so the result differs from a
 direct convolution by a few float32 ulps of the largest partial sums (tests bound it).
+Non-finite inputs: an inf or NaN in an input row reaches every output row of the tiles that
+read it (inf - inf is NaN), where a direct convolution spreads it only to the rows whose
+window covers it; set ``kiln.passes.lower.gemm.WINOGRAD = 0`` to debug where a NaN starts.
 """
 
 from __future__ import annotations

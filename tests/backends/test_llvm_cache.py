@@ -76,3 +76,21 @@ def test_profile_lists_every_kernel_with_its_rate() -> None:
     assert rows == sorted(rows, key=lambda r: -r.seconds)
     with pytest.raises(kiln.KilnError, match="no per-kernel profile"):
         kiln.compile(model, inputs, backend="reference").profile(*inputs)
+
+
+def test_schedule_switches_are_part_of_the_key(monkeypatch) -> None:
+    """Turning a lowering switch (here Winograd) changes the key: a compile under the other
+    setting is never served from the cache."""
+    from kiln.backends.llvm.cache import cache_key
+    from kiln.backends.llvm.compiler import host_target
+    from kiln.ir import GraphBuilder, TensorType
+    from kiln.passes.lower import gemm
+
+    b = GraphBuilder("conv")
+    x = b.input("x", TensorType((2, 16, 12, 12)))
+    w = b.constant(np.ones((16, 16, 3, 3), np.float32), "w")
+    b.output(b.op("conv", [x, w], {"padding": 1}))
+    g = b.build()
+    before = cache_key(g, host_target())
+    monkeypatch.setattr(gemm, "WINOGRAD", 0)
+    assert cache_key(g, host_target()) not in (None, before)

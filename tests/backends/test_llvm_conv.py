@@ -16,6 +16,9 @@ CONFIGS = [  # (cin, cout, size, kernel, stride, padding, dilation, groups)
     (16, 24, 13, 3, 2, 2, 2, 1),      # im2col, stride and dilation
     (8, 12, 9, 5, 1, 2, 1, 2),        # grouped
     (64, 128, 14, 1, 1, 0, 1, 1),     # direct 1x1, GEMM tail columns
+    (32, 16, 15, 1, 1, 0, 1, 1),      # direct 1x1, few output channels: input read unpacked,
+                                      # vector and scalar tail columns
+    (96, 24, 6, 1, 1, 0, 1, 1),       # unpacked, fewer pixels than one register tile
     (3, 64, 56, 7, 2, 3, 1, 1),       # ImageNet stem
     (32, 32, 28, 3, 2, 1, 1, 32),     # depthwise, stride 2
     (24, 24, 17, 3, 1, 1, 1, 24),     # depthwise, stride 1, odd width (padded copy)

@@ -73,8 +73,8 @@ BATCHED_IM2COL_MAX_PIXELS = 1024
 # Batched direct convolution (all images in one GEMM): used while it computes at most this many
 # GEMM columns per output pixel (the columns between images are dropped).
 DIRECT_BATCH_MAX_WASTE = 1.3
-# Up to this many output pixels per image the batched direct convolution runs transposed
-# (pixels as rows, output channels as vectors), with K blocks of DIRECT_T_KC.
+# Up to this many output pixels per image (at any batch) convolutions run as the transposed
+# batched direct GEMM (pixels as rows, output channels as vectors), in K blocks of DIRECT_T_KC.
 DIRECT_T_MAX_PIXELS = 64
 DIRECT_T_KC = 64
 # 1x1 convolutions with at most this many row tiles of output channels read their input in
@@ -406,16 +406,17 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
                                        in_sp, sp_out, pad)
     padded_ok = (not direct and nd == 2 and all(s == 1 for s in stride)
                  and sp_out[0] * (in_shape[3] + 2 * pad[1]) <= 1.25 * Nn)
-    # Several images (unless each thread takes whole images on the per-image path), or a
-    # strided convolution: one GEMM over the batch (weights read once per batch), its input
-    # split into stride phases instead of im2col.
+    # Small maps (any batch), several images (unless each thread takes whole images on the
+    # per-image path), or a strided convolution: one GEMM over the batch (weights read once
+    # per batch), its input split into stride phases instead of im2col; transposed for small
+    # maps, whose pixels are then the GEMM's rows (no columns dropped between images).
+    if not direct and nd == 2 and g == 1 and Nn <= DIRECT_T_MAX_PIXELS:
+        return _direct_batch_t(low, node, final, out, oshape, xb, wv, bias_buf, width, cg, og,
+                               Kd, in_sp, sp_out, ksp, stride, pad, dil)
     if (not direct and nd == 2 and g == 1 and (oshape[0] > 1 or any(s > 1 for s in stride))
             and not (padded_ok and images > 1)
             and direct_batch_waste(oshape[0], sp_out, ksp, stride, pad, dil)
             <= DIRECT_BATCH_MAX_WASTE):
-        if math.prod(sp_out) <= DIRECT_T_MAX_PIXELS:
-            return _direct_batch_t(low, node, final, out, oshape, xb, wv, bias_buf, width, cg,
-                                   og, Kd, in_sp, sp_out, ksp, stride, pad, dil)
         return _direct_batch(low, node, final, out, oshape, xb, packed_a(), bias_buf, shape,
                              m_tiles, cg, og, Kd, in_sp, sp_out, ksp, stride, pad, dil)
     ap = packed_a()

@@ -113,8 +113,8 @@ def lower_winograd(low: Lowering, node: Node, final: str, out: str, oshape, xb: 
     v = low.workspace(f"{node.name}_wino_in", "f32", ALPHA * cin * v_plane + slack)
     ci, th, x = low.fresh("ci"), low.fresh("th"), low.fresh("x")
     d = [K.Load(padded, ci * p_plane + (th * M_OUT + i) * Wrow + x, "f32") for i in range(ALPHA)]
-    transform = tuple(K.Store(v, (xi * cin + ci) * v_plane + th * Wrow + x, _combine(BT[xi], d))
-                      for xi in range(ALPHA))
+    transform = tuple(K.Store(v, (j * cin + ci) * v_plane + th * Wrow + x, _combine(BT[j], d))
+                      for j in range(ALPHA))
     stmts.append(For(ci, as_expr(0), as_expr(cin), (For(th, as_expr(0), as_expr(TH), (
         For(x, as_expr(0), as_expr(Wrow), transform, "vectorized"),)),), _par(low, node)))
 
@@ -148,7 +148,7 @@ def lower_winograd(low: Lowering, node: Node, final: str, out: str, oshape, xb: 
 
     def tile_rows(th_e, count):
         col = th_e * Wrow + n * S + ow
-        mv = [K.Load(mbuf, (xi * cout + co) * ldc + col, "f32") for xi in range(ALPHA)]
+        mv = [K.Load(mbuf, (j * cout + co) * ldc + col, "f32") for j in range(ALPHA)]
         body = []
         for r in range(count):
             y = _combine(AT[r], mv)

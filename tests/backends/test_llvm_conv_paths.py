@@ -105,3 +105,28 @@ def test_winograd_error_stays_within_a_few_ulps_of_direct(size: int, monkeypatch
     e_direct = (direct(x).double() - exact).abs().max().item() / scale
     assert e_wino <= max(8 * e_direct, 1e-6), (e_wino, e_direct)
     assert e_wino < 2e-5
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_conv_shapes_match_pytorch(seed: int) -> None:
+    """Seeded random convolutions (kernel 1-7, stride 1-3, padding 0-3, dilation 1-2, odd
+    channel counts, batch 1-8, maps 3-24) through whichever schedule each one takes."""
+    rng = np.random.default_rng(seed)
+    done = 0
+    while done < 8:
+        k, s, d = (int(rng.choice(v)) for v in ([1, 3, 3, 5, 7], [1, 1, 2, 3], [1, 1, 2]))
+        p = int(rng.integers(0, 4))
+        cin, cout = int(rng.choice([1, 3, 16, 17, 48])), int(rng.choice([4, 24, 40, 64, 65]))
+        lo = max(3, d * (k - 1) + 1 - 2 * p)
+        h, w = (int(rng.integers(lo, 25)) for _ in range(2))
+        batch = int(rng.choice([1, 2, 8]))
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv2d(cin, cout, k, s, p, dilation=d), nn.ReLU()).eval()
+        x = torch.randn(batch, cin, h, w)
+        with torch.no_grad():
+            want = model(x)
+        got = kiln.compile(model, (x,), backend="llvm")(x)
+        case = (cin, cout, k, s, p, d, batch, h, w)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()),
+                                   msg=lambda m, case=case: f"{case}: {m}")
+        done += 1

@@ -72,7 +72,7 @@ IMAGE_PARALLEL_MAX_WORKSPACE_BYTES = 1 << 22
 BATCHED_IM2COL_MAX_PIXELS = 1024
 # Batched direct convolution (all images in one GEMM): used while it computes at most this many
 # GEMM columns per output pixel (the columns between images are dropped).
-DIRECT_BATCH_MAX_WASTE = 1.3
+DIRECT_BATCH_MAX_WASTE = 1.6
 # Up to this many output pixels per image (at any batch) convolutions run as the transposed
 # batched direct GEMM (pixels as rows, output channels as vectors), in K blocks of DIRECT_T_KC.
 DIRECT_T_MAX_PIXELS = 64
@@ -238,9 +238,14 @@ def gemm_kblocked(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, cb
 
     micro = _micro(low, it * mr, n0, M, kc, a_blk, b_blk, store, mr, nv, w, "f32",
                    init=(K.cmp("gt", kb, as_expr(0)), load) if blocks > 1 else None)
-    kind = "parallel" if parallel and tiles > 1 and M * N * Kd >= PARALLEL_MIN_MACS else "serial"
+    parallel = parallel and M * N * Kd >= PARALLEL_MIN_MACS
+    if tiles == 1:  # one column tile: threads take row tiles
+        return [Decl(jt, as_expr(0)), For(it, as_expr(0), as_expr(m_tiles), (
+            For(kb, as_expr(0), as_expr(blocks), tuple(micro)),),
+            "parallel" if parallel and m_tiles > 1 else "serial")]
     return [For(jt, as_expr(0), as_expr(tiles), (For(kb, as_expr(0), as_expr(blocks), (
-        For(it, as_expr(0), as_expr(m_tiles), tuple(micro)),)),), kind)]
+        For(it, as_expr(0), as_expr(m_tiles), tuple(micro)),)),),
+        "parallel" if parallel else "serial")]
 
 
 # ---- packing of constant operands ------------------------------------------------------------
@@ -488,8 +493,10 @@ def _batched_im2col(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_ti
     col_buf = low.workspace(f"{node.name}_cols", "f32", Kd * Nt + width)
     n_var = low.fresh("n")
     x_base = n_var * (cg * math.prod(in_sp))
+    # Threads take whole images (one thread-pool round trip, not one per image).
     fill = _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil,
-                   _par(low, node), row_len=Nt, col_offset=n_var * Nn)
+                   "serial", images=images, row_len=Nt, col_offset=n_var * Nn,
+                   padded_image=n_var)
 
     def a(row, k):
         tile, r = row // shape.mr, row % shape.mr
@@ -526,7 +533,7 @@ def _batched_im2col(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_ti
                                  K.Load(lane_tile, j, "f32"), out),))]
 
     gemm = gemm_loops(low, og, Nt, Kd, a, b, store, shape, b_cols=tiles * nr)
-    return [For(n_var, as_expr(0), as_expr(images), tuple(fill)), *pack, *gemm]
+    return [For(n_var, as_expr(0), as_expr(images), tuple(fill), _par(low, node)), *pack, *gemm]
 
 
 def _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles, cg, og, g,
@@ -703,8 +710,12 @@ def _gemm_transposed(low, node, final, out, oshape, wv, bias_buf, width, og, Kd,
     P = n_img * hw
     kb = low.constant(koff.astype(np.int64), f"{node.name}_koff")
     pb = low.constant(pos.astype(np.int64), f"{node.name}_pos")
-    shape = GemmShape(6, 4, width) if width >= 16 and og % (4 * width) == 0 \
-        else micro_shape(width, P)
+    if width >= 16 and og % (4 * width) == 0:
+        shape = GemmShape(6, 4, width)
+    elif og <= width:  # one vector of output channels: more pixel rows per tile instead
+        shape = GemmShape(min(12, P), 1, width)
+    else:
+        shape = micro_shape(width, P)
     nr = shape.nr
     wt = wv.reshape(og, Kd).T.astype(np.float32)
     wp = low.constant(pack_b(wt, nr), f"{node.name}_packed_t")
@@ -989,14 +1000,15 @@ def _par(low: Lowering, node: Node) -> str:
 def _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil,
             kind: str = "parallel", image: Expr | None = None, images: int = 1,
             col_pad: int = 0, row_len: int | None = None,
-            col_offset: Expr | None = None) -> list:
+            col_offset: Expr | None = None, padded_image: Expr | None = None) -> list:
     """Fill col[k, n] = x[ci, o*stride + kk*dil - pad] (0 outside), k = (ci, kernel offsets).
 
     The input is first copied into a zero-padded workspace, so the im2col loops need no
     bounds checks and their innermost loop is a plain (vectorizable) copy when stride is 1.
     With ``image`` set, each of ``images`` images has its own padded copy and its own block
     of ``col`` (K*N + ``col_pad`` elements). ``row_len``/``col_offset`` place this image's
-    columns inside longer rows (several images in one GEMM)."""
+    columns inside longer rows (several images in one GEMM); ``padded_image`` alone gives each
+    of ``images`` images its own padded copy (for threads filling images in parallel)."""
     nd = len(ksp)
     stmts: list = []
     src_buf, src_sp = xb, list(in_sp)
@@ -1004,7 +1016,8 @@ def _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil,
         src_sp = [n + 2 * p for n, p in zip(in_sp, pad)]
         per_image = cg * math.prod(src_sp)
         src_buf = low.workspace("padded", "f32", per_image * images)
-        pad_base = image * per_image if image is not None else Const(0, INDEX)
+        pad_image = padded_image if padded_image is not None else image
+        pad_base = pad_image * per_image if pad_image is not None else Const(0, INDEX)
         ci, ivs = low.fresh("ci"), [low.fresh("p") for _ in range(nd)]
         ok, src, dst = None, Const(0, INDEX), Const(0, INDEX)
         for d in range(nd):

@@ -140,8 +140,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from kiln.debug.compare import check_options, compare
 
     check_options(args.prune, args.low_rank)
-    if args.prune_multiple is not None and args.prune is None:
-        raise KilnError("--prune-multiple applies to pruning", hint="pass --prune FRACTION too")
+    _check_prune_multiple(args)
     result = compare(args.model, prune=args.prune, low_rank=args.low_rank,
                      quantize=args.quantize, calibration_batches=args.calibration_batches,
                      backend=not args.no_codegen, prune_multiple=args.prune_multiple)
@@ -175,11 +174,15 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
                    help="random calibration batches (default 4)")
 
 
+def _check_prune_multiple(args: argparse.Namespace) -> None:
+    if args.prune_multiple is not None and args.prune is None:
+        raise KilnError("--prune-multiple applies to pruning", hint="pass --prune FRACTION too")
+
+
 def _compression_kwargs(args: argparse.Namespace, inputs) -> dict:
     import torch
 
-    if args.prune_multiple is not None and args.prune is None:
-        raise KilnError("--prune-multiple applies to pruning", hint="pass --prune FRACTION too")
+    _check_prune_multiple(args)
     if args.prune is None and args.low_rank is None and args.quantize is None:
         return {}
     gen = torch.Generator().manual_seed(0)

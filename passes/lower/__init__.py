@@ -21,6 +21,7 @@ from kiln.passes.lower.core import (
     loop_nest,
 )
 from kiln.passes.lower.gemm import lower_conv, lower_linear, lower_matmul, lower_pool
+from kiln.passes.lower.precision import compute_f16_in_f32
 from kiln.passes.lower.qgemm import (
     lower_dynamic_qlinear,
     lower_linear_w8,
@@ -170,6 +171,7 @@ def lower_group(graph: Graph, plan: FusionPlan, root: Node, producers: dict[str,
                     flops=int(flops), meta={"root": root.name, "op": root.op,
                                             **({"algorithm": low.algorithm} if low.algorithm
                                                else {})})
+    kernel = compute_f16_in_f32(kernel)
     reads = {b: v for b, v in low.reads.items()}
     temps = {b.name: b.nbytes for b in low.workspaces}
     return KernelStep(kernel, reads, writes, root.name, temps), low.new_constants

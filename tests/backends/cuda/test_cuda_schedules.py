@@ -157,6 +157,28 @@ def test_f16_matmul_accumulates_in_f32():
                                rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize(("op", "shapes", "attrs", "schedule"), [
+    # A batch-1 linear layer (a matrix-vector product: a block per output's dot product).
+    ("linear", {"x": (1, 4096), "w": (3, 4096)}, {}, "block-reduce"),
+    # A long row reduction (a block per row) and a strided one (a thread per column).
+    ("reduce_sum", {"x": (2, 4096)}, {"axes": [1], "keepdim": False}, "block-reduce"),
+    ("reduce_sum", {"x": (4096, 3)}, {"axes": [0], "keepdim": False}, "grid-stride"),
+])
+def test_f16_long_reductions_accumulate_in_f32_on_every_schedule(op, shapes, attrs, schedule):
+    """Sums of 4096 positive f16 terms: an f16 accumulator stalls near 2048 (its spacing there
+    exceeds the terms); kiln's f32 accumulator is off by the one rounding of the result."""
+    arrays = {k: RNG.uniform(0, 1, v).astype(np.float16) for k, v in shapes.items()}
+    graph, inputs = build([(op, list(arrays), attrs)], arrays)
+    program = compile_graph_cuda(graph)
+    assert schedules(program) == [schedule]
+    (got,) = program.run(*inputs)
+    wide = [a.astype(np.float64) for a in inputs]
+    exact = wide[0] @ wide[1].T if op == "linear" else wide[0].sum(axis=attrs["axes"][0])
+    assert got.dtype == np.float16
+    ulp = np.spacing(exact.astype(np.float16)).astype(np.float64)
+    np.testing.assert_array_less(np.abs(got.astype(np.float64) - exact), ulp)
+
+
 def _int8_case(op: str):
     if op == "qconv":
         x = RNG.integers(0, 256, (1, 5, 6, 7)).astype(np.uint8)

@@ -7,10 +7,20 @@ per-kernel info, and a SHA-256 of every file), ``code.o`` and ``consts.bin``. An
 not check out is ignored and compiled afresh; nothing is ever loaded unchecked.
 
 ``KILN_CACHE_DIR`` sets the folder (default ``~/.cache/kiln``); ``KILN_CACHE=0`` turns it off.
+
+The cache is bounded: after each store, when its entries add up to more than
+``KILN_CACHE_MAX_MB`` (default 2048 MB) the least recently used ones (by the time their manifest
+was last written or loaded) are deleted until it holds at most 80% of that; the entry just
+stored is always kept. The check reads every entry's size, so it runs at most once a minute
+(a ``.last-evict`` file marks when; in between the cache may run over by a minute's entries).
+Temporary folders that a crashed writer left behind for more than an
+hour go too. Every kiln upgrade (or model change) makes new keys, so without a bound the old
+entries would pile up for ever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -18,6 +28,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 import warnings
 from typing import TYPE_CHECKING
 
@@ -30,6 +41,9 @@ if TYPE_CHECKING:
     from kiln.backends.llvm.compiler import ProgramImage, Target
 
 FORMAT = 1
+DEFAULT_MAX_MB = 2048
+STALE_TMP_SECONDS = 3600
+EVICT_INTERVAL = 60.0
 
 
 def cache_dir() -> pathlib.Path | None:
@@ -109,8 +123,74 @@ def store_cached(key: str, image: ProgramImage) -> None:
             tmp.rename(final)
         except OSError:  # another process stored the same entry first
             shutil.rmtree(tmp, ignore_errors=True)
+        marker = root / ".last-evict"
+        if not marker.exists() or time.time() - marker.stat().st_mtime > EVICT_INTERVAL:
+            marker.touch()
+            evict(root, keep=key)
     except OSError as e:
         warnings.warn(f"kiln: could not write the compile cache in {root}: {e}", stacklevel=2)
+
+
+def cache_limit() -> int:
+    """The cache's size bound in bytes (``KILN_CACHE_MAX_MB``, default 2048)."""
+    raw = os.environ.get("KILN_CACHE_MAX_MB", "")
+    try:
+        mb = float(raw) if raw else DEFAULT_MAX_MB
+    except ValueError:
+        warnings.warn(f"kiln: KILN_CACHE_MAX_MB={raw!r} is not a number; using "
+                      f"{DEFAULT_MAX_MB}", stacklevel=3)
+        mb = DEFAULT_MAX_MB
+    return max(0, int(mb * (1 << 20)))
+
+
+def _entry_size(folder: pathlib.Path) -> tuple[float, int]:
+    """(last use, bytes) of a cache entry: its manifest's modification time and its files'
+    total size."""
+    size, used = 0, 0.0
+    with os.scandir(folder) as it:
+        for f in it:
+            st = f.stat(follow_symlinks=False)
+            size += st.st_size
+            if f.name == "manifest.json":
+                used = st.st_mtime
+    return used, size
+
+
+def evict(root: pathlib.Path, keep: str = "") -> list[str]:
+    """Delete least recently used entries of the cache in ``root`` until it is within the
+    bound (see the module docstring); returns the deleted keys. Never raises: an entry another
+    process is using or deleting at the same moment is skipped."""
+    limit = cache_limit()
+    entries: list[tuple[float, int, str]] = []
+    total = 0
+    now = time.time()
+    with os.scandir(root) as it:
+        for d in it:
+            try:
+                if d.name.startswith(".tmp-"):
+                    if now - d.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS:
+                        shutil.rmtree(d.path, ignore_errors=True)
+                    continue
+                if d.name.startswith(".") or not d.is_dir(follow_symlinks=False):
+                    continue
+                used, size = _entry_size(pathlib.Path(d.path))
+            except OSError:
+                continue
+            total += size
+            entries.append((used, size, d.name))
+    if total <= limit:
+        return []
+    removed = []
+    target = int(limit * 0.8)
+    for _used, size, name in sorted(entries):
+        if total <= target:
+            break
+        if name == keep:
+            continue
+        shutil.rmtree(root / name, ignore_errors=True)
+        total -= size
+        removed.append(name)
+    return removed
 
 
 def load_cached(key: str) -> ProgramImage | None:
@@ -135,6 +215,8 @@ def load_cached(key: str) -> ProgramImage | None:
             if _sha(raw) != digest:
                 raise ValueError(f"checksum of {fname} does not match")
             data[fname] = raw
+        with contextlib.suppress(OSError):  # a read-only cache still loads
+            os.utime(folder / "manifest.json")  # used now: the last to be evicted
         copies = {}
         for j, spec in manifest["copy_constants"].items():
             arr = np.frombuffer(data[spec["file"]], np.dtype(spec["dtype"]))

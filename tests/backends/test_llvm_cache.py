@@ -94,3 +94,60 @@ def test_schedule_switches_are_part_of_the_key(monkeypatch) -> None:
     before = cache_key(g, host_target())
     monkeypatch.setattr(gemm, "WINOGRAD", 0)
     assert cache_key(g, host_target()) not in (None, before)
+
+
+def _entries(root: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+
+
+def test_cache_is_bounded_by_evicting_least_recently_used(cache_dir, monkeypatch) -> None:
+    import os
+    import time
+
+    from kiln.backends.llvm import cache
+
+    monkeypatch.setattr(cache, "EVICT_INTERVAL", 0.0)  # check on every store
+    monkeypatch.setenv("KILN_CACHE_MAX_MB", "1000")
+    model, inputs = get_model("mlp")
+    keys = []
+    for seed in range(3):  # three models: three entries
+        torch.manual_seed(seed)
+        kiln.compile(type(model)().eval(), inputs, threads=1)
+        new = set(_entries(cache_dir)) - set(keys)
+        assert len(new) == 1
+        keys += new
+    sizes = {k: cache._entry_size(cache_dir / k)[1] for k in keys}
+    # Make the first entry the most recently used (as loading it does) and the second the
+    # least; then bound the cache to the size of two entries and store a fourth.
+    now = time.time()
+    for k, age in zip(keys, (10, 300, 200)):
+        os.utime(cache_dir / k / "manifest.json", (now - age, now - age))
+    stale = cache_dir / ".tmp-crashed-writer"
+    stale.mkdir()
+    os.utime(stale, (now - 2 * cache.STALE_TMP_SECONDS,) * 2)
+    limit = sum(sizes.values()) * 0.9
+    monkeypatch.setenv("KILN_CACHE_MAX_MB", str(limit / (1 << 20)))
+    torch.manual_seed(3)
+    kiln.compile(type(model)().eval(), inputs, threads=1)
+    left = _entries(cache_dir)
+    # 80% of the bound is reached after the two oldest go: the newest and the most recently
+    # used stay.
+    assert keys[1] not in left and keys[2] not in left
+    assert keys[0] in left and len(left) == 2
+    assert not stale.exists()
+    # Loading an entry marks it used.
+    before = (cache_dir / keys[0] / "manifest.json").stat().st_mtime
+    assert cache.load_cached(keys[0]) is not None
+    assert (cache_dir / keys[0] / "manifest.json").stat().st_mtime > before
+
+
+def test_cache_limit_reads_the_environment(monkeypatch) -> None:
+    from kiln.backends.llvm import cache
+
+    monkeypatch.setenv("KILN_CACHE_MAX_MB", "1.5")
+    assert cache.cache_limit() == int(1.5 * (1 << 20))
+    monkeypatch.delenv("KILN_CACHE_MAX_MB")
+    assert cache.cache_limit() == cache.DEFAULT_MAX_MB << 20
+    monkeypatch.setenv("KILN_CACHE_MAX_MB", "lots")
+    with pytest.warns(UserWarning, match="not a number"):
+        assert cache.cache_limit() == cache.DEFAULT_MAX_MB << 20

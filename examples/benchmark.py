@@ -6,6 +6,8 @@
     python examples/benchmark.py --matmul                  # only the 1024^3 fp32 matmul
     python examples/benchmark.py --compression --models resnet18_cifar resnet18 bert \
         --batches 1                                        # compressed variants vs fp32, ORT
+    python examples/benchmark.py --backend cuda --batches 1 32 [--dtype float16]
+                                                           # on an NVIDIA GPU (see below)
 
 Every runtime gets the same thread count. For each model and batch the table gives the median
 and p90 latency, the ratio to ONNX Runtime, the speed-up over eager, the achieved GFLOP/s
@@ -23,11 +25,20 @@ zoo's weights are random, so the models are calibrated on random inputs and the 
 only says the outputs stay finite and comparable: accuracy is measured on real data by
 examples/digits.py. "saved/removed" is the fraction of kiln fp32's time a variant saves over
 the fraction of FLOPs it removes (1.0: time follows FLOPs exactly).
+
+``--backend cuda`` runs everything on the GPU: kiln's CUDA backend (compiled from the CPU model,
+called with CUDA tensors, which it reads and returns without a copy) against eager PyTorch and
+torch.compile on CUDA tensors; every timed call ends with ``torch.cuda.synchronize()``, the
+peak is torch.mm's on the GPU, and ONNX Runtime (installed for the CPU) is left out. It needs a
+PyTorch that sees a CUDA GPU (this project installs the CPU build: install a CUDA build of the
+same version for this). ``--dtype float16`` runs the models in half precision (``model.half()``)
+on any backend.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import math
@@ -104,22 +115,52 @@ class Result:
     times_ms: list[float] | None = None
 
 
-def time_ms(fn: Callable[[], Any], warmup: int, repeat: int) -> list[float]:
-    """Wall times of ``repeat`` calls of ``fn`` in milliseconds, after ``warmup`` untimed calls."""
+def time_ms(fn: Callable[[], Any], warmup: int, repeat: int,
+            sync: Callable[[], Any] | None = None) -> list[float]:
+    """Wall times of ``repeat`` calls of ``fn`` in milliseconds, after ``warmup`` untimed calls;
+    ``sync`` (a GPU's synchronize) runs inside each timed call, so queued work counts."""
     for _ in range(warmup):
         fn()
+    if sync is not None:
+        sync()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
+        if sync is not None:
+            sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return times
 
 
 def as_arrays(output: Any) -> list[np.ndarray]:
-    """The tensors in a (possibly nested) model output, as NumPy arrays."""
-    return [leaf.detach().numpy() if isinstance(leaf, torch.Tensor) else np.asarray(leaf)
-            for leaf in pytree.tree_leaves(output)]
+    """The tensors in a (possibly nested) model output, as NumPy arrays on the host (half
+    precision widened to float32, which NumPy's error arithmetic needs)."""
+    out = []
+    for leaf in pytree.tree_leaves(output):
+        if isinstance(leaf, torch.Tensor):
+            leaf = leaf.detach().cpu()
+            out.append((leaf.float() if leaf.dtype in (torch.float16, torch.bfloat16)
+                        else leaf).numpy())
+        else:
+            out.append(np.asarray(leaf))
+    return out
+
+
+def place(model: torch.nn.Module, inputs: tuple, args: argparse.Namespace
+          ) -> tuple[torch.nn.Module, tuple]:
+    """``model`` and ``inputs`` in the run's dtype, on its device (``--dtype``, ``--backend``)."""
+    if args.dtype == "float16":
+        model = model.half()
+        inputs = tuple(x.half() if x.is_floating_point() else x for x in inputs)
+    return model.to(args.device), tuple(x.to(args.device) for x in inputs)
+
+
+def on_host(model: torch.nn.Module, inputs: tuple) -> tuple[torch.nn.Module, tuple]:
+    """A host copy of ``model`` and ``inputs`` (kiln traces and compiles on the host)."""
+    if all(x.device.type == "cpu" for x in inputs):
+        return model, inputs
+    return copy.deepcopy(model).cpu(), tuple(x.cpu() for x in inputs)
 
 
 def max_rel_error(got: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> float:
@@ -158,9 +199,10 @@ def prepare_eager(model: torch.nn.Module, inputs: tuple, args: argparse.Namespac
 
 def prepare_kiln(model: torch.nn.Module, inputs: tuple, args: argparse.Namespace,
                  workdir: Path) -> Prepared:
-    """``kiln.compile`` on the chosen backend, called with torch tensors like eager."""
+    """``kiln.compile`` on the chosen backend, called with torch tensors like eager (CUDA tensors
+    on the cuda backend)."""
     t0 = time.perf_counter()
-    compiled = kiln.compile(model, inputs, backend=args.backend,
+    compiled = kiln.compile(*on_host(model, inputs), backend=args.backend,
                             **kiln_compile_options(args.threads))
     compile_s = time.perf_counter() - t0
     return Prepared(lambda: compiled(*inputs), compile_s, compiled.source_graph)
@@ -224,7 +266,7 @@ def bench_runtime(runtime: str, model: torch.nn.Module, inputs: tuple,
         result.compile_s = prepared.compile_s
         outputs = as_arrays(prepared.run())
         result.max_rel_err = max_rel_error(outputs, outputs if expected is None else expected)
-        times = time_ms(prepared.run, args.warmup, args.repeat)
+        times = time_ms(prepared.run, args.warmup, args.repeat, args.sync)
     result.median_ms = statistics.median(times)
     result.p90_ms = float(np.percentile(times, 90))
     result.times_ms = times
@@ -238,7 +280,7 @@ def bench_model(name: str, batch: int, args: argparse.Namespace,
     runtimes = [r for r in RUNTIMES if r not in args.skip]
     results = [Result(name, batch, r) for r in runtimes]
     try:
-        model, inputs = get_model(name, batch=batch)
+        model, inputs = place(*get_model(name, batch=batch), args)
     except Exception as exc:
         for result in results:
             result.error = short_error(exc)
@@ -264,7 +306,7 @@ def bench_model(name: str, batch: int, args: argparse.Namespace,
             source_graph = source_graph or graph
 
     try:
-        flops = graph_flops(source_graph or trace_module(model, inputs)[0])
+        flops = graph_flops(source_graph or trace_module(*on_host(model, inputs))[0])
     except Exception as exc:
         flops = None
         print(f"# no FLOP count for {name}: {short_error(exc)}", file=sys.stderr)
@@ -289,13 +331,14 @@ def fill_ratios(results: Sequence[Result], flops: int | None, peak_gflops: float
             r.pct_peak = 100.0 * r.gflops / peak_gflops
 
 
-def measure_mm_gflops(warmup: int, repeat: int) -> tuple[float, float]:
+def measure_mm_gflops(warmup: int, repeat: int, device: str = "cpu",
+                      sync: Callable[[], Any] | None = None) -> tuple[float, float]:
     """GFLOP/s of torch.mm on two fp32 1024x1024 matrices, the machine's GEMM peak, at the
     median time and at the best time (the two part when other processes compete for the CPU)."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
-    b = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
-    times = time_ms(lambda: torch.mm(a, b), warmup, repeat)
+    a = torch.randn(MATMUL_N, MATMUL_N, generator=gen).to(device)
+    b = torch.randn(MATMUL_N, MATMUL_N, generator=gen).to(device)
+    times = time_ms(lambda: torch.mm(a, b), warmup, repeat, sync)
     flops = 2 * MATMUL_N**3
     return flops / (statistics.median(times) * 1e-3) / 1e9, flops / (min(times) * 1e-3) / 1e9
 
@@ -312,23 +355,27 @@ class MatMulByConstant(torch.nn.Module):
 
 
 def bench_matmul(args: argparse.Namespace) -> dict[str, Any]:
-    """torch.mm against kiln on a 1024x1024x1024 fp32 matmul (GFLOP/s and their ratio)."""
+    """torch.mm against kiln on a 1024x1024x1024 fp32 matmul (GFLOP/s and their ratio), on
+    the run's device."""
     gen = torch.Generator().manual_seed(1)
-    a = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
-    b = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
+    a_host = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
+    b_host = torch.randn(MATMUL_N, MATMUL_N, generator=gen)
+    a, b = a_host.to(args.device), b_host.to(args.device)
     flops = 2 * MATMUL_N**3
     expected = torch.mm(a, b)
-    torch_ms = statistics.median(time_ms(lambda: torch.mm(a, b), args.warmup, args.repeat))
+    torch_ms = statistics.median(time_ms(lambda: torch.mm(a, b), args.warmup, args.repeat,
+                                         args.sync))
     report: dict[str, Any] = {"n": MATMUL_N, "flops": flops, "torch_ms": torch_ms,
                               "torch_gflops": flops / (torch_ms * 1e-3) / 1e9}
     try:
-        module = MatMulByConstant(b).eval()
+        module = MatMulByConstant(b_host).eval()
         t0 = time.perf_counter()
-        compiled = kiln.compile(module, (a,), backend=args.backend,
+        compiled = kiln.compile(module, (a_host,), backend=args.backend,
                                 **kiln_compile_options(args.threads))
         report["kiln_compile_s"] = time.perf_counter() - t0
         report["kiln_max_rel_err"] = max_rel_error(as_arrays(compiled(a)), as_arrays(expected))
-        kiln_ms = statistics.median(time_ms(lambda: compiled(a), args.warmup, args.repeat))
+        kiln_ms = statistics.median(time_ms(lambda: compiled(a), args.warmup, args.repeat,
+                                            args.sync))
     except Exception as exc:
         report["kiln_error"] = short_error(exc)
         return report
@@ -368,7 +415,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads, "load_avg_1m": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
         "torch": torch.__version__, "onnxruntime": ort_version, "kiln": kiln.__version__,
-        "kiln_backend": args.backend,
+        "kiln_backend": args.backend, "device": args.device_name, "dtype": args.dtype,
     }
 
 
@@ -515,6 +562,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=names,
                         default="llvm" if "llvm" in names else "reference",
                         help="kiln backend (default %(default)s)")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                        help="run the models in this precision (default %(default)s)")
     parser.add_argument("--skip", nargs="+", default=[], choices=[r for r in RUNTIMES
                                                                    if r != EAGER],
                         help="runtimes to leave out (eager is the reference and always runs)")
@@ -531,6 +580,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.batches = args.batches or ([1] if args.quick else [1, 8])
     args.repeat = args.repeat or (3 if args.quick else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.device, args.sync, args.device_name = "cpu", None, "cpu"
+    if args.compression and args.dtype != "float32":
+        parser.error("--compression compares float32 variants; leave out --dtype")
+    if args.backend == "cuda":
+        if args.compression:
+            parser.error("--compression compares variants on the CPU; leave out --backend cuda")
+        if not torch.cuda.is_available():
+            parser.error("--backend cuda benchmarks on a GPU, and PyTorch sees none "
+                         "(torch.cuda.is_available() is False); this needs an NVIDIA GPU and a "
+                         "CUDA build of torch (the project installs the CPU build)")
+        args.device, args.sync = "cuda", torch.cuda.synchronize
+        args.device_name = torch.cuda.get_device_name()
+        if ORT not in args.skip:  # installed for the CPU: no GPU numbers to compare with
+            args.skip.append(ORT)
     return args
 
 
@@ -544,9 +607,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if info["load_avg_1m"] >= 0.5 * (os.cpu_count() or 1):
         print(f"warning: load average {info['load_avg_1m']} on {os.cpu_count()} CPUs before "
               "starting; other processes will make these timings noisy")
-    peak, best = measure_mm_gflops(warmup=3, repeat=20)
-    print(f"fp32 GEMM peak (torch.mm {MATMUL_N}^3, {args.threads} threads): {peak:.1f} GFLOP/s "
+    peak, best = measure_mm_gflops(3, 20, args.device, args.sync)
+    where = args.device_name if args.device == "cuda" else f"{args.threads} threads"
+    print(f"fp32 GEMM peak (torch.mm {MATMUL_N}^3, {where}): {peak:.1f} GFLOP/s "
           f"median (best run {best:.1f}); %peak below is against the median")
+    if args.device == "cuda":
+        print("on the GPU: every runtime gets CUDA tensors and each timed call synchronizes; "
+              "ONNX Runtime is left out (CPU build)")
 
     results: list[Result] = []
     if args.compression:
@@ -564,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if not args.matmul:
         print(f"\nrepeat {args.repeat} after {args.warmup} warm-up; "
-              f"kiln backend {args.backend}\n{HEADER}")
+              f"kiln backend {args.backend}, {args.dtype}\n{HEADER}")
         for name in args.models:
             for batch in args.batches:
                 rows = bench_model(name, batch, args, peak)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "benchmark.py"
 
 
@@ -35,3 +37,30 @@ def test_quick_benchmark_writes_finite_times_and_small_errors(tmp_path: Path) ->
     assert "kiln_error" not in matmul, matmul["kiln_error"]
     assert matmul["torch_gflops"] > 0 and matmul["kiln_gflops"] > 0
     assert matmul["kiln_max_rel_err"] < 1e-4
+
+
+def test_half_precision_benchmark_runs_kiln_and_eager_in_float16(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--models", "mlp", "--dtype", "float16",
+           "--skip", "torch.compile", "onnxruntime", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["machine"]["dtype"] == "float16"
+    rows = {r["runtime"]: r for r in report["results"]}
+    assert set(rows) == {"eager", "kiln"}
+    assert rows["kiln"]["error"] is None, rows["kiln"]["error"]
+    # Both in f16: kiln (f32 inside its kernels) against eager's f16 run.
+    assert 0 < rows["kiln"]["max_rel_err"] < 5e-3
+
+
+def test_cuda_benchmark_without_a_gpu_says_what_it_needs() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("PyTorch sees a GPU here, so there is no refusal to check")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--backend", "cuda", "--quick"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "torch.cuda.is_available() is False" in proc.stderr
+    assert "CUDA build of torch" in proc.stderr

@@ -20,10 +20,8 @@ source, not PTX.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from kiln.backends.artifact_format import Validator, read_container, write_container
-from kiln.backends.cuda.device import cuda_device, source_ptx
+from kiln.backends.cuda.device import PTX_ENTRY, cuda_device, ptx_entry, ptx_target, source_ptx
+from kiln.backends.cuda.launcher import LaunchPlan, PreparedLaunches
 from kiln.backends.cuda.schedule import GPU_TUNING, CudaTuning, render_scheduled
 from kiln.ir import Graph, KilnError, verify
 from kiln.ir import kernel as K
@@ -43,7 +42,6 @@ DEFAULT_CC = (8, 0)
 MAX_ARENA_BYTES = 1 << 40
 MAX_KERNELS = 1 << 16
 MAX_SHARED_BYTES = 48 << 10  # static shared memory per block on every CUDA device
-_ENTRY = re.compile(r"\.entry\s+([A-Za-z_$][\w$]*)\s*\(")
 _ARG_KINDS = ("arena", "const", "input", "output")
 
 
@@ -102,8 +100,8 @@ class CudaImage:
 
 # ---- building --------------------------------------------------------------------------------
 def default_cc() -> tuple[int, int]:
-    """The compute capability of this machine's GPU, or sm_80 without one (or under the
-    simulator)."""
+    """The PTX target for this machine's GPU (its compute capability, or the newest one numba
+    compiles for when the GPU is newer), or sm_80 without one (or under the simulator)."""
     import numba
 
     if numba.config.ENABLE_CUDASIM:
@@ -113,7 +111,7 @@ def default_cc() -> tuple[int, int]:
     try:
         if cuda.is_available():
             major, minor = cuda.get_current_device().compute_capability
-            return int(major), int(minor)
+            return ptx_target((int(major), int(minor)))
     except Exception:  # a broken driver: export for the default target all the same
         pass
     return DEFAULT_CC
@@ -166,14 +164,11 @@ def build_cuda_image(source: Any, *, cc: tuple[int, int] | None = None,
         buffers = {b.name: b for b in kernel.params}
         for launch in src.launches:
             text = compiled[launch.name]
-            found = _ENTRY.search(text)
-            if found is None:
-                raise KilnError(f"the PTX of {launch.name} has no .entry",
-                                hint="this is a kiln bug; please report it")
+            entry = ptx_entry(text, launch.name)
             ptx[launch.name] = text
             args = tuple(ArgSpec(storage[p].kind, int(storage[p].index), buffers[p].dtype,
                                  buffers[p].size) for p in launch.params)
-            launches.append(LaunchEntry(launch.name, kernel.name, found.group(1),
+            launches.append(LaunchEntry(launch.name, kernel.name, entry,
                                         launch.schedule, launch.grid, launch.block,
                                         int(launch.work), bool(launch.parallel),
                                         int(launch.shared_bytes), args))
@@ -284,7 +279,7 @@ def _launch(raw: Any, blobs: dict[str, bytes], sizes: dict[str, int],
         raise _fail(f"PTX part {part} is not ASCII text") from None
     _want(".version" in ptx and ".target" in ptx, f"PTX part {part} has no PTX header")
     entry = raw.get("entry")
-    _want(isinstance(entry, str) and entry in _ENTRY.findall(ptx),
+    _want(isinstance(entry, str) and entry in PTX_ENTRY.findall(ptx),
           f"launch {name}: entry {entry!r} is not an entry of its PTX")
     grid = _dims(raw.get("grid"), f"launch {name} grid", ((1 << 31) - 1, 65535, 65535))
     block = _dims(raw.get("block"), f"launch {name} block", (1024, 1024, 64))
@@ -412,21 +407,6 @@ def _check_device(cc: tuple[int, int]):
     return cuda
 
 
-def _array_args(arrays: Sequence[Any]) -> list[Any]:
-    """Kernel parameters for 1-d C-contiguous device arrays, in numba's array ABI: meminfo,
-    parent, item count, item size, data pointer, shape, stride (what numba's own launcher
-    passes for a ``dtype[::1]`` argument)."""
-    from numba.cuda.cudadrv import driver
-
-    out: list[Any] = []
-    for a in arrays:
-        ptr = driver.device_pointer(a) if a.size else 0  # an empty view may have none
-        out += [ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_ssize_t(a.size),
-                ctypes.c_ssize_t(a.dtype.itemsize), ctypes.c_void_p(int(ptr)),
-                ctypes.c_ssize_t(a.shape[0]), ctypes.c_ssize_t(a.strides[0])]
-    return out
-
-
 class CudaArtifactModel:
     """A model loaded from a CUDA artifact: call it with NumPy arrays (NumPy arrays back) or
     device arrays (anything with ``__cuda_array_interface__``; numba device arrays back)."""
@@ -435,35 +415,30 @@ class CudaArtifactModel:
         self.image, self.manifest = read_cuda_image(path)
         image = self.image
         cuda = _check_device(image.cc)
-        from numba.cuda.cudadrv import driver
-
-        self._cuda, self._driver = cuda, driver
+        self._cuda = cuda
         self.device = cuda_device()
         self.inputs, self.outputs = image.inputs, image.outputs
         self._arena = cuda.device_array(max(image.arena_bytes, 8), np.uint8)
         blob = image.const_blob if image.const_blob.size else np.zeros(8, np.uint8)
         self._consts = cuda.to_device(blob)
-        ctx = cuda.current_context()
-        self._modules = []
-        self._launches = []
+        plans = []
         for lc in image.launches:
-            try:
-                module = ctx.create_module_ptx(image.ptx[lc.name])
-                fn = module.get_function(lc.entry)
-            except Exception as e:
-                raise CudaArtifactError(
-                    f"the CUDA driver could not load the PTX of {lc.name}: {e}",
-                    hint="the driver may be older than the CUDA toolkit that wrote the PTX; "
-                         "update the driver or export with an older toolkit") from e
-            self._modules.append(module)
+            if lc.work == 0:
+                continue
             if lc.grid is not None and lc.block is not None:
-                shape = (lc.grid, lc.block)
+                grid, block = lc.grid, lc.block
             else:
                 blocks, threads = self.device.launch_config(lc.work, lc.parallel)
-                shape = ((blocks, 1, 1), (threads, 1, 1))
-            statics = [self._view(a) if a.kind in ("arena", "const") else None
-                       for a in lc.args]
-            self._launches.append((lc, fn, shape, statics))
+                grid, block = (blocks, 1, 1), (threads, 1, 1)
+            args = tuple(("static", self._view(a), a.size, K.np_dtype(a.dtype).itemsize)
+                         if a.kind in ("arena", "const") else
+                         (a.kind, a.index, a.size, K.np_dtype(a.dtype).itemsize)
+                         for a in lc.args)
+            plans.append(LaunchPlan(lc.name, image.ptx[lc.name], lc.entry, grid, block, args))
+        try:
+            self._launches = PreparedLaunches(plans)
+        except KilnError as e:
+            raise CudaArtifactError(e.message, hint=e.hint) from e
 
     def _view(self, a: ArgSpec):
         base = self._arena if a.kind == "arena" else self._consts
@@ -492,13 +467,7 @@ class CudaArtifactModel:
             inputs.append(d.reshape(d.size) if d.size else cuda.device_array(1, d.dtype)[:0])
         outputs = [cuda.device_array(max(math.prod(s), 1), DType(d).numpy)[:math.prod(s)]
                    for _, d, s in self.outputs]
-        zero = self._driver.binding.CUstream(0) if self._driver.USE_NV_BINDING else None
-        for lc, fn, (grid, block), statics in self._launches:
-            if lc.work == 0:
-                continue
-            args = [s if s is not None else inputs[a.index] if a.kind == "input"
-                    else outputs[a.index] for a, s in zip(lc.args, statics)]
-            self._driver.launch_kernel(fn.handle, *grid, *block, 0, zero, _array_args(args))
+        self._launches.launch(inputs, outputs)
         results: list[Any] = [o.reshape(s) for o, (_, _, s) in zip(outputs, self.outputs)]
         for j, (kind, index) in self.image.output_copies.items():
             if kind == "const":

@@ -16,6 +16,7 @@ import functools
 import linecache
 import math
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ class CudaDevice:
     simulated: bool
     name: str
     multiprocessors: int
+    compute_capability: tuple[int, int] = (0, 0)
 
     def as_device_array(self, a: Any) -> Any:
         """``a`` as a numba device array without a copy: numba device arrays as they are,
@@ -123,7 +125,35 @@ def cuda_device() -> CudaDevice:
         return CudaDevice(cuda, True, "Numba CUDA simulator", 1)
     dev = cuda.get_current_device()
     name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
-    return CudaDevice(cuda, False, name, int(dev.MULTIPROCESSOR_COUNT))
+    major, minor = dev.compute_capability
+    return CudaDevice(cuda, False, name, int(dev.MULTIPROCESSOR_COUNT),
+                      (int(major), int(minor)))
+
+
+def ptx_target(cc: tuple[int, int]) -> tuple[int, int]:
+    """The compute capability to generate PTX for on a GPU of compute capability ``cc``: the
+    newest one numba's NVVM supports that is not newer than ``cc`` (the driver compiles PTX
+    forward to the device, so a GPU newer than NVVM runs its newest target)."""
+    from numba.cuda.cudadrv import nvvm
+
+    supported = [tuple(c) for c in nvvm.get_supported_ccs() if tuple(c) <= tuple(cc)]
+    if not supported:
+        raise KilnError(f"numba's CUDA compiler supports no target at or below compute "
+                        f"capability {cc[0]}.{cc[1]}",
+                        hint="this GPU is older than numba supports; use the llvm backend")
+    return max(supported)
+
+
+PTX_ENTRY = re.compile(r"\.entry\s+([A-Za-z_$][\w$]*)\s*\(")
+
+
+def ptx_entry(ptx: str, label: str) -> str:
+    """The name of the (single) ``.entry`` of a kernel's PTX."""
+    found = PTX_ENTRY.search(ptx)
+    if found is None:
+        raise KilnError(f"the PTX of {label} has no .entry",
+                        hint="this is a kiln bug; please report it")
+    return found.group(1)
 
 
 def _sim_math() -> SimpleNamespace:
@@ -251,3 +281,4 @@ def _serialize_simulated_shared_arrays() -> None:
         return found
 
     FakeCUDAShared.array = array
+

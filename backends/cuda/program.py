@@ -18,7 +18,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kiln.backends.cuda.codegen import KernelSource, Launch
-from kiln.backends.cuda.device import CudaDevice, cuda_device, load_source, source_ptx
+from kiln.backends.cuda.device import (
+    CudaDevice,
+    cuda_device,
+    load_source,
+    ptx_entry,
+    ptx_target,
+    source_ptx,
+)
+from kiln.backends.cuda.launcher import LaunchPlan, PreparedLaunches
 from kiln.backends.cuda.schedule import GPU_TUNING, SIM_TUNING, CudaTuning, render_scheduled
 from kiln.backends.kernel_profile import KernelProfile
 from kiln.ir import Graph, KilnError, verify
@@ -100,8 +108,16 @@ class CudaProgram:
         self._consts = cuda.to_device(blob)
         self._staging = [_device_empty(cuda, math.prod(s), d) for s, d in self._in_specs]
         self._outputs = [_device_empty(cuda, math.prod(s), d) for s, d in self._out_specs]
-        self._steps = [self._bind(t, step, src) for t, (step, src)
+        # On a GPU the kernels are compiled to PTX and launched with prepared parameter
+        # blocks (see ``launcher``); the simulator runs their Python source through numba.
+        self._launcher: PreparedLaunches | None = None
+        self._spans: list[tuple[int, int]] = []
+        plans: list[LaunchPlan] = []
+        cc = None if device.simulated else ptx_target(device.compute_capability)
+        self._steps = [self._bind(t, step, src, cc, plans) for t, (step, src)
                        in enumerate(zip(lowered.steps, sources))]
+        if cc is not None:
+            self._launcher = PreparedLaunches(plans)
 
     # ---- compile-time binding --------------------------------------------------------------
     def _view(self, kind: str, offset: int, buf: K.Buffer):
@@ -111,9 +127,10 @@ class CudaProgram:
             return _device_empty(self.device.cuda, 0, K.np_dtype(buf.dtype))
         return base[offset:offset + nbytes].view(K.np_dtype(buf.dtype))
 
-    def _bind(self, t: int, step, src: KernelSource) -> _Step:
-        ns = load_source(src.text, src.kernel.name)
+    def _bind(self, t: int, step, src: KernelSource, cc: tuple[int, int] | None,
+              plans: list[LaunchPlan]) -> _Step:
         where: dict[str, tuple[str, Any]] = {}
+        buffers = {buf.name: buf for buf in step.kernel.params}
         for buf in step.kernel.params:
             st = param_storage(self.plan, t, step, buf)
             if st.kind in ("input", "output"):
@@ -121,9 +138,26 @@ class CudaProgram:
             else:
                 where[buf.name] = ("static", self._view(st.kind, st.index, buf))
         calls = []
-        for launch in src.launches:
-            kernel = ns[launch.name][launch_shape(launch, self.device)]
-            calls.append(_Call(launch, kernel, [where[p] for p in launch.params]))
+        if cc is None:
+            ns = load_source(src.text, src.kernel.name)
+            for launch in src.launches:
+                kernel = ns[launch.name][launch_shape(launch, self.device)]
+                calls.append(_Call(launch, kernel, [where[p] for p in launch.params]))
+        else:
+            ptx = source_ptx(src.text, src.kernel.name, cc)
+            first = len(plans)
+            for launch in src.launches:
+                calls.append(_Call(launch, None, [where[p] for p in launch.params]))
+                if launch.work == 0:
+                    continue
+                grid, block = launch_shape(launch, self.device)
+                args = tuple((kind, a, buffers[p].size, K.np_dtype(buffers[p].dtype).itemsize)
+                             for p, (kind, a) in zip(launch.params,
+                                                     (where[p] for p in launch.params)))
+                plans.append(LaunchPlan(launch.name, ptx[launch.name],
+                                        ptx_entry(ptx[launch.name], launch.name), grid, block,
+                                        args))
+            self._spans.append((first, len(plans)))
         k = step.kernel
         return _Step(k.name, step.root, k.meta.get("op", ""), int(k.flops),
                      int(sum(b.nbytes for b in k.params if b.name not in step.temps)), calls)
@@ -167,14 +201,19 @@ class CudaProgram:
     def _launch_steps(self, inputs: list[Any], outputs: list[Any], timed: bool) -> list[float]:
         times = []
         cuda = self.device.cuda
-        for step in self._steps:
+        if self._launcher is not None and not timed:
+            self._launcher.launch(inputs, outputs)
+            return times
+        for t, step in enumerate(self._steps):
             if timed:
                 if self.device.simulated:
                     t0 = time.perf_counter()
                 else:
                     ev0, ev1 = cuda.event(), cuda.event()
                     ev0.record()
-            for call in step.calls:
+            if self._launcher is not None:
+                self._launcher.launch(inputs, outputs, *self._spans[t])
+            for call in step.calls if self._launcher is None else ():
                 if call.launch.work == 0:
                     continue
                 args = [a if kind == "static" else inputs[a] if kind == "input" else outputs[a]

@@ -23,6 +23,7 @@ GPU_SCRIPT = textwrap.dedent("""
     if not numba.cuda.is_available():
         print("SKIP: numba.cuda.is_available() is False (no usable GPU or driver)")
         raise SystemExit(0)
+    import copy
     import os
     import tempfile
 
@@ -30,9 +31,9 @@ GPU_SCRIPT = textwrap.dedent("""
     import torch
 
     import kiln
-    from kiln.examples.models import get_model
+    from kiln.examples.models import ZOO, get_model
 
-    for name in ["mlp", "lenet5", "resnet18_cifar", "gpt2_block"]:
+    for name in sorted(ZOO):
         model, inputs = get_model(name, batch=2)
         compiled = kiln.compile(model, inputs, backend="cuda")
         with torch.no_grad():
@@ -40,7 +41,19 @@ GPU_SCRIPT = textwrap.dedent("""
         got = compiled(*inputs)
         err = (got - expected).abs().max().item() / expected.abs().max().item()
         assert err <= 1e-4, (name, err)
+        # Half precision (f16 tensors, f32 arithmetic inside kiln's kernels) against the
+        # float32 model: about one f16 rounding of the output.
+        half_model = copy.deepcopy(model).half()
+        half_inputs = [x.half() if x.is_floating_point() else x for x in inputs]
+        half = kiln.compile(half_model, half_inputs, backend="cuda")(*half_inputs)
+        half_err = (half.float() - expected).abs().max().item() / expected.abs().max().item()
+        assert half.dtype == torch.float16 and half_err <= 5e-3, (name, half_err)
         if torch.cuda.is_available():
+            # The same model in eager PyTorch on this GPU.
+            with torch.no_grad():
+                on_gpu = copy.deepcopy(model).cuda()(*[x.cuda() for x in inputs]).cpu()
+            gpu_err = (got - on_gpu).abs().max().item() / on_gpu.abs().max().item()
+            assert gpu_err <= 1e-4, (name, "vs eager CUDA", gpu_err)
             # Device tensors in, device arrays out (no copy through the host).
             program = compiled.executable.program
             (out,) = program.run(*[x.cuda() for x in inputs])
@@ -64,7 +77,7 @@ GPU_SCRIPT = textwrap.dedent("""
 """)
 
 
-PTX_SCRIPT = textwrap.dedent("""
+PTX_SCRIPT = textwrap.dedent(r"""
     import sys
 
     from numba.cuda.cudadrv import nvvm
@@ -89,6 +102,25 @@ PTX_SCRIPT = textwrap.dedent("""
         count += len(ptx)
     kernel = test_cuda_codegen.all_constructs_kernel()
     assert source_ptx(render_kernel(kernel).text, kernel.name, (7, 5))
+    # The prepared launches (backends/cuda/launcher.py) pass every buffer as numba's array
+    # ABI: 7 eight-byte fields. The compiled entries must take exactly that.
+    import re
+
+    from kiln.backends.cuda.device import ptx_entry
+    from kiln.backends.cuda.launcher import ARRAY_ABI_FIELDS
+    from kiln.backends.cuda.schedule import GPU_TUNING, render_scheduled
+    from kiln.passes.lower import lower_graph
+
+    graph, _ = test_cuda_ops.one_op_graph(*test_cuda_ops.CASES["softmax_last"])
+    for step in lower_graph(graph).steps:
+        src = render_scheduled(step.kernel, GPU_TUNING)
+        ptx = source_ptx(src.text, step.kernel.name, (9, 0))
+        for launch in src.launches:
+            text = ptx[launch.name]
+            entry = ptx_entry(text, launch.name)
+            signature = text[text.index(entry):text.index(")", text.index(entry))]
+            params = re.findall(r"\.param\s+\.(\w+)", signature)
+            assert params == ["u64"] * (ARRAY_ABI_FIELDS * len(launch.params)), params
     print("OK", count)
 """)
 

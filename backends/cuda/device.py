@@ -87,6 +87,7 @@ class CudaDevice:
             yield
             return
         _serialize_simulated_shared_arrays()
+        _simulate_warp_shuffles()
         old = sys.getswitchinterval()
         sys.setswitchinterval(min(old, SIM_SWITCH_INTERVAL))
         try:
@@ -282,3 +283,33 @@ def _serialize_simulated_shared_arrays() -> None:
 
     FakeCUDAShared.array = array
 
+
+@functools.cache
+def _simulate_warp_shuffles() -> None:
+    """Give the simulator ``cuda.shfl_sync_intrinsic``, which it lacks, for the two modes the
+    generated kernels use: 2 (down: the value ``b`` lanes up within the lane group, or the
+    thread's own past the group's end) and 0 (idx: lane ``b`` of the group). The group width
+    comes from ``c`` as on a GPU (``c = ((32 - width) << 8) | 0x1f``), so a simulated block of
+    a few threads can run several "warps".
+
+    The threads exchange values through a per-block array between two barriers, so, unlike a
+    GPU's shuffle, every thread of the block must call it together: the kernels do (their
+    shuffles run in uniform control flow)."""
+    from numba.cuda.simulator.kernelapi import FakeCUDAModule
+
+    def shfl_sync_intrinsic(self, mask, mode, value, b, c):
+        if self.blockDim.y != 1 or self.blockDim.z != 1 or mode not in (0, 2):
+            raise NotImplementedError("kiln's simulated shuffle: 1-d blocks, modes 0 and 2")
+        width = 32 - ((c >> 8) & 0x1F)
+        tid = self.threadIdx.x
+        exchange = self.shared.array(self.blockDim.x, object)
+        exchange[tid] = value
+        self.syncthreads()
+        lane = tid % width
+        src = lane + b if mode == 2 else b % width
+        valid = src < width
+        out = exchange[tid - lane + src] if valid else value
+        self.syncthreads()
+        return out, valid
+
+    FakeCUDAModule.shfl_sync_intrinsic = shfl_sync_intrinsic

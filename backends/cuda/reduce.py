@@ -42,12 +42,21 @@ _COMBINE = ("add", "max", "min")
 class RowTiling:
     """Threads per row block: the row length rounded up to a power of two, clamped to
     [``min_threads``, ``max_threads``]; at most ``max_blocks`` blocks (more rows take turns);
-    rows shorter than ``min_row`` keep a thread each (when there are several rows)."""
+    rows shorter than ``min_row`` keep a thread each (when there are several rows).
+
+    ``warp`` > 0 combines the partials with warp shuffles in groups of ``warp`` lanes (32 on
+    a GPU: a warp) instead of a shared-memory tree; 0 keeps the tree."""
 
     max_threads: int
     min_threads: int
     min_row: int
     max_blocks: int
+    warp: int = 0
+
+
+# Types numba's warp shuffle moves (32- and 64-bit); other accumulators use the tree.
+SHUFFLE_TYPES = ("f32", "f64", "i32", "i64")
+FULL_MASK = "0xFFFFFFFF"
 
 
 @dataclass(frozen=True)
@@ -241,19 +250,83 @@ def render_block_reduce(tiling: RowTiling, writer: KernelWriter, seg: Segment, n
             writer.decode("_f", loop.loops, depth + 1, body)
             writer.stmts(loop.body, depth + 1, body)
             if loop.accs:
-                _tree(writer, loop.accs, keep, nt, shared, pad, body)
+                warp = tiling.warp
+                if warp and nt % warp == 0 and nt // warp <= warp and all(
+                        v.dtype in SHUFFLE_TYPES for v, _ in loop.accs):
+                    _shuffle(writer, loop.accs, keep, nt, warp, shared, pad, body)
+                else:
+                    _tree(writer, loop.accs, keep, nt, shared, pad, body)
             elif not last:
                 body.append(f"{pad}cuda.syncthreads()")
     lines: list[str] = []
     params = writer.header(name, seg.stmts, lines)
-    for (dtype, _), sh in shared.items():
-        lines.append(f"    {sh} = cuda.shared.array({nt}, numba.types.{NUMBA_TYPES[dtype]})")
+    slots = {}
+    for key, sh in shared.items():
+        slots[key] = nt // tiling.warp if sh.startswith("_sw_") else nt
+        lines.append(f"    {sh} = cuda.shared.array({slots[key]}, "
+                     f"numba.types.{NUMBA_TYPES[key[0]]})")
     lines.append("    _tid = cuda.threadIdx.x")
+    if any("_lane" in line for line in body):  # a shuffle combine uses them
+        lines += [f"    _lane = _tid % {tiling.warp}", f"    _warp = _tid // {tiling.warp}"]
     out.extend(lines + body + ["", ""])
     blocks = min(rows, tiling.max_blocks)
-    nbytes = sum(nt * K.np_dtype(dtype).itemsize for dtype, _ in shared)
+    nbytes = sum(slots[key] * K.np_dtype(key[0]).itemsize for key in shared)
     return Launch(name, params, rows, True, tuple(b.var for b in seg.bound), "block-reduce",
                   (blocks, 1, 1), (nt, 1, 1), nbytes)
+
+
+def _shuffle_text(value: str, mode: int, lane_arg: int, warp: int) -> str:
+    """numba's warp shuffle of ``value`` (mode 0: from lane ``lane_arg`` of the group; mode 2:
+    from ``lane_arg`` lanes up, or its own value past the group's end) within groups of
+    ``warp`` lanes."""
+    clamp = ((32 - warp) << 8) | 0x1F
+    return (f"cuda.shfl_sync_intrinsic({FULL_MASK}, {mode}, {value}, {lane_arg}, "
+            f"{clamp:#x})[0]")
+
+
+def _warp_fold(writer: KernelWriter, accs: Sequence[tuple[Var, str]], warp: int, pad: str,
+               body: list[str]) -> None:
+    """Fold each accumulator over its group of ``warp`` lanes (lane 0 ends with the total)."""
+    step = warp // 2
+    while step >= 1:
+        for v, op in accs:
+            y = f"_y_{v.dtype}"
+            body.append(f"{pad}{y} = {_shuffle_text(writer.var(v), 2, step, warp)}")
+            body.append(f"{pad}{writer.var(v)} = {writer.combine(op, v.dtype, writer.var(v), y)}")
+        step //= 2
+
+
+def _shuffle(writer: KernelWriter, accs: Sequence[tuple[Var, str]], keep: dict[str, str],
+             nt: int, warp: int, shared: dict[tuple[str, int], str], pad: str,
+             body: list[str]) -> None:
+    """Combine the threads' partials of ``accs`` with warp shuffles: each warp folds its
+    lanes, lane 0 of every warp puts its warp's value in shared memory, and (with several
+    warps) every warp folds those values the same way; lane 0's total is then broadcast to its
+    warp. Every thread runs every shuffle (all lanes of the mask take part), and two barriers
+    replace the tree's log2(threads) + 2."""
+    _warp_fold(writer, accs, warp, pad, body)
+    nwarps = nt // warp
+    if nwarps > 1:
+        arrays = []
+        for slot, (v, _) in enumerate(accs):
+            sh = shared.setdefault((v.dtype, slot + 1000), f"_sw_{v.dtype}_{slot}")
+            arrays.append(sh)
+        body.append(f"{pad}if _lane == 0:")
+        body += [f"{pad}    {sh}[_warp] = {writer.var(v)}" for sh, (v, _) in zip(arrays, accs)]
+        body.append(f"{pad}cuda.syncthreads()")
+        for sh, (v, op) in zip(arrays, accs):
+            identity = writer.expr_at(K.reduction_identity(op, v.dtype), len(pad) // 4, body)
+            body.append(f"{pad}{writer.var(v)} = {sh}[_lane] if _lane < {nwarps} "
+                        f"else {identity}")
+        _warp_fold(writer, accs, warp, pad, body)
+    for v, op in accs:
+        body.append(f"{pad}{writer.var(v)} = {_shuffle_text(writer.var(v), 0, 0, warp)}")
+        if v.name in keep:
+            body.append(f"{pad}{writer.var(v)} = "
+                        f"{writer.combine(op, v.dtype, keep[v.name], writer.var(v))}")
+    if nwarps > 1:
+        # The next reduction writes the same arrays: every warp must have read them first.
+        body.append(f"{pad}cuda.syncthreads()")
 
 
 def _tree(writer: KernelWriter, accs: Sequence[tuple[Var, str]], keep: dict[str, str],

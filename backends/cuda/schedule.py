@@ -31,17 +31,19 @@ class CudaTuning:
 
 
 # 16 x 16 threads with up to 4 x 4 outputs each: 64 x 64 tiles, K staged 16 at a time
-# (8.3 KB of shared memory per block); 32..256 threads per row.
+# (8.3 KB of shared memory per block); 32..256 threads per row, combined by warp shuffles.
 GPU_TUNING = CudaTuning(GemmTiling(threads_m=16, threads_n=16, max_micro=4, block_k=16,
                                    min_rows=16),
                         RowTiling(max_threads=256, min_threads=32, min_row=16,
-                                  max_blocks=65535))
+                                  max_blocks=65535, warp=32))
 # Every barrier costs the simulator about a millisecond and every block a set of Python
 # threads, so it gets few threads with large micro-tiles (8 x 8 tiles of 2 x 2 threads) and
-# long K steps.
+# long K steps; its row blocks of 8 threads run as two "warps" of 4 lanes (kiln emulates the
+# shuffles in the simulator), so both stages of the shuffle combine are exercised.
 SIM_TUNING = CudaTuning(GemmTiling(threads_m=2, threads_n=2, max_micro=4, block_k=16,
                                    min_rows=4),
-                        RowTiling(max_threads=8, min_threads=8, min_row=16, max_blocks=2))
+                        RowTiling(max_threads=8, min_threads=8, min_row=16, max_blocks=2,
+                                  warp=4))
 GENERIC = CudaTuning(None, None)
 """No CUDA-specific schedule: every segment gets the generic mapping."""
 

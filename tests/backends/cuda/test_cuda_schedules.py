@@ -303,11 +303,46 @@ def test_block_reduce_source():
     graph, inputs = build([("softmax", ["x"], {"axis": -1})], {"x": f32(2, 33)})
     program = check(graph, inputs)
     src = program.source
-    assert "cuda.shared.array(8, numba.types.float32)" in src
     assert "for _row in range(cuda.blockIdx.x, 2, cuda.gridDim.x):" in src
     assert "for _f in range(_tid, 33, 8):" in src
-    # Two trees of log2(8) = 3 levels.
+    # The simulator's 8 threads are two groups ("warps") of 4 lanes: per reduction (max, then
+    # sum) two shuffle steps in each warp, one slot per warp in shared memory, the same two
+    # steps over the warps' values, a broadcast from lane 0, and two barriers.
+    assert "cuda.shared.array(2, numba.types.float32)" in src
+    assert src.count("cuda.shfl_sync_intrinsic(0xFFFFFFFF, 2,") == 2 * 2 * 2
+    assert src.count("cuda.shfl_sync_intrinsic(0xFFFFFFFF, 0,") == 2
+    assert src.count("cuda.syncthreads()") == 2 * 2
+    assert program.launches()[0].shared_bytes == 2 * 4
+
+
+def test_block_reduce_tree_source():
+    # Without shuffles (warp=0): a shared-memory tree of log2(8) = 3 levels per reduction.
+    tuning = CudaTuning(None, RowTiling(max_threads=8, min_threads=8, min_row=16,
+                                        max_blocks=2, warp=0))
+    graph, inputs = build([("softmax", ["x"], {"axis": -1})], {"x": f32(2, 33)})
+    src = check(graph, inputs, tuning).source
+    assert "cuda.shared.array(8, numba.types.float32)" in src
+    assert "shfl" not in src
     assert src.count("if _tid < 4:") == 2 and src.count("if _tid < 1:") == 2
+
+
+@pytest.mark.parametrize(("threads", "shared"), [(32, 0), (64, 2 * 4)])
+def test_row_reduce_with_gpu_warps(threads, shared):
+    # A GPU's 32-lane warps: one warp per row needs no shared memory and no barrier; two
+    # warps meet through one slot each. Sum, max (with a NaN row) and a norm.
+    tuning = CudaTuning(None, RowTiling(max_threads=threads, min_threads=threads, min_row=16,
+                                        max_blocks=65535, warp=32))
+    x = f32(3, 70)
+    x[1, 33] = np.nan
+    for op, attrs in (("reduce_sum", {"axes": [1], "keepdim": False}),
+                      ("reduce_max", {"axes": [1], "keepdim": False}),
+                      ("layer_norm", {"normalized_ndim": 1})):
+        graph, inputs = build([(op, ["x"], attrs)], {"x": x})
+        program = check(graph, inputs, tuning)
+        [lc] = program.launches()
+        assert lc.block == (threads, 1, 1) and lc.shared_bytes == shared
+        assert "0x1f)[0]" in program.source
+        assert ("cuda.syncthreads()" in program.source) == (threads > 32)
 
 
 def test_block_reduce_keeps_nan_and_integer_wraparound():

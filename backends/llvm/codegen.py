@@ -44,6 +44,10 @@ FLOAT = {"f32", "f16", "f64"}
 SUFFIX = {"float": "f32", "half": "f16", "double": "f64", "i8": "i8", "i32": "i32",
           "i64": "i64", "i1": "i1"}
 
+# Stride-2 vector loads as two vector loads (the second masked) and one shuffle; 0: one
+# load of the exact span (kept to compare them).
+STRIDE2_PAIR_LOAD = 1
+
 
 def llvm_type(dtype: str, lanes: int = 1, memory: bool = False) -> str:
     t = (MEMORY if memory else SCALAR)[dtype]
@@ -181,7 +185,23 @@ class _Fn:
         mt = llvm_type(e.dtype, e.lanes, memory=True)
         r = self.tmp()
         align = K.np_dtype(e.dtype).itemsize
-        if e.stride > 1 and e.lanes > 1:
+        if e.stride == 2 and e.lanes > 1 and e.dtype != "bool" and STRIDE2_PAIR_LOAD:
+            # Two vectors, the second masked to the lanes the span covers (no element past the
+            # last lane is touched: the masked lane cannot fault), and one two-input shuffle
+            # of the even elements: a masked load and a vpermi2ps on AVX-512.
+            st = llvm_type(e.dtype, memory=True)
+            vt = f"<{e.lanes} x {st}>"
+            hi_p, lo, hi = self.tmp(), self.tmp(), self.tmp()
+            self.emit(f"{lo} = load {vt}, ptr {p}, align {align}")
+            self.emit(f"{hi_p} = getelementptr inbounds {st}, ptr {p}, i64 {e.lanes}")
+            mask = ", ".join(f"i1 {int(i < e.lanes - 1)}" for i in range(e.lanes))
+            fn = f"llvm.masked.load.{_intrinsic_suffix(e.dtype, e.lanes)}.p0"
+            self.emit(f"{hi} = call {vt} @{fn}(ptr {hi_p}, i32 {align}, <{e.lanes} x i1> "
+                      f"<{mask}>, {vt} poison)")
+            self.m.declare(fn, vt, ["ptr", "i32", f"<{e.lanes} x i1>", vt])
+            even = ", ".join(f"i32 {2 * i}" for i in range(e.lanes))
+            self.emit(f"{r} = shufflevector {vt} {lo}, {vt} {hi}, <{e.lanes} x i32> <{even}>")
+        elif e.stride > 1 and e.lanes > 1:
             # Load the span the lanes cover (no element past the last lane) and keep every
             # stride-th element.
             span = e.stride * (e.lanes - 1) + 1

@@ -26,7 +26,6 @@ from typing import Any
 
 from kiln.ir import KilnError
 
-
 ARRAY_ABI_FIELDS = 7
 """Kernel parameters per ``dtype[::1]`` array in numba's ABI, each eight bytes wide."""
 

@@ -241,11 +241,16 @@ def vectorize_loop(loop: For, width: int) -> list[K.Stmt]:
                                                                        width)))))
     if not (isinstance(tail, Const) and tail.value == 0):
         tail_loop = For(loop.var, simplify(loop.start + main), tail, loop.body, "vectorized")
-        if width // 2 >= MIN_TAIL_WIDTH and not (isinstance(tail, Const)
-                                                 and tail.value < width // 2):
-            # The rest runs on half-width vectors (then quarter...), so a 14-wide row on
-            # 16 lanes is not left scalar.
-            stmts.extend(vectorize_loop(tail_loop, width // 2))
+        narrower = width // 2
+        if isinstance(tail, Const):
+            while narrower > int(tail.value) and narrower // 2 >= MIN_TAIL_WIDTH:
+                narrower //= 2
+        if narrower >= MIN_TAIL_WIDTH and not (isinstance(tail, Const)
+                                               and tail.value < narrower):
+            # The rest runs on narrower vectors (half, quarter... the widest that fits a
+            # known tail), so a 14-wide row on 16 lanes is 8 + 4 + 2 and a 7-wide one 4 + 3,
+            # not left scalar.
+            stmts.extend(vectorize_loop(tail_loop, narrower))
         else:
             stmts.append(replace(tail_loop, kind="serial",
                                  body=tuple(vectorize_stmts(loop.body, width))))

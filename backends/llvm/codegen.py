@@ -44,10 +44,6 @@ FLOAT = {"f32", "f16", "f64"}
 SUFFIX = {"float": "f32", "half": "f16", "double": "f64", "i8": "i8", "i32": "i32",
           "i64": "i64", "i1": "i1"}
 
-# Stride-2 vector loads as two vector loads (the second masked) and one shuffle; 0: one
-# load of the exact span (kept to compare them).
-STRIDE2_PAIR_LOAD = 1
-
 
 def llvm_type(dtype: str, lanes: int = 1, memory: bool = False) -> str:
     t = (MEMORY if memory else SCALAR)[dtype]
@@ -185,7 +181,7 @@ class _Fn:
         mt = llvm_type(e.dtype, e.lanes, memory=True)
         r = self.tmp()
         align = K.np_dtype(e.dtype).itemsize
-        if e.stride == 2 and e.lanes > 1 and e.dtype != "bool" and STRIDE2_PAIR_LOAD:
+        if e.stride == 2 and e.lanes > 1 and e.dtype != "bool":
             # Two vectors, the second masked to the lanes the span covers (no element past the
             # last lane is touched: the masked lane cannot fault), and one two-input shuffle
             # of the even elements: a masked load and a vpermi2ps on AVX-512.

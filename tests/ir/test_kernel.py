@@ -47,6 +47,22 @@ def test_vectorize_splits_main_loop_and_tail() -> None:
         "}\n")
 
 
+def test_short_rows_take_the_widest_vector_that_fits() -> None:
+    # A 7-wide row on 16 lanes: one 4-lane vector, not 7 scalar iterations (MobileNetV2's
+    # 7x7 depthwise convolutions ran 1.5x slower scalar).
+    assert str(vectorize(_scale_add_kernel(7), 16)) == (
+        "kernel scale_add(x: f32[7], y: f32[7], out: f32[7]) {\n"
+        "  for i in [0, +4) step 4:\n"
+        "    out[i, 4] = ((x[i, 4] * broadcast(2.0, 4)) + y[i, 4])\n"
+        "  for i in [4, +3):\n"
+        "    out[i] = ((x[i] * 2.0) + y[i])\n"
+        "}\n")
+    # 14 wide: 8 + 4 lanes, then 2 scalar.
+    text = str(vectorize(_scale_add_kernel(14), 16))
+    assert "for i in [0, +8) step 8:" in text and "for i in [8, +4) step 4:" in text
+    assert "for i in [12, +2):" in text
+
+
 def test_vectorize_reduction_uses_vector_accumulator() -> None:
     after = vectorize(_sum_kernel(11), 4)
     text = str(after)

@@ -42,7 +42,7 @@ REDUCTION_OPS = ("add", "max", "min")
 # wider load and a shuffle); larger strides would read mostly unused data.
 MAX_LOAD_STRIDE = 4
 # Loop tails shorter than a vector are vectorized with narrower vectors down to this width.
-MIN_TAIL_WIDTH = 4
+MIN_TAIL_WIDTH = 2
 
 
 class _NotVectorizable(Exception):

@@ -37,30 +37,32 @@ def test_text_form() -> None:
 
 
 def test_vectorize_splits_main_loop_and_tail() -> None:
-    after = vectorize(_scale_add_kernel(10), 4)
+    after = vectorize(_scale_add_kernel(9), 4)
     assert str(after) == (
-        "kernel scale_add(x: f32[10], y: f32[10], out: f32[10]) {\n"
+        "kernel scale_add(x: f32[9], y: f32[9], out: f32[9]) {\n"
         "  for i in [0, +8) step 4:\n"
         "    out[i, 4] = ((x[i, 4] * broadcast(2.0, 4)) + y[i, 4])\n"
-        "  for i in [8, +2):\n"
+        "  for i in [8, +1):\n"
         "    out[i] = ((x[i] * 2.0) + y[i])\n"
         "}\n")
 
 
 def test_short_rows_take_the_widest_vector_that_fits() -> None:
-    # A 7-wide row on 16 lanes: one 4-lane vector, not 7 scalar iterations (MobileNetV2's
-    # 7x7 depthwise convolutions ran 1.5x slower scalar).
+    # A 7-wide row on 16 lanes: 4 + 2 lanes and one scalar, not 7 scalar iterations
+    # (MobileNetV2's 7x7 depthwise convolutions ran 1.5x slower scalar).
     assert str(vectorize(_scale_add_kernel(7), 16)) == (
         "kernel scale_add(x: f32[7], y: f32[7], out: f32[7]) {\n"
         "  for i in [0, +4) step 4:\n"
         "    out[i, 4] = ((x[i, 4] * broadcast(2.0, 4)) + y[i, 4])\n"
-        "  for i in [4, +3):\n"
+        "  for i in [4, +2) step 2:\n"
+        "    out[i, 2] = ((x[i, 2] * broadcast(2.0, 2)) + y[i, 2])\n"
+        "  for i in [6, +1):\n"
         "    out[i] = ((x[i] * 2.0) + y[i])\n"
         "}\n")
-    # 14 wide: 8 + 4 lanes, then 2 scalar.
+    # 14 wide: 8 + 4 + 2 lanes.
     text = str(vectorize(_scale_add_kernel(14), 16))
     assert "for i in [0, +8) step 8:" in text and "for i in [8, +4) step 4:" in text
-    assert "for i in [12, +2):" in text
+    assert "for i in [12, +2) step 2:" in text and "out[i] =" not in text
 
 
 def test_vectorize_reduction_uses_vector_accumulator() -> None:

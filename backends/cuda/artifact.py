@@ -109,12 +109,10 @@ def default_cc() -> tuple[int, int]:
     from numba import cuda
 
     try:
-        if cuda.is_available():
-            major, minor = cuda.get_current_device().compute_capability
-            return ptx_target((int(major), int(minor)))
+        cc = cuda.get_current_device().compute_capability if cuda.is_available() else None
     except Exception:  # a broken driver: export for the default target all the same
-        pass
-    return DEFAULT_CC
+        cc = None
+    return DEFAULT_CC if cc is None else ptx_target((int(cc[0]), int(cc[1])))
 
 
 def _lowered(source: Any):

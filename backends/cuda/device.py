@@ -299,7 +299,8 @@ def _simulate_warp_shuffles() -> None:
 
     def shfl_sync_intrinsic(self, mask, mode, value, b, c):
         if self.blockDim.y != 1 or self.blockDim.z != 1 or mode not in (0, 2):
-            raise NotImplementedError("kiln's simulated shuffle: 1-d blocks, modes 0 and 2")
+            raise KilnError("kiln's simulated warp shuffle takes 1-d blocks and modes 0 (idx) "
+                            "and 2 (down) only", hint="this is a kiln bug; please report it")
         width = 32 - ((c >> 8) & 0x1F)
         tid = self.threadIdx.x
         exchange = self.shared.array(self.blockDim.x, object)

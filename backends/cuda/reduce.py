@@ -213,7 +213,8 @@ def render_block_reduce(tiling: RowTiling, writer: KernelWriter, seg: Segment, n
     nt = _threads(items, tiling)
     rows = seg.work if seg.bound else 1
     body: list[str] = []
-    shared: dict[tuple[str, int], str] = {}  # (dtype, slot) -> shared array name
+    shared: dict[tuple[str, int], str] = {}  # (dtype, slot) -> shared array name (a tree's)
+    per_warp: dict[tuple[str, int], str] = {}  # the same, one element per warp (shuffles)
     depth = 1
     if seg.bound:
         body.append(f"    for _row in range(cuda.blockIdx.x, {rows}, cuda.gridDim.x):")
@@ -253,24 +254,23 @@ def render_block_reduce(tiling: RowTiling, writer: KernelWriter, seg: Segment, n
                 warp = tiling.warp
                 if warp and nt % warp == 0 and nt // warp <= warp and all(
                         v.dtype in SHUFFLE_TYPES for v, _ in loop.accs):
-                    _shuffle(writer, loop.accs, keep, nt, warp, shared, pad, body)
+                    _shuffle(writer, loop.accs, keep, nt, warp, per_warp, pad, body)
                 else:
                     _tree(writer, loop.accs, keep, nt, shared, pad, body)
             elif not last:
                 body.append(f"{pad}cuda.syncthreads()")
     lines: list[str] = []
     params = writer.header(name, seg.stmts, lines)
-    slots = {}
-    for key, sh in shared.items():
-        slots[key] = nt // tiling.warp if sh.startswith("_sw_") else nt
-        lines.append(f"    {sh} = cuda.shared.array({slots[key]}, "
-                     f"numba.types.{NUMBA_TYPES[key[0]]})")
+    arrays = [(sh, nt, dtype) for (dtype, _), sh in shared.items()]
+    arrays += [(sh, nt // max(tiling.warp, 1), dtype) for (dtype, _), sh in per_warp.items()]
+    for sh, slots, dtype in arrays:
+        lines.append(f"    {sh} = cuda.shared.array({slots}, numba.types.{NUMBA_TYPES[dtype]})")
     lines.append("    _tid = cuda.threadIdx.x")
-    if any("_lane" in line for line in body):  # a shuffle combine uses them
+    if per_warp:  # a shuffle combine over several warps
         lines += [f"    _lane = _tid % {tiling.warp}", f"    _warp = _tid // {tiling.warp}"]
     out.extend(lines + body + ["", ""])
     blocks = min(rows, tiling.max_blocks)
-    nbytes = sum(slots[key] * K.np_dtype(key[0]).itemsize for key in shared)
+    nbytes = sum(slots * K.np_dtype(dtype).itemsize for _, slots, dtype in arrays)
     return Launch(name, params, rows, True, tuple(b.var for b in seg.bound), "block-reduce",
                   (blocks, 1, 1), (nt, 1, 1), nbytes)
 
@@ -297,7 +297,7 @@ def _warp_fold(writer: KernelWriter, accs: Sequence[tuple[Var, str]], warp: int,
 
 
 def _shuffle(writer: KernelWriter, accs: Sequence[tuple[Var, str]], keep: dict[str, str],
-             nt: int, warp: int, shared: dict[tuple[str, int], str], pad: str,
+             nt: int, warp: int, per_warp: dict[tuple[str, int], str], pad: str,
              body: list[str]) -> None:
     """Combine the threads' partials of ``accs`` with warp shuffles: each warp folds its
     lanes, lane 0 of every warp puts its warp's value in shared memory, and (with several
@@ -309,7 +309,7 @@ def _shuffle(writer: KernelWriter, accs: Sequence[tuple[Var, str]], keep: dict[s
     if nwarps > 1:
         arrays = []
         for slot, (v, _) in enumerate(accs):
-            sh = shared.setdefault((v.dtype, slot + 1000), f"_sw_{v.dtype}_{slot}")
+            sh = per_warp.setdefault((v.dtype, slot), f"_sw_{v.dtype}_{slot}")
             arrays.append(sh)
         body.append(f"{pad}if _lane == 0:")
         body += [f"{pad}    {sh}[_warp] = {writer.var(v)}" for sh, (v, _) in zip(arrays, accs)]

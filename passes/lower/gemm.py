@@ -872,21 +872,11 @@ def _depthwise_padded(low, node, final, out, xb, wb, init, nv, cv, n_, c_, H, W,
     low.scratch.append(K.Buffer(scratch, "f32", Hp * sw * Wj))
     fill = _fill_padded(low, xb, (nv * c_ + cv) * (H * W), scratch, Const(0, INDEX), H, W, ph_,
                         pw, sw, Hp, Wj, f32(0.0))
-    oh, ow = low.fresh("oh"), low.fresh("ow")
-    acc = low.fresh("acc", "f32")
-    taps: list = []
-    for p in range(kh_):
-        for q in range(kw_):
-            v = K.Load(scratch, ((oh * sh + p * dh) * sw + (q % sw)) * Wj + ow + (q // sw), "f32")
-            wt = K.Load(wb, cv * (kh_ * kw_) + (p * kw_ + q), "f32")
-            taps.append(Assign(acc, acc + wt * v))
-    compute = For(oh, as_expr(0), as_expr(OH), (For(ow, as_expr(0), as_expr(OW), (
-        Decl(acc, init), *taps, low.store_at(final, [nv, cv, oh, ow], acc, out)),
-        "vectorized"),))
-    kind = _par(low, node)
-    return [For(nv, as_expr(0), as_expr(n_), (
-        For(cv, as_expr(0), as_expr(c_), (*fill, compute), kind if n_ == 1 else "serial"),),
-        kind if n_ > 1 else "serial")]
+    def tap(acc, v, p, q):
+        return acc + K.Load(wb, cv * (kh_ * kw_) + (p * kw_ + q), "f32") * v
+
+    return _window_nest(low, node, final, out, scratch, fill, nv, cv, n_, c_, OH, OW, kh_, kw_,
+                        sh, sw, dh, Wj, init, tap, lambda acc: acc)
 
 
 def lower_pool(low: Lowering, node: Node, final: str, inline: set[str],
@@ -924,16 +914,27 @@ def lower_pool(low: Lowering, node: Node, final: str, inline: set[str],
         xb, read = low.buffer(x), None
     fill = _fill_padded(low, xb, (nv * c_ + cv) * (H * W), scratch, Const(0, INDEX), H, W, ph_,
                         pw, sw, Hp, Wj, pad_value, read)
+    return _window_nest(low, node, final, out, scratch, fill, nv, cv, n_, c_, OH, OW, kh_, kw_,
+                        sh, sw, dh, Wj, pad_value,
+                        lambda acc, v, p, q: K.maximum(acc, v) if is_max else acc + v,
+                        lambda acc: acc if is_max else acc * f32(1.0 / (kh_ * kw_)))
+
+
+def _window_nest(low, node, final, out, scratch, fill, nv, cv, n_, c_, OH, OW, kh_, kw_, sh, sw,
+                 dh, Wj, init, tap, finish) -> list:
+    """The loop nest of a window op (depthwise conv, pooling) over a padded phase-split copy
+    of each channel: per (image, channel) the ``fill`` statements, then for each output row a
+    vector loop folding the kh x kw taps with ``tap(acc, value, p, q)`` from ``init`` and
+    storing ``finish(acc)``. Images run in parallel, or channels when there is one image."""
     oh, ow = low.fresh("oh"), low.fresh("ow")
     acc = low.fresh("acc", "f32")
     taps: list = []
     for p in range(kh_):
         for q in range(kw_):
             v = K.Load(scratch, ((oh * sh + p * dh) * sw + (q % sw)) * Wj + ow + (q // sw), "f32")
-            taps.append(Assign(acc, K.maximum(acc, v) if is_max else acc + v))
-    result = acc if is_max else acc * f32(1.0 / (kh_ * kw_))
+            taps.append(Assign(acc, tap(acc, v, p, q)))
     compute = For(oh, as_expr(0), as_expr(OH), (For(ow, as_expr(0), as_expr(OW), (
-        Decl(acc, pad_value), *taps, low.store_at(final, [nv, cv, oh, ow], result, out)),
+        Decl(acc, init), *taps, low.store_at(final, [nv, cv, oh, ow], finish(acc), out)),
         "vectorized"),))
     kind = _par(low, node)
     return [For(nv, as_expr(0), as_expr(n_), (

@@ -1,7 +1,7 @@
 """On-disk cache of compiled programs.
 
 An entry is a folder named by a SHA-256 key of: the graph's text, every constant's bytes, the
-target (triple, CPU, features) and a digest of kiln's compiler sources, so any change to the
+target (ISA, features, caches, cores) and a digest of kiln's compiler sources, so any change to the
 model or to kiln gives a new key. The folder holds ``manifest.json`` (sizes, signature,
 per-kernel info, and a SHA-256 of every file), ``code.o`` and ``consts.bin``. An entry that does
 not check out is ignored and compiled afresh; nothing is ever loaded unchecked.
@@ -73,7 +73,7 @@ def cache_key(graph: Graph, target: Target) -> str | None:
         return None
     h = hashlib.sha256()
     h.update(f"kiln-cache-{FORMAT}\n{_source_digest()}\n".encode())
-    h.update(f"{target.triple}\n{target.cpu}\n{target.features}\n".encode())
+    h.update(f"{target.key()}\n".encode())
     h.update(schedule_settings().encode())
     h.update(print_graph(graph).encode())
     for name in sorted(graph.constants):

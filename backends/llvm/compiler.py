@@ -17,27 +17,14 @@ from kiln.backends.llvm.codegen import Binding, ModuleBuilder, emit_entry, emit_
 from kiln.ir import DType, Graph, KilnError, verify
 from kiln.passes.lower import LoweredGraph, lower_graph
 from kiln.passes.memory_plan import MemoryPlan, plan_memory  # noqa: F401
+from kiln.passes.target import Target, host_caches, target_from_env
 from kiln.passes.vectorize import schedule_kernel
-
-
-@dataclass(frozen=True)
-class Target:
-    """The host CPU as LLVM sees it, and the schedule parameters that follow from it."""
-
-    triple: str
-    cpu: str
-    features: str
-    vector_bits: int
-
-    @property
-    def f32_lanes(self) -> int:
-        return self.vector_bits // 32
 
 
 @functools.cache
 def host_target() -> Target:
     """The machine kiln runs on: LLVM's host CPU name and features (AVX-512 -> 512-bit
-    vectors, AVX2 -> 256, else 128)."""
+    vectors, AVX2 -> 256, else 128), its caches and cores."""
     feats = llvm.get_host_cpu_features()
     if feats.get("avx512f"):
         bits = 512
@@ -45,7 +32,14 @@ def host_target() -> Target:
         bits = 256
     else:
         bits = 128
-    return Target(llvm.get_process_triple(), llvm.get_host_cpu_name(), feats.flatten(), bits)
+    return Target(llvm.get_process_triple(), llvm.get_host_cpu_name(), feats.flatten(), bits,
+                  **host_caches())
+
+
+def default_target() -> Target:
+    """What ``compile_graph`` compiles for when not told: the host, or the narrower
+    instruction set named by ``KILN_TARGET`` (``avx2``, ``sse2``...)."""
+    return target_from_env(host_target())
 
 
 @functools.cache
@@ -88,7 +82,7 @@ def cycles_per_second() -> float:
     mod = llvm.parse_assembly(
         "declare i64 @llvm.readcyclecounter()\n"
         "define i64 @now() {\n  %t = call i64 @llvm.readcyclecounter()\n  ret i64 %t\n}\n")
-    tm = llvm.Target.from_default_triple().create_target_machine()
+    tm = llvm.Target.from_default_triple().create_target_machine(codemodel="large")
     engine = llvm.create_mcjit_compiler(mod, tm)
     engine.finalize_object()
     now = ctypes.CFUNCTYPE(ctypes.c_int64)(engine.get_function_address("now"))
@@ -136,7 +130,7 @@ class CompiledProgram:
         self.lowered = lowered
         self.ir_text = ir_text
         self.timings = dict(timings or {})
-        target = Target(**image.target) if image.target else host_target()
+        target = Target.from_dict(image.target) if image.target else host_target()
         self.engine, self.entry, self.set_threads = load_code(image.object_code, target)
         self._arena = np.zeros(max(image.arena_bytes, 64) // 8 + 8, np.float64)
         self._consts = image.const_blob
@@ -203,20 +197,26 @@ def _bindings(step, t: int, plan: MemoryPlan) -> list[Binding]:
 
 
 def _target_machine(target: Target):
+    # The large code model: every reference to another section or to a library function is
+    # a 64-bit address. With the small one, code reaches data (constants, the thread count)
+    # and libgomp through 32-bit offsets, and where the OS maps the JIT's sections or the
+    # library more than 2 GB apart LLVM's linker aborts the whole process (an assertion,
+    # seen under QEMU; possible in any large process). Position independent, so the same
+    # object code also links into the C library.
     return llvm.Target.from_triple(target.triple).create_target_machine(
-        cpu=target.cpu, features=target.features, opt=3, reloc="pic", codemodel="default")
+        cpu=target.cpu, features=target.features, opt=3, reloc="pic", codemodel="large")
 
 
 def build_image(graph: Graph, target: Target) -> tuple[ProgramImage, LoweredGraph, str, dict]:
     """Lower, schedule, plan, generate and optimize: the whole compilation of ``graph``."""
     verify(graph)
     t0 = time.perf_counter()
-    lowered = lower_graph(graph, width=target.f32_lanes)
+    lowered = lower_graph(graph, width=target.f32_lanes, target=target)
     for step in lowered.steps:
         step.kernel = schedule_kernel(step.kernel, target.f32_lanes)
     plan = plan_memory(lowered)
     t1 = time.perf_counter()
-    m = ModuleBuilder(target.triple, target.features)
+    m = ModuleBuilder(target)
     calls = []
     for t, step in enumerate(lowered.steps):
         emit_kernel(m, step.kernel)
@@ -248,8 +248,7 @@ def build_image(graph: Graph, target: Target) -> tuple[ProgramImage, LoweredGrap
         inputs=[(n, g.types[n].dtype.value, g.types[n].shape) for n in g.inputs],
         outputs=[(n, g.types[n].dtype.value, g.types[n].shape) for n in g.outputs],
         output_copies=copies, copy_constants=copy_consts, steps=steps,
-        target={"triple": target.triple, "cpu": target.cpu, "features": target.features,
-                "vector_bits": target.vector_bits})
+        target=target.to_dict())
     timings = {"lower": t1 - t0, "codegen": t2 - t1, "optimize": t3 - t2, "emit": t4 - t3}
     return image, lowered, ir_text, timings
 
@@ -261,7 +260,7 @@ def compile_graph(graph: Graph, *, target: Target | None = None, threads: int = 
     With ``cache`` (and a writable cache directory), the program image is stored on disk under
     a key of the graph, its weights, the target and kiln's version, and a later compile of the
     same graph loads it instead of compiling."""
-    target = target or host_target()
+    target = target or default_target()
     t0 = time.perf_counter()
     key = cache_key(graph, target) if cache else None
     image = load_cached(key) if key else None

@@ -28,6 +28,7 @@ from kiln.passes.lower.qgemm import (
     lower_qconv,
     lower_qlinear,
 )
+from kiln.passes.target import Target
 
 DENSE_SCHEDULES = {"linear": lower_linear, "conv": lower_conv, "matmul": lower_matmul,
                    "max_pool": lower_pool, "avg_pool": lower_pool, "qconv": lower_qconv,
@@ -97,12 +98,14 @@ def _flat_ok(graph: Graph, producers: dict[str, Node], inline: set[str], out: st
 
 
 def lower_group(graph: Graph, plan: FusionPlan, root: Node, producers: dict[str, Node],
-                index: int, width: int = 1) -> tuple[KernelStep, dict[str, np.ndarray]]:
+                index: int, width: int = 1, target: Target | None = None
+                ) -> tuple[KernelStep, dict[str, np.ndarray]]:
     """Lower the group rooted at ``root`` to a kernel; ``width`` is the target's f32 vector
-    width (1: no packed dense schedules)."""
+    width (1: no packed dense schedules); ``target`` the CPU (None: no ISA-specific
+    schedules)."""
     epilogue = {n.name for n in plan.epilogues.get(root.name, [])}
     inline = {name for name, role in plan.roles.items() if role == "inline"} | epilogue
-    low = Lowering(graph, inline, producers)
+    low = Lowering(graph, inline, producers, target=target)
     outs = plan.group_outputs[root.name]
     writes = {buffer_name(o): o for o in outs}
     body: list
@@ -188,11 +191,13 @@ def _simplify_stmts(stmts):
                        if isinstance(e, K.Binary) else None)
 
 
-def lower_graph(graph: Graph, plan: FusionPlan | None = None, width: int = 1) -> LoweredGraph:
+def lower_graph(graph: Graph, plan: FusionPlan | None = None, width: int = 1,
+                target: Target | None = None) -> LoweredGraph:
     """Fuse (unless a plan is given) and lower every group of ``graph`` to a kernel.
 
     ``width`` is the target's f32 vector width; above 1 the dense ops get packed GEMM
-    schedules built for it."""
+    schedules built for it. ``target``: the CPU, for schedules that depend on more than the
+    width (the int8 dot-product instructions)."""
     plan = plan or plan_fusion(graph)
     producers = graph.producers()
     steps: list[KernelStep] = []
@@ -207,7 +212,8 @@ def lower_graph(graph: Graph, plan: FusionPlan | None = None, width: int = 1) ->
         root = by_last.get(n.name)
         if root is None:
             continue
-        step, new_consts = lower_group(graph, plan, root, producers, len(steps), width)
+        step, new_consts = lower_group(graph, plan, root, producers, len(steps), width,
+                                        target)
         steps.append(step)
         constants.update(new_consts)
     return LoweredGraph(graph, plan, steps, constants)

@@ -18,6 +18,7 @@ from kiln.ir import Graph, KilnError, Node
 from kiln.ir import kernel as K
 from kiln.ir.graph import sanitize_name
 from kiln.ir.kernel import INDEX, Const, Expr, Var, as_expr, simplify
+from kiln.passes.target import Target
 
 _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
@@ -69,6 +70,7 @@ class Lowering:
     # A schedule whose arithmetic differs from the op's definition (e.g. "winograd"): the
     # kernel's FLOP count stays the op's, and the profiler says so.
     algorithm: str = ""
+    target: Target | None = None      # the CPU (None: generic, no ISA-specific schedule)
     _counter: int = 0
 
     def fresh(self, prefix: str = "i", dtype: str = INDEX, lanes: int = 1) -> Var:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import kiln
-from kiln.backends.llvm.compiler import host_target
+from kiln.backends.llvm.compiler import default_target
 from kiln.passes.lower import gemm, lower_graph, winograd
 
 
@@ -39,7 +39,7 @@ class _Block(nn.Module):
 
 
 def _markers(compiled) -> set[str]:
-    lowered = lower_graph(compiled.graph, width=host_target().f32_lanes)
+    lowered = lower_graph(compiled.graph, width=default_target().f32_lanes)
     names = " ".join(b.name for s in lowered.steps for b in s.kernel.params + s.kernel.scratch)
     return {m for m in ("wino_in", "phases", "pos", "dw_") if m in names}
 

@@ -194,7 +194,8 @@ def compile(
         result = compress_graph(source_graph, data, teacher=model, prune=prune,
                                 low_rank=low_rank, distill=distill, quantize=quantize,
                                 labels=labels, out_spec=out_spec,
-                                prune_multiple=_preferred_multiple(backend))
+                                prune_multiple=_preferred_multiple(backend),
+                                target=_cpu_target(backend))
         compiled = CompiledModel(result.graph, Executable(result.graph, backend, threads),
                                  out_spec, source_graph)
         compiled.compression = result
@@ -206,13 +207,19 @@ def compile(
                          timing)
 
 
+def _cpu_target(backend: str):
+    """The CPU the llvm backend compiles for (None for other backends)."""
+    if backend != "llvm":
+        return None
+    from kiln.backends.llvm.compiler import default_target
+
+    return default_target()
+
+
 def _preferred_multiple(backend: str) -> int:
     """Channel counts that fill whole vectors of the backend's target (16 lanes for AVX-512)."""
-    if backend == "llvm":
-        from kiln.backends.llvm.compiler import host_target
-
-        return host_target().f32_lanes
-    return 8
+    target = _cpu_target(backend)
+    return target.f32_lanes if target is not None else 8
 
 
 def compress(
@@ -281,4 +288,5 @@ def compress(
     source_graph, out_spec = trace_module(model, example_inputs, frontend)
     return compress_graph(source_graph, data, teacher=model, prune=prune, low_rank=low_rank,
                           distill=distill, quantize=quantize, labels=labels, out_spec=out_spec,
-                          prune_multiple=_preferred_multiple(backend))
+                          prune_multiple=_preferred_multiple(backend),
+                          target=_cpu_target(backend))

@@ -32,6 +32,7 @@ from kiln.ir import DType, Graph, KilnError, verify
 from kiln.passes import PassContext, PassManager, Verify, get_pass, get_pipeline
 from kiln.passes.calibration import RangeObserver
 from kiln.passes.prune import graph_flops
+from kiln.passes.target import Target
 
 # The passes' own defaults apply to whatever is not set here (prune_channels: ratio 0.3 of every
 # group by L1 norm; low_rank: energy 0.9).
@@ -158,8 +159,9 @@ def _run(graph: Graph, names: Sequence[str], options: Mapping[str, Any]) -> Grap
 def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
                    prune: Any = None, low_rank: Any = None, distill: Any = None,
                    quantize: Any = None, labels: Any = None, out_spec: Any = None,
-                   prune_multiple: int = 16) -> Compressed:
-    """The stages of ``kiln.compress`` on a kiln graph (see the module docstring)."""
+                   prune_multiple: int = 16, target: Target | None = None) -> Compressed:
+    """The stages of ``kiln.compress`` on a kiln graph (see the module docstring). ``target``:
+    the CPU the result will run on (its int8 dot product bounds the weights)."""
     prune_o = _options(prune, PRUNE_DEFAULTS, "flops_target", "prune")
     low_rank_o = _options(low_rank, LOW_RANK_DEFAULTS, "energy", "low_rank")
     distill_o = _options(distill, DISTILL_DEFAULTS, None, "distill")
@@ -198,6 +200,10 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
         t0 = time.perf_counter()
         options = {"quantize_int8.mode": quant_o["mode"],
                    "quantize_int8.protect": tuple(quant_o["protect"])}
+        if "weight_max" in quant_o:
+            options["quantize_int8.weight_max"] = quant_o["weight_max"]
+        elif target is not None:
+            options["quantize_int8.weight_max"] = target.int8_weight_max
         if quant_o["mode"] == "static":
             batches = _batches(data, g, int(quant_o["max_batches"]))
             options["quantize_int8.ranges"] = calibrate(g, batches, quant_o["method"],

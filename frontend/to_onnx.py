@@ -15,6 +15,8 @@ up to 21, with the static shapes and dtypes of the kiln graph.
 
 from __future__ import annotations
 
+import warnings
+
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -58,6 +60,7 @@ class OnnxEmitter:
 
     def __init__(self, g: Graph, opset: int) -> None:
         self.g = g
+        self.wide_int8_weights: list[str] = []   # int8 layers whose weights pass +-64
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -440,6 +443,9 @@ def _q_anchor(e: OnnxEmitter, node: Node, float_op) -> None:
     float rounding of ONNX's float convolution (kiln accumulates in int32)."""
     x, w, bias, scale = node.inputs
     a = node.attrs
+    wv = e.g.constants.get(w)
+    if wv is not None and np.abs(wv.astype(np.int16)).max(initial=0) > 64:
+        e.wide_int8_weights.append(node.name)
     one = e.scalar(1.0, DType.f32, "unit_scale")
     xf = e.op("DequantizeLinear", [x, one, e.scalar(a["x_zero_point"], DType.u8, "x_zp")])
     cout = e.type_of(w).shape[0]
@@ -611,6 +617,16 @@ def graph_to_onnx(g: Graph, opset: int = MIN_OPSET) -> onnx.ModelProto:
         e.begin(node.name)
         emit(e, node)
 
+    if e.wide_int8_weights:
+        # ONNX Runtime's u8 x s8 kernels on x86 CPUs without VNNI (AVX2: AMD Zen 1-3, Intel
+        # before Ice Lake) add pairs of products in 16 bits, which saturate past +-64.
+        names = ", ".join(e.wide_int8_weights[:4]) + (", ..." if len(e.wide_int8_weights) > 4
+                                                      else "")
+        warnings.warn(f"kiln: int8 weights of {names} use more than +-64; ONNX Runtime "
+                      "saturates such weights on x86 CPUs without VNNI (AVX2) and answers "
+                      "wrong there. For a model that runs right on every CPU, quantize with "
+                      "quantize={'weight_max': 64} (kiln's default when it compiles for such "
+                      "a CPU)", stacklevel=2)
     produced = {o for n in g.nodes for o in n.outputs}
     outputs, seen = [], set()
     for name in g.outputs:

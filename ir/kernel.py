@@ -184,11 +184,16 @@ class DotAdd4(Expr):
     """``acc + sum of 4 products``: lane l of the i32 vector ``acc`` gains
     ``u[4l + j] * s[4l + j]`` for j < 4, with ``u`` unsigned and ``s`` signed 8-bit
     (the int8 dot-product instructions: AVX-512 VNNI vpdpbusd, CUDA dp4a). An operand with
-    only 4 lanes is one group used by every lane (a broadcast 32-bit word)."""
+    only 4 lanes is one group used by every lane (a broadcast 32-bit word).
+
+    ``s_max`` is a promise of the lowering, made from the weight values: every element of
+    ``s`` lies in [-s_max, s_max]. At 64 or less, no sum of two u8 x s8 products leaves
+    int16, so code generators may use pmaddubsw (whose pair sums saturate at 16 bits)."""
 
     acc: Expr
     u: Expr
     s: Expr
+    s_max: int = 128
 
     def __post_init__(self) -> None:
         n = self.acc.lanes
@@ -360,7 +365,7 @@ def map_expr(e: Expr, fn: Callable[[Expr], Expr | None]) -> Expr:
     elif isinstance(e, ReduceLanes):
         e = ReduceLanes(e.op, map_expr(e.x, fn))
     elif isinstance(e, DotAdd4):
-        e = DotAdd4(map_expr(e.acc, fn), map_expr(e.u, fn), map_expr(e.s, fn))
+        e = DotAdd4(map_expr(e.acc, fn), map_expr(e.u, fn), map_expr(e.s, fn), e.s_max)
     out = fn(e)
     return e if out is None else out
 
@@ -532,7 +537,8 @@ def format_expr(e: Expr) -> str:
     if isinstance(e, ReduceLanes):
         return f"reduce_{e.op}({format_expr(e.x)})"
     if isinstance(e, DotAdd4):
-        return f"dot_add4({format_expr(e.acc)}, {format_expr(e.u)}, {format_expr(e.s)})"
+        bound = f", |s|<={e.s_max}" if e.s_max < 128 else ""
+        return f"dot_add4({format_expr(e.acc)}, {format_expr(e.u)}, {format_expr(e.s)}{bound})"
     raise KilnError(f"unknown expression {type(e).__name__}")
 
 
@@ -659,6 +665,9 @@ def _eval(e: Expr, mem: dict, env: dict):
         acc = np.asarray(_eval(e.acc, mem, env), np.int64).reshape(-1)
         u = np.asarray(_eval(e.u, mem, env), np.int64).reshape(-1, 4)
         s = np.asarray(_eval(e.s, mem, env), np.int64).reshape(-1, 4)
+        if np.abs(s).max() > e.s_max:
+            raise KilnError(f"internal: a dot_add4 operand leaves its promised bound "
+                            f"|s| <= {e.s_max}", hint="this is a kiln bug; please report it")
         total = acc + (u * s).sum(axis=1)
         return total.astype(np.int32) if e.lanes > 1 else np.int32(total[0])
     raise KilnError(f"unknown expression {type(e).__name__}")

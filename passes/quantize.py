@@ -4,7 +4,10 @@ Needs calibrated activation ranges (``quantize_int8.ranges``: value name -> (min
 by ``kiln.passes.calibration`` from data the user passes to ``kiln.compress``). For every 2-d
 conv (one group) and linear with constant weights whose input has a range:
 
-- weights become i8, symmetric, one scale per output channel (max |w| -> 127);
+- weights become i8, symmetric, one scale per output channel (max |w| -> ``weight_max``:
+  127, or 64 for CPUs whose int8 dot product (pmaddubsw, without VNNI) saturates pairs of
+  products at 16 bits; the compiler sets it from the target, and ONNX Runtime needs the same
+  on those CPUs);
 - the input is quantized to u8 with the range's scale and zero point (per tensor,
   asymmetric), once per value however many layers read it; a convolution's input goes
   channels-last first (qconv is NHWC), the permutes are left for ``sink_permutes``;
@@ -61,12 +64,13 @@ def activation_qparams(lo: float, hi: float, value: str = "?") -> tuple[float, i
     return scale, zero_point
 
 
-def weight_qparams(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-output-channel symmetric i8 weights and their float32 scales (w ~ q * scale)."""
+def weight_qparams(w: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel symmetric i8 weights in [-qmax, qmax] and their float32 scales
+    (w ~ q * scale)."""
     flat = w.reshape(w.shape[0], -1).astype(np.float64)
     amax = np.abs(flat).max(axis=1)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(flat / scale.astype(np.float64)[:, None]), -127, 127).astype(np.int8)
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    q = np.clip(np.rint(flat / scale.astype(np.float64)[:, None]), -qmax, qmax).astype(np.int8)
     return q.reshape(w.shape), scale
 
 
@@ -99,8 +103,8 @@ def _quantizable(node: Node, graph: Graph, ranges: dict, protect: set[str]) -> s
 MODES = ("static", "dynamic", "weight_only")
 
 
-def _int8_weight_linears(graph: Graph, ctx: PassContext, mode: str, protect: set[str]
-                         ) -> PassResult:
+def _int8_weight_linears(graph: Graph, ctx: PassContext, mode: str, protect: set[str],
+                         weight_max: int) -> PassResult:
     """Modes without calibration, for linear layers: ``dynamic`` (dynamic_qlinear: x
     quantized on every call) and ``weight_only`` (linear_w8: float activations)."""
     op = "dynamic_qlinear" if mode == "dynamic" else "linear_w8"
@@ -115,7 +119,9 @@ def _int8_weight_linears(graph: Graph, ctx: PassContext, mode: str, protect: set
                 or (mode == "dynamic" and w.shape[1] > MAX_REDUCTION)):
             g.nodes.append(n)
             continue
-        wq, sw = weight_qparams(w.astype(np.float32))
+        # linear_w8 widens its weights to float: only dynamic_qlinear's dot products need the
+        # target's bound.
+        wq, sw = weight_qparams(w.astype(np.float32), weight_max if mode == "dynamic" else 127)
         inputs = [n.inputs[0], g.add_constant(wq, f"{n.inputs[1]}.i8"),
                   g.add_constant(sw, f"{n.inputs[1]}.scale")]
         if len(n.inputs) > 2:
@@ -195,8 +201,13 @@ class QuantizeInt8(Pass):
         if unknown:
             raise KilnError(f"quantize_int8.protect names nothing in the graph: {unknown}",
                             hint="use node names as `kiln show MODEL` prints them")
+        weight_max = ctx.option(self.name, "weight_max", 127)
+        if not (isinstance(weight_max, int) and 1 <= weight_max <= 127):
+            raise KilnError(f"quantize_int8.weight_max must be an integer in 1..127, got "
+                            f"{weight_max!r}", hint="64 keeps pmaddubsw exact (CPUs without "
+                                                    "VNNI); 127 is the full int8 range")
         if mode != "static":
-            return _int8_weight_linears(graph, ctx, mode, protect)
+            return _int8_weight_linears(graph, ctx, mode, protect, weight_max)
         ranges = ctx.option(self.name, "ranges", None)
         if ranges is None:
             raise KilnError("quantize_int8 needs calibrated activation ranges",
@@ -281,7 +292,7 @@ class QuantizeInt8(Pass):
             if n.name in absorbed:
                 continue
             if n.name in cands:
-                self._emit_layer(b, n, graph, ranges, result[n.name], quantized)
+                self._emit_layer(b, n, graph, ranges, result[n.name], quantized, weight_max)
                 produced = result[n.name][0]
             else:
                 b.keep(n, rename)
@@ -297,7 +308,7 @@ class QuantizeInt8(Pass):
 
     @staticmethod
     def _emit_layer(b: _Builder, n: Node, graph: Graph, ranges: dict,
-                    result: tuple[str, bool, bool], quantized: dict) -> None:
+                    result: tuple[str, bool, bool], quantized: dict, weight_max: int) -> None:
         value, relu, u8 = result
         x = n.inputs[0]
         conv = n.op == "conv"
@@ -306,7 +317,7 @@ class QuantizeInt8(Pass):
         w = graph.constants[n.inputs[1]].astype(np.float32)
         if conv:
             w = w.transpose(0, 2, 3, 1)
-        wq, sw = weight_qparams(w)
+        wq, sw = weight_qparams(w, weight_max)
         acc_scale = sx * sw.astype(np.float64)
         bias = graph.constants[n.inputs[2]] if len(n.inputs) > 2 else np.zeros(w.shape[0])
         bq = np.rint(bias.astype(np.float64) / acc_scale)

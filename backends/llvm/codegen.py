@@ -17,6 +17,7 @@ import numpy as np
 
 from kiln.ir import KilnError
 from kiln.ir import kernel as K
+from kiln.passes.target import Target
 from kiln.ir.kernel import (
     Assign,
     Binary,
@@ -365,12 +366,28 @@ class _Fn:
             acc = a1
         u, s = self._bytes_as_words(e.u, n), self._bytes_as_words(e.s, n)
         vt = f"<{n} x i32>"
-        feats = self.m.features
-        if n * 32 in (128, 256, 512) and ("+avx512vnni" in feats and (n == 16 or "+avx512vl"
-                                                                      in feats)):
+        kind = self.m.target.dot4_instruction(n, e.s_max)
+        if kind == "vnni":
             # u8 x i8 products summed in groups of four into each i32 lane, in one instruction.
             return self.call(vt, f"llvm.x86.avx512.vpdpbusd.{n * 32}",
                              [(vt, acc), (vt, u), (vt, s)])
+        if kind == "maddubs":
+            # Pairs of u8 x i8 products summed to i16 (pmaddubsw; they cannot saturate: the
+            # lowering promises |s| <= 64), pairs of those to i32 (pmaddwd by ones), added.
+            bt, ht = f"<{4 * n} x i8>", f"<{2 * n} x i16>"
+            ub, sb = self.tmp(), self.tmp()
+            self.emit(f"{ub} = bitcast {vt} {u} to {bt}")
+            self.emit(f"{sb} = bitcast {vt} {s} to {bt}")
+            names = {4: ("llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd"),
+                     8: ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+                     16: ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")}
+            maddubs, maddwd = names[n]
+            pairs = self.call(ht, maddubs, [(bt, ub), (bt, sb)])
+            ones = f"<{', '.join(['i16 1'] * (2 * n))}>"
+            quads = self.call(vt, maddwd, [(ht, pairs), (ht, ones)])
+            r = self.tmp()
+            self.emit(f"{r} = add {vt} {acc}, {quads}")
+            return r
         # Elsewhere: widen to 16 bits, multiply-add pairs (pmaddwd's pattern), then add pairs.
         bt, wt = f"<{4 * n} x i8>", f"<{4 * n} x i16>"
         ub, sb = self.tmp(), self.tmp()
@@ -490,9 +507,10 @@ class _Fn:
 class ModuleBuilder:
     """Collects functions and declarations of one LLVM module."""
 
-    def __init__(self, triple: str, features: str) -> None:
-        self.triple = triple
-        self.features = features
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.triple = target.triple
+        self.features = target.features
         self.functions: list[str] = []
         self.declared: dict[str, str] = {}
         self.defined_math: set[str] = set()

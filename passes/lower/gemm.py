@@ -300,6 +300,16 @@ def collapsed_views(low: Lowering, final: str, anchor_out: str, inline: set[str]
 
 
 # ---- op lowerings ----------------------------------------------------------------------------
+def rows_of(low: Lowering, x: str, rows: int, k: int) -> ALoad:
+    """Element (row, col) of ``x`` seen as a [rows, k] matrix. A stored ``x`` is read through
+    that 2-d view; one computed in the kernel (an inlined permute, say) keeps its own shape,
+    and the flat position is mapped back to its index."""
+    if not low.is_inline(x):
+        low.view_shapes[x] = (rows, k)
+        return lambda row, col: low.element(x, [row, col])
+    return lambda row, col: low.element_flat(x, row * k + col)
+
+
 def lower_linear(low: Lowering, node: Node, final: str, inline: set[str],
                  width: int) -> list | None:
     """x[T, K] @ W^T with W packed at compile time."""
@@ -325,10 +335,7 @@ def lower_linear(low: Lowering, node: Node, final: str, inline: set[str],
     if len(node.inputs) > 2 and bias is None:
         return None
     nr = shape.nr
-    low.view_shapes[x] = (T, Kd)
-
-    def a(row, k):
-        return low.element(x, [row, k])
+    a = rows_of(low, x, T, Kd)
 
     def b(k, col, lanes):
         # Panel layout: column col of tile col // NR at position col % NR.

@@ -158,6 +158,8 @@ class _QGemm:
         tiles = -(-self.N // nr)
         self.k4 = len(self.taps) * self.groups4
         self.packed = low.constant(pack_weights(wmat, nr), f"{self.node.name}_packed")
+        # The weights' bound, which lets a target without VNNI use pmaddubsw (see DotAdd4).
+        self.s_max = int(np.abs(wmat.astype(np.int16)).max(initial=0))
         self.bias = low.constant(_padded_vector(bias, tiles * nr, np.int32),
                                  f"{self.node.name}_bias")
         self.scale = low.constant(_padded_vector(scale, tiles * nr, np.float32),
@@ -205,7 +207,7 @@ class _QGemm:
         for r in range(mr):
             av = K.Load(self.a_buf, bases[r] + off + g * 4, "u8", 4)
             for v in range(nv):
-                step.append(K.Assign(accs[r][v], K.DotAdd4(accs[r][v], av, bvs[v])))
+                step.append(K.Assign(accs[r][v], K.DotAdd4(accs[r][v], av, bvs[v], self.s_max)))
         body.append(For(t, as_expr(0), as_expr(len(self.taps)), (
             Decl(off, K.Load(taps, t, INDEX)),
             For(g, as_expr(0), as_expr(self.groups4), tuple(step)))))
@@ -381,7 +383,7 @@ def lower_linear_w8(low: Lowering, node: Node, final: str, inline: set[str],
     """The float packed GEMM (gemm.gemm_loops) with its weight panels stored as i8 and widened
     to float as they are loaded: a quarter of the weight bytes to stream, which is what bounds
     a linear layer at small batch."""
-    from kiln.passes.lower.gemm import gemm_loops, micro_shape, pack_b
+    from kiln.passes.lower.gemm import gemm_loops, micro_shape, pack_b, rows_of
 
     x = node.inputs[0]
     out = node.outputs[0]
@@ -400,10 +402,7 @@ def lower_linear_w8(low: Lowering, node: Node, final: str, inline: set[str],
     sbuf = low.constant(_padded_vector(sv, tiles * nr, np.float32), f"{node.name}_scale")
     bbuf = low.constant(_padded_vector(bv, tiles * nr, np.float32), f"{node.name}_bias") \
         if bv is not None else None
-    low.view_shapes[x] = (T, kd)
-
-    def a(row, k):
-        return low.element(x, [row, k])
+    a = rows_of(low, x, T, kd)
 
     def b(k, col, lanes):
         return K.Cast(K.Load(bp, (col // nr) * (kd * nr) + k * nr + col % nr, "i8", lanes), "f32")

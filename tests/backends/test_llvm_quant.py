@@ -17,13 +17,14 @@ from kiln.ir import kernel as K
 from kiln.passes.lower import lower_graph
 
 
-def q_graph(op: str, x_shape, w_shape, attrs: dict, seed: int = 0, epilogue: bool = False):
+def q_graph(op: str, x_shape, w_shape, attrs: dict, seed: int = 0, epilogue: bool = False,
+            w_max: int = 127):
     rng = np.random.default_rng(seed)
     cout = w_shape[0]
     x = rng.integers(0, 256, x_shape).astype(np.uint8)
     b = GraphBuilder(op)
     xin = b.input("x", TensorType.of(x))
-    w = b.constant(rng.integers(-127, 128, w_shape).astype(np.int8), "w")
+    w = b.constant(rng.integers(-w_max, w_max + 1, w_shape).astype(np.int8), "w")
     bias = b.constant(rng.integers(-4000, 4000, cout).astype(np.int32), "bias")
     fan_in = int(np.prod(w_shape[1:]))
     scale = b.constant((rng.uniform(0.5, 2.0, cout) / (fan_in ** 0.5 * 3000))
@@ -114,6 +115,81 @@ def test_plain_loop_nests_match_reference(case):
     out = g.outputs[0]
     got = bufs[next(n for n, v in step.writes.items() if v == out)]
     _same(got.reshape(g.types[out].shape), run_graph(g, inputs)[0])
+
+
+ISAS = ["avx2", "sse2", "avx512", "avx512-vnni"]
+
+
+def _isa_target(isa: str):
+    from kiln.ir import KilnError
+    from kiln.passes.target import named_target
+
+    try:
+        return named_target(isa, host_target())
+    except KilnError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("w_max", [64, 127])
+@pytest.mark.parametrize("case", ["conv3x3_pad", "linear_f32_relu_odd", "linear_3d_many_rows"])
+def test_each_isa_dot_product_matches_exactly(case, w_max, isa):
+    """Every target's int8 dot product gives the reference's integers: VNNI; pmaddubsw where
+    the weights stay within +-64 (the extreme activations 255 with weights of +-64 reach
+    the edge of its 16-bit pair sums); 16-bit widening for full-range weights without VNNI."""
+    target = _isa_target(isa)
+    op, xs, ws, attrs = CASES[case]
+    g, inputs = q_graph(op, xs, ws, attrs, w_max=w_max)
+    inputs[0][..., ::3] = 255
+    w = g.constants["w"].copy()
+    w[..., ::2] = np.where(w[..., ::2] >= 0, w_max, -w_max)
+    g.constants["w"] = w
+    prog = compile_graph(g, target=target, cache=False)
+    _same(prog(inputs)[0], run_graph(g, inputs)[0])
+    expected = target.dot4_instruction(target.f32_lanes, w_max)
+    ir = prog.ir_text
+    assert ("vpdpbusd" in ir) == (expected == "vnni")
+    assert ("pmadd.ub.sw" in ir or "pmaddubs" in ir) == (expected == "maddubs")
+
+
+def test_dot_product_instruction_per_target():
+    from kiln.passes.target import Target
+
+    def t(features: str, bits: int) -> Target:
+        return Target("x86_64-unknown-linux-gnu", "x", features, bits)
+
+    avx2 = t("+avx,+avx2,+fma", 256)
+    assert avx2.dot4_instruction(8, 64) == "maddubs"
+    assert avx2.dot4_instruction(8, 65) == "widen"
+    assert avx2.int8_weight_max == 64 and avx2.int8_dot == "maddubs"
+    alder = t("+avx,+avx2,+fma,+avxvnni", 256)
+    assert alder.dot4_instruction(8, 127) == "vnni" and alder.int8_weight_max == 127
+    vnni = t("+avx2,+avx512f,+avx512bw,+avx512vl,+avx512vnni", 512)
+    assert vnni.dot4_instruction(16, 127) == "vnni" and vnni.int8_weight_max == 127
+    skx = t("+avx2,+avx512f,+avx512bw,+avx512vl", 512)
+    assert skx.dot4_instruction(16, 64) == "maddubs" and skx.int8_weight_max == 64
+    sse2 = t("+sse2", 128)
+    assert sse2.dot4_instruction(4, 64) == "widen" and sse2.int8_weight_max == 127
+
+
+def test_interpreter_holds_lowering_to_its_weight_bound():
+    """The bound a lowering promises on dot_add4's weights is checked when the kernel IR is
+    interpreted: a promise the weights break is a kiln bug, not a wrong number."""
+    acc, i = K.Var("acc", "i32", 4), K.Var("i", K.INDEX)
+    bad = K.DotAdd4(acc, K.Load("u", K.Const(0, K.INDEX), "u8", 16),
+                    K.Load("w", K.Const(0, K.INDEX), "i8", 16), s_max=64)
+    kernel = K.Kernel("k", (K.Buffer("u", "u8", 16), K.Buffer("w", "i8", 16),
+                            K.Buffer("o", "i32", 4)),
+                      (K.Decl(acc, K.Broadcast(K.Const(0, "i32"), 4)),
+                       K.Assign(acc, bad), K.Store("o", K.Const(0, K.INDEX), acc)))
+    del i
+    w = np.full(16, 65, np.int8)
+    with pytest.raises(Exception, match="promised bound"):
+        K.run_kernel(kernel, {"u": np.ones(16, np.uint8), "w": w, "o": np.zeros(4, np.int32)})
+    w[:] = 64
+    out = np.zeros(4, np.int32)
+    K.run_kernel(kernel, {"u": np.ones(16, np.uint8), "w": w, "o": out})
+    assert (out == 256).all()
 
 
 def test_avx2_widening_dot_product_matches():

@@ -29,3 +29,30 @@ def test_softmax_of_a_scalar(op):
 @pytest.mark.parametrize("op", ["max_pool", "avg_pool"])
 def test_2d_pool_with_one_int_stride(op):
     check(op, (1, 2, 9, 9), {"kernel": [3, 3], "stride": 2})
+
+
+@pytest.mark.parametrize("isa", ["host", "avx2", "sse2"])
+@pytest.mark.parametrize("op", ["linear", "linear_w8"])
+def test_dense_layer_over_an_inlined_3d_permute(op, isa):
+    """A linear layer whose input is a permute computed inside its kernel: the GEMM's rows
+    must index the permute's own 3-d shape (random graph 131 crashed lowering linear_w8 with
+    a 2-d index, on 8-lane targets only: wider ones had refused the 9 output columns)."""
+    from kiln.backends.llvm.compiler import host_target
+    from kiln.passes.target import named_target
+
+    rng = np.random.default_rng(1)
+    b = GraphBuilder(op)
+    x = b.input("x", TensorType((4, 8, 8)))
+    p = b.op("permute", [x], {"perm": [2, 0, 1]})
+    if op == "linear":
+        w = b.constant(rng.standard_normal((9, 8)).astype(np.float32), "w")
+        operands = [p, w]
+    else:
+        w = b.constant(rng.integers(-127, 128, (9, 8)).astype(np.int8), "w")
+        operands = [p, w, b.constant(rng.uniform(1e-3, 1e-2, 9).astype(np.float32), "s")]
+    b.output(b.op(op, operands, {}))
+    g = b.build()
+    a = rng.standard_normal((4, 8, 8)).astype(np.float32)
+    target = named_target(isa, host_target())
+    np.testing.assert_allclose(compile_graph(g, target=target, cache=False)([a])[0],
+                               run_graph(g, [a])[0], rtol=1e-5, atol=1e-5)

@@ -3,6 +3,8 @@ outputs (every zoo model, and single-op graphs against the reference backend).""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -212,11 +214,14 @@ CASES = {
 }
 
 
-def quant_operands(x_shape, w_shape, seed: int = 0) -> list[np.ndarray]:
+def quant_operands(x_shape, w_shape, seed: int = 0, w_max: int = 64) -> list[np.ndarray]:
+    """Operands of qlinear / qconv. Weights stay within +-64, as kiln quantizes them for CPUs
+    without VNNI, where ONNX Runtime's u8 x s8 kernels saturate larger ones (see
+    test_wide_int8_weights_warn_on_export)."""
     rng = np.random.default_rng(seed)
     cout = w_shape[0]
     return [rng.integers(0, 256, x_shape).astype(np.uint8),
-            rng.integers(-127, 128, w_shape).astype(np.int8),
+            rng.integers(-w_max, w_max + 1, w_shape).astype(np.int8),
             rng.integers(-3000, 3000, cout).astype(np.int32),
             rng.uniform(2e-4, 1e-3, cout).astype(np.float32)]
 
@@ -261,6 +266,24 @@ def test_quantized_anchor_matches_reference_in_qdq_form(case: str) -> None:
         assert diff.max() <= 1 and (diff > 0).mean() < 0.05
     else:
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_wide_int8_weights_warn_on_export() -> None:
+    """Weights past +-64 export (VNNI CPUs run them exactly) with a warning that names the
+    layer and says how to make a model that ONNX Runtime runs right on AVX2 CPUs too."""
+    def graph(w_max: int):
+        operands = quant_operands((3, 8), (5, 8), w_max=w_max)
+        b = GraphBuilder("q")
+        x = b.input("x", TensorType.of(operands[0]))
+        consts = [b.constant(a, f"c{k}") for k, a in enumerate(operands[1:], 1)]
+        b.output(b.op("qlinear", [x, *consts], {"out_dtype": "f32"}, name="fc"))
+        return b.build()
+
+    with pytest.warns(UserWarning, match=r"fc use more than \+-64.*weight_max"):
+        graph_to_onnx(graph(127))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph_to_onnx(graph(64))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

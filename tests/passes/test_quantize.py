@@ -85,6 +85,22 @@ def test_qparams():
     assert q.tolist() == [[64, -127], [0, 0]] and s.tolist() == [np.float32(1 / 127), 1.0]
 
 
+def test_weight_max_bounds_the_weights():
+    """weight_max=64 (targets whose int8 dot product is pmaddubsw) quantizes every layer's
+    weights into [-64, 64]; nothing else of the graph changes."""
+    full = quantize(tiny(), TINY_RANGES).graph
+    g = quantize(tiny(), TINY_RANGES, weight_max=64).graph
+    for name in ("c1.w.i8", "c2.w.i8"):
+        assert np.abs(g.constants[name].astype(int)).max() == 64
+        assert np.abs(full.constants[name].astype(int)).max() == 127
+    assert [n.op for n in g.nodes] == [n.op for n in full.nodes]
+    q, s = weight_qparams(np.array([[0.5, -1.0]], np.float32), 64)
+    assert q.tolist() == [[32, -64]] and s.tolist() == [np.float32(1 / 64)]
+    for bad in (0, 128, 64.0, "64"):
+        with pytest.raises(KilnError, match="weight_max"):
+            quantize(tiny(), TINY_RANGES, weight_max=bad)
+
+
 def test_missing_ranges_and_bad_protect_are_clear():
     with pytest.raises(KilnError, match="calibrat"):
         get_pass("quantize_int8").run(tiny(), PassContext())

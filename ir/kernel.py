@@ -11,6 +11,8 @@ and ``run_kernel`` interprets it, so lowering is tested apart from code generati
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -465,41 +467,44 @@ def affine_coef(e: Expr, var: str) -> int | None:
 
 
 # ---- simplification of index arithmetic ------------------------------------------------------
+def fold_index(x: Expr) -> Expr | None:
+    """One step of ``simplify`` at the root of ``x`` (its operands already simplified): the
+    folded expression, or None when there is nothing to fold. ``map_expr(e, fold_index)``
+    simplifies a whole tree in one bottom-up walk."""
+    if not isinstance(x, Binary) or x.lanes != 1:
+        return None
+    a, b = x.a, x.b
+    if isinstance(a, Const) and isinstance(b, Const) and x.dtype == INDEX:
+        va, vb = int(a.value), int(b.value)
+        ops = {"add": va + vb, "sub": va - vb, "mul": va * vb}
+        if x.op in ops:
+            return Const(ops[x.op], INDEX)
+        if x.op == "div" and vb:
+            return Const(va // vb, INDEX)
+        if x.op == "mod" and vb:
+            return Const(va % vb, INDEX)
+    if x.dtype != INDEX:
+        return None
+    if x.op == "add":
+        if _is_const(a, 0):
+            return b
+        if _is_const(b, 0):
+            return a
+    if x.op == "sub" and _is_const(b, 0):
+        return a
+    if x.op == "mul":
+        if _is_const(a, 1):
+            return b
+        if _is_const(b, 1):
+            return a
+        if _is_const(a, 0) or _is_const(b, 0):
+            return Const(0, INDEX)
+    return None
+
+
 def simplify(e: Expr) -> Expr:
     """Fold constant integer arithmetic and drop x*1, x+0, x*0 (index expressions mostly)."""
-
-    def fold(x: Expr) -> Expr | None:
-        if not isinstance(x, Binary) or x.lanes != 1:
-            return None
-        a, b = x.a, x.b
-        if isinstance(a, Const) and isinstance(b, Const) and x.dtype == INDEX:
-            va, vb = int(a.value), int(b.value)
-            ops = {"add": va + vb, "sub": va - vb, "mul": va * vb}
-            if x.op in ops:
-                return Const(ops[x.op], INDEX)
-            if x.op == "div" and vb:
-                return Const(va // vb, INDEX)
-            if x.op == "mod" and vb:
-                return Const(va % vb, INDEX)
-        if x.dtype != INDEX:
-            return None
-        if x.op == "add":
-            if _is_const(a, 0):
-                return b
-            if _is_const(b, 0):
-                return a
-        if x.op == "sub" and _is_const(b, 0):
-            return a
-        if x.op == "mul":
-            if _is_const(a, 1):
-                return b
-            if _is_const(b, 1):
-                return a
-            if _is_const(a, 0) or _is_const(b, 0):
-                return Const(0, INDEX)
-        return None
-
-    return map_expr(e, fold)
+    return map_expr(e, fold_index)
 
 
 def _is_const(e: Expr, v: int) -> bool:
@@ -577,6 +582,19 @@ def print_kernel(k: Kernel) -> str:
     _format_stmts(k.body, 1, lines)
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def structure_key(k: Kernel) -> str:
+    """The kernel's text with its name and its parameters' names replaced by position: two
+    kernels with the same key compute the same function of their buffers (identical layers of
+    a network), so one compiled function serves both."""
+    text = print_kernel(k).split("\n", 1)[1]
+    names = {b.name: f"$p{i}" for i, b in enumerate(k.params)}
+    if names:
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+        text = pattern.sub(lambda m: names[m.group(0)], text)
+    sig = ", ".join(f"{b.dtype}[{b.size}]" for b in k.params)
+    return f"({sig})\n{text}"
 
 
 # ---- reference interpreter -------------------------------------------------------------------

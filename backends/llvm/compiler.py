@@ -15,6 +15,7 @@ from kiln.backends.kernel_profile import KernelProfile
 from kiln.backends.llvm.cache import cache_key, load_cached, store_cached
 from kiln.backends.llvm.codegen import Binding, ModuleBuilder, emit_entry, emit_kernel
 from kiln.ir import DType, Graph, KilnError, verify
+from kiln.ir.kernel import Kernel, structure_key
 from kiln.passes.lower import LoweredGraph, lower_graph
 from kiln.passes.memory_plan import MemoryPlan, plan_memory  # noqa: F401
 from kiln.passes.target import Target, host_caches, target_from_env
@@ -218,9 +219,15 @@ def build_image(graph: Graph, target: Target) -> tuple[ProgramImage, LoweredGrap
     t1 = time.perf_counter()
     m = ModuleBuilder(target)
     calls = []
+    # Kernels of identical layers (same loops over the same buffer shapes: ResNet's repeated
+    # blocks, BERT's 12 layers) are emitted once and called with each layer's buffers; LLVM's
+    # time grows with the code, not with the number of calls.
+    emitted: dict[str, Kernel] = {}
     for t, step in enumerate(lowered.steps):
-        emit_kernel(m, step.kernel)
-        calls.append((step.kernel, _bindings(step, t, plan)))
+        kernel = emitted.setdefault(structure_key(step.kernel), step.kernel)
+        if kernel is step.kernel:
+            emit_kernel(m, kernel)
+        calls.append((kernel, _bindings(step, t, plan)))
     emit_entry(m, calls)
     ir_text = m.text()
     t2 = time.perf_counter()

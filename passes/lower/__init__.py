@@ -187,8 +187,8 @@ def _kdtype(dt: np.dtype) -> str:
 
 
 def _simplify_stmts(stmts):
-    return K.map_stmts(stmts, lambda e: None if e.dtype != K.INDEX else simplify(e)
-                       if isinstance(e, K.Binary) else None)
+    # map_stmts rebuilds bottom-up, so folding each node once simplifies every expression.
+    return K.map_stmts(stmts, K.fold_index)
 
 
 def lower_graph(graph: Graph, plan: FusionPlan | None = None, width: int = 1,

@@ -90,8 +90,11 @@ def _quantize(low, node, value, idx):
     a = node.attrs
     lo, hi = (0, 255) if a["dtype"] == "u8" else (-128, 127)
     q = K.Unary("round", _x(low, node, idx) / f32(a["scale"])) + f32(float(a["zero_point"]))
-    q = K.Select(K.cmp("eq", q, q), q, f32(float(lo)))
-    return K.Cast(K.minimum(K.maximum(q, f32(float(lo))), f32(float(hi))), a["dtype"])
+    # q >= lo is false for NaN: one select is both the lower clamp and the NaN rule (q
+    # appears twice, not four times: these expressions are trees, and a requantizing
+    # epilogue nests several).
+    q = K.Select(K.cmp("ge", q, f32(float(lo))), q, f32(float(lo)))
+    return K.Cast(K.minimum(q, f32(float(hi))), a["dtype"])
 
 
 @element_rule("dequantize")

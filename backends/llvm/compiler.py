@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import time
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import numpy as np
 from kiln.backends.kernel_profile import KernelProfile
 from kiln.backends.llvm.cache import cache_key, load_cached, store_cached
 from kiln.backends.llvm.codegen import Binding, ModuleBuilder, emit_entry, emit_kernel
+from kiln.backends.llvm.threads import ThreadChooser
 from kiln.ir import DType, Graph, KilnError, verify
 from kiln.ir.kernel import Kernel, structure_key
 from kiln.passes.lower import LoweredGraph, lower_graph
@@ -142,6 +144,8 @@ class CompiledProgram:
         # ``.ctypes.data`` costs about a microsecond on the per-call path).
         self._arena_ptr = self._arena.ctypes.data
         self._consts_ptr = self._consts.ctypes.data
+        self._chooser: ThreadChooser | None = None
+        self.threads(0)
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Outputs for inputs already checked against the signature."""
@@ -151,7 +155,13 @@ class CompiledProgram:
         outs = [np.empty(shape, dt) for shape, dt in self._out_specs]
         for j, o in enumerate(outs):
             self._out[j] = o.ctypes.data
-        self.entry(self._in, self._out, self._arena_ptr, self._consts_ptr)
+        if self._chooser is None:
+            self.entry(self._in, self._out, self._arena_ptr, self._consts_ptr)
+        else:
+            t0 = time.perf_counter()
+            self.entry(self._in, self._out, self._arena_ptr, self._consts_ptr)
+            t1 = time.perf_counter()
+            self._chooser.after_call(t1 - t0, t1)
         for j, (kind, index) in self.image.output_copies.items():
             outs[j][...] = arrays[index] if kind == "input" else outs[index]
         for j, arr in self.image.copy_constants.items():
@@ -160,9 +170,18 @@ class CompiledProgram:
 
     __call__ = run
 
-    def threads(self, n: int) -> None:
-        """Use ``n`` threads (0: the OpenMP default)."""
-        self.set_threads(int(n))
+    def threads(self, n: int, adaptive: bool = True) -> None:
+        """Use up to ``n`` threads (0: one per core). With ``adaptive``, each call uses the
+        count (``n``, halved down to 1) that measured fastest on this machine lately (see
+        threads.py: small models and loaded machines run faster on fewer); otherwise
+        exactly ``n``."""
+        n = int(n)
+        most = n or _default_threads()
+        if adaptive and most > 1:
+            self._chooser = ThreadChooser(most, self.set_threads)
+        else:
+            self._chooser = None
+            self.set_threads(n)
 
     def _cycles(self) -> np.ndarray:
         n = len(self.image.steps)
@@ -170,18 +189,37 @@ class CompiledProgram:
         return np.ctypeslib.as_array((ctypes.c_int64 * max(n, 1)).from_address(addr))[:n]
 
     def profile(self, inputs: list[np.ndarray], repeat: int = 10) -> list[KernelProfile]:
-        """Per-kernel time (median over ``repeat`` runs), FLOPs and bytes, slowest first."""
+        """Per-kernel time (median over ``repeat`` runs), FLOPs and bytes, slowest first; every
+        run with the thread count calls use now."""
         self.run(inputs)
-        cycles = self._cycles()
-        samples = []
-        for _ in range(repeat):
-            cycles[:] = 0
-            self.run(inputs)
-            samples.append(cycles.copy())
+        chooser, self._chooser = self._chooser, None
+        try:
+            if chooser is not None:
+                self.set_threads(chooser.best)
+            cycles = self._cycles()
+            samples = []
+            for _ in range(repeat):
+                cycles[:] = 0
+                self.run(inputs)
+                samples.append(cycles.copy())
+        finally:
+            if chooser is not None:
+                self.set_threads(chooser.current)
+            self._chooser = chooser
         per_run = np.median(np.stack(samples), axis=0) / cycles_per_second()
         out = [KernelProfile(s["kernel"], s["root"], s["op"], float(sec), s["flops"], s["bytes"])
                for s, sec in zip(self.image.steps, per_run)]
         return sorted(out, key=lambda p: -p.seconds)
+
+
+def _default_threads() -> int:
+    """Threads when the caller asks for none in particular: ``OMP_NUM_THREADS`` when set,
+    else one per core this process may run on."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])
+    except ValueError:
+        n = 0
+    return n if n > 0 else host_target().cores
 
 
 def _bindings(step, t: int, plan: MemoryPlan) -> list[Binding]:

@@ -1,0 +1,98 @@
+"""Thread counts chosen by measurement (backends/llvm/threads.py), driven with made-up call
+times; and outputs that do not depend on the thread count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kiln
+from kiln.backends.llvm import compile_graph
+from kiln.backends.llvm.threads import MIN_GAP, TRIAL_GAP, ThreadChooser, thread_counts
+from kiln.examples.models import get_model
+
+
+class Clock:
+    """Calls of a program whose time per thread count the test sets."""
+
+    def __init__(self, most: int, times: dict[int, float]) -> None:
+        self.times = times
+        self.now = 0.0
+        self.applied: list[int] = []
+        self.used: list[int] = []
+        self.chooser = ThreadChooser(most, self.applied.append)
+
+    def call(self, count: int = 1) -> None:
+        for _ in range(count):
+            n = self.chooser.current
+            self.used.append(n)
+            self.now += self.times[n]
+            self.chooser.after_call(self.times[n], self.now)
+
+
+def test_counts_halve_down_to_one():
+    assert thread_counts(8) == [8, 4, 2, 1]
+    assert thread_counts(6) == [6, 3, 1]
+    assert thread_counts(1) == [1] and thread_counts(0) == [1]
+
+
+def test_tries_each_count_then_keeps_the_fastest():
+    clock = Clock(4, {4: 3e-3, 2: 2e-3, 1: 5e-3})
+    clock.call(10)
+    assert set(clock.used[:4]) == {4, 2, 1}
+    assert clock.used[-5:] == [2] * 5 and clock.chooser.best == 2
+    # apply() runs only when the count changes.
+    assert all(a != b for a, b in zip(clock.applied, clock.applied[1:]))
+
+
+def test_a_loaded_machine_moves_calls_to_one_thread_and_trials_stay_rare():
+    """Two threads fast at first; then the machine gets busy and two threads take 100x one
+    thread's time: within a few calls every call runs on one thread, and the slow count is
+    tried again only after TRIAL_GAP times its duration."""
+    clock = Clock(2, {2: 1e-3, 1: 1.6e-3})
+    clock.call(200)
+    # Mostly two threads; one thread is tried again every TRIAL_GAP x its 1.6 ms.
+    assert clock.used[-100:].count(2) >= 98
+    clock.times = {2: 0.1, 1: 1.6e-3}         # busy processes arrive
+    start = len(clock.used)
+    clock.call(3000)
+    after = clock.used[start:]
+    assert after[3:50] == [1] * 47
+    trials = [i for i, n in enumerate(after) if n == 2]
+    # The spacing of trials: TRIAL_GAP x 0.1 s of one-thread calls (and the time trials took).
+    gap_calls = TRIAL_GAP * 0.1 / 1.6e-3
+    assert all(b - a >= 0.9 * gap_calls for a, b in zip(trials[1:], trials[2:])), trials
+    total = sum(clock.times[n] for n in after)
+    assert total <= 1.1 * len(after) * 1.6e-3 + 3 * 0.1
+    clock.times = {2: 1e-3, 1: 1.6e-3}         # the load goes away
+    clock.call(int(2 * gap_calls) + 100)
+    assert clock.used[-50:].count(2) >= 49
+
+
+def test_noise_does_not_flip_between_counts():
+    """A count is left only when another is clearly (SWITCH_MARGIN) faster."""
+    rng = np.random.default_rng(0)
+    clock = Clock(2, {2: 1e-3, 1: 1.03e-3})
+    for _ in range(2000):
+        clock.times = {2: 1e-3 * rng.uniform(0.98, 1.02), 1: 1.03e-3}
+        clock.call()
+    switches = sum(a != b for a, b in zip(clock.applied, clock.applied[1:]))
+    trials_max = clock.now / MIN_GAP * 2 + 10
+    assert switches <= trials_max
+
+
+@pytest.mark.parametrize("name", ["lenet5", "gpt2_block"])
+def test_outputs_do_not_depend_on_the_thread_count(name):
+    model, inputs = get_model(name, batch=2)
+    graph = kiln.compile(model, inputs, backend="reference").graph
+    prog = compile_graph(graph)
+    x = [t.numpy() for t in inputs]
+    results = []
+    for n in (1, 2, 3):
+        prog.threads(n, adaptive=False)
+        results.append(prog(x)[0])
+    prog.threads(0)
+    for _ in range(20):
+        results.append(prog(x)[0])
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])

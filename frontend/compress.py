@@ -19,6 +19,7 @@ report; ``kiln compare`` reads the graphs to say which stage moved which layer.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,11 +29,15 @@ import numpy as np
 import torch
 
 from kiln.backends.reference import run_graph
-from kiln.ir import DType, Graph, KilnError, verify
+from kiln.ir import Graph, KilnError, verify
 from kiln.passes import PassContext, PassManager, Verify, get_pass, get_pipeline
 from kiln.passes.calibration import RangeObserver
+from kiln.passes.dce import remove_dead
 from kiln.passes.prune import graph_flops
+from kiln.passes.quantize import calibration_values
 from kiln.passes.target import Target
+
+log = logging.getLogger("kiln.compress")
 
 # The passes' own defaults apply to whatever is not set here (prune_channels: ratio 0.3 of every
 # group by L1 norm; low_rank: energy 0.9).
@@ -64,13 +69,21 @@ class Compressed:
     source_graph: Graph
     out_spec: Any
     report: list[StageReport] = field(default_factory=list)
+    # Quantization's decision per conv / linear layer: name -> (precision, why).
+    layers: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def table(self) -> str:
-        """The report as a text table."""
+        """The report as a text table: one line per stage, then (when quantized) the
+        precision each layer runs in and why."""
         lines = [f"{'stage':<12} {'params':>12} {'MFLOPs':>10} {'seconds':>8}"]
         for r in self.report:
             lines.append(f"{r.stage:<12} {r.parameters:>12,} {r.flops / 1e6:>10.2f} "
                          f"{r.seconds:>8.2f}")
+        if self.layers:
+            width = max(len(n) for n in self.layers)
+            lines += ["", f"{'layer':<{width}}  precision  why"]
+            lines += [f"{name:<{width}}  {prec:<9}  {why}"
+                      for name, (prec, why) in self.layers.items()]
         return "\n".join(lines)
 
 
@@ -132,18 +145,36 @@ def _batches(data: Any, graph: Graph, limit: int | None = None) -> list[list[np.
 
 def calibrate(graph: Graph, batches: Sequence[Sequence[np.ndarray]], method: str = "percentile",
               percentile: float = 99.99) -> dict[str, tuple[float, float]]:
-    """Activation ranges of every f32 value of ``graph`` over ``batches`` (reference backend)."""
+    """Activation ranges of the values int8 quantization reads (``calibration_values``) over
+    ``batches``, computed by ``graph`` compiled to native code with those values as outputs
+    (the NumPy interpreter, 10-20x slower, only where the llvm backend cannot compile it)."""
     obs = RangeObserver(method, percentile)
-
-    def observe(value: str, array: np.ndarray) -> None:
-        if graph.types[value].dtype == DType.f32:
-            obs.observe(value, array)
-
+    values = calibration_values(graph)
+    computed = [v for v in values if v not in graph.inputs]
+    run = _calibration_program(graph, computed)
     for batch in batches:
         for v, a in zip(graph.inputs, batch):
-            observe(v, a)
-        run_graph(graph, list(batch), observe=observe)
+            if v in values:
+                obs.observe(v, a)
+        for v, a in zip(computed, run(list(batch))):
+            obs.observe(v, a)
     return obs.ranges()
+
+
+def _calibration_program(graph: Graph, values: Sequence[str]):
+    """A function of one batch returning ``values`` (in order)."""
+    if not values:
+        return lambda batch: []
+    cal = graph.copy()
+    cal.outputs = list(values)
+    cal = remove_dead(cal)
+    try:
+        from kiln.backends.llvm import compile_graph
+
+        return compile_graph(cal)
+    except KilnError as e:
+        log.info("calibration runs on the reference interpreter: %s", e)
+        return lambda batch: run_graph(cal, batch)
 
 
 def _record(result: Compressed, stage: str, graph: Graph, t0: float) -> None:
@@ -199,7 +230,8 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
     if quant_o is not None:
         t0 = time.perf_counter()
         options = {"quantize_int8.mode": quant_o["mode"],
-                   "quantize_int8.protect": tuple(quant_o["protect"])}
+                   "quantize_int8.protect": tuple(quant_o["protect"]),
+                   "quantize_int8.target": target}
         if "weight_max" in quant_o:
             options["quantize_int8.weight_max"] = quant_o["weight_max"]
         elif target is not None:
@@ -208,7 +240,12 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
             batches = _batches(data, g, int(quant_o["max_batches"]))
             options["quantize_int8.ranges"] = calibrate(g, batches, quant_o["method"],
                                                         float(quant_o["percentile"]))
-        g = _run(g, ["quantize_int8", "sink_permutes", "dce"], options)
+        ctx = PassContext(options=options)
+        order = {n.name: i for i, n in enumerate(g.nodes)}
+        g = PassManager([get_pass(n) for n in ("quantize_int8", "sink_permutes", "dce")],
+                        [Verify()]).run(g, ctx)
+        layers = ctx.notes.get("quantize_int8.layers", {})
+        result.layers = {k: layers[k] for k in sorted(layers, key=lambda k: order.get(k, -1))}
         _record(result, "int8", g, t0)
     verify(g)
     result.graph = g

@@ -15,10 +15,9 @@ up to 21, with the static shapes and dtypes of the kiln graph.
 
 from __future__ import annotations
 
-import warnings
-
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any

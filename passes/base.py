@@ -37,11 +37,13 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may consult besides the graph: options (``"<pass>.<option>"`` keys) and a
-    logger for what it did."""
+    """What a pass may consult besides the graph: options (``"<pass>.<option>"`` keys), a
+    logger for what it did, and ``notes`` where it leaves results for its caller
+    (``"<pass>.<what>"`` keys; e.g. quantize_int8's per-layer precision decisions)."""
 
     options: dict[str, Any] = field(default_factory=dict)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("kiln.passes"))
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def option(self, pass_name: str, key: str, default: Any) -> Any:
         """The value of option ``<pass_name>.<key>``, or ``default`` when it is not set."""

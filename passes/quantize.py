@@ -40,6 +40,7 @@ from kiln.ir import DType, Graph, KilnError, Node, get_op, infer_types
 from kiln.ir.ops._rules import as_tuple
 from kiln.passes.base import LOSSY, ErrorBudget, Pass, PassContext, PassResult, register_pass
 from kiln.passes.dce import remove_dead
+from kiln.passes.target import Target
 
 NCHW_TO_NHWC = (0, 2, 3, 1)
 NHWC_TO_NCHW = (0, 3, 1, 2)
@@ -72,6 +73,42 @@ def weight_qparams(w: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarr
     scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
     q = np.clip(np.rint(flat / scale.astype(np.float64)[:, None]), -qmax, qmax).astype(np.int8)
     return q.reshape(w.shape), scale
+
+
+def calibration_values(graph: Graph) -> list[str]:
+    """The float values whose calibrated ranges this pass reads: the inputs of conv and linear
+    layers, their outputs, and the output of a relu right after one."""
+    users = graph.users()
+    wanted: list[str] = []
+    for n in graph.nodes:
+        if n.op in ("conv", "linear"):
+            wanted += [n.inputs[0], n.outputs[0]]
+            after = users.get(n.outputs[0], [])
+            if len(after) == 1 and after[0].op == "relu":
+                wanted.append(after[0].outputs[0])
+    return [v for v in dict.fromkeys(wanted) if graph.types[v].dtype == DType.f32]
+
+
+def int8_pays(target: Target | None, weight_max: int) -> str | None:
+    """Why int8 layers would be slower than fp32 on ``target`` (None: they are faster).
+
+    On x86, int8 pays where the CPU has a fast u8 x i8 dot product: VNNI's vpdpbusd does four
+    times the multiply-adds of an fp32 FMA per instruction; pmaddubsw + pmaddwd (AVX2 and
+    SSSE3, exact for weights within +-64) do four times as many in three instructions; and the
+    operands are a quarter of the bytes. Without either, each product is widened to 16 bits
+    first (about eight instructions per vector of four-term dot products), slower than fp32
+    FMAs on every layer kiln measured (ResNet-18 CIFAR for SSE2: see the README). ``None``
+    target: not a CPU (the CUDA backend's dp4a is exact and fast)."""
+    if target is None:
+        return None
+    dot = target.dot4_instruction(target.f32_lanes, weight_max)
+    if dot == "widen":
+        why = ("has neither VNNI nor pmaddubsw"
+               if target.dot4_instruction(target.f32_lanes, 64) == "widen" else
+               f"has no VNNI and weights of +-{weight_max} exceed pmaddubsw's +-64")
+        return (f"int8 would be slower than fp32: this target ({target.name}, {target.cpu}) "
+                f"{why}, so its int8 dot products widen to 16 bits")
+    return None
 
 
 def _quantizable(node: Node, graph: Graph, ranges: dict, protect: set[str]) -> str | None:
@@ -108,6 +145,7 @@ def _int8_weight_linears(graph: Graph, ctx: PassContext, mode: str, protect: set
     """Modes without calibration, for linear layers: ``dynamic`` (dynamic_qlinear: x
     quantized on every call) and ``weight_only`` (linear_w8: float activations)."""
     op = "dynamic_qlinear" if mode == "dynamic" else "linear_w8"
+    layers = ctx.notes.setdefault("quantize_int8.layers", {})
     g = graph.copy()
     g.nodes = []
     count = 0
@@ -118,7 +156,14 @@ def _int8_weight_linears(graph: Graph, ctx: PassContext, mode: str, protect: set
                 or graph.types[n.inputs[0]].dtype != DType.f32
                 or (mode == "dynamic" and w.shape[1] > MAX_REDUCTION)):
             g.nodes.append(n)
+            if n.op in ("conv", "linear"):
+                layers[n.name] = ("fp32", f"{mode} int8 takes linear layers with constant "
+                                          "weights only" if n.name not in protect
+                                  else "protected")
             continue
+        layers[n.name] = ("int8", "i8 weights, float activations (linear_w8)"
+                          if mode == "weight_only" else
+                          f"i8 weights (|w| <= {weight_max}), input quantized per call")
         # linear_w8 widens its weights to float: only dynamic_qlinear's dot products need the
         # target's bound.
         wq, sw = weight_qparams(w.astype(np.float32), weight_max if mode == "dynamic" else 127)
@@ -206,6 +251,14 @@ class QuantizeInt8(Pass):
             raise KilnError(f"quantize_int8.weight_max must be an integer in 1..127, got "
                             f"{weight_max!r}", hint="64 keeps pmaddubsw exact (CPUs without "
                                                     "VNNI); 127 is the full int8 range")
+        layers = ctx.notes.setdefault(f"{self.name}.layers", {})
+        slow = int8_pays(ctx.option(self.name, "target", None), weight_max)
+        if slow is not None and mode != "weight_only":
+            for n in graph.nodes:
+                if n.op in ("conv", "linear"):
+                    layers[n.name] = ("fp32", slow)
+            ctx.logger.info("quantize_int8: every layer stays float: %s", slow)
+            return PassResult(graph, False)
         if mode != "static":
             return _int8_weight_linears(graph, ctx, mode, protect, weight_max)
         ranges = ctx.option(self.name, "ranges", None)
@@ -221,6 +274,7 @@ class QuantizeInt8(Pass):
             if why is None:
                 cands[n.name] = n
             elif n.op in ("conv", "linear"):
+                layers[n.name] = ("fp32", why)
                 ctx.logger.info("quantize_int8: %s stays float: %s", n.name, why)
         # A conv next to a grouped convolution (which stays float, e.g. a depthwise one) would
         # put a layout change (channels-last <-> channels-first transposes) on each side of
@@ -232,6 +286,9 @@ class QuantizeInt8(Pass):
             n = cands[name]
             if _near_float_conv(n, users, producers, float_convs):
                 del cands[name]
+                layers[name] = ("fp32", "next to a float (grouped or depthwise) convolution: "
+                                        "the layout changes around it would cost more than "
+                                        "int8 saves")
                 ctx.logger.info("quantize_int8: %s stays float: next to a float (grouped or "
                                 "depthwise) convolution", name)
         if not cands:
@@ -302,6 +359,9 @@ class QuantizeInt8(Pass):
                     quantize_value(v)
         g = b.g
         g.outputs = list(graph.outputs)
+        for name in cands:
+            out = "u8" if result[name][2] else "f32"
+            layers[name] = ("int8", f"i8 weights (|w| <= {weight_max}), u8 input, {out} output")
         ctx.logger.info("quantize_int8: %d layers to int8 (%d with u8 outputs)", len(cands),
                         len(u8_values))
         return PassResult(remove_dead(g), True)

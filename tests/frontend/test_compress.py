@@ -39,6 +39,21 @@ def test_every_stage_shrinks_and_reports():
                                   run_graph(result.graph, x)[0])
 
 
+def test_table_says_which_layers_run_int8_and_why():
+    from kiln.backends.llvm.compiler import default_target
+
+    model, inputs = get_model("lenet5")
+    result = kiln.compress(model, batches(inputs), quantize=True)
+    assert set(result.layers) == {"conv1", "conv2", "fc1", "fc2", "fc3"}
+    bound = default_target().int8_weight_max
+    for name, (precision, why) in result.layers.items():
+        assert precision == "int8" and f"|w| <= {bound}" in why, (name, why)
+        assert any(line.split()[:2] == [name, "int8"] for line in result.table().splitlines())
+    for n in result.graph.nodes:
+        if n.op in ("qconv", "qlinear"):
+            assert np.abs(result.graph.constants[n.inputs[1]].astype(int)).max() <= bound
+
+
 def test_compile_with_int8_stays_close_to_eager():
     model, inputs = get_model("resnet18_cifar")
     data = batches(inputs, 4)

@@ -101,6 +101,41 @@ def test_weight_max_bounds_the_weights():
             quantize(tiny(), TINY_RANGES, weight_max=bad)
 
 
+def _target(isa: str):
+    from kiln.passes.target import Target, named_target
+
+    host = Target("x86_64-unknown-linux-gnu", "host", "+" + ",+".join(
+        "sse2 ssse3 sse4.2 popcnt avx avx2 fma f16c bmi bmi2 avx512f avx512cd avx512bw "
+        "avx512dq avx512vl avx512vnni".split()), 512)
+    return named_target(isa, host)
+
+
+def test_layers_stay_float_where_int8_is_slower_and_say_why():
+    """A target whose int8 dot product widens to 16 bits (SSE2) keeps every layer float;
+    AVX2 and VNNI targets quantize. Each layer's precision and reason are noted."""
+    for isa, weight_max, expect in (("sse2", 127, "fp32"), ("avx2", 64, "int8"),
+                                    ("avx512-vnni", 127, "int8")):
+        target = _target(isa)
+        ctx = PassContext(options={"quantize_int8.ranges": TINY_RANGES,
+                                   "quantize_int8.target": target,
+                                   "quantize_int8.weight_max": target.int8_weight_max})
+        assert target.int8_weight_max == weight_max
+        out = get_pass("quantize_int8").run(tiny(), ctx)
+        layers = ctx.notes["quantize_int8.layers"]
+        assert set(layers) == {"c1", "c2"}
+        assert {prec for prec, _ in layers.values()} == {expect}, layers
+        if expect == "fp32":
+            assert not out.changed
+            assert "neither VNNI nor pmaddubsw" in layers["c1"][1]
+        else:
+            assert f"|w| <= {weight_max}" in layers["c1"][1]
+            assert [n.op for n in out.graph.nodes].count("qconv") == 2
+    ctx = PassContext(options={"quantize_int8.ranges": TINY_RANGES,
+                               "quantize_int8.protect": ["c2"]})
+    get_pass("quantize_int8").run(tiny(), ctx)
+    assert ctx.notes["quantize_int8.layers"]["c2"] == ("fp32", "protected")
+
+
 def test_missing_ranges_and_bad_protect_are_clear():
     with pytest.raises(KilnError, match="calibrat"):
         get_pass("quantize_int8").run(tiny(), PassContext())

@@ -8,6 +8,9 @@
         --batches 1                                        # compressed variants vs fp32, ORT
     python examples/benchmark.py --backend cuda --batches 1 32 [--dtype float16]
                                                            # on an NVIDIA GPU (see below)
+    python examples/benchmark.py --target avx2             # AVX2 code (and AVX2-limited
+                                                           # PyTorch) on an AVX-512 host
+    python examples/benchmark.py --load 2 --batches 1      # beside 2 busy processes
 
 Every runtime gets the same thread count. For each model and batch the table gives the median
 and p90 latency, the ratio to ONNX Runtime, the speed-up over eager, the achieved GFLOP/s
@@ -25,6 +28,13 @@ zoo's weights are random, so the models are calibrated on random inputs and the 
 only says the outputs stay finite and comparable: accuracy is measured on real data by
 examples/digits.py. "saved/removed" is the fraction of kiln fp32's time a variant saves over
 the fraction of FLOPs it removes (1.0: time follows FLOPs exactly).
+
+``--target avx2`` compiles kiln for AVX2 CPUs (AMD Zen 1-3, Intel before Ice Lake: no AVX-512,
+no VNNI) and limits eager PyTorch, torch.compile and torch.mm's peak to AVX2 as well
+(``ATEN_CPU_CAPABILITY``, ``MKL_ENABLE_INSTRUCTIONS``, ``ONEDNN_MAX_CPU_ISA``); ONNX Runtime has
+no such switch and runs its host kernels. ``--load N`` runs the zoo table beside N processes
+that keep a core busy each, and adds kiln on one thread: on a loaded server kiln at all threads
+should be no slower than twice that.
 
 ``--backend cuda`` runs everything on the GPU: kiln's CUDA backend (compiled from the CPU model,
 called with CUDA tensors, which it reads and returns without a copy) against eager PyTorch and
@@ -59,17 +69,33 @@ DEFAULT_THREADS = 2
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def requested_threads(argv: Sequence[str]) -> int:
-    """The ``--threads`` value in ``argv`` (or the default), read before numpy/torch load."""
+# What limits each runtime to AVX2 (no AVX-512, no VNNI) for ``--target avx2``: kiln's target,
+# PyTorch's own kernels, MKL and oneDNN. ONNX Runtime has no such switch.
+AVX2_ENV = {"KILN_TARGET": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def early_options(argv: Sequence[str]) -> argparse.Namespace:
+    """``--threads`` and ``--target`` in ``argv``, read before numpy/torch load."""
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--threads", type=int, default=DEFAULT_THREADS)
-    return early.parse_known_args(list(argv))[0].threads
+    early.add_argument("--target", default="host")
+    return early.parse_known_args(list(argv))[0]
+
+
+def requested_threads(argv: Sequence[str]) -> int:
+    """The ``--threads`` value in ``argv`` (or the default), read before numpy/torch load."""
+    return early_options(argv).threads
 
 
 if __name__ == "__main__":
     # OpenMP and the BLAS under NumPy (which kiln's reference backend calls) size their thread
-    # pools from these variables when first loaded, so they are set before importing either.
-    os.environ.update(dict.fromkeys(THREAD_ENV_VARS, str(requested_threads(sys.argv[1:]))))
+    # pools from these variables when first loaded, and PyTorch, MKL and oneDNN pick their
+    # instruction set then, so they are set before importing either.
+    _early = early_options(sys.argv[1:])
+    os.environ.update(dict.fromkeys(THREAD_ENV_VARS, str(_early.threads)))
+    if _early.target == "avx2":
+        os.environ.update(AVX2_ENV)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -82,6 +108,7 @@ from kiln.frontend.trace import trace_module  # noqa: E402
 from kiln.ir import Graph, get_op  # noqa: E402
 
 EAGER, KILN, TORCH_COMPILE, ORT = "eager", "kiln", "torch.compile", "onnxruntime"
+KILN_1T = "kiln 1 thread"  # with --load: how kiln at all threads degrades against one thread
 RUNTIMES = (EAGER, KILN, TORCH_COMPILE, ORT)
 MATMUL_N = 1024
 
@@ -242,9 +269,17 @@ def prepare_onnxruntime(model: torch.nn.Module, inputs: tuple, args: argparse.Na
     return Prepared(lambda: session.run(None, feeds), compile_s)
 
 
+def prepare_kiln_one_thread(model: torch.nn.Module, inputs: tuple, args: argparse.Namespace,
+                            workdir: Path) -> Prepared:
+    """kiln on one thread, the baseline of ``--load``."""
+    return prepare_kiln(model, inputs, argparse.Namespace(**{**vars(args), "threads": 1}),
+                        workdir)
+
+
 PREPARERS: dict[str, Callable[..., Prepared]] = {
     EAGER: prepare_eager,
     KILN: prepare_kiln,
+    KILN_1T: prepare_kiln_one_thread,
     TORCH_COMPILE: prepare_torch_compile,
     ORT: prepare_onnxruntime,
 }
@@ -278,6 +313,8 @@ def bench_model(name: str, batch: int, args: argparse.Namespace,
     """Every requested runtime on zoo model ``name`` at ``batch``. A runtime that fails gets a
     result with its error; eager runs first and is the reference for the others."""
     runtimes = [r for r in RUNTIMES if r not in args.skip]
+    if args.load:
+        runtimes.insert(runtimes.index(KILN) + 1, KILN_1T)
     results = [Result(name, batch, r) for r in runtimes]
     try:
         model, inputs = place(*get_model(name, batch=batch), args)
@@ -401,9 +438,12 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     try:
         import llvmlite.binding as llvm
 
+        from kiln.backends.llvm.compiler import default_target
+
         llvm_cpu = llvm.get_host_cpu_name()
+        kiln_target = f"{default_target().name} ({default_target().cpu})"
     except Exception as exc:  # llvmlite is optional until the LLVM backend needs it
-        llvm_cpu = f"n/a ({short_error(exc)})"
+        llvm_cpu = kiln_target = f"n/a ({short_error(exc)})"
     try:
         import onnxruntime
 
@@ -416,6 +456,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__, "onnxruntime": ort_version, "kiln": kiln.__version__,
         "kiln_backend": args.backend, "device": args.device_name, "dtype": args.dtype,
+        "target": args.target, "kiln_target": kiln_target, "load_processes": args.load,
     }
 
 
@@ -572,6 +613,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compression", action="store_true",
                         help="run the compression comparison (pruned / int8 variants of kiln "
                              "against kiln fp32 and ONNX Runtime fp32) instead of the zoo table")
+    parser.add_argument("--target", choices=["host", "avx2"], default="host",
+                        help="avx2: kiln compiles for AVX2 (no AVX-512/VNNI) and PyTorch, MKL "
+                             "and oneDNN are limited to AVX2 too (ONNX Runtime cannot be)")
+    parser.add_argument("--load", type=int, default=0, metavar="N",
+                        help="time the zoo with N busy processes running beside it (one per "
+                             "core: a loaded server), adding kiln on one thread as a baseline")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: batch 1, 3 repeats, 1 warm-up")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write all results here")
@@ -581,6 +628,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.repeat = args.repeat or (3 if args.quick else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     args.device, args.sync, args.device_name = "cpu", None, "cpu"
+    if args.target == "avx2" and os.environ.get("KILN_TARGET") != "avx2":
+        parser.error("--target avx2 must be seen before torch loads: run this file as a "
+                     "script (python examples/benchmark.py --target avx2)")
     if args.compression and args.dtype != "float32":
         parser.error("--compression compares float32 variants; leave out --dtype")
     if args.backend == "cuda":
@@ -615,6 +665,54 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("on the GPU: every runtime gets CUDA tensors and each timed call synchronizes; "
               "ONNX Runtime is left out (CPU build)")
 
+    if args.target == "avx2":
+        print("target avx2: kiln, PyTorch, MKL and oneDNN use AVX2 only "
+              f"({', '.join(f'{k}={v}' for k, v in AVX2_ENV.items())}); ONNX Runtime still "
+              "uses every instruction set of this CPU")
+    busy = start_load(args.load)
+    try:
+        run_report(args, info, peak, best)
+    finally:
+        for p in busy:
+            p.terminate()
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+def start_load(n: int) -> list:
+    """``n`` busy processes, each spinning on a core until terminated."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_spin, daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    if procs:
+        time.sleep(1.0)  # let them start and take their cores
+        print(f"under load: {n} busy processes running beside the benchmark")
+    return procs
+
+
+def load_summary(results: Sequence[Result]) -> list[tuple[str, int, float, float | None]]:
+    """Per model and batch: kiln at all threads over kiln at one thread, and ORT over kiln at
+    one thread (both under the same load)."""
+    out = []
+    by_key: dict[tuple[str, int], dict[str, Result]] = {}
+    for r in results:
+        by_key.setdefault((r.model, r.batch), {})[r.runtime] = r
+    for (model, batch), rs in by_key.items():
+        one, allt, ort = rs.get(KILN_1T), rs.get(KILN), rs.get(ORT)
+        if one and allt and one.median_ms and allt.median_ms:
+            ort_ratio = ort.median_ms / one.median_ms if ort and ort.median_ms else None
+            out.append((model, batch, allt.median_ms / one.median_ms, ort_ratio))
+    return out
+
+
+def run_report(args: argparse.Namespace, info: dict, peak: float, best: float) -> None:
+    """The zoo table (or the compression table), the matmul comparison, the JSON report."""
     results: list[Result] = []
     if args.compression:
         print(f"\nrepeat {args.repeat} after {args.warmup} warm-up\n{COMPRESSION_HEADER}")
@@ -639,6 +737,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for r in rows:
                     print(format_row(r), flush=True)
     summary = kiln_vs_ort_summary(results)
+    if args.load:
+        print(f"\nunder load ({args.load} busy processes), relative to kiln on one thread:")
+        for model, batch, ratio, ort_ratio in load_summary(results):
+            ort_text = "n/a" if ort_ratio is None else f"{ort_ratio:.2f}x"
+            print(f"  {model:<24} batch {batch:>3}: kiln {args.threads} threads {ratio:.2f}x, "
+                  f"ORT {args.threads} threads {ort_text}")
     if summary["pairs"]:
         print(f"\nkiln/ORT latency over {summary['pairs']} model/batch pairs: geomean "
               f"{summary['geomean_kiln_over_ort']:.2f}, worst {summary['worst_kiln_over_ort']:.2f}"

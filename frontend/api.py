@@ -157,6 +157,7 @@ def compile(
     quantize: Any = None,
     data: Any = None,
     labels: Any = None,
+    target: Any = None,
 ) -> CompiledModel:
     """Compile ``model`` for inference on inputs shaped like ``example_inputs``.
 
@@ -172,7 +173,13 @@ def compile(
         verify: run the IR verifier after every pass.
         check_numerics: compare every pass's outputs with the previous stage's on the example
             inputs and stop with a NumericsError naming the pass that changed them.
-        threads: worker threads of the llvm backend (0: the OpenMP default, all cores).
+        threads: the most threads the llvm backend uses (0: ``OMP_NUM_THREADS``, else one
+            per core). Each call runs with the count (that many, halved down to one) measured
+            fastest on this machine lately: small models and busy machines run on fewer.
+        target: the CPU the llvm backend compiles for: None (this machine, or the instruction
+            set ``KILN_TARGET`` names), a name (``"avx2"`` / ``"x86-64-v3"``, ``"avx512"``,
+            ``"avx512-vnni"``, ``"sse2"``: the code must run here, so only sets this CPU
+            has) or a ``kiln.passes.target.Target``.
         prune, low_rank, distill, quantize, data, labels: compress the model first, as
             ``kiln.compress`` does with the same arguments (the pipeline is then the
             compression's own; see ``help(kiln.compress)``).
@@ -189,37 +196,45 @@ def compile(
     if not all(isinstance(x, torch.Tensor) for x in example_inputs):
         raise KilnError("example_inputs must be tensors or NumPy arrays",
                         hint="pass a tuple of tensors shaped like the real inputs")
+    cpu = _cpu_target(backend, target)
     source_graph, out_spec = trace_module(model, example_inputs, frontend)
     if any(o is not None and o is not False for o in (prune, low_rank, distill, quantize)):
         result = compress_graph(source_graph, data, teacher=model, prune=prune,
                                 low_rank=low_rank, distill=distill, quantize=quantize,
                                 labels=labels, out_spec=out_spec,
-                                prune_multiple=_preferred_multiple(backend),
-                                target=_cpu_target(backend))
-        compiled = CompiledModel(result.graph, Executable(result.graph, backend, threads),
+                                prune_multiple=cpu.f32_lanes if cpu else 8, target=cpu)
+        compiled = CompiledModel(result.graph, Executable(result.graph, backend, threads, cpu),
                                  out_spec, source_graph)
         compiled.compression = result
         return compiled
     arrays = [x.detach().cpu().numpy() for x in example_inputs]
     graph, timing = optimize(source_graph, pipeline, verify=verify,
                              check_inputs=arrays if check_numerics else None)
-    return CompiledModel(graph, Executable(graph, backend, threads), out_spec, source_graph,
-                         timing)
+    return CompiledModel(graph, Executable(graph, backend, threads, cpu), out_spec,
+                         source_graph, timing)
 
 
-def _cpu_target(backend: str):
-    """The CPU the llvm backend compiles for (None for other backends)."""
+def _cpu_target(backend: str, target: Any = None):
+    """The CPU the llvm backend compiles for (None for other backends): ``target`` (a name
+    or a Target) or the default (the host, or ``KILN_TARGET``)."""
+    from kiln.passes.target import Target
+
     if backend != "llvm":
+        if target is not None:
+            raise KilnError(f"target= chooses a CPU for the llvm backend, not {backend!r}",
+                            hint="leave target out, or compile with backend='llvm'")
         return None
-    from kiln.backends.llvm.compiler import default_target
+    from kiln.backends.llvm.compiler import default_target, host_target
+    from kiln.passes.target import named_target
 
-    return default_target()
-
-
-def _preferred_multiple(backend: str) -> int:
-    """Channel counts that fill whole vectors of the backend's target (16 lanes for AVX-512)."""
-    target = _cpu_target(backend)
-    return target.f32_lanes if target is not None else 8
+    if target is None:
+        return default_target()
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, str):
+        return named_target(target.strip().lower(), host_target())
+    raise KilnError(f"target= takes a name or a kiln.passes.target.Target, got "
+                    f"{type(target).__name__}", hint="for example target='avx2'")
 
 
 def compress(
@@ -234,6 +249,7 @@ def compress(
     labels: Any = None,
     frontend: str = "fx",
     backend: str = "llvm",
+    target: Any = None,
 ) -> Compressed:
     """Make ``model`` smaller and faster: structured pruning, low-rank factorization,
     distillation and int8 quantization, each only when asked for.
@@ -261,10 +277,16 @@ def compress(
             batches); or a dict: ``mode`` (``static``; ``dynamic``: linear layers quantize
             their input on every call, no data needed; ``weight_only``: linear layers keep
             float activations and int8 weights), ``method`` (``minmax``, ``percentile``,
-            ``entropy``), ``percentile``, ``max_batches``, ``protect`` (layers left in float).
+            ``entropy``), ``percentile``, ``max_batches``, ``protect`` (layers left in float),
+            ``weight_max`` (largest |int8 weight|; default: 64 for a target whose int8 dot
+            product is pmaddubsw, without VNNI, else 127). Layers stay float where int8
+            would be slower on the target; ``table()`` lists each layer's precision and why.
         labels: class labels of ``data`` for distillation and Taylor scores (optional).
         frontend: ``"fx"`` or ``"export"``.
         backend: the backend the result is meant for (sets the default channel multiple).
+        target: the CPU it is meant for (llvm backend; as in ``kiln.compile``): its vector
+            width is the channel multiple, and its int8 dot product bounds int8 weights
+            (+-64 where it is pmaddubsw, on CPUs without VNNI).
 
     Returns:
         a ``Compressed`` with ``graph`` (the compressed kiln graph; ``kiln.compile`` with the
@@ -285,8 +307,8 @@ def compress(
     if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
         example_inputs = (example_inputs,)
     example_inputs = tuple(torch.as_tensor(x) for x in example_inputs)
+    cpu = _cpu_target(backend, target)
     source_graph, out_spec = trace_module(model, example_inputs, frontend)
     return compress_graph(source_graph, data, teacher=model, prune=prune, low_rank=low_rank,
                           distill=distill, quantize=quantize, labels=labels, out_spec=out_spec,
-                          prune_multiple=_preferred_multiple(backend),
-                          target=_cpu_target(backend))
+                          prune_multiple=cpu.f32_lanes if cpu else 8, target=cpu)

@@ -12,7 +12,6 @@ and ``run_kernel`` interprets it, so lowering is tested apart from code generati
 from __future__ import annotations
 
 import re
-
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 

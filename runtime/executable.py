@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -14,12 +15,16 @@ from kiln.ir import Graph, TensorType
 class Executable:
     """Runs a graph compiled by one backend. Inputs are checked against the signature."""
 
-    def __init__(self, graph: Graph, backend: str = "reference", threads: int = 0) -> None:
+    def __init__(self, graph: Graph, backend: str = "reference", threads: int = 0,
+                 target: Any = None) -> None:
         self.graph = graph
         self.backend = backend
         self.input_types: list[TensorType] = [graph.types[i] for i in graph.inputs]
         self.output_types: list[TensorType] = [graph.types[o] for o in graph.outputs]
-        self._run = compile_for_backend(graph, backend, threads=threads)
+        # ``target`` (a kiln.passes.target.Target) is the llvm backend's CPU.
+        options = {"threads": threads} if target is None else {"threads": threads,
+                                                                "target": target}
+        self._run = compile_for_backend(graph, backend, **options)
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Outputs for ``inputs`` (a KilnError when their count, shapes or dtypes are off)."""

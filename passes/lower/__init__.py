@@ -9,7 +9,7 @@ import numpy as np
 
 from kiln.ir import Graph, KilnError, Node, get_op
 from kiln.ir import kernel as K
-from kiln.ir.kernel import Kernel, simplify
+from kiln.ir.kernel import Kernel
 from kiln.passes.fusion import FusionPlan, is_injective, is_shape_op, plan_fusion
 from kiln.passes.lower import elementwise  # noqa: F401  (registers the element rules)
 from kiln.passes.lower.anchors import ANCHOR_RULES

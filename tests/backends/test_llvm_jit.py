@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
+import kiln
 from kiln.backends.llvm import compile_graph
 from kiln.examples.models import get_model
-
-import kiln
 
 # Relocations that hold a 32-bit offset: the ones that break when targets are far apart.
 NEAR = ("R_X86_64_PC32", "R_X86_64_PLT32", "R_X86_64_GOTPCREL", "R_X86_64_GOTPCRELX",

@@ -53,3 +53,27 @@ def test_batched_conv_schedules_on_narrower_target(target: str) -> None:
         expected = model(*inputs).numpy()
     got = program([x.numpy() for x in inputs])[0]
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+@pytest.mark.skipif(not (_FEATURES.get("avx2") and _FEATURES.get("fma")),
+                    reason="the host cannot run AVX2 code")
+def test_compile_takes_a_target_by_name(monkeypatch) -> None:
+    """kiln.compile(target=...) and KILN_TARGET choose the instruction set; a target this
+    CPU cannot run, an unknown name and a target for another backend are refused."""
+    model, inputs = get_model("lenet5")
+    with torch.no_grad():
+        expected = model(*inputs).numpy()
+    for name in ("avx2", "x86-64-v3", "sse2"):
+        compiled = kiln.compile(model, inputs, target=name)
+        image = compiled.executable.program.image
+        assert image.target["name"] in ("avx2", "sse2") and image.target["vector_bits"] < 512
+        np.testing.assert_allclose(compiled(*inputs).numpy(), expected, rtol=1e-4, atol=1e-5)
+    monkeypatch.setenv("KILN_TARGET", "sse2")
+    assert kiln.compile(model, inputs).executable.program.image.target["name"] == "sse2"
+    with pytest.raises(kiln.KilnError, match="unknown target"):
+        kiln.compile(model, inputs, target="pentium")
+    with pytest.raises(kiln.KilnError, match="llvm backend"):
+        kiln.compile(model, inputs, backend="reference", target="avx2")
+    if not _FEATURES.get("avx512f"):
+        with pytest.raises(kiln.KilnError, match="lacks"):
+            kiln.compile(model, inputs, target="avx512")

@@ -64,3 +64,25 @@ def test_cuda_benchmark_without_a_gpu_says_what_it_needs() -> None:
     assert proc.returncode == 2
     assert "torch.cuda.is_available() is False" in proc.stderr
     assert "CUDA build of torch" in proc.stderr
+
+
+def test_avx2_target_under_load_reports_both_kiln_thread_counts(tmp_path: Path) -> None:
+    """--target avx2 compiles kiln for AVX2 and limits PyTorch to it; --load runs the table
+    beside busy processes and times kiln on one thread too."""
+    from kiln.backends.llvm.compiler import host_target
+
+    if not host_target().has("avx2"):
+        pytest.skip("the host cannot run AVX2 code")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--models", "mlp", "--target", "avx2",
+           "--load", "1", "--skip", "torch.compile", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "under load (1 busy processes)" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["machine"]["target"] == "avx2" and report["machine"]["load_processes"] == 1
+    assert report["machine"]["kiln_target"] == "avx2 (haswell)"
+    rows = {r["runtime"]: r for r in report["results"]}
+    assert set(rows) == {"eager", "kiln", "kiln 1 thread", "onnxruntime"}
+    for row in rows.values():
+        assert row["error"] is None and row["max_rel_err"] < 1e-4, row

@@ -3,6 +3,8 @@ those targets and run on this CPU (which has their instructions), against eager 
 
 from __future__ import annotations
 
+import re
+
 import llvmlite.binding as llvm
 import numpy as np
 import pytest
@@ -77,3 +79,31 @@ def test_compile_takes_a_target_by_name(monkeypatch) -> None:
     if not _FEATURES.get("avx512f"):
         with pytest.raises(kiln.KilnError, match="lacks"):
             kiln.compile(model, inputs, target="avx512")
+
+
+@pytest.mark.skipif(not (_FEATURES.get("avx2") and _FEATURES.get("fma")),
+                    reason="the host cannot run AVX2 code")
+@pytest.mark.parametrize("isa", ["avx2", "host"])
+@pytest.mark.parametrize("op", ["matmul", "linear"])
+def test_gemm_blocks_rows_by_the_target_l2(isa: str, op: str) -> None:
+    """Where A outgrows the target's L2 and B has many column tiles, the GEMM runs its tiles
+    in row blocks sized from the L2 (a made-up 16 KiB L2 here, so that small shapes take it,
+    with a partial last block and a partial column tile): same numbers as NumPy."""
+    from dataclasses import replace
+
+    from kiln.ir import GraphBuilder, TensorType
+    from kiln.passes.target import named_target
+
+    t = replace(named_target(isa, host_target()), l2_bytes=16 * 1024)
+    rng = np.random.default_rng(0)
+    m, k, n = 101, 64, 16 * t.f32_lanes * 3 + 5
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n) if op == "matmul" else (n, k)).astype(np.float32)
+    b = GraphBuilder(op)
+    xin = b.input("x", TensorType((m, k)))
+    b.output(b.op(op, [xin, b.constant(w, "w")]))
+    program = compile_graph(b.build(), target=t, cache=False)
+    text = "\n".join(str(s.kernel) for s in program.lowered.steps)
+    assert re.search(r"\bib\d+ = ", text), "the row-blocked order was not taken"
+    expected = x @ (w if op == "matmul" else w.T)
+    np.testing.assert_allclose(program([x])[0], expected, rtol=1e-5, atol=1e-4)

@@ -36,13 +36,14 @@ from kiln.ir.kernel import (
     simplify,
     substitute,
 )
+from kiln.passes.tuning import DEFAULT as DEFAULT_TUNING
+from kiln.passes.tuning import Tuning
 
 REDUCTION_OPS = ("add", "max", "min")
-# Loads whose address moves by up to this many elements per lane are still vectorized (one
-# wider load and a shuffle); larger strides would read mostly unused data.
-MAX_LOAD_STRIDE = 4
-# Loop tails shorter than a vector are vectorized with narrower vectors down to this width.
-MIN_TAIL_WIDTH = 2
+# Tuning.max_load_stride: loads whose address moves by up to that many elements per lane are
+# still vectorized (one wider load and a shuffle); larger strides would read mostly unused
+# data. Tuning.min_tail_width: loop tails shorter than a vector are vectorized with narrower
+# vectors down to that width.
 
 
 class _NotVectorizable(Exception):
@@ -57,10 +58,11 @@ def _identity(op: str, dtype: str) -> Expr:
 
 
 class _Vectorizer:
-    def __init__(self, var: Var, width: int, varying: set[str]) -> None:
+    def __init__(self, var: Var, width: int, varying: set[str], max_stride: int) -> None:
         self.var = var
         self.width = width
         self.varying = varying  # local variables holding vectors
+        self.max_stride = max_stride
 
     # -- analysis --
     def uniform(self, e: Expr) -> bool:
@@ -96,7 +98,7 @@ class _Vectorizer:
             return Var(e.name, e.dtype, self.width)
         if isinstance(e, Load):
             c = self.coef(e.index)
-            if not 1 <= c <= MAX_LOAD_STRIDE:
+            if not 1 <= c <= self.max_stride:
                 raise _NotVectorizable(f"load {e.buffer} with stride {c}")
             return Load(e.buffer, simplify(e.index), e.dtype, self.width, c)
         if isinstance(e, Binary):
@@ -151,11 +153,12 @@ class _Vectorizer:
         return out
 
 
-def vectorize_expr(e: Expr, var: Var, width: int, varying: Sequence[str] = ()) -> Expr:
+def vectorize_expr(e: Expr, var: Var, width: int, varying: Sequence[str] = (),
+                   tuning: Tuning = DEFAULT_TUNING) -> Expr:
     """``e`` evaluated for ``width`` consecutive values of ``var`` at once (vector loads where
     ``var`` indexes memory with stride 1); variables named in ``varying`` become vectors.
     KilnError when that is not possible."""
-    vec = _Vectorizer(var, width, set(varying))
+    vec = _Vectorizer(var, width, set(varying), tuning.max_load_stride)
     try:
         return vec.widen(vec.expr(e))
     except _NotVectorizable as err:
@@ -173,7 +176,7 @@ def _find_varying(var: Var, body: Sequence[K.Stmt], reductions: set[str]) -> set
     changed = True
     while changed:
         changed = False
-        probe = _Vectorizer(var, 2, varying)
+        probe = _Vectorizer(var, 2, varying, 1)  # only its uniformity test is used
         for s in K.walk_stmts(body):
             if isinstance(s, (Decl, Assign)) and s.var.name in local and s.var.name not in varying:
                 value = s.init if isinstance(s, Decl) else s.value
@@ -210,12 +213,12 @@ def _outer_reductions(var: Var, body: Sequence[K.Stmt]) -> dict[str, str]:
     return found
 
 
-def vectorize_loop(loop: For, width: int) -> list[K.Stmt]:
+def vectorize_loop(loop: For, width: int, tuning: Tuning = DEFAULT_TUNING) -> list[K.Stmt]:
     """The loop split into a vector main loop and a scalar tail (or the loop, serial)."""
     try:
         reductions = _outer_reductions(loop.var, loop.body)
         varying = _find_varying(loop.var, loop.body, set(reductions))
-        vec = _Vectorizer(loop.var, width, varying)
+        vec = _Vectorizer(loop.var, width, varying, tuning.max_load_stride)
         body = vec.stmts(loop.body, reductions)
         dtypes = {}
         for s in K.walk_stmts(loop.body):
@@ -224,7 +227,8 @@ def vectorize_loop(loop: For, width: int) -> list[K.Stmt]:
         pre = [Decl(Var(n + "_v", dtypes[n], width), Broadcast(_identity(op, dtypes[n]), width))
                for n, op in reductions.items()]
     except _NotVectorizable:
-        return [replace(loop, kind="serial", body=tuple(vectorize_stmts(loop.body, width)))]
+        return [replace(loop, kind="serial",
+                        body=tuple(vectorize_stmts(loop.body, width, tuning)))]
     extent = simplify(loop.extent)
     if isinstance(extent, Const):
         main_n = (int(extent.value) // width) * width
@@ -243,39 +247,40 @@ def vectorize_loop(loop: For, width: int) -> list[K.Stmt]:
         tail_loop = For(loop.var, simplify(loop.start + main), tail, loop.body, "vectorized")
         narrower = width // 2
         if isinstance(tail, Const):
-            while narrower > int(tail.value) and narrower // 2 >= MIN_TAIL_WIDTH:
+            while narrower > int(tail.value) and narrower // 2 >= tuning.min_tail_width:
                 narrower //= 2
-        if narrower >= MIN_TAIL_WIDTH and not (isinstance(tail, Const)
+        if narrower >= tuning.min_tail_width and not (isinstance(tail, Const)
                                                and tail.value < narrower):
             # The rest runs on narrower vectors (half, quarter... the widest that fits a
             # known tail), so a 14-wide row on 16 lanes is 8 + 4 + 2 and a 7-wide one 4 + 3,
             # not left scalar.
-            stmts.extend(vectorize_loop(tail_loop, narrower))
+            stmts.extend(vectorize_loop(tail_loop, narrower, tuning))
         else:
             stmts.append(replace(tail_loop, kind="serial",
-                                 body=tuple(vectorize_stmts(loop.body, width))))
+                                 body=tuple(vectorize_stmts(loop.body, width, tuning))))
     return stmts
 
 
-def vectorize_stmts(stmts: Sequence[K.Stmt], width: int) -> list[K.Stmt]:
+def vectorize_stmts(stmts: Sequence[K.Stmt], width: int,
+                    tuning: Tuning = DEFAULT_TUNING) -> list[K.Stmt]:
     out: list[K.Stmt] = []
     for s in stmts:
         if isinstance(s, For):
             if s.kind == "vectorized" and width > 1:
-                out.extend(vectorize_loop(s, width))
+                out.extend(vectorize_loop(s, width, tuning))
             else:
-                out.append(replace(s, body=tuple(vectorize_stmts(s.body, width))))
+                out.append(replace(s, body=tuple(vectorize_stmts(s.body, width, tuning))))
         elif isinstance(s, If):
-            out.append(If(s.cond, vectorize_stmts(s.then, width),
-                          vectorize_stmts(s.orelse, width)))
+            out.append(If(s.cond, vectorize_stmts(s.then, width, tuning),
+                          vectorize_stmts(s.orelse, width, tuning)))
         else:
             out.append(s)
     return out
 
 
-def vectorize(kernel: Kernel, width: int) -> Kernel:
+def vectorize(kernel: Kernel, width: int, tuning: Tuning = DEFAULT_TUNING) -> Kernel:
     """Vectorize every loop marked ``vectorized`` with ``width`` lanes."""
-    return kernel.with_body(vectorize_stmts(kernel.body, width))
+    return kernel.with_body(vectorize_stmts(kernel.body, width, tuning))
 
 
 def unroll_stmts(stmts: Sequence[K.Stmt], max_extent: int = 16) -> list[K.Stmt]:
@@ -329,6 +334,6 @@ def place_parallel(kernel: Kernel) -> Kernel:
     return kernel.with_body(demote(kernel.body, False))
 
 
-def schedule_kernel(kernel: Kernel, width: int) -> Kernel:
+def schedule_kernel(kernel: Kernel, width: int, tuning: Tuning = DEFAULT_TUNING) -> Kernel:
     """The kernel passes in order: parallel placement, unrolling, vectorization."""
-    return vectorize(unroll(place_parallel(kernel)), width)
+    return vectorize(unroll(place_parallel(kernel)), width, tuning)

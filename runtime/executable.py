@@ -16,14 +16,18 @@ class Executable:
     """Runs a graph compiled by one backend. Inputs are checked against the signature."""
 
     def __init__(self, graph: Graph, backend: str = "reference", threads: int = 0,
-                 target: Any = None) -> None:
+                 target: Any = None, tuning: Any = None) -> None:
         self.graph = graph
         self.backend = backend
         self.input_types: list[TensorType] = [graph.types[i] for i in graph.inputs]
         self.output_types: list[TensorType] = [graph.types[o] for o in graph.outputs]
-        # ``target`` (a kiln.passes.target.Target) is the llvm backend's CPU.
-        options = {"threads": threads} if target is None else {"threads": threads,
-                                                                "target": target}
+        # ``target`` (a kiln.passes.target.Target) and ``tuning`` (kiln.passes.tuning.Tuning)
+        # are the llvm backend's CPU and schedule choices.
+        options: dict[str, Any] = {"threads": threads}
+        if target is not None:
+            options["target"] = target
+        if tuning is not None:
+            options["tuning"] = tuning
         self._run = compile_for_backend(graph, backend, **options)
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -1,10 +1,11 @@
 """On-disk cache of compiled programs.
 
 An entry is a folder named by a SHA-256 key of: the graph's text, every constant's bytes, the
-target (ISA, features, caches, cores) and a digest of kiln's compiler sources, so any change to the
-model or to kiln gives a new key. The folder holds ``manifest.json`` (sizes, signature,
-per-kernel info, and a SHA-256 of every file), ``code.o`` and ``consts.bin``. An entry that does
-not check out is ignored and compiled afresh; nothing is ever loaded unchecked.
+target (ISA, features, caches, cores), the schedule tuning and a digest of kiln's compiler
+sources, so any change to the model or to kiln gives a new key. The folder holds
+``manifest.json`` (sizes, signature, per-kernel info, and a SHA-256 of every file), ``code.o``
+and ``consts.bin``. An entry that does not check out is ignored and compiled afresh; nothing
+is ever loaded unchecked.
 
 ``KILN_CACHE_DIR`` sets the folder (default ``~/.cache/kiln``); ``KILN_CACHE=0`` turns it off.
 
@@ -35,7 +36,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kiln.ir import Graph, print_graph
-from kiln.passes.lower import schedule_settings
+from kiln.passes.tuning import DEFAULT as DEFAULT_TUNING
+from kiln.passes.tuning import Tuning
 
 if TYPE_CHECKING:
     from kiln.backends.llvm.compiler import ProgramImage, Target
@@ -67,14 +69,15 @@ def _source_digest() -> str:
     return h.hexdigest()
 
 
-def cache_key(graph: Graph, target: Target) -> str | None:
-    """The key of ``graph`` compiled for ``target`` (None when caching is off)."""
+def cache_key(graph: Graph, target: Target, tuning: Tuning = DEFAULT_TUNING) -> str | None:
+    """The key of ``graph`` compiled for ``target`` with ``tuning`` (None when caching is
+    off)."""
     if cache_dir() is None:
         return None
     h = hashlib.sha256()
     h.update(f"kiln-cache-{FORMAT}\n{_source_digest()}\n".encode())
     h.update(f"{target.key()}\n".encode())
-    h.update(schedule_settings().encode())
+    h.update(f"{tuning.key()}\n".encode())
     h.update(print_graph(graph).encode())
     for name in sorted(graph.constants):
         arr = graph.constants[name]

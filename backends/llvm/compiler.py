@@ -21,6 +21,8 @@ from kiln.ir.kernel import Kernel, structure_key
 from kiln.passes.lower import LoweredGraph, lower_graph
 from kiln.passes.memory_plan import MemoryPlan, plan_memory  # noqa: F401
 from kiln.passes.target import Target, host_caches, target_from_env
+from kiln.passes.tuning import DEFAULT as DEFAULT_TUNING
+from kiln.passes.tuning import Tuning
 from kiln.passes.vectorize import schedule_kernel
 
 
@@ -246,13 +248,14 @@ def _target_machine(target: Target):
         cpu=target.cpu, features=target.features, opt=3, reloc="pic", codemodel="large")
 
 
-def build_image(graph: Graph, target: Target) -> tuple[ProgramImage, LoweredGraph, str, dict]:
+def build_image(graph: Graph, target: Target, tuning: Tuning = DEFAULT_TUNING
+                ) -> tuple[ProgramImage, LoweredGraph, str, dict]:
     """Lower, schedule, plan, generate and optimize: the whole compilation of ``graph``."""
     verify(graph)
     t0 = time.perf_counter()
-    lowered = lower_graph(graph, width=target.f32_lanes, target=target)
+    lowered = lower_graph(graph, width=target.f32_lanes, target=target, tuning=tuning)
     for step in lowered.steps:
-        step.kernel = schedule_kernel(step.kernel, target.f32_lanes)
+        step.kernel = schedule_kernel(step.kernel, target.f32_lanes, tuning)
     plan = plan_memory(lowered)
     t1 = time.perf_counter()
     m = ModuleBuilder(target)
@@ -285,6 +288,7 @@ def build_image(graph: Graph, target: Target) -> tuple[ProgramImage, LoweredGrap
     steps = [{"kernel": s.kernel.name, "root": s.root,
               "op": "/".join(filter(None, (s.kernel.meta.get("op", ""),
                                            s.kernel.meta.get("algorithm", "")))),
+              "schedule": s.kernel.meta.get("schedule", ""),
               "flops": int(s.kernel.flops),
               "bytes": int(sum(b.nbytes for b in s.kernel.params if b.name not in s.temps))}
              for s in lowered.steps]
@@ -299,20 +303,21 @@ def build_image(graph: Graph, target: Target) -> tuple[ProgramImage, LoweredGrap
 
 
 def compile_graph(graph: Graph, *, target: Target | None = None, threads: int = 0,
-                  cache: bool = True) -> CompiledProgram:
-    """Compile ``graph`` to native code for ``target`` (default: this machine).
+                  cache: bool = True, tuning: Tuning = DEFAULT_TUNING) -> CompiledProgram:
+    """Compile ``graph`` to native code for ``target`` (default: this machine) with the
+    schedule choices of ``tuning``.
 
     With ``cache`` (and a writable cache directory), the program image is stored on disk under
-    a key of the graph, its weights, the target and kiln's version, and a later compile of the
-    same graph loads it instead of compiling."""
+    a key of the graph, its weights, the target, the tuning and kiln's version, and a later
+    compile of the same graph loads it instead of compiling."""
     target = target or default_target()
     t0 = time.perf_counter()
-    key = cache_key(graph, target) if cache else None
+    key = cache_key(graph, target, tuning) if cache else None
     image = load_cached(key) if key else None
     if image is not None:
         prog = CompiledProgram(image, timings={"cache_load": time.perf_counter() - t0})
     else:
-        image, lowered, ir_text, timings = build_image(graph, target)
+        image, lowered, ir_text, timings = build_image(graph, target, tuning)
         t1 = time.perf_counter()
         prog = CompiledProgram(image, lowered=lowered, ir_text=ir_text, timings=timings)
         prog.timings["jit"] = time.perf_counter() - t1

@@ -29,6 +29,8 @@ from kiln.passes.lower.qgemm import (
     lower_qlinear,
 )
 from kiln.passes.target import Target
+from kiln.passes.tuning import DEFAULT as DEFAULT_TUNING
+from kiln.passes.tuning import Tuning
 
 DENSE_SCHEDULES = {"linear": lower_linear, "conv": lower_conv, "matmul": lower_matmul,
                    "max_pool": lower_pool, "avg_pool": lower_pool, "qconv": lower_qconv,
@@ -62,18 +64,6 @@ class LoweredGraph:
         return "\n".join(K.print_kernel(s.kernel) for s in self.steps)
 
 
-def schedule_settings() -> str:
-    """The lowering's module-level schedule switches and thresholds (``gemm.WINOGRAD``,
-    ``winograd.MIN_PIXELS``, ...) as text: part of the compile cache's key, so that changing
-    one at run time (to compare schedules, or to debug one) never loads code made under
-    another setting."""
-    from kiln.passes.lower import anchors, gemm, qgemm, winograd
-
-    return "\n".join(f"{mod.__name__}.{k}={v!r}" for mod in (anchors, gemm, qgemm, winograd)
-                     for k, v in sorted(vars(mod).items())
-                     if k.isupper() and isinstance(v, (bool, int, float, str)))
-
-
 def _flat_ok(graph: Graph, producers: dict[str, Node], inline: set[str], out: str) -> set[str]:
     """Values of an elementwise group that may be seen as 1-d (all same shape or scalars).
 
@@ -98,14 +88,14 @@ def _flat_ok(graph: Graph, producers: dict[str, Node], inline: set[str], out: st
 
 
 def lower_group(graph: Graph, plan: FusionPlan, root: Node, producers: dict[str, Node],
-                index: int, width: int = 1, target: Target | None = None
-                ) -> tuple[KernelStep, dict[str, np.ndarray]]:
+                index: int, width: int = 1, target: Target | None = None,
+                tuning: Tuning = DEFAULT_TUNING) -> tuple[KernelStep, dict[str, np.ndarray]]:
     """Lower the group rooted at ``root`` to a kernel; ``width`` is the target's f32 vector
     width (1: no packed dense schedules); ``target`` the CPU (None: no ISA-specific
     schedules)."""
     epilogue = {n.name for n in plan.epilogues.get(root.name, [])}
     inline = {name for name, role in plan.roles.items() if role == "inline"} | epilogue
-    low = Lowering(graph, inline, producers, target=target)
+    low = Lowering(graph, inline, producers, target=target, tuning=tuning)
     outs = plan.group_outputs[root.name]
     writes = {buffer_name(o): o for o in outs}
     body: list
@@ -173,6 +163,8 @@ def lower_group(graph: Graph, plan: FusionPlan, root: Node, producers: dict[str,
     kernel = Kernel(name, tuple(params), tuple(_simplify_stmts(body)), tuple(low.scratch),
                     flops=int(flops), meta={"root": root.name, "op": root.op,
                                             **({"algorithm": low.algorithm} if low.algorithm
+                                               else {}),
+                                            **({"schedule": low.schedule} if low.schedule
                                                else {})})
     kernel = compute_f16_in_f32(kernel)
     reads = {b: v for b, v in low.reads.items()}
@@ -192,12 +184,13 @@ def _simplify_stmts(stmts):
 
 
 def lower_graph(graph: Graph, plan: FusionPlan | None = None, width: int = 1,
-                target: Target | None = None) -> LoweredGraph:
+                target: Target | None = None, tuning: Tuning = DEFAULT_TUNING) -> LoweredGraph:
     """Fuse (unless a plan is given) and lower every group of ``graph`` to a kernel.
 
     ``width`` is the target's f32 vector width; above 1 the dense ops get packed GEMM
     schedules built for it. ``target``: the CPU, for schedules that depend on more than the
-    width (the int8 dot-product instructions)."""
+    width (the int8 dot-product instructions, cache blocking); ``tuning``: the thresholds and
+    measured choices of the schedules."""
     plan = plan or plan_fusion(graph)
     producers = graph.producers()
     steps: list[KernelStep] = []
@@ -213,7 +206,7 @@ def lower_graph(graph: Graph, plan: FusionPlan | None = None, width: int = 1,
         if root is None:
             continue
         step, new_consts = lower_group(graph, plan, root, producers, len(steps), width,
-                                        target)
+                                        target, tuning)
         steps.append(step)
         constants.update(new_consts)
     return LoweredGraph(graph, plan, steps, constants)

@@ -39,9 +39,6 @@ def _loop(var: Var, extent, body, kind: str = "serial", start=0) -> For:
     return For(var, as_expr(start), as_expr(extent), tuple(body), kind)
 
 
-PARALLEL_MIN_WORK = 1 << 17
-
-
 def node_work(low: Lowering, node: Node) -> int:
     """The node's FLOPs, or the elements it touches for data-movement ops."""
     from kiln.ir import get_op
@@ -52,11 +49,12 @@ def node_work(low: Lowering, node: Node) -> int:
     return max(int(flops), sum(t[o].numel for o in node.outputs))
 
 
-def _parallel_first(shape: Sequence[int], kinds: list[str], work: int | None = None
-                    ) -> list[str]:
-    """Make the first loop with more than one iteration parallel, when there is enough work
-    (``work``, in operations) to pay for waking the thread pool."""
-    if work is not None and work < PARALLEL_MIN_WORK:
+def _parallel_first(shape: Sequence[int], kinds: list[str], low: Lowering | None = None,
+                    node: Node | None = None) -> list[str]:
+    """Make the first loop with more than one iteration parallel; given ``low`` and ``node``,
+    only when the node has enough work to pay for waking the thread pool
+    (``tuning.parallel_min_work`` operations)."""
+    if low is not None and node_work(low, node) < low.tuning.parallel_min_work:
         return kinds
     for k, n in enumerate(shape):
         if n > 1:
@@ -326,7 +324,7 @@ def _pool(low: Lowering, node: Node, store: StoreFn) -> list:
         return stmts
 
     kinds = ["serial"] * len(out_shape)
-    kinds = _parallel_first(out_shape, kinds, node_work(low, node))
+    kinds = _parallel_first(out_shape, kinds, low, node)
     return loop_nest(low, out_shape, body, kinds)
 
 
@@ -362,7 +360,7 @@ def _adaptive(low: Lowering, node: Node, store: StoreFn) -> list:
             total = total * c
         return [Decl(acc, f32(0.0, dt)), *inner, store(idx, acc / K.Cast(total, dt))]
 
-    kinds = _parallel_first(out_shape, ["serial"] * len(out_shape), node_work(low, node))
+    kinds = _parallel_first(out_shape, ["serial"] * len(out_shape), low, node)
     return loop_nest(low, out_shape, body, kinds)
 
 
@@ -433,7 +431,7 @@ def _attention(low: Lowering, node: Node, store: StoreFn) -> list:
         ]
 
     shape = list(batch) + [L]
-    kinds = _parallel_first(shape, ["serial"] * len(shape), node_work(low, node))
+    kinds = _parallel_first(shape, ["serial"] * len(shape), low, node)
     return loop_nest(low, shape, body, kinds)
 
 
@@ -466,7 +464,7 @@ def _matmul(low: Lowering, node: Node, store: StoreFn) -> list:
 
     kinds = default_kinds(out_shape, innermost_vector=not along_k)
     return loop_nest(low, out_shape, body,
-                     _parallel_first(out_shape, kinds, node_work(low, node)))
+                     _parallel_first(out_shape, kinds, low, node))
 
 
 @anchor_rule("linear")
@@ -530,7 +528,7 @@ def _window_sum(low: Lowering, node: Node, store: StoreFn, channels_per_group: i
         return stmts + [store(idx, val)]
 
     return loop_nest(low, out_shape, body, _parallel_first(out_shape, ["serial"] * len(out_shape),
-                                                           node_work(low, node)))
+                                                           low, node))
 
 
 def _and(a: Expr | None, b: Expr) -> Expr:

@@ -19,6 +19,8 @@ from kiln.ir import kernel as K
 from kiln.ir.graph import sanitize_name
 from kiln.ir.kernel import INDEX, Const, Expr, Var, as_expr, simplify
 from kiln.passes.target import Target
+from kiln.passes.tuning import DEFAULT as DEFAULT_TUNING
+from kiln.passes.tuning import Tuning
 
 _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
@@ -70,7 +72,11 @@ class Lowering:
     # A schedule whose arithmetic differs from the op's definition (e.g. "winograd"): the
     # kernel's FLOP count stays the op's, and the profiler says so.
     algorithm: str = ""
+    # The schedule a dense op took, where it has several (a convolution's algorithm); kept
+    # in the kernel's meta for the profiler and the autotuner.
+    schedule: str = ""
     target: Target | None = None      # the CPU (None: generic, no ISA-specific schedule)
+    tuning: Tuning = DEFAULT_TUNING
     _counter: int = 0
 
     def fresh(self, prefix: str = "i", dtype: str = INDEX, lanes: int = 1) -> Var:
@@ -125,7 +131,8 @@ class Lowering:
         try:
             lane = self.fresh("lane")
             lidx = list(idx[:-1]) + [lane]
-            vec = vectorize_expr(self.element(final, lidx), lane, value.lanes, [acc.name])
+            vec = vectorize_expr(self.element(final, lidx), lane, value.lanes, [acc.name],
+                                 self.tuning)
         finally:
             del self.overrides[anchor_out]
         store = K.Store(buffer_name(final), flat_index(lidx, shape), vec)

@@ -35,7 +35,7 @@ from kiln.ir.kernel import (
 )
 from kiln.ir.ops._rules import as_tuple
 from kiln.passes.lower import winograd
-from kiln.passes.lower.anchors import PARALLEL_MIN_WORK, node_work
+from kiln.passes.lower.anchors import node_work
 from kiln.passes.lower.core import Lowering, clamp_index, f32
 from kiln.passes.target import Target
 
@@ -65,30 +65,6 @@ def micro_shape(width: int, m: int) -> GemmShape:
     return GemmShape(max(1, min(mr, m)), nv, width)
 
 
-PARALLEL_MIN_MACS = 1 << 18
-IMAGE_PARALLEL_MAX_WEIGHT_BYTES = 1 << 19
-IMAGE_PARALLEL_MAX_WORKSPACE_BYTES = 1 << 22
-# Folding images into one GEMM pays for small maps (few column tiles per image); for large
-# ones the all-images im2col buffer no longer fits in cache.
-BATCHED_IM2COL_MAX_PIXELS = 1024
-# Batched direct convolution (all images in one GEMM): used while it computes at most this many
-# GEMM columns per output pixel (the columns between images are dropped).
-DIRECT_BATCH_MAX_WASTE = 1.6
-# Up to this many output pixels per image (at any batch) convolutions run as the transposed
-# batched direct GEMM (pixels as rows, output channels as vectors), in K blocks of DIRECT_T_KC.
-DIRECT_T_MAX_PIXELS = 64
-DIRECT_T_KC = 64
-# 1x1 convolutions with at most this many row tiles of output channels read their input in
-# place, unpacked (MobileNetV2's projections to 16-32 channels: about 2x faster).
-DIRECT_UNPACKED_MAX_ROW_TILES = 4
-# Winograd F(4, 3) along the rows for 3x3 stride-1 convolutions (passes/lower/winograd.py);
-# 0 turns it off (the tests compare both).
-WINOGRAD = 1
-# Stride-1 depthwise convolutions of maps up to this many pixels read a padded copy (see
-# _depthwise_padded); larger ones, and strided ones (whose border is a smaller share), read
-# their input in place (measured on MobileNetV2: 56x56 2x faster, 112x112 15% slower).
-DEPTHWISE_PADDED_MAX_PIXELS = 4096
-
 ALoad = Callable[[Expr, Expr], Expr]          # (row, k) -> scalar element of A
 BLoad = Callable[[Expr, Expr, int], Expr]     # (k, col, lanes) -> lanes elements of B
 # (row, col, value) -> store statement(s) (value has lanes)
@@ -105,7 +81,7 @@ def gemm_loops(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, store
     vector into a scratch tile and copied out; otherwise they fall back to dot products."""
     w, mr = shape.w, shape.mr
     # Waking the thread pool costs microseconds: small products run on the calling thread.
-    parallel = parallel and M * N * Kd >= PARALLEL_MIN_MACS
+    parallel = parallel and M * N * Kd >= low.tuning.parallel_min_macs
     stmts: list = []
     full_tiles = N // shape.nr
     n_done = full_tiles * shape.nr
@@ -128,7 +104,7 @@ def gemm_loops(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, store
         # every panel once per row tile: 1024^3 matmul 310 -> 200 GFLOP/s), in one
         # thread-pool round trip instead of one per column tile.
         rb = row_block(low.target, M, mr, Kd, dtype)
-        if rb and count >= MIN_BLOCKED_COLUMN_TILES:
+        if rb and count >= low.tuning.min_blocked_column_tiles:
             return _blocked_tiles(low, count, m_tiles, rb, body, jt, it, parallel)
         if m_tiles > count and parallel and count > 1:
             t = low.fresh("t")
@@ -185,14 +161,6 @@ def row_block(target: Target | None, M: int, mr: int, Kd: int, dtype: str) -> in
     return max(1, target.l2_bytes // 2 // row_bytes // mr)
 
 
-# Blocking pays where A would stream from L3 once per column tile, many times over; with few
-# column tiles threads split columns instead of rows, which measured slower.
-MIN_BLOCKED_COLUMN_TILES = 16
-# Column groups of a blocked GEMM (see _blocked_tiles): enough that each thread's chunks of
-# the parallel loop are whole groups, so threads split B's columns and share no panel.
-COLUMN_GROUPS_PER_CORE = 2
-
-
 def _blocked_tiles(low: Lowering, count: int, m_tiles: int, rb: int, body: list, jt: Var,
                    it: Var, parallel: bool) -> For:
     """All (column tile, row tile) pairs of a GEMM whose A exceeds the L2 share, in the
@@ -200,7 +168,7 @@ def _blocked_tiles(low: Lowering, count: int, m_tiles: int, rb: int, body: list,
     groups; within one, each block of ``rb`` row tiles stays in L2 while the group's B panels
     run over it."""
     cores = low.target.cores if low.target is not None else 1
-    per_group = -(-count // max(1, cores * COLUMN_GROUPS_PER_CORE))
+    per_group = -(-count // max(1, cores * low.tuning.column_groups_per_core))
     groups = -(-count // per_group)
     blocks = -(-m_tiles // rb)
     inner = per_group * rb
@@ -283,7 +251,7 @@ def gemm_kblocked(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, cb
 
     micro = _micro(low, it * mr, n0, M, kc, a_blk, b_blk, store, mr, nv, w, "f32",
                    init=(K.cmp("gt", kb, as_expr(0)), load) if blocks > 1 else None)
-    parallel = parallel and M * N * Kd >= PARALLEL_MIN_MACS
+    parallel = parallel and M * N * Kd >= low.tuning.parallel_min_macs
     if tiles == 1:  # one column tile: threads take row tiles
         return [Decl(jt, as_expr(0)), For(it, as_expr(0), as_expr(m_tiles), (
             For(kb, as_expr(0), as_expr(blocks), tuple(micro)),),
@@ -447,10 +415,11 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     # them once per image, where threads on separate images would each stream all of them.
     # Nor when an image's im2col buffer alone outgrows the cache (the ImageNet stem): then
     # both threads are better off streaming one image's columns together.
-    small_weights = wv.nbytes <= IMAGE_PARALLEL_MAX_WEIGHT_BYTES
+    tn = low.tuning
+    small_weights = wv.nbytes <= tn.image_parallel_max_weight_bytes
     im2col_bytes = 0 if direct else Kd * Nn * 4
     images = oshape[0] if (oshape[0] > 1 and small_weights
-                           and im2col_bytes <= IMAGE_PARALLEL_MAX_WORKSPACE_BYTES
+                           and im2col_bytes <= tn.image_parallel_max_workspace_bytes
                            and _par(low, node) == "parallel") else 1
     image = n_var if images > 1 else None
     batch_kind = "parallel" if images > 1 else "serial"
@@ -458,34 +427,61 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     hw_in = math.prod(in_sp)
     x_base = (n_var * in_shape[1] + g_var * cg) * hw_in
     stmts: list = []
-    if not direct and nd == 2 and WINOGRAD and winograd.applies(wv, stride, dil, g, oshape):
+    structural = (not direct and nd == 2 and all(s_ == 1 for s_ in stride))
+    padded_ok = structural and sp_out[0] * (in_shape[3] + 2 * pad[1]) <= 1.25 * Nn
+    fits = {
+        "winograd": (tn.winograd and not direct and nd == 2
+                     and winograd.fits(wv, stride, dil, g, oshape)),
+        "direct_t": not direct and nd == 2 and g == 1,
+        "direct_batch": not direct and nd == 2 and g == 1,
+        "padded_direct": structural,
+        "batched_im2col": not direct and nd == 2 and g == 1 and oshape[0] > 1,
+        "gemm": True,
+    }
+
+    def default() -> str:  # what the thresholds of the tuning pick
+        if fits["winograd"] and winograd.applies(wv, stride, dil, g, oshape, tn):
+            return "winograd"
+        if fits["direct_t"] and Nn <= tn.direct_t_max_pixels:
+            return "direct_t"
+        if (fits["direct_batch"] and (oshape[0] > 1 or any(s_ > 1 for s_ in stride))
+                and not (padded_ok and images > 1)
+                and direct_batch_waste(oshape[0], sp_out, ksp, stride, pad, dil)
+                <= tn.direct_batch_max_waste):
+            return "direct_batch"
+        if padded_ok:
+            return "padded_direct"
+        if fits["batched_im2col"] and Nn <= tn.batched_im2col_max_pixels:
+            return "batched_im2col"
+        return "gemm"
+
+    alg = tn.conv_algorithm(conv_signature(node, in_shape, wv))
+    if alg is None or not fits[alg]:
+        alg = default()
+    low.schedule = alg
+    if alg == "winograd":
         return winograd.lower_winograd(low, node, final, out, oshape, xb, wv, bias_buf, width,
                                        in_sp, sp_out, pad)
-    padded_ok = (not direct and nd == 2 and all(s == 1 for s in stride)
-                 and sp_out[0] * (in_shape[3] + 2 * pad[1]) <= 1.25 * Nn)
     # Small maps (any batch), several images (unless each thread takes whole images on the
     # per-image path), or a strided convolution: one GEMM over the batch (weights read once
     # per batch), its input split into stride phases instead of im2col; transposed for small
     # maps, whose pixels are then the GEMM's rows (no columns dropped between images).
-    if not direct and nd == 2 and g == 1 and Nn <= DIRECT_T_MAX_PIXELS:
+    if alg == "direct_t":
         return _direct_batch_t(low, node, final, out, oshape, xb, wv, bias_buf, width, cg, og,
                                Kd, in_sp, sp_out, ksp, stride, pad, dil)
-    if (not direct and nd == 2 and g == 1 and (oshape[0] > 1 or any(s > 1 for s in stride))
-            and not (padded_ok and images > 1)
-            and direct_batch_waste(oshape[0], sp_out, ksp, stride, pad, dil)
-            <= DIRECT_BATCH_MAX_WASTE):
+    if alg == "direct_batch":
         return _direct_batch(low, node, final, out, oshape, xb, packed_a(), bias_buf, shape,
                              m_tiles, cg, og, Kd, in_sp, sp_out, ksp, stride, pad, dil)
     ap = packed_a()
-    if padded_ok:
+    if alg == "padded_direct":
         return _padded_direct(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles,
                               cg, og, g, Kd, in_sp, sp_out, ksp, pad, dil, n_var, g_var, x_base,
                               images)
-    if not direct and oshape[0] > 1 and Nn <= BATCHED_IM2COL_MAX_PIXELS and g == 1:
+    if alg == "batched_im2col":
         return _batched_im2col(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles,
                                cg, og, Kd, in_sp, sp_out, ksp, stride, pad, dil, width)
     b_cols = Nn + width
-    if direct and m_tiles <= DIRECT_UNPACKED_MAX_ROW_TILES:
+    if direct and m_tiles <= tn.direct_unpacked_max_row_tiles:
         # Few output channels: each column of B is read by few row tiles, so the micro-kernel
         # reads it straight from the input's K rows (packing it first would copy the whole
         # input for little reuse). Nothing past a row's end is read.
@@ -532,6 +528,15 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     stmts += gemm_loops(low, og, Nn, Kd, a, b, store, shape, b_cols=b_cols)
     return [For(n_var, as_expr(0), as_expr(oshape[0]), (
         For(g_var, as_expr(0), as_expr(g), tuple(stmts)),), batch_kind)]
+
+
+def conv_signature(node: Node, in_shape: Sequence[int], wv: np.ndarray) -> str:
+    """What a convolution's best algorithm depends on: its input and weight shapes and its
+    attributes (the key of ``Tuning.conv_algorithms`` and of the tuning database)."""
+    a = node.attrs
+    return (f"conv x{list(in_shape)} w{list(wv.shape)} s{list(as_tuple(a['stride'], 2, 's'))}"
+            f" p{list(as_tuple(a['padding'], 2, 'p'))} d{list(as_tuple(a['dilation'], 2, 'd'))}"
+            f" g{a['groups']}").replace(" ", "")
 
 
 def _batched_im2col(low, node, final, out, oshape, xb, ap, bias_buf, shape, m_tiles, cg, og,
@@ -780,7 +785,8 @@ def _gemm_transposed(low, node, final, out, oshape, wv, bias_buf, width, og, Kd,
         return K.Load(wp, (col // nr) * (Kd * nr) + k * nr + col % nr, "f32", lanes)
 
     cbuf = low.workspace(f"{node.name}_acc", "f32", P * ldc)
-    stmts = gemm_kblocked(low, P, og, Kd, a, b, cbuf, ldc, shape, k_block(Kd, DIRECT_T_KC))
+    stmts = gemm_kblocked(low, P, og, Kd, a, b, cbuf, ldc, shape,
+                          k_block(Kd, low.tuning.direct_t_kc))
     n, co, sp = low.fresh("n"), low.fresh("co"), low.fresh("s")
     value = K.Load(cbuf, (n * hw + sp) * ldc + co, "f32")
     if bias_buf is not None:
@@ -863,7 +869,7 @@ def lower_depthwise(low: Lowering, node: Node, final: str, inline: set[str],
         lo, hi = min(max(lo, 0), n_out), min(max(hi, 0), n_out)
         return (lo, hi) if hi > lo else (n_out, n_out)
 
-    if H * W <= DEPTHWISE_PADDED_MAX_PIXELS and (sh, sw, dw) == (1, 1, 1):
+    if H * W <= low.tuning.depthwise_padded_max_pixels and (sh, sw, dw) == (1, 1, 1):
         return _depthwise_padded(low, node, final, out, xb, wb, init, nv, cv, n_, c_, H, W, OH,
                                  OW, kh_, kw_, sh, sw, ph_, pw, dh)
     r0, r1 = interior_range(OH, H, sh, ph_, kh_, dh)
@@ -1047,7 +1053,7 @@ def _fill_padded(low: Lowering, src: str | None, src_base: Expr, dst: str, dst_b
 
 def _par(low: Lowering, node: Node) -> str:
     """Parallel when the op has enough work to pay for waking the thread pool."""
-    return "parallel" if node_work(low, node) >= PARALLEL_MIN_WORK else "serial"
+    return "parallel" if node_work(low, node) >= low.tuning.parallel_min_work else "serial"
 
 
 def _im2col(low, xb, x_base, col_buf, cg, in_sp, sp_out, ksp, stride, pad, dil,

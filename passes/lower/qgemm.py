@@ -29,8 +29,6 @@ from kiln.passes.lower.anchors import StoreFn, anchor_rule, node_work
 from kiln.passes.lower.core import Lowering, clamp_index, default_kinds, f32, loop_nest
 from kiln.passes.lower.gemm import collapsed_views
 
-PARALLEL_MIN_MACS = 1 << 19
-
 
 def requantize(acc: Expr, scale: Expr, attrs) -> Expr:
     """The float32 epilogue of qlinear / qconv applied to int32 ``acc`` (scalar or vector)."""
@@ -101,7 +99,7 @@ def _qconv_plain(low: Lowering, node: Node, store: StoreFn) -> list:
                 store(idx, requantize(acc, low.element(scale, [co]), a))]
 
     kinds = default_kinds(out_shape, innermost_vector=False)
-    if node_work(low, node) < PARALLEL_MIN_MACS:
+    if node_work(low, node) < low.tuning.int8_parallel_min_macs:
         kinds = ["serial"] * len(kinds)
     return loop_nest(low, out_shape, body, kinds)
 
@@ -168,7 +166,7 @@ class _QGemm:
         full, last = divmod(vectors, self.nv)
         m_tiles = -(-self.M // self.mr)
         macs = self.M * self.N * self.k4 * 4
-        parallel = macs >= PARALLEL_MIN_MACS
+        parallel = macs >= low.tuning.int8_parallel_min_macs
         stmts = []
         for first_tile, count, nv in ((0, full, self.nv), (full, 1 if last else 0, last)):
             if not count:
@@ -269,7 +267,7 @@ def _padded_copy(low: Lowering, x: str, dims: tuple[int, int, int, int], pad: tu
     if cp > c:
         copy.append(For(ch, as_expr(c), as_expr(cp - c), (K.Store(xp, dst + ch, zero),)))
     fill = For(ch, as_expr(0), as_expr(cp), (K.Store(xp, dst + ch, zero),), "vectorized")
-    kind = "parallel" if work >= PARALLEL_MIN_MACS and n_ * hp > 1 else "serial"
+    kind = "parallel" if work >= low.tuning.int8_parallel_min_macs and n_ * hp > 1 else "serial"
     rows = For(j, as_expr(0), as_expr(wp), (If(inside, tuple(copy), (fill,)),))
     return xp, [For(n, as_expr(0), as_expr(n_), (For(i, as_expr(0), as_expr(hp), (rows,),
                                                      kind),))]

@@ -15,7 +15,7 @@ Rounding: the transforms scale values by up to 8 and 1/24, so the result differs
 direct convolution by a few float32 ulps of the largest partial sums (tests bound it).
 Non-finite inputs: an inf or NaN in an input row reaches every output row of the tiles that
 read it (inf - inf is NaN), where a direct convolution spreads it only to the rows whose
-window covers it; set ``kiln.passes.lower.gemm.WINOGRAD = 0`` to debug where a NaN starts.
+window covers it; compile with ``winograd=False`` to debug where a NaN starts.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from kiln.ir import Node
 from kiln.ir import kernel as K
 from kiln.ir.kernel import For, as_expr
 from kiln.passes.lower.core import Lowering, f32
+from kiln.passes.tuning import Tuning
 
 M_OUT = 4          # outputs per tile
 ALPHA = M_OUT + 2  # inputs per tile (and transformed rows)
@@ -49,19 +50,22 @@ AT = np.array([[1, 1, 1, 1, 1, 0],
                [0, 1, 1, 4, 4, 0],
                [0, 1, -1, 8, -8, 1]], np.float64)
 
-# Used for at least this many output pixels per batch (images x rows x columns): on fewer the
-# transformed weights (twice the kernel's size) cost more to stream than the multiplies saved.
-MIN_PIXELS = 128
-# ... and at least this many input channels: with fewer (an RGB stem) the GEMMs' K = 3 * Cin
-# is too short to pay for the transforms.
-MIN_CIN = 16
+def fits(wv: np.ndarray, stride, dil, groups: int, oshape) -> bool:
+    """Whether a convolution can take the Winograd path at all (3x3, stride and dilation 1,
+    one group, at least one tile of rows)."""
+    return (wv.ndim == 4 and wv.shape[2:] == (3, 3) and groups == 1
+            and tuple(stride) == (1, 1) and tuple(dil) == (1, 1) and oshape[2] >= M_OUT)
 
 
-def applies(wv: np.ndarray, stride, dil, groups: int, oshape) -> bool:
-    """Whether a convolution takes the Winograd path."""
-    return (wv.ndim == 4 and wv.shape[2:] == (3, 3) and groups == 1 and wv.shape[1] >= MIN_CIN
-            and tuple(stride) == (1, 1) and tuple(dil) == (1, 1)
-            and math.prod(oshape[:1] + oshape[2:]) >= MIN_PIXELS and oshape[2] >= M_OUT)
+def applies(wv: np.ndarray, stride, dil, groups: int, oshape, tuning: Tuning) -> bool:
+    """Whether a convolution takes the Winograd path by default: it fits, and it has at least
+    ``tuning.winograd_min_pixels`` output pixels per batch (images x rows x columns: on fewer
+    the transformed weights, twice the kernel's size, cost more to stream than the multiplies
+    saved) and ``tuning.winograd_min_cin`` input channels (with fewer, an RGB stem, the
+    GEMMs' K = 3 * Cin is too short to pay for the transforms)."""
+    return (tuning.winograd and fits(wv, stride, dil, groups, oshape)
+            and wv.shape[1] >= tuning.winograd_min_cin
+            and math.prod(oshape[:1] + oshape[2:]) >= tuning.winograd_min_pixels)
 
 
 def _combine(coefs, terms):

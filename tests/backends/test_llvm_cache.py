@@ -78,13 +78,13 @@ def test_profile_lists_every_kernel_with_its_rate() -> None:
         kiln.compile(model, inputs, backend="reference").profile(*inputs)
 
 
-def test_schedule_switches_are_part_of_the_key(monkeypatch) -> None:
-    """Turning a lowering switch (here Winograd) changes the key: a compile under the other
-    setting is never served from the cache."""
+def test_schedule_switches_are_part_of_the_key() -> None:
+    """Any change of the tuning (Winograd off, a vectorizer threshold, a measured algorithm)
+    changes the key: a compile under another setting is never served from the cache."""
     from kiln.backends.llvm.cache import cache_key
     from kiln.backends.llvm.compiler import host_target
     from kiln.ir import GraphBuilder, TensorType
-    from kiln.passes.lower import gemm
+    from kiln.passes.tuning import Tuning
 
     b = GraphBuilder("conv")
     x = b.input("x", TensorType((2, 16, 12, 12)))
@@ -92,8 +92,10 @@ def test_schedule_switches_are_part_of_the_key(monkeypatch) -> None:
     b.output(b.op("conv", [x, w], {"padding": 1}))
     g = b.build()
     before = cache_key(g, host_target())
-    monkeypatch.setattr(gemm, "WINOGRAD", 0)
-    assert cache_key(g, host_target()) not in (None, before)
+    assert cache_key(g, host_target(), Tuning()) == before
+    for changed in (Tuning(winograd=False), Tuning(max_load_stride=2), Tuning(min_tail_width=4),
+                    Tuning().with_conv_algorithms({"conv x[1]": "gemm"})):
+        assert cache_key(g, host_target(), changed) not in (None, before)
 
 
 def _entries(root: pathlib.Path) -> list[str]:

@@ -10,6 +10,7 @@
     kiln export resnet18_cifar -o /tmp/r.onnx --format onnx --prune 0.5 --quantize percentile
     kiln export resnet18_cifar -o /tmp/r_gpu.kiln --format cuda
     kiln compare resnet18_cifar --prune 0.3 --quantize minmax
+    kiln tune resnet18 --budget 60
 
 Errors a user can cause print ``kiln: error: <message>`` and exit with status 2; ``bisect`` and
 ``minify`` exit with status 1 when they find a failing pass.
@@ -54,6 +55,35 @@ def _cmd_show(args: argparse.Namespace) -> None:
 def _cmd_profile(args: argparse.Namespace) -> None:
     rows = profile(args.model, args.threads, args.repeat, args.batch)
     print(format_table(rows, measure_peaks(args.threads)))
+
+
+def _cmd_tune(args: argparse.Namespace) -> None:
+    import time
+
+    import torch
+
+    import kiln
+
+    model, inputs, _ = load_model(args.model, batch=args.batch)
+    options = {"budget_s": args.budget, "progress": not args.quiet}
+    t0 = time.perf_counter()
+    untuned = kiln.compile(model, inputs, threads=args.threads, target=args.target)
+    tuned = kiln.compile(model, inputs, threads=args.threads, target=args.target, tune=options)
+    print(tuned.tuning.table())
+    print(f"compile with tuning (untuned compile included): {time.perf_counter() - t0:.1f} s")
+    with torch.no_grad():
+        for compiled in (untuned, tuned):
+            compiled.executable.program.threads(args.threads, adaptive=False)
+        times = {"untuned": [], "tuned": []}
+        for _ in range(args.repeat):
+            for name, compiled in (("untuned", untuned), ("tuned", tuned)):
+                compiled(*inputs)
+                t = time.perf_counter()
+                compiled(*inputs)
+                times[name].append(time.perf_counter() - t)
+    med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+    print(f"median of {args.repeat} interleaved runs: untuned {med['untuned']:.3f} ms, tuned "
+          f"{med['tuned']:.3f} ms ({med['untuned'] / med['tuned']:.2f}x)")
 
 
 def _cmd_bisect(args: argparse.Namespace) -> int:
@@ -212,6 +242,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -256,6 +293,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive, default=None,
                    help="batch size of the example inputs (default: the model's own)")
     p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("tune", help="time each convolution's algorithms, keep the fastest",
+                       description="Compile MODEL with tune=True: every convolution's candidate "
+                                   "algorithms are compiled and timed on this machine, the "
+                                   "fastest kept in the tuning database (KILN_TUNING_DB, "
+                                   "default ~/.cache/kiln/tuning.json) for later compiles. "
+                                   "Prints each convolution's choice and why, and the tuned "
+                                   "model's time against the untuned one.")
+    p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
+    p.add_argument("--budget", type=_positive_float, default=60.0,
+                   help="seconds the tuner may measure (default 60)")
+    p.add_argument("--threads", type=_non_negative, default=0,
+                   help="worker threads (default 0: all cores)")
+    p.add_argument("--target", default=None,
+                   help="instruction set to compile for (avx2, avx512, sse2; default: host)")
+    p.add_argument("--batch", type=_positive, default=None,
+                   help="batch size of the example inputs (default: the model's own)")
+    p.add_argument("--repeat", type=_positive, default=20,
+                   help="interleaved runs of each model to time (default 20)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("bisect", help="find the first pass that breaks a model's outputs",
                        description="Run the pipeline on MODEL one pass at a time and compare "

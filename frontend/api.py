@@ -49,6 +49,8 @@ class CompiledModel:
         self.timing = timing
         # The kiln.compress result when the model was compressed (its report per stage).
         self.compression: Compressed | None = None
+        # The autotuner's report (kiln.backends.llvm.tune.TuneReport) when tune= was given.
+        self.tuning = None
         self._out_spec = out_spec
         # A model returning one tensor needs no pytree rebuild on the hot path.
         self._single = out_spec is None or out_spec.is_leaf()
@@ -158,6 +160,8 @@ def compile(
     data: Any = None,
     labels: Any = None,
     target: Any = None,
+    winograd: bool = True,
+    tune: Any = False,
 ) -> CompiledModel:
     """Compile ``model`` for inference on inputs shaped like ``example_inputs``.
 
@@ -180,6 +184,15 @@ def compile(
             set ``KILN_TARGET`` names), a name (``"avx2"`` / ``"x86-64-v3"``, ``"avx512"``,
             ``"avx512-vnni"``, ``"sse2"``: the code must run here, so only sets this CPU
             has) or a ``kiln.passes.target.Target``.
+        winograd: 3x3 convolutions may run as Winograd F(4,3) (llvm backend; half the
+            multiply-adds, a few float32 ulps from a direct convolution, but an inf or NaN
+            spreads to its 4-row tile). False: direct convolutions only.
+        tune: time each convolution's candidate algorithms on this machine and use the
+            fastest (llvm backend; see ``kiln.backends.llvm.tune``). True, or a dict with
+            ``budget_s`` (default 60: what it does not reach keeps its default) and
+            ``progress`` (a progress bar, default True). Choices are kept in a tuning database
+            (``KILN_TUNING_DB``, default ``~/.cache/kiln/tuning.json``) that later compiles
+            reuse; ``compiled.tuning.table()`` says what each convolution chose and why.
         prune, low_rank, distill, quantize, data, labels: compress the model first, as
             ``kiln.compress`` does with the same arguments (the pipeline is then the
             compression's own; see ``help(kiln.compress)``).
@@ -197,21 +210,62 @@ def compile(
         raise KilnError("example_inputs must be tensors or NumPy arrays",
                         hint="pass a tuple of tensors shaped like the real inputs")
     cpu = _cpu_target(backend, target)
+    tune_options = _tune_options(tune, backend)
+    tuning = _tuning(backend, winograd)
     source_graph, out_spec = trace_module(model, example_inputs, frontend)
+    compression = timing = None
     if any(o is not None and o is not False for o in (prune, low_rank, distill, quantize)):
-        result = compress_graph(source_graph, data, teacher=model, prune=prune,
-                                low_rank=low_rank, distill=distill, quantize=quantize,
-                                labels=labels, out_spec=out_spec,
-                                prune_multiple=cpu.f32_lanes if cpu else 8, target=cpu)
-        compiled = CompiledModel(result.graph, Executable(result.graph, backend, threads, cpu),
-                                 out_spec, source_graph)
-        compiled.compression = result
-        return compiled
-    arrays = [x.detach().cpu().numpy() for x in example_inputs]
-    graph, timing = optimize(source_graph, pipeline, verify=verify,
-                             check_inputs=arrays if check_numerics else None)
-    return CompiledModel(graph, Executable(graph, backend, threads, cpu), out_spec,
-                         source_graph, timing)
+        compression = compress_graph(source_graph, data, teacher=model, prune=prune,
+                                     low_rank=low_rank, distill=distill, quantize=quantize,
+                                     labels=labels, out_spec=out_spec,
+                                     prune_multiple=cpu.f32_lanes if cpu else 8, target=cpu)
+        graph = compression.graph
+    else:
+        arrays = [x.detach().cpu().numpy() for x in example_inputs]
+        graph, timing = optimize(source_graph, pipeline, verify=verify,
+                                 check_inputs=arrays if check_numerics else None)
+    report = None
+    if tune_options is not None:
+        from kiln.backends.llvm.tune import tune_graph
+        from kiln.passes.tuning import DEFAULT
+
+        tuning, report = tune_graph(graph, cpu, tuning or DEFAULT, threads=threads,
+                                    **tune_options)
+    compiled = CompiledModel(graph, Executable(graph, backend, threads, cpu, tuning), out_spec,
+                             source_graph, timing)
+    compiled.compression = compression
+    compiled.tuning = report
+    return compiled
+
+
+def _tuning(backend: str, winograd: bool):
+    """The schedule tuning of a compile (None: the backend's default)."""
+    from kiln.passes.tuning import Tuning
+
+    if not isinstance(winograd, bool):
+        raise KilnError(f"winograd= takes True or False, got {winograd!r}")
+    if winograd:
+        return None
+    if backend != "llvm":
+        raise KilnError(f"winograd=False applies to the llvm backend, not {backend!r}",
+                        hint="leave winograd out for this backend")
+    return Tuning(winograd=False)
+
+
+def _tune_options(tune: Any, backend: str) -> dict | None:
+    """tune= as tune_graph keywords (None: no tuning)."""
+    if tune is None or tune is False:
+        return None
+    if backend != "llvm":
+        raise KilnError(f"tune= measures the llvm backend's schedules, not {backend!r}'s",
+                        hint="leave tune out, or compile with backend='llvm'")
+    options = {} if tune is True else tune
+    if not isinstance(options, dict) or set(options) - {"budget_s", "progress"}:
+        raise KilnError(f"tune= takes True or a dict of budget_s and progress, got {tune!r}")
+    budget = options.get("budget_s", 60.0)
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not budget > 0:
+        raise KilnError(f"tune budget_s must be a positive number of seconds, got {budget!r}")
+    return {"budget_s": float(budget), "progress": bool(options.get("progress", True))}
 
 
 def _cpu_target(backend: str, target: Any = None):

@@ -94,7 +94,7 @@ def test_gemm_blocks_rows_by_the_target_l2(isa: str, op: str) -> None:
     from kiln.ir import GraphBuilder, TensorType
     from kiln.passes.target import named_target
 
-    t = replace(named_target(isa, host_target()), l2_bytes=16 * 1024)
+    t = replace(named_target(isa, host_target()), l2_bytes=16 * 1024, cores=2)
     rng = np.random.default_rng(0)
     m, k, n = 101, 64, 16 * t.f32_lanes * 3 + 5
     x = rng.standard_normal((m, k)).astype(np.float32)

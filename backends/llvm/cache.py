@@ -8,6 +8,10 @@ and ``consts.bin``. An entry that does not check out is ignored and compiled afr
 is ever loaded unchecked.
 
 ``KILN_CACHE_DIR`` sets the folder (default ``~/.cache/kiln``); ``KILN_CACHE=0`` turns it off.
+The cache owns only what it made: a folder it creates is private to the user (0700) and
+tagged (``CACHEDIR.TAG``); each entry holds a marker; eviction deletes marked entries only. A
+folder that already holds other files is used read-only, with a warning. An entry written by
+another user, or writable by others, is not loaded (it is native code).
 
 The cache is bounded: after each store, when its entries add up to more than
 ``KILN_CACHE_MAX_MB`` (default 2048 MB) the least recently used ones (by the time their manifest
@@ -25,6 +29,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -48,6 +53,18 @@ STALE_TMP_SECONDS = 3600
 EVICT_INTERVAL = 60.0
 
 
+# The cache owns only what it made: its root holds this tag (the standard cache-directory tag,
+# which backup tools honour), every entry and temporary folder holds ENTRY_MARKER, and
+# eviction touches nothing else.
+ROOT_TAG = "CACHEDIR.TAG"
+ROOT_TAG_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
+                 "# This folder is kiln's compile cache (KILN_CACHE_DIR); kiln may delete the\n"
+                 "# entries it wrote here. It writes nowhere else.\n")
+ENTRY_MARKER = "kiln-entry"
+_KEY_CHARS = set("0123456789abcdef")
+_warned_roots: set[str] = set()
+
+
 def cache_dir() -> pathlib.Path | None:
     """The cache folder, or None when caching is off."""
     if os.environ.get("KILN_CACHE", "1") == "0":
@@ -55,6 +72,53 @@ def cache_dir() -> pathlib.Path | None:
     root = os.environ.get("KILN_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "kiln")
     return pathlib.Path(root)
+
+
+def writable_root(root: pathlib.Path) -> bool:
+    """Whether kiln may write (and evict) in ``root``: a folder it created (tagged), or a new
+    or empty one, which it then tags and makes private to the user (0700). A folder that holds
+    anything else is used read-only, with a warning: kiln never deletes what it did not make."""
+    tag = root / ROOT_TAG
+    try:
+        if tag.is_file() and "kiln" in tag.read_text(errors="replace"):
+            return True
+        if not root.exists():
+            root.mkdir(parents=True, mode=0o700)
+        elif not root.is_dir() or any(root.iterdir()):
+            if str(root) not in _warned_roots:
+                _warned_roots.add(str(root))
+                warnings.warn(f"kiln: the compile cache folder {root} holds files kiln did not "
+                              "write; it is used read-only (no entries stored, nothing "
+                              "deleted). Point KILN_CACHE_DIR at a new or empty folder",
+                              stacklevel=3)
+            return False
+        os.chmod(root, 0o700)
+        tag.write_text(ROOT_TAG_TEXT)
+        return True
+    except OSError:
+        return False
+
+
+def is_entry(folder: pathlib.Path) -> bool:
+    """Whether ``folder`` is a cache entry kiln wrote: a key's name, and kiln's marker (or,
+    from kiln versions before the marker, a manifest naming that key)."""
+    name = folder.name
+    if len(name) != 64 or not set(name) <= _KEY_CHARS:
+        return False
+    if (folder / ENTRY_MARKER).is_file():
+        return True
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        return isinstance(manifest, dict) and manifest.get("key") == name
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
+def _owned_by_user(folder: pathlib.Path) -> bool:
+    """The entry was written by this user and nobody else may write it."""
+    st = folder.stat()
+    mine = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+    return mine and not st.st_mode & 0o022
 
 
 @functools.cache
@@ -93,14 +157,14 @@ def _sha(data: bytes) -> str:
 def store_cached(key: str, image: ProgramImage) -> None:
     """Write an entry (atomically: a temporary folder renamed into place)."""
     root = cache_dir()
-    if root is None:
+    if root is None or not writable_root(root):
         return
     try:
-        root.mkdir(parents=True, exist_ok=True)
         final = root / key
         if final.exists():
             return
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        (tmp / ENTRY_MARKER).write_text("a kiln compile-cache entry\n")
         files = {"code.o": image.object_code, "consts.bin": image.const_blob.tobytes()}
         copies = {}
         for j, arr in image.copy_constants.items():
@@ -139,11 +203,13 @@ def cache_limit() -> int:
     raw = os.environ.get("KILN_CACHE_MAX_MB", "")
     try:
         mb = float(raw) if raw else DEFAULT_MAX_MB
+        if not (math.isfinite(mb) and mb >= 0):
+            raise ValueError(raw)
     except ValueError:
-        warnings.warn(f"kiln: KILN_CACHE_MAX_MB={raw!r} is not a number; using "
-                      f"{DEFAULT_MAX_MB}", stacklevel=3)
+        warnings.warn(f"kiln: KILN_CACHE_MAX_MB={raw!r} is not a number of megabytes (0 or "
+                      f"more); using {DEFAULT_MAX_MB}", stacklevel=3)
         mb = DEFAULT_MAX_MB
-    return max(0, int(mb * (1 << 20)))
+    return int(mb * (1 << 20))
 
 
 def _entry_size(folder: pathlib.Path) -> tuple[float, int]:
@@ -170,13 +236,18 @@ def evict(root: pathlib.Path, keep: str = "") -> list[str]:
     with os.scandir(root) as it:
         for d in it:
             try:
+                if not d.is_dir(follow_symlinks=False):
+                    continue
+                folder = pathlib.Path(d.path)
                 if d.name.startswith(".tmp-"):
-                    if now - d.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS:
+                    if ((folder / ENTRY_MARKER).is_file()
+                            and now - d.stat(follow_symlinks=False).st_mtime
+                            > STALE_TMP_SECONDS):
                         shutil.rmtree(d.path, ignore_errors=True)
                     continue
-                if d.name.startswith(".") or not d.is_dir(follow_symlinks=False):
-                    continue
-                used, size = _entry_size(pathlib.Path(d.path))
+                if not is_entry(folder):
+                    continue  # not kiln's: never touched
+                used, size = _entry_size(folder)
             except OSError:
                 continue
             total += size
@@ -207,8 +278,11 @@ def load_cached(key: str) -> ProgramImage | None:
     if not (folder / "manifest.json").is_file():
         return None
     try:
+        if not _owned_by_user(folder):
+            raise ValueError("written by another user, or writable by others: not trusted")
         manifest = json.loads((folder / "manifest.json").read_text())
-        if manifest.get("format") != FORMAT or manifest.get("key") != key:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+                or manifest.get("key") != key:
             raise ValueError("format or key mismatch")
         data = {}
         for fname, digest in manifest["sha256"].items():
@@ -236,6 +310,7 @@ def load_cached(key: str) -> ProgramImage | None:
             steps=manifest["steps"],
             target=manifest["target"],
         )
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        warnings.warn(f"kiln: ignoring a damaged cache entry {folder}: {e}", stacklevel=2)
+    except Exception as e:  # whatever is wrong with an entry, it is compiled afresh
+        warnings.warn(f"kiln: ignoring a damaged cache entry {folder}: "
+                      f"{type(e).__name__}: {e}", stacklevel=2)
         return None

@@ -662,9 +662,20 @@ def _outline(fn: _Fn, m: ModuleBuilder, k: Kernel, loop: For, dtypes: dict[str, 
     counter = fn.tmp()
     fn.emit(f"{counter} = getelementptr i64, ptr {ctx}, i64 {nslots - 1}")
     fn.emit(f"store i64 0, ptr {counter}")
-    nt = fn.tmp()
+    nt, solo_p = fn.tmp(), fn.tmp()
     fn.emit(f"{nt} = load i32, ptr @kiln_num_threads")
+    # One thread: the task runs on the caller, without the OpenMP runtime (no pool round
+    # trip; and after fork(), where libgomp's pool is gone, calls still work).
+    solo, team, joined = fn.label("solo"), fn.label("team"), fn.label("joined")
+    fn.emit(f"{solo_p} = icmp eq i32 {nt}, 1")
+    fn.emit(f"br i1 {solo_p}, label %{solo}, label %{team}")
+    fn.block(solo)
+    fn.emit(f"call void @{task}(ptr {ctx})")
+    fn.emit(f"br label %{joined}")
+    fn.block(team)
     fn.emit(f"call void @GOMP_parallel(ptr @{task}, ptr {ctx}, i32 {nt}, i32 0)")
+    fn.emit(f"br label %{joined}")
+    fn.block(joined)
     _emit_task(m, task, k, loop, dtypes, list(captured.values()))
 
 

@@ -7,6 +7,7 @@ import ctypes.util
 import functools
 import os
 import time
+import weakref
 from dataclasses import dataclass
 
 import llvmlite.binding as llvm
@@ -137,33 +138,49 @@ class CompiledProgram:
         self.timings = dict(timings or {})
         target = Target.from_dict(image.target) if image.target else host_target()
         self.engine, self.entry, self.set_threads = load_code(image.object_code, target)
-        self._arena = np.zeros(max(image.arena_bytes, 64) // 8 + 8, np.float64)
         self._consts = image.const_blob
-        self._in = (ctypes.c_void_p * max(len(image.inputs), 1))()
-        self._out = (ctypes.c_void_p * max(len(image.outputs), 1))()
         self._out_specs = [(shape, np.dtype(DType(dt).numpy)) for _, dt, shape in image.outputs]
-        # The arena and the constants never move: their addresses are taken once (each
-        # ``.ctypes.data`` costs about a microsecond on the per-call path).
-        self._arena_ptr = self._arena.ctypes.data
+        # The constants never move: their address is taken once (each ``.ctypes.data`` costs
+        # about a microsecond on the per-call path).
         self._consts_ptr = self._consts.ctypes.data
+        # Each call needs an arena and argument arrays of its own (ctypes lets other Python
+        # threads run during the call): calls take one from this pool, or make one, and give
+        # it back. list.pop and list.append are atomic, so concurrent callers never share.
+        self._free: list[_CallState] = [self._call_state()]
         self._chooser: ThreadChooser | None = None
         self.threads(0)
+        _PROGRAMS.add(self)
+
+    def _call_state(self) -> _CallState:
+        arena = np.zeros(max(self.image.arena_bytes, 64) // 8 + 8, np.float64)
+        return _CallState(arena, arena.ctypes.data,
+                          (ctypes.c_void_p * max(len(self.image.inputs), 1))(),
+                          (ctypes.c_void_p * max(len(self.image.outputs), 1))())
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """Outputs for inputs already checked against the signature."""
+        """Outputs for inputs already checked against the signature. Safe to call from many
+        threads at once."""
         arrays = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in inputs]
-        for i, a in enumerate(arrays):
-            self._in[i] = a.ctypes.data
-        outs = [np.empty(shape, dt) for shape, dt in self._out_specs]
-        for j, o in enumerate(outs):
-            self._out[j] = o.ctypes.data
-        if self._chooser is None:
-            self.entry(self._in, self._out, self._arena_ptr, self._consts_ptr)
-        else:
-            t0 = time.perf_counter()
-            self.entry(self._in, self._out, self._arena_ptr, self._consts_ptr)
-            t1 = time.perf_counter()
-            self._chooser.after_call(t1 - t0, t1)
+        try:
+            state = self._free.pop()
+        except IndexError:
+            state = self._call_state()
+        try:
+            for i, a in enumerate(arrays):
+                state.inputs[i] = a.ctypes.data
+            outs = [np.empty(shape, dt) for shape, dt in self._out_specs]
+            for j, o in enumerate(outs):
+                state.outputs[j] = o.ctypes.data
+            chooser = self._chooser
+            if chooser is None:
+                self.entry(state.inputs, state.outputs, state.arena_ptr, self._consts_ptr)
+            else:
+                t0 = time.perf_counter()
+                self.entry(state.inputs, state.outputs, state.arena_ptr, self._consts_ptr)
+                t1 = time.perf_counter()
+                chooser.after_call(t1 - t0, t1)
+        finally:
+            self._free.append(state)
         for j, (kind, index) in self.image.output_copies.items():
             outs[j][...] = arrays[index] if kind == "input" else outs[index]
         for j, arr in self.image.copy_constants.items():
@@ -177,7 +194,13 @@ class CompiledProgram:
         count (``n``, halved down to 1) that measured fastest on this machine lately (see
         threads.py: small models and loaded machines run faster on fewer); otherwise
         exactly ``n``."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) \
+                or not 0 <= n <= MAX_THREADS:
+            raise KilnError(f"threads must be an integer from 0 to {MAX_THREADS}, got {n!r}",
+                            hint="0 uses every core; 1 runs on the calling thread")
         n = int(n)
+        if _IN_FORKED_CHILD:
+            n, adaptive = 1, False  # libgomp's pool did not survive fork()
         most = n or _default_threads()
         if adaptive and most > 1:
             self._chooser = ThreadChooser(most, self.set_threads)
@@ -212,6 +235,38 @@ class CompiledProgram:
         out = [KernelProfile(s["kernel"], s["root"], s["op"], float(sec), s["flops"], s["bytes"])
                for s, sec in zip(self.image.steps, per_run)]
         return sorted(out, key=lambda p: -p.seconds)
+
+
+@dataclass
+class _CallState:
+    """What one call of a program writes: its arena and its argument pointer arrays."""
+
+    arena: np.ndarray
+    arena_ptr: int
+    inputs: ctypes.Array
+    outputs: ctypes.Array
+
+
+# Threads a program may be asked for: beyond this, libgomp tries to allocate a pool for them
+# and exits the process when it cannot.
+MAX_THREADS = 1024
+_PROGRAMS: weakref.WeakSet = weakref.WeakSet()
+_IN_FORKED_CHILD = False
+
+
+def _after_fork_in_child() -> None:
+    """libgomp is not fork-safe: its worker threads do not exist in a child, and a parallel
+    region there waits for them for ever. Programs in the child run on the calling thread
+    (the generated code then never enters libgomp)."""
+    global _IN_FORKED_CHILD
+    _IN_FORKED_CHILD = True
+    for prog in list(_PROGRAMS):
+        prog._chooser = None
+        prog.set_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _default_threads() -> int:

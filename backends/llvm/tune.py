@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln.backends.llvm.cache import writable_root
 from kiln.backends.llvm.compiler import compile_graph
 from kiln.ir import Graph
 from kiln.passes.lower.gemm import conv_signature
@@ -101,6 +102,8 @@ class TuningDatabase:
         for machine, sigs in self.entries.items():
             merged.setdefault(machine, {}).update(sigs)
         self.entries = merged
+        if not self.path.parent.exists():
+            writable_root(self.path.parent)  # a new folder: kiln's (tagged), the user's only
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tuning-", dir=self.path.parent)
         try:

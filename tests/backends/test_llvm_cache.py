@@ -27,10 +27,10 @@ def _compile(name="lenet5"):
 def test_second_compile_loads_the_cached_program(cache_dir) -> None:
     model, inputs, first = _compile()
     assert "optimize" in first.executable.program.timings
-    entries = [p for p in cache_dir.iterdir() if not p.name.startswith(".")]
+    entries = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(entries) == 1
     assert sorted(f.name for f in entries[0].iterdir()) == ["code.o", "consts.bin",
-                                                             "manifest.json"]
+                                                             "kiln-entry", "manifest.json"]
     _, _, second = _compile()
     assert "cache_load" in second.executable.program.timings
     assert torch.equal(first(*inputs), second(*inputs))
@@ -38,7 +38,7 @@ def test_second_compile_loads_the_cached_program(cache_dir) -> None:
 
 def test_damaged_entry_is_ignored_and_rebuilt(cache_dir) -> None:
     model, inputs, first = _compile()
-    entry = next(p for p in cache_dir.iterdir() if not p.name.startswith("."))
+    entry = next(p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     code = entry / "code.o"
     data = bytearray(code.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -63,7 +63,7 @@ def test_different_weights_get_different_entries(cache_dir) -> None:
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     kiln.compile(model, inputs, threads=1)
-    assert len([p for p in cache_dir.iterdir() if not p.name.startswith(".")]) == 2
+    assert len([p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]) == 2
 
 
 def test_profile_lists_every_kernel_with_its_rate() -> None:
@@ -99,7 +99,7 @@ def test_schedule_switches_are_part_of_the_key() -> None:
 
 
 def _entries(root: pathlib.Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def test_cache_is_bounded_by_evicting_least_recently_used(cache_dir, monkeypatch) -> None:
@@ -126,6 +126,7 @@ def test_cache_is_bounded_by_evicting_least_recently_used(cache_dir, monkeypatch
         os.utime(cache_dir / k / "manifest.json", (now - age, now - age))
     stale = cache_dir / ".tmp-crashed-writer"
     stale.mkdir()
+    (stale / cache.ENTRY_MARKER).write_text("")
     os.utime(stale, (now - 2 * cache.STALE_TMP_SECONDS,) * 2)
     limit = sum(sizes.values()) * 0.9
     monkeypatch.setenv("KILN_CACHE_MAX_MB", str(limit / (1 << 20)))
@@ -152,4 +153,96 @@ def test_cache_limit_reads_the_environment(monkeypatch) -> None:
     assert cache.cache_limit() == cache.DEFAULT_MAX_MB << 20
     monkeypatch.setenv("KILN_CACHE_MAX_MB", "lots")
     with pytest.warns(UserWarning, match="not a number"):
+        assert cache.cache_limit() == cache.DEFAULT_MAX_MB << 20
+
+
+def test_eviction_never_touches_what_kiln_did_not_write(cache_dir, monkeypatch) -> None:
+    """KILN_CACHE_MAX_MB=0 in a cache folder that also holds a user's files and folders
+    (including ones that look like kiln's: a key-named folder, an old ".tmp-" folder):
+    only kiln's own entries go."""
+    import os
+    import time
+
+    from kiln.backends.llvm import cache
+
+    monkeypatch.setattr(cache, "EVICT_INTERVAL", 0.0)
+    model, inputs = get_model("mlp")
+    kiln.compile(model, inputs, threads=1)
+    (old,) = _entries(cache_dir)
+    docs = cache_dir / "Documents"
+    docs.mkdir()
+    (docs / "thesis.tex").write_text("years of work")
+    lookalike = cache_dir / ("ab" * 32)
+    lookalike.mkdir()
+    (lookalike / "manifest.json").write_text('{"key": "someone else"}')
+    user_tmp = cache_dir / ".tmp-mine"
+    user_tmp.mkdir()
+    (user_tmp / "notes.txt").write_text("keep")
+    past = time.time() - 10 * cache.STALE_TMP_SECONDS
+    os.utime(user_tmp, (past, past))
+    (cache_dir / "loose.txt").write_text("keep")
+    monkeypatch.setenv("KILN_CACHE_MAX_MB", "0")
+    torch.manual_seed(5)
+    kiln.compile(type(model)().eval(), inputs, threads=1)
+    assert old not in _entries(cache_dir)              # kiln's old entry was evicted
+    assert (docs / "thesis.tex").read_text() == "years of work"
+    assert (lookalike / "manifest.json").exists() and (user_tmp / "notes.txt").exists()
+    assert (cache_dir / "loose.txt").exists()
+
+
+def test_a_folder_kiln_did_not_make_is_used_read_only(tmp_path, monkeypatch) -> None:
+    """KILN_CACHE_DIR pointed at a folder with the user's files: kiln warns, stores nothing,
+    deletes nothing, and still compiles."""
+    from kiln.backends.llvm import cache
+
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8")
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KILN_CACHE_MAX_MB", "0")
+    monkeypatch.delenv("KILN_CACHE", raising=False)
+    monkeypatch.setattr(cache, "_warned_roots", set())
+    model, inputs = get_model("mlp")
+    with pytest.warns(UserWarning, match="read-only"):
+        compiled = kiln.compile(model, inputs, threads=1)
+    assert compiled(*inputs).shape
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]
+
+
+@pytest.mark.parametrize("manifest", ["[]", "null", "1e999", "[" * 100000 + "]" * 100000,
+                                      '{"format": 1, "key": "K", "sha256": []}',
+                                      '{"format": 1, "key": "K", "sha256": {"code.o": 5}}'])
+def test_any_broken_manifest_means_recompile(cache_dir, manifest) -> None:
+    model, inputs, first = _compile()
+    (entry,) = [cache_dir / k for k in _entries(cache_dir)]
+    (entry / "manifest.json").write_text(manifest.replace("K", entry.name))
+    with pytest.warns(UserWarning, match="damaged cache entry"):
+        _, _, second = _compile()
+    assert "optimize" in second.executable.program.timings
+    assert torch.equal(first(*inputs), second(*inputs))
+
+
+def test_entries_others_can_write_are_not_loaded(cache_dir) -> None:
+    """An entry is native code: one writable by others (or, as root can arrange, owned by
+    another user) is compiled afresh instead of loaded."""
+    import os
+
+    model, inputs, first = _compile()
+    (entry,) = [cache_dir / k for k in _entries(cache_dir)]
+    os.chmod(entry, 0o777)
+    with pytest.warns(UserWarning, match="not trusted"):
+        _, _, second = _compile()
+    assert "optimize" in second.executable.program.timings
+    os.chmod(entry, 0o700)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        os.chown(entry, 65534, 65534)
+        with pytest.warns(UserWarning, match="another user"):
+            _, _, third = _compile()
+        assert "optimize" in third.executable.program.timings
+
+
+@pytest.mark.parametrize("raw", ["inf", "nan", "-5", "lots"])
+def test_bad_cache_limits_fall_back_to_the_default(monkeypatch, raw) -> None:
+    from kiln.backends.llvm import cache
+
+    monkeypatch.setenv("KILN_CACHE_MAX_MB", raw)
+    with pytest.warns(UserWarning, match="KILN_CACHE_MAX_MB"):
         assert cache.cache_limit() == cache.DEFAULT_MAX_MB << 20

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import kiln
 from kiln.backends.llvm import compile_graph
@@ -103,3 +104,102 @@ def test_outputs_do_not_depend_on_the_thread_count(name):
         results.append(prog(x)[0])
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
+
+
+def _hammer(fn, inputs, callers: int, calls: int) -> list:
+    import threading
+
+    results: list = []
+    errors: list = []
+
+    def work():
+        try:
+            for _ in range(calls):
+                results.append(fn(*inputs))
+        except BaseException as e:  # reported below, not lost in the thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
+def test_concurrent_calls_are_bit_identical(tmp_path):
+    """8 Python threads x 200 calls on one compiled ResNet-18 (CIFAR), then on its exported
+    artifact: every result equals a single-threaded call bit for bit (each call has its own
+    arena and argument arrays)."""
+    model, inputs = get_model("resnet18_cifar")
+    compiled = kiln.compile(model, inputs)
+    with torch.no_grad():
+        want = compiled(*inputs).numpy()
+    for out in _hammer(compiled, inputs, 8, 200):
+        np.testing.assert_array_equal(out.numpy(), want)
+    loaded = kiln.load(kiln.export(compiled, tmp_path / "r.kiln"))
+    x = [t.numpy() for t in inputs]
+    for out in _hammer(loaded, x, 8, 200):
+        np.testing.assert_array_equal(out, want)
+
+
+_FORKED: dict = {}  # what forked pool workers inherit
+
+
+def _run_forked(x):
+    return _FORKED["program"](x)[0]
+
+
+@pytest.mark.parametrize("start", ["fork", "os.fork"])
+def test_calls_in_a_forked_child_finish_and_agree(start):
+    """After the parent has run the model on its thread pool, fork()ed children (as
+    multiprocessing's fork start method, gunicorn's preload or DataLoader workers make)
+    still get the right answers instead of hanging on libgomp's missing pool."""
+    import multiprocessing
+    import os
+
+    model, inputs = get_model("resnet18_cifar")
+    compiled = kiln.compile(model, inputs, threads=2)
+    compiled.executable.program.threads(2, adaptive=False)
+    x = [t.numpy() for t in inputs]
+    want = compiled.executable.program(x)[0]
+    if start == "fork":
+        _FORKED["program"] = compiled.executable.program
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(2) as pool:  # a hang fails the test after 120 s
+            outs = pool.map_async(_run_forked, [x] * 4, chunksize=1).get(timeout=120)
+        for out in outs:
+            np.testing.assert_array_equal(out, want)
+        return
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer through the pipe, never return into pytest
+        code = 1
+        try:
+            got = compiled.executable.program(x)[0]
+            os.write(write, b"ok" if np.array_equal(got, want) else b"wrong")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    import time
+
+    deadline = time.monotonic() + 120
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        time.sleep(0.05)
+    assert os.read(read, 16) == b"ok" and done[1] == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 2 ** 31, 2 ** 40, 1.5, "4", True])
+def test_bad_thread_counts_are_refused(bad):
+    model, inputs = get_model("mlp")
+    program = kiln.compile(model, inputs).executable.program
+    with pytest.raises(kiln.KilnError, match="threads must be an integer"):
+        program.threads(bad)
+    with pytest.raises(kiln.KilnError, match="threads"):
+        kiln.compile(model, inputs, threads=bad)

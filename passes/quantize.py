@@ -89,7 +89,7 @@ def calibration_values(graph: Graph) -> list[str]:
     return [v for v in dict.fromkeys(wanted) if graph.types[v].dtype == DType.f32]
 
 
-def int8_pays(target: Target | None, weight_max: int) -> str | None:
+def int8_slower_reason(target: Target | None, weight_max: int) -> str | None:
     """Why int8 layers would be slower than fp32 on ``target`` (None: they are faster).
 
     On x86, int8 pays where the CPU has a fast u8 x i8 dot product: VNNI's vpdpbusd does four
@@ -252,7 +252,7 @@ class QuantizeInt8(Pass):
                             f"{weight_max!r}", hint="64 keeps pmaddubsw exact (CPUs without "
                                                     "VNNI); 127 is the full int8 range")
         layers = ctx.notes.setdefault(f"{self.name}.layers", {})
-        slow = int8_pays(ctx.option(self.name, "target", None), weight_max)
+        slow = int8_slower_reason(ctx.option(self.name, "target", None), weight_max)
         if slow is not None and mode != "weight_only":
             for n in graph.nodes:
                 if n.op in ("conv", "linear"):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from kiln.backends.llvm.cache import writable_root
 from kiln.backends.llvm.compiler import compile_graph
@@ -38,8 +39,7 @@ from kiln.passes.tuning import CONV_ALGORITHMS, Tuning
 
 DB_FORMAT = 1
 MARGIN = 0.03          # another algorithm must be at least 3% faster than the default
-MIN_RUNS, MAX_RUNS = 5, 40
-RUN_SECONDS = 0.05     # timed runs per candidate stop after this much (at least MIN_RUNS)
+MIN_RUNS, MAX_RUNS = 5, 40  # rounds of the candidate programs (more while the budget lasts)
 DEFAULT_BUDGET_S = 60.0
 
 
@@ -195,8 +195,6 @@ def tune_graph(graph: Graph, target: Target, tuning: Tuning, *, threads: int = 0
     looked 20% faster with Winograd; inside the model they were 30% slower.) Then the mix is
     compiled and checked against the untuned program: if it is not faster, every choice made
     here goes back to the default. Returns the tuning and a report."""
-    from tqdm import tqdm
-
     t_start = time.perf_counter()
     threads = threads or target.cores
     db = database or TuningDatabase()
@@ -218,8 +216,11 @@ def tune_graph(graph: Graph, target: Target, tuning: Tuning, *, threads: int = 0
                                                dict(entry["ms"]), "from the tuning database"))
     todo = [sig for sig in convs if sig not in known]
     if todo:
-        chosen = _measure(graph, target, tuning.with_conv_algorithms(known), threads, todo,
-                          convs, report, t_start + budget_s, progress, tqdm)
+        chosen, lines, programs = _measure(graph, target, tuning.with_conv_algorithms(known),
+                                           threads, {s: convs[s] for s in todo},
+                                           t_start + budget_s, progress)
+        report.kernels += lines
+        report.measured += programs
         for k in report.kernels:
             if k.signature in chosen:
                 db.put(machine, k.signature, {"choice": k.choice, "default": k.default,
@@ -236,10 +237,12 @@ def tune_graph(graph: Graph, target: Target, tuning: Tuning, *, threads: int = 0
     return tuning.with_conv_algorithms(known), report
 
 
-def _measure(graph, target, base: Tuning, threads, todo, convs, report, deadline, progress,
-             tqdm) -> dict[str, str]:
-    """Time ``todo``'s convolutions under each algorithm in context; returns their choices
-    (and adds their lines to ``report``)."""
+def _measure(graph: Graph, target: Target, base: Tuning, threads: int,
+             convs: dict[str, list[str]], deadline: float, progress: bool
+             ) -> tuple[dict[str, str], list[KernelTuning], int]:
+    """Time the convolutions ``convs`` (signature -> layer names) under each algorithm in
+    context; returns their choices, their report lines and the programs timed."""
+    todo = list(convs)
     rng = np.random.default_rng(0)
     inputs = _inputs(graph, rng)
     bar = tqdm(total=len(CONV_ALGORITHMS) + 2, desc="kiln tune", unit="program",
@@ -279,10 +282,10 @@ def _measure(graph, target, base: Tuning, threads, todo, convs, report, deadline
         bar.update(1)
     finally:
         bar.close()
-    report.measured += len(programs)
     median = {k: {root: statistics.median(s[root] for s in runs) for root in runs[0]}
               for k, runs in samples.items() if runs}
     chosen: dict[str, str] = {}
+    lines: list[KernelTuning] = []
     default_took = programs["default"][1]
     for sig in todo:
         names = convs[sig]
@@ -303,14 +306,14 @@ def _measure(graph, target, base: Tuning, threads, todo, convs, report, deadline
         if dropped:
             why += f"; {', '.join(dropped)} left out (outputs differ)"
         chosen[sig] = choice
-        report.kernels.append(KernelTuning(sig, names, default_alg, choice, ms, why))
-    changed = [k for k in report.kernels if k.signature in chosen and k.choice != k.default]
+        lines.append(KernelTuning(sig, names, default_alg, choice, ms, why))
+    changed = [k for k in lines if k.choice != k.default]
     if changed and not _mix_is_faster(graph, target, base.with_conv_algorithms(chosen),
                                       programs["default"][0], inputs, threads):
         for k in changed:
             k.choice, chosen[k.signature] = k.default, k.default
             k.why = "kept the default: the measured choices together were not faster"
-    return chosen
+    return chosen, lines, len(programs)
 
 
 def _mix_is_faster(graph, target, tuned: Tuning, default, inputs, threads) -> bool:

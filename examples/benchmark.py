@@ -12,8 +12,9 @@
                                                            # PyTorch) on an AVX-512 host
     python examples/benchmark.py --load 2 --batches 1      # beside 2 busy processes
 
-Every runtime gets the same thread count. For each model and batch the table gives the median
-and p90 latency, the ratio to ONNX Runtime, the speed-up over eager, the achieved GFLOP/s
+Every runtime gets the same thread count (kiln uses at most that many: each call runs with the
+count measured fastest, see backends/llvm/threads.py). For each model and batch the table gives
+the median and p90 latency, the ratio to ONNX Runtime, the speed-up over eager, the achieved GFLOP/s
 (FLOPs counted by kiln's op registry on the imported, unoptimized graph) as a share of the
 machine's fp32 GEMM peak (torch.mm on 1024x1024 matrices, measured at startup), and the largest
 error against eager relative to the output's largest magnitude. "compile s" is kiln.compile for

@@ -84,7 +84,7 @@ def writable_root(root: pathlib.Path) -> bool:
             return True
         if not root.exists():
             root.mkdir(parents=True, mode=0o700)
-        elif not root.is_dir() or any(root.iterdir()):
+        elif not root.is_dir() or not _only_kiln_files(root):
             if str(root) not in _warned_roots:
                 _warned_roots.add(str(root))
                 warnings.warn(f"kiln: the compile cache folder {root} holds files kiln did not "
@@ -97,6 +97,21 @@ def writable_root(root: pathlib.Path) -> bool:
         return True
     except OSError:
         return False
+
+
+def _only_kiln_files(root: pathlib.Path) -> bool:
+    """Whether everything in ``root`` is kiln's (an empty folder, or the cache of a kiln from
+    before the tag: entries, its eviction stamp, the tuning database), so that kiln may tag
+    it as its own."""
+    for child in root.iterdir():
+        if child.name in (".last-evict", "tuning.json") and child.is_file():
+            continue
+        if child.is_dir() and not child.is_symlink() and (
+                is_entry(child) or (child.name.startswith(".tmp-")
+                                    and (child / ENTRY_MARKER).is_file())):
+            continue
+        return False
+    return True
 
 
 def is_entry(folder: pathlib.Path) -> bool:

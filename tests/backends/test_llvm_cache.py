@@ -246,3 +246,29 @@ def test_bad_cache_limits_fall_back_to_the_default(monkeypatch, raw) -> None:
     monkeypatch.setenv("KILN_CACHE_MAX_MB", raw)
     with pytest.warns(UserWarning, match="KILN_CACHE_MAX_MB"):
         assert cache.cache_limit() == cache.DEFAULT_MAX_MB << 20
+
+
+def test_a_cache_from_an_older_kiln_is_adopted(tmp_path, monkeypatch) -> None:
+    """A cache folder written by kiln before the tag existed (entries whose manifests name
+    their keys, the eviction stamp) is kiln's: tagged and used, with no warning."""
+    import json
+    import warnings
+
+    from kiln.backends.llvm import cache
+
+    old = tmp_path / "cache"
+    entry = old / ("0f" * 32)
+    entry.mkdir(parents=True)
+    (entry / "manifest.json").write_text(json.dumps({"key": entry.name}))
+    (old / ".last-evict").write_text("")
+    monkeypatch.setenv("KILN_CACHE_DIR", str(old))
+    monkeypatch.delenv("KILN_CACHE", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.writable_root(old)
+    assert (old / cache.ROOT_TAG).is_file()
+    (old / cache.ROOT_TAG).unlink()
+    (old / "mine.txt").write_text("not kiln's")
+    monkeypatch.setattr(cache, "_warned_roots", set())
+    with pytest.warns(UserWarning, match="read-only"):
+        assert not cache.writable_root(old)

@@ -37,12 +37,13 @@ from kiln.ir.kernel import (
 )
 from kiln.passes.target import Target
 
-# Chunks per thread of a parallel loop (taken dynamically; see _emit_task). Finer chunks
-# share the work better when a thread is late, but each thread's run of GEMM tiles gets
-# shorter (B panels and A rows are reused less): measured on ResNet-18 (CIFAR) at 2 threads,
-# 1 / 2 / 4 chunks per thread took 26.2 / 26.8 / 28.8 ms at batch 8 and 4.90 / 5.03 / 5.74 ms
-# at batch 1. On a loaded machine the thread count itself adapts (threads.py).
-CHUNKS_PER_THREAD = 2
+# Chunks per thread of a parallel loop (taken dynamically; see _emit_task). One per thread
+# keeps each thread's run of GEMM tiles as long as a static split's, and a thread that has not
+# started when another finishes still loses its chunk to it. Finer chunks share a late
+# thread's work better, but cut the runs short: on ResNet-18 (CIFAR) at 2 threads, 2 chunks
+# per thread were 3-6% slower than 1 (batch 1 and 8, measured interleaved), 4 were 10-15%
+# slower. On a loaded machine the thread count itself adapts (threads.py).
+CHUNKS_PER_THREAD = 1
 
 SCALAR = {"f32": "float", "f16": "half", "f64": "double", "i8": "i8", "u8": "i8", "i32": "i32",
           "i64": "i64", "bool": "i1"}

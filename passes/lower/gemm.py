@@ -36,7 +36,7 @@ from kiln.ir.kernel import (
 from kiln.ir.ops._rules import as_tuple
 from kiln.passes.lower import winograd
 from kiln.passes.lower.anchors import node_work
-from kiln.passes.lower.core import Lowering, clamp_index, f32
+from kiln.passes.lower.core import Lowering, clamp_index, f32, unflatten
 from kiln.passes.target import Target
 
 
@@ -318,12 +318,28 @@ def collapsed_views(low: Lowering, final: str, anchor_out: str, inline: set[str]
 # ---- op lowerings ----------------------------------------------------------------------------
 def rows_of(low: Lowering, x: str, rows: int, k: int) -> ALoad:
     """Element (row, col) of ``x`` seen as a [rows, k] matrix. A stored ``x`` is read through
-    that 2-d view; one computed in the kernel (an inlined permute, say) keeps its own shape,
-    and the flat position is mapped back to its index."""
+    that 2-d view. One computed in the kernel (an inlined reshape or permute) keeps its own
+    shape: its leading dimensions are indexed by the row, its trailing ones (k elements) by
+    the column, so the inner K loop's index needs no division (random graph 131 crashed on a
+    2-d index into a 3-d permute)."""
     if not low.is_inline(x):
         low.view_shapes[x] = (rows, k)
         return lambda row, col: low.element(x, [row, col])
+    shape = low.shape(x)
+    for split in range(len(shape), -1, -1):
+        if math.prod(shape[split:]) == k:
+            lead, trail = shape[:split], shape[split:]
+            return lambda row, col: low.element(x, _split_index(row, lead)
+                                                + _split_index(col, trail))
     return lambda row, col: low.element_flat(x, row * k + col)
+
+
+def _split_index(flat: Expr, dims: Sequence[int]) -> list[Expr]:
+    """The index of ``flat`` in ``dims`` (row-major); where one dimension is all there is
+    (the others 1), it is ``flat`` itself."""
+    if sum(d > 1 for d in dims) <= 1:
+        return [flat if d > 1 else Const(0, INDEX) for d in dims]
+    return unflatten(flat, dims)
 
 
 def lower_linear(low: Lowering, node: Node, final: str, inline: set[str],

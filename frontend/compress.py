@@ -234,8 +234,6 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
                    "quantize_int8.target": target}
         if "weight_max" in quant_o:
             options["quantize_int8.weight_max"] = quant_o["weight_max"]
-        elif target is not None:
-            options["quantize_int8.weight_max"] = target.int8_weight_max
         if quant_o["mode"] == "static":
             batches = _batches(data, g, int(quant_o["max_batches"]))
             options["quantize_int8.ranges"] = calibrate(g, batches, quant_o["method"],

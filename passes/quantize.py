@@ -246,13 +246,17 @@ class QuantizeInt8(Pass):
         if unknown:
             raise KilnError(f"quantize_int8.protect names nothing in the graph: {unknown}",
                             hint="use node names as `kiln show MODEL` prints them")
-        weight_max = ctx.option(self.name, "weight_max", 127)
+        target = ctx.option(self.name, "target", None)
+        # The weight bound follows from the target unless set: 64 where its int8 dot product
+        # is pmaddubsw, else the full range.
+        weight_max = ctx.option(self.name, "weight_max",
+                                target.int8_weight_max if target is not None else 127)
         if not (isinstance(weight_max, int) and 1 <= weight_max <= 127):
             raise KilnError(f"quantize_int8.weight_max must be an integer in 1..127, got "
                             f"{weight_max!r}", hint="64 keeps pmaddubsw exact (CPUs without "
                                                     "VNNI); 127 is the full int8 range")
         layers = ctx.notes.setdefault(f"{self.name}.layers", {})
-        slow = int8_slower_reason(ctx.option(self.name, "target", None), weight_max)
+        slow = int8_slower_reason(target, weight_max)
         if slow is not None and mode != "weight_only":
             for n in graph.nodes:
                 if n.op in ("conv", "linear"):

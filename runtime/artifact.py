@@ -1,13 +1,21 @@
 """Ahead-of-time artifacts: one file holding a compiled model, loadable without PyTorch.
 
-The container (magic, format, JSON header, checksummed parts) is backends/artifact_format.py.
-The header is the manifest: format and kiln version, target triple and CPU features, input and
-output names/dtypes/shapes, the pipeline that produced the model, the arena size, the kernel
-table, and for every part of the data (object code, constant blob, constant outputs) its
-offset, size and SHA-256. ``load`` checks the magic, the format version, the header size, every
-field's type and range, that parts lie inside the data without overlapping, every checksum,
-the target and the CPU features, and only then hands the object code to LLVM's linker. Nothing
-in the file is ever unpickled or evaluated.
+The container (magic, format, sealed JSON header, checksummed parts, optional Ed25519
+signature) is backends/artifact_format.py. The header is the manifest: format and kiln
+version, target triple and CPU features, input and output names/dtypes/shapes, the pipeline
+that produced the model, the arena size, the kernel table, and for every part of the data
+(object code, constant blob, constant outputs) its offset, size and SHA-256. ``load`` reads the file in bounded steps and checks the magic, the
+format version, the header's size and digest, every field's type and range, that parts tile
+the data, every checksum, the signature (when there is one, or when keys are trusted), the
+target and the CPU features; then the object code's structure, and the signature record the
+code carries (its arena, constants, steps, inputs and outputs: backends/llvm/objcheck.py)
+against the header. Only then does LLVM's linker see the code. Nothing in the file is ever
+unpickled or evaluated.
+
+**An artifact is native code.** Loading one runs what it holds with the rights of the
+process, like loading a shared library: load artifacts from trusted sources only. The checks
+turn damage into errors; they cannot make a hostile file safe. Signing (``kiln.export(...,
+sign_key=)``, ``kiln.load(..., trusted_keys=)``) says who wrote a file.
 """
 
 from __future__ import annotations
@@ -47,11 +55,13 @@ _check = Validator(_fail, "artifact manifest")
 
 
 def save(path: str | os.PathLike, image: Any, *, pipeline: Sequence[str] = (),
-         kiln_version: str = "") -> Path:
-    """Write ``image`` (a backends.llvm ProgramImage) as an artifact at ``path``.
+         kiln_version: str = "", sign_key: Any = None, overwrite: bool = True) -> Path:
+    """Write ``image`` (a backends.llvm ProgramImage) as an artifact at ``path``, signed
+    with ``sign_key`` (an Ed25519 private key; artifact_signing.py) when given.
 
     The file is written next to its destination and renamed into place, so a failed export
-    never leaves a half-written artifact or overwrites an existing one with garbage."""
+    never leaves a half-written artifact or overwrites an existing one with garbage; only a
+    regular file is replaced, and only with ``overwrite``."""
     parts: dict[str, bytes] = {"code": bytes(image.object_code),
                                "consts": np.ascontiguousarray(image.const_blob).tobytes()}
     tensors: dict[str, dict] = {}
@@ -72,7 +82,7 @@ def save(path: str | os.PathLike, image: Any, *, pipeline: Sequence[str] = (),
         "tensors": tensors,
         "steps": image.steps,
     }
-    return write_container(path, header, parts)
+    return write_container(path, header, parts, sign_key=sign_key, overwrite=overwrite)
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -96,13 +106,16 @@ def _check_cpu(target: Any) -> dict:
     return target
 
 
-def read_image(path: str | os.PathLike) -> tuple[Any, dict]:
-    """Read and check an artifact; returns (ProgramImage, header). No code is loaded."""
+def read_image(path: str | os.PathLike | bytes, trusted_keys: Any = None) -> tuple[Any, dict]:
+    """Read and check an artifact; returns (ProgramImage, header). No code is loaded or run.
+    ``trusted_keys``: see ``load``."""
     from kiln.backends.llvm.compiler import ProgramImage
+    from kiln.backends.llvm.objcheck import ObjectCodeError, check_image
 
     header, blobs = read_container(
         path, _fail, ArtifactError, "cpu", ("code", "consts"),
-        lambda kind: "load a CUDA artifact with kiln.backends.cuda.load_cuda(path)")
+        lambda kind: "load a CUDA artifact with kiln.backends.cuda.load_cuda(path)",
+        trusted_keys=trusted_keys)
 
     inputs = _check.signature(header.get("inputs"), "input")
     outputs = _check.signature(header.get("outputs"), "output")
@@ -117,6 +130,10 @@ def read_image(path: str | os.PathLike) -> tuple[Any, dict]:
               and _check.is_int(spec[1]) and 0 <= spec[1] < len(inputs if spec[0] == "input"
                                                            else outputs),
               f"output copy {j} is malformed")
+        src = (inputs if spec[0] == "input" else outputs)[spec[1]]
+        _check.want(src[1:] == outputs[int(j)][1:],
+                    f"output copy {j} copies a {src[1]}{list(src[2])} into a "
+                    f"{outputs[int(j)][1]}{list(outputs[int(j)][2])}")
         copies[int(j)] = (spec[0], spec[1])
     tensors = header.get("tensors")
     _check.want(isinstance(tensors, dict), "tensors must be an object")
@@ -128,30 +145,40 @@ def read_image(path: str | os.PathLike) -> tuple[Any, dict]:
         shape = _check.shape(t.get("shape"), dtype, f"tensor {name}")
         j = t.get("output")
         _check.want(_check.is_int(j) and 0 <= j < len(outputs), f"tensor {name} names no output")
+        _check.want((dtype, shape) == outputs[j][1:],
+                    f"tensor {name} is {dtype}{list(shape)}, output {j} is "
+                    f"{outputs[j][1]}{list(outputs[j][2])}")
         nbytes = math.prod(shape) * DType(dtype).itemsize
         if nbytes != len(blobs[name]):
             raise _fail(f"tensor {name} holds {len(blobs[name])} bytes, its shape needs "
                         f"{nbytes}")
         copy_consts[j] = np.frombuffer(blobs[name], DType(dtype).numpy).reshape(shape)
     steps = header.get("steps")
-    _check.want(isinstance(steps, list) and all(isinstance(s, dict) for s in steps),
-          "steps must be a list of objects")
+    _check.want(isinstance(steps, list) and all(
+        isinstance(s, dict) and all(isinstance(s.get(k), str) for k in ("kernel", "root", "op"))
+        and all(_check.is_int(s.get(k)) and s[k] >= 0 for k in ("flops", "bytes"))
+        for s in steps), "steps must be a list of {kernel, root, op, flops, bytes}")
     target = _check_cpu(header.get("target"))
     image = ProgramImage(
         object_code=blobs["code"],
         const_blob=np.frombuffer(blobs["consts"], np.uint8).copy(),
         arena_bytes=arena, inputs=inputs, outputs=outputs, output_copies=copies,
         copy_constants=copy_consts, steps=steps, target=target)
+    try:
+        check_image(image)
+    except ObjectCodeError as e:
+        raise _fail(f"artifact {e.message}") from None
     return image, header
 
 
 class LoadedModel:
     """A model loaded from an artifact: call it with NumPy arrays, get NumPy arrays back."""
 
-    def __init__(self, path: str | os.PathLike, threads: int = 0) -> None:
+    def __init__(self, path: str | os.PathLike | bytes, threads: int = 0,
+                 trusted_keys: Any = None) -> None:
         from kiln.backends.llvm.compiler import CompiledProgram
 
-        image, self.manifest = read_image(path)
+        image, self.manifest = read_image(path, trusted_keys)
         self.inputs = image.inputs
         self.outputs = image.outputs
         self.program = CompiledProgram(image)
@@ -176,14 +203,26 @@ class LoadedModel:
         return f"<kiln LoadedModel ({sig})>"
 
 
-def load(path: str | os.PathLike, threads: int = 0) -> Any:
-    """Load an artifact written by ``kiln.export``: a CPU artifact (llvm backend; needs NumPy
-    and llvmlite, not PyTorch) as a ``LoadedModel``, a CUDA one (cuda backend; needs numba and
-    a CUDA GPU of the artifact's compute capability) as a ``CudaArtifactModel``.
+def load(path: str | os.PathLike | bytes, threads: int = 0, trusted_keys: Any = None) -> Any:
+    """Load an artifact written by ``kiln.export`` (from its path, or its bytes): a CPU
+    artifact (llvm backend; needs NumPy and llvmlite, not PyTorch) as a ``LoadedModel``, a
+    CUDA one (cuda backend; needs numba and a CUDA GPU of the artifact's compute capability)
+    as a ``CudaArtifactModel``.
 
-    Raises ArtifactError (a KilnError) for a damaged or foreign file, a format this kiln does
-    not read, or a CPU that lacks the features the code was compiled for; CudaArtifactError
-    likewise for CUDA artifacts, and where no GPU can run them."""
+    **An artifact is native code** (or GPU code): loading it runs what it holds with this
+    process's rights, like loading a shared library. Load artifacts from trusted sources only.
+    kiln's checks (format, sizes, digests, the code's structure and signature record) turn a
+    damaged file into an ArtifactError; they cannot make a hostile file safe.
+
+    ``trusted_keys``: Ed25519 public keys (objects, 32 raw bytes, PEM bytes or PEM file
+    paths); when given, only an artifact signed (``kiln.export(..., sign_key=)``) by one of
+    them loads. When None, ``KILN_TRUSTED_KEYS`` (PEM paths separated by ``os.pathsep``) is
+    the policy if set; otherwise unsigned artifacts load, and a signed one loads only if its
+    signature matches its contents (when ``cryptography`` is installed).
+
+    Raises ArtifactError (a KilnError) for a damaged, edited, untrusted or foreign file, a
+    format this kiln does not read, or a CPU that lacks the features the code was compiled
+    for; CudaArtifactError likewise for CUDA artifacts, and where no GPU can run them."""
     if peek_kind(path) == "cuda":
         if threads:
             raise KilnError(f"{path} is a CUDA artifact: threads={threads} applies to CPU "
@@ -194,5 +233,5 @@ def load(path: str | os.PathLike, threads: int = 0) -> Any:
             raise KilnError(f"{path} is a CUDA artifact, and loading it needs {e.name}",
                             hint="pip install 'kiln[cuda]' on a machine with a CUDA GPU"
                             ) from None
-        return load_cuda(path)
-    return LoadedModel(path, threads)
+        return load_cuda(path, trusted_keys=trusted_keys)
+    return LoadedModel(path, threads, trusted_keys)

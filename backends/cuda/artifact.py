@@ -187,7 +187,8 @@ def build_cuda_image(source: Any, *, cc: tuple[int, int] | None = None,
 
 
 def save_cuda_image(path: str | os.PathLike, image: CudaImage, *,
-                    kiln_version: str = "") -> Path:
+                    kiln_version: str = "", sign_key: Any = None,
+                    overwrite: bool = True) -> Path:
     """Write ``image`` at ``path`` (through a temporary file renamed into place, so a failed
     write never leaves half an artifact)."""
     parts: dict[str, bytes] = {"consts": image.const_blob.tobytes()}
@@ -216,16 +217,17 @@ def save_cuda_image(path: str | os.PathLike, image: CudaImage, *,
         "output_copies": {str(j): [k, int(i)] for j, (k, i) in image.output_copies.items()},
         "tensors": tensors,
     }
-    return write_container(path, header, parts)
+    return write_container(path, header, parts, sign_key=sign_key, overwrite=overwrite)
 
 
 def export_cuda(source: Any, path: str | os.PathLike, *, cc: tuple[int, int] | None = None,
-                overwrite: bool = False, tuning: CudaTuning = GPU_TUNING) -> Path:
+                overwrite: bool = False, tuning: CudaTuning = GPU_TUNING,
+                sign_key: Any = None) -> Path:
     """Write ``source`` (a ``kiln.compile`` result, a CudaProgram or a Graph) as a CUDA
     artifact: PTX for compute capability ``cc`` (default: this machine's GPU, else sm_80) of
     every kernel, with its launch configuration and the memory plan. Needs numba's CUDA
     compiler (the toolkit's libNVVM) in a process without the simulator, not a GPU. An
-    existing file is kept unless ``overwrite``."""
+    existing file is kept unless ``overwrite``; ``sign_key`` signs it (see ``kiln.export``)."""
     import numba
 
     if numba.config.ENABLE_CUDASIM:
@@ -238,7 +240,7 @@ def export_cuda(source: Any, path: str | os.PathLike, *, cc: tuple[int, int] | N
     from kiln import __version__
 
     return save_cuda_image(path, build_cuda_image(source, cc=cc, tuning=tuning),
-                           kiln_version=__version__)
+                           kiln_version=__version__, sign_key=sign_key, overwrite=overwrite)
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -316,11 +318,13 @@ def _launch(raw: Any, blobs: dict[str, bytes], sizes: dict[str, int],
                        raw["parallel"], shared, tuple(specs)), ptx
 
 
-def read_cuda_image(path: str | os.PathLike) -> tuple[CudaImage, dict]:
+def read_cuda_image(path: str | os.PathLike, trusted_keys: Any = None
+                    ) -> tuple[CudaImage, dict]:
     """Read and check a CUDA artifact; returns (CudaImage, header). Loads no code and needs no
-    GPU."""
+    GPU. ``trusted_keys``: see ``kiln.load``."""
     header, blobs = read_container(path, _fail, CudaArtifactError, KIND, ("consts",),
-                                   lambda kind: "load it with kiln.load(path)")
+                                   lambda kind: "load it with kiln.load(path)",
+                                   trusted_keys=trusted_keys)
 
     target = header.get("target")
     _want(isinstance(target, dict), "target must be an object")
@@ -409,8 +413,8 @@ class CudaArtifactModel:
     """A model loaded from a CUDA artifact: call it with NumPy arrays (NumPy arrays back) or
     device arrays (anything with ``__cuda_array_interface__``; numba device arrays back)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.image, self.manifest = read_cuda_image(path)
+    def __init__(self, path: str | os.PathLike, trusted_keys: Any = None) -> None:
+        self.image, self.manifest = read_cuda_image(path, trusted_keys)
         image = self.image
         cuda = _check_device(image.cc)
         self._cuda = cuda
@@ -487,10 +491,11 @@ class CudaArtifactModel:
         return f"<kiln CudaArtifactModel ({sig}) for compute capability {cc}>"
 
 
-def load_cuda(path: str | os.PathLike) -> CudaArtifactModel:
+def load_cuda(path: str | os.PathLike, trusted_keys: Any = None) -> CudaArtifactModel:
     """Load a CUDA artifact written by ``export_cuda``.
 
     Raises CudaArtifactError (a KilnError) for a damaged or foreign file, a format this kiln
     does not read, no CUDA GPU (or Numba's simulator, which cannot run PTX), or a GPU older
-    than the artifact's compute capability."""
-    return CudaArtifactModel(path)
+    than the artifact's compute capability. An artifact is code: see ``kiln.load`` on
+    ``trusted_keys`` and the trust it needs."""
+    return CudaArtifactModel(path, trusted_keys)

@@ -7,6 +7,7 @@ import ctypes.util
 import functools
 import os
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -16,6 +17,12 @@ import numpy as np
 from kiln.backends.kernel_profile import KernelProfile
 from kiln.backends.llvm.cache import cache_key, load_cached, store_cached
 from kiln.backends.llvm.codegen import Binding, ModuleBuilder, emit_entry, emit_kernel
+from kiln.backends.llvm.objcheck import (
+    ObjectCodeError,
+    check_image,
+    encode_signature,
+    signature_global,
+)
 from kiln.backends.llvm.threads import ThreadChooser
 from kiln.ir import DType, Graph, KilnError, verify
 from kiln.ir.kernel import Kernel, structure_key
@@ -117,7 +124,11 @@ class ProgramImage:
 def load_code(object_code: bytes, target: Target):
     """JIT-link object code; returns (engine, entry, set_threads)."""
     _init_llvm()
-    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _target_machine(target))
+    # Linking generates no code: a machine of the triple alone (the image's CPU name and
+    # features are checked against the host elsewhere, and reach LLVM only when compiling).
+    tm = llvm.Target.from_triple(target.triple).create_target_machine(
+        opt=0, reloc="pic", codemodel="large")
+    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
     engine.add_object_file(llvm.ObjectFileRef.from_data(object_code))
     engine.finalize_object()
     entry = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -137,6 +148,9 @@ class CompiledProgram:
         self.ir_text = ir_text
         self.timings = dict(timings or {})
         target = Target.from_dict(image.target) if image.target else host_target()
+        # Nothing reaches LLVM's linker unchecked: bounds, kinds and the signature record
+        # against this image's arena, constants, steps, inputs and outputs (objcheck.py).
+        check_image(image)
         self.engine, self.entry, self.set_threads = load_code(image.object_code, target)
         self._consts = image.const_blob
         self._out_specs = [(shape, np.dtype(DType(dt).numpy)) for _, dt, shape in image.outputs]
@@ -325,13 +339,19 @@ def build_image(graph: Graph, target: Target, tuning: Tuning = DEFAULT_TUNING
             emit_kernel(m, kernel)
         calls.append((kernel, _bindings(step, t, plan)))
     emit_entry(m, calls)
+    g = graph
+    inputs = [(n, g.types[n].dtype.value, g.types[n].shape) for n in g.inputs]
+    outputs = [(n, g.types[n].dtype.value, g.types[n].shape) for n in g.outputs]
+    # What the code was generated for, in the code itself: a loader compares it with the
+    # header or manifest that comes with the code (objcheck.py).
+    m.functions.append(signature_global(encode_signature(
+        plan.arena_bytes, np.asarray(plan.const_blob).nbytes, len(calls), inputs, outputs)))
     ir_text = m.text()
     t2 = time.perf_counter()
     mod, tm = optimize_module(ir_text, target)
     t3 = time.perf_counter()
     obj = tm.emit_object(mod)
     t4 = time.perf_counter()
-    g = graph
     copies, copy_consts = {}, {}
     for j, src in plan.output_copies.items():
         if src in g.inputs:
@@ -349,9 +369,8 @@ def build_image(graph: Graph, target: Target, tuning: Tuning = DEFAULT_TUNING
              for s in lowered.steps]
     image = ProgramImage(
         object_code=bytes(obj), const_blob=plan.const_blob, arena_bytes=plan.arena_bytes,
-        inputs=[(n, g.types[n].dtype.value, g.types[n].shape) for n in g.inputs],
-        outputs=[(n, g.types[n].dtype.value, g.types[n].shape) for n in g.outputs],
-        output_copies=copies, copy_constants=copy_consts, steps=steps,
+        inputs=inputs, outputs=outputs, output_copies=copies, copy_constants=copy_consts,
+        steps=steps,
         target=target.to_dict())
     timings = {"lower": t1 - t0, "codegen": t2 - t1, "optimize": t3 - t2, "emit": t4 - t3}
     return image, lowered, ir_text, timings
@@ -369,9 +388,13 @@ def compile_graph(graph: Graph, *, target: Target | None = None, threads: int = 
     t0 = time.perf_counter()
     key = cache_key(graph, target, tuning) if cache else None
     image = load_cached(key) if key else None
+    prog = None
     if image is not None:
-        prog = CompiledProgram(image, timings={"cache_load": time.perf_counter() - t0})
-    else:
+        try:
+            prog = CompiledProgram(image, timings={"cache_load": time.perf_counter() - t0})
+        except ObjectCodeError as e:  # a damaged or edited entry: compile afresh
+            warnings.warn(f"kiln: ignoring cache entry {key}: {e.message}", stacklevel=2)
+    if prog is None:
         image, lowered, ir_text, timings = build_image(graph, target, tuning)
         t1 = time.perf_counter()
         prog = CompiledProgram(image, lowered=lowered, ir_text=ir_text, timings=timings)

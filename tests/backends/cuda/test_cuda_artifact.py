@@ -9,6 +9,7 @@ run here on an image whose PTX is a stand-in text.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
@@ -33,6 +34,7 @@ from kiln.runtime import artifact as cpu_artifact
 
 RNG = np.random.default_rng(5)
 _PREFIX = struct.Struct("<8sIQ")
+_LEAD = _PREFIX.size + 32   # the prefix, then the header's SHA-256
 
 
 def model_graph():
@@ -68,11 +70,13 @@ def rewrite_header(path: Path, edit, fmt: int | None = None) -> None:
     write ``fmt`` as the format in the prefix when given."""
     raw = path.read_bytes()
     magic, old_fmt, n = _PREFIX.unpack_from(raw)
-    header = json.loads(raw[_PREFIX.size:_PREFIX.size + n])
+    header = json.loads(raw[_LEAD:_LEAD + n])
     edit(header)
     fmt = old_fmt if fmt is None else fmt
     head = json.dumps(header).encode()
-    path.write_bytes(_PREFIX.pack(magic, fmt, len(head)) + head + raw[_PREFIX.size + n:])
+    # Resealed: the header digest recomputed, as someone who edits a header would.
+    path.write_bytes(_PREFIX.pack(magic, fmt, len(head)) + hashlib.sha256(head).digest()
+                     + head + raw[_LEAD + n:])
 
 
 def test_image_holds_launches_memory_plan_and_copies(artifact: Path):
@@ -92,9 +96,9 @@ def test_image_holds_launches_memory_plan_and_copies(artifact: Path):
 def test_damaged_files_are_refused(artifact: Path):
     raw = bytearray(artifact.read_bytes())
     _, _, n = _PREFIX.unpack_from(raw)
-    header = json.loads(raw[_PREFIX.size:_PREFIX.size + n])
+    header = json.loads(raw[_LEAD:_LEAD + n])
     part = header["parts"]["ptx_" + header["launches"][0]["name"]]
-    raw[_PREFIX.size + n + part["offset"] + 40] ^= 1
+    raw[_LEAD + n + part["offset"] + 40] ^= 1
     artifact.write_bytes(bytes(raw))
     with pytest.raises(CudaArtifactError, match="checksum of part ptx_"):
         read_cuda_image(artifact)
@@ -109,8 +113,8 @@ def test_damaged_files_are_refused(artifact: Path):
 def test_other_versions_and_kinds_are_refused(artifact: Path, tmp_path: Path):
     newer = tmp_path / "newer.kiln"
     newer.write_bytes(artifact.read_bytes())
-    rewrite_header(newer, lambda h: h.__setitem__("format", 2), fmt=2)
-    with pytest.raises(CudaArtifactError, match="format 2 is not supported"):
+    rewrite_header(newer, lambda h: h.__setitem__("format", 3), fmt=3)
+    with pytest.raises(CudaArtifactError, match="format 3 is not supported"):
         read_cuda_image(newer)
     cpu = tmp_path / "cpu.kiln"
     cpu.write_bytes(artifact.read_bytes())

@@ -4,13 +4,14 @@ The container (magic, format, sealed JSON header, checksummed parts, optional Ed
 signature) is backends/artifact_format.py. The header is the manifest: format and kiln
 version, target triple and CPU features, input and output names/dtypes/shapes, the pipeline
 that produced the model, the arena size, the kernel table, and for every part of the data
-(object code, constant blob, constant outputs) its offset, size and SHA-256. ``load`` reads the file in bounded steps and checks the magic, the
-format version, the header's size and digest, every field's type and range, that parts tile
-the data, every checksum, the signature (when there is one, or when keys are trusted), the
-target and the CPU features; then the object code's structure, and the signature record the
-code carries (its arena, constants, steps, inputs and outputs: backends/llvm/objcheck.py)
-against the header. Only then does LLVM's linker see the code. Nothing in the file is ever
-unpickled or evaluated.
+(object code, constant blob, constant outputs) its offset, size and SHA-256, and which inputs
+index a table (checked on every call). ``load`` reads the file in bounded steps and checks
+the magic, the format version, the header's size and digest, every field's type and range,
+that parts tile the data, every checksum, the signature (when there is one, or when keys are
+trusted), the target and the CPU features; then the object code's structure, and the
+signature record the code carries (its arena, constants, steps, inputs and outputs:
+backends/llvm/objcheck.py) against the header. Only then does LLVM's linker see the code.
+Nothing in the file is ever unpickled or evaluated.
 
 **An artifact is native code.** Loading one runs what it holds with the rights of the
 process, like loading a shared library: load artifacts from trusted sources only. The checks
@@ -81,6 +82,7 @@ def save(path: str | os.PathLike, image: Any, *, pipeline: Sequence[str] = (),
         "output_copies": {str(j): [k, int(i)] for j, (k, i) in image.output_copies.items()},
         "tensors": tensors,
         "steps": image.steps,
+        "index_checks": [list(c) for c in image.index_checks],
     }
     return write_container(path, header, parts, sign_key=sign_key, overwrite=overwrite)
 
@@ -159,11 +161,21 @@ def read_image(path: str | os.PathLike | bytes, trusted_keys: Any = None) -> tup
         and all(_check.is_int(s.get(k)) and s[k] >= 0 for k in ("flops", "bytes"))
         for s in steps), "steps must be a list of {kernel, root, op, flops, bytes}")
     target = _check_cpu(header.get("target"))
+    index_checks = []
+    raw_checks = header.get("index_checks", [])
+    _check.want(isinstance(raw_checks, list) and len(raw_checks) <= len(inputs),
+                "index_checks must be a list")
+    for c in raw_checks:
+        _check.want(isinstance(c, list) and len(c) == 3 and _check.is_int(c[0])
+                    and 0 <= c[0] < len(inputs) and inputs[c[0]][1] in ("i32", "i64")
+                    and _check.is_int(c[1]) and c[1] >= 0 and isinstance(c[2], str),
+                    f"index check {str(c)[:80]} is malformed")
+        index_checks.append((c[0], c[1], c[2][:256]))
     image = ProgramImage(
         object_code=blobs["code"],
         const_blob=np.frombuffer(blobs["consts"], np.uint8).copy(),
         arena_bytes=arena, inputs=inputs, outputs=outputs, output_copies=copies,
-        copy_constants=copy_consts, steps=steps, target=target)
+        copy_constants=copy_consts, steps=steps, target=target, index_checks=index_checks)
     try:
         check_image(image)
     except ObjectCodeError as e:

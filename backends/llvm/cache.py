@@ -198,6 +198,7 @@ def store_cached(key: str, image: ProgramImage) -> None:
             "copy_constants": copies,
             "steps": image.steps,
             "target": image.target,
+            "index_checks": [list(c) for c in image.index_checks],
             "sha256": {fname: _sha(data) for fname, data in files.items()},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest))
@@ -324,6 +325,7 @@ def load_cached(key: str) -> ProgramImage | None:
             copy_constants=copies,
             steps=manifest["steps"],
             target=manifest["target"],
+            index_checks=[(int(i), int(r), str(n)) for i, r, n in manifest["index_checks"]],
         )
     except Exception as e:  # whatever is wrong with an entry, it is compiled afresh
         warnings.warn(f"kiln: ignoring a damaged cache entry {folder}: "

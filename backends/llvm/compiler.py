@@ -9,7 +9,7 @@ import os
 import time
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -119,6 +119,9 @@ class ProgramImage:
     copy_constants: dict[int, np.ndarray]               # outputs that are graph constants
     steps: list[dict]                                   # kernel, root, op, flops, bytes
     target: dict[str, str]
+    # (input, rows, node): integer inputs that index a table of ``rows`` rows at ``node``;
+    # each call checks them (the code reads NaN rows for an index outside the table).
+    index_checks: list[tuple[int, int, str]] = field(default_factory=list)
 
 
 def load_code(object_code: bytes, target: Target):
@@ -179,6 +182,15 @@ class CompiledProgram:
             state = self._free.pop()
         except IndexError:
             state = self._call_state()
+        for i, rows, node in self.image.index_checks:
+            ids = arrays[i]
+            if ids.size and (ids.min() < 0 or ids.max() >= rows):
+                self._free.append(state)
+                bad = ids[(ids < 0) | (ids >= rows)].flat[0]
+                raise KilnError(f"input %{self.image.inputs[i][0]} holds index {bad}, outside "
+                                f"[0, {rows}) of the table it selects from",
+                                node=node, op="embedding",
+                                hint="check the token ids fed to the model")
         try:
             for i, a in enumerate(arrays):
                 state.inputs[i] = a.ctypes.data
@@ -370,10 +382,36 @@ def build_image(graph: Graph, target: Target, tuning: Tuning = DEFAULT_TUNING
     image = ProgramImage(
         object_code=bytes(obj), const_blob=plan.const_blob, arena_bytes=plan.arena_bytes,
         inputs=inputs, outputs=outputs, output_copies=copies, copy_constants=copy_consts,
-        steps=steps,
+        steps=steps, index_checks=_index_checks(graph),
         target=target.to_dict())
     timings = {"lower": t1 - t0, "codegen": t2 - t1, "optimize": t3 - t2, "emit": t4 - t3}
     return image, lowered, ir_text, timings
+
+
+# Ops whose output holds only values of their (first) input: an index traced back through them
+# to a graph input is checked on that input.
+_SAME_VALUES = ("reshape", "permute", "expand", "flatten", "squeeze", "unsqueeze")
+
+
+def _index_checks(graph: Graph) -> list[tuple[int, int, str]]:
+    """(input index, table rows, node) for every embedding whose indices are a graph input,
+    directly or through ops that only move values (or an integer cast)."""
+    producers = graph.producers()
+    checks = {}
+    for node in graph.nodes:
+        if node.op != "embedding":
+            continue
+        v = node.inputs[0]
+        while v in producers and (producers[v].op in _SAME_VALUES or (
+                producers[v].op == "cast"
+                and not graph.types[producers[v].inputs[0]].dtype.is_float)):
+            v = producers[v].inputs[0]
+        if v in graph.inputs:
+            rows = graph.types[node.inputs[1]].shape[0]
+            i = graph.inputs.index(v)
+            if i not in checks or checks[i][1] > rows:
+                checks[i] = (i, rows, node.name)
+    return sorted(checks.values())
 
 
 def compile_graph(graph: Graph, *, target: Target | None = None, threads: int = 0,

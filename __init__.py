@@ -23,12 +23,25 @@ _LAZY = {
     "load": "kiln.runtime.artifact",
 }
 
-__all__ = ["KilnError", "__version__", *_LAZY]
+__all__ = ["KilnError", "MissingDependencyError", "__version__", *_LAZY]
+
+
+class MissingDependencyError(KilnError, ImportError):
+    """A part of kiln's API was used whose dependency (PyTorch) is not installed; an
+    ImportError too, so ``from kiln import compile`` fails the way imports fail."""
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ModuleNotFoundError as e:
+            if (e.name or "").partition(".")[0] != "torch":
+                raise
+            raise MissingDependencyError(
+                f"kiln.{name} needs PyTorch, which is not installed",
+                hint="pip install torch; kiln.load runs exported artifacts without it") from e
+        return getattr(module, name)
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")

@@ -12,8 +12,9 @@
     kiln compare resnet18_cifar --prune 0.3 --quantize minmax
     kiln tune resnet18 --budget 60
 
-Errors a user can cause print ``kiln: error: <message>`` and exit with status 2; ``bisect`` and
-``minify`` exit with status 1 when they find a failing pass.
+Errors a user can cause (a bad model or option, an output path that cannot or must not be
+written) print ``kiln: error: <message>`` on stderr, no traceback, and exit with status 2;
+``bisect`` and ``minify`` exit with status 1 when they find a failing pass.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from kiln.debug.minify import check_failure, minify, write_repro
 from kiln.debug.model_arg import SPEC_HELP, is_onnx_spec, load_graph, load_model
 from kiln.debug.profiling import format_table, measure_peaks, profile
 from kiln.debug.stages import INPUT_STAGE, show
+from kiln.debug.trace import check_output_dir, trace
 from kiln.debug.trace import format_table as format_trace_table
-from kiln.debug.trace import trace
 from kiln.frontend.trace import FRONTENDS
 from kiln.ir import KilnError
 from kiln.passes import PIPELINES, all_passes
@@ -93,6 +94,8 @@ def _cmd_bisect(args: argparse.Namespace) -> int:
 
 
 def _cmd_minify(args: argparse.Namespace) -> int:
+    # The repro's three files replace their namesakes in the folder; nothing else is touched.
+    check_output_dir(Path(args.output), overwrite=True)
     passes = resolve_passes(args.pipeline, parse_pass_list(args.passes))
     graph, _, _ = load_graph(args.model, frontend=args.frontend)
     failure = check_failure(graph, passes, args.seed)
@@ -110,19 +113,26 @@ def _cmd_minify(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> None:
-    rows = trace(args.model, args.output, args.pipeline, args.frontend)
+    check_output_dir(Path(args.output), args.overwrite, "--overwrite")
+    rows = trace(args.model, args.output, args.pipeline, args.frontend,
+                 overwrite=args.overwrite)
     print(format_trace_table(rows))
     print(f"wrote {len(rows)} stages (.txt, .diff), table.tsv and report.html to {args.output}")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
     import kiln
+    from kiln.frontend.api import check_output_file
 
     out = Path(args.output)
-    if args.format != "c" and out.is_dir():
+    # Checked before compiling, and again by the writer: an existing output is replaced only
+    # with --overwrite, and only a regular file (or, for --format c, a folder) ever is.
+    if args.format == "c":
+        check_output_dir(out, args.overwrite, "--overwrite")
+    elif out.is_dir():
         raise KilnError(f"{out} is a directory", hint=f"--format {args.format} writes one file")
-    if out.exists() and not args.overwrite and not (out.is_dir() and not any(out.iterdir())):
-        raise KilnError(f"{out} already exists", hint="choose another path or pass --overwrite")
+    else:
+        check_output_file(out, args.overwrite, "--overwrite")
     if args.threads and args.format != "c":
         raise KilnError("--threads is baked into C libraries only",
                         hint="a kiln artifact takes its threads at kiln.load(path, threads=N)")
@@ -355,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"one of {', '.join(PIPELINES)})")
     p.add_argument("--frontend", default="fx", choices=FRONTENDS,
                    help="how the model is traced (default: fx)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty DIR, replacing the trace's files "
+                        "there (other files are kept; without it such a DIR is refused)")
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("export", help="compile a model ahead of time to a file or C library",
@@ -420,7 +433,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # and keep the interpreter's final flush from failing again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:
+        # A file the command reads or writes (a full disk, a folder it may not write ...):
+        # the system's reason, not a traceback.
+        print(f"kiln: error: {_os_error(e)}", file=sys.stderr)
+        return 2
     return status if isinstance(status, int) else 0
+
+
+def _os_error(e: OSError) -> str:
+    """``e`` as one line: the path(s) it names and the system's reason."""
+    reason = e.strerror or str(e) or type(e).__name__
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ every stage's graph and its fused kernels, to ``report.html``.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from kiln.debug.bisect import combined_budget, max_violation
 from kiln.debug.model_arg import load_checked
 from kiln.debug.report import Stage, write_report
 from kiln.debug.stages import INPUT_STAGE
-from kiln.ir import Graph, get_op, print_graph
+from kiln.ir import Graph, KilnError, get_op, print_graph
 from kiln.passes import (
     DumpIR,
     Instrument,
@@ -93,19 +94,54 @@ def _write_tsv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def trace(spec: str, out_dir: str | Path, pipeline: str = "O1", frontend: str = "fx"
-          ) -> list[dict[str, Any]]:
+def check_output_dir(out: Path, overwrite: bool = False, flag: str = "overwrite=True") -> None:
+    """A KilnError unless ``out`` can be (or is) a folder to write into: not a file, not under
+    a file, in a folder this process may write to, and empty unless ``overwrite`` (``flag`` is
+    how the caller spells it). Nothing is created."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise KilnError(f"{out} exists and is not a directory",
+                        hint="choose the path of a new or empty folder")
+    if out.is_dir():
+        if any(out.iterdir()) and not overwrite:
+            raise KilnError(f"{out} already exists and is not empty",
+                            hint=f"choose another folder, or pass {flag} to write into it "
+                                 "(files of the same names are replaced, others kept)")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise KilnError(f"cannot write into {out}: permission denied",
+                            hint="choose a folder you can write to")
+        return
+    ancestor = out.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise KilnError(f"cannot create {out}: {ancestor} is not a directory",
+                        hint="choose a path in an existing folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise KilnError(f"cannot create {out}: {ancestor} is not writable",
+                        hint="choose a folder you can write to")
+
+
+def trace(spec: str, out_dir: str | Path, pipeline: str = "O1", frontend: str = "fx", *,
+          overwrite: bool = False) -> list[dict[str, Any]]:
     """Trace model ``spec`` (zoo name or ``file.py:factory``) through ``pipeline`` into
     ``out_dir``; returns one row per stage (keys: ``COLUMNS``).
 
     ``seconds`` is the pass's wall time (0 for the input stage), ``max_diff`` the largest
     |stage output - eager output|, and ``ok`` whether that is within ``kiln bisect``'s
     tolerance for the passes run so far. Writes the per-stage ``.txt``/``.diff`` files,
-    ``table.tsv`` and ``report.html``. KilnError for a bad model, pipeline or frontend.
+    ``table.tsv`` and ``report.html`` into ``out_dir``, which is created, or must be an empty
+    folder unless ``overwrite`` (then the files of those names are replaced and nothing else
+    in it is touched). KilnError for a bad model, pipeline, frontend or output folder.
     """
     out = Path(out_dir)
+    check_output_dir(out, overwrite)
     passes = get_pipeline(pipeline)
     graph, arrays, expected, name = load_checked(spec, frontend=frontend)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KilnError(f"cannot create {out}: {e.strerror or e}",
+                        hint="choose a folder you can write to") from e
     timing, graphs = Timing(), _StageGraphs()
     PassManager(passes, [Verify(), DumpIR(out), timing, graphs]).run(graph)
 
@@ -136,4 +172,5 @@ def trace(spec: str, out_dir: str | Path, pipeline: str = "O1", frontend: str = 
     return rows
 
 
-__all__ = ["COLUMNS", "Stage", "format_table", "graph_cost", "trace", "unified_diff"]
+__all__ = ["COLUMNS", "Stage", "check_output_dir", "format_table", "graph_cost", "trace",
+           "unified_diff"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,11 +12,13 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from kiln.backends import backend_names
 from kiln.backends.reference import run_graph
 from kiln.frontend.compress import Compressed, compress_graph
-from kiln.frontend.trace import trace_module
+from kiln.frontend.importer import TORCH_TO_DTYPE
+from kiln.frontend.trace import FRONTENDS, trace_module
 from kiln.ir import Graph, KilnError
-from kiln.passes import NumericCheck, PassManager, Timing, Verify, get_pipeline
+from kiln.passes import NumericCheck, PassManager, Timing, Verify, get_pass, get_pipeline
 from kiln.runtime import Executable, artifact
 
 
@@ -27,7 +30,11 @@ def optimize(graph: Graph, pipeline: str | Sequence[str] = "O1", *, verify: bool
     With ``check_inputs`` every stage's outputs are compared with the previous stage's on those
     inputs by the reference backend, so a pass that changes the numbers is named at once.
     """
-    passes = get_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+    if not isinstance(graph, Graph):
+        raise KilnError(f"kiln.optimize takes a kiln Graph, got {type(graph).__name__}",
+                        hint="for a torch model use kiln.compile(model, example_inputs)")
+    pipeline = _check_pipeline(pipeline)
+    passes = get_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
     timing = Timing()
     inst: list[Any] = [timing, *instruments]
     if verify:
@@ -35,6 +42,75 @@ def optimize(graph: Graph, pipeline: str | Sequence[str] = "O1", *, verify: bool
     if check_inputs is not None:
         inst.append(NumericCheck(run_graph, list(check_inputs)))
     return PassManager(passes, inst).run(graph), timing
+
+
+def _check_pipeline(pipeline: Any) -> str | list[Any]:
+    """``pipeline`` (a pipeline name or a list of pass names / Pass instances) after checking
+    its type; unknown names are refused by get_pipeline / get_pass."""
+    from kiln.passes import Pass
+
+    if isinstance(pipeline, str):
+        return pipeline
+    if isinstance(pipeline, (list, tuple)) and all(isinstance(p, (str, Pass))
+                                                   for p in pipeline):
+        return list(pipeline)
+    raise KilnError(f"pipeline= takes a pipeline name or a list of pass names, got "
+                    f"{pipeline!r}", hint="for example pipeline='O1' or "
+                                          "pipeline=['fold_batchnorm', 'dce']")
+
+
+def _supported_dtypes() -> str:
+    return ", ".join(str(dt).removeprefix("torch.") for dt in TORCH_TO_DTYPE)
+
+
+def unsupported_dtype(what: str, dtype: Any, expected: Any = None) -> KilnError:
+    """The error for an input of a dtype kiln does not compile (bfloat16, float8, float64,
+    complex ...): names the input and the dtype, and says which cast fixes it. ``expected``
+    is the type a compiled model was compiled for (None at compile time)."""
+    name = str(dtype).removeprefix("torch.")
+    if expected is not None:
+        want = str(_TORCH_DTYPE[expected.dtype.value]).removeprefix("torch.")
+        return KilnError(f"{what} has dtype {name}, but the model was compiled for {expected}",
+                         hint=f"cast it: x.to(torch.{want})")
+    if getattr(dtype, "is_floating_point", False) or getattr(dtype, "kind", "") == "f":
+        cast = ("x.float() (float32) or x.half() (float16); if the model's weights are "
+                f"{name} too, convert it with model.float()")
+    elif getattr(dtype, "is_complex", False) or getattr(dtype, "kind", "") == "c":
+        cast = "pass real tensors (for example the real and imaginary parts as two inputs)"
+    else:
+        cast = "x.int() (int32) or x.long() (int64)"
+    return KilnError(f"{what} has dtype {name}, which kiln does not compile",
+                     hint=f"kiln compiles {_supported_dtypes()}; cast it: {cast}")
+
+
+def example_tensors(example_inputs: Any, names: Sequence[str] = ()) -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` (a tensor or array, or a tuple/list of them) as a tuple of tensors
+    of dtypes kiln compiles; a KilnError naming the first one that is not (by its index and,
+    where ``names`` has it, its parameter name)."""
+    what = "example input"
+    usage = "pass a tuple of tensors shaped like the real inputs, e.g. (torch.randn(1, 3),)"
+    if example_inputs is None:
+        raise KilnError(f"no {what}s given: kiln compiles for their shapes and dtypes",
+                        hint=usage)
+    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise KilnError(f"{what}s must be a tuple of tensors, got "
+                        f"{type(example_inputs).__name__}", hint=usage)
+    tensors = []
+    for i, x in enumerate(example_inputs):
+        which = f"{what} {i}" + (f" ({names[i]})" if i < len(names) else "")
+        if isinstance(x, np.ndarray):
+            if x.dtype.kind not in "biuf" or x.dtype.itemsize > 8:
+                raise unsupported_dtype(which, x.dtype)
+            x = torch.as_tensor(x)
+        if not isinstance(x, torch.Tensor):
+            raise KilnError(f"{which} is of type {type(x).__name__}, not a tensor or NumPy "
+                            "array", hint=usage)
+        if x.dtype not in TORCH_TO_DTYPE:
+            raise unsupported_dtype(which, x.dtype)
+        tensors.append(x)
+    return tuple(tensors)
 
 
 class CompiledModel:
@@ -67,6 +143,8 @@ class CompiledModel:
         on_device = self.backend == "cuda" and any(
             a.is_cuda if isinstance(a, torch.Tensor) else hasattr(a, "__cuda_array_interface__")
             for a in args)
+        if use_torch:
+            self._check_dtypes(args)
         if on_device:
             # Device memory stays on the device: the CUDA program reads the inputs in place and
             # returns fresh device arrays, which torch wraps as CUDA tensors without a copy.
@@ -92,6 +170,13 @@ class CompiledModel:
             return outs[0] if len(outs) == 1 else tuple(outs)
         return pytree.tree_unflatten(outs, self._out_spec)
 
+    def _check_dtypes(self, args: Sequence[Any]) -> None:
+        """A KilnError for a tensor argument of a dtype NumPy and kiln cannot take (bfloat16,
+        float8 ...), before it is converted; other mismatches are the executable's to name."""
+        for i, (a, t) in enumerate(zip(args, self.executable.input_types)):
+            if isinstance(a, torch.Tensor) and a.dtype not in TORCH_TO_DTYPE:
+                raise unsupported_dtype(f"input {i} (%{self.graph.inputs[i]})", a.dtype, t)
+
     def profile(self, *args: Any, repeat: int = 10) -> list:
         """Per-kernel time, FLOPs and GFLOP/s on these inputs, slowest first (llvm and cuda
         backends)."""
@@ -99,6 +184,7 @@ class CompiledModel:
         if not hasattr(program, "profile"):
             raise KilnError(f"the {self.backend} backend has no per-kernel profile",
                             hint="compile with backend='llvm'")
+        self._check_dtypes(args)
         arrays = [a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
                   for a in args]
         return program.profile(self.executable.check(arrays), repeat=repeat)
@@ -111,30 +197,74 @@ _TORCH_DTYPE = {"f32": torch.float32, "f16": torch.float16, "i8": torch.int8,
                 "u8": torch.uint8, "i32": torch.int32, "i64": torch.int64, "bool": torch.bool}
 
 
-def export(compiled: CompiledModel, path: str | os.PathLike, *,
-           overwrite: bool = False) -> Path:
-    """Write ``compiled`` as one artifact file that ``kiln.load`` runs without PyTorch: native
-    code for this CPU (llvm backend), or PTX with its launch table for NVIDIA GPUs (cuda
-    backend; see ``kiln.backends.cuda.export_cuda``). An existing file is kept unless
-    ``overwrite`` is True."""
+def export(compiled: CompiledModel, path: str | os.PathLike | None = None, *,
+           overwrite: bool = False, sign_key: Any = None) -> Path:
+    """Write ``compiled`` (a ``kiln.compile`` result) as one artifact file at ``path`` that
+    ``kiln.load`` runs without PyTorch: native code for this CPU (llvm backend), or PTX with
+    its launch table for NVIDIA GPUs (cuda backend; see ``kiln.backends.cuda.export_cuda``).
+    An existing file is kept unless ``overwrite`` is True; anything at ``path`` that is not a
+    regular file (a directory, a device) is never replaced.
+
+    ``sign_key`` (an Ed25519 private key: a ``cryptography`` key object, PEM bytes or the path
+    of a PEM file) signs the artifact, so that ``kiln.load(path, trusted_keys=[public key])``
+    can tell it came from you. An artifact is native code: whoever loads it runs it.
+
+    Raises:
+        KilnError: for something other than a compiled model, a missing or unusable path, or
+            a model without code to export.
+    """
+    if not isinstance(compiled, CompiledModel):
+        what = type(compiled).__name__
+        hint = "export what kiln.compile returns: kiln.export(kiln.compile(model, " \
+               "example_inputs), path)"
+        if isinstance(compiled, (str, os.PathLike)) and isinstance(path, CompiledModel):
+            hint = "the compiled model comes first: kiln.export(compiled, path)"
+        raise KilnError(f"kiln.export takes a compiled model, got {what}", hint=hint)
+    if path is None:
+        raise KilnError("kiln.export needs the path of the file to write",
+                        hint="kiln.export(compiled, 'model.kiln')")
+    if not isinstance(path, (str, os.PathLike)):
+        raise KilnError(f"kiln.export's path must be a str or os.PathLike, got "
+                        f"{type(path).__name__}", hint="kiln.export(compiled, 'model.kiln')")
+    check_output_file(Path(path), overwrite)
     if compiled.backend == "cuda":
         from kiln.backends.cuda.artifact import export_cuda
 
-        return export_cuda(compiled, path, overwrite=overwrite)
+        return export_cuda(compiled, path, overwrite=overwrite, sign_key=sign_key)
     program = compiled.executable.program
     image = getattr(program, "image", None)
     if image is None:
         raise KilnError(f"a model compiled for the {compiled.backend} backend has no native "
                         "code to export", hint="compile with backend='llvm' or 'cuda'")
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise KilnError(f"{path} already exists", hint="choose another path or pass "
-                                                       "overwrite=True")
     if compiled.compression is not None:
         pipeline = [r.stage for r in compiled.compression.report[1:]]
     else:
         pipeline = [r.name for r in compiled.timing.records] if compiled.timing else []
-    return artifact.save(path, image, pipeline=pipeline, kiln_version=_kiln_version())
+    try:
+        return artifact.save(path, image, pipeline=pipeline, kiln_version=_kiln_version(),
+                             sign_key=sign_key, overwrite=overwrite)
+    except OSError as e:
+        raise KilnError(f"cannot write {path}: {e.strerror or e}",
+                        hint="choose a path in a folder you can write to") from e
+
+
+def check_output_file(path: Path, overwrite: bool = False, flag: str = "overwrite=True"
+                      ) -> None:
+    """A KilnError unless ``path`` can take a new file: its folder exists, and nothing is there
+    (or, with ``overwrite``, a regular file). ``flag`` is how the caller spells overwrite."""
+    if path.is_dir():
+        raise KilnError(f"{path} is a directory", hint="give the path of the file to write")
+    if os.path.lexists(path):
+        if not path.is_file():
+            raise KilnError(f"{path} exists and is not a regular file",
+                            hint="kiln replaces only regular files; choose another path")
+        if not overwrite:
+            raise KilnError(f"{path} already exists", hint=f"choose another path or pass {flag}")
+    parent = path.parent
+    if not parent.is_dir():
+        what = "is not a directory" if os.path.lexists(parent) else "does not exist"
+        raise KilnError(f"cannot write {path}: {parent} {what}",
+                        hint="choose a path in an existing folder")
 
 
 def _kiln_version() -> str:
@@ -145,7 +275,7 @@ def _kiln_version() -> str:
 
 def compile(
     model: torch.nn.Module,
-    example_inputs: Sequence[Any],
+    example_inputs: Sequence[Any] | torch.Tensor | None = None,
     *,
     backend: str = "llvm",
     pipeline: str | Sequence[str] = "O1",
@@ -167,8 +297,9 @@ def compile(
 
     Args:
         model: an ``nn.Module`` in eval mode.
-        example_inputs: a tuple of tensors (a single tensor is accepted too); the compiled model
-            takes inputs of exactly these shapes and dtypes.
+        example_inputs: a tuple of tensors (a single tensor is accepted too; required); the
+            compiled model takes inputs of exactly these shapes and dtypes (float32, float16,
+            int8, uint8, int32, int64 or bool: cast bfloat16 / float8 / float64 first).
         backend: ``"llvm"`` (native code for this CPU), ``"cuda"`` (numba.cuda kernels on an
             NVIDIA GPU, or on Numba's CUDA simulator when NUMBA_ENABLE_CUDASIM=1 is set before
             numba is imported) or ``"reference"`` (the NumPy interpreter, the oracle).
@@ -199,16 +330,13 @@ def compile(
 
     Raises:
         KilnError: for an unsupported op (naming it and its source line), a model in training
-            mode, inputs kiln cannot take, or ``backend="cuda"`` with neither a GPU nor the
-            simulator.
+            mode, a model that is not an ``nn.Module``, missing example inputs or inputs kiln
+            cannot take, an unknown backend, pipeline or frontend, or ``backend="cuda"`` with
+            neither a GPU nor the simulator.
     """
-    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(torch.as_tensor(x) if isinstance(x, np.ndarray) else x
-                           for x in example_inputs)
-    if not all(isinstance(x, torch.Tensor) for x in example_inputs):
-        raise KilnError("example_inputs must be tensors or NumPy arrays",
-                        hint="pass a tuple of tensors shaped like the real inputs")
+    check_model(model)
+    example_inputs = example_tensors(example_inputs, _parameter_names(model))
+    _check_names(backend, pipeline, frontend)
     cpu = _cpu_target(backend, target)
     tune_options = _tune_options(tune, backend)
     tuning = _tuning(backend, winograd)
@@ -236,6 +364,42 @@ def compile(
     compiled.compression = compression
     compiled.tuning = report
     return compiled
+
+
+def check_model(model: Any) -> None:
+    """A KilnError unless ``model`` is an ``nn.Module`` (kiln.compile's and kiln.compress's
+    first argument)."""
+    if isinstance(model, torch.nn.Module):
+        return
+    if isinstance(model, CompiledModel):
+        raise KilnError("this model is compiled already",
+                        hint="pass the original nn.Module, or call the compiled model")
+    raise KilnError(f"kiln compiles torch.nn.Module objects, got {type(model).__name__}",
+                    hint="wrap a function in an nn.Module whose forward() calls it")
+
+
+def _parameter_names(model: torch.nn.Module) -> list[str]:
+    """The names of ``model.forward``'s positional parameters (for error messages)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _check_names(backend: Any, pipeline: Any, frontend: Any) -> None:
+    """KilnErrors for a bad backend, pipeline or frontend, before any tracing is done."""
+    if not isinstance(backend, str) or backend not in backend_names():
+        raise KilnError(f"unknown backend {backend!r}", hint=f"choose one of {backend_names()}")
+    if not isinstance(frontend, str) or frontend not in FRONTENDS:
+        raise KilnError(f"unknown frontend {frontend!r}", hint=f"choose one of {FRONTENDS}")
+    pipeline = _check_pipeline(pipeline)
+    if isinstance(pipeline, str):
+        get_pipeline(pipeline)
+    else:
+        for name in pipeline:
+            if isinstance(name, str):
+                get_pass(name)
 
 
 def _tuning(backend: str, winograd: bool):
@@ -348,6 +512,7 @@ def compress(
         ``kiln.backends.llvm.compile_graph(graph)``), ``source_graph`` and ``report``
         (parameters, FLOPs and time per stage; ``table()`` prints it).
     """
+    check_model(model)
     if example_inputs is None:
         if isinstance(data, (torch.Tensor, np.ndarray)):
             example_inputs = (torch.as_tensor(data[:1]),)
@@ -358,9 +523,8 @@ def compress(
                 raise KilnError("kiln.compress needs example_inputs or non-empty data",
                                 hint="pass data=... (batches) or example_inputs=...") from None
             example_inputs = first if isinstance(first, (tuple, list)) else (first,)
-    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(torch.as_tensor(x) for x in example_inputs)
+    example_inputs = example_tensors(example_inputs, _parameter_names(model))
+    _check_names(backend, "O1", frontend)
     cpu = _cpu_target(backend, target)
     source_graph, out_spec = trace_module(model, example_inputs, frontend)
     return compress_graph(source_graph, data, teacher=model, prune=prune, low_rank=low_rank,

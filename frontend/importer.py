@@ -79,7 +79,9 @@ def has_traced(x: Any) -> bool:
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FRONTEND_DIR = os.path.dirname(__file__)
-_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+# A frame of traceback.format_list; its code line is missing where Python has no source text
+# (a model typed into `python -` or a REPL), and the next frame's "File" line is not code.
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)(?:\n(?![ \t]*File ")[ \t]*(.*))?')
 
 
 def source_of(node: torch.fx.Node) -> str | None:
@@ -93,7 +95,8 @@ def source_of(node: torch.fx.Node) -> str | None:
         return None
     # Frames run oldest first: the last user frame is the innermost module's code.
     path, line, func, code = user[-1]
-    return f"{os.path.basename(path)}:{line} in {func}: {code.strip()}"
+    where = f"{os.path.basename(path)}:{line} in {func}"
+    return f"{where}: {code.strip()}" if code.strip() else where
 
 
 Handler = Callable[..., Any]

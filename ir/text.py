@@ -41,18 +41,23 @@ def _format_scalar(v, dtype: DType) -> str:
     return str(int(v))
 
 
-def print_node(node: Node, types: Mapping[str, TensorType]) -> str:
+def print_node(node: Node, types: Mapping[str, TensorType], *, sources: bool = True) -> str:
+    """One node as text; ``sources=False`` leaves out its ``# file:line`` comment."""
     outs = ", ".join(f"%{o}: {types[o]}" for o in node.outputs)
     args = ", ".join(f"%{i}" for i in node.inputs)
     attrs = ", ".join(f"{k}={format_attr(v)}" for k, v in node.attrs.items())
     line = f"{outs} = {node.op}({args}) {{{attrs}}}"
-    if node.source:
+    if node.source and sources:
         line += "  # " + node.source.replace("\n", " ")
     return line
 
 
-def print_graph(g: Graph) -> str:
-    """The graph as text (see the module docstring)."""
+def print_graph(g: Graph, *, sources: bool = True) -> str:
+    """The graph as text (see the module docstring).
+
+    ``sources=False`` leaves out the nodes' source-line comments: the text then depends only
+    on what the graph computes, not on where the model's code was written or run from (a
+    hash of it, such as the compile cache's key, stays the same for the same model)."""
     ins = ", ".join(f"%{i}: {g.types[i]}" for i in g.inputs)
     outs = ", ".join(f"%{o}" for o in g.outputs)
     lines = [f"graph {g.name}({ins}) -> ({outs}) {{"]
@@ -63,7 +68,7 @@ def print_graph(g: Graph) -> str:
             line += " = [" + ", ".join(_format_scalar(v, t.dtype) for v in arr.ravel()) + "]"
         lines.append(line)
     for n in g.nodes:
-        lines.append("  " + print_node(n, g.types))
+        lines.append("  " + print_node(n, g.types, sources=sources))
     lines.append(f"  return {outs}")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -235,6 +235,9 @@ def load(path: str | os.PathLike | bytes, threads: int = 0, trusted_keys: Any = 
     Raises ArtifactError (a KilnError) for a damaged, edited, untrusted or foreign file, a
     format this kiln does not read, or a CPU that lacks the features the code was compiled
     for; CudaArtifactError likewise for CUDA artifacts, and where no GPU can run them."""
+    if not isinstance(path, (str, os.PathLike, bytes, bytearray, memoryview)):
+        raise KilnError(f"kiln.load takes the path of an artifact (or its bytes), got "
+                        f"{type(path).__name__}", hint="kiln.load('model.kiln')")
     if peek_kind(path) == "cuda":
         if threads:
             raise KilnError(f"{path} is a CUDA artifact: threads={threads} applies to CPU "

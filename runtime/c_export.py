@@ -6,12 +6,16 @@
     <name>_weights.bin  the constant blob (and any outputs that are constants), loaded at run time
     <name>.h            the documented C API and the model's signature
     <name>.c            the wrapper: loads and checks the weights, owns the arena, calls kiln_run
-    lib<name>.so        <name>.o + <name>.c linked with the system C compiler (-lgomp -lm)
+    lib<name>.so        <name>.o + <name>.c linked with the system C compiler (-pthread -lgomp
+                        -lm)
 
 Only the ``<name>_*`` functions are exported from the library (a version script hides
 ``kiln_run`` and the kernels), so several exported models can live in one process. The code is
 compiled for the CPU that exported it, like a ``kiln.export`` artifact: build and run the library
 on a machine of the same kind.
+
+A loaded model may be shared by threads: its calls take turns on a per-model mutex (the model
+owns one scratch arena), while models loaded separately run in parallel.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def _header(image: Any, name: str, weights_bytes: int) -> str:
     lines = [
         f"/* {name}.h: C API of a model compiled ahead of time by kiln.",
         " *",
-        " * Build: link lib" + name + ".so (or " + name + ".o + " + name + ".c with -lgomp -lm).",
+        f" * Build: link lib{name}.so (or {name}.o + {name}.c with -pthread -lgomp -lm).",
         " *",
         f" *     kiln_model* m = {name}_load(\"{name}_weights.bin\");  // NULL on failure:",
         f" *     if (!m) fprintf(stderr, \"%s\\n\", {name}_error());      // says why",
@@ -82,8 +86,17 @@ def _header(image: Any, name: str, weights_bytes: int) -> str:
         f" *     {name}_free(m);",
         " *",
         " * Tensors are dense, C-contiguous (row-major) buffers of the dtype and shape the",
-        " * constants below give; the caller owns them. One model runs one inference at a time",
-        " * (it owns one scratch arena); load it twice to run two at once.",
+        " * constants below give; the caller owns them.",
+        " *",
+        f" * Threads: a model from {name}_load may be shared by threads. It owns one scratch",
+        f" * arena, so its {name}_run calls are serialized by a mutex of that model: calls",
+        " * from several threads on one model are correct and take turns, one inference at a",
+        f" * time. Models loaded separately ({name}_load twice) have their own arenas and",
+        " * mutexes and run in parallel: load one per thread for throughput. "
+        f"{name}_free must",
+        f" * not overlap a call on the same model. {name}_error is per thread; "
+        f"{name}_set_threads",
+        " * is process-wide (set it before running from several threads).",
         " *",
         " * The code was compiled for (and may use every feature of) this CPU; run it on",
         " * a machine of the same kind:",
@@ -125,7 +138,7 @@ def _header(image: Any, name: str, weights_bytes: int) -> str:
         "    size_t nbytes;",
         "} kiln_tensor_info;",
         "",
-        "/* A loaded model: its weights and its scratch arena. Opaque. */",
+        "/* A loaded model: its weights, its scratch arena and that arena's mutex. Opaque. */",
         "typedef struct kiln_model kiln_model;",
         "#endif",
         "",
@@ -152,16 +165,17 @@ def _header(image: Any, name: str, weights_bytes: int) -> str:
         "",
         f"/* Read the weights file ({up}_WEIGHTS_BYTES bytes) into 64-byte aligned memory and",
         " * allocate the arena. Returns NULL (and sets the message of " + name + "_error) when the",
-        " * file cannot be read, has the wrong size, or memory runs out. */",
+        " * file cannot be read, has the wrong size, or memory (or a mutex) runs out. */",
         f"kiln_model* {name}_load(const char* weights_path);",
         "",
         "/* Run one inference: inputs[i] points to input i, outputs[j] to a buffer for output",
         " * j (see the constants above). Returns 0, or -1 (and sets the message of "
         + name + "_error)",
-        " * when the model or a pointer is NULL. */",
+        " * when the model or a pointer is NULL. Thread-safe: a call on a model that another",
+        " * thread is running waits for it (see Threads above). */",
         f"int {name}_run(kiln_model* model, const void* const* inputs, void* const* outputs);",
         "",
-        f"/* Release a model from {name}_load (NULL is allowed). */",
+        f"/* Release a model from {name}_load (NULL is allowed); no call on it may be running. */",
         f"void {name}_free(kiln_model* model);",
         "",
         "/* Worker threads of every later run, in every model of this library (0: the OpenMP",
@@ -214,6 +228,7 @@ def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]]
         f'#include "{name}.h"',
         "",
         "#include <errno.h>",
+        "#include <pthread.h>",
         "#include <stdio.h>",
         "#include <stdlib.h>",
         "#include <string.h>",
@@ -225,6 +240,9 @@ def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]]
         "struct kiln_model {",
         "    unsigned char* weights;",
         "    void* arena;",
+        "    /* kiln_run uses the arena for every intermediate: one run at a time per model. */",
+        "    pthread_mutex_t lock;",
+        "    int lock_ready;",
         "};",
         "",
         "static _Thread_local char last_error[512];",
@@ -260,6 +278,15 @@ def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]]
         f"        {name}_free(m);",
         "        return NULL;",
         "    }",
+        "    int lock_error = pthread_mutex_init(&m->lock, NULL);",
+        "    if (lock_error != 0) {",
+        "        snprintf(last_error, sizeof last_error, \"cannot create the model's mutex: %s\",",
+        "                 strerror(lock_error));",
+        "        fclose(f);",
+        f"        {name}_free(m);",
+        "        return NULL;",
+        "    }",
+        "    m->lock_ready = 1;",
         f"    memset(m->arena, 0, {up}_ARENA_BYTES);",
         f"    size_t got = fread(m->weights, 1, {up}_WEIGHTS_BYTES, f);",
         "    /* One byte more than expected would be read if the file were too long. */",
@@ -296,14 +323,23 @@ def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]]
         "            snprintf(last_error, sizeof last_error, \"output %d is NULL\", j);",
         "            return -1;",
         "        }",
+        "    int lock_error = pthread_mutex_lock(&model->lock);",
+        "    if (lock_error != 0) {",
+        "        snprintf(last_error, sizeof last_error, \"cannot lock the model: %s\",",
+        "                 strerror(lock_error));",
+        "        return -1;",
+        "    }",
         "    /* kiln_run only reads the inputs; its ABI has no const. */",
         "    kiln_run((void**)inputs, (void**)outputs, model->arena, model->weights);",
+        "    pthread_mutex_unlock(&model->lock);",
+        "    /* The copies read only the inputs and the weights: no lock needed. */",
         *copies,
         "    return 0;",
         "}",
         "",
         f"void {name}_free(kiln_model* model) {{",
         "    if (!model) return;",
+        "    if (model->lock_ready) pthread_mutex_destroy(&model->lock);",
         "    free(model->weights);",
         "    free(model->arena);",
         "    free(model);",
@@ -321,7 +357,7 @@ def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]]
 def build_command(out_dir: str | Path, name: str = "model", cc: str = "cc") -> list[str]:
     """The command that links ``lib<name>.so`` from ``<name>.o`` and ``<name>.c``."""
     d = Path(out_dir)
-    return [cc, "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-std=c11",
+    return [cc, "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-std=c11", "-pthread",
             f"-Wl,--version-script={d / (name + '.map')}", "-Wl,-z,noexecstack",
             str(d / f"{name}.c"), str(d / f"{name}.o"), "-o", str(d / f"lib{name}.so"),
             "-lgomp", "-lm"]
@@ -347,9 +383,9 @@ def export_c(compiled_or_image: Any, out_dir: str | Path, name: str = "model", *
     refused unless ``overwrite``.
 
     Raises:
-        KilnError: for a model without native code, a bad name, an existing output, no C
-            compiler (the sources are written first, and the message says how to build them),
-            or a failed build (with the compiler's message).
+        KilnError: for a model without native code, a bad name, an existing output, a folder
+            that cannot be written, no C compiler (the sources are written first, and the
+            message says how to build them), or a failed build (with the compiler's message).
     """
     image = _image_of(compiled_or_image)
     if threads < 0:
@@ -363,14 +399,19 @@ def export_c(compiled_or_image: Any, out_dir: str | Path, name: str = "model", *
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise KilnError(f"{out} already exists and is not empty",
                         hint="choose another directory or pass overwrite=True (--overwrite)")
-    out.mkdir(parents=True, exist_ok=True)
     parts, constant_outputs = _weights_layout(image)
     weights_bytes = sum(len(p) for p in parts)
-    (out / f"{name}.o").write_bytes(bytes(image.object_code))
-    (out / f"{name}_weights.bin").write_bytes(b"".join(parts))
-    (out / f"{name}.h").write_text(_header(image, name, weights_bytes))
-    (out / f"{name}.c").write_text(_wrapper(image, name, constant_outputs, threads))
-    (out / f"{name}.map").write_text(f"{{\n  global: {name}_*;\n  local: *;\n}};\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.o").write_bytes(bytes(image.object_code))
+        (out / f"{name}_weights.bin").write_bytes(b"".join(parts))
+        (out / f"{name}.h").write_text(_header(image, name, weights_bytes))
+        (out / f"{name}.c").write_text(_wrapper(image, name, constant_outputs, threads))
+        (out / f"{name}.map").write_text(f"{{\n  global: {name}_*;\n  local: *;\n}};\n")
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise KilnError(f"cannot write the C library into {out}: {e.strerror or e}{where}",
+                        hint="choose a folder you can write to") from e
     cc = find_c_compiler()
     command = build_command(out, name, cc or "cc")
     if cc is None:

@@ -157,7 +157,7 @@ def cache_key(graph: Graph, target: Target, tuning: Tuning = DEFAULT_TUNING) -> 
     h.update(f"kiln-cache-{FORMAT}\n{_source_digest()}\n".encode())
     h.update(f"{target.key()}\n".encode())
     h.update(f"{tuning.key()}\n".encode())
-    h.update(print_graph(graph).encode())
+    h.update(print_graph(graph, sources=False).encode())
     for name in sorted(graph.constants):
         arr = graph.constants[name]
         h.update(f"{name}:{arr.dtype.str}:{arr.shape}\n".encode())

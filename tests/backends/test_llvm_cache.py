@@ -98,6 +98,29 @@ def test_schedule_switches_are_part_of_the_key() -> None:
         assert cache_key(g, host_target(), changed) not in (None, before)
 
 
+def test_source_locations_are_not_part_of_the_key(cache_dir) -> None:
+    """The same model written in another file, at another line, or typed into `python -`
+    gets the same key: a node's source line only names it in error messages. What the code
+    computes still changes the key."""
+    from kiln.backends.llvm.cache import cache_key
+    from kiln.backends.llvm.compiler import host_target
+    from kiln.ir import GraphBuilder, TensorType
+
+    def graph(source, alpha=0.1):
+        b = GraphBuilder("net")
+        x = b.input("x", TensorType((2, 8)))
+        w = b.constant(np.ones((4, 8), np.float32), "w")
+        y = b.op("linear", [x, w], source=source)
+        b.output(b.op("leaky_relu", [y], {"negative_slope": alpha}, source=source))
+        return b.build()
+
+    keys = {cache_key(graph(source), host_target())
+            for source in (None, "model.py:12 in forward: y = self.fc(x)",
+                           "other.py:40 in forward: y = self.fc(x)", "<stdin>:7 in forward")}
+    assert len(keys) == 1 and None not in keys
+    assert cache_key(graph(None, alpha=0.2), host_target()) not in keys
+
+
 def _entries(root: pathlib.Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -272,3 +295,34 @@ def test_a_cache_from_an_older_kiln_is_adopted(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(cache, "_warned_roots", set())
     with pytest.warns(UserWarning, match="read-only"):
         assert not cache.writable_root(old)
+
+
+@pytest.mark.parametrize("edit", ["arena 0", "output [1,1]", "output [1,1000]", "small input",
+                                  "extra step", "bad feature string"])
+def test_edited_manifest_is_caught_by_the_code_signature_and_recompiled(cache_dir,
+                                                                       edit) -> None:
+    """A manifest edit that every format check accepts disagrees with the signature record
+    in the code (or with the form LLVM takes a target in): the entry is compiled afresh,
+    never run with the wrong arena or shapes."""
+    import json
+
+    model, inputs, first = _compile()
+    (entry,) = [cache_dir / k for k in _entries(cache_dir)]
+    m = json.loads((entry / "manifest.json").read_text())
+    if edit == "arena 0":
+        m["arena_bytes"] = 0
+    elif edit == "output [1,1]":
+        m["outputs"][0][2] = [1, 1]
+    elif edit == "output [1,1000]":
+        m["outputs"][0][2] = [1, 1000]
+    elif edit == "small input":
+        m["inputs"][0][2] = [1, 1, 16, 16]
+    elif edit == "extra step":
+        m["steps"].append(dict(m["steps"][0]))
+    else:
+        m["target"]["features"] = "*" + m["target"]["features"][1:]
+    (entry / "manifest.json").write_text(json.dumps(m))
+    with pytest.warns(UserWarning, match="ignoring cache entry"):
+        _, _, second = _compile()
+    assert "optimize" in second.executable.program.timings
+    assert torch.equal(first(*inputs), second(*inputs))

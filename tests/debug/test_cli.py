@@ -3,6 +3,7 @@ the installed module as a subprocess."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -152,3 +153,87 @@ def test_module_entry_point_runs():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert "usage: kiln" in result.stdout
+
+
+# ---- output paths: refused or reported in one error line, exit 2, never a traceback ---------
+def clean_error(status: int, err: str, message: str) -> None:
+    """The command failed the way a user error must: status 2 and a kiln error, no traceback."""
+    assert status == 2, err
+    assert err.startswith("kiln: error:") and message in err.splitlines()[0], err
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def paths(tmp_path):
+    """A regular file, a non-empty folder and a FIFO (a non-regular file) to write over."""
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    os.mkfifo(tmp_path / "fifo")
+    yield tmp_path
+    assert (tmp_path / "file").read_text() == "mine"
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "fifo").is_fifo()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", "mlp", "-o", "file/x.kiln"], "file is not a directory"),
+    (["export", "mlp", "-o", "file/x.onnx", "--format", "onnx"], "file is not a directory"),
+    (["export", "mlp", "-o", "file/lib", "--format", "c"], "file is not a directory"),
+    (["export", "mlp", "-o", "file/a/b", "--format", "c"], "file is not a directory"),
+    (["export", "mlp", "-o", "missing/x.kiln"], "missing does not exist"),
+    (["export", "mlp", "-o", "file"], "file already exists"),
+    (["export", "mlp", "-o", "fifo", "--overwrite"], "fifo exists and is not a regular file"),
+    (["export", "mlp", "-o", "full"], "full is a directory"),
+    (["export", "mlp", "-o", "full", "--format", "c"], "full already exists and is not empty"),
+    (["trace", "mlp", "-o", "file"], "file exists and is not a directory"),
+    (["trace", "mlp", "-o", "file/t"], "file is not a directory"),
+    (["trace", "mlp", "-o", "fifo", "--overwrite"], "fifo exists and is not a directory"),
+    (["trace", "mlp", "-o", "full"], "full already exists and is not empty"),
+    (["minify", "mlp", "-o", "file/m", "--passes", "dce"], "file is not a directory"),
+])
+def test_output_path_errors(capsys, paths, monkeypatch, argv, message):
+    monkeypatch.chdir(paths)
+    status, out, err = run(capsys, *argv)
+    clean_error(status, err, message)
+    assert sorted(p.name for p in paths.iterdir()) == ["fifo", "file", "full"]
+
+
+def test_trace_overwrite_writes_into_a_folder_and_keeps_other_files(capsys, paths):
+    status, _, err = run(capsys, "trace", "mlp", "-o", str(paths / "full"), "--overwrite")
+    assert status == 0, err
+    assert {"keep.txt", "table.tsv", "report.html", "000_input.txt"} <= {
+        p.name for p in (paths / "full").iterdir()}
+
+
+def _denied(path, *args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(path))
+
+
+def test_unwritable_output_is_one_error_line(capsys, tmp_path, monkeypatch):
+    """A write the system refuses (a read-only folder, a full disk) is reported, not raised:
+    simulated here, since root may write anywhere."""
+    import importlib
+
+    import kiln.runtime.artifact
+
+    # kiln.debug.trace is also the name of the function kiln.debug exports.
+    monkeypatch.setattr(importlib.import_module("kiln.debug.trace"), "_write_tsv", _denied)
+    status, _, err = run(capsys, "trace", "mlp", "-o", str(tmp_path / "t"))
+    clean_error(status, err, "table.tsv: Permission denied")
+    assert len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(kiln.runtime.artifact, "save", _denied)
+    status, _, err = run(capsys, "export", "mlp", "-o", str(tmp_path / "m.kiln"))
+    clean_error(status, err, "m.kiln: Permission denied")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.parametrize("argv", [["export", "mlp", "-o", "ro/x.kiln"],
+                                  ["export", "mlp", "-o", "ro/lib", "--format", "c"],
+                                  ["trace", "mlp", "-o", "ro/t"]])
+def test_read_only_folder(capsys, tmp_path, monkeypatch, argv):
+    (tmp_path / "ro").mkdir(mode=0o500)
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run(capsys, *argv)
+    clean_error(status, err, "ro")
+    assert not any((tmp_path / "ro").iterdir())

@@ -82,6 +82,16 @@ def test_round_trip_keeps_sources_with_special_characters():
                        "'single' and \"double\" quotes, a } and a {"]
 
 
+def test_print_without_sources_leaves_out_only_the_comments():
+    g = mixed_graph()
+    with_sources, without = print_graph(g), print_graph(g, sources=False)
+    assert "model.py:12" in with_sources and "#" not in without
+    assert [line.split("  # ")[0] for line in with_sources.splitlines()] == without.splitlines()
+    moved = parse_graph(with_sources.replace("model.py:12", "<stdin>:40"), dict(g.constants))
+    assert print_graph(moved) != with_sources
+    assert print_graph(moved, sources=False) == without
+
+
 def test_round_trip_attr_strings_with_delimiters():
     b = GraphBuilder()
     x = b.input("x", TensorType((3,)))

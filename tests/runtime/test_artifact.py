@@ -317,3 +317,9 @@ def test_torch_tensors_in_compiled_model_still_work(exported) -> None:
     model, inputs = get_model("lenet5")
     compiled = kiln.compile(model, inputs)
     assert torch.equal(compiled(torch.from_numpy(arrays[0])), torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("bad", [None, 3, ["model.kiln"]])
+def test_load_of_something_not_a_path_is_a_kiln_error(bad) -> None:
+    with pytest.raises(kiln.KilnError, match="path of an artifact"):
+        kiln.load(bad)

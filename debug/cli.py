@@ -133,6 +133,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
         raise KilnError(f"{out} is a directory", hint=f"--format {args.format} writes one file")
     else:
         check_output_file(out, args.overwrite, "--overwrite")
+    if args.sign_key and args.format not in ("kiln", "cuda"):
+        raise KilnError(f"--sign-key signs kiln artifacts; --format {args.format} writes none",
+                        hint="use --format kiln or cuda")
+    if args.sign_key:  # a bad key fails now, not after compiling
+        from kiln.backends.artifact_signing import private_key
+
+        private_key(args.sign_key)
     if args.threads and args.format != "c":
         raise KilnError("--threads is baked into C libraries only",
                         hint="a kiln artifact takes its threads at kiln.load(path, threads=N)")
@@ -162,11 +169,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
                                 backend="reference" if args.format == "cuda" else "llvm",
                                 **_compression_kwargs(args, inputs))
     if args.format == "kiln":
-        path = kiln.export(compiled, out, overwrite=args.overwrite)
+        path = kiln.export(compiled, out, overwrite=args.overwrite, sign_key=args.sign_key)
     elif args.format == "cuda":
         from kiln.backends.cuda.artifact import export_cuda
 
-        path = export_cuda(compiled, out, overwrite=args.overwrite)
+        path = export_cuda(compiled, out, overwrite=args.overwrite, sign_key=args.sign_key)
     elif args.format == "c":
         from kiln.runtime.c_export import export_c
 
@@ -392,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch size the model is compiled for (default: the model's own)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output")
+    p.add_argument("--sign-key", metavar="PEM", default=None,
+                   help="sign the artifact with this Ed25519 private key (--format kiln or "
+                        "cuda; kiln.load(path, trusted_keys=[public key]) then checks who "
+                        "wrote it; make one with: openssl genpkey -algorithm ed25519)")
     _add_compression_args(p)
     p.set_defaults(func=_cmd_export)
 

@@ -237,3 +237,30 @@ def test_read_only_folder(capsys, tmp_path, monkeypatch, argv):
     status, _, err = run(capsys, *argv)
     clean_error(status, err, "ro")
     assert not any((tmp_path / "ro").iterdir())
+
+
+def test_export_signs_with_sign_key(tmp_path, capsys) -> None:
+    ed25519 = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.ed25519")
+    from cryptography.hazmat.primitives import serialization
+
+    import kiln
+    from kiln.runtime.artifact import ArtifactError
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = tmp_path / "k.pem"
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    out = tmp_path / "m.kiln"
+    assert main(["export", "mlp", "-o", str(out), "--sign-key", str(pem)]) == 0
+    assert kiln.load(out, trusted_keys=[key.public_key()]).manifest["signed_by"]
+    with pytest.raises(ArtifactError, match="not a trusted key"):
+        kiln.load(out, trusted_keys=[ed25519.Ed25519PrivateKey.generate().public_key()])
+    # A bad key is refused before compiling; a C library cannot be signed.
+    (tmp_path / "bad.pem").write_text("nope")
+    assert main(["export", "mlp", "-o", str(tmp_path / "x.kiln"), "--sign-key",
+                 str(tmp_path / "bad.pem")]) == 2
+    assert main(["export", "mlp", "-o", str(tmp_path / "c"), "--format", "c",
+                 "--sign-key", str(pem)]) == 2
+    assert "--sign-key" in capsys.readouterr().err
+    assert not (tmp_path / "x.kiln").exists() and not (tmp_path / "c").exists()

@@ -113,12 +113,13 @@ class Graph:
     def fresh_name(self, hint: str = "v") -> str:
         """A value name not used in this graph."""
         hint = sanitize_name(hint)
-        used = set(self.types) | set(self.constants)
-        if hint not in used:
+        # Look the names up where they live: a set of all of them per call made building an
+        # n-node graph cost n^2.
+        if hint not in self.types and hint not in self.constants:
             return hint
         for i in itertools.count(1):
             cand = f"{hint}_{i}"
-            if cand not in used:
+            if cand not in self.types and cand not in self.constants:
                 return cand
         raise AssertionError("unreachable")
 

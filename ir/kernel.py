@@ -409,12 +409,16 @@ def walk_stmts(stmts: Sequence[Stmt]) -> Iterator[Stmt]:
 
 def walk_expr(e: Expr) -> Iterator[Expr]:
     """Every sub-expression, pre-order."""
-    yield e
-    for child in _children(e):
-        yield from walk_expr(child)
+    # A stack, not nested generators: those cost a frame per level for every node yielded.
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        yield x
+        stack.extend(reversed(expr_children(x)))
 
 
-def _children(e: Expr) -> tuple[Expr, ...]:
+def expr_children(e: Expr) -> tuple[Expr, ...]:
+    """The operands of an expression (its index for a load)."""
     if isinstance(e, Load):
         return (e.index,)
     if isinstance(e, Binary):

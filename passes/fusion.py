@@ -8,6 +8,10 @@ Every node gets one role:
 - ``epilogue``: an elementwise op applied to an anchor's (matmul, conv, reduction...) result as
   it is stored (bias, activation, residual add, scaling).
 The plan records why each node got its role, for the debugger.
+
+A fused value's expression is bounded (``MAX_FUSED_OPS``): a node whose expression would hold
+more ops becomes a root, so a chain of any length compiles as a sequence of kernels whose
+expressions stay shallow.
 """
 
 from __future__ import annotations
@@ -26,6 +30,21 @@ ELEMENTWISE_EXTRA = frozenset({"batch_norm", "embedding"})
 MATERIALIZE_FOR = frozenset({"conv", "conv_transpose"})
 READ_FEW_TIMES = frozenset({"reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "softmax",
                             "log_softmax", "layer_norm", "group_norm"})
+
+# Kernel expressions are trees that lowering, the kernel passes, code generation and the kernel
+# interpreter build and walk recursively (a Python frame or two per level), and an operand that
+# an op's expression uses twice (x * sigmoid(x)) is a subtree written twice. So the expression
+# of a value computed inside its consumers' kernel holds at most this many op applications,
+# each operand's count multiplied by how often its consumer repeats it; a node past that is
+# stored instead (a root), and its consumers load it. A kernel's own expression then holds at
+# most one op over the bound per operand of its root. Ordinary models fuse far fewer: the zoo's
+# largest inlined expression holds 8 (5 after O1), the random test graphs' 21. A chain of N
+# elementwise ops becomes about N / (MAX_FUSED_OPS + 1) kernels.
+MAX_FUSED_OPS = 32
+# How many times an op's kernel expression repeats each operand, where more than once (the
+# element rules in passes/lower/elementwise.py; tests/passes/test_deep_chains.py checks them).
+OPERAND_REPEATS = {"silu": 2, "gelu": 5, "leaky_relu": 3, "hardswish": 2, "quantize": 2,
+                   "embedding": 3}
 
 
 def is_shape_op(op: str) -> bool:
@@ -99,30 +118,86 @@ def plan_fusion(graph: Graph) -> FusionPlan:
     for n in reversed(graph.nodes):
         if n.name in plan.roles:
             continue
-        readers = [u for o in n.outputs for u in users.get(o, [])]
-        if any(o in outputs for o in n.outputs):
-            role, why = "root", "graph output"
-        elif n.op == "permute" and any(u.op in MATERIALIZE_FOR for u in readers):
-            # A convolution's schedules read their input from memory in its own layout: a
-            # transposed view would leave them the slow unpacked loop nest (as when an int8
-            # layer's channels-last output feeds a float depthwise conv).
-            role, why = "root", "permute read by a convolution: stored transposed once"
-        elif is_shape_op(n.op):
-            role, why = "inline", "shape op: index arithmetic in each consumer"
-        else:
-            us = [u for o in n.outputs for u in users.get(o, [])]
-            if len(us) != 1:
-                role, why = "root", f"{len(us)} users: computed once and stored"
-            else:
-                u = us[0]
-                urole = plan.roles.get(u.name)
-                if is_injective(u.op) or urole == "epilogue" or u.op in READ_FEW_TIMES:
-                    role, why = "inline", f"computed inside {u.name}"
-                else:
-                    role, why = "root", f"consumer {u.name} ({u.op}) reads it many times"
+        role, why = _injective_role(n, plan, users, outputs)
         plan.roles[n.name] = role
         plan.reasons[n.name] = why
         if role == "root":
             plan.epilogues[n.name] = []
             plan.group_outputs[n.name] = list(n.outputs)
+
+    # 3. Bound every kernel's expression.
+    _bound_expressions(graph, plan, users, outputs)
     return plan
+
+
+def _injective_role(n: Node, plan: FusionPlan, users: dict[str, list[Node]],
+                    outputs: set[str]) -> tuple[str, str]:
+    """The role of injective node ``n`` (inline or root) and why, given its consumers' roles."""
+    readers = [u for o in n.outputs for u in users.get(o, [])]
+    if any(o in outputs for o in n.outputs):
+        return "root", "graph output"
+    if n.op == "permute" and any(u.op in MATERIALIZE_FOR for u in readers):
+        # A convolution's schedules read their input from memory in its own layout: a
+        # transposed view would leave them the slow unpacked loop nest (as when an int8
+        # layer's channels-last output feeds a float depthwise conv).
+        return "root", "permute read by a convolution: stored transposed once"
+    if is_shape_op(n.op):
+        return "inline", "shape op: index arithmetic in each consumer"
+    if len(readers) != 1:
+        return "root", f"{len(readers)} users: computed once and stored"
+    u = readers[0]
+    if is_injective(u.op) or plan.roles.get(u.name) == "epilogue" or u.op in READ_FEW_TIMES:
+        return "inline", f"computed inside {u.name}"
+    return "root", f"consumer {u.name} ({u.op}) reads it many times"
+
+
+def _bound_expressions(graph: Graph, plan: FusionPlan, users: dict[str, list[Node]],
+                       outputs: set[str]) -> None:
+    """Make roots of the nodes whose fused expression would pass ``MAX_FUSED_OPS`` (one walk
+    in topological order: each node's count depends only on its producers')."""
+    anchor_of = {c.name: root for root, chain in plan.epilogues.items() for c in chain}
+    producers = graph.producers()
+    fused_ops: dict[str, int] = {}  # node -> op applications in its expression
+    for n in graph.nodes:
+        role = plan.roles[n.name]
+        if role not in ("inline", "epilogue"):
+            continue  # a root's output is stored: its consumers load it
+        repeats = OPERAND_REPEATS.get(n.op, 1)
+        count = 1
+        for v in n.inputs:
+            p = producers.get(v)
+            if p is not None and plan.roles[p.name] in ("inline", "epilogue"):
+                count += repeats * fused_ops[p.name]
+        if count <= MAX_FUSED_OPS:
+            fused_ops[n.name] = count
+            continue
+        why = (f"its fused expression would hold {count} ops (more than {MAX_FUSED_OPS}): "
+               f"stored, so kernel expressions stay shallow")
+        if role == "epilogue":
+            _end_epilogue_before(n, anchor_of.pop(n.name), plan, users, outputs, anchor_of)
+        plan.roles[n.name] = "root"
+        plan.reasons[n.name] = why
+        plan.epilogues[n.name] = []
+        plan.group_outputs[n.name] = list(n.outputs)
+
+
+def _end_epilogue_before(n: Node, anchor: str, plan: FusionPlan, users: dict[str, list[Node]],
+                         outputs: set[str], anchor_of: dict[str, str]) -> None:
+    """End ``anchor``'s epilogue before its node ``n``; the nodes after ``n`` in the chain
+    take the roles of injective nodes outside any epilogue."""
+    chain = plan.epilogues[anchor]
+    k = next(i for i, c in enumerate(chain) if c is n)
+    plan.epilogues[anchor] = chain[:k]
+    # An anchor has one output, named like the anchor itself.
+    plan.group_outputs[anchor] = [chain[k - 1].outputs[0] if k else anchor]
+    kind = plan.reasons[anchor].split(";")[0]
+    plan.reasons[anchor] = (f"{kind}; epilogue stops: consumer {n.name} would make the fused "
+                            f"expression too large")
+    for c in reversed(chain[k + 1:]):  # consumers first, as in the plan's second step
+        del anchor_of[c.name]
+        role, why = _injective_role(c, plan, users, outputs)
+        plan.roles[c.name] = role
+        plan.reasons[c.name] = why
+        if role == "root":
+            plan.epilogues[c.name] = []
+            plan.group_outputs[c.name] = list(c.outputs)

@@ -63,11 +63,38 @@ class _Vectorizer:
         self.width = width
         self.varying = varying  # local variables holding vectors
         self.max_stride = max_stride
+        # id(expression) -> (expression, uniform?), for the current contents of ``varying``
+        # (the caller may add to it; it only grows). Rewriting asks at every level of an
+        # expression: without the table a kernel's expressions cost their size times their
+        # depth. The entry holds the expression, so its id is not reused while it stands.
+        self._uniform: dict[int, tuple[Expr, bool]] = {}
+        self._uniform_for = len(varying)
 
     # -- analysis --
     def uniform(self, e: Expr) -> bool:
-        return not any(isinstance(x, Var) and (x.name == self.var.name or x.name in self.varying)
-                       for x in K.walk_expr(e))
+        """Whether ``e`` is the same in every lane: it reads neither the loop variable nor a
+        local that holds a vector."""
+        known = self._uniform
+        if self._uniform_for != len(self.varying):
+            known.clear()
+            self._uniform_for = len(self.varying)
+        hit = known.get(id(e))
+        if hit is not None:
+            return hit[1]
+        stack: list[tuple[Expr, bool]] = [(e, False)]
+        while stack:  # post-order, children before parents
+            x, children_done = stack.pop()
+            if id(x) in known:
+                continue
+            children = K.expr_children(x)
+            if not children_done:
+                stack.append((x, True))
+                stack.extend((c, False) for c in children if id(c) not in known)
+            elif isinstance(x, Var):
+                known[id(x)] = (x, x.name != self.var.name and x.name not in self.varying)
+            else:
+                known[id(x)] = (x, all(known[id(c)][1] for c in children))
+        return known[id(e)][1]
 
     def coef(self, e: Expr) -> int:
         """Coefficient of the loop variable in an index expression (raise if not affine)."""

@@ -14,6 +14,7 @@ from kiln.passes.fusion import FusionPlan, is_injective, is_shape_op, plan_fusio
 from kiln.passes.lower import elementwise  # noqa: F401  (registers the element rules)
 from kiln.passes.lower.anchors import ANCHOR_RULES
 from kiln.passes.lower.core import (
+    KernelNodes,
     Lowering,
     buffer_name,
     default_kinds,
@@ -89,12 +90,15 @@ def _flat_ok(graph: Graph, producers: dict[str, Node], inline: set[str], out: st
 
 def lower_group(graph: Graph, plan: FusionPlan, root: Node, producers: dict[str, Node],
                 index: int, width: int = 1, target: Target | None = None,
-                tuning: Tuning = DEFAULT_TUNING) -> tuple[KernelStep, dict[str, np.ndarray]]:
+                tuning: Tuning = DEFAULT_TUNING, inlined: set[str] | None = None
+                ) -> tuple[KernelStep, dict[str, np.ndarray]]:
     """Lower the group rooted at ``root`` to a kernel; ``width`` is the target's f32 vector
     width (1: no packed dense schedules); ``target`` the CPU (None: no ISA-specific
-    schedules)."""
+    schedules); ``inlined`` the plan's inline nodes, when the caller has them."""
     epilogue = {n.name for n in plan.epilogues.get(root.name, [])}
-    inline = {name for name, role in plan.roles.items() if role == "inline"} | epilogue
+    if inlined is None:
+        inlined = _inline_nodes(plan)
+    inline = KernelNodes(inlined, epilogue)
     low = Lowering(graph, inline, producers, target=target, tuning=tuning)
     outs = plan.group_outputs[root.name]
     writes = {buffer_name(o): o for o in outs}
@@ -172,6 +176,10 @@ def lower_group(graph: Graph, plan: FusionPlan, root: Node, producers: dict[str,
     return KernelStep(kernel, reads, writes, root.name, temps), low.new_constants
 
 
+def _inline_nodes(plan: FusionPlan) -> set[str]:
+    return {name for name, role in plan.roles.items() if role == "inline"}
+
+
 def _kdtype(dt: np.dtype) -> str:
     from kiln.ir.types import DType
 
@@ -201,12 +209,15 @@ def lower_graph(graph: Graph, plan: FusionPlan | None = None, width: int = 1,
     for n in graph.nodes:
         if plan.roles[n.name] == "root":
             by_last[producers[plan.group_outputs[n.name][-1]].name] = n
+    # Once for all groups (each kernel adds its own nodes to it without a copy): a set per
+    # group made lowering quadratic in the graph's size.
+    inlined = _inline_nodes(plan)
     for n in graph.nodes:
         root = by_last.get(n.name)
         if root is None:
             continue
         step, new_consts = lower_group(graph, plan, root, producers, len(steps), width,
-                                        target, tuning)
+                                        target, tuning, inlined)
         steps.append(step)
         constants.update(new_consts)
     return LoweredGraph(graph, plan, steps, constants)

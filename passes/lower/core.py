@@ -9,7 +9,8 @@ the per-op index rules in ``ELEMENT_RULES``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,12 +57,34 @@ def unflatten(flat: Expr, shape: Sequence[int]) -> list[Expr]:
     return out
 
 
+class KernelNodes(AbstractSet[str]):
+    """The names of the nodes one kernel computes: the plan's inline nodes (one set, shared by
+    every kernel of the graph, never copied) and the kernel's own (its root, its epilogue)."""
+
+    def __init__(self, shared: AbstractSet[str], own: Iterable[str] = ()) -> None:
+        self.shared = shared
+        self.own = frozenset(own) - shared
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.own or name in self.shared
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.shared
+        yield from self.own
+
+    def __len__(self) -> int:
+        return len(self.shared) + len(self.own)
+
+    def __or__(self, other: Iterable[str]) -> KernelNodes:  # type: ignore[override]
+        return KernelNodes(self.shared, self.own | set(other))
+
+
 @dataclass
 class Lowering:
     """State for lowering one fused group of ``graph`` to one kernel."""
 
     graph: Graph
-    inline: set[str]                     # node names computed inside this kernel
+    inline: AbstractSet[str]             # node names computed inside this kernel
     producers: dict[str, Node]
     new_constants: dict[str, np.ndarray] = field(default_factory=dict)
     reads: dict[str, str] = field(default_factory=dict)    # buffer name -> graph value

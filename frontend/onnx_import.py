@@ -21,14 +21,24 @@ an ONNX node gets the ONNX output's name, its helpers ``<name>.<op>``), and ever
 Covered: the ONNX files ``torch.onnx.export`` writes for the kiln zoo (opset 17, the
 TorchScript exporter) and everything kiln's own ``graph_to_onnx`` writes (opsets 17..21,
 QuantizeLinear / DequantizeLinear included). Opsets before 13 are read too where an op's
-operands moved from attributes to inputs (axes, splits, pads, clip bounds, slice bounds).
+operands moved from attributes to inputs (axes, splits, pads, clip bounds, slice bounds); the
+default-domain opset must lie in ``MIN_OPSET..MAX_OPSET`` and every node be of that domain.
+
+An ONNX file is data from anywhere, and a few hundred bytes of it can describe a tensor of
+any size. So nothing the importer allocates is sized by the file alone: a value whose static
+shape needs more than ``tensor_byte_limit()`` (the machine's memory, the process's limits,
+``MAX_TENSOR_BYTES``) is refused, naming its node, before any array is made; a folded result
+larger than ``FOLD_LIMIT_BYTES`` (or costing more than ``FOLD_LIMIT_FLOPS``) is left to run
+time as a kiln op, or refused where kiln has no such op; and tensor data must match its
+declared shape, in the file and in external data files alike.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +49,7 @@ from kiln.ir import (
     Graph,
     GraphBuilder,
     KilnError,
+    Node,
     ShapeError,
     TensorType,
     UnsupportedOpError,
@@ -54,7 +65,44 @@ try:
 except ImportError as exc:  # keep the message kiln gives for every missing optional piece
     raise KilnError("ONNX import needs the onnx package", hint="pip install onnx") from exc
 
-__all__ = ["ONNX_IMPORT", "ImportContext", "import_onnx"]
+__all__ = ["FOLD_LIMIT_BYTES", "FOLD_LIMIT_FLOPS", "HANDLED_OPSET", "MAX_OPSET", "MAX_RANK",
+           "MAX_TENSOR_BYTES", "MIN_OPSET", "ONNX_IMPORT", "ImportContext", "import_onnx",
+           "tensor_byte_limit"]
+
+MIN_OPSET = 7
+"""Oldest default-domain opset kiln reads. From opset 7 on, elementwise ops broadcast as NumPy
+does; before it they carried ``broadcast`` / ``axis`` attributes with other rules, which the
+importer does not read (it would compute something else, silently)."""
+
+MAX_OPSET = onnx.defs.onnx_opset_version()
+"""Newest default-domain opset kiln reads: the newest the installed onnx package knows, whose
+checker and shape inference vet every model before kiln reads it."""
+
+HANDLED_OPSET = 21
+"""The opset the handlers were written against. In a newer model, a node of an op whose
+definition changed since (new attributes, inputs or defaults, not just new element types) is
+read only if it uses nothing the opset-21 definition lacks; otherwise it is refused, never
+read with the older meaning (``_check_newer_definitions``)."""
+
+FOLD_LIMIT_BYTES = 64 << 20
+"""Largest result (64 MiB) the importer computes while importing. ONNX computes shapes and
+masks with ops (``ConstantOfShape``, ``Expand``, ``Range`` ...) that kiln folds into constants,
+and a few bytes of file can ask for any size: a larger result stays a kiln op computed at run
+time, or is refused where kiln has no such op. 64 MiB holds every shape computation and causal
+mask up to 8192 x 8192 that real exporters write, and takes well under a second to compute."""
+
+FOLD_LIMIT_FLOPS = 1 << 24
+"""Most work (the op's FLOP count) one kiln node may cost to be folded while importing: a
+small result can still be expensive (a convolution of two constants), and the importer should
+never be the slow part of a compile."""
+
+MAX_TENSOR_BYTES = 1 << 40
+"""Largest tensor (1 TiB) an imported model may have, wherever the machine is bigger: one
+tensor beyond it is a corrupt or hostile file, not a model. ``tensor_byte_limit`` lowers it to
+what this machine and process can hold."""
+
+MAX_RANK = 64
+"""Most dimensions a tensor may have: NumPy's own limit, so the reference could not run more."""
 
 # ONNX element types kiln has a dtype for. DOUBLE is read as f32 (kiln computes in single
 # precision, as the PyTorch importer does with float64 buffers) for constants and casts only.
@@ -74,6 +122,74 @@ _REEXPORT_HINT = ("re-export the model without this op (another torch.onnx.expor
 _STATIC_HINT = ("kiln compiles static shapes: export with constant folding (torch.onnx.export "
                 "does it by default) and fix dynamic input dims with import_onnx(..., "
                 "input_shapes={name: shape})")
+
+
+_SIZE_HINT = ("a size like this means a corrupt or hostile file, or a wrong input_shapes=; "
+              "check the model's shapes, or import it on a machine with more memory")
+_CORRUPT_HINT = "the file is damaged or was written wrongly: re-export the model"
+_MAX_SLICES = 256  # most slice nodes one Gather or negative-step Slice becomes
+
+
+def tensor_byte_limit() -> tuple[int, str]:
+    """The most bytes one tensor of an imported model may take here, and what sets it.
+
+    The smallest of ``MAX_TENSOR_BYTES``, the machine's physical memory and the process's
+    address-space and data limits (``RLIMIT_AS``, ``RLIMIT_DATA``): a tensor larger than that
+    can never be allocated, so the importer refuses it before trying.
+    """
+    limits = [(MAX_TENSOR_BYTES, "kiln's limit per tensor (MAX_TENSOR_BYTES)")]
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # a platform without sysconf
+        memory = -1
+    if memory > 0:
+        limits.append((memory, "this machine's memory"))
+    try:
+        import resource
+    except ImportError:  # Windows
+        resource = None
+    if resource is not None:
+        for name, what in (("RLIMIT_AS", "this process's address-space limit (RLIMIT_AS)"),
+                           ("RLIMIT_DATA", "this process's data limit (RLIMIT_DATA)")):
+            which = getattr(resource, name, None)
+            soft = resource.getrlimit(which)[0] if which is not None else -1
+            if soft != resource.RLIM_INFINITY and soft > 0:
+                limits.append((soft, what))
+    return min(limits)
+
+
+def _format_bytes(n: int) -> str:
+    for unit, shift in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20),
+                        ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _size_problem(shape: Sequence[int], itemsize: int, limit: tuple[int, str]) -> str | None:
+    """Why a tensor of ``shape`` cannot be held (None when it can); Python ints, no overflow."""
+    if any(d < 0 for d in shape):
+        return "has a negative dimension"
+    if len(shape) > MAX_RANK:
+        return f"has {len(shape)} dimensions, more than the {MAX_RANK} kiln handles"
+    nbytes = math.prod(shape) * itemsize
+    if nbytes > limit[0]:
+        return (f"would take {_format_bytes(nbytes)}, more than {limit[1]} "
+                f"({_format_bytes(limit[0])})")
+    return None
+
+
+def _elem_itemsize(elem_type: int) -> int:
+    """Bytes per element of an ONNX element type (1 for types NumPy has no layout for)."""
+    try:
+        return helper.tensor_dtype_to_np_dtype(elem_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return 1
+
+
+def _node_name(node: onnx.NodeProto) -> str:
+    """An ONNX node's name (its op type and first output when it has none)."""
+    return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
 
 
 def _elem_name(elem_type: int) -> str:
@@ -106,19 +222,51 @@ def _dtype_of_elem(elem_type: int, what: str, *, allow_double: bool = False) -> 
                         ) from None
 
 
+def _tensor_nbytes(t: onnx.TensorProto, what: str, limit: tuple[int, str]) -> int:
+    """The bytes a TensorProto's declared type and dims take; a KilnError for a type kiln
+    does not compile or dims no array can have."""
+    _dtype_of_elem(t.data_type, what, allow_double=True)
+    itemsize = _elem_itemsize(t.data_type)
+    dims = [int(d) for d in t.dims]
+    problem = _size_problem(dims, itemsize, limit)
+    if problem is not None:
+        raise KilnError(f"{what} is {_elem_name(t.data_type)}{dims}, which {problem}",
+                        hint=_SIZE_HINT)
+    return math.prod(dims) * itemsize
+
+
+def _tensor_array(t: onnx.TensorProto, what: str, limit: tuple[int, str]) -> np.ndarray:
+    """A TensorProto's value, its dims and data checked against each other first."""
+    nbytes = _tensor_nbytes(t, what, limit)
+    if t.HasField("raw_data") and len(t.raw_data) != nbytes:
+        raise KilnError(f"{what} holds {len(t.raw_data)} bytes of data where its type "
+                        f"{_elem_name(t.data_type)}{list(t.dims)} needs {nbytes}",
+                        hint=_CORRUPT_HINT)
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as e:  # a data field of the wrong length, segments ...
+        raise KilnError(f"cannot read {what}: {type(e).__name__}: {e}", hint=_CORRUPT_HINT
+                        ) from e
+
+
 # ---- the context handlers see ----------------------------------------------------------------
 class ImportContext:
     """What an ``ONNX_IMPORT`` function sees of the import of one ONNX node.
 
     ``node`` is the ONNX NodeProto, ``opset`` the model's default-domain opset and ``b`` the
     GraphBuilder of the kiln graph (``ctx.op`` wraps it so nodes are named and sourced).
+    ``limit`` is ``tensor_byte_limit()``: (bytes, what sets them). ``deferred`` holds the kiln
+    values whose operands are all constant but that were too large to fold (see ``_fold``).
     """
 
-    def __init__(self, b: GraphBuilder, opset: int) -> None:
+    def __init__(self, b: GraphBuilder, opset: int,
+                 limit: tuple[int, str] | None = None) -> None:
         self.b = b
         self.opset = opset
+        self.limit = limit or tensor_byte_limit()
         self.node: onnx.NodeProto = onnx.NodeProto()
         self.values: dict[str, str] = {}
+        self.deferred: set[str] = set()
         self._attrs: dict[str, onnx.AttributeProto] = {}
 
     # ---- where we are ------------------------------------------------------------------------
@@ -130,7 +278,7 @@ class ImportContext:
     @property
     def name(self) -> str:
         """The ONNX node's name (its op type and first output when it has none)."""
-        return self.node.name or f"{self.node.op_type}({self.node.output[0]})"
+        return _node_name(self.node)
 
     @property
     def source(self) -> str:
@@ -164,7 +312,7 @@ class ImportContext:
         if a is None:
             return default
         if a.type == onnx.AttributeProto.TENSOR:
-            return numpy_helper.to_array(a.t)
+            return _tensor_array(a.t, f"attribute {name!r}", self.limit)
         value = helper.get_attribute_value(a)
         if isinstance(value, bytes):
             return value.decode()
@@ -205,14 +353,38 @@ class ImportContext:
             return None
         return self.b.graph.constants.get(value)
 
+    def runtime_reason(self, value: str) -> str:
+        """Why the kiln value ``value`` is computed at run time, not known while importing."""
+        if value in self.deferred:
+            return ("it is (computed from) a tensor larger than the "
+                    f"{_format_bytes(FOLD_LIMIT_BYTES)} the importer computes itself "
+                    "(FOLD_LIMIT_BYTES), left to run time")
+        return "it is computed from the graph inputs"
+
     def const_input(self, i: int, what: str) -> np.ndarray:
-        """Operand ``i`` as a NumPy array; a KilnError when it is computed from the inputs."""
-        array = self.const_value(self.input(i))
+        """Operand ``i`` as a NumPy array; a KilnError when it is computed at run time."""
+        value = self.input(i)
+        array = self.const_value(value)
         if array is None:
             raise self.error(f"{self.node.op_type}'s {what} (operand {i}, "
-                             f"{self.node.input[i]!r}) must be a constant, but it is computed "
-                             "from the graph inputs", _STATIC_HINT)
+                             f"{self.node.input[i]!r}) must be a constant, but "
+                             f"{self.runtime_reason(value)}", _STATIC_HINT)
         return array
+
+    def int_input(self, i: int, what: str, most: int | None = None) -> list[int]:
+        """Constant operand ``i`` as a list of at most ``most`` ints. By default ``most``
+        allows two entries per axis (pads) or one per node output (Split's sizes): an int
+        operand is never longer, and a longer one would only cost time to read."""
+        array = self.const_input(i, what)
+        most = max(2 * MAX_RANK, len(self.node.output)) if most is None else most
+        if array.size > most:
+            raise self.error(f"{self.node.op_type}'s {what} has {array.size} entries; kiln "
+                             f"reads at most {most}", hint=_CORRUPT_HINT)
+        return [int(v) for v in array.reshape(-1)]
+
+    def shape_input(self, i: int, what: str = "shape") -> list[int]:
+        """Constant operand ``i`` read as a shape: at most ``MAX_RANK`` ints."""
+        return self.int_input(i, what, MAX_RANK)
 
     def all_constant(self) -> bool:
         """Whether every given operand is a constant."""
@@ -224,7 +396,7 @@ class ImportContext:
         if self.has_attr(name):
             return [int(v) for v in self.attr(name)]
         if index is not None and self.has_input(index):
-            return [int(v) for v in self.const_input(index, name).reshape(-1)]
+            return self.int_input(index, name)
         return None
 
     # ---- emitting ----------------------------------------------------------------------------
@@ -244,6 +416,19 @@ class ImportContext:
     def scalar(self, value: Any, dtype: DType, hint: str = "scalar") -> str:
         """A rank-0 kiln constant of ``dtype``."""
         return self.constant(np.asarray(value).astype(dtype.numpy), hint)
+
+    def full(self, shape: Sequence[int], value: Any, dtype: np.dtype, hint: str | None = None
+             ) -> str:
+        """A tensor of ``shape`` filled with ``value``: a constant up to ``FOLD_LIMIT_BYTES``,
+        a scalar expanded at run time beyond (a shape from the file may ask for any size)."""
+        shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise self.error(f"{self.node.op_type} asks for shape {list(shape)}, which has a "
+                             "negative size", hint=_CORRUPT_HINT)
+        if math.prod(shape) * np.dtype(dtype).itemsize <= FOLD_LIMIT_BYTES:
+            return self.constant(np.full(shape, value, dtype), hint)
+        scalar = self.constant(np.array(value, dtype), "value")
+        return self.op("expand", [scalar], {"shape": shape})
 
     def reshape(self, x: str, shape: Sequence[int]) -> str:
         """``x`` reshaped (no node when the shape is already right)."""
@@ -283,9 +468,12 @@ def _div(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
         return [ctx.op("div", [a, b])]
     # Integer division (shape arithmetic) truncates toward zero in ONNX; kiln's div is float.
     if not ctx.all_constant():
-        raise ctx.unsupported("integer Div of computed values", hint="cast the operands to "
-                              "float before dividing, or keep the division on constants")
+        computed = a if ctx.const_value(a) is None else b
+        raise ctx.unsupported(f"integer Div of computed values: {ctx.runtime_reason(computed)}",
+                              hint="cast the operands to float before dividing, or keep the "
+                                   "division on constants")
     x, y = ctx.const_value(a), ctx.const_value(b)
+    _check_foldable(ctx, "integer Div", _broadcast(ctx, x, y), x.dtype)
     if np.any(y == 0):
         raise ctx.error("integer division by zero")
     q = np.abs(x) // np.abs(y) * np.sign(x) * np.sign(y)
@@ -384,7 +572,7 @@ def _is_inf(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
         return [ctx.op("eq", [ctx.op("abs", [x]), ctx.scalar(np.inf, t.dtype, "inf")])]
     if pos or neg:
         return [ctx.op("eq", [x, ctx.scalar(np.inf if pos else -np.inf, t.dtype, "inf")])]
-    return [ctx.constant(np.zeros(t.shape, bool))]
+    return [ctx.full(t.shape, False, np.dtype(bool))]
 
 
 def _is_nan(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
@@ -568,6 +756,9 @@ def _batch_norm(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     if ctx.attr("training_mode", 0):
         raise ctx.unsupported("BatchNormalization in training mode",
                               hint="export the model in eval() mode")
+    if ctx.opset < 9 and not ctx.attr("spatial", 1):
+        raise ctx.unsupported("BatchNormalization with spatial=0 (statistics per element)",
+                              hint="export with spatial=1 (opset 9 and later have no other)")
     x, scale, bias, mean, var = (ctx.input(i) for i in range(5))
     return [ctx.op("batch_norm", [x, mean, var, scale, bias],
                    {"eps": float(ctx.attr("epsilon", 1e-5))})]
@@ -578,7 +769,7 @@ def _affine_operand(ctx: ImportContext, v: str, shape: tuple[int, ...]) -> str:
     if ctx.type_of(v).shape == shape:
         return v
     array = ctx.const_value(v)
-    if array is not None:
+    if array is not None and math.prod(shape) * array.itemsize <= FOLD_LIMIT_BYTES:
         return ctx.constant(np.broadcast_to(array, shape), "affine")
     t = ctx.type_of(v)
     v = ctx.reshape(v, t.shape[max(t.rank - len(shape), 0):])
@@ -653,19 +844,26 @@ def _pool(ctx: ImportContext, kind: str) -> str:
     mean = ctx.op(kind, [xp], {**attrs, "padding": 0, "ceil_mode": False,
                                "count_include_pad": True})
     # Divisor per window: the cells inside the input, plus the declared pads when ONNX
-    # counts them (never the extra cells a ceil-mode window hangs over).
-    counted = np.zeros([n + lo + max(hi, 0) for n, (lo, hi) in zip(sizes, explicit)])
-    inner = tuple(slice(0 if count_pad else lo, lo + n + (pads[i][1] if count_pad else 0))
-                  for i, (n, (lo, _)) in enumerate(zip(sizes, explicit)))
-    counted[inner] = 1.0
-    windows = np.zeros(out)
-    for offs in np.ndindex(*kernel):
-        windows += counted[tuple(slice(o, o + s * (m - 1) + 1, s)
-                                 for o, s, m in zip(offs, strides, out))]
-    if np.any(windows == 0):
+    # counts them (never the extra cells a ceil-mode window hangs over). Those cells are a
+    # box, so a window's count is the product of its overlaps with the box along each axis.
+    counts = []
+    for i, (n, (lo, _), k, s, m) in enumerate(zip(sizes, explicit, kernel, strides, out)):
+        first, end = (0, lo + n + pads[i][1]) if count_pad else (lo, lo + n)
+        starts = np.arange(m) * s
+        overlap = np.minimum(starts + k, end) - np.maximum(starts, first)
+        counts.append(np.maximum(overlap, 0).astype(np.float64))
+    if any(np.any(c == 0) for c in counts):
         raise ctx.unsupported("AveragePool with a window that covers no counted cell")
-    factor = (math.prod(kernel) / windows).astype(t.dtype.numpy)
-    return ctx.op("mul", [mean, ctx.constant(factor.reshape((1, 1) + factor.shape), "divisor")])
+    dt = t.dtype.numpy
+    if math.prod(out) * dt.itemsize <= FOLD_LIMIT_BYTES:
+        factor = (math.prod(kernel) / functools.reduce(np.multiply.outer, counts)).astype(dt)
+        return ctx.op("mul", [mean, ctx.constant(factor.reshape((1, 1) + factor.shape),
+                                                 "divisor")])
+    for i, (k, c) in enumerate(zip(kernel, counts)):  # one factor per axis
+        shape = [1] * (nd + 2)
+        shape[2 + i] = len(c)
+        mean = ctx.op("mul", [mean, ctx.constant((k / c).astype(dt).reshape(shape), "divisor")])
+    return mean
 
 
 def _max_pool(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
@@ -711,8 +909,7 @@ def _reduce(kiln_op: str) -> ImportFn:
 def _reshape(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     x = ctx.input(0)
     t = ctx.type_of(x)
-    shape = [int(d) for d in (ctx.attr("shape") if ctx.opset < 5 else
-                              ctx.const_input(1, "shape").reshape(-1))]
+    shape = ctx.shape_input(1)  # an input since opset 5 (MIN_OPSET is later)
     if not ctx.attr("allowzero", 0):  # 0 copies the input's size on that axis
         shape = [t.shape[i] if d == 0 and i < t.rank else d for i, d in enumerate(shape)]
     if shape.count(-1) > 1:
@@ -805,9 +1002,10 @@ def _reverse(ctx: ImportContext, x: str, axis: int) -> str:
     n = ctx.type_of(x).shape[axis]
     if n <= 1:
         return x
-    if n > 256:
+    if n > _MAX_SLICES:
         raise ctx.unsupported(f"a negative-step Slice over {n} elements",
-                              hint="kiln reverses an axis element by element (up to 256)")
+                              hint="kiln reverses an axis element by element (up to "
+                                   f"{_MAX_SLICES})")
     pieces = [ctx.op("slice", [x], {"axis": axis, "start": i, "end": i + 1})
               for i in range(n - 1, -1, -1)]
     return ctx.op("concat", pieces, {"axis": axis})
@@ -836,17 +1034,20 @@ def _slice(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
         starts, ends = ctx.ints("starts"), ctx.ints("ends")
         axes, steps = ctx.ints("axes"), None
     else:
-        starts = [int(v) for v in ctx.const_input(1, "starts").reshape(-1)]
-        ends = [int(v) for v in ctx.const_input(2, "ends").reshape(-1)]
+        starts = ctx.int_input(1, "starts", MAX_RANK)
+        ends = ctx.int_input(2, "ends", MAX_RANK)
         axes = ctx.ints("axes", 3)
         steps = ctx.ints("steps", 4)
     axes = list(range(len(starts))) if axes is None else axes
     steps = [1] * len(starts) if steps is None else steps
     if not len(starts) == len(ends) == len(axes) == len(steps):
         raise ctx.error("Slice's starts, ends, axes and steps differ in length")
+    axes = [_axis(ctx, a, rank) for a in axes]
+    if len(set(axes)) != len(axes):
+        raise ctx.error(f"Slice repeats an axis in {axes}")
     y = x
     for s, e, a, st in zip(starts, ends, axes, steps):
-        y = _slice_axis(ctx, y, _axis(ctx, a, rank), s, e, st)
+        y = _slice_axis(ctx, y, a, s, e, st)
     return [y]
 
 
@@ -863,22 +1064,22 @@ def _gather(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
         if np.any((indices < -n) | (indices >= n)):
             raise ctx.error(f"Gather index out of range [-{n}, {n})")
         indices = np.where(indices < 0, indices + n, indices)
-        if table is not None:
+        if table is not None and math.prod(out_shape) * t.dtype.itemsize <= FOLD_LIMIT_BYTES:
             return [ctx.constant(np.take(table, indices, axis=axis))]
-        flat = [int(i) for i in indices.reshape(-1)]
-        if not flat:
+        flat = indices.reshape(-1)
+        if not flat.size:
             return [ctx.constant(np.zeros(out_shape, t.dtype.numpy))]
-        # Runs of consecutive indices are one slice each.
-        runs: list[list[int]] = []
-        for i in flat:
-            if runs and i == runs[-1][1]:
-                runs[-1][1] += 1
-            else:
-                runs.append([i, i + 1])
-        pieces = [ctx.op("slice", [data], {"axis": axis, "start": lo, "end": hi})
-                  if (lo, hi) != (0, n) else data for lo, hi in runs]
-        y = pieces[0] if len(pieces) == 1 else ctx.op("concat", pieces, {"axis": axis})
-        return [ctx.reshape(y, out_shape)]
+        # Runs of consecutive indices are one slice each, while they are few; more indices
+        # are an embedding with constant indices (like computed ones, below).
+        cuts = np.flatnonzero(np.diff(flat) != 1) + 1
+        if table is None and len(cuts) < _MAX_SLICES:
+            bounds = zip([0, *cuts.tolist()], [*cuts.tolist(), flat.size])
+            runs = [(int(flat[a]), int(flat[b - 1]) + 1) for a, b in bounds]
+            pieces = [ctx.op("slice", [data], {"axis": axis, "start": lo, "end": hi})
+                      if (lo, hi) != (0, n) else data for lo, hi in runs]
+            y = pieces[0] if len(pieces) == 1 else ctx.op("concat", pieces, {"axis": axis})
+            return [ctx.reshape(y, out_shape)]
+        idx = ctx.constant(indices, "indices")
     # Computed indices: rows of a [n, rest] table.
     rest = t.shape[:axis] + t.shape[axis + 1:]
     perm = (axis,) + tuple(i for i in range(t.rank) if i != axis)
@@ -901,7 +1102,7 @@ def _gather(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
 def _expand(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     x = ctx.input(0)
     t = ctx.type_of(x)
-    shape = [int(d) for d in ctx.const_input(1, "shape").reshape(-1)]
+    shape = ctx.shape_input(1)
     try:  # ONNX's Expand broadcasts both ways: the result may be larger than `shape`
         target = tuple(int(d) for d in np.broadcast_shapes(t.shape, tuple(shape)))
     except ValueError:
@@ -942,12 +1143,16 @@ def _trilu(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     t = ctx.type_of(x)
     k = int(ctx.const_input(1, "k").reshape(-1)[0]) if ctx.has_input(1) else 0
     rows, cols = t.shape[-2:]
-    ones = np.ones((rows, cols), bool)
-    keep = np.triu(ones, k) if ctx.attr("upper", 1) else np.tril(ones, k)
-    array = ctx.const_value(x)
-    if array is not None:
-        return [ctx.constant(np.where(keep, array, np.zeros((), array.dtype)))]
-    return [ctx.op("where", [ctx.constant(keep, "keep"), x, ctx.scalar(0, t.dtype, "zero")])]
+    upper = ctx.attr("upper", 1)
+    if rows * cols <= FOLD_LIMIT_BYTES:
+        ones = np.ones((rows, cols), bool)
+        keep = ctx.constant(np.triu(ones, k) if upper else np.tril(ones, k), "keep")
+    else:  # a mask this large is computed at run time: keep column j of row i if j - k >= i
+        row = ctx.constant(np.arange(rows, dtype=np.int64).reshape(rows, 1), "row")
+        col = ctx.constant(np.arange(cols, dtype=np.int64).reshape(1, cols) - k, "col")
+        keep = ctx.op("ge" if upper else "le", [col, row])
+    # A constant x folds with the rest (up to FOLD_LIMIT_BYTES).
+    return [ctx.op("where", [keep, x, ctx.scalar(0, t.dtype, "zero")])]
 
 
 # ---- values known from shapes and attributes alone -------------------------------------------
@@ -974,15 +1179,28 @@ def _constant(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
 
 
 def _constant_of_shape(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
-    shape = [int(d) for d in ctx.const_input(0, "shape").reshape(-1)]
+    shape = ctx.shape_input(0)
     value = ctx.attr("value")
     value = np.zeros(1, np.float32) if value is None else value
-    return [ctx.constant(np.full(shape, value.reshape(-1)[0], value.dtype))]
+    if value.size != 1:
+        raise ctx.error(f"ConstantOfShape's value has {value.size} elements, not one")
+    return [ctx.full(shape, value.reshape(-1)[0], value.dtype)]
 
 
 def _range(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     start, limit, delta = (ctx.const_input(i, what).reshape(())
                            for i, what in enumerate(("start", "limit", "delta")))
+    # ONNX: max(ceil((limit - start) / delta), 0) elements, counted before any is made.
+    if start.dtype.kind == "f":
+        span = (float(limit) - float(start)) / float(delta) if float(delta) else math.nan
+        if not math.isfinite(span):
+            raise ctx.error(f"Range({start}, {limit}, {delta}) has no finite length")
+        count = max(math.ceil(span), 0)
+    else:
+        if int(delta) == 0:
+            raise ctx.error("Range with delta 0")
+        count = max(-((int(start) - int(limit)) // int(delta)), 0)
+    _check_foldable(ctx, "Range", (count,), start.dtype)
     return [ctx.constant(np.arange(start, limit, delta, dtype=start.dtype))]
 
 
@@ -991,13 +1209,37 @@ def _constant_only(fn: Callable[..., np.ndarray], what: str) -> ImportFn:
     arithmetic) by computing it here."""
 
     def imp(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
-        if not ctx.all_constant():
-            raise ctx.unsupported(f"{node.op_type} of computed values: kiln has no {what} op",
+        computed = [v for v in ctx.inputs() if ctx.const_value(v) is None]
+        if computed:
+            raise ctx.unsupported(f"{node.op_type} of computed values: kiln has no {what} op, "
+                                  f"and {ctx.runtime_reason(computed[0])}",
                                   hint="keep this computation on constants, or rewrite it")
         arrays = [ctx.const_value(v) for v in ctx.inputs()]
+        _check_foldable(ctx, node.op_type, _broadcast(ctx, *arrays), np.result_type(*arrays))
         return [ctx.constant(np.asarray(fn(ctx, *arrays)))]
 
     return imp
+
+
+def _broadcast(ctx: ImportContext, *arrays: np.ndarray) -> tuple[int, ...]:
+    """The shape the arrays broadcast to, computed from their shapes alone."""
+    try:
+        return np.broadcast_shapes(*(a.shape for a in arrays))
+    except ValueError:
+        raise ctx.error(f"{ctx.node.op_type} of shapes {[list(a.shape) for a in arrays]}, "
+                        "which do not broadcast") from None
+
+
+def _check_foldable(ctx: ImportContext, what: str, shape: Sequence[int], dtype: Any) -> None:
+    """Refuse to compute ``what`` (an op kiln has no node for) while importing when its result
+    would exceed ``FOLD_LIMIT_BYTES``: it cannot be left to run time either."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes > FOLD_LIMIT_BYTES:
+        raise ctx.unsupported(
+            f"{what} with a {_format_bytes(nbytes)} result {list(shape)}: kiln has no op to "
+            f"compute it at run time, and computes at most {_format_bytes(FOLD_LIMIT_BYTES)} "
+            "while importing (FOLD_LIMIT_BYTES)",
+            hint="compute it in the model from smaller pieces, or keep it on smaller shapes")
 
 
 def _mod(ctx: ImportContext, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -1166,20 +1408,22 @@ ONNX output it computes (optional outputs it leaves out must be unused)."""
 
 
 # ---- loading ---------------------------------------------------------------------------------
-def _subgraph_tensors(graph: onnx.GraphProto):
+def _subgraph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every tensor of a graph: initializers and tensor attributes, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                yield a.t
-            elif a.type == onnx.AttributeProto.TENSORS:
-                yield from a.tensors
-            elif a.type == onnx.AttributeProto.GRAPH:
-                yield from _subgraph_tensors(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _subgraph_tensors(g)
+    graphs = [graph]  # a work list, not recursion: subgraphs nest as deep as the file says
+    while graphs:
+        g = graphs.pop()
+        yield from g.initializer
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield a.t
+                elif a.type == onnx.AttributeProto.TENSORS:
+                    yield from a.tensors
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    graphs.extend(a.graphs)
 
 
 def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -1187,8 +1431,10 @@ def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
             if t.data_location == TensorProto.EXTERNAL]
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    """Load external tensor data, refusing any file outside the model's directory."""
+def _load_external_data(model: onnx.ModelProto, path: Path, limit: tuple[int, str]) -> None:
+    """Load external tensor data, refusing any file outside the model's directory and any
+    tensor whose declared type, offset and length do not match its file (checked before a
+    byte is read: a tensor never reads more than its shape needs)."""
     base = path.parent.resolve()
     for t in _external_tensors(model):
         info = {e.key: e.value for e in t.external_data}
@@ -1201,6 +1447,25 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         if not target.is_file():
             raise KilnError(f"tensor {t.name!r} of {path}: external data file {location!r} "
                             "does not exist", hint="copy it next to the .onnx file")
+        what = f"tensor {t.name!r} of {path}"
+        nbytes = _tensor_nbytes(t, what, limit)
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise KilnError(f"{what}: external data offset {info.get('offset')!r} or length "
+                            f"{info.get('length')!r} is not a number", hint=_CORRUPT_HINT
+                            ) from None
+        size = target.stat().st_size
+        # Without a length the data runs to the end of the file (ONNX's rule).
+        end = size if length is None else offset + length
+        if offset < 0 or end - offset != nbytes or end > size:
+            raise KilnError(
+                f"{what} is {_elem_name(t.data_type)}{list(t.dims)} ({nbytes} bytes), but "
+                f"its external data is {end - offset} bytes at offset {offset} of "
+                f"{location!r} ({size} bytes)", hint="the model and its data file do not "
+                "match: save them again together (onnx.save_model(..., "
+                "save_as_external_data=True))")
     if _external_tensors(model):
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base))
@@ -1208,9 +1473,11 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
             raise KilnError(f"cannot read the external data of {path}: {e}") from e
 
 
-def _load(path_or_model: Any) -> tuple[onnx.ModelProto, str]:
-    """The ModelProto (a private copy) and a name for the graph."""
+def _load(path_or_model: Any, limit: tuple[int, str]) -> tuple[onnx.ModelProto, str]:
+    """The ModelProto (a private copy) and a name for the graph; its opsets checked before
+    its external data is read."""
     if isinstance(path_or_model, onnx.ModelProto):
+        _check_opsets(path_or_model)
         if _external_tensors(path_or_model):
             raise KilnError("the ONNX model's external data is not loaded",
                             hint="pass the .onnx file's path instead, so kiln loads it from "
@@ -1230,7 +1497,8 @@ def _load(path_or_model: Any) -> tuple[onnx.ModelProto, str]:
     except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
         raise KilnError(f"cannot parse {str(path)!r} as an ONNX model: {type(e).__name__}: {e}",
                         hint="check that the file is a complete .onnx file") from e
-    _load_external_data(model, path)
+    _check_opsets(model)
+    _load_external_data(model, path, limit)
     return model, path.stem
 
 
@@ -1307,13 +1575,94 @@ def _default_opset(model: onnx.ModelProto) -> int:
                     hint="kiln imports models of the standard ONNX operator set")
 
 
+def _check_opsets(model: onnx.ModelProto) -> None:
+    """Refuse a node of another domain than the default one (custom and contrib ops: kiln
+    reads the standard operator set only) and a default-domain opset outside
+    ``MIN_OPSET..MAX_OPSET``. A model that names no default-domain opset is left to the
+    checker (it is not a valid model, or has no standard op, which the import refuses)."""
+    for node in model.graph.node:
+        if node.domain not in _DEFAULT_DOMAINS:
+            name = _node_name(node)
+            raise UnsupportedOpError(
+                f"op {node.op_type} of domain {node.domain!r}: kiln reads the default ONNX "
+                f"domain only (opsets {MIN_OPSET} to {MAX_OPSET})", node=name,
+                op=node.op_type, source=f"onnx:{name}",
+                hint="export without custom or contrib ops (an ONNX Runtime-optimized model "
+                     "has them: import the model as exported, before optimization)")
+    opset = next((int(o.version) for o in model.opset_import if o.domain in _DEFAULT_DOMAINS),
+                 None)
+    if opset is not None and opset < MIN_OPSET:
+        raise KilnError(
+            f"the ONNX model uses opset {opset}; kiln reads opsets {MIN_OPSET} to {MAX_OPSET}",
+            hint="convert it first: onnx.version_converter.convert_version(model, 17), or "
+                 "re-export it with a newer opset (torch.onnx.export(..., opset_version=17))")
+    if opset is not None and HANDLED_OPSET < opset <= MAX_OPSET:
+        _check_newer_definitions(model, opset)
+    if opset is not None and opset > MAX_OPSET:
+        raise KilnError(
+            f"the ONNX model uses opset {opset}; kiln reads opsets {MIN_OPSET} to {MAX_OPSET} "
+            f"(the newest this onnx {onnx.__version__} knows)",
+            hint="upgrade the onnx package, or convert the model down: "
+                 f"onnx.version_converter.convert_version(model, {MAX_OPSET})")
+
+
+def _attr_default(schema: Any, name: str) -> bytes | None:
+    attr = schema.attributes.get(name)
+    if attr is None or attr.required:
+        return None
+    return attr.default_value.SerializeToString()
+
+
+def _check_newer_definitions(model: onnx.ModelProto, opset: int) -> None:
+    """Refuse a node whose op was redefined after ``HANDLED_OPSET`` in a way that touches it:
+    an attribute the older definition lacks set to other than its default (or an attribute of
+    another type), an attribute left at a default that changed, or more inputs than the older
+    definition takes."""
+    cache: dict[str, tuple[Any, Any] | None] = {}
+    for node in model.graph.node:
+        if node.domain not in _DEFAULT_DOMAINS:
+            continue
+        if node.op_type not in cache:
+            try:
+                new = onnx.defs.get_schema(node.op_type, opset)
+                old = onnx.defs.get_schema(node.op_type, HANDLED_OPSET)
+            except onnx.defs.SchemaError:
+                cache[node.op_type] = None   # an op kiln does not know: refused later
+                continue
+            cache[node.op_type] = (old, new) if new.since_version > HANDLED_OPSET else None
+        pair = cache[node.op_type]
+        if pair is None:
+            continue
+        old, new = pair
+        given = {a.name: a for a in node.attribute}
+        # ONNX adds attributes whose default keeps the older meaning: one left out, or set to
+        # that default, reads as before; any other value of it does not.
+        problems = [f"attribute {n}" for n, a in given.items()
+                    if (n not in old.attributes and a.SerializeToString()
+                        != (_attr_default(new, n) or b""))
+                    or (n in old.attributes and old.attributes[n].type != a.type)]
+        problems += [f"the default of {n}" for n in old.attributes
+                     if n not in given and _attr_default(new, n) != _attr_default(old, n)]
+        if len(node.input) > old.max_input:
+            problems.append(f"input {old.max_input + 1}")
+        if problems:
+            name = _node_name(node)
+            raise UnsupportedOpError(
+                f"{node.op_type} was redefined in opset {new.since_version}, and this node "
+                f"uses what kiln's importer (written for opset {HANDLED_OPSET}) does not read: "
+                f"{', '.join(problems)}", node=name, op=node.op_type, source=f"onnx:{name}",
+                hint=f"export with opset {HANDLED_OPSET} (torch.onnx.export(..., "
+                     f"opset_version={HANDLED_OPSET})) or convert: "
+                     f"onnx.version_converter.convert_version(model, {HANDLED_OPSET})")
+
+
 # ---- the import ------------------------------------------------------------------------------
 class _OnnxImporter:
-    def __init__(self, model: onnx.ModelProto, name: str) -> None:
+    def __init__(self, model: onnx.ModelProto, name: str, limit: tuple[int, str]) -> None:
         self.model = model
         self.graph = model.graph
         self.b = GraphBuilder(sanitize_name(name))
-        self.ctx = ImportContext(self.b, _default_opset(model))
+        self.ctx = ImportContext(self.b, _default_opset(model), limit)
         self.values = self.ctx.values
         # What ONNX shape inference says each value is, to check each node's kiln types.
         self.expected: dict[str, onnx.ValueInfoProto] = {
@@ -1326,8 +1675,10 @@ class _OnnxImporter:
         if g.sparse_initializer:
             raise KilnError("the ONNX model has sparse initializers",
                             hint="store the weights as dense tensors")
+        self._check_value_sizes()
         for init in g.initializer:
-            array = kiln_array(numpy_helper.to_array(init), f"initializer {init.name!r}")
+            what = f"initializer {init.name!r}"
+            array = kiln_array(_tensor_array(init, what, self.ctx.limit), what)
             self.values[init.name] = self.b.constant(array, sanitize_name(init.name))
         for vi in g.input:
             if vi.name in self.values:  # an initializer listed as an input (IR < 4)
@@ -1345,26 +1696,54 @@ class _OnnxImporter:
             del graph.constants[name]
         return self.b.build()
 
+    def _check_value_sizes(self) -> None:
+        """Refuse, before any array is made, a graph input or node output whose static shape
+        (as declared, or as ONNX shape inference found it) no array here can have."""
+        g = self.graph
+        producers = {out: node for node in g.node for out in node.output}
+        for vi in [*g.input, *g.value_info, *g.output]:
+            dims = _static_dims(vi)
+            elem = vi.type.tensor_type.elem_type
+            problem = None if dims is None else _size_problem(dims, _elem_itemsize(elem),
+                                                              self.ctx.limit)
+            if problem is None:
+                continue
+            what = f"{_elem_name(elem)}{list(dims)}"
+            node = producers.get(vi.name)
+            if node is None:
+                raise KilnError(f"graph input {vi.name!r} is {what}, which {problem}",
+                                hint=_SIZE_HINT)
+            self.ctx.begin(node)
+            raise self.ctx.error(f"{node.op_type} would make {vi.name!r} a {what} tensor, "
+                                 f"which {problem}", hint=_SIZE_HINT)
+
     def _import_node(self, node: onnx.NodeProto) -> None:
         ctx = self.ctx
         ctx.begin(node)
-        if node.domain not in _DEFAULT_DOMAINS:
-            raise ctx.unsupported(f"op {node.op_type} of domain {node.domain!r}",
-                                  hint="kiln imports the standard ONNX operator set only; "
-                                       "export without custom or contrib ops")
         fn = ONNX_IMPORT.get(node.op_type)
         if fn is None:
             raise ctx.unsupported(f"kiln cannot import ONNX op {node.op_type}")
         graph = self.b.graph
         start = len(graph.nodes)
-        foldable = ctx.all_constant()
+        # Operands all known while importing (or too large to be): fold what fits.
+        static = all(ctx.const_value(v) is not None or v in ctx.deferred
+                     for v in ctx.inputs())
         try:
             results = list(fn(ctx, node))
         except KilnError as e:
             raise self._locate(e) from None
-        if foldable:
+        for n in graph.nodes[start:]:  # every kiln value must fit before any is computed
+            for out in n.outputs:
+                t = graph.types[out]
+                problem = _size_problem(t.shape, t.dtype.itemsize, ctx.limit)
+                if problem is not None:
+                    raise ctx.error(f"{node.op_type} would make a {t} tensor, which {problem}",
+                                    hint=_SIZE_HINT)
+        if static:
             results = self._fold(start, results)
         self._name_outputs(start, results)
+        if static:  # what is left of this node's kiln nodes was too large to fold
+            ctx.deferred.update(o for n in graph.nodes[start:] for o in n.outputs)
         for k, out in enumerate(node.output):
             if not out:
                 continue
@@ -1386,23 +1765,46 @@ class _OnnxImporter:
         return e
 
     def _fold(self, start: int, results: list[str]) -> list[str]:
-        """Evaluate this node's kiln nodes (all on constants) and replace them by constants."""
+        """Evaluate this node's kiln nodes whose operands are constants and whose results fit
+        ``FOLD_LIMIT_BYTES`` / ``FOLD_LIMIT_FLOPS``, and replace them by constants; the others
+        stay nodes (reading the folded values as constants), computed at run time."""
         graph = self.b.graph
         tail = graph.nodes[start:]
         if not tail:
             return results
         env = graph.constants
         computed: dict[str, np.ndarray] = {}
+        kept = []
         for n in tail:
+            operands = [computed.get(i, env.get(i)) for i in n.inputs]
+            if any(a is None for a in operands) or not self._small_enough(n):
+                kept.append(n)
+                continue
             try:
-                arrays = run_reference(n.op, [computed.get(i, env.get(i)) for i in n.inputs],
-                                       n.attrs)
+                arrays = run_reference(n.op, operands, n.attrs)
             except KilnError as e:
                 raise self._locate(e) from None
             for out, a in zip(n.outputs, arrays):
                 computed[out] = np.asarray(a).astype(graph.types[out].dtype.numpy)
         del graph.nodes[start:]
-        return [self.ctx.constant(computed[v]) if v in computed else v for v in results]
+        folded = {v: self.ctx.constant(computed[v]) for v in dict.fromkeys(results)
+                  if v in computed}
+        for n in kept:
+            for v in n.inputs:
+                if v in computed and v not in folded:  # keeps its name, now as a constant
+                    del graph.types[v]
+                    folded[v] = self.b.constant(computed[v], v)
+            graph.nodes.append(n.with_(inputs=tuple(folded.get(v, v) for v in n.inputs)))
+        return [folded.get(v, v) for v in results]
+
+    def _small_enough(self, n: Node) -> bool:
+        """Whether folding kiln node ``n`` stays within the fold limits."""
+        graph = self.b.graph
+        outs = [graph.types[o] for o in n.outputs]
+        if sum(t.nbytes for t in outs) > FOLD_LIMIT_BYTES:
+            return False
+        ins = [graph.types[i] for i in n.inputs]
+        return get_op(n.op).flops(ins, outs, dict(n.attrs)) <= FOLD_LIMIT_FLOPS
 
     def _name_outputs(self, start: int, results: list[str]) -> None:
         """Give the kiln values made for this node's ONNX outputs the ONNX names."""
@@ -1448,14 +1850,22 @@ def import_onnx(path_or_model: str | os.PathLike | onnx.ModelProto, *,
     read only from files inside the model's directory. Graph inputs and outputs keep their
     ONNX order and (sanitized) names.
 
+    Nothing is allocated by the file's say-so alone (see the module docstring): constants the
+    import computes are capped at ``FOLD_LIMIT_BYTES`` (larger ones stay kiln ops), and a
+    tensor larger than ``tensor_byte_limit()`` is refused before it is made.
+
     Raises:
-        KilnError: for a missing or unreadable file, an invalid model, a dynamic input shape
-            without ``input_shapes``, or an operand that must be constant and is not;
-            UnsupportedOpError naming the ONNX node and op type for an op kiln cannot import.
+        KilnError: for a missing or unreadable file, an invalid model, an opset outside
+            ``MIN_OPSET..MAX_OPSET``, tensor data that does not match its shape, a tensor too
+            large for this machine (naming the node), a dynamic input shape without
+            ``input_shapes``, or an operand that must be constant and is not;
+            UnsupportedOpError naming the ONNX node and op type for an op kiln cannot import
+            (or a node of another domain than the default one).
     """
-    model, name = _load(path_or_model)
+    limit = tensor_byte_limit()
+    model, name = _load(path_or_model, limit)
     inputs = [vi for vi in model.graph.input
               if vi.name not in {i.name for i in model.graph.initializer}]
     _fix_input_shapes(model, input_shapes, inputs)
     model = _check_and_infer(model)
-    return _OnnxImporter(model, name).run()
+    return _OnnxImporter(model, name, limit).run()

@@ -219,6 +219,9 @@ def export(compiled: CompiledModel, path: str | os.PathLike | None = None, *,
                "example_inputs), path)"
         if isinstance(compiled, (str, os.PathLike)) and isinstance(path, CompiledModel):
             hint = "the compiled model comes first: kiln.export(compiled, path)"
+        if what == "DynamicModel":
+            hint = ("artifacts hold one size so far: export one with "
+                    "kiln.export(dynamic_model.specialize(*inputs), path)")
         raise KilnError(f"kiln.export takes a compiled model, got {what}", hint=hint)
     if path is None:
         raise KilnError("kiln.export needs the path of the file to write",
@@ -292,6 +295,7 @@ def compile(
     target: Any = None,
     winograd: bool = True,
     tune: Any = False,
+    dynamic: Any = None,
 ) -> CompiledModel:
     """Compile ``model`` for inference on inputs shaped like ``example_inputs``.
 
@@ -327,6 +331,11 @@ def compile(
         prune, low_rank, distill, quantize, data, labels: compress the model first, as
             ``kiln.compress`` does with the same arguments (the pipeline is then the
             compression's own; see ``help(kiln.compress)``).
+        dynamic: sizes that may change from call to call. ``True``: dimension 0 (the batch)
+            of every input; or ``{input name or index: {dim: "size name"}}``, for example
+            ``{"input_ids": {0: "batch", 1: "seq"}}`` (dimensions with one name must be
+            equal). Returns a ``kiln.frontend.dynamic.DynamicModel``, which compiles each new
+            set of sizes on the call that first brings it (see its module docstring).
 
     Raises:
         KilnError: for an unsupported op (naming it and its source line), a model in training
@@ -337,6 +346,21 @@ def compile(
     check_model(model)
     example_inputs = example_tensors(example_inputs, _parameter_names(model))
     _check_names(backend, pipeline, frontend)
+    if dynamic is not None and dynamic is not False:
+        from kiln.frontend.dynamic import DynamicModel, normalize_dynamic
+
+        names = _parameter_names(model)
+        dims = normalize_dynamic(dynamic, example_inputs, names)
+        if any(o is not None and o is not False for o in (prune, low_rank, distill, quantize)) \
+                or tune:
+            raise KilnError("dynamic= does not combine with compression or tuning yet",
+                            hint="compile the compressed or tuned model for each size "
+                                 "without dynamic=")
+        options = dict(backend=backend, pipeline=pipeline, frontend=frontend, verify=verify,
+                       check_numerics=check_numerics, threads=threads, target=target,
+                       winograd=winograd)
+        return DynamicModel(lambda xs: compile(model, xs, **options), example_inputs, dims,
+                            names)
     cpu = _cpu_target(backend, target)
     tune_options = _tune_options(tune, backend)
     tuning = _tuning(backend, winograd)

@@ -4,10 +4,19 @@ Registered through PyTorch's ``torch_dynamo_backends`` entry point (see pyprojec
 Dynamo passes module weights as graph arguments; kiln binds them as constants (so passes such
 as batchnorm folding see them) and checks on every call that they are the same, unmodified
 tensors, recompiling when a weight was replaced or changed in place.
+
+Dynamic shapes: when a second call brings another batch size (or sequence length), Dynamo
+marks the dimension dynamic and hands over a graph whose sizes are symbols (``SymInt``
+placeholders). kiln compiles such a graph per concrete size on the call that first brings it
+(the sizes bound as constants; the compile cache makes a size seen before cheap) and keeps the
+``MAX_SPECIALIZATIONS`` most recently used programs. Every call gives eager's answer; a new
+size costs one compile.
 """
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +31,11 @@ from kiln.runtime import Executable
 
 OPTIONS = ("backend", "pipeline", "threads")
 """The keys of ``torch.compile(..., backend="kiln", options={...})``."""
+
+MAX_SPECIALIZATIONS = 16
+"""Programs a graph with symbolic sizes keeps, one per set of concrete sizes."""
+
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
 
 
 def _is_weight(node: torch.fx.Node, value: Any) -> bool:
@@ -39,26 +53,99 @@ class _DynamoGraph:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.static = frozenset(i for i, (n, v) in enumerate(zip(placeholders, example_inputs))
                                 if _is_weight(n, v))
+        # Size symbols, and module attributes Dynamo passes as 0-d tensors only to read them
+        # with .item() (nn.Embedding's norm_type under dynamic=True): bound per call to the
+        # values the call brings.
+        self.symbols = tuple(i for i, (n, v) in enumerate(zip(placeholders, example_inputs))
+                             if isinstance(v, _SYMBOLIC) or _is_read_scalar(n, v))
         for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
-            if (i not in self.static and isinstance(value, torch.Tensor)
-                    and value.dtype not in TORCH_TO_DTYPE):
+            if (i not in self.static and i not in self.symbols
+                    and isinstance(value, torch.Tensor) and value.dtype not in TORCH_TO_DTYPE):
                 raise unsupported_dtype(f"input {node.name}", value.dtype)
-        self._build(example_inputs)
+        self.programs: OrderedDict[tuple, CompiledModel] = OrderedDict()
+        self.weights: dict[int, tuple[Any, int]] = {}
+        if not self.symbols and not any(
+                isinstance(v, torch.Tensor) and _has_symbolic_shape(v) for v in example_inputs):
+            self._build(example_inputs)
+            self.programs[self._key(example_inputs)] = self.compiled
+
+    def _key(self, args: Sequence[Any]) -> tuple:
+        """What a program is specialized to: the symbols' values and the inputs' shapes."""
+        return tuple(_value(args[i]) if i in self.symbols else
+                     (tuple(args[i].shape) if isinstance(args[i], torch.Tensor) else None)
+                     for i in range(len(args)) if i not in self.static)
 
     def _build(self, inputs: Sequence[Any]) -> None:
-        graph, spec = import_graph_module(self.gm, inputs, "dynamo_graph", self.static)
+        gm, inputs, static = self.gm, list(inputs), self.static
+        if self.symbols:
+            gm, inputs, static = _bind_symbols(self.gm, inputs, self.symbols, self.static)
+        graph, spec = import_graph_module(gm, inputs, "dynamo_graph", static)
         optimized, timing = optimize(graph, self.options.get("pipeline", "O1"))
         exe = Executable(optimized, self.options.get("backend", "llvm"),
                          self.options.get("threads", 0))
         self.compiled = CompiledModel(optimized, exe, spec, graph, timing)
-        self.weights = {i: (inputs[i], inputs[i]._version) for i in self.static}
 
     def __call__(self, *args: Any) -> Any:
         if any(args[i] is not t or args[i]._version != v for i, (t, v) in self.weights.items()):
+            self.programs.clear()  # every specialization holds the old weights
+        self.weights = {i: (args[i], args[i]._version) for i in self.static}
+        key = self._key(args)
+        compiled = self.programs.get(key)
+        if compiled is None:
             self._build(args)
-        dynamic = [a for i, a in enumerate(args) if i not in self.static]
-        out = self.compiled(*dynamic)
+            compiled = self.programs[key] = self.compiled
+            while len(self.programs) > MAX_SPECIALIZATIONS:
+                self.programs.popitem(last=False)
+        else:
+            self.programs.move_to_end(key)
+        dynamic = [a for i, a in enumerate(args) if i not in self.static and i not in self.symbols]
+        out = compiled(*dynamic)
         return out if isinstance(out, (tuple, list)) else (out,)
+
+
+def _is_read_scalar(node: torch.fx.Node, value: Any) -> bool:
+    return (isinstance(value, torch.Tensor) and value.dim() == 0 and bool(node.users)
+            and all(u.op == "call_method" and u.target == "item" for u in node.users))
+
+
+def _value(v: Any) -> Any:
+    return v.item() if isinstance(v, torch.Tensor) else v
+
+
+def _has_symbolic_shape(t: torch.Tensor) -> bool:
+    return any(isinstance(d, torch.SymInt) for d in t.shape)
+
+
+def _bind_symbols(gm: torch.fx.GraphModule, args: Sequence[Any], symbols: Sequence[int],
+                  static: frozenset[int]) -> tuple[torch.fx.GraphModule, list[Any], frozenset]:
+    """A copy of ``gm`` with the placeholders at ``symbols`` (sizes, and scalars read with
+    .item()) replaced by their values in ``args``; the remaining arguments and the static
+    (weight) indices among them."""
+    graph = copy.deepcopy(gm.graph)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for i in symbols:
+        node, value = placeholders[i], args[i]
+        if isinstance(value, torch.Tensor):   # read only through .item(): bind the items
+            value = value.item()
+            for item in list(node.users):
+                _replace_uses(item, value)
+                graph.erase_node(item)
+        if not isinstance(value, (int, float, bool)):
+            raise KilnError(f"size {node.name} came as {type(value).__name__}, not a number",
+                            node=node.name)
+        _replace_uses(node, value)
+        graph.erase_node(node)
+    kept = [i for i in range(len(args)) if i not in symbols]
+    remap = {old: new for new, old in enumerate(kept)}
+    bound = torch.fx.GraphModule(gm, graph, gm.__class__.__name__)
+    return bound, [args[i] for i in kept], frozenset(remap[i] for i in static)
+
+
+def _replace_uses(node: torch.fx.Node, value: Any) -> None:
+    """Every use of ``node`` becomes the constant ``value``."""
+    for user in list(node.users):
+        user.args = torch.fx.node.map_arg(user.args, lambda a: value if a is node else a)
+        user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
 
 
 def kiln_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],

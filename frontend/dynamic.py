@@ -1,0 +1,159 @@
+"""``kiln.compile(model, example_inputs, dynamic=...)``: one compiled model for inputs whose
+batch size or sequence length varies from call to call.
+
+This is the first step of dynamic shapes: a ``DynamicModel`` checks each call against the
+declared dynamic dimensions (the others must keep the example's sizes; dimensions sharing a
+name must be equal), and runs a program compiled for that call's exact sizes, compiling it on
+the first call that brings them. The ``MAX_SPECIALIZATIONS`` most recently used programs stay
+in memory, and the compile cache on disk keeps the rest, so a size seen before costs a cache
+load, not a compile. Each program is a static kiln program: it runs exactly as fast as
+``kiln.compile`` at that size. What this step does not do yet: one program whose kernels take
+their sizes at run time (symbolic dimensions in the IR), and artifacts that keep dynamic
+dimensions; export one size with ``dynamic_model.specialize(*inputs)``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.ir import KilnError
+
+MAX_SPECIALIZATIONS = 16
+"""Programs a DynamicModel keeps in memory, one per set of sizes (least recently used go)."""
+
+MAX_DIM = 1 << 20
+"""The largest size a dynamic dimension may take at a call."""
+
+
+def normalize_dynamic(dynamic: Any, example_inputs: Sequence[torch.Tensor],
+                      names: Sequence[str]) -> dict[int, dict[int, str]]:
+    """``dynamic=`` as {input index: {dim: size name}}: True makes dimension 0 of every input
+    ``batch``; a mapping names inputs by index or parameter name. A KilnError for anything
+    else, naming the input and the dimension."""
+    usage = ("dynamic=True (the batch dimension of every input), or e.g. "
+             "dynamic={'input_ids': {0: 'batch', 1: 'seq'}}")
+    if dynamic is True:
+        out = {i: {0: "batch"} for i, x in enumerate(example_inputs) if x.dim() >= 1}
+        if not out:
+            raise KilnError("dynamic=True: no input has a batch dimension", hint=usage)
+        return out
+    if not isinstance(dynamic, Mapping) or not dynamic:
+        raise KilnError(f"dynamic must be True or a non-empty dict, got {dynamic!r}"[:200],
+                        hint=usage)
+    out: dict[int, dict[int, str]] = {}
+    for key, dims in dynamic.items():
+        if isinstance(key, str) and key in names[:len(example_inputs)]:
+            index = list(names).index(key)
+        elif isinstance(key, int) and not isinstance(key, bool) \
+                and 0 <= key < len(example_inputs):
+            index = key
+        else:
+            raise KilnError(f"dynamic names input {key!r}, which the model does not take",
+                            hint=f"inputs: {list(names[:len(example_inputs)]) or 'by index'}")
+        rank = example_inputs[index].dim()
+        label = names[index] if index < len(names) else f"input {index}"
+        if not isinstance(dims, Mapping):
+            raise KilnError(f"dynamic[{key!r}] must map dimensions to names, got {dims!r}",
+                            hint=usage)
+        for dim, name in dims.items():
+            if isinstance(dim, bool) or not isinstance(dim, int) or not -rank <= dim < rank:
+                raise KilnError(f"dynamic dimension {dim!r} of {label} is not one of its "
+                                f"{rank} dimensions", hint=usage)
+            if not isinstance(name, str) or not name.isidentifier():
+                raise KilnError(f"dynamic dimension {dim} of {label} needs a name (a Python "
+                                f"identifier), got {name!r}", hint=usage)
+            out.setdefault(index, {})[dim % rank] = name
+    return out
+
+
+class DynamicModel:
+    """A model compiled for every size its dynamic dimensions take (see the module
+    docstring). Call it like the original; ``specialize(*inputs)`` gives the CompiledModel
+    for those inputs' sizes (to export, profile or inspect)."""
+
+    def __init__(self, compile_at: Callable[[tuple[torch.Tensor, ...]], Any],
+                 example_inputs: Sequence[torch.Tensor], dims: dict[int, dict[int, str]],
+                 names: Sequence[str]) -> None:
+        self._compile_at = compile_at
+        self.dims = dims
+        self._names = [names[i] if i < len(names) else f"input {i}"
+                       for i in range(len(example_inputs))]
+        self._example = [(tuple(x.shape), x.dtype) for x in example_inputs]
+        self._programs: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        first = self.specialize(*example_inputs)
+        self.backend = first.backend
+
+    @property
+    def dynamic_dims(self) -> dict[str, dict[int, str]]:
+        """{input name: {dimension: size name}}."""
+        return {self._names[i]: dict(d) for i, d in self.dims.items()}
+
+    def _sizes(self, args: Sequence[Any]) -> tuple:
+        """The sizes of this call's dynamic dimensions, after checking every other size."""
+        if len(args) != len(self._example):
+            raise KilnError(f"the model takes {len(self._example)} inputs, got {len(args)}")
+        seen: dict[str, tuple[int, str]] = {}
+        key = []
+        for i, (a, (shape, _)) in enumerate(zip(args, self._example)):
+            got = tuple(a.shape) if hasattr(a, "shape") else tuple(np.shape(a))
+            dyn = self.dims.get(i, {})
+            if len(got) != len(shape):
+                raise KilnError(f"input %{self._names[i]} has {len(got)} dimensions, the "
+                                f"model was compiled for {len(shape)} ({list(shape)})")
+            for d, (n, want) in enumerate(zip(got, shape)):
+                if d in dyn:
+                    name = dyn[d]
+                    if not 1 <= n <= MAX_DIM:
+                        raise KilnError(f"input %{self._names[i]} dimension {d} ({name}) is "
+                                        f"{n}; a dynamic size must be 1..{MAX_DIM}")
+                    if name in seen and seen[name][0] != n:
+                        raise KilnError(
+                            f"input %{self._names[i]} dimension {d} is {n}, but {name} is "
+                            f"{seen[name][0]} in {seen[name][1]}",
+                            hint=f"dimensions named {name!r} must be equal in one call")
+                    seen.setdefault(name, (n, f"%{self._names[i]} dimension {d}"))
+                    key.append(n)
+                elif n != want:
+                    raise KilnError(
+                        f"input %{self._names[i]} dimension {d} is {n}; the model was "
+                        f"compiled for {want} there, and it is not dynamic",
+                        hint=f"declare it: dynamic={{{self._names[i]!r}: {{{d}: 'name'}}}}")
+        return tuple(key)
+
+    def specialize(self, *inputs: Any) -> Any:
+        """The CompiledModel for the sizes of ``inputs`` (compiled now if not yet)."""
+        key = self._sizes(inputs)
+        with self._lock:
+            program = self._programs.get(key)
+            if program is not None:
+                self._programs.move_to_end(key)
+                return program
+            tensors = tuple(a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+                            for a in inputs)
+            try:
+                program = self._compile_at(tensors)
+            except KilnError as e:
+                sizes = ", ".join(f"{n}={v}" for n, v in zip(self._size_names(), key))
+                e.message = f"{e.message} (compiling for {sizes})"
+                raise
+            self._programs[key] = program
+            while len(self._programs) > MAX_SPECIALIZATIONS:
+                self._programs.popitem(last=False)
+            return program
+
+    def _size_names(self) -> list[str]:
+        return [self.dims[i][d] for i in sorted(self.dims) for d in sorted(self.dims[i])]
+
+    def __call__(self, *args: Any) -> Any:
+        return self.specialize(*args)(*args)
+
+    def __repr__(self) -> str:
+        return (f"<kiln DynamicModel {self.dynamic_dims}, {len(self._programs)} size(s) "
+                f"compiled>")

@@ -2,7 +2,7 @@
 
 ``export_c(compiled, out_dir, name="model")`` writes into ``out_dir``:
 
-    <name>.o            kiln's object code (ELF, PIC), exporting kiln_run / kiln_set_threads
+    <name>.o            kiln's object code (ELF, PIC), exporting kiln_run
     <name>_weights.bin  the constant blob (and any outputs that are constants), loaded at run time
     <name>.h            the documented C API and the model's signature
     <name>.c            the wrapper: loads and checks the weights, owns the arena, calls kiln_run
@@ -96,7 +96,12 @@ def _header(image: Any, name: str, weights_bytes: int) -> str:
         f"{name}_free must",
         f" * not overlap a call on the same model. {name}_error is per thread; "
         f"{name}_set_threads",
-        " * is process-wide (set it before running from several threads).",
+        " * is process-wide. OpenMP (libgomp) keeps a pool of workers per thread that runs",
+        " * parallel code: running multi-threaded models from many threads at once grows one",
+        " * pool per calling thread, and once they outnumber the cores every parallel region",
+        " * waits for the OS to wake its workers. For many calling threads, use",
+        f" * {name}_set_threads(1) (each call then runs on its caller, in parallel with the",
+        " * others), or make all multi-threaded calls from one thread.",
         " *",
         " * The code was compiled for (and may use every feature of) this CPU; run it on",
         " * a machine of the same kind:",
@@ -229,13 +234,18 @@ def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]]
         "",
         "#include <errno.h>",
         "#include <pthread.h>",
+        "#include <stdatomic.h>",
         "#include <stdio.h>",
         "#include <stdlib.h>",
         "#include <string.h>",
         "",
         "/* kiln's object code. */",
-        "void kiln_run(void** inputs, void** outputs, void* arena, const void* consts);",
-        "void kiln_set_threads(int32_t n);",
+        "void kiln_run(void** inputs, void** outputs, void* arena, const void* consts,",
+        "              int32_t nthreads);",
+        "",
+        "/* Threads of every run of every model of this library (0: the OpenMP default). */",
+        f"static atomic_int kiln_threads = {int(threads)};"
+        + (f"  /* exported with threads={threads} */" if threads else ""),
         "",
         "struct kiln_model {",
         "    unsigned char* weights;",
@@ -302,8 +312,6 @@ def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]]
         f"        {name}_free(m);",
         "        return NULL;",
         "    }",
-        *([f"    kiln_set_threads({threads});  /* exported with threads={threads} */"]
-          if threads else []),
         "    return m;",
         "}",
         "",
@@ -330,7 +338,8 @@ def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]]
         "        return -1;",
         "    }",
         "    /* kiln_run only reads the inputs; its ABI has no const. */",
-        "    kiln_run((void**)inputs, (void**)outputs, model->arena, model->weights);",
+        "    kiln_run((void**)inputs, (void**)outputs, model->arena, model->weights,",
+        "             (int32_t)atomic_load(&kiln_threads));",
         "    pthread_mutex_unlock(&model->lock);",
         "    /* The copies read only the inputs and the weights: no lock needed. */",
         *copies,
@@ -347,7 +356,7 @@ def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]]
         "",
         f"int {name}_set_threads(int n) {{",
         "    if (n < 0) return -1;",
-        "    kiln_set_threads((int32_t)n);",
+        "    atomic_store(&kiln_threads, n);",
         "    return 0;",
         "}",
     ]

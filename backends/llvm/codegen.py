@@ -3,8 +3,11 @@
 Every kernel becomes an internal function taking its buffers as pointers. A parallel loop at
 the top of a kernel is outlined into a task run by the OpenMP runtime (``GOMP_parallel`` from
 libgomp, through its C ABI): each thread takes one contiguous chunk of the iterations. The
-exported entry ``kiln_run(inputs, outputs, arena, consts)`` calls the kernels in order with
-pointers into the caller's input/output arrays, the activation arena and the weight blob.
+exported entry ``kiln_run(inputs, outputs, arena, consts, nthreads)`` calls the kernels in
+order with pointers into the caller's input/output arrays, the activation arena and the weight
+blob, and the call's thread count (1: every loop on the calling thread, without the OpenMP
+runtime; 0: the runtime's default). The count is an argument, not a global, so calls with
+different counts may run at once.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class _Fn:
         self.vars: dict[str, tuple[str, str]] = {}   # var name -> (alloca ptr, llvm type)
         self.buffers: dict[str, str] = {}            # buffer name -> ptr SSA value
         self.tasks: list[str] = []
+        self.int_params: list[str] = []   # i32 parameters after the pointers
         # Set on a kernel's own function: runs a parallel loop on the thread pool. Inside a
         # task it stays None, so nested parallel loops run serially in their thread.
         self.outline = None
@@ -506,7 +510,8 @@ class _Fn:
         self.block(done)
 
     def text(self, linkage: str = "internal", attrs: str = "") -> str:
-        params = ", ".join(f"ptr noalias %{p}" for p in self.params)
+        params = ", ".join([f"ptr noalias %{p}" for p in self.params]
+                           + [f"i32 %{p}" for p in self.int_params])
         return (f"define {linkage} void @{self.name}({params}) {attrs} {{\nentry:\n"
                 + "\n".join(self.entry) + ("\n" if self.entry else "")
                 + "  br label %start\nstart:\n" + "\n".join(self.lines) + "\n  ret void\n}\n")
@@ -563,7 +568,6 @@ class ModuleBuilder:
 
     def text(self) -> str:
         head = [f'target triple = "{self.triple}"',
-                "@kiln_num_threads = global i32 0",
                 "declare void @GOMP_parallel(ptr, ptr, i32, i32)",
                 "declare i32 @omp_get_thread_num()",
                 "declare i32 @omp_get_num_threads()"]
@@ -588,6 +592,7 @@ def emit_kernel(m: ModuleBuilder, k: Kernel) -> None:
     dtypes = _buffer_dtypes(k)
     params = [b.name for b in k.params]
     fn = _Fn(m, k.name, params)
+    fn.int_params = ["nthreads"]
     for p in params:
         fn.buffers[p] = f"%{p}"
     _scratch_allocas(fn, k.scratch)
@@ -663,8 +668,7 @@ def _outline(fn: _Fn, m: ModuleBuilder, k: Kernel, loop: For, dtypes: dict[str, 
     counter = fn.tmp()
     fn.emit(f"{counter} = getelementptr i64, ptr {ctx}, i64 {nslots - 1}")
     fn.emit(f"store i64 0, ptr {counter}")
-    nt, solo_p = fn.tmp(), fn.tmp()
-    fn.emit(f"{nt} = load i32, ptr @kiln_num_threads")
+    nt, solo_p = "%nthreads", fn.tmp()
     # One thread: the task runs on the caller, without the OpenMP runtime (no pool round
     # trip; and after fork(), where libgomp's pool is gone, calls still work).
     solo, team, joined = fn.label("solo"), fn.label("team"), fn.label("joined")
@@ -736,11 +740,12 @@ def _emit_task(m: ModuleBuilder, name: str, k: Kernel, loop: For,
                                     f"define internal void @{name}(ptr %ctx)"))
 
 def emit_entry(m: ModuleBuilder, calls: Sequence[tuple[Kernel, Sequence[Binding]]]) -> None:
-    """The exported ``kiln_run(ptr inputs, ptr outputs, ptr arena, ptr consts)``.
+    """The exported ``kiln_run(ptr inputs, ptr outputs, ptr arena, ptr consts, i32 nthreads)``.
 
     Each kernel call is timed with the CPU's cycle counter into ``@kiln_cycles[step]`` (a few
     cycles per kernel), which the profiler reads."""
     fn = _Fn(m, "kiln_run", ["inputs", "outputs", "arena", "consts"])
+    fn.int_params = ["nthreads"]
     n = max(len(calls), 1)
     m.functions.append(f"@kiln_cycles = global [{n} x i64] zeroinitializer\n"
                        f"@kiln_steps = global i64 {len(calls)}\n")
@@ -757,6 +762,7 @@ def emit_entry(m: ModuleBuilder, calls: Sequence[tuple[Kernel, Sequence[Binding]
                 base = "%arena" if b.kind == "arena" else "%consts"
                 fn.emit(f"{p} = getelementptr i8, ptr {base}, i64 {b.index}")
             args.append(f"ptr {p}")
+        args.append("i32 %nthreads")
         t0, t1, dt, slot, old, new = (fn.tmp() for _ in range(6))
         fn.emit(f"{t0} = call i64 @llvm.readcyclecounter()")
         fn.emit(f"call void @{k.name}({', '.join(args)})")
@@ -768,5 +774,3 @@ def emit_entry(m: ModuleBuilder, calls: Sequence[tuple[Kernel, Sequence[Binding]
         fn.emit(f"store i64 {new}, ptr {slot}")
     text = fn.text(linkage="", attrs="").replace("ptr noalias %", "ptr %")
     m.functions.append(text)
-    m.functions.append("define void @kiln_set_threads(i32 %n) {\n"
-                       "  store i32 %n, ptr @kiln_num_threads\n  ret void\n}\n")

@@ -6,9 +6,12 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import queue
+import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import llvmlite.binding as llvm
@@ -55,10 +58,51 @@ def default_target() -> Target:
     return target_from_env(host_target())
 
 
+# The OpenMP entry points kiln's code calls (objcheck.py allows no others).
+OMP_SYMBOLS = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
+_LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64",
+             "/usr/lib", "/lib")
+_GOMP = None   # kiln's own instance of libgomp, kept loaded
+
+
+def _gomp_path() -> str | None:
+    """The system's libgomp file: ``ldconfig -p``'s answer, else the usual folders."""
+    try:
+        import subprocess
+
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True,
+                             timeout=10).stdout
+        for line in out.splitlines():
+            name, _, path = line.strip().partition(" => ")
+            if name.startswith("libgomp.so.1 ") and "x86-64" in name and os.path.isfile(path):
+                return path
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
+    return next((f"{d}/libgomp.so.1" for d in _LIB_DIRS if os.path.isfile(f"{d}/libgomp.so.1")),
+                None)
+
+
 @functools.cache
 def _init_llvm() -> None:
+    """LLVM's native target, and kiln's OpenMP runtime: a private instance of the system's
+    libgomp (loaded by path, RTLD_LOCAL, its entry points given to LLVM's linker by name).
+    PyTorch ships its own libgomp.so.1, which a load by name would share: its intra-op pool
+    then counts against the same libgomp's thread budget as kiln's, and once the two
+    together outnumber the cores libgomp makes every worker sleep instead of spin (see
+    _PoolThread). Where no system libgomp is found, the process's is used."""
+    global _GOMP
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
+    path = _gomp_path()
+    if path is not None:
+        try:
+            lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_LOCAL", 0))
+            for sym in OMP_SYMBOLS:
+                llvm.add_symbol(sym, ctypes.cast(getattr(lib, sym), ctypes.c_void_p).value)
+            _GOMP = lib
+            return
+        except (OSError, AttributeError):
+            pass
     gomp = ctypes.util.find_library("gomp") or "libgomp.so.1"
     try:
         llvm.load_library_permanently(gomp)
@@ -125,7 +169,8 @@ class ProgramImage:
 
 
 def load_code(object_code: bytes, target: Target):
-    """JIT-link object code; returns (engine, entry, set_threads)."""
+    """JIT-link object code; returns (engine, entry): ``entry(inputs, outputs, arena, consts,
+    nthreads)`` is the program's ``kiln_run``."""
     _init_llvm()
     # Linking generates no code: a machine of the triple alone (the image's CPU name and
     # features are checked against the host elsewhere, and reach LLVM only when compiling).
@@ -135,10 +180,62 @@ def load_code(object_code: bytes, target: Target):
     engine.add_object_file(llvm.ObjectFileRef.from_data(object_code))
     engine.finalize_object()
     entry = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                             ctypes.c_void_p)(engine.get_function_address("kiln_run"))
-    set_threads = ctypes.CFUNCTYPE(None, ctypes.c_int32)(
-        engine.get_function_address("kiln_set_threads"))
-    return engine, entry, set_threads
+                             ctypes.c_void_p, ctypes.c_int32)(
+        engine.get_function_address("kiln_run"))
+    return engine, entry
+
+
+class _PoolThread:
+    """The one thread of this process that runs multi-threaded calls of kiln's code.
+
+    libgomp keeps a pool of worker threads for each thread that starts a parallel region.
+    Calls from several Python threads (a web server's request threads) would each grow a
+    pool; once the pools hold more threads than there are cores, libgomp shortens every
+    worker's spin to almost nothing, and each parallel region then waits for the OS to wake
+    its workers: on this 2-core VM a ResNet-18 call from a second thread took 15 ms instead
+    of 5. So every call that uses more than one thread is handed to this thread (about 15
+    microseconds), which owns the only pool; calls on one thread run on their caller, many
+    at once. While the pool thread is busy, a call runs on its caller with one thread
+    instead of waiting: concurrent callers keep every core busy, none waits for another."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+        self.busy = 0   # jobs handed over and not finished (read without a lock: a hint)
+
+    def run(self, job: Callable[[], None], release: Callable[[], None]) -> None:
+        """Run ``job`` on the pool thread and wait for it; ``release`` runs after the job, on
+        the pool thread, even if the caller stops waiting (an interrupt): what the job writes
+        is given back only once it has finished writing."""
+        if self._thread is None or not self._thread.is_alive():
+            with self._start:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._loop, name="kiln-omp",
+                                                    daemon=True)
+                    self._thread.start()
+        done = threading.Event()
+        box: list[BaseException | None] = [None]
+        self.busy += 1
+        self._jobs.put((job, release, done, box))
+        done.wait()
+        if box[0] is not None:
+            raise box[0]
+
+    def _loop(self) -> None:
+        while True:
+            job, release, done, box = self._jobs.get()
+            try:
+                job()
+            except BaseException as e:  # handed back to the caller
+                box[0] = e
+            finally:
+                release()
+                self.busy -= 1
+                done.set()
+
+
+_POOL_THREAD = _PoolThread()
 
 
 class CompiledProgram:
@@ -154,7 +251,7 @@ class CompiledProgram:
         # Nothing reaches LLVM's linker unchecked: bounds, kinds and the signature record
         # against this image's arena, constants, steps, inputs and outputs (objcheck.py).
         check_image(image)
-        self.engine, self.entry, self.set_threads = load_code(image.object_code, target)
+        self.engine, self.entry = load_code(image.object_code, target)
         self._consts = image.const_blob
         self._out_specs = [(shape, np.dtype(DType(dt).numpy)) for _, dt, shape in image.outputs]
         # The constants never move: their address is taken once (each ``.ctypes.data`` costs
@@ -165,6 +262,8 @@ class CompiledProgram:
         # it back. list.pop and list.append are atomic, so concurrent callers never share.
         self._free: list[_CallState] = [self._call_state()]
         self._chooser: ThreadChooser | None = None
+        self._fixed = 0               # the thread count of every call when not adaptive
+        self._choosing = threading.Lock()
         self.threads(0)
         _PROGRAMS.add(self)
 
@@ -197,16 +296,27 @@ class CompiledProgram:
             outs = [np.empty(shape, dt) for shape, dt in self._out_specs]
             for j, o in enumerate(outs):
                 state.outputs[j] = o.ctypes.data
-            chooser = self._chooser
-            if chooser is None:
-                self.entry(state.inputs, state.outputs, state.arena_ptr, self._consts_ptr)
-            else:
-                t0 = time.perf_counter()
-                self.entry(state.inputs, state.outputs, state.arena_ptr, self._consts_ptr)
-                t1 = time.perf_counter()
-                chooser.after_call(t1 - t0, t1)
-        finally:
+        except BaseException:
             self._free.append(state)
+            raise
+        chooser = self._chooser
+        n = self._fixed if chooser is None else chooser.current
+        if n != 1 and _POOL_THREAD.busy:
+            n, chooser = 1, None   # another call has the pool: run beside it, not after it
+        t0 = time.perf_counter()
+        if n == 1:
+            try:
+                self.entry(state.inputs, state.outputs, state.arena_ptr, self._consts_ptr, 1)
+            finally:
+                self._free.append(state)
+        else:
+            _POOL_THREAD.run(lambda: self.entry(state.inputs, state.outputs, state.arena_ptr,
+                                                self._consts_ptr, n),
+                             lambda: self._free.append(state))
+        if chooser is not None:
+            t1 = time.perf_counter()
+            with self._choosing:  # callers in other threads record theirs too
+                chooser.after_call(t1 - t0, t1)
         for j, (kind, index) in self.image.output_copies.items():
             outs[j][...] = arrays[index] if kind == "input" else outs[index]
         for j, arr in self.image.copy_constants.items():
@@ -229,10 +339,10 @@ class CompiledProgram:
             n, adaptive = 1, False  # libgomp's pool did not survive fork()
         most = n or _default_threads()
         if adaptive and most > 1:
-            self._chooser = ThreadChooser(most, self.set_threads)
+            self._chooser = ThreadChooser(most, lambda count: None)
         else:
             self._chooser = None
-            self.set_threads(n)
+            self._fixed = n
 
     def _cycles(self) -> np.ndarray:
         n = len(self.image.steps)
@@ -244,9 +354,10 @@ class CompiledProgram:
         run with the thread count calls use now."""
         self.run(inputs)
         chooser, self._chooser = self._chooser, None
+        fixed = self._fixed
         try:
             if chooser is not None:
-                self.set_threads(chooser.best)
+                self._fixed = chooser.best
             cycles = self._cycles()
             samples = []
             for _ in range(repeat):
@@ -254,8 +365,7 @@ class CompiledProgram:
                 self.run(inputs)
                 samples.append(cycles.copy())
         finally:
-            if chooser is not None:
-                self.set_threads(chooser.current)
+            self._fixed = fixed
             self._chooser = chooser
         per_run = np.median(np.stack(samples), axis=0) / cycles_per_second()
         out = [KernelProfile(s["kernel"], s["root"], s["op"], float(sec), s["flops"], s["bytes"])
@@ -288,7 +398,8 @@ def _after_fork_in_child() -> None:
     _IN_FORKED_CHILD = True
     for prog in list(_PROGRAMS):
         prog._chooser = None
-        prog.set_threads(1)
+        prog._fixed = 1
+    _POOL_THREAD.__init__()  # its thread did not survive fork() either
 
 
 if hasattr(os, "register_at_fork"):

@@ -35,7 +35,8 @@ from kiln.ir import KilnError
 
 SIGNATURE_SYMBOL = "kiln_signature"
 SIGNATURE_MAGIC = int.from_bytes(b"KILNSIG1", "little")
-SIGNATURE_VERSION = 1
+# 2: kiln_run(inputs, outputs, arena, consts, nthreads) takes the call's thread count.
+SIGNATURE_VERSION = 2
 # The order is part of the signature record: append only.
 DTYPE_CODES = {"f32": 0, "f16": 1, "i8": 2, "u8": 3, "i32": 4, "i64": 5, "bool": 6}
 _CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
@@ -59,7 +60,8 @@ _MAX_ALIGN = 1 << 16
 # What kiln's code may call: OpenMP, the C library's memory functions, libm (scalar calls the
 # vectorizer leaves, or that a target without an instruction needs) and compiler-rt helpers.
 _EXTERNAL = re.compile(
-    r"(GOMP_\w+|omp_\w+|_GLOBAL_OFFSET_TABLE_|mem(cpy|set|move)"
+    r"(GOMP_parallel|omp_get_thread_num|omp_get_num_threads|_GLOBAL_OFFSET_TABLE_"
+    r"|mem(cpy|set|move)"
     r"|(exp|exp2|expm1|log|log2|log10|log1p|pow|sqrt|cbrt|sin|cos|tan|asin|acos|atan|atan2"
     r"|sinh|cosh|tanh|asinh|acosh|atanh|erf|erfc|fma|fmod|remainder|fabs|floor|ceil|trunc"
     r"|round|roundeven|rint|nearbyint|lround|lrint|llround|llrint|fmin|fmax|ldexp|frexp"
@@ -205,7 +207,7 @@ def check_object(code: bytes | memoryview) -> list[int]:
         if name == ".eh_frame":
             _check_eh_frame(datas[i])
 
-    for need in ("kiln_run", "kiln_set_threads", "kiln_cycles", "kiln_steps", SIGNATURE_SYMBOL):
+    for need in ("kiln_run", "kiln_cycles", "kiln_steps", SIGNATURE_SYMBOL):
         if need not in defined:
             raise _fail(f"it defines no {need}")
     sec, value, sz = defined[SIGNATURE_SYMBOL]

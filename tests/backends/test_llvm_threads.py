@@ -203,3 +203,71 @@ def test_bad_thread_counts_are_refused(bad):
         program.threads(bad)
     with pytest.raises(kiln.KilnError, match="threads"):
         kiln.compile(model, inputs, threads=bad)
+
+
+def _os_threads() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="needs /proc")
+def test_calls_from_many_threads_share_one_openmp_pool():
+    """libgomp grows a worker pool for every thread that starts a parallel region, and once
+    the pools outnumber the cores every region waits for the OS to wake its workers (3x
+    slower calls from a server's request threads). Multi-threaded calls go to one thread
+    that owns the only pool: 4 live calling threads add their own 4 threads, the pool
+    thread and its workers, not a pool each."""
+    import threading
+
+    from kiln.backends.llvm import compiler
+
+    model, _ = get_model("lenet5")
+    x = torch.randn(16, 1, 32, 32)
+    compiled = kiln.compile(model, (x,), threads=2)
+    compiled.executable.program.threads(2, adaptive=False)
+    with torch.no_grad():
+        want = compiled(x).numpy()
+    compiled(x)   # the pool thread and its pool exist from here on
+    before = _os_threads()
+    started, finish = threading.Barrier(5), threading.Event()
+    outs = []
+
+    def call():
+        for _ in range(20):
+            outs.append(compiled(x).numpy())
+        started.wait()
+        finish.wait()
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started.wait()
+    grown = _os_threads() - before
+    finish.set()
+    for t in threads:
+        t.join()
+    assert grown == 4, f"{grown} threads for 4 callers"
+    assert all(np.array_equal(o, want) for o in outs)
+    assert compiler._POOL_THREAD._thread is not None
+
+
+def test_kiln_has_its_own_openmp_runtime_beside_pytorchs():
+    """PyTorch ships a libgomp.so.1 of its own; kiln loads the system's by path, so PyTorch's
+    intra-op pool and kiln's do not count against one runtime's thread budget."""
+    import ctypes
+
+    import llvmlite.binding as llvm
+
+    from kiln.backends.llvm import compiler
+
+    if compiler._gomp_path() is None:
+        pytest.skip("no system libgomp: kiln shares the process's")
+    compiler._init_llvm()
+    ours = ctypes.cast(compiler._GOMP.GOMP_parallel, ctypes.c_void_p).value
+    assert llvm.address_of_symbol("GOMP_parallel") == ours
+    torch_gomp = [line.split()[-1] for line in open("/proc/self/maps")
+                  if "torch" in line and "libgomp" in line]
+    if torch_gomp:
+        theirs = ctypes.CDLL(torch_gomp[0])
+        assert ctypes.cast(theirs.GOMP_parallel, ctypes.c_void_p).value != ours

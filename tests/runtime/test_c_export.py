@@ -82,7 +82,7 @@ def test_output_copies_and_constant_outputs(tmp_path: Path) -> None:
     assert image.output_copies and image.copy_constants  # the case this test is about
     want = compiled(x.numpy())
     lib = export_c(compiled, tmp_path / "lib", threads=2)
-    assert "kiln_set_threads(2);" in (lib / "model.c").read_text()
+    assert "static atomic_int kiln_threads = 2;" in (lib / "model.c").read_text()
     build_example(lib)
     done, got = run_example(lib, [x.numpy()], [(w.shape, w.dtype) for w in want])
     assert done.returncode == 0, done.stderr

@@ -82,7 +82,7 @@ def test_every_bit_flip_of_the_header_is_refused(lenet) -> None:
     raw = path.read_bytes()
     n = PREFIX.unpack_from(raw)[2]
     seen = _flip_all(raw, 0, LEAD + n, x, expected, reseal=False)
-    assert sum(seen.values()) == 8 * (LEAD + n) > 17000
+    assert sum(seen.values()) == 8 * (LEAD + n) > 8000   # 12-20k, by target
     # The header is sealed by its digest: not one flip of prefix, digest or header gets past.
     assert seen["refused"] == 8 * (LEAD + n), seen
 

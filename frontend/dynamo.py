@@ -76,6 +76,7 @@ class _DynamoGraph:
                      for i in range(len(args)) if i not in self.static)
 
     def _build(self, inputs: Sequence[Any]) -> None:
+        self.weights = {i: (inputs[i], inputs[i]._version) for i in self.static}
         gm, inputs, static = self.gm, list(inputs), self.static
         if self.symbols:
             gm, inputs, static = _bind_symbols(self.gm, inputs, self.symbols, self.static)
@@ -88,7 +89,6 @@ class _DynamoGraph:
     def __call__(self, *args: Any) -> Any:
         if any(args[i] is not t or args[i]._version != v for i, (t, v) in self.weights.items()):
             self.programs.clear()  # every specialization holds the old weights
-        self.weights = {i: (args[i], args[i]._version) for i in self.static}
         key = self._key(args)
         compiled = self.programs.get(key)
         if compiled is None:

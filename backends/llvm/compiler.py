@@ -202,7 +202,8 @@ class _PoolThread:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start = threading.Lock()
-        self.busy = 0   # jobs handed over and not finished (read without a lock: a hint)
+        self.busy = 0   # jobs handed over and not finished (written under _count)
+        self._count = threading.Lock()
 
     def run(self, job: Callable[[], None], release: Callable[[], None]) -> None:
         """Run ``job`` on the pool thread and wait for it; ``release`` runs after the job, on
@@ -216,7 +217,8 @@ class _PoolThread:
                     self._thread.start()
         done = threading.Event()
         box: list[BaseException | None] = [None]
-        self.busy += 1
+        with self._count:
+            self.busy += 1
         self._jobs.put((job, release, done, box))
         done.wait()
         if box[0] is not None:
@@ -231,7 +233,8 @@ class _PoolThread:
                 box[0] = e
             finally:
                 release()
-                self.busy -= 1
+                with self._count:
+                    self.busy -= 1
                 done.set()
 
 

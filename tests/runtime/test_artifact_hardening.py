@@ -272,3 +272,23 @@ def test_existing_file_is_kept_even_if_it_appears_during_export(lenet, tmp_path,
         kiln.export(compiled, path)
     assert path.read_bytes() == b"written meanwhile"
     assert [p.name for p in tmp_path.iterdir()] == ["m.kiln"]
+
+
+def test_a_huge_file_is_judged_by_its_header_not_read_whole(lenet, tmp_path) -> None:
+    """A 64 GiB (sparse) file with a kiln prefix: refused from its first bytes; reading it
+    whole first, as load once did, would exhaust memory."""
+    path, _, _, _ = lenet
+    raw = path.read_bytes()
+    huge = tmp_path / "huge.kiln"
+    with open(huge, "wb") as f:
+        f.write(raw[:LEAD + 100])
+        f.truncate(64 << 30)
+    with pytest.raises(ArtifactError, match="digest|truncated|shorter|header"):
+        kiln.load(huge)
+    edited = bytearray(raw)
+    edited[-1] ^= 1   # the last byte of the data: every check before it has passed
+    with open(huge, "wb") as f:
+        f.write(edited)
+        f.truncate(64 << 30)
+    with pytest.raises(ArtifactError, match="has 68719476736 bytes"):
+        kiln.load(huge)

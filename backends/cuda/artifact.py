@@ -163,13 +163,13 @@ def build_cuda_image(source: Any, *, cc: tuple[int, int] | None = None,
         for launch in src.launches:
             text = compiled[launch.name]
             entry = ptx_entry(text, launch.name)
-            ptx[launch.name] = text
             args = tuple(ArgSpec(storage[p].kind, int(storage[p].index), buffers[p].dtype,
                                  buffers[p].size) for p in launch.params)
-            launches.append(LaunchEntry(launch.name, kernel.name, entry,
-                                        launch.schedule, launch.grid, launch.block,
-                                        int(launch.work), bool(launch.parallel),
-                                        int(launch.shared_bytes), args))
+            lc = LaunchEntry(launch.name, kernel.name, entry, launch.schedule, launch.grid,
+                             launch.block, int(launch.work), bool(launch.parallel),
+                             int(launch.shared_bytes), args)
+            ptx[launch.name] = launch_record(lc) + "\n" + text
+            launches.append(lc)
     copies: dict[int, tuple[str, int]] = {}
     copy_constants: dict[int, np.ndarray] = {}
     for j, src_value in plan.output_copies.items():
@@ -184,6 +184,21 @@ def build_cuda_image(source: Any, *, cc: tuple[int, int] | None = None,
                      _signature(graph, graph.outputs), int(plan.arena_bytes),
                      np.ascontiguousarray(plan.const_blob).view(np.uint8).reshape(-1),
                      launches, ptx, copies, copy_constants)
+
+
+RECORD = "// kiln-record 1 "
+
+
+def launch_record(lc: LaunchEntry) -> str:
+    """The first line of a launch's PTX: what the kernel was compiled for (its grid, block,
+    shared memory and every argument's buffer, offset, dtype and size), written with the
+    code. A loader compares it with the launch table of the header, as the CPU loader compares
+    the object code's signature record (backends/llvm/objcheck.py)."""
+    args = ";".join(f"{a.kind}:{a.index}:{a.dtype}:{a.size}" for a in lc.args)
+    grid = ",".join(map(str, lc.grid)) if lc.grid else "-"
+    block = ",".join(map(str, lc.block)) if lc.block else "-"
+    return (f"{RECORD}launch={lc.name} entry={lc.entry} grid={grid} block={block} "
+            f"shared={lc.shared_bytes} work={lc.work} args={args}")
 
 
 def save_cuda_image(path: str | os.PathLike, image: CudaImage, *,
@@ -314,8 +329,13 @@ def _launch(raw: Any, blobs: dict[str, bytes], sizes: dict[str, int],
                   f"{dtype}[{size}]")
         specs.append(ArgSpec(kind, index, dtype, size))
     kernel = _name(raw.get("kernel"), f"launch {name} kernel")
-    return LaunchEntry(name, kernel, entry, raw["schedule"], grid, block, work,
-                       raw["parallel"], shared, tuple(specs)), ptx
+    lc = LaunchEntry(name, kernel, entry, raw["schedule"], grid, block, work, raw["parallel"],
+                     shared, tuple(specs))
+    first = ptx.split("\n", 1)[0]
+    if first != launch_record(lc):
+        raise _fail(f"launch {name}: the record its PTX was compiled with disagrees with the "
+                    f"header ({first[:60] if first.startswith(RECORD) else 'no record'})")
+    return lc, ptx
 
 
 def read_cuda_image(path: str | os.PathLike, trusted_keys: Any = None

@@ -236,3 +236,20 @@ def test_cli_export_format_cuda(tmp_path: Path, capsys):
     assert main(["export", "mlp", "-o", str(out), "--format", "cuda"]) == 2
     assert "cannot be generated under the CUDA simulator" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h["launches"][0]["grid"].__setitem__(0, h["launches"][0]["grid"][0] + 1),
+    lambda h: h["launches"][0].__setitem__("block", [8, 8, 1]),
+    lambda h: h["launches"][0].__setitem__("shared_bytes", 0),
+    lambda h: h["launches"][0]["args"][0].__setitem__(3, h["launches"][0]["args"][0][3] - 1),
+    lambda h: h["launches"][1]["args"].reverse(),
+])
+def test_launch_edits_every_check_accepts_disagree_with_the_ptx_record(artifact: Path, edit):
+    """A resealed header whose launch table still passes every check (sizes inside the arena,
+    a legal grid) is refused: each PTX part starts with the record it was compiled with."""
+    image, _ = read_cuda_image(artifact)
+    assert all(text.startswith("// kiln-record 1 ") for text in image.ptx.values())
+    rewrite_header(artifact, edit)
+    with pytest.raises(CudaArtifactError, match="record"):
+        read_cuda_image(artifact)

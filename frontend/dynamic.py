@@ -86,7 +86,8 @@ class DynamicModel:
                        for i in range(len(example_inputs))]
         self._example = [(tuple(x.shape), x.dtype) for x in example_inputs]
         self._programs: OrderedDict[tuple, Any] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()          # the table of programs
+        self._compiling = threading.Lock()     # compiles, one at a time
         first = self.specialize(*example_inputs)
         self.backend = first.backend
 
@@ -128,12 +129,18 @@ class DynamicModel:
         return tuple(key)
 
     def specialize(self, *inputs: Any) -> Any:
-        """The CompiledModel for the sizes of ``inputs`` (compiled now if not yet)."""
+        """The CompiledModel for the sizes of ``inputs`` (compiled now if not yet). Calls of
+        sizes already compiled never wait for a compile of another size."""
         key = self._sizes(inputs)
         with self._lock:
             program = self._programs.get(key)
             if program is not None:
                 self._programs.move_to_end(key)
+                return program
+        with self._compiling:   # one compile at a time, and each size once
+            with self._lock:
+                program = self._programs.get(key)
+            if program is not None:
                 return program
             tensors = tuple(a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
                             for a in inputs)
@@ -143,9 +150,10 @@ class DynamicModel:
                 sizes = ", ".join(f"{n}={v}" for n, v in zip(self._size_names(), key))
                 e.message = f"{e.message} (compiling for {sizes})"
                 raise
-            self._programs[key] = program
-            while len(self._programs) > MAX_SPECIALIZATIONS:
-                self._programs.popitem(last=False)
+            with self._lock:
+                self._programs[key] = program
+                while len(self._programs) > MAX_SPECIALIZATIONS:
+                    self._programs.popitem(last=False)
             return program
 
     def _size_names(self) -> list[str]:

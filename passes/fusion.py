@@ -118,16 +118,22 @@ def plan_fusion(graph: Graph) -> FusionPlan:
     for n in reversed(graph.nodes):
         if n.name in plan.roles:
             continue
-        role, why = _injective_role(n, plan, users, outputs)
-        plan.roles[n.name] = role
-        plan.reasons[n.name] = why
-        if role == "root":
-            plan.epilogues[n.name] = []
-            plan.group_outputs[n.name] = list(n.outputs)
+        _place_injective(n, plan, users, outputs)
 
     # 3. Bound every kernel's expression.
     _bound_expressions(graph, plan, users, outputs)
     return plan
+
+
+def _place_injective(n: Node, plan: FusionPlan, users, outputs) -> None:
+    """Give the injective node ``n`` its role: inlined into its consumer, or the root of an
+    elementwise kernel of its own."""
+    role, why = _injective_role(n, plan, users, outputs)
+    plan.roles[n.name] = role
+    plan.reasons[n.name] = why
+    if role == "root":
+        plan.epilogues[n.name] = []
+        plan.group_outputs[n.name] = list(n.outputs)
 
 
 def _injective_role(n: Node, plan: FusionPlan, users: dict[str, list[Node]],
@@ -195,9 +201,4 @@ def _end_epilogue_before(n: Node, anchor: str, plan: FusionPlan, users: dict[str
                             f"expression too large")
     for c in reversed(chain[k + 1:]):  # consumers first, as in the plan's second step
         del anchor_of[c.name]
-        role, why = _injective_role(c, plan, users, outputs)
-        plan.roles[c.name] = role
-        plan.reasons[c.name] = why
-        if role == "root":
-            plan.epilogues[c.name] = []
-            plan.group_outputs[c.name] = list(c.outputs)
+        _place_injective(c, plan, users, outputs)

@@ -15,7 +15,7 @@ from kiln.examples.models import get_model
 from kiln.frontend import dynamic as dyn
 
 
-def _close(got, want, tol=1e-4) -> None:
+def assert_matches(got, want, tol=1e-4) -> None:
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= tol * max(np.abs(want).max(), 1e-6)
@@ -30,8 +30,8 @@ def test_dynamic_batch_matches_eager(name) -> None:
     for batch in (1, 3, 8, 3):
         x = torch.randn((batch, *inputs[0].shape[1:]), generator=gen)
         with torch.no_grad():
-            _close(compiled(x), model(x))
-        _close(compiled(x.numpy()), model(x).detach().numpy())
+            assert_matches(compiled(x), model(x))
+        assert_matches(compiled(x.numpy()), model(x).detach().numpy())
     assert len(compiled._programs) == 3
 
 
@@ -42,7 +42,7 @@ def test_dynamic_batch_and_sequence_of_an_encoder() -> None:
     for batch, seq in ((1, 32), (3, 16), (8, 5), (2, 1)):
         ids = torch.randint(0, 1000, (batch, seq), generator=gen)
         with torch.no_grad():
-            _close(compiled(ids), model(ids))
+            assert_matches(compiled(ids), model(ids))
 
 
 def test_calls_that_do_not_fit_the_declared_dimensions_are_refused() -> None:
@@ -69,7 +69,7 @@ def test_dimensions_with_one_name_must_agree() -> None:
     x = (torch.randn(2, 4), torch.randn(2, 4))
     compiled = kiln.compile(model, x, dynamic={"a": {0: "n"}, "b": {0: "n"}})
     a, b = torch.randn(5, 4), torch.randn(5, 4)
-    _close(compiled(a, b), model(a, b))
+    assert_matches(compiled(a, b), model(a, b))
     with pytest.raises(kiln.KilnError, match="must be equal"):
         compiled(torch.randn(5, 4), torch.randn(3, 4))
 
@@ -97,7 +97,7 @@ def test_least_recently_used_sizes_are_dropped(monkeypatch) -> None:
     for batch in (2, 3, 4, 2):
         x = torch.randn(batch, inputs[0].shape[1])
         with torch.no_grad():
-            _close(compiled(x), model(x))
+            assert_matches(compiled(x), model(x))
     assert sorted(compiled._programs) == [(2,), (4,)]
 
 
@@ -134,7 +134,7 @@ def test_torch_compile_survives_changing_batch_sizes(name) -> None:
     for batch in (1, 3, 8, 3):
         xb = tuple(torch.cat([t] * batch) for t in inputs)
         with torch.no_grad():
-            _close(fast(*xb), model(*xb))
+            assert_matches(fast(*xb), model(*xb))
     torch._dynamo.reset()
 
 
@@ -145,5 +145,5 @@ def test_torch_compile_with_dynamic_sequence_length() -> None:
     for seq in (32, 16, 9):
         ids = inputs[0][:, :seq]
         with torch.no_grad():
-            _close(fast(ids), model(ids))
+            assert_matches(fast(ids), model(ids))
     torch._dynamo.reset()

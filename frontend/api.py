@@ -103,7 +103,9 @@ def example_tensors(example_inputs: Any, names: Sequence[str] = ()) -> tuple[tor
         if isinstance(x, np.ndarray):
             if x.dtype.kind not in "biuf" or x.dtype.itemsize > 8:
                 raise unsupported_dtype(which, x.dtype)
-            x = torch.as_tensor(x)
+            # a read-only array (a broadcast view, a loaded buffer) is copied: torch warns
+            # that it cannot protect one it shares
+            x = torch.as_tensor(x if x.flags.writeable else x.copy())
         if not isinstance(x, torch.Tensor):
             raise KilnError(f"{which} is of type {type(x).__name__}, not a tensor or NumPy "
                             "array", hint=usage)

@@ -336,8 +336,10 @@ def compile(
         dynamic: sizes that may change from call to call. ``True``: dimension 0 (the batch)
             of every input; or ``{input name or index: {dim: "size name"}}``, for example
             ``{"input_ids": {0: "batch", 1: "seq"}}`` (dimensions with one name must be
-            equal). Returns a ``kiln.frontend.dynamic.DynamicModel``, which compiles each new
-            set of sizes on the call that first brings it (see its module docstring).
+            equal). A ``torch.export.Dim`` may stand for a name: its ``min`` and ``max``
+            bound the size, and calls outside them get a KilnError. Returns a
+            ``kiln.frontend.dynamic.DynamicModel``, which compiles each new set of sizes on
+            the call that first brings it (see its module docstring).
 
     Raises:
         KilnError: for an unsupported op (naming it and its source line), a model in training
@@ -352,7 +354,7 @@ def compile(
         from kiln.frontend.dynamic import DynamicModel, normalize_dynamic
 
         names = _parameter_names(model)
-        dims = normalize_dynamic(dynamic, example_inputs, names)
+        dims, bounds = normalize_dynamic(dynamic, example_inputs, names)
         if any(o is not None and o is not False for o in (prune, low_rank, distill, quantize)) \
                 or tune:
             raise KilnError("dynamic= does not combine with compression or tuning yet",
@@ -362,7 +364,7 @@ def compile(
                        check_numerics=check_numerics, threads=threads, target=target,
                        winograd=winograd)
         return DynamicModel(lambda xs: compile(model, xs, **options), example_inputs, dims,
-                            names)
+                            names, bounds)
     cpu = _cpu_target(backend, target)
     tune_options = _tune_options(tune, backend)
     tuning = _tuning(backend, winograd)

@@ -31,22 +31,41 @@ MAX_DIM = 1 << 20
 """The largest size a dynamic dimension may take at a call."""
 
 
+def _dim_name_and_bounds(spec: Any) -> tuple[str, int, int] | None:
+    """A size name and its bounds from a ``dynamic=`` entry: a name (1..MAX_DIM) or a
+    ``torch.export.Dim`` (its name, min and max; an unbounded max becomes MAX_DIM). None for
+    anything else."""
+    if isinstance(spec, str):
+        return (spec, 1, MAX_DIM) if spec.isidentifier() else None
+    if isinstance(spec, torch.export.Dim):
+        lo, hi = spec.min, spec.max
+        lo = max(int(lo), 1)
+        hi = int(hi) if isinstance(hi, int) and hi < MAX_DIM else MAX_DIM
+        return spec.__name__, lo, hi
+    return None
+
+
 def normalize_dynamic(dynamic: Any, example_inputs: Sequence[torch.Tensor],
-                      names: Sequence[str]) -> dict[int, dict[int, str]]:
-    """``dynamic=`` as {input index: {dim: size name}}: True makes dimension 0 of every input
-    ``batch``; a mapping names inputs by index or parameter name. A KilnError for anything
-    else, naming the input and the dimension."""
+                      names: Sequence[str]
+                      ) -> tuple[dict[int, dict[int, str]], dict[str, tuple[int, int]]]:
+    """``dynamic=`` as ({input index: {dim: size name}}, {size name: (min, max)}): True makes
+    dimension 0 of every input ``batch``; a mapping names inputs by index or parameter name,
+    and each dimension by a name or a ``torch.export.Dim`` (whose min and max become the
+    size's bounds; the same name in several places ties those dimensions, and their bounds
+    meet). The example's sizes must lie in the bounds. A KilnError for anything else, naming
+    the input and the dimension."""
     usage = ("dynamic=True (the batch dimension of every input), or e.g. "
-             "dynamic={'input_ids': {0: 'batch', 1: 'seq'}}")
+             "dynamic={'input_ids': {0: 'batch', 1: torch.export.Dim('seq', max=512)}}")
     if dynamic is True:
         out = {i: {0: "batch"} for i, x in enumerate(example_inputs) if x.dim() >= 1}
         if not out:
             raise KilnError("dynamic=True: no input has a batch dimension", hint=usage)
-        return out
+        return out, {"batch": (1, MAX_DIM)}
     if not isinstance(dynamic, Mapping) or not dynamic:
         raise KilnError(f"dynamic must be True or a non-empty dict, got {dynamic!r}"[:200],
                         hint=usage)
     out: dict[int, dict[int, str]] = {}
+    bounds: dict[str, tuple[int, int]] = {}
     for key, dims in dynamic.items():
         if isinstance(key, str) and key in names[:len(example_inputs)]:
             index = list(names).index(key)
@@ -61,15 +80,25 @@ def normalize_dynamic(dynamic: Any, example_inputs: Sequence[torch.Tensor],
         if not isinstance(dims, Mapping):
             raise KilnError(f"dynamic[{key!r}] must map dimensions to names, got {dims!r}",
                             hint=usage)
-        for dim, name in dims.items():
+        for dim, spec in dims.items():
             if isinstance(dim, bool) or not isinstance(dim, int) or not -rank <= dim < rank:
                 raise KilnError(f"dynamic dimension {dim!r} of {label} is not one of its "
                                 f"{rank} dimensions", hint=usage)
-            if not isinstance(name, str) or not name.isidentifier():
+            named = _dim_name_and_bounds(spec)
+            if named is None:
                 raise KilnError(f"dynamic dimension {dim} of {label} needs a name (a Python "
-                                f"identifier), got {name!r}", hint=usage)
+                                f"identifier) or a torch.export.Dim, got {spec!r}", hint=usage)
+            name, lo, hi = named
+            lo0, hi0 = bounds.get(name, (1, MAX_DIM))
+            lo, hi = max(lo, lo0), min(hi, hi0)
+            size = example_inputs[index].shape[dim]
+            if not lo <= size <= hi:
+                raise KilnError(f"dynamic dimension {dim} of {label} ({name}) is {size} in the "
+                                f"example inputs, outside its bounds {lo}..{hi}",
+                                hint="widen the Dim's min/max, or pass an example inside them")
+            bounds[name] = (lo, hi)
             out.setdefault(index, {})[dim % rank] = name
-    return out
+    return out, bounds
 
 
 class DynamicModel:
@@ -79,9 +108,12 @@ class DynamicModel:
 
     def __init__(self, compile_at: Callable[[tuple[torch.Tensor, ...]], Any],
                  example_inputs: Sequence[torch.Tensor], dims: dict[int, dict[int, str]],
-                 names: Sequence[str]) -> None:
+                 names: Sequence[str], bounds: Mapping[str, tuple[int, int]] | None = None
+                 ) -> None:
         self._compile_at = compile_at
         self.dims = dims
+        self.bounds = {name: (bounds or {}).get(name, (1, MAX_DIM))
+                       for d in dims.values() for name in d.values()}
         self._names = [names[i] if i < len(names) else f"input {i}"
                        for i in range(len(example_inputs))]
         self._example = [(tuple(x.shape), x.dtype) for x in example_inputs]
@@ -111,9 +143,12 @@ class DynamicModel:
             for d, (n, want) in enumerate(zip(got, shape)):
                 if d in dyn:
                     name = dyn[d]
-                    if not 1 <= n <= MAX_DIM:
+                    lo, hi = self.bounds[name]
+                    if not lo <= n <= hi:
                         raise KilnError(f"input %{self._names[i]} dimension {d} ({name}) is "
-                                        f"{n}; a dynamic size must be 1..{MAX_DIM}")
+                                        f"{n}; the model takes {lo} <= {name} <= {hi}",
+                                        hint="compile with wider bounds for it (a "
+                                             "torch.export.Dim's min/max in dynamic=)")
                     if name in seen and seen[name][0] != n:
                         raise KilnError(
                             f"input %{self._names[i]} dimension {d} is {n}, but {name} is "

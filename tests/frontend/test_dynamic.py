@@ -53,7 +53,7 @@ def test_calls_that_do_not_fit_the_declared_dimensions_are_refused() -> None:
     assert "dynamic={'x': {2: 'name'}}" in str(info.value)
     with pytest.raises(kiln.KilnError, match="has 3 dimensions"):
         compiled(torch.randn(2, 32, 32))
-    with pytest.raises(kiln.KilnError, match="must be 1.."):
+    with pytest.raises(kiln.KilnError, match="takes 1 <= batch <= "):
         compiled(torch.randn(0, 1, 32, 32))
     with pytest.raises(kiln.KilnError, match="specialize"):
         kiln.export(compiled, "never-written.kiln")
@@ -82,6 +82,24 @@ def test_dimensions_with_one_name_must_agree() -> None:
 def test_bad_dynamic_specs_are_kiln_errors(spec, message) -> None:
     with pytest.raises(kiln.KilnError, match=message):
         kiln.compile(TwoInputs().eval(), (torch.randn(2, 4), torch.randn(2, 4)), dynamic=spec)
+
+
+def test_export_dims_name_and_bound_the_sizes_through_the_export_frontend() -> None:
+    model = TwoInputs().eval()
+    x = (torch.randn(2, 4), torch.randn(2, 4))
+    n = torch.export.Dim("n", min=2, max=6)
+    compiled = kiln.compile(model, x, frontend="export",
+                            dynamic={"a": {0: n}, "b": {0: torch.export.Dim("n", max=5)}})
+    assert compiled.bounds == {"n": (2, 5)}          # one name: the bounds meet
+    for rows in (2, 5, 3):
+        a, b = torch.randn(rows, 4), torch.randn(rows, 4)
+        assert_matches(compiled(a, b), model(a, b))
+    with pytest.raises(kiln.KilnError, match="takes 2 <= n <= 5"):
+        compiled(torch.randn(6, 4), torch.randn(6, 4))
+    with pytest.raises(kiln.KilnError, match="takes 2 <= n <= 5"):
+        compiled(torch.randn(1, 4), torch.randn(1, 4))
+    with pytest.raises(kiln.KilnError, match=r"is 2 in the example inputs, outside its bounds 3"):
+        kiln.compile(model, x, dynamic={"a": {0: torch.export.Dim("m", min=3)}})
 
 
 def test_dynamic_with_compression_is_refused_clearly() -> None:

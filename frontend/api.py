@@ -298,11 +298,14 @@ def compile(
     winograd: bool = True,
     tune: Any = False,
     dynamic: Any = None,
+    input_shapes: Any = None,
 ) -> CompiledModel:
     """Compile ``model`` for inference on inputs shaped like ``example_inputs``.
 
     Args:
-        model: an ``nn.Module`` in eval mode.
+        model: an ``nn.Module`` in eval mode; or an ONNX model (a ``.onnx`` path or an
+            ``onnx.ModelProto``), whose ``dim_param`` dimensions stay dynamic and whose
+            example inputs may be left out (see ``kiln.frontend.onnx_model``).
         example_inputs: a tuple of tensors (a single tensor is accepted too; required); the
             compiled model takes inputs of exactly these shapes and dtypes (float32, float16,
             int8, uint8, int32, int64 or bool: cast bfloat16 / float8 / float64 first).
@@ -340,6 +343,8 @@ def compile(
             bound the size, and calls outside them get a KilnError. Returns a
             ``kiln.frontend.dynamic.DynamicModel``, which compiles each new set of sizes on
             the call that first brings it (see its module docstring).
+        input_shapes: for an ONNX model, ``{input name: shape}`` fixing dimensions the file
+            leaves dynamic.
 
     Raises:
         KilnError: for an unsupported op (naming it and its source line), a model in training
@@ -347,7 +352,21 @@ def compile(
             cannot take, an unknown backend, pipeline or frontend, or ``backend="cuda"`` with
             neither a GPU nor the simulator.
     """
+    from kiln.frontend.onnx_model import compile_onnx, is_onnx_model
+
+    if is_onnx_model(model):
+        if any(o is not None and o is not False for o in (prune, low_rank, distill, quantize)):
+            raise KilnError("compression of an ONNX model is not supported yet",
+                            hint="compress the PyTorch model, or compile the file as it is")
+        _check_names(backend, pipeline, "fx")
+        return compile_onnx(model, example_inputs, input_shapes=input_shapes,
+                            dynamic=dynamic, backend=backend,
+                            pipeline=pipeline, verify=verify, check_numerics=check_numerics,
+                            threads=threads, target=target, winograd=winograd, tune=tune)
     check_model(model)
+    if input_shapes is not None:
+        raise KilnError("input_shapes= fixes an ONNX model's dynamic dimensions",
+                        hint="a PyTorch model takes its shapes from example_inputs")
     example_inputs = example_tensors(example_inputs, _parameter_names(model))
     _check_names(backend, pipeline, frontend)
     if dynamic is not None and dynamic is not False:
@@ -365,21 +384,43 @@ def compile(
                        winograd=winograd)
         return DynamicModel(lambda xs: compile(model, xs, **options), example_inputs, dims,
                             names, bounds)
+    source_graph, out_spec = trace_module(model, example_inputs, frontend)
+    if not any(o is not None and o is not False for o in (prune, low_rank, distill, quantize)):
+        return compile_graph(source_graph, example_inputs, out_spec=out_spec, backend=backend,
+                             pipeline=pipeline, verify=verify, check_numerics=check_numerics,
+                             threads=threads, target=target, winograd=winograd, tune=tune)
     cpu = _cpu_target(backend, target)
     tune_options = _tune_options(tune, backend)
     tuning = _tuning(backend, winograd)
-    source_graph, out_spec = trace_module(model, example_inputs, frontend)
-    compression = timing = None
-    if any(o is not None and o is not False for o in (prune, low_rank, distill, quantize)):
-        compression = compress_graph(source_graph, data, teacher=model, prune=prune,
-                                     low_rank=low_rank, distill=distill, quantize=quantize,
-                                     labels=labels, out_spec=out_spec,
-                                     prune_multiple=cpu.f32_lanes if cpu else 8, target=cpu)
-        graph = compression.graph
-    else:
-        arrays = [x.detach().cpu().numpy() for x in example_inputs]
-        graph, timing = optimize(source_graph, pipeline, verify=verify,
-                                 check_inputs=arrays if check_numerics else None)
+    compression = compress_graph(source_graph, data, teacher=model, prune=prune,
+                                 low_rank=low_rank, distill=distill, quantize=quantize,
+                                 labels=labels, out_spec=out_spec,
+                                 prune_multiple=cpu.f32_lanes if cpu else 8, target=cpu)
+    return _finish(compression.graph, source_graph, out_spec, backend=backend, threads=threads,
+                   cpu=cpu, tuning=tuning, tune_options=tune_options, compression=compression)
+
+
+def compile_graph(source_graph: Graph, example_inputs: Sequence[torch.Tensor], *,
+                  out_spec: Any = None, backend: str = "llvm",
+                  pipeline: str | Sequence[str] = "O1", verify: bool = True,
+                  check_numerics: bool = False, threads: int = 0, target: Any = None,
+                  winograd: bool = True, tune: Any = False) -> CompiledModel:
+    """Optimize an imported graph and compile it for ``backend`` (kiln.compile's steps after
+    the frontend, without compression); ``example_inputs`` serve the numerics check."""
+    cpu = _cpu_target(backend, target)
+    tune_options = _tune_options(tune, backend)
+    tuning = _tuning(backend, winograd)
+    arrays = [x.detach().cpu().numpy() for x in example_inputs]
+    graph, timing = optimize(source_graph, pipeline, verify=verify,
+                             check_inputs=arrays if check_numerics else None)
+    return _finish(graph, source_graph, out_spec, backend=backend, threads=threads, cpu=cpu,
+                   tuning=tuning, tune_options=tune_options, timing=timing)
+
+
+def _finish(graph: Graph, source_graph: Graph, out_spec: Any, *, backend: str, threads: int,
+            cpu: Any, tuning: Any, tune_options: dict | None, compression: Any = None,
+            timing: Any = None) -> CompiledModel:
+    """Tune (when asked) and build the CompiledModel of an optimized graph."""
     report = None
     if tune_options is not None:
         from kiln.backends.llvm.tune import tune_graph

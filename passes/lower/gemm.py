@@ -266,12 +266,18 @@ def gemm_kblocked(low: Lowering, M: int, N: int, Kd: int, a: ALoad, b: BLoad, cb
 
 # ---- packing of constant operands ------------------------------------------------------------
 def pack_b(b: np.ndarray, nr: int) -> np.ndarray:
-    """[K, N] -> [ceil(N/NR), K, NR] panels, zero padded."""
+    """[K, N] -> [ceil(N/NR), K, NR] panels, zero padded. One copy, read through the [N, K]
+    view (a linear layer's weight as stored), whose NR-row blocks transpose in cache: packing
+    GPT-2's weights took seconds with a padded [K, N] copy in between."""
     kd, n = b.shape
-    tiles = -(-n // nr)
-    padded = np.zeros((kd, tiles * nr), b.dtype)
-    padded[:, :n] = b
-    return np.ascontiguousarray(padded.reshape(kd, tiles, nr).transpose(1, 0, 2))
+    tiles, full = -(-n // nr), n // nr
+    out = np.empty((tiles, kd, nr), b.dtype)
+    bt = b.T
+    out[:full] = bt[:full * nr].reshape(full, nr, kd).transpose(0, 2, 1)
+    if full < tiles:
+        out[full:] = 0
+        out[full, :, :n - full * nr] = bt[full * nr:].T
+    return out
 
 
 def pack_a(a: np.ndarray, mr: int) -> np.ndarray:
@@ -360,7 +366,7 @@ def lower_linear(low: Lowering, node: Node, final: str, inline: set[str],
         return None
     low.view_shapes.update(views)
     shape = micro_shape(width, T)
-    bp = low.constant(pack_b(wv.T.astype(np.float32), shape.nr), f"{node.name}_packed")
+    bp = low.constant(pack_b(np.asarray(wv.T, np.float32), shape.nr), f"{node.name}_packed")
     bias = low.constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
     bias_buf = low.constant(bias.astype(np.float32), f"{node.name}_bias") \
         if bias is not None else None
@@ -793,7 +799,7 @@ def _gemm_transposed(low, node, final, out, oshape, wv, bias_buf, width, og, Kd,
     else:
         shape = micro_shape(width, P)
     nr = shape.nr
-    wt = wv.reshape(og, Kd).T.astype(np.float32)
+    wt = np.asarray(wv.reshape(og, Kd).T, np.float32)
     wp = low.constant(pack_b(wt, nr), f"{node.name}_packed_t")
     ldc = -(-og // nr) * nr
 
@@ -1171,7 +1177,7 @@ def lower_matmul(low: Lowering, node: Node, final: str, inline: set[str],
     if bv is not None and all(d == 1 for d in bv.shape[:-2]):
         # A constant B (x @ W): packed once at compile time, like linear's weight.
         nr = shape.nr
-        bp = low.constant(pack_b(bv.reshape(bv.shape[-2:]).astype(np.float32), nr),
+        bp = low.constant(pack_b(np.asarray(bv.reshape(bv.shape[-2:]), np.float32), nr),
                           f"{node.name}_packed")
 
         def b(k, col, lanes):  # noqa: F811

@@ -396,7 +396,7 @@ def lower_linear_w8(low: Lowering, node: Node, final: str, inline: set[str],
     shape = micro_shape(width, T)
     nr = shape.nr
     tiles = -(-N // nr)
-    bp = low.constant(pack_b(np.ascontiguousarray(wv.T), nr), f"{node.name}_packed")
+    bp = low.constant(pack_b(wv.T, nr), f"{node.name}_packed")
     sbuf = low.constant(_padded_vector(sv, tiles * nr, np.float32), f"{node.name}_scale")
     bbuf = low.constant(_padded_vector(bv, tiles * nr, np.float32), f"{node.name}_bias") \
         if bv is not None else None

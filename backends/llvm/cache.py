@@ -36,7 +36,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -161,12 +161,18 @@ def cache_key(graph: Graph, target: Target, tuning: Tuning = DEFAULT_TUNING) -> 
     for name in sorted(graph.constants):
         arr = graph.constants[name]
         h.update(f"{name}:{arr.dtype.str}:{arr.shape}\n".encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
+        h.update(_raw(arr))
     return h.hexdigest()
 
 
-def _sha(data: bytes) -> str:
+def _sha(data: Any) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _raw(arr: np.ndarray) -> np.ndarray:
+    """``arr``'s bytes as a flat uint8 view (a copy only when ``arr`` is not contiguous):
+    hashing and writing a model's weights through ``tobytes()`` copied them whole."""
+    return np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
 
 
 def store_cached(key: str, image: ProgramImage) -> None:
@@ -180,11 +186,11 @@ def store_cached(key: str, image: ProgramImage) -> None:
             return
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         (tmp / ENTRY_MARKER).write_text("a kiln compile-cache entry\n")
-        files = {"code.o": image.object_code, "consts.bin": image.const_blob.tobytes()}
+        files = {"code.o": image.object_code, "consts.bin": _raw(image.const_blob)}
         copies = {}
         for j, arr in image.copy_constants.items():
             fname = f"copy{j}.bin"
-            files[fname] = np.ascontiguousarray(arr).tobytes()
+            files[fname] = _raw(arr)
             copies[str(j)] = {"file": fname, "dtype": arr.dtype.str, "shape": list(arr.shape)}
         for fname, data in files.items():
             (tmp / fname).write_bytes(data)

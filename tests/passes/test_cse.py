@@ -79,6 +79,20 @@ graph consts(%x: f32[2], %xi: i32[2]) -> (%add, %add_1, %add_2, %add, %add_4) {
 """
 
 
+def test_large_constants_merge_by_all_their_bytes_not_a_prefix():
+    b = GraphBuilder("big")
+    x = b.input("x", TensorType((1000,)))
+    base = np.arange(1000, dtype=np.float32)
+    late = base.copy()
+    late[-1] = -1.0                      # differs after the first 64 bytes only
+    names = [b.constant(base, "w"), b.constant(late, "w_late"),
+             b.constant(base.copy(), "w_again")]
+    b.output(*[b.op("add", [x, w]) for w in names])
+    graph = run_pass(CommonSubexpressionElimination(), b.build()).graph
+    assert sorted(graph.constants) == ["w", "w_late"]
+    assert graph.outputs[2] == graph.outputs[0] != graph.outputs[1]
+
+
 def test_multi_output_nodes_merge():
     b = GraphBuilder("splits")
     x = b.input("x", TensorType((6,)))

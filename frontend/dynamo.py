@@ -16,11 +16,14 @@ size costs one compile.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+from torch.fx.passes.operator_support import OperatorSupportBase
 
 from kiln.backends import backend_names
 from kiln.frontend.api import CompiledModel, optimize, unsupported_dtype
@@ -56,8 +59,11 @@ class _DynamoGraph:
         # Size symbols, and module attributes Dynamo passes as 0-d tensors only to read them
         # with .item() (nn.Embedding's norm_type under dynamic=True): bound per call to the
         # values the call brings.
+        # (A region of a partitioned graph gets concrete values; its placeholders' metadata
+        # still says which were symbols.)
         self.symbols = tuple(i for i, (n, v) in enumerate(zip(placeholders, example_inputs))
-                             if isinstance(v, _SYMBOLIC) or _is_read_scalar(n, v))
+                             if isinstance(v, _SYMBOLIC) or _is_read_scalar(n, v)
+                             or isinstance(n.meta.get("example_value"), _SYMBOLIC))
         for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
             if (i not in self.static and i not in self.symbols
                     and isinstance(value, torch.Tensor) and value.dtype not in TORCH_TO_DTYPE):
@@ -171,4 +177,137 @@ def kiln_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     backend = merged.get("backend", "llvm")
     if not isinstance(backend, str) or backend not in backend_names():
         raise KilnError(f"unknown backend {backend!r}", hint=f"choose one of {backend_names()}")
-    return _DynamoGraph(gm, example_inputs, merged)
+    if any(isinstance(v, _SYMBOLIC) or (isinstance(v, torch.Tensor) and _has_symbolic_shape(v))
+           for v in example_inputs):
+        return _FallbackOnFirstCall(gm, example_inputs, merged)
+    try:
+        return _DynamoGraph(gm, example_inputs, merged)
+    except KilnError as e:
+        if e.node is None:
+            raise
+        return _Partitioned(gm, example_inputs, merged, e)
+
+
+MAX_FALLBACK_ROUNDS = 64
+"""Partitioning rounds (each finds at least one more node kiln refuses) before the whole
+graph runs in eager PyTorch."""
+
+
+class _Supported(OperatorSupportBase):
+    """The nodes kiln is asked to compile: every call, except those it refused."""
+
+    def __init__(self, refused: dict[str, KilnError]) -> None:
+        self.refused = refused
+
+    def is_node_supported(self, submodules: Any, node: torch.fx.Node) -> bool:
+        return (node.op in ("call_function", "call_method", "call_module")
+                and node.name not in self.refused)
+
+
+class _KilnRegion(torch.nn.Module):
+    """A partition compiled by kiln, returning what the partition's graph returned."""
+
+    def __init__(self, graph: _DynamoGraph, single: bool) -> None:
+        super().__init__()
+        self.graph = graph
+        self.single = single
+
+    def forward(self, *args: Any) -> Any:
+        out = self.graph(*args)
+        return out[0] if self.single else tuple(out)
+
+
+def _partition_inputs(fused: torch.fx.GraphModule, args: Sequence[Any]) -> dict[str, list]:
+    """The arguments each fused region receives when ``fused`` runs on ``args``."""
+    seen: dict[str, list] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def call_module(self, target, args, kwargs):
+            if target.startswith("fused_"):
+                seen[target] = list(args)
+            return super().call_module(target, args, kwargs)
+
+    with torch.no_grad():
+        Recorder(fused).run(*args)
+    return seen
+
+
+class _Partitioned:
+    """A Dynamo graph with ops kiln refuses: the regions kiln compiles run as kiln programs,
+    the refused nodes in eager PyTorch between them (as ONNX Runtime's torch.compile backend
+    does). ``report`` lists what runs where and why; a warning says it once."""
+
+    def __init__(self, gm: torch.fx.GraphModule, args: Sequence[Any], options: dict[str, Any],
+                 first: KilnError) -> None:
+        refused: dict[str, KilnError] = {first.node: first}
+        regions: dict[str, _KilnRegion] = {}
+        for _ in range(MAX_FALLBACK_ROUNDS):
+            fused = CapabilityBasedPartitioner(
+                copy.deepcopy(gm), _Supported(refused),
+                allows_single_node_partition=True).partition_and_fuse()
+            inputs = _partition_inputs(fused, args)
+            regions, retry = {}, False
+            for name, sub in fused.named_children():
+                if not name.startswith("fused_") or name not in inputs:
+                    continue
+                try:
+                    region = _DynamoGraph(sub, inputs[name], options)
+                    region(*inputs[name])          # compiles now where sizes are symbolic
+                except KilnError as e:
+                    names = {n.name for n in sub.graph.nodes if n.op != "placeholder"}
+                    culprits = [e.node] if e.node in names else sorted(names - set(refused))
+                    if not culprits:
+                        raise
+                    refused.update({n: e for n in culprits})
+                    retry = True
+                    break
+                output = next(n for n in sub.graph.nodes if n.op == "output")
+                regions[name] = _KilnRegion(region, not isinstance(output.args[0], tuple))
+            if not retry:
+                break
+        else:
+            fused, regions = gm, {}
+            refused = {n.name: first for n in gm.graph.nodes
+                       if n.op in ("call_function", "call_method", "call_module")}
+        for name, region in regions.items():
+            setattr(fused, name, region)
+        self.fused = fused
+        self.refused = refused
+        self.kiln_regions = len(regions)
+        self.report = self._report(gm)
+        warnings.warn(self.report, stacklevel=2)
+
+    def _report(self, gm: torch.fx.GraphModule) -> str:
+        ops = sum(n.op in ("call_function", "call_method", "call_module") for n in gm.graph.nodes)
+        reasons = "; ".join(f"{name}: {e.message}" for name, e in list(self.refused.items())[:8])
+        more = f" (and {len(self.refused) - 8} more)" if len(self.refused) > 8 else ""
+        return (f"kiln: {len(self.refused)} of {ops} ops run in eager PyTorch, the rest in "
+                f"{self.kiln_regions} kiln region(s): {reasons}{more}")
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fused(*args)
+
+
+class _FallbackOnFirstCall:
+    """A graph with symbolic sizes: kiln compiles it on its first call, when sizes are
+    known; should kiln refuse an op then, the graph is partitioned on that call's values."""
+
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                 options: dict[str, Any]) -> None:
+        self.gm = gm
+        self.options = options
+        self.run: Callable[..., Any] = _DynamoGraph(gm, example_inputs, options)
+        self.checked = False
+
+    def __call__(self, *args: Any) -> Any:
+        if self.checked:
+            return self.run(*args)
+        try:
+            out = self.run(*args)
+        except KilnError as e:
+            if e.node is None:
+                raise
+            self.run = _Partitioned(self.gm, args, self.options, e)
+            out = self.run(*args)
+        self.checked = True
+        return out

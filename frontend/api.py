@@ -204,6 +204,9 @@ def export(compiled: CompiledModel, path: str | os.PathLike | None = None, *,
     """Write ``compiled`` (a ``kiln.compile`` result) as one artifact file at ``path`` that
     ``kiln.load`` runs without PyTorch: native code for this CPU (llvm backend), or PTX with
     its launch table for NVIDIA GPUs (cuda backend; see ``kiln.backends.cuda.export_cuda``).
+    A ``DynamicModel`` (``kiln.compile(..., dynamic=...)``, llvm backend) is written with a
+    program for every set of sizes it has compiled (call or ``specialize`` it at the sizes
+    to ship first): the loaded model runs those sizes and refuses others with their list.
     An existing file is kept unless ``overwrite`` is True; anything at ``path`` that is not a
     regular file (a directory, a device) is never replaced.
 
@@ -215,15 +218,23 @@ def export(compiled: CompiledModel, path: str | os.PathLike | None = None, *,
         KilnError: for something other than a compiled model, a missing or unusable path, or
             a model without code to export.
     """
+    from kiln.frontend.dynamic import DynamicModel
+
+    dynamic = None
+    if isinstance(compiled, DynamicModel):
+        dynamic = compiled
+        programs = compiled.programs()
+        if any(p.backend != "llvm" for p in programs):
+            raise KilnError("a dynamic model's artifact holds native CPU code (llvm backend)",
+                            hint="export one size of a CUDA model: "
+                                 "kiln.export(dynamic_model.specialize(*inputs), path)")
+        compiled = programs[0]
     if not isinstance(compiled, CompiledModel):
         what = type(compiled).__name__
         hint = "export what kiln.compile returns: kiln.export(kiln.compile(model, " \
                "example_inputs), path)"
         if isinstance(compiled, (str, os.PathLike)) and isinstance(path, CompiledModel):
             hint = "the compiled model comes first: kiln.export(compiled, path)"
-        if what == "DynamicModel":
-            hint = ("artifacts hold one size so far: export one with "
-                    "kiln.export(dynamic_model.specialize(*inputs), path)")
         raise KilnError(f"kiln.export takes a compiled model, got {what}", hint=hint)
     if path is None:
         raise KilnError("kiln.export needs the path of the file to write",
@@ -245,9 +256,15 @@ def export(compiled: CompiledModel, path: str | os.PathLike | None = None, *,
         pipeline = [r.stage for r in compiled.compression.report[1:]]
     else:
         pipeline = [r.name for r in compiled.timing.records] if compiled.timing else []
+    extra = {}
+    if dynamic is not None:
+        extra = {"variants": [p.executable.program.image for p in programs[1:]],
+                 "dims": [(i, d, n) for i, dims in sorted(dynamic.dims.items())
+                          for d, n in sorted(dims.items())],
+                 "bounds": dynamic.bounds}
     try:
         return artifact.save(path, image, pipeline=pipeline, kiln_version=_kiln_version(),
-                             sign_key=sign_key, overwrite=overwrite)
+                             sign_key=sign_key, overwrite=overwrite, **extra)
     except OSError as e:
         raise KilnError(f"cannot write {path}: {e.strerror or e}",
                         hint="choose a path in a folder you can write to") from e

@@ -192,6 +192,11 @@ class DynamicModel:
                     self._programs.popitem(last=False)
             return program
 
+    def programs(self) -> list[Any]:
+        """The compiled programs held now, least recently used first."""
+        with self._lock:
+            return list(self._programs.values())
+
     def _size_names(self) -> list[str]:
         return [self.dims[i][d] for i in sorted(self.dims) for d in sorted(self.dims[i])]
 

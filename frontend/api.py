@@ -125,6 +125,8 @@ class CompiledModel:
         self.source_graph = source_graph
         self.executable = executable
         self.timing = timing
+        # The frontend that made the graph ("fx", "export" after an fx failure, "onnx" ...).
+        self.frontend: str | None = getattr(source_graph, "frontend", None)
         # The kiln.compress result when the model was compressed (its report per stage).
         self.compression: Compressed | None = None
         # The autotuner's report (kiln.backends.llvm.tune.TuneReport) when tune= was given.
@@ -330,7 +332,10 @@ def compile(
             NVIDIA GPU, or on Numba's CUDA simulator when NUMBA_ENABLE_CUDASIM=1 is set before
             numba is imported) or ``"reference"`` (the NumPy interpreter, the oracle).
         pipeline: a named pipeline (``"O0"`` none, ``"O1"`` cleanups) or a list of pass names.
-        frontend: ``"fx"`` (torch.fx.symbolic_trace) or ``"export"`` (torch.export).
+        frontend: ``"fx"`` (torch.fx.symbolic_trace) or ``"export"`` (torch.export). When
+            fx cannot trace the model (HuggingFace models, data-dependent control flow),
+            the default falls back to export with a ``FrontendFallbackWarning``;
+            ``compiled.frontend`` says which ran.
         verify: run the IR verifier after every pass.
         check_numerics: compare every pass's outputs with the previous stage's on the example
             inputs and stop with a NumericsError naming the pass that changed them.

@@ -107,6 +107,7 @@ def compile_onnx(model: Any, example_inputs: Sequence[Any] | None = None, *,
         shapes = {n: tuple(x.shape) for n, x in zip(names, xs)}
         graph = onnx_import.import_onnx(proto, input_shapes=shapes)
         graph.name = name
+        graph.frontend = "onnx"
         return compile_graph(graph, xs, **options)
 
     if not dims:

@@ -46,7 +46,7 @@ def test_dim_params_become_dynamic_dimensions(bert_onnx) -> None:
 def test_input_shapes_fix_dimensions_and_dynamic_false_refuses(bert_onnx) -> None:
     model, path = bert_onnx
     fixed = kiln.compile(str(path), input_shapes={"ids": (2, 9)})
-    assert isinstance(fixed, CompiledModel)
+    assert isinstance(fixed, CompiledModel) and fixed.frontend == "onnx"
     ids = torch.randint(0, 1000, (2, 9))
     with torch.no_grad():
         assert_matches(fixed(ids), model(ids))

@@ -71,6 +71,42 @@ def _c_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _common_types() -> list[str]:
+    """The types every generated header shares (guarded, so several headers mix)."""
+    return [
+        "#ifndef KILN_COMMON_TYPES",
+        "#define KILN_COMMON_TYPES",
+        "/* Element types; kiln_dtype_size() gives their size in bytes. */",
+        "typedef enum kiln_dtype {",
+        *(f"    KILN_{k.upper()} = {v}," for k, v in _DTYPE_ENUM.items()),
+        "} kiln_dtype;",
+        "",
+        "static inline size_t kiln_dtype_size(kiln_dtype t) {",
+        "    switch (t) {",
+        "    case KILN_F16: return 2;",
+        "    case KILN_I8: case KILN_U8: case KILN_BOOL: return 1;",
+        "    case KILN_I64: return 8;",
+        "    default: return 4;",
+        "    }",
+        "}",
+        "",
+        "/* One input or output: its name, dtype, rank, shape, elements and bytes. */",
+        "typedef struct kiln_tensor_info {",
+        "    const char* name;",
+        "    kiln_dtype dtype;",
+        "    int32_t ndim;",
+        "    const int64_t* shape;",
+        "    int64_t numel;",
+        "    size_t nbytes;",
+        "} kiln_tensor_info;",
+        "",
+        "/* A loaded model: its weights, its scratch arena and that arena's mutex. Opaque. */",
+        "typedef struct kiln_model kiln_model;",
+        "#endif",
+        "",
+    ]
+
+
 def _header(image: Any, name: str, weights_bytes: int) -> str:
     up = name.upper()
     lines = [
@@ -117,36 +153,7 @@ def _header(image: Any, name: str, weights_bytes: int) -> str:
         'extern "C" {',
         "#endif",
         "",
-        "#ifndef KILN_COMMON_TYPES",
-        "#define KILN_COMMON_TYPES",
-        "/* Element types; kiln_dtype_size() gives their size in bytes. */",
-        "typedef enum kiln_dtype {",
-        *(f"    KILN_{k.upper()} = {v}," for k, v in _DTYPE_ENUM.items()),
-        "} kiln_dtype;",
-        "",
-        "static inline size_t kiln_dtype_size(kiln_dtype t) {",
-        "    switch (t) {",
-        "    case KILN_F16: return 2;",
-        "    case KILN_I8: case KILN_U8: case KILN_BOOL: return 1;",
-        "    case KILN_I64: return 8;",
-        "    default: return 4;",
-        "    }",
-        "}",
-        "",
-        "/* One input or output: its name, dtype, rank, shape, elements and bytes. */",
-        "typedef struct kiln_tensor_info {",
-        "    const char* name;",
-        "    kiln_dtype dtype;",
-        "    int32_t ndim;",
-        "    const int64_t* shape;",
-        "    int64_t numel;",
-        "    size_t nbytes;",
-        "} kiln_tensor_info;",
-        "",
-        "/* A loaded model: its weights, its scratch arena and that arena's mutex. Opaque. */",
-        "typedef struct kiln_model kiln_model;",
-        "#endif",
-        "",
+        *_common_types(),
         f"#define {up}_NUM_INPUTS {len(image.inputs)}",
         f"#define {up}_NUM_OUTPUTS {len(image.outputs)}",
         f"/* Size in bytes of {name}_weights.bin; {name}_load refuses a file of another size. */",
@@ -198,51 +205,32 @@ def _header(image: Any, name: str, weights_bytes: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _infos(name: str, kind: str, entries: list) -> list[str]:
+def _infos(name: str, kind: str, entries: list, static: bool = False) -> list[str]:
+    """Shape arrays, the tensor-info table and ``<name>_<kind>_info(i)`` (a file-local
+    function with ``static``)."""
     lines = []
     for i, (_, _, shape) in enumerate(entries):
         dims = ", ".join(f"{d}LL" for d in shape) or "0"
-        lines.append(f"static const int64_t {kind}_shape{i}[] = {{{dims}}};")
-    lines.append(f"static const kiln_tensor_info {kind}_info[] = {{")
+        lines.append(f"static const int64_t {name}_{kind}_shape{i}[] = {{{dims}}};")
+    lines.append(f"static const kiln_tensor_info {name}_{kind}_info_table[] = {{")
     for i, (tname, dtype, shape) in enumerate(entries):
         n = math.prod(shape)
         lines.append(f"    {{{_c_string(tname)}, KILN_{dtype.upper()}, {len(shape)}, "
-                     f"{kind}_shape{i}, {n}LL, {n * DType(dtype).itemsize}ULL}},")
+                     f"{name}_{kind}_shape{i}, {n}LL, {n * DType(dtype).itemsize}ULL}},")
     if not entries:  # C has no empty arrays
         lines.append("    {NULL, KILN_F32, 0, NULL, 0, 0},")
     lines += ["};", "",
-              f"const kiln_tensor_info* {name}_{kind}_info(int i) {{",
-              f"    return i >= 0 && i < {len(entries)} ? &{kind}_info[i] : NULL;",
+              f"{'static ' if static else ''}const kiln_tensor_info* {name}_{kind}_info(int i) {{",
+              f"    return i >= 0 && i < {len(entries)} ? &{name}_{kind}_info_table[i] : NULL;",
               "}", ""]
     return lines
 
 
-def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]],
-             threads: int) -> str:
+def _shared_definitions(name: str, threads: int) -> list[str]:
+    """The C both library kinds share: the thread setting, the model struct, the per-thread
+    error, and load / free / set_threads (sized by <NAME>_WEIGHTS_BYTES / _ARENA_BYTES)."""
     up = name.upper()
-    copies = []
-    for j, (kind, index) in sorted(image.output_copies.items()):
-        src = "inputs" if kind == "input" else "outputs"
-        copies.append(f"    memcpy(outputs[{j}], {src}[{index}], "
-                      f"{name}_output_info({j})->nbytes);")
-    for j, (offset, size) in sorted(constant_outputs.items()):
-        copies.append(f"    memcpy(outputs[{j}], model->weights + {offset}, {size});")
-    lines = [
-        f"/* {name}.c: generated by kiln; see {name}.h. */",
-        "#define _POSIX_C_SOURCE 200112L",
-        f'#include "{name}.h"',
-        "",
-        "#include <errno.h>",
-        "#include <pthread.h>",
-        "#include <stdatomic.h>",
-        "#include <stdio.h>",
-        "#include <stdlib.h>",
-        "#include <string.h>",
-        "",
-        "/* kiln's object code. */",
-        "void kiln_run(void** inputs, void** outputs, void* arena, const void* consts,",
-        "              int32_t nthreads);",
-        "",
+    return [
         "/* Threads of every run of every model of this library (0: the OpenMP default). */",
         f"static atomic_int kiln_threads = {int(threads)};"
         + (f"  /* exported with threads={threads} */" if threads else ""),
@@ -259,8 +247,6 @@ def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]]
         "",
         f"const char* {name}_error(void) {{ return last_error; }}",
         "",
-        *_infos(name, "input", image.inputs),
-        *_infos(name, "output", image.outputs),
         "static void* aligned(size_t bytes) {",
         "    void* p = NULL;",
         f"    if (posix_memalign(&p, {_ALIGN}, bytes ? bytes : {_ALIGN}) != 0) return NULL;",
@@ -315,12 +301,25 @@ def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]]
         "    return m;",
         "}",
         "",
-        f"int {name}_run(kiln_model* model, const void* const* inputs, void* const* outputs) {{",
-        "    if (!model || !outputs",
-        f"        || ({up}_NUM_INPUTS > 0 && !inputs)) {{",
-        "        snprintf(last_error, sizeof last_error, \"model, inputs or outputs is NULL\");",
-        "        return -1;",
-        "    }",
+        f"void {name}_free(kiln_model* model) {{",
+        "    if (!model) return;",
+        "    if (model->lock_ready) pthread_mutex_destroy(&model->lock);",
+        "    free(model->weights);",
+        "    free(model->arena);",
+        "    free(model);",
+        "}",
+        "",
+        f"int {name}_set_threads(int n) {{",
+        "    if (n < 0) return -1;",
+        "    atomic_store(&kiln_threads, n);",
+        "    return 0;",
+        "}",
+    ]
+
+
+def _pointer_checks(up: str) -> list[str]:
+    """The run functions' checks that no input or output pointer is NULL."""
+    return [
         f"    for (int i = 0; i < {up}_NUM_INPUTS; i++)",
         "        if (!inputs[i]) {",
         "            snprintf(last_error, sizeof last_error, \"input %d is NULL\", i);",
@@ -331,6 +330,45 @@ def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]]
         "            snprintf(last_error, sizeof last_error, \"output %d is NULL\", j);",
         "            return -1;",
         "        }",
+    ]
+
+
+def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]],
+             threads: int) -> str:
+    up = name.upper()
+    copies = []
+    for j, (kind, index) in sorted(image.output_copies.items()):
+        src = "inputs" if kind == "input" else "outputs"
+        copies.append(f"    memcpy(outputs[{j}], {src}[{index}], "
+                      f"{name}_output_info({j})->nbytes);")
+    for j, (offset, size) in sorted(constant_outputs.items()):
+        copies.append(f"    memcpy(outputs[{j}], model->weights + {offset}, {size});")
+    lines = [
+        f"/* {name}.c: generated by kiln; see {name}.h. */",
+        "#define _POSIX_C_SOURCE 200112L",
+        f'#include "{name}.h"',
+        "",
+        "#include <errno.h>",
+        "#include <pthread.h>",
+        "#include <stdatomic.h>",
+        "#include <stdio.h>",
+        "#include <stdlib.h>",
+        "#include <string.h>",
+        "",
+        "/* kiln's object code. */",
+        "void kiln_run(void** inputs, void** outputs, void* arena, const void* consts,",
+        "              int32_t nthreads);",
+        "",
+        *_shared_definitions(name, threads),
+        *_infos(name, "input", image.inputs),
+        *_infos(name, "output", image.outputs),
+        f"int {name}_run(kiln_model* model, const void* const* inputs, void* const* outputs) {{",
+        "    if (!model || !outputs",
+        f"        || ({up}_NUM_INPUTS > 0 && !inputs)) {{",
+        "        snprintf(last_error, sizeof last_error, \"model, inputs or outputs is NULL\");",
+        "        return -1;",
+        "    }",
+        *_pointer_checks(up),
         "    int lock_error = pthread_mutex_lock(&model->lock);",
         "    if (lock_error != 0) {",
         "        snprintf(last_error, sizeof last_error, \"cannot lock the model: %s\",",
@@ -346,30 +384,249 @@ def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]]
         "    return 0;",
         "}",
         "",
-        f"void {name}_free(kiln_model* model) {{",
-        "    if (!model) return;",
-        "    if (model->lock_ready) pthread_mutex_destroy(&model->lock);",
-        "    free(model->weights);",
-        "    free(model->arena);",
-        "    free(model);",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build_command(out_dir: str | Path, name: str = "model", cc: str = "cc",
+                  programs: int = 0) -> list[str]:
+    """The command that links ``lib<name>.so`` from ``<name>.o`` (or, for a dynamic model's
+    ``programs``, ``<name>_p0.o`` ...) and ``<name>.c``."""
+    d = Path(out_dir)
+    objects = ([str(d / f"{name}_p{k}.o") for k in range(programs)] if programs
+               else [str(d / f"{name}.o")])
+    return [cc, "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-std=c11", "-pthread",
+            f"-Wl,--version-script={d / (name + '.map')}", "-Wl,-z,noexecstack",
+            str(d / f"{name}.c"), *objects, "-o", str(d / f"lib{name}.so"), "-lgomp", "-lm"]
+
+
+# ---- dynamic models: one program per exported set of sizes ------------------------------------
+# The globals kiln's object code defines; each program's copy is renamed to <symbol>_p<k> so
+# that several link into one library (a new global would show up as a duplicate at link time).
+_OBJECT_GLOBALS = ("kiln_run", "kiln_cycles", "kiln_signature", "kiln_steps")
+
+
+def _size_names(dims: list[tuple[int, int, str]]) -> list[str]:
+    return list(dict.fromkeys(n for _, _, n in dims))
+
+
+def _dynamic_header(images: list, dims: list[tuple[int, int, str]], name: str,
+                    weights_bytes: int, arena_bytes: int) -> str:
+    """The C API of a dynamic model's library (see _dynamic_wrapper)."""
+    up = name.upper()
+    names = _size_names(dims)
+    first = images[0]
+    programs = "; ".join(", ".join(f"{n}={image.inputs[i][2][d]}"
+                                   for n, (i, d) in _name_positions(dims).items())
+                         for image in images)
+    lines = [
+        f"/* {name}.h: C API of a model with dynamic sizes, compiled ahead of time by kiln.",
+        " *",
+        f" * It holds one program per exported set of sizes ({len(images)}): {programs}.",
+        f" * {name}_run takes the sizes of the call ({up}_NUM_SIZES values, in the order of",
+        f" * the {up}_SIZE<k>_NAME constants) and runs the program compiled for them; other sizes",
+        f" * are refused (-1, and {name}_error says which sizes the library has).",
+        " *",
+        f" *     kiln_model* m = {name}_load(\"{name}_weights.bin\");",
+        f" *     int64_t sizes[{up}_NUM_SIZES] = {{...}};",
+        f" *     {name}_run(m, sizes, in, out);  // tensors shaped as {name}_input_info(p, i)",
+        " *",
+        " * Tensors are dense, C-contiguous buffers; the caller owns them. A model from",
+        f" * {name}_load may be shared by threads: its calls take turns on the model's mutex.",
+        " * The code was compiled for (and may use every feature of) this CPU:",
+        f" *     target {first.target.get('triple', '?')}, cpu {first.target.get('cpu', '?')}",
+        " */",
+        f"#ifndef KILN_{up}_H",
+        f"#define KILN_{up}_H",
+        "",
+        "#include <stddef.h>",
+        "#include <stdint.h>",
+        "",
+        "#ifdef __cplusplus",
+        'extern "C" {',
+        "#endif",
+        "",
+        *_common_types(),
+        f"#define {up}_NUM_INPUTS {len(first.inputs)}",
+        f"#define {up}_NUM_OUTPUTS {len(first.outputs)}",
+        f"#define {up}_NUM_SIZES {len(names)}",
+        *(f"#define {up}_SIZE{k}_NAME {_c_string(n)}" for k, n in enumerate(names)),
+        f"#define {up}_NUM_PROGRAMS {len(images)}",
+        f"#define {up}_WEIGHTS_BYTES {weights_bytes}ULL",
+        f"#define {up}_ARENA_BYTES {arena_bytes}ULL",
+        "",
+        f"/* Program p's sizes into sizes[0..{up}_NUM_SIZES); -1 when p is out of range. */",
+        f"int {name}_program_sizes(int p, int64_t* sizes);",
+        "/* Input/output i of program p; NULL when p or i is out of range. */",
+        f"const kiln_tensor_info* {name}_input_info(int p, int i);",
+        f"const kiln_tensor_info* {name}_output_info(int p, int i);",
+        "",
+        f"/* Read the weights file ({up}_WEIGHTS_BYTES bytes, every program's) and allocate",
+        f" * the arena. NULL (and {name}_error) on failure. */",
+        f"kiln_model* {name}_load(const char* weights_path);",
+        "/* Run the program for `sizes`. 0, or -1 (and " + name + "_error) for NULL pointers or",
+        " * sizes no program has. */",
+        f"int {name}_run(kiln_model* model, const int64_t* sizes, const void* const* inputs,",
+        "             void* const* outputs);",
+        f"void {name}_free(kiln_model* model);",
+        "/* Worker threads of every later run (0: the OpenMP default); -1 for n < 0. */",
+        f"int {name}_set_threads(int n);",
+        f"const char* {name}_error(void);",
+        "",
+        "#ifdef __cplusplus",
+        "}",
+        "#endif",
+        f"#endif /* KILN_{up}_H */",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _name_positions(dims: list[tuple[int, int, str]]) -> dict[str, tuple[int, int]]:
+    """Each size name's first (input, dimension)."""
+    out: dict[str, tuple[int, int]] = {}
+    for i, d, n in dims:
+        out.setdefault(n, (i, d))
+    return out
+
+
+def _dynamic_wrapper(images: list, dims: list[tuple[int, int, str]], name: str,
+                     weights: list[tuple[int, dict[int, tuple[int, int]]]], threads: int) -> str:
+    """The wrapper of a dynamic model's library: the shared load/free/threads/error code,
+    per-program tensor tables, and a run that picks the program by the call's sizes."""
+    up = name.upper()
+    names = _size_names(dims)
+    positions = _name_positions(dims)
+    lines = [
+        f"/* {name}.c: generated by kiln; see {name}.h. */",
+        "#define _POSIX_C_SOURCE 200112L",
+        f'#include "{name}.h"',
+        "",
+        "#include <errno.h>",
+        "#include <inttypes.h>",
+        "#include <pthread.h>",
+        "#include <stdatomic.h>",
+        "#include <stdio.h>",
+        "#include <stdlib.h>",
+        "#include <string.h>",
+        "",
+        "typedef void (*kiln_entry)(void**, void**, void*, const void*, int32_t);",
+        *(f"void kiln_run_p{k}(void** inputs, void** outputs, void* arena, const void* consts,"
+          f" int32_t nthreads);" for k in range(len(images))),
+        "",
+        *_shared_definitions(name, threads),
+    ]
+    for k, image in enumerate(images):
+        lines += _infos(f"{name}_p{k}", "input", image.inputs, static=True)
+        lines += _infos(f"{name}_p{k}", "output", image.outputs, static=True)
+        offset, constant_outputs = weights[k]
+        lines += [f"static void copies_p{k}(const void* const* inputs, void* const* outputs,",
+                  "                       const unsigned char* weights) {",
+                  "    (void)inputs; (void)outputs; (void)weights;"]
+        for j, (kind, index) in sorted(image.output_copies.items()):
+            src = "inputs" if kind == "input" else "outputs"
+            lines.append(f"    memcpy(outputs[{j}], {src}[{index}], "
+                         f"{name}_p{k}_output_info({j})->nbytes);")
+        for j, (off, size) in sorted(constant_outputs.items()):
+            lines.append(f"    memcpy(outputs[{j}], weights + {offset + off}, {size});")
+        lines += ["}", ""]
+    lines += [
+        "static const struct {",
+        "    kiln_entry run;",
+        f"    int64_t sizes[{len(names)}];",
+        "    size_t weights_offset;",
+        "    const kiln_tensor_info* (*input_info)(int);",
+        "    const kiln_tensor_info* (*output_info)(int);",
+        "    void (*copies)(const void* const*, void* const*, const unsigned char*);",
+        "} programs[] = {",
+    ]
+    for k, image in enumerate(images):
+        sizes = ", ".join(f"{image.inputs[i][2][d]}LL" for i, d in positions.values())
+        lines.append(f"    {{kiln_run_p{k}, {{{sizes}}}, {weights[k][0]}, {name}_p{k}_input_info, "
+                     f"{name}_p{k}_output_info, copies_p{k}}},")
+    listing = "; ".join(", ".join(f"{n}={image.inputs[i][2][d]}" for n, (i, d) in
+                                  positions.items()) for image in images)
+    lines += [
+        "};",
+        "",
+        f"int {name}_program_sizes(int p, int64_t* sizes) {{",
+        f"    if (p < 0 || p >= {up}_NUM_PROGRAMS || !sizes) return -1;",
+        "    memcpy(sizes, programs[p].sizes, sizeof programs[p].sizes);",
+        "    return 0;",
         "}",
         "",
-        f"int {name}_set_threads(int n) {{",
-        "    if (n < 0) return -1;",
-        "    atomic_store(&kiln_threads, n);",
+        f"const kiln_tensor_info* {name}_input_info(int p, int i) {{",
+        f"    return p >= 0 && p < {up}_NUM_PROGRAMS ? programs[p].input_info(i) : NULL;",
+        "}",
+        f"const kiln_tensor_info* {name}_output_info(int p, int i) {{",
+        f"    return p >= 0 && p < {up}_NUM_PROGRAMS ? programs[p].output_info(i) : NULL;",
+        "}",
+        "",
+        f"int {name}_run(kiln_model* model, const int64_t* sizes, const void* const* inputs,",
+        "             void* const* outputs) {",
+        "    if (!model || !sizes || !outputs",
+        f"        || ({up}_NUM_INPUTS > 0 && !inputs)) {{",
+        "        snprintf(last_error, sizeof last_error,",
+        "                 \"model, sizes, inputs or outputs is NULL\");",
+        "        return -1;",
+        "    }",
+        "    int p = 0;",
+        f"    while (p < {up}_NUM_PROGRAMS",
+        "           && memcmp(programs[p].sizes, sizes, sizeof programs[p].sizes) != 0) p++;",
+        f"    if (p == {up}_NUM_PROGRAMS) {{",
+        "        snprintf(last_error, sizeof last_error,",
+        f"                 \"no program for these sizes; this library has: %s\", "
+        f"{_c_string(listing[:400])});",
+        "        return -1;",
+        "    }",
+        *_pointer_checks(up),
+        "    int lock_error = pthread_mutex_lock(&model->lock);",
+        "    if (lock_error != 0) {",
+        "        snprintf(last_error, sizeof last_error, \"cannot lock the model: %s\",",
+        "                 strerror(lock_error));",
+        "        return -1;",
+        "    }",
+        "    programs[p].run((void**)inputs, (void**)outputs, model->arena,",
+        "                    model->weights + programs[p].weights_offset,",
+        "                    (int32_t)atomic_load(&kiln_threads));",
+        "    pthread_mutex_unlock(&model->lock);",
+        "    programs[p].copies(inputs, outputs, model->weights);",
         "    return 0;",
         "}",
     ]
     return "\n".join(lines) + "\n"
 
 
-def build_command(out_dir: str | Path, name: str = "model", cc: str = "cc") -> list[str]:
-    """The command that links ``lib<name>.so`` from ``<name>.o`` and ``<name>.c``."""
-    d = Path(out_dir)
-    return [cc, "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-std=c11", "-pthread",
-            f"-Wl,--version-script={d / (name + '.map')}", "-Wl,-z,noexecstack",
-            str(d / f"{name}.c"), str(d / f"{name}.o"), "-o", str(d / f"lib{name}.so"),
-            "-lgomp", "-lm"]
+def _export_dynamic(dynamic: Any, out: Path, name: str, threads: int) -> None:
+    """Write a dynamic model's library sources and objects into ``out``."""
+    programs = dynamic.programs()
+    images = [_image_of(p) for p in programs]
+    dims = [(i, d, n) for i, ds in sorted(dynamic.dims.items()) for d, n in sorted(ds.items())]
+    objcopy = shutil.which("objcopy")
+    if objcopy is None:
+        raise KilnError("exporting a dynamic model to C needs objcopy (binutils), to link "
+                        "one program per size into one library",
+                        hint="install binutils, or export one size: "
+                             "export_c(dynamic_model.specialize(*inputs), out_dir)")
+    blob, weights, offset = [], [], 0
+    for image in images:
+        parts, constant_outputs = _weights_layout(image)
+        weights.append((offset, constant_outputs))
+        blob += parts
+        offset += sum(len(p) for p in parts)
+    arena = max(int(image.arena_bytes) for image in images)
+    out.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        raw = out / f".{name}_p{k}.raw.o"
+        raw.write_bytes(bytes(image.object_code))
+        renames = [a for g in _OBJECT_GLOBALS for a in ("--redefine-sym", f"{g}={g}_p{k}")]
+        done = subprocess.run([objcopy, *renames, str(raw), str(out / f"{name}_p{k}.o")],
+                              capture_output=True, text=True)
+        raw.unlink()
+        if done.returncode != 0:
+            raise KilnError(f"objcopy failed on program {k}: {done.stderr.strip()}")
+    (out / f"{name}_weights.bin").write_bytes(b"".join(blob))
+    (out / f"{name}.h").write_text(_dynamic_header(images, dims, name, offset, arena))
+    (out / f"{name}.c").write_text(_dynamic_wrapper(images, dims, name, weights, threads))
 
 
 def find_c_compiler() -> str | None:
@@ -384,7 +641,9 @@ def find_c_compiler() -> str | None:
 def export_c(compiled_or_image: Any, out_dir: str | Path, name: str = "model", *,
              threads: int = 0, overwrite: bool = False) -> Path:
     """Write ``compiled_or_image`` (a CompiledModel of the llvm backend, or its ProgramImage)
-    as a C library in ``out_dir`` and build ``lib<name>.so``; returns ``out_dir``.
+    as a C library in ``out_dir`` and build ``lib<name>.so``; returns ``out_dir``. A
+    DynamicModel (``kiln.compile(..., dynamic=...)``) gives a library holding a program per
+    set of sizes it has compiled, whose ``<name>_run`` takes the sizes (see its header).
 
     ``name`` prefixes every file and every C function (``<name>_load`` ...); it must be a C
     identifier. ``threads`` (when not 0) is the worker threads ``<name>_load`` sets, as if it
@@ -396,7 +655,7 @@ def export_c(compiled_or_image: Any, out_dir: str | Path, name: str = "model", *
             that cannot be written, no C compiler (the sources are written first, and the
             message says how to build them), or a failed build (with the compiler's message).
     """
-    image = _image_of(compiled_or_image)
+    dynamic = compiled_or_image if hasattr(compiled_or_image, "programs") else None
     if threads < 0:
         raise KilnError(f"threads must be 0 or more, got {threads}")
     if not _NAME.fullmatch(name):
@@ -408,21 +667,26 @@ def export_c(compiled_or_image: Any, out_dir: str | Path, name: str = "model", *
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise KilnError(f"{out} already exists and is not empty",
                         hint="choose another directory or pass overwrite=True (--overwrite)")
-    parts, constant_outputs = _weights_layout(image)
-    weights_bytes = sum(len(p) for p in parts)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.o").write_bytes(bytes(image.object_code))
-        (out / f"{name}_weights.bin").write_bytes(b"".join(parts))
-        (out / f"{name}.h").write_text(_header(image, name, weights_bytes))
-        (out / f"{name}.c").write_text(_wrapper(image, name, constant_outputs, threads))
+        if dynamic is not None:
+            _export_dynamic(dynamic, out, name, threads)
+        else:
+            image = _image_of(compiled_or_image)
+            parts, constant_outputs = _weights_layout(image)
+            weights_bytes = sum(len(p) for p in parts)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{name}.o").write_bytes(bytes(image.object_code))
+            (out / f"{name}_weights.bin").write_bytes(b"".join(parts))
+            (out / f"{name}.h").write_text(_header(image, name, weights_bytes))
+            (out / f"{name}.c").write_text(_wrapper(image, name, constant_outputs, threads))
         (out / f"{name}.map").write_text(f"{{\n  global: {name}_*;\n  local: *;\n}};\n")
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         raise KilnError(f"cannot write the C library into {out}: {e.strerror or e}{where}",
                         hint="choose a folder you can write to") from e
     cc = find_c_compiler()
-    command = build_command(out, name, cc or "cc")
+    command = build_command(out, name, cc or "cc",
+                            len(dynamic.programs()) if dynamic is not None else 0)
     if cc is None:
         raise KilnError(f"no C compiler found; the sources are in {out}",
                         hint="install gcc, then run: " + " ".join(command))

@@ -248,3 +248,58 @@ def test_separate_handles_from_separate_threads(lenet_library) -> None:
     finally:
         for h in handles:
             lib.lib.model_free(h)
+
+
+class TensorInfo(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("dtype", ctypes.c_int), ("ndim", ctypes.c_int32),
+                ("shape", ctypes.POINTER(ctypes.c_int64)), ("numel", ctypes.c_int64),
+                ("nbytes", ctypes.c_size_t)]
+
+
+def test_dynamic_model_library_takes_sizes(tmp_path: Path) -> None:
+    model, (x,) = get_model("lenet5")
+    dyn = kiln.compile(model, (x,), dynamic=True)
+    batches = (1, 3, 8)
+    inputs = {b: torch.randn(b, *x.shape[1:], generator=torch.Generator().manual_seed(b))
+              for b in batches}
+    for b in batches[1:]:
+        dyn(inputs[b])
+    lib_dir = export_c(dyn, tmp_path / "lib")
+    header = (lib_dir / "model.h").read_text()
+    assert "#define MODEL_NUM_PROGRAMS 3" in header and 'MODEL_SIZE0_NAME "batch"' in header
+    lib = ctypes.CDLL(str(lib_dir / "libmodel.so"))
+    lib.model_load.restype = ctypes.c_void_p
+    lib.model_load.argtypes = [ctypes.c_char_p]
+    lib.model_run.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64),
+                              ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)]
+    lib.model_input_info.restype = ctypes.POINTER(TensorInfo)
+    lib.model_error.restype = ctypes.c_char_p
+    lib.model_free.argtypes = [ctypes.c_void_p]
+    handle = lib.model_load(str(lib_dir / "model_weights.bin").encode())
+    assert handle, lib.model_error()
+    try:
+        programs = []
+        for p in range(3):
+            sizes = (ctypes.c_int64 * 1)()
+            assert lib.model_program_sizes(p, sizes) == 0
+            info = lib.model_input_info(p, 0).contents
+            assert info.shape[0] == sizes[0] and info.numel == sizes[0] * 32 * 32
+            programs.append(sizes[0])
+        assert sorted(programs) == list(batches)
+        assert lib.model_program_sizes(3, (ctypes.c_int64 * 1)()) == -1
+        for b in batches:
+            a = inputs[b].numpy()
+            out = np.empty((b, 10), np.float32)
+            rc = lib.model_run(handle, (ctypes.c_int64 * 1)(b),
+                               (ctypes.c_void_p * 1)(a.ctypes.data),
+                               (ctypes.c_void_p * 1)(out.ctypes.data))
+            assert rc == 0, lib.model_error()
+            with torch.no_grad():
+                np.testing.assert_allclose(out, model(inputs[b]).numpy(), rtol=1e-4, atol=1e-5)
+        out = np.empty((2, 10), np.float32)
+        a = np.zeros((2, 1, 32, 32), np.float32)
+        assert lib.model_run(handle, (ctypes.c_int64 * 1)(2), (ctypes.c_void_p * 1)(a.ctypes.data),
+                             (ctypes.c_void_p * 1)(out.ctypes.data)) == -1
+        assert b"no program for these sizes; this library has: batch=" in lib.model_error()
+    finally:
+        lib.model_free(handle)

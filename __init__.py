@@ -21,6 +21,7 @@ _LAZY = {
     "optimize": "kiln.frontend.api",
     "export": "kiln.frontend.api",
     "load": "kiln.runtime.artifact",
+    "pipeline": "kiln.distributed.pipeline",
 }
 
 __all__ = ["KilnError", "MissingDependencyError", "__version__", *_LAZY]

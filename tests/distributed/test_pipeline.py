@@ -1,0 +1,88 @@
+"""kiln.pipeline on a local Ray cluster the tests start themselves (2 CPUs): stages and
+replicas give eager's answers, map keeps order, a killed stage actor is restarted and its
+inputs retried (none lost, none answered twice), and a pipeline that cannot be placed is a
+KilnError."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+from kiln.examples.models import get_model
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def assert_eager(got, model, x) -> None:
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_two_stages_match_eager_and_map_keeps_order(cluster) -> None:
+    model, (x,) = get_model("lenet5")
+    with kiln.pipeline(model, (x,), stages=2) as pipe:
+        assert len(pipe.chains) == 1 and len(pipe.chains[0]) == 2
+        assert_eager(pipe(x), model, x)
+        xs = [torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+        outs = list(pipe.map(xs, window=3))
+        assert len(outs) == len(xs)
+        for out, xi in zip(outs, xs):
+            assert_eager(out, model, xi)
+        assert "pred. ms" in pipe.partition.table()
+    with pytest.raises(kiln.KilnError, match="closed"):
+        pipe(x)
+
+
+def test_replicas_share_the_inputs(cluster) -> None:
+    model, (x,) = get_model("mlp")
+    with kiln.pipeline(model, (x,), stages=1, replicas=2) as pipe:
+        xs = [torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+        for out, xi in zip(pipe.map(xs), xs):
+            assert_eager(out, model, xi)
+        calls = [ray.get(chain[0].run.remote([xi.numpy() for xi in (x,)])) for chain in
+                 pipe.chains]
+        assert len(calls) == 2
+
+
+def test_a_killed_stage_is_restarted_and_no_input_is_lost(cluster) -> None:
+    model, (x,) = get_model("lenet5")
+    xs = [torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    with kiln.pipeline(model, (x,), stages=2) as pipe:
+        first = pipe.chains[0][0]
+        pid = ray.get(first.pid.remote())
+        results = pipe.map(xs, window=6)
+        outs = [next(results)]
+        os.kill(pid, signal.SIGKILL)          # the first stage's process dies mid-stream
+        outs += list(results)
+        assert len(outs) == len(xs)
+        for out, xi in zip(outs, xs):
+            assert_eager(out, model, xi)
+        assert ray.get(first.pid.remote()) != pid     # Ray restarted the actor
+
+
+def test_a_pipeline_that_cannot_be_placed_is_refused(cluster) -> None:
+    model, (x,) = get_model("mlp")
+    with pytest.raises(kiln.KilnError, match=r"needs 4 CPUs .* cluster has 2"):
+        kiln.pipeline(model, (x,), stages=2, replicas=2)
+    with pytest.raises(kiln.KilnError, match="replicas must be"):
+        kiln.pipeline(model, (x,), replicas=0)
+
+
+def test_wrong_inputs_are_refused_before_reaching_an_actor(cluster) -> None:
+    model, (x,) = get_model("mlp")
+    with kiln.pipeline(model, (x,), stages=2) as pipe:
+        with pytest.raises(kiln.KilnError, match="expects"):
+            pipe(torch.randn(3, 7))

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kiln.backends.reference import check_inputs
 from kiln.ir import Graph, KilnError
 
 MAX_RESTARTS = 3
@@ -49,17 +50,41 @@ def _ray():
 
 
 class _Stage:
-    """A Ray actor body: one stage graph compiled by kiln, run on lists of arrays."""
+    """A Ray actor body: one stage, a kiln graph compiled here or an artifact (its bytes)
+    loaded here, run on lists of arrays."""
 
-    def __init__(self, graph: Graph, backend: str, threads: int) -> None:
-        from kiln.runtime import Executable
+    def __init__(self, stage: Graph | bytes, backend: str, threads: int) -> None:
+        if isinstance(stage, Graph):
+            from kiln.runtime import Executable
 
-        self.exe = Executable(graph, backend, threads)
+            exe = Executable(stage, backend, threads)
+            self.image = getattr(exe.program, "image", None)
+            self.fn = exe.run
+        else:
+            from kiln.runtime.artifact import load
+
+            loaded = load(stage, threads=threads)
+            self.image = None
+            self.fn = lambda arrays: list(loaded(*arrays)) if len(loaded.outputs) > 1 \
+                else [loaded(*arrays)]
         self.calls = 0
 
     def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         self.calls += 1
-        return self.exe.run(list(arrays))
+        return self.fn(list(arrays))
+
+    def artifact(self) -> bytes:
+        """This stage as a kiln artifact (llvm-compiled stages only)."""
+        import tempfile
+
+        from kiln.runtime.artifact import save
+
+        if self.image is None:
+            raise KilnError("this stage has no native code to export",
+                            hint="build the pipeline with backend='llvm'")
+        with tempfile.TemporaryDirectory() as d:
+            path = save(f"{d}/stage.kiln", self.image)
+            return path.read_bytes()
 
     def pid(self) -> int:
         import os
@@ -73,8 +98,9 @@ class _Stage:
 class Pipeline:
     """Stage actors behind one callable (see the module docstring)."""
 
-    def __init__(self, graphs: Sequence[Graph], *, replicas: int, backend: str,
-                 threads_per_stage: int, address: str | None, partition: Any = None) -> None:
+    def __init__(self, stages: Sequence[Graph | bytes], *, replicas: int, backend: str,
+                 threads_per_stage: int, address: str | None, partition: Any = None,
+                 first_inputs: Sequence[tuple[str, Any]] = ()) -> None:
         ray = _ray()
         self.partition = partition
         self._started_ray = False
@@ -84,33 +110,48 @@ class Pipeline:
                 self._started_ray = True
             else:
                 ray.init(address=address, log_to_driver=False)
-        need = len(graphs) * replicas * max(threads_per_stage, 1)
+        need = len(stages) * replicas * max(threads_per_stage, 1)
         have = ray.cluster_resources().get("CPU", 0)
         if need > have:
             self.close()
-            raise KilnError(f"the pipeline needs {need} CPUs ({len(graphs)} stages x {replicas} "
+            raise KilnError(f"the pipeline needs {need} CPUs ({len(stages)} stages x {replicas} "
                             f"replicas x {max(threads_per_stage, 1)} threads), the Ray cluster "
                             f"has {have:g}",
                             hint="use fewer stages, replicas or threads_per_stage, or a larger "
                                  "cluster (address=)")
         actor = ray.remote(num_cpus=max(threads_per_stage, 1), max_restarts=MAX_RESTARTS,
                            max_task_retries=MAX_RESTARTS)(_Stage)
-        # The stage graphs stay referenced here for the pipeline's life: a restarted actor
-        # rebuilds from them.
-        self._graph_refs = [ray.put(g) for g in graphs]
-        self.chains = [[actor.remote(g, backend, threads_per_stage) for g in self._graph_refs]
+        # The stages stay referenced here for the pipeline's life: a restarted actor rebuilds
+        # from them.
+        self._stage_refs = [ray.put(g) for g in stages]
+        self.chains = [[actor.remote(g, backend, threads_per_stage) for g in self._stage_refs]
                        for _ in range(replicas)]
         ray.get([a.ready.remote() for chain in self.chains for a in chain])
-        self._first = graphs[0]
+        self._first = first_inputs
         self._in_flight = [0] * replicas
         self._turn = itertools.count()
-        self.num_outputs = len(graphs[-1].outputs)
+
+    def export(self, folder: str | os.PathLike) -> list[Path]:
+        """Write every stage as a kiln artifact ``stage<k>.kiln`` in ``folder`` (which must
+        exist); ``kiln.pipeline(artifacts=...)`` runs them again, without PyTorch on the
+        workers."""
+        out = Path(folder)
+        if not out.is_dir():
+            raise KilnError(f"{out} is not a directory", hint="create it first")
+        paths = []
+        for k, stage in enumerate(self.chains[0] if self.chains else []):
+            path = out / f"stage{k}.kiln"
+            if path.exists():
+                raise KilnError(f"{path} already exists", hint="export into an empty folder")
+            path.write_bytes(_ray().get(stage.artifact.remote()))
+            paths.append(path)
+        return paths
 
     def _submit(self, arrays: Sequence[np.ndarray]) -> tuple[int, Any]:
         if not self.chains:
             raise KilnError("this pipeline is closed", hint="create a new one with "
                                                          "kiln.pipeline(...)")
-        arrays = check_inputs(self._first, arrays)      # a clear error here, not in an actor
+        arrays = _check_inputs(self._first, arrays)     # a clear error here, not in an actor
         start, n = next(self._turn), len(self.chains)
         r = min(((start + i) % n for i in range(n)), key=lambda i: self._in_flight[i])
         ref: Any = arrays
@@ -166,25 +207,74 @@ class Pipeline:
         self.close()
 
 
-def pipeline(model: Any, example_inputs: Sequence[Any], *, stages: int = 2, replicas: int = 1,
-             backend: str = "llvm", threads_per_stage: int = 1, address: str | None = None,
-             memory_limit: int | None = None, frontend: str = "fx") -> Pipeline:
+def _check_inputs(expected: Sequence[tuple[str, Any]], arrays: Sequence[Any]
+                  ) -> list[np.ndarray]:
+    """``arrays`` against the first stage's (name, TensorType) inputs."""
+    if len(arrays) != len(expected):
+        raise KilnError(f"the pipeline takes {len(expected)} inputs, got {len(arrays)}")
+    out = []
+    for (name, t), a in zip(expected, arrays):
+        a = np.ascontiguousarray(a)
+        if a.shape != tuple(t.shape) or a.dtype != t.dtype.numpy:
+            raise KilnError(f"input %{name} expects {t}, got {a.dtype}{list(a.shape)}")
+        out.append(a)
+    return out
+
+
+def pipeline(model: Any = None, example_inputs: Sequence[Any] = (), *, stages: int = 2,
+             replicas: int = 1, backend: str = "llvm", threads_per_stage: int = 1,
+             address: str | None = None, memory_limit: int | None = None,
+             frontend: str = "fx", artifacts: Sequence[str | os.PathLike] | None = None
+             ) -> Pipeline:
     """Split ``model`` into ``stages`` pipeline stages on Ray actors (see the module
     docstring); ``replicas`` copies of the chain serve inputs in parallel. ``address=None``
     starts a local Ray instance (unless one is running); otherwise joins that cluster.
-    ``memory_limit``: bytes one stage may hold (weights + peak activations).
-    The returned Pipeline's ``partition.table()`` reports the stages."""
+    ``memory_limit``: bytes one stage may hold (weights + peak activations). Or, with no
+    model, ``artifacts``: the stage files a pipeline's ``export`` wrote, in order (workers
+    then need no PyTorch). The returned Pipeline's ``partition.table()`` reports the
+    stages (None for artifacts)."""
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+        raise KilnError(f"replicas must be a positive integer, got {replicas!r}")
+    if not isinstance(threads_per_stage, int) or threads_per_stage < 0:
+        raise KilnError(f"threads_per_stage must be 0 or more, got {threads_per_stage!r}")
+    if artifacts is not None:
+        if model is not None:
+            raise KilnError("pass a model or artifacts, not both")
+        return _from_artifacts(artifacts, replicas, threads_per_stage, address)
     from kiln.frontend.api import example_tensors, optimize
     from kiln.frontend.trace import trace_module
     from kiln.passes.partition import partition
 
-    if not isinstance(replicas, int) or replicas < 1:
-        raise KilnError(f"replicas must be a positive integer, got {replicas!r}")
-    if not isinstance(threads_per_stage, int) or threads_per_stage < 0:
-        raise KilnError(f"threads_per_stage must be 0 or more, got {threads_per_stage!r}")
     inputs = example_tensors(example_inputs)
     graph, _ = trace_module(model, inputs, frontend)
     graph, _ = optimize(graph, "O1")
     part = partition(graph, stages, memory_limit=memory_limit)
+    first = [(v, part.graphs[0].types[v]) for v in part.graphs[0].inputs]
     return Pipeline(part.graphs, replicas=replicas, backend=backend,
-                    threads_per_stage=threads_per_stage, address=address, partition=part)
+                    threads_per_stage=threads_per_stage, address=address, partition=part,
+                    first_inputs=first)
+
+
+def _from_artifacts(paths: Sequence[str | os.PathLike], replicas: int, threads: int,
+                    address: str | None) -> Pipeline:
+    """A pipeline of exported stages, each checked here (read_image) before any worker
+    loads it; consecutive stages must agree on what passes between them."""
+    from kiln.ir.types import DType, TensorType
+    from kiln.runtime.artifact import read_image
+
+    if not paths:
+        raise KilnError("artifacts is empty", hint="pass the stage files in order")
+    blobs, images = [], []
+    for p in paths:
+        data = Path(p).read_bytes() if not isinstance(p, bytes) else p
+        images.append(read_image(data)[0])
+        blobs.append(data)
+    for k in range(1, len(images)):
+        sent = [(d, tuple(s)) for _, d, s in images[k - 1].outputs]
+        taken = [(d, tuple(s)) for _, d, s in images[k].inputs]
+        if sent != taken:
+            raise KilnError(f"stage {k - 1} sends {sent}, stage {k} takes {taken}",
+                            hint="pass the stage files of one export, in order")
+    first = [(n, TensorType(tuple(s), DType(d))) for n, d, s in images[0].inputs]
+    return Pipeline(blobs, replicas=replicas, backend="llvm", threads_per_stage=threads,
+                    address=address, first_inputs=first)

@@ -86,3 +86,18 @@ def test_wrong_inputs_are_refused_before_reaching_an_actor(cluster) -> None:
     with kiln.pipeline(model, (x,), stages=2) as pipe:
         with pytest.raises(kiln.KilnError, match="expects"):
             pipe(torch.randn(3, 7))
+
+
+def test_stages_export_as_artifacts_and_run_again_from_them(cluster, tmp_path) -> None:
+    model, (x,) = get_model("lenet5")
+    with kiln.pipeline(model, (x,), stages=2) as pipe:
+        paths = pipe.export(tmp_path)
+        want = pipe(x)
+    assert [p.name for p in paths] == ["stage0.kiln", "stage1.kiln"]
+    for p in paths:                      # each stage is an ordinary artifact
+        assert kiln.load(p).inputs
+    with kiln.pipeline(artifacts=paths) as again:
+        np.testing.assert_array_equal(again(x), want)
+        assert again.partition is None
+    with pytest.raises(kiln.KilnError, match="stage 0 sends"):
+        kiln.pipeline(artifacts=paths[::-1])

@@ -177,7 +177,7 @@ def random_inputs(graph: Graph, seed: int = 0) -> list[np.ndarray]:
     """Seeded example inputs of ``graph``'s input types.
 
     Floats are standard normal, bools fair coins; integers are uniform in [0, n) where n is
-    the smallest number of rows of any embedding table they index (through shape ops), so
+    the smallest number of rows of any table they index (embedding, take; through shape ops), so
     token ids are valid, else in [0, 2).
     """
     rng = np.random.default_rng(seed)
@@ -199,7 +199,7 @@ _SHAPE_OPS = ("reshape", "permute", "slice", "expand", "concat", "split", "cast"
 
 
 def _index_bounds(graph: Graph) -> dict[str, int]:
-    """For each graph input, the fewest rows of the embedding tables it indexes."""
+    """For each graph input, the fewest rows of the tables (embedding, take) it indexes."""
     users = graph.users()
     bounds = {}
     for name in graph.inputs:
@@ -209,6 +209,12 @@ def _index_bounds(graph: Graph) -> dict[str, int]:
             for n in users.get(value, []):
                 if n.op == "embedding" and n.inputs[0] == value:
                     rows.append(graph.types[n.inputs[1]].shape[0])
+                elif n.op in ("take", "gather_elements") and value in n.inputs[1:]:
+                    # the axis it indexes (ONNX Gather imports as take)
+                    x = graph.types[n.inputs[0]]
+                    axis = n.attrs.get("axis", 0) % max(x.rank, 1)
+                    rows.append(x.shape[axis + (n.inputs[1:].index(value)
+                                                if n.op == "take" else 0)])
                 elif n.op in _SHAPE_OPS:
                     todo.extend(o for o in n.outputs if o not in seen)
                     seen.update(n.outputs)

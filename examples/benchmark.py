@@ -620,6 +620,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load", type=int, default=0, metavar="N",
                         help="time the zoo with N busy processes running beside it (one per "
                              "core: a loaded server), adding kiln on one thread as a baseline")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="time kiln.compile(dynamic=...) against kiln compiled statically "
+                             "for each size (interleaved), instead of the zoo table")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: batch 1, 3 repeats, 1 warm-up")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write all results here")
@@ -712,9 +715,45 @@ def load_summary(results: Sequence[Result]) -> list[tuple[str, int, float, float
     return out
 
 
+def dynamic_spec(name: str, inputs: tuple) -> dict:
+    """What varies for a zoo model: the batch (and, for token inputs, the sequence)."""
+    if inputs[0].dtype == torch.int64 and inputs[0].dim() == 2:
+        return {0: {0: "batch", 1: "seq"}}
+    return {i: {0: "batch"} for i in range(len(inputs))}
+
+
+def bench_dynamic(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """For each batch: one DynamicModel (compiled once, called at every batch) against kiln
+    compiled statically at that batch; medians of interleaved rounds."""
+    model, inputs = get_model(name, batch=args.batches[0])
+    dyn = kiln.compile(model, inputs, dynamic=dynamic_spec(name, inputs),
+                       **kiln_compile_options(args.threads))
+    rows = []
+    for batch in args.batches:
+        _, x = get_model(name, batch=batch)
+        static = kiln.compile(model, x, **kiln_compile_options(args.threads))
+        dyn(*x)
+        times: dict[str, list[float]] = {"static": [], "dynamic": []}
+        for _ in range(args.repeat):
+            for key, fn in (("static", static), ("dynamic", dyn)):
+                times[key] += time_ms(lambda f=fn, a=x: f(*a), 0, 5)
+        st, dy = statistics.median(times["static"]), statistics.median(times["dynamic"])
+        rows.append({"model": name, "batch": batch, "static_ms": st, "dynamic_ms": dy,
+                     "ratio": dy / st})
+    return rows
+
+
 def run_report(args: argparse.Namespace, info: dict, peak: float, best: float) -> None:
     """The zoo table (or the compression table), the matmul comparison, the JSON report."""
     results: list[Result] = []
+    if args.dynamic:
+        print(f"\ndynamic vs static kiln, {args.repeat} interleaved rounds of 5 calls\n"
+              f"{'model':<24}{'batch':>6}{'static ms':>11}{'dynamic ms':>12}{'ratio':>7}")
+        for name in args.models:
+            for r in bench_dynamic(name, args):
+                print(f"{r['model']:<24}{r['batch']:>6}{r['static_ms']:>11.3f}"
+                      f"{r['dynamic_ms']:>12.3f}{r['ratio']:>7.2f}", flush=True)
+        return
     if args.compression:
         print(f"\nrepeat {args.repeat} after {args.warmup} warm-up\n{COMPRESSION_HEADER}")
         rows = []

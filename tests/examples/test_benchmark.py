@@ -86,3 +86,13 @@ def test_avx2_target_under_load_reports_both_kiln_thread_counts(tmp_path: Path) 
     assert set(rows) == {"eager", "kiln", "kiln 1 thread", "onnxruntime"}
     for row in rows.values():
         assert row["error"] is None and row["max_rel_err"] < 1e-4, row
+
+
+def test_dynamic_benchmark_prints_a_ratio_per_batch() -> None:
+    cmd = [sys.executable, str(SCRIPT), "--dynamic", "--models", "mlp", "--batches", "1", "3",
+           "--repeat", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("mlp ")]
+    assert [int(r[1]) for r in rows] == [1, 3]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)

@@ -11,6 +11,8 @@
     python examples/benchmark.py --target avx2             # AVX2 code (and AVX2-limited
                                                            # PyTorch) on an AVX-512 host
     python examples/benchmark.py --load 2 --batches 1      # beside 2 busy processes
+    python examples/benchmark.py --dynamic --models resnet18_cifar bert --batches 1 8
+                                                           # kiln dynamic= vs static per size
 
 Every runtime gets the same thread count (kiln uses at most that many: each call runs with the
 count measured fastest, see backends/llvm/threads.py). For each model and batch the table gives

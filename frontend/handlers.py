@@ -101,8 +101,15 @@ def _assertion(imp, real, *args, **kwargs):
 
 
 # ---- shape queries (static) ------------------------------------------------------------------
-@on(method("size"), method("dim"), method("numel"), getattr, method("__len__"), len)
+@on(method("size"), method("dim"), method("numel"), method("__len__"), len)
 def _static_query(imp, real, *args, **kwargs):
+    return real
+
+
+@on(getattr)
+def _getattr(imp, real, obj, name, *default):
+    if isinstance(obj, tuple):  # .values / .indices of max, min, topk, sort: traced fields
+        return getattr(obj, name)
     return real
 
 
@@ -285,8 +292,9 @@ def _max_min(imp, real, input, dim=None, keepdim=False, *, other=None):
     if isinstance(dim, (Traced, torch.Tensor)):
         return _binary("maximum" if is_max else "minimum")(imp, real, input, dim)
     if dim is not None:
-        raise imp.error("max/min along a dim returns indices, which kiln does not compute",
-                        hint="use torch.amax / torch.amin")
+        from kiln.frontend.handlers_index import max_min_dim
+
+        return max_min_dim(imp, input, dim, keepdim, is_max)
     return imp.op("reduce_max" if is_max else "reduce_min", [imp.value(input)],
                   {"axes": None, "keepdim": False})
 
@@ -347,19 +355,30 @@ def _padding(imp, padding, weight_shape, stride, dilation, nd):
     if isinstance(padding, str):
         if padding == "valid":
             return (0,) * nd
-        # 'same' with stride 1: total padding dilation*(k-1) per dim, split evenly.
+        # 'same' with stride 1: total padding dilation*(k-1) per dim, split evenly (an odd
+        # total's extra row is padded by _pad_same before the conv).
         totals = [dilation[i] * (weight_shape[2 + i] - 1) for i in range(nd)]
-        if any(t % 2 for t in totals):
-            raise imp.error("padding='same' with an even kernel pads asymmetrically, which "
-                            "kiln's conv does not do", hint="use an odd kernel or F.pad")
         return tuple(t // 2 for t in totals)
     return _ints(padding, nd)
+
+
+def _pad_same(imp, x, weight_shape, dilation, nd):
+    """padding='same' with an odd total (an even kernel): PyTorch pads the extra row at the
+    end, as this explicit pad does; the conv's own padding does the symmetric rest."""
+    totals = [dilation[i] * (weight_shape[2 + i] - 1) for i in range(nd)]
+    if not any(t % 2 for t in totals):
+        return x
+    v = imp.value(x)
+    pads = [0, 0] * (imp.type_of(v).rank - nd) + [p for t in totals for p in (0, t % 2)]
+    return imp.op("pad", [v], {"pads": tuple(pads), "value": 0.0})
 
 
 def _conv(imp, x, weight, bias, stride, padding, dilation, groups):
     w = weight.real if isinstance(weight, Traced) else weight
     nd = w.ndim - 2
     stride, dilation = _ints(stride, nd), _ints(dilation, nd)
+    if padding == "same":
+        x = _pad_same(imp, x, tuple(w.shape), dilation, nd)
     padding = _padding(imp, padding, tuple(w.shape), stride, dilation, nd)
     ins = [imp.value(x), imp.value(weight)] + ([imp.value(bias)] if bias is not None else [])
     return imp.op("conv", ins, {"stride": stride, "padding": padding, "dilation": dilation,
@@ -458,7 +477,8 @@ def _bn_aten(imp, real, input, weight, bias, running_mean, running_var, training
 @on(aten._native_batch_norm_legit_no_training)
 def _bn_legit(imp, real, input, weight, bias, running_mean, running_var, momentum, eps):
     out = _batch_norm(imp, input, running_mean, running_var, weight, bias, eps)
-    return (out, None, None)
+    # Outside training the saved mean and inverse std are empty tensors: constants.
+    return (out, imp.value(real[1]), imp.value(real[2]))
 
 
 @on_module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -792,8 +812,9 @@ def _getitem(imp, real, obj, index):
         return obj[index]  # an element of a tuple of values (split, chunk, batch norm)
     idx = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, (Traced, torch.Tensor, list)) for i in idx):
-        raise imp.error("indexing with a tensor (advanced indexing) is not supported",
-                        hint="use slicing, narrow or embedding")
+        from kiln.frontend.handlers_index import tensor_getitem
+
+        return tensor_getitem(imp, real, obj, idx)
     n_specified = sum(1 for i in idx if i is not None and i is not Ellipsis)
     if Ellipsis in idx:
         e = idx.index(Ellipsis)
@@ -829,3 +850,7 @@ def _pad(imp, real, input, pad, mode="constant", value=None):
         pads[2 * axis], pads[2 * axis + 1] = int(pad[2 * j]), int(pad[2 * j + 1])
     return imp.op("pad", [imp.value(input)], {"pads": tuple(pads),
                                               "value": float(value or 0.0)})
+
+
+# The indexing ops' handlers register themselves in these tables.
+from kiln.frontend import handlers_index  # noqa: E402,F401

@@ -467,6 +467,13 @@ def _div(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     if ctx.type_of(a).dtype.is_float:
         return [ctx.op("div", [a, b])]
     # Integer division (shape arithmetic) truncates toward zero in ONNX; kiln's div is float.
+    dtype = ctx.type_of(a).dtype
+    if not ctx.all_constant() and dtype in (DType.i8, DType.u8):
+        # 8-bit operands are exact in f32, and so is the quotient's integer part: an exact
+        # quotient is exact in f32, and any other is at least 1/255 from an integer, far
+        # more than f32's rounding. The cast back truncates toward zero, as ONNX does.
+        q = ctx.op("div", [ctx.op("cast", [v], {"dtype": "f32"}) for v in (a, b)])
+        return [ctx.op("cast", [q], {"dtype": dtype.value})]
     if not ctx.all_constant():
         computed = a if ctx.const_value(a) is None else b
         raise ctx.unsupported(f"integer Div of computed values: {ctx.runtime_reason(computed)}",
@@ -586,13 +593,17 @@ def _where(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
 
 def _dropout(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     training = ctx.optional(2)
-    if training is not None:
-        flag = ctx.const_value(training)
-        if flag is None or bool(flag.reshape(-1)[0]):
+    if training is not None and bool(ctx.const_input(2, "training_mode").reshape(-1)[0]):
+        # Training drops at random, except at ratio 0 (the default ratio is 0.5).
+        ratio = ctx.const_input(1, "ratio") if ctx.has_input(1) else np.array(0.5)
+        if float(ratio.reshape(-1)[0]) != 0.0:
             raise ctx.unsupported("Dropout in training mode",
                                   hint="export the model in eval() mode")
-    # Inference: dropout is the identity. Its mask output is not computed (see _outputs).
-    return [ctx.input(0)]
+    # Inference: dropout is the identity, and its mask keeps everything.
+    x = ctx.input(0)
+    if len(node.output) < 2 or not node.output[1]:
+        return [x]
+    return [x, ctx.full(ctx.type_of(x).shape, True, np.dtype(bool), "mask")]
 
 
 def _identity(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
@@ -714,18 +725,48 @@ def _conv(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     return [ctx.op("conv", [x, w] + ([bias] if bias else []), attrs)]
 
 
+def _conv_transpose_pads(ctx: ImportContext, sizes: Sequence[int], kernel: Sequence[int],
+                         attrs: dict) -> list[tuple[int, int]]:
+    """(lo, hi) cropping per spatial axis of a transposed convolution: its ``pads``, or the
+    ones ONNX derives from ``output_shape`` or ``auto_pad`` (SAME: output = input * stride);
+    an output_shape beyond the full output raises ``attrs``' output_padding."""
+    nd = len(sizes)
+    auto = ctx.attr("auto_pad", "NOTSET")
+    if not ctx.has_attr("output_shape") and auto in ("NOTSET", ""):
+        pads = ctx.attr("pads", [0] * (2 * nd))
+        return [(int(pads[i]), int(pads[nd + i])) for i in range(nd)]
+    if auto == "VALID":
+        return [(0, 0)] * nd
+    if ctx.has_attr("output_shape"):
+        want = [int(v) for v in ctx.attr("output_shape")][-nd:]
+    else:
+        want = [n * s for n, s in zip(sizes, attrs["stride"])]
+    out = []
+    extra = list(attrs["output_padding"])
+    for i, (n, k, s, d, o) in enumerate(zip(sizes, kernel, attrs["stride"], attrs["dilation"],
+                                            want)):
+        total = s * (n - 1) + extra[i] + (k - 1) * d + 1 - o
+        if total < 0:
+            # An output larger than the full one grows at the end, as output_padding does.
+            extra[i] -= total
+            total = 0
+        small, big = total // 2, total - total // 2
+        # SAME_UPPER puts the odd cell at the end; SAME_LOWER and an output_shape (ONNX and
+        # ONNX Runtime) at the start.
+        out.append((small, big) if auto == "SAME_UPPER" else (big, small))
+    attrs["output_padding"] = tuple(extra)
+    return out
+
+
 def _conv_transpose(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     x, w, bias = ctx.input(0), ctx.input(1), ctx.optional(2)
-    if ctx.has_attr("output_shape") or ctx.attr("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        raise ctx.unsupported("ConvTranspose with output_shape or auto_pad",
-                              hint="export explicit pads and output_padding")
     nd = ctx.type_of(w).rank - 2
-    pads = ctx.attr("pads", [0] * (2 * nd))
-    lo_hi = [(int(pads[i]), int(pads[nd + i])) for i in range(nd)]
     attrs = {"stride": tuple(ctx.attr("strides", [1] * nd)),
              "dilation": tuple(ctx.attr("dilations", [1] * nd)),
              "groups": ctx.attr("group", 1),
              "output_padding": tuple(ctx.attr("output_padding", [0] * nd))}
+    lo_hi = _conv_transpose_pads(ctx, ctx.type_of(x).shape[2:], ctx.type_of(w).shape[2:],
+                                 attrs)
     symmetric = all(lo == hi for lo, hi in lo_hi)
     attrs["padding"] = tuple(lo for lo, _ in lo_hi) if symmetric else (0,) * nd
     y = ctx.op("conv_transpose", [x, w] + ([bias] if bias else []), attrs)
@@ -754,14 +795,36 @@ def _softmax(kiln_op: str) -> ImportFn:
 
 def _batch_norm(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     if ctx.attr("training_mode", 0):
-        raise ctx.unsupported("BatchNormalization in training mode",
-                              hint="export the model in eval() mode")
+        return _batch_norm_training(ctx)
     if ctx.opset < 9 and not ctx.attr("spatial", 1):
         raise ctx.unsupported("BatchNormalization with spatial=0 (statistics per element)",
                               hint="export with spatial=1 (opset 9 and later have no other)")
     x, scale, bias, mean, var = (ctx.input(i) for i in range(5))
     return [ctx.op("batch_norm", [x, mean, var, scale, bias],
                    {"eps": float(ctx.attr("epsilon", 1e-5))})]
+
+
+def _batch_norm_training(ctx: ImportContext) -> list[str]:
+    """BatchNormalization with training_mode=1: normalize with the batch's own statistics
+    (population variance) and return the updated running mean and variance."""
+    x, scale, bias, mean, var = (ctx.input(i) for i in range(5))
+    t = ctx.type_of(x)
+    dt = t.dtype
+    axes = {"axes": (0,) + tuple(range(2, t.rank)), "keepdim": True}
+    column = (1, t.shape[1]) + (1,) * (t.rank - 2)
+    batch_mean = ctx.op("reduce_mean", [x], axes)
+    centered = ctx.op("sub", [x, batch_mean])
+    batch_var = ctx.op("reduce_mean", [ctx.op("mul", [centered, centered])], axes)
+    eps = ctx.scalar(float(ctx.attr("epsilon", 1e-5)), dt, "eps")
+    y = ctx.op("mul", [centered, ctx.op("rsqrt", [ctx.op("add", [batch_var, eps])])])
+    y = ctx.op("add", [ctx.op("mul", [y, ctx.reshape(scale, column)]),
+                       ctx.reshape(bias, column)])
+    momentum = float(ctx.attr("momentum", 0.9))
+    keep, new = ctx.scalar(momentum, dt, "momentum"), ctx.scalar(1 - momentum, dt, "update")
+    running = [ctx.op("add", [ctx.op("mul", [old, keep]),
+                              ctx.op("mul", [ctx.reshape(stat, (t.shape[1],)), new])])
+               for old, stat in ((mean, batch_mean), (var, batch_var))]
+    return [y, *running]
 
 
 def _affine_operand(ctx: ImportContext, v: str, shape: tuple[int, ...]) -> str:
@@ -783,8 +846,21 @@ def _layer_norm(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     shape = t.shape[axis:]
     operands = [x] + [_affine_operand(ctx, v, shape) for v in (ctx.input(1), ctx.optional(2))
                       if v is not None]
-    return [ctx.op("layer_norm", operands, {"normalized_ndim": t.rank - axis,
-                                            "eps": float(ctx.attr("epsilon", 1e-5))})]
+    eps = float(ctx.attr("epsilon", 1e-5))
+    y = ctx.op("layer_norm", operands, {"normalized_ndim": t.rank - axis, "eps": eps})
+    if not any(node.output[1:]):
+        return [y]
+    # The optional Mean and InvStdDev outputs (training graphs save them for the backward
+    # pass), in the stash type: f32, the only one ONNX defines besides bfloat16.
+    if ctx.attr("stash_type", 1) != TensorProto.FLOAT:
+        raise ctx.unsupported("LayerNormalization with a stash_type other than FLOAT")
+    xs = x if t.dtype == DType.f32 else ctx.op("cast", [x], {"dtype": "f32"})
+    axes = {"axes": tuple(range(axis, t.rank)), "keepdim": True}
+    mean = ctx.op("reduce_mean", [xs], axes)
+    centered = ctx.op("sub", [xs, mean])
+    var = ctx.op("reduce_mean", [ctx.op("mul", [centered, centered])], axes)
+    inv_std = ctx.op("rsqrt", [ctx.op("add", [var, ctx.scalar(eps, DType.f32, "eps")])])
+    return [y, mean, inv_std]
 
 
 # ---- pooling ---------------------------------------------------------------------------------
@@ -794,38 +870,48 @@ def _pool_out_sizes(ctx: ImportContext, sizes, kernel, strides, dilations, pads)
     out = []
     for n, k, s, d, (lo, hi) in zip(sizes, kernel, strides, dilations, pads):
         avail = n + lo + hi - d * (k - 1) - 1
-        out.append((-(-avail // s) if ceil else avail // s) + 1)
+        m = (-(-avail // s) if ceil else avail // s) + 1
+        # Under ceil_mode, from opset 22 on (as ONNX's shape inference has it), the last
+        # window must start inside the input or its left padding, as in PyTorch: one starting
+        # in the right padding would pool nothing but padding. Older opsets keep it.
+        if ceil and ctx.opset >= 22 and (m - 1) * s >= n + lo:
+            m -= 1
+        out.append(m)
     return out
 
 
-def _pool(ctx: ImportContext, kind: str) -> str:
-    """MaxPool / AveragePool.
+def _pool(ctx: ImportContext, kind: str, x: str | None = None,
+          count_pad: bool | None = None) -> str:
+    """MaxPool / AveragePool of ``x`` (the node's operand 0 by default; ``count_pad``
+    overrides the node's count_include_pad).
 
     Symmetric padding whose output size kiln (PyTorch's rules) computes the same as ONNX maps
     straight to kiln's pool. Otherwise (asymmetric or auto padding, or a ceil-mode window that
     ONNX keeps and PyTorch drops) the input is padded explicitly to exactly the extent ONNX's
     windows cover and pooled without padding: with -inf for max; for average, zeros and a
-    constant per-window divisor for the cells ONNX counts.
+    constant per-window divisor for the cells ONNX counts. A dilated average (kiln's avg_pool
+    has no dilation) is a depthwise convolution with weights 1 / window size.
     """
-    x = ctx.input(0)
+    x = ctx.input(0) if x is None else x
     t = ctx.type_of(x)
     kernel = [int(k) for k in ctx.attr("kernel_shape")]
     nd = len(kernel)
     if t.rank != nd + 2:
         raise ctx.error(f"{nd}-d pooling of a rank-{t.rank} input")
     strides, dilations, pads = _window(ctx, x, kernel)
-    if kind == "avg_pool" and any(d != 1 for d in dilations):
-        raise ctx.unsupported("AveragePool with dilations")
+    dilated = any(d != 1 for d in dilations)
     sizes = t.shape[2:]
     out = _pool_out_sizes(ctx, sizes, kernel, strides, dilations, pads)
     ceil = bool(ctx.attr("ceil_mode", 0))
-    count_pad = bool(ctx.attr("count_include_pad", 0))
+    if count_pad is None:
+        count_pad = bool(ctx.attr("count_include_pad", 0))
     attrs: dict[str, Any] = {"kernel": tuple(kernel), "stride": tuple(strides)}
     if kind == "max_pool":
         attrs["dilation"] = tuple(dilations)
     else:
         attrs["count_include_pad"] = count_pad
-    if all(lo == hi and 2 * lo <= k for (lo, hi), k in zip(pads, kernel)):
+    if not (kind == "avg_pool" and dilated) and all(
+            lo == hi and 2 * lo <= k for (lo, hi), k in zip(pads, kernel)):
         direct = {**attrs, "padding": tuple(lo for lo, _ in pads), "ceil_mode": ceil}
         want = TensorType(t.shape[:2] + tuple(out), t.dtype)
         try:
@@ -841,20 +927,26 @@ def _pool(ctx: ImportContext, kind: str) -> str:
         xp = _pad_spatial(ctx, x, explicit, -math.inf)
         return ctx.op(kind, [xp], {**attrs, "padding": 0, "ceil_mode": False})
     xp = _pad_spatial(ctx, x, explicit, 0.0)
-    mean = ctx.op(kind, [xp], {**attrs, "padding": 0, "ceil_mode": False,
-                               "count_include_pad": True})
+    dt = t.dtype.numpy
+    if dilated:
+        ones = np.full((t.shape[1], 1, *kernel), 1 / math.prod(kernel), dt)
+        mean = ctx.op("conv", [xp, ctx.constant(ones, "window")],
+                      {"stride": tuple(strides), "dilation": tuple(dilations),
+                       "groups": t.shape[1]})
+    else:
+        mean = ctx.op(kind, [xp], {**attrs, "padding": 0, "ceil_mode": False,
+                                   "count_include_pad": True})
     # Divisor per window: the cells inside the input, plus the declared pads when ONNX
     # counts them (never the extra cells a ceil-mode window hangs over). Those cells are a
     # box, so a window's count is the product of its overlaps with the box along each axis.
     counts = []
-    for i, (n, (lo, _), k, s, m) in enumerate(zip(sizes, explicit, kernel, strides, out)):
+    for i, (n, (lo, _), k, s, d, m) in enumerate(zip(sizes, explicit, kernel, strides,
+                                                     dilations, out)):
         first, end = (0, lo + n + pads[i][1]) if count_pad else (lo, lo + n)
-        starts = np.arange(m) * s
-        overlap = np.minimum(starts + k, end) - np.maximum(starts, first)
-        counts.append(np.maximum(overlap, 0).astype(np.float64))
+        cells = (np.arange(m) * s)[:, None] + np.arange(k) * d  # each window's cells
+        counts.append(((cells >= first) & (cells < end)).sum(axis=1).astype(np.float64))
     if any(np.any(c == 0) for c in counts):
         raise ctx.unsupported("AveragePool with a window that covers no counted cell")
-    dt = t.dtype.numpy
     if math.prod(out) * dt.itemsize <= FOLD_LIMIT_BYTES:
         factor = (math.prod(kernel) / functools.reduce(np.multiply.outer, counts)).astype(dt)
         return ctx.op("mul", [mean, ctx.constant(factor.reshape((1, 1) + factor.shape),
@@ -869,7 +961,16 @@ def _pool(ctx: ImportContext, kind: str) -> str:
 def _max_pool(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     if ctx.attr("storage_order", 0):
         raise ctx.unsupported("MaxPool with storage_order=1")
-    return [_pool(ctx, "max_pool")]
+    dtype = ctx.in_type(0).dtype
+    if dtype.is_float:
+        return [_pool(ctx, "max_pool")]
+    if dtype not in (DType.u8, DType.i8):
+        raise ctx.unsupported(f"MaxPool of a {dtype} tensor",
+                              hint="kiln pools float, int8 and uint8 tensors: cast to f32")
+    # kiln pools floats; every int8 / uint8 value is exact in f32, and a maximum is one of
+    # its window's values, so pooling the f32 copy and casting back is exact.
+    y = _pool(ctx, "max_pool", ctx.op("cast", [ctx.input(0)], {"dtype": "f32"}))
+    return [ctx.op("cast", [y], {"dtype": dtype.value})]
 
 
 def _avg_pool(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
@@ -900,7 +1001,26 @@ def _reduce(kiln_op: str) -> ImportFn:
                 return [x]
             axes = list(range(rank))
         axes = sorted({_axis(ctx, a, rank) for a in axes})
-        return [ctx.op(kiln_op, [x], {"axes": tuple(axes), "keepdim": keep})]
+        t = ctx.type_of(x)
+        if kiln_op in ("reduce_max", "reduce_min") and any(t.shape[a] == 0 for a in axes):
+            # ONNX: the max (min) of nothing is the identity of max (min): the type's lowest
+            # (highest) value, -inf (inf) for floats.
+            shape = [1 if i in axes else d for i, d in enumerate(t.shape)]
+            shape = shape if keep else [d for i, d in enumerate(shape) if i not in axes]
+            low = kiln_op == "reduce_max"
+            if t.dtype.is_float:
+                value = -np.inf if low else np.inf
+            elif t.dtype == DType.bool:
+                value = not low
+            else:
+                value = getattr(np.iinfo(t.dtype.numpy), "min" if low else "max")
+            return [ctx.full(shape, value, t.dtype.numpy)]
+        attrs = {"axes": tuple(axes), "keepdim": keep}
+        if t.dtype == DType.bool and kiln_op in ("reduce_max", "reduce_min"):
+            # Max / min of bools is any / all: reduce 0 / 1 bytes.
+            y = ctx.op(kiln_op, [ctx.op("cast", [x], {"dtype": "u8"})], attrs)
+            return [ctx.op("cast", [y], {"dtype": "bool"})]
+        return [ctx.op(kiln_op, [x], attrs)]
 
     return imp
 
@@ -1052,8 +1172,7 @@ def _slice(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
 
 
 def _gather(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
-    """Gather: constant indices pick slices; computed indices into a table are an embedding
-    (other axes are moved to the front first)."""
+    """Gather: constant indices pick slices; many or computed indices are a kiln take."""
     data, idx = ctx.input(0), ctx.input(1)
     t, it = ctx.type_of(data), ctx.type_of(idx)
     axis = _axis(ctx, ctx.attr("axis", 0), t.rank)
@@ -1080,23 +1199,8 @@ def _gather(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
             y = pieces[0] if len(pieces) == 1 else ctx.op("concat", pieces, {"axis": axis})
             return [ctx.reshape(y, out_shape)]
         idx = ctx.constant(indices, "indices")
-    # Computed indices: rows of a [n, rest] table.
-    rest = t.shape[:axis] + t.shape[axis + 1:]
-    perm = (axis,) + tuple(i for i in range(t.rank) if i != axis)
-    if table is not None and t.rank == 2 and axis == 0:
-        rows = data
-    elif table is not None:
-        rows = ctx.constant(np.transpose(table, perm).reshape(n, -1), "table")
-    else:
-        moved = data if axis == 0 else ctx.op("permute", [data], {"perm": perm})
-        rows = ctx.reshape(moved, (n, math.prod(rest)))
-    y = ctx.reshape(ctx.op("embedding", [idx, rows]), it.shape + rest)
-    if axis:
-        q = it.rank
-        back = tuple(range(q, q + axis)) + tuple(range(q)) + tuple(range(q + axis, len(
-            out_shape)))
-        y = ctx.op("permute", [y], {"perm": back})
-    return [y]
+    # Computed indices: negative ones count from the end; one out of range is a KilnError.
+    return [ctx.op("take", [data, idx], {"axis": axis, "wrap": True})]
 
 
 def _expand(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
@@ -1250,6 +1354,45 @@ def _mod(ctx: ImportContext, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # ---- quantization ----------------------------------------------------------------------------
+# ---- rounding and logic at run time ----------------------------------------------------------
+def _floor_ceil(up: bool) -> ImportFn:
+    """Floor / Ceil from round: the nearest integer r is one off exactly where r > x (floor)
+    or r < x (ceil); every float beyond 2**23 is already an integer, and NaN and inf pass
+    through round unchanged and compare false."""
+
+    def imp(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+        x = ctx.input(0)
+        dtype = ctx.type_of(x).dtype
+        r = ctx.op("round", [x])
+        off = ctx.op("cast", [ctx.op("lt" if up else "gt", [r, x])], {"dtype": dtype.value})
+        return [ctx.op("add" if up else "sub", [r, off])]
+
+    return imp
+
+
+def _logical(kind: str) -> ImportFn:
+    """And / Or / Xor of bool tensors (broadcasting): a where-select, or inequality."""
+
+    def imp(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+        a, b = ctx.input(0), ctx.input(1)
+        if kind == "xor":
+            return [ctx.op("ne", [a, b])]
+        fixed = ctx.scalar(kind == "or", DType.bool, kind)
+        return [ctx.op("where", [a, fixed, b] if kind == "or" else [a, b, fixed])]
+
+    return imp
+
+
+def _cast_like(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    """CastLike: Cast to operand 1's element type (a DOUBLE constant was read as f32, as a
+    Cast to DOUBLE is)."""
+    x, to = ctx.input(0), ctx.in_type(1).dtype
+    array = ctx.const_value(x)
+    if array is not None:  # only operand 1's type is read: a constant stays one
+        return [ctx.constant(array.astype(to.numpy), "cast")]
+    return [x if ctx.type_of(x).dtype == to else ctx.op("cast", [x], {"dtype": to.value})]
+
+
 def _qparams(ctx: ImportContext, quantize: bool) -> tuple[np.ndarray, np.ndarray, int | None]:
     """Scale and zero point as arrays, and the axis when they are per channel (else None)."""
     if ctx.attr("block_size", 0):
@@ -1393,12 +1536,14 @@ ONNX_IMPORT: dict[str, ImportFn] = {
     "Constant": _constant,
     "ConstantOfShape": _constant_of_shape,
     "Range": _range,
-    "Floor": _constant_only(lambda ctx, a: np.floor(a), "floor"),
-    "Ceil": _constant_only(lambda ctx, a: np.ceil(a), "ceil"),
+    "Floor": _floor_ceil(up=False),
+    "Ceil": _floor_ceil(up=True),
     "Round": _unary("round"),
     "Mod": _constant_only(_mod, "modulo"),
-    "And": _constant_only(lambda ctx, a, b: np.logical_and(a, b), "logical and"),
-    "Or": _constant_only(lambda ctx, a, b: np.logical_or(a, b), "logical or"),
+    "And": _logical("and"),
+    "Or": _logical("or"),
+    "Xor": _logical("xor"),
+    "CastLike": _cast_like,
     # quantization
     "QuantizeLinear": _quantize_linear,
     "DequantizeLinear": _dequantize_linear,
@@ -1676,6 +1821,11 @@ class _OnnxImporter:
             raise KilnError("the ONNX model has sparse initializers",
                             hint="store the weights as dense tensors")
         self._check_value_sizes()
+        for vi in g.output:
+            if vi.type.tensor_type.elem_type == TensorProto.DOUBLE:
+                # kiln reads DOUBLE constants and casts as f32; an output must keep its type.
+                raise KilnError(f"graph output {vi.name!r} is DOUBLE, and kiln computes f32",
+                                hint="export the model with FLOAT outputs")
         for init in g.initializer:
             what = f"initializer {init.name!r}"
             array = kiln_array(_tensor_array(init, what, self.ctx.limit), what)
@@ -1722,7 +1872,8 @@ class _OnnxImporter:
         ctx.begin(node)
         fn = ONNX_IMPORT.get(node.op_type)
         if fn is None:
-            raise ctx.unsupported(f"kiln cannot import ONNX op {node.op_type}")
+            self._import_function(node)
+            return
         graph = self.b.graph
         start = len(graph.nodes)
         # Operands all known while importing (or too large to be): fold what fits.
@@ -1754,6 +1905,28 @@ class _OnnxImporter:
                 continue
             self.values[out] = results[k]
             self._check_type(out, results[k])
+
+    def _import_function(self, node: onnx.NodeProto) -> None:
+        """Import an op kiln has no importer for through the ONNX function defining it (see
+        ``onnx_import_extra.function_body``), its nodes read at the body's opset."""
+        ctx = self.ctx
+        expanded = onnx_import_extra.function_body(ctx, node)
+        if expanded is None:
+            raise ctx.unsupported(f"kiln cannot import ONNX op {node.op_type}")
+        body, opset = expanded
+        self.used.update(v for inner in body for v in inner.input)
+        outer = ctx.opset
+        ctx.opset = opset
+        try:
+            for inner in body:
+                self._import_node(inner)
+        finally:
+            ctx.opset = outer
+        for out in node.output:
+            if out and out in self.used and out not in self.values:
+                ctx.begin(node)
+                raise ctx.unsupported(f"output {out!r} of {node.op_type}, which its ONNX "
+                                      "function does not compute")
 
     def _locate(self, e: KilnError) -> KilnError:
         """Name the ONNX node in an error raised while importing it."""
@@ -1869,3 +2042,8 @@ def import_onnx(path_or_model: str | os.PathLike | onnx.ModelProto, *,
     _fix_input_shapes(model, input_shapes, inputs)
     model = _check_and_infer(model)
     return _OnnxImporter(model, name, limit).run()
+
+
+# The indexing ops' importers (onnx_import_index) and the ops imported as decompositions into
+# existing kiln ops (onnx_import_extra) add themselves to ONNX_IMPORT.
+from kiln.frontend import onnx_import_extra, onnx_import_index  # noqa: E402,F401

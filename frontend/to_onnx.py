@@ -86,7 +86,9 @@ class OnnxEmitter:
     def const(self, array: np.ndarray, hint: str = "const") -> str:
         """A new initializer holding ``array``; returns its name."""
         name = self.fresh(f"{self._node_name}/{hint}")
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # np.ascontiguousarray makes a 0-d array 1-d; the reshape keeps scalars rank 0.
+        array = np.ascontiguousarray(array).reshape(np.shape(array))
+        self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def ints(self, values: Sequence[int], hint: str = "ints") -> str:
@@ -515,7 +517,88 @@ def _dynamic_qlinear(e: OnnxEmitter, node: Node) -> None:
         e.op("Add", [y, node.inputs[3]], node.outputs[0])
 
 
+# ---- indexing (kiln.ir.ops.index) ------------------------------------------------------------
+def _take(e: OnnxEmitter, node: Node) -> None:
+    x, *inds = node.inputs
+    out = node.outputs[0]
+    xt = e.type_of(x)
+    axis = node.attrs["axis"] % xt.rank
+    if len(inds) == 1:
+        e.op("Gather", [x, inds[0]], out, axis=axis)
+        return
+    # Several index tensors: one flat index into the indexed dims merged into one.
+    dims = xt.shape[axis:axis + len(inds)]
+    flat = None
+    for k, (i, n) in enumerate(zip(inds, dims)):
+        dt = e.type_of(i).dtype
+        i = e.op("Where", [e.op("Less", [i, e.scalar(0, dt)]),
+                           e.op("Add", [i, e.scalar(n, dt)]), i])
+        i = e.op("Cast", [i], to=onnx.TensorProto.INT64)
+        stride = math.prod(dims[k + 1:])
+        if stride != 1:
+            i = e.op("Mul", [i, e.scalar(stride, DType.i64)])
+        flat = i if flat is None else e.op("Add", [flat, i])
+    merged = xt.shape[:axis] + (math.prod(dims),) + xt.shape[axis + len(inds):]
+    e.op("Gather", [e.op("Reshape", [x, e.ints(merged, "shape")]), flat], out, axis=axis)
+
+
+def _argmax_argmin(e: OnnxEmitter, node: Node) -> None:
+    x, out = node.inputs[0], node.outputs[0]
+    xt = e.type_of(x)
+    op_type = "ArgMax" if node.op == "argmax" else "ArgMin"
+    if node.attrs["axis"] is None or xt.rank == 0:
+        flat = e.op("Reshape", [x, e.ints([-1], "flat")])
+        y = e.op(op_type, [flat], axis=0, keepdims=0)
+        e.op("Reshape", [y, e.ints(e.type_of(out).shape, "shape")], out)
+        return
+    e.op(op_type, [x], out, axis=node.attrs["axis"] % xt.rank,
+         keepdims=int(node.attrs["keepdim"]))
+
+
+def _topk(e: OnnxEmitter, node: Node) -> None:
+    a = node.attrs
+    x = node.inputs[0]
+    values = e.fresh(f"{node.name}/values")
+    e.op_multi("TopK", [x, e.ints([a["k"]], "k")], [values, node.outputs[0]],
+               axis=a["axis"] % e.type_of(x).rank, largest=int(a["largest"]), sorted=1)
+
+
+def _cumsum(e: OnnxEmitter, node: Node) -> None:
+    a = node.attrs
+    x, out = node.inputs[0], node.outputs[0]
+    if e.type_of(x).rank == 0:
+        e.op("Identity" if not a["exclusive"] else "Sub", [x] if not a["exclusive"] else [x, x],
+             out)
+        return
+    e.op("CumSum", [x, e.scalar(a["axis"], DType.i64, "axis")], out,
+         exclusive=int(a["exclusive"]), reverse=int(a["reverse"]))
+
+
+def _resize(e: OnnxEmitter, node: Node) -> None:
+    a = node.attrs
+    x, out = node.inputs[0], node.outputs[0]
+    xt = e.type_of(x)
+    lead = xt.rank - len(a["sizes"])
+    attrs = {"mode": a["mode"], "coordinate_transformation_mode": a["coordinate"],
+             "nearest_mode": a["nearest"], "cubic_coeff_a": a["cubic_a"]}
+    if a["scales"] is not None:
+        scales = np.asarray([1.0] * lead + list(a["scales"]), np.float32)
+        e.op("Resize", [x, "", e.const(scales, "scales")], out, **attrs)
+    else:
+        e.op("Resize", [x, "", "", e.ints(xt.shape[:lead] + tuple(a["sizes"]), "sizes")], out,
+             **attrs)
+
+
 ONNX_IMPL: dict[str, Emit] = {
+    "take": _take,
+    "gather_elements": lambda e, node: e.op("GatherElements", node.inputs, node.outputs[0],
+                                            axis=node.attrs["axis"] % max(
+                                                e.type_of(node.inputs[0]).rank, 1)),
+    "argmax": _argmax_argmin,
+    "argmin": _argmax_argmin,
+    "topk": _topk,
+    "cumsum": _cumsum,
+    "resize": _resize,
     "embedding": lambda e, node: e.op("Gather", node.inputs[::-1], node.outputs[0], axis=0),
     "matmul": _simple("MatMul"),
     "linear": _linear,
@@ -636,7 +719,7 @@ def graph_to_onnx(g: Graph, opset: int = MIN_OPSET) -> onnx.ModelProto:
         outputs.append(name)
     # Only the constants some ONNX node reads (linear may have read a transposed copy instead).
     read = {i for n in e.nodes for i in n.input}
-    e.initializers[:0] = [numpy_helper.from_array(np.ascontiguousarray(a), name)
+    e.initializers[:0] = [numpy_helper.from_array(np.ascontiguousarray(a).reshape(a.shape), name)
                           for name, a in g.constants.items() if name in read]
 
     graph = helper.make_graph(

@@ -20,7 +20,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from kiln.backends.reference import check_inputs
-from kiln.ir import DType, Graph, UnsupportedOpError
+from kiln.ir import DType, Graph, UnsupportedOpError, get_op
 
 TORCH_DTYPE: dict[DType, torch.dtype] = {
     DType.f32: torch.float32,
@@ -261,7 +261,79 @@ def _dynamic_qlinear(x, weight, scale, bias=None):
     return y + bias.to(torch.float32) if bias is not None else y
 
 
+# ---- indexing (kiln.ir.ops.index) ------------------------------------------------------------
+def _positions(idx, n: int, wrap: bool):
+    """Index tensor ``idx`` as non-negative int64 positions in an axis of ``n``; an IndexError
+    for one outside [-n, n) (``wrap``) or [0, n), as PyTorch raises."""
+    idx = idx.long()
+    lo = -n if wrap else 0
+    if bool(((idx < lo) | (idx >= n)).any()):
+        raise IndexError(f"index out of range [{lo}, {n})")
+    return torch.where(idx < 0, idx + n, idx)
+
+
+def _take(x, *inds, axis, wrap):
+    axis = axis % x.dim()
+    pos = [_positions(i, x.shape[axis + k], wrap) for k, i in enumerate(inds)]
+    return x[(slice(None),) * axis + tuple(pos)]
+
+
+def _gather_elements(x, idx, *, axis, wrap):
+    if x.dim() == 0:
+        _positions(idx, 1, wrap)
+        return x.clone()
+    axis = axis % x.dim()
+    return torch.gather(x, axis, _positions(idx, x.shape[axis], wrap))
+
+
+def _arg(fn):
+    def impl(x, *, axis, keepdim):
+        if axis is None:
+            out = fn(x.reshape(-1))
+            return out.reshape((1,) * x.dim()) if keepdim else out
+        return fn(x, dim=axis, keepdim=keepdim)
+
+    return impl
+
+
+def _topk(x, *, k, axis, largest):
+    order = torch.sort(x, dim=axis, descending=largest, stable=True).indices
+    return order.narrow(axis % x.dim(), 0, k)
+
+
+def _cumsum(x, *, axis, exclusive, reverse):
+    if x.dim() == 0:
+        return torch.zeros_like(x) if exclusive else x.clone()
+    y = x.flip(axis) if reverse else x
+    s = torch.cumsum(y, axis, dtype=x.dtype)
+    s = s - y if exclusive else s
+    return s.flip(axis) if reverse else s
+
+
+def _resize(x, *, sizes, scales, mode, coordinate, nearest, cubic_a):
+    resize_taps = get_op("resize").extra["taps"]
+    lead = x.dim() - len(sizes)
+    y = x
+    for k, n_out in enumerate(sizes):
+        axis = lead + k
+        idx, w = resize_taps(y.shape[axis], n_out, None if scales is None else scales[k], mode,
+                             coordinate, nearest, cubic_a)
+        picked = y.index_select(axis, torch.from_numpy(idx.reshape(-1)))
+        picked = picked.reshape(y.shape[:axis] + idx.shape + y.shape[axis + 1:])
+        weights = torch.from_numpy(w).to(x.dtype).reshape(
+            (1,) * axis + w.shape + (1,) * (y.dim() - axis - 1))
+        y = (picked * weights).sum(axis + 1)
+    return y
+
+
 TORCH_IMPL: dict[str, Callable] = {
+    "take": _take,
+    "gather_elements": _gather_elements,
+    "argmax": _arg(torch.argmax),
+    "argmin": _arg(torch.argmin),
+    "topk": _topk,
+    "cumsum": _cumsum,
+    "resize": _resize,
     "embedding": F.embedding,
     "matmul": torch.matmul,
     "linear": F.linear,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import traceback
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx
 
+from kiln.frontend import handlers_coverage
 from kiln.frontend.handlers import HANDLERS, MODULE_HANDLERS, target_key
 from kiln.frontend.importer import Importer
 from kiln.ir import Graph, KilnError
@@ -36,6 +39,39 @@ class _SourceTracer(torch.fx.Tracer):
 _SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
 
 
+def _call_graph(model: torch.nn.Module, n_inputs: int, name: str) -> torch.fx.GraphModule:
+    """A graph that calls ``model`` once: for a built-in module (nn.BatchNorm1d, nn.LSTM ...)
+    that is the whole model, which kiln's module table translates; tracing its forward()
+    instead would stop at its input checks (Python control flow on the traced tensor)."""
+    root = torch.nn.Module()
+    root.model = model
+    graph = torch.fx.Graph()
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in params[:n_inputs]]
+    names += [f"input_{i}" for i in range(len(names), n_inputs)]
+    args = tuple(graph.placeholder(n) for n in names)
+    graph.output(graph.call_module("model", args))
+    return torch.fx.GraphModule(root, graph, name)
+
+
+class FrontendFallbackWarning(UserWarning):
+    """The default frontend (fx) could not trace the model; torch.export compiled it."""
+
+
+def _resolve_by_name(gm: torch.fx.GraphModule) -> None:
+    """Add the handlers of functions from packages kiln does not import (torchvision's
+    stochastic_depth) to the handler table, found by their qualified name."""
+    for node in gm.graph.nodes:
+        t = node.target
+        if node.op != "call_function" or not callable(t) or t in HANDLERS:
+            continue
+        name = f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', '')}"
+        handler = handlers_coverage.HANDLERS_BY_NAME.get(name)
+        if handler is not None:
+            HANDLERS[t] = handler
+
+
 def import_graph_module(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                         name: str = "graph",
                         static_inputs: frozenset[int] = frozenset()) -> tuple[Graph, Any]:
@@ -44,37 +80,70 @@ def import_graph_module(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     Returns the kiln Graph and the pytree spec that rebuilds the module's output structure.
     Inputs whose index is in ``static_inputs`` are bound as constants.
     """
+    _resolve_by_name(gm)
+    # In-place ops (x.relu_()) run on the real tensors while importing: on copies, so that the
+    # caller's inputs stay as given.
+    inputs = [x.clone() if isinstance(x, torch.Tensor) and i not in static_inputs else x
+              for i, x in enumerate(example_inputs)]
     importer = Importer(gm, name, HANDLERS, MODULE_HANDLERS, target_key)
-    return importer.run(example_inputs, static_inputs)
+    return importer.run(inputs, static_inputs)
+
+
+def _trace_fx(model: torch.nn.Module, n_inputs: int, name: str) -> torch.fx.GraphModule:
+    tracer = _SourceTracer()
+    if tracer.is_leaf_module(model, ""):
+        return _call_graph(model, n_inputs, name)
+    graph = tracer.trace(model)
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _export(model: torch.nn.Module, example_inputs: Sequence[Any], name: str,
+            fx_error: Exception | None = None) -> tuple[Graph, Any]:
+    try:
+        # An empty decomposition table only functionalizes: in-place ops (relu_, add_) become
+        # their functional forms and views become copies; every other op stays as it was.
+        ep = torch.export.export(model, tuple(example_inputs)).run_decompositions({})
+    except Exception as e:
+        if fx_error is not None:
+            raise KilnError(f"neither torch.fx nor torch.export could trace {name}: "
+                            f"torch.fx: {type(fx_error).__name__}: {fx_error}; torch.export: "
+                            f"{type(e).__name__}: {e}",
+                            hint="remove data-dependent control flow from forward()") from e
+        raise KilnError(f"torch.export could not export {name}: {type(e).__name__}: {e}",
+                        hint="try frontend='fx'") from e
+    graph, _ = import_graph_module(ep.module(), example_inputs, name)
+    # The unlifted module's output node holds a flat tuple; the user's structure is here.
+    return graph, ep.call_spec.out_spec
 
 
 def trace_module(model: torch.nn.Module, example_inputs: Sequence[Any],
                  frontend: str = "fx") -> tuple[Graph, Any]:
-    """Trace ``model`` with torch.fx.symbolic_trace (``fx``) or torch.export (``export``)."""
+    """Trace ``model`` with torch.fx.symbolic_trace (``fx``) or torch.export (``export``).
+
+    When fx cannot trace the model (data-dependent control flow, HuggingFace models' argument
+    handling), ``fx`` falls back to torch.export and says so with a FrontendFallbackWarning.
+    The graph's ``frontend`` attribute names the frontend that made it.
+    """
     if not isinstance(model, torch.nn.Module):
         raise KilnError(f"kiln compiles torch.nn.Module objects, got {type(model).__name__}")
     if model.training:
         raise KilnError(f"{type(model).__name__} is in training mode",
                         hint="call model.eval() before compiling for inference")
-    name = type(model).__name__
-    if frontend == "fx":
-        tracer = _SourceTracer()
-        try:
-            graph = tracer.trace(model)
-        except Exception as e:
-            raise KilnError(f"torch.fx could not trace {name}: {type(e).__name__}: {e}",
-                            hint="try frontend='export', or remove data-dependent control "
-                                 "flow from forward()") from e
-        gm = torch.fx.GraphModule(tracer.root, graph, name)
-    elif frontend == "export":
-        try:
-            ep = torch.export.export(model, tuple(example_inputs))
-        except Exception as e:
-            raise KilnError(f"torch.export could not export {name}: {type(e).__name__}: {e}",
-                            hint="try frontend='fx'") from e
-        graph, _ = import_graph_module(ep.module(), example_inputs, name)
-        # The unlifted module's output node holds a flat tuple; the user's structure is here.
-        return graph, ep.call_spec.out_spec
-    else:
+    if frontend not in FRONTENDS:
         raise KilnError(f"unknown frontend {frontend!r}", hint=f"choose one of {FRONTENDS}")
-    return import_graph_module(gm, example_inputs, name)
+    name = type(model).__name__
+    if frontend == "export":
+        result = _export(model, example_inputs, name)
+    else:
+        try:
+            gm = _trace_fx(model, len(example_inputs), name)
+        except Exception as e:
+            warnings.warn(f"torch.fx could not trace {name} ({type(e).__name__}: {e}); "
+                          "compiling it with frontend='export'", FrontendFallbackWarning,
+                          stacklevel=3)
+            frontend = "export"
+            result = _export(model, example_inputs, name, fx_error=e)
+        else:
+            result = import_graph_module(gm, example_inputs, name)
+    result[0].frontend = frontend
+    return result

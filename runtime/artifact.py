@@ -193,7 +193,7 @@ def _program_image(fields: dict, blobs: dict[str, bytes], prefix: str, target: d
     for c in raw_checks:
         _check.want(isinstance(c, list) and len(c) == 3 and _check.is_int(c[0])
                     and 0 <= c[0] < len(inputs) and inputs[c[0]][1] in ("i32", "i64")
-                    and _check.is_int(c[1]) and c[1] >= 0 and isinstance(c[2], str),
+                    and _check.is_int(c[1]) and isinstance(c[2], str),
                     f"index check {str(c)[:80]} is malformed")
         index_checks.append((c[0], c[1], c[2][:256]))
     image = ProgramImage(

@@ -29,6 +29,7 @@ from kiln.backends.llvm.objcheck import (
 from kiln.backends.llvm.threads import ThreadChooser
 from kiln.ir import DType, Graph, KilnError, verify
 from kiln.ir.kernel import Kernel, structure_key
+from kiln.ir.ops.index import index_operands
 from kiln.passes.lower import LoweredGraph, lower_graph
 from kiln.passes.memory_plan import MemoryPlan, plan_memory  # noqa: F401
 from kiln.passes.target import Target, host_caches, target_from_env
@@ -286,13 +287,16 @@ class CompiledProgram:
             state = self._call_state()
         for i, rows, node in self.image.index_checks:
             ids = arrays[i]
-            if ids.size and (ids.min() < 0 or ids.max() >= rows):
+            # rows < 0: the ops reading this input count negative indices from the end.
+            lo, hi = (rows, -rows) if rows < 0 else (0, rows)
+            if ids.size and (ids.min() < lo or ids.max() >= hi):
                 self._free.append(state)
-                bad = ids[(ids < 0) | (ids >= rows)].flat[0]
-                raise KilnError(f"input %{self.image.inputs[i][0]} holds index {bad}, outside "
-                                f"[0, {rows}) of the table it selects from",
-                                node=node, op="embedding",
-                                hint="check the token ids fed to the model")
+                bad = ids[(ids < lo) | (ids >= hi)].flat[0]
+                raise KilnError(f"input %{self.image.inputs[i][0]} holds index {bad}, out of "
+                                f"range [{lo}, {hi}) of the axis it selects from",
+                                node=node.partition(":")[2] or node,
+                                op=node.partition(":")[0] if ":" in node else "embedding",
+                                hint="check the indices (token ids) fed to the model")
         try:
             for i, a in enumerate(arrays):
                 state.inputs[i] = a.ctypes.data
@@ -508,23 +512,32 @@ _SAME_VALUES = ("reshape", "permute", "expand", "flatten", "squeeze", "unsqueeze
 
 
 def _index_checks(graph: Graph) -> list[tuple[int, int, str]]:
-    """(input index, table rows, node) for every embedding whose indices are a graph input,
-    directly or through ops that only move values (or an integer cast)."""
+    """(input index, rows, "op:node") for every input that indexes an axis of ``rows``
+    entries (embedding, take, gather_elements), directly or through ops that only move
+    values (or an integer cast). ``rows`` is negative where every op reading the input counts
+    negative indices from the end (allowed: [rows, -rows)); one check per input, the
+    narrowest range of its uses."""
     producers = graph.producers()
-    checks = {}
+    checks: dict[int, tuple[int, int, str]] = {}
     for node in graph.nodes:
-        if node.op != "embedding":
-            continue
-        v = node.inputs[0]
-        while v in producers and (producers[v].op in _SAME_VALUES or (
-                producers[v].op == "cast"
-                and not graph.types[producers[v].inputs[0]].dtype.is_float)):
-            v = producers[v].inputs[0]
-        if v in graph.inputs:
-            rows = graph.types[node.inputs[1]].shape[0]
+        for operand, size, wrap in index_operands(node, graph.types):
+            v = operand
+            while v in producers and (producers[v].op in _SAME_VALUES or (
+                    producers[v].op == "cast"
+                    and not graph.types[producers[v].inputs[0]].dtype.is_float)):
+                v = producers[v].inputs[0]
+            if v not in graph.inputs:
+                continue
             i = graph.inputs.index(v)
-            if i not in checks or checks[i][1] > rows:
-                checks[i] = (i, rows, node.name)
+            rows = -size if wrap else size
+            if i in checks:
+                old = checks[i][1]
+                # The intersection of [lo, hi) ranges: negative only if both allow it.
+                n = min(abs(old), size)
+                rows = -n if (old < 0 and wrap) else n
+                if rows == old:
+                    continue
+            checks[i] = (i, rows, f"{node.op}:{node.name}")
     return sorted(checks.values())
 
 

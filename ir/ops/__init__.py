@@ -4,6 +4,7 @@ from kiln.ir.ops import (  # noqa: F401
     data,
     dense,
     elementwise,
+    index,
     norm,
     pool,
     quant,

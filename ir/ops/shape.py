@@ -141,7 +141,7 @@ def _pad_infer(ins, attrs):
         info = np.iinfo(x.dtype.numpy)
         # A fraction is truncated (as NumPy and PyTorch do); a value out of range has no
         # meaning (NumPy wraps it, PyTorch refuses).
-        if not info.min <= int(value) <= info.max:
+        if not (math.isfinite(value) and info.min <= int(value) <= info.max):
             raise ShapeError(f"pad value {value} does not fit a {x.dtype} tensor",
                              hint=f"use an integer in [{info.min}, {info.max}]")
     shape = tuple(d + pads[2 * i] + pads[2 * i + 1] for i, d in enumerate(x.shape))

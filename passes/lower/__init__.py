@@ -11,7 +11,7 @@ from kiln.ir import Graph, KilnError, Node, get_op
 from kiln.ir import kernel as K
 from kiln.ir.kernel import Kernel
 from kiln.passes.fusion import FusionPlan, is_injective, is_shape_op, plan_fusion
-from kiln.passes.lower import elementwise  # noqa: F401  (registers the element rules)
+from kiln.passes.lower import elementwise, indexing  # noqa: F401  (register element/anchor rules)
 from kiln.passes.lower.anchors import ANCHOR_RULES
 from kiln.passes.lower.core import (
     KernelNodes,

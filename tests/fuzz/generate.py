@@ -265,6 +265,11 @@ def _clear_of_cliffs(op: str, arrays: list[np.ndarray], attrs: dict, same: bool)
     if op in _COMPARISONS:
         # The same value on both sides ties in every backend alike.
         return same or bool(np.all(np.abs(x - arrays[1]) >= margin))
+    if op in ("argmax", "argmin", "topk"):  # the picked index jumps at a near-tie
+        axis = attrs["axis"]
+        rows = x.reshape(-1) if axis is None else np.moveaxis(x, axis, -1)
+        gaps = np.diff(np.sort(rows.astype(np.float64), axis=-1), axis=-1)
+        return bool(np.all(gaps >= 1e-3 + 1e-5 * np.abs(np.sort(rows, axis=-1)[..., 1:])))
     if op in ("layer_norm", "group_norm"):
         if op == "layer_norm":
             groups = x.reshape(-1, math.prod(x.shape[x.ndim - attrs["normalized_ndim"]:]))
@@ -525,6 +530,58 @@ def _propose_embedding(g: Grower) -> Proposal:
     return Proposal([indices, table])
 
 
+# ---- indexing (kiln.ir.ops.index) ------------------------------------------------------------
+def _propose_take(g: Grower) -> Proposal:
+    x = g.pick(_rank_at_least(1, lambda t: t.numel > 0))
+    rank = g.type(x).rank
+    axis = int(g.rng.integers(0, rank))
+    n = g.type(x).shape[axis]
+    idx = g.rng.integers(-n, n, _ints(g, 1, 4, int(g.rng.integers(0, 3))))
+    return Proposal([x, idx.astype(np.int64)], {"axis": axis - (rank if g.rng.random() < 0.3
+                                                                 else 0)})
+
+
+def _propose_gather_elements(g: Grower) -> Proposal:
+    x = g.pick(_rank_at_least(1, lambda t: t.numel > 0))
+    shape = g.type(x).shape
+    axis = int(g.rng.integers(0, len(shape)))
+    idx_shape = [int(g.rng.integers(1, d + 1)) if k != axis else int(g.rng.integers(1, 5))
+                 for k, d in enumerate(shape)]
+    idx = g.rng.integers(-shape[axis], shape[axis], idx_shape).astype(np.int64)
+    return Proposal([x, idx], {"axis": axis})
+
+
+def _propose_arg(g: Grower) -> Proposal:
+    x = g.pick(_rank_at_least(1))
+    rank = g.type(x).rank
+    axis = None if g.rng.random() < 0.3 else int(g.rng.integers(-rank, rank))
+    return Proposal([x], {"axis": axis, "keepdim": bool(g.rng.random() < 0.5)})
+
+
+def _propose_topk(g: Grower) -> Proposal:
+    x = g.pick(_rank_at_least(1, lambda t: _is_float(t) and t.numel > 0))
+    shape = g.type(x).shape
+    axis = int(g.rng.integers(0, len(shape)))
+    return Proposal([x], {"k": int(g.rng.integers(1, min(shape[axis], 4) + 1)), "axis": axis,
+                          "largest": bool(g.rng.random() < 0.5)})
+
+
+def _propose_cumsum(g: Grower) -> Proposal:
+    x = g.pick(_rank_at_least(1))
+    return Proposal([x], {"axis": int(g.rng.integers(0, g.type(x).rank)),
+                          "exclusive": bool(g.rng.random() < 0.3),
+                          "reverse": bool(g.rng.random() < 0.3)})
+
+
+def _propose_resize(g: Grower) -> Proposal:
+    x = _spatial(g)
+    nd = g.type(x).rank - 2
+    return Proposal([x], {"sizes": _ints(g, 1, 7, nd),
+                          "mode": _choice(g, ["nearest", "linear", "cubic"]),
+                          "coordinate": _choice(g, ["half_pixel", "align_corners",
+                                                    "asymmetric"])})
+
+
 def _propose_matmul(g: Grower) -> Proposal:
     a = g.pick(_rank_at_least(2))
     shape = g.type(a).shape
@@ -684,6 +741,13 @@ def _propose_w8(g: Grower) -> Proposal:
 
 PROPOSERS: dict[str, tuple[float, Callable[[Grower], Proposal]]] = {
     "embedding": (1, _propose_embedding),
+    "take": (0.5, _propose_take),
+    "gather_elements": (0.5, _propose_gather_elements),
+    "argmax": (0.5, _propose_arg),
+    "argmin": (0.5, _propose_arg),
+    "topk": (0.5, _propose_topk),
+    "cumsum": (0.5, _propose_cumsum),
+    "resize": (0.5, _propose_resize),
     "matmul": (2, _propose_matmul),
     "linear": (3, _propose_linear),
     "conv": (3, _propose_conv),

@@ -561,6 +561,66 @@ def test_embedding(data):
     check_op("embedding", [indices, randn(rng, (num, dim))])
 
 
+# ---- indexing (kiln.ir.ops.index) ------------------------------------------------------------
+@covers("take", "gather_elements")
+@FEW
+@given(data=st.data())
+def test_take_and_gather_elements(data):
+    rng = rng_of(data)
+    x = randn(rng, data.draw(shapes(min_dims=2, max_dims=4)))
+    axis = data.draw(st.integers(-x.ndim, x.ndim - 2))
+    k = data.draw(st.integers(1, x.ndim - axis % x.ndim))
+    wrap = data.draw(st.booleans())
+    idx_dtype = data.draw(st.sampled_from([np.int32, np.int64]))
+    inds = [rng.integers(-n if wrap else 0, n, data.draw(shapes(max_dims=2, max_side=3)))
+            .astype(idx_dtype) for n in x.shape[axis % x.ndim:axis % x.ndim + k]]
+    try:
+        np.broadcast_shapes(*[i.shape for i in inds])
+    except ValueError:
+        inds = inds[:1]
+    check_op("take", [x, *inds], {"axis": axis, "wrap": wrap})
+    idx_shape = tuple(data.draw(st.integers(1, d)) for d in x.shape)
+    n = x.shape[axis]
+    idx = rng.integers(-n if wrap else 0, n, idx_shape).astype(idx_dtype)
+    check_op("gather_elements", [x, idx], {"axis": axis, "wrap": wrap})
+
+
+@covers("argmax", "argmin", "topk", "cumsum")
+@FEW
+@given(data=st.data())
+def test_arg_reductions_topk_and_cumsum(data):
+    rng = rng_of(data)
+    shape = data.draw(shapes(min_dims=1, max_dims=3))
+    # Small integers as floats: ties, which must resolve to the lower index.
+    x = rng.integers(-2, 3, shape).astype(np.float32)
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    keepdim = data.draw(st.booleans())
+    for op in ("argmax", "argmin"):
+        check_op(op, [x], {"axis": data.draw(st.sampled_from([None, axis])),
+                           "keepdim": keepdim})
+    k = data.draw(st.integers(0, shape[axis]))
+    check_op("topk", [x], {"k": k, "axis": axis, "largest": data.draw(st.booleans())})
+    check_op("cumsum", [randn(rng, shape)], {"axis": axis, "exclusive": data.draw(
+        st.booleans()), "reverse": data.draw(st.booleans())})
+
+
+@covers("resize")
+@FEW
+@given(data=st.data())
+def test_resize(data):
+    rng = rng_of(data)
+    x = randn(rng, data.draw(shapes(min_dims=3, max_dims=4)))
+    nd = data.draw(st.integers(1, 2))
+    mode = data.draw(st.sampled_from(["nearest", "linear", "cubic"]))
+    sizes = [data.draw(st.integers(1, 9)) for _ in range(nd)]
+    check_op("resize", [x], {
+        "sizes": sizes, "mode": mode,
+        "coordinate": data.draw(st.sampled_from(["half_pixel", "pytorch_half_pixel",
+                                                 "align_corners", "asymmetric"])),
+        "nearest": data.draw(st.sampled_from(["floor", "ceil", "round_prefer_floor",
+                                              "round_prefer_ceil"]))})
+
+
 # ---- dense -----------------------------------------------------------------------------------
 @covers("matmul")
 @SETTINGS

@@ -135,6 +135,21 @@ case("pad", "pad", [f32(3, 4)], {"pads": [1, 2, -1, 1], "value": 1.5})
 case("pad_i32", "pad", [ints(np.int32, 2, 2)], {"pads": [0, 1, 2, 0], "value": -2.0})
 case("embedding_i64", "embedding", [RNG.integers(0, 5, (2, 3)), f32(5, 4)], consts=(1,))
 case("embedding_i32", "embedding", [RNG.integers(0, 3, (4,)).astype(np.int32), f32(3, 2)])
+# indexing (kiln.ir.ops.index): negative indices, ties, several index tensors
+case("take_negative", "take", [f32(3, 5), np.array([[-1, 0], [4, -5]])], {"axis": 1})
+case("take_two_indices", "take", [f32(2, 3, 4), np.array([0, -1]),
+                                  np.array([[3], [1]], np.int32)], {"axis": 1}, consts=(0,))
+case("gather_elements", "gather_elements", [f32(3, 4), RNG.integers(-4, 4, (2, 4))],
+     {"axis": 1})
+case("argmax_ties", "argmax", [np.array([[1, 3, 3], [2, 2, 0]], np.float32)], {"axis": 1})
+case("argmin_all", "argmin", [ints(np.int32, 3, 4)], {"axis": None, "keepdim": True})
+case("topk_ties", "topk", [np.array([[1, 3, 3, 0, 3]], np.float32)], {"k": 4})
+case("topk_smallest", "topk", [f32(4, 3)], {"k": 2, "axis": 0, "largest": False})
+case("topk_merge_sort", "topk", [ints(np.int32, 2, 9, lo=-3, hi=3)], {"k": 9, "largest": False})
+case("cumsum_reverse", "cumsum", [f32(3, 4)], {"axis": 0, "reverse": True, "exclusive": True})
+case("resize_cubic", "resize", [f32(1, 2, 3, 4)], {"sizes": (5, 3), "mode": "cubic"})
+case("resize_nearest", "resize", [f32(1, 2, 3)], {"sizes": (7,), "scales": (2.5,),
+                                                   "coordinate": "asymmetric"})
 
 # ---- dense -----------------------------------------------------------------------------------
 case("matmul", "matmul", [f32(2, 3, 4), f32(4, 5)])

@@ -22,6 +22,7 @@ _LAZY = {
     "export": "kiln.frontend.api",
     "load": "kiln.runtime.artifact",
     "pipeline": "kiln.distributed.pipeline",
+    "search": "kiln.compression.search",
 }
 
 __all__ = ["KilnError", "MissingDependencyError", "__version__", *_LAZY]

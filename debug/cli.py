@@ -11,6 +11,7 @@
     kiln export resnet18_cifar -o /tmp/r_gpu.kiln --format cuda
     kiln compare resnet18_cifar --prune 0.3 --quantize minmax
     kiln tune resnet18 --budget 60
+    kiln search mlp --data digits --train-epochs 10 --max-drop 0.01 --budget 120 -o s.html
 
 Errors a user can cause (a bad model or option, an output path that cannot or must not be
 written) print ``kiln: error: <message>`` on stderr, no traceback, and exit with status 2;
@@ -192,6 +193,12 @@ def _cmd_compare(args: argparse.Namespace) -> None:
                      quantize=args.quantize, calibration_batches=args.calibration_batches,
                      backend=not args.no_codegen, prune_multiple=args.prune_multiple)
     print(result.table())
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from kiln.compression.tasks import run_command
+
+    return run_command(args)
 
 
 def _fraction(text: str) -> float:
@@ -418,6 +425,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-codegen", action="store_true",
                    help="leave out the llvm (fusion + codegen) column")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("search", help="search compression settings under an accuracy budget",
+                       description="Search pruning, low-rank, per-layer int8 and distillation "
+                                   "settings of MODEL with optuna (kiln.search): candidates "
+                                   "are compiled and measured on this machine, the fastest "
+                                   "(or smallest) within --max-drop of the fp32 score wins. "
+                                   "Prints every trial and the best kiln.compile options; "
+                                   "exits 2 when no candidate met the budget.")
+    p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
+    p.add_argument("--data", choices=("synthetic", "digits"), default="synthetic",
+                   help="synthetic: seeded random inputs, scored by top-1 agreement with the "
+                        "fp32 model; digits: scikit-learn's digits for a model of 64 inputs "
+                        "per sample (default synthetic)")
+    p.add_argument("--train-epochs", type=_non_negative, default=0,
+                   help="train MODEL on the digits first (--data digits; zoo weights are "
+                        "random; default 0)")
+    p.add_argument("--samples", type=_positive, default=256,
+                   help="synthetic batches for calibration and for validation (default 256)")
+    p.add_argument("--max-drop", type=float, default=0.01,
+                   help="largest allowed fall of the score from fp32's (default 0.01)")
+    p.add_argument("--budget", type=_positive_float, default=120.0,
+                   help="seconds the search may take (default 120)")
+    p.add_argument("--objective", choices=("latency", "size", "flops"), default="latency",
+                   help="what to minimize (default latency)")
+    p.add_argument("--method", choices=("bayes", "grid", "genetic"), default="bayes",
+                   help="optuna TPE, GridSampler or NSGA-II (default bayes)")
+    p.add_argument("--trials", type=_positive, default=None,
+                   help="the most trials to run (default: until the budget is spent)")
+    p.add_argument("--seed", type=_non_negative, default=0, help="sampler seed (default 0)")
+    p.add_argument("--storage", default=None,
+                   help="optuna storage to keep and resume the study (sqlite:///search.db)")
+    p.add_argument("--study-name", default=None, help="study name inside --storage")
+    p.add_argument("--prune-multiple", type=_positive, metavar="N", default=None,
+                   help="keep a multiple of N channels in every pruned group")
+    p.add_argument("--threads", type=_non_negative, default=1,
+                   help="threads of every compiled candidate (default 1)")
+    p.add_argument("-o", "--report", metavar="HTML", default=None,
+                   help="write the HTML report (Pareto plot, trials) here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_search)
     return parser
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kiln.ir import Node
+from kiln.ir import Node, get_op
 from kiln.ir import kernel as K
 from kiln.ir.kernel import (
     INDEX,
@@ -298,6 +298,16 @@ def collapsed_views(low: Lowering, final: str, anchor_out: str, inline: set[str]
     rank = len(low.graph.types[anchor_out].shape)
     lo, hi = merge[0], merge[-1] + 1
     views: dict[str, tuple[int, ...]] = {}
+    on_path: dict[str, bool] = {anchor_out: True}
+
+    def from_anchor(v: str) -> bool:
+        """Whether ``v`` is computed in the epilogue from the anchor's output."""
+        if v not in on_path:
+            node = low.producers.get(v)
+            on_path[v] = node is not None and node.name in inline and any(
+                from_anchor(i) for i in node.inputs)
+        return on_path[v]
+
     stack, seen = [final], set()
     while stack:
         v = stack.pop()
@@ -320,6 +330,11 @@ def collapsed_views(low: Lowering, final: str, anchor_out: str, inline: set[str]
             # batch_norm's rule reads its channel as index 1: merging two or more dims at or
             # before it moves it (random graph 145: qlinear on [4, 7, 11, 8], then BN over 7).
             if node.op == "batch_norm" and lo <= 1 and hi - lo > 1:
+                return None
+            # A side operand computed by a shape op (a slice, reshape, permute of another
+            # value) indexes its input by its own axes: a collapsed view of it reads the wrong
+            # elements (x + linear(x) with x a slice of an input was wrong on every target).
+            if get_op(node.op).kind != "elementwise" and not from_anchor(v):
                 return None
             stack.extend(node.inputs)
     return views

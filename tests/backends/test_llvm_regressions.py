@@ -56,3 +56,28 @@ def test_dense_layer_over_an_inlined_3d_permute(op, isa):
     target = named_target(isa, host_target())
     np.testing.assert_allclose(compile_graph(g, target=target, cache=False)([a])[0],
                                run_graph(g, [a])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ["host", "avx2", "sse2"])
+@pytest.mark.parametrize("width", [8, 16, 32])
+def test_residual_add_of_a_sliced_input_in_a_gemm_epilogue(isa, width):
+    """x + linear(x) where x is a slice of an input reshaped: the epilogue's collapsed view
+    once indexed the slice's input by its merged axes and read the wrong elements (every
+    target, whenever the layer took the GEMM path: found by the AVX2 run of the Transformer
+    encoder-layer test)."""
+    from kiln.backends.llvm.compiler import host_target
+    from kiln.passes.target import named_target
+
+    rng = np.random.default_rng(2)
+    b = GraphBuilder("residual")
+    flat = b.input("flat", TensorType((width + 10 * width,)))
+    piece = b.op("slice", [flat], {"axis": 0, "start": width, "end": 11 * width})
+    x = b.op("reshape", [piece], {"shape": [2, 5, width]})
+    w = b.constant(rng.standard_normal((width, width)).astype(np.float32), "w")
+    bias = b.constant(rng.standard_normal(width).astype(np.float32), "b")
+    b.output(b.op("add", [x, b.op("linear", [x, w, bias], {})]))
+    g = b.build()
+    a = rng.standard_normal(11 * width).astype(np.float32)
+    target = named_target(isa, host_target())
+    np.testing.assert_allclose(compile_graph(g, target=target, cache=False)([a])[0],
+                               run_graph(g, [a])[0], rtol=1e-5, atol=1e-5)

@@ -65,7 +65,8 @@ class Simulation:
 
 
 def _hop(nbytes: int, bandwidth_gbps: float, latency_us: float, overhead_us: float) -> float:
-    return (latency_us + overhead_us) * 1e-6 + nbytes / (bandwidth_gbps * 1e9)
+    """Seconds to send ``nbytes`` over a link of ``bandwidth_gbps`` gigabits per second."""
+    return (latency_us + overhead_us) * 1e-6 + nbytes * 8 / (bandwidth_gbps * 1e9)
 
 
 def simulate(graph: Graph, workers: int, *, bandwidth_gbps: float = 10.0,
@@ -73,7 +74,9 @@ def simulate(graph: Graph, workers: int, *, bandwidth_gbps: float = 10.0,
              memory_gbps: float = 10.0, overhead_us: float = 300.0,
              memory_limit: int | None = None, max_stages: int | None = None) -> Simulation:
     """Predict every stages x replicas plan for ``workers`` workers (see the module
-    docstring). Stage counts whose stages do not fit ``memory_limit``, or that exceed the
+    docstring): ``bandwidth_gbps`` is the network's gigabits per second, ``latency_us`` its
+    one-way latency, ``memory_gbps`` a worker's memory bandwidth in gigabytes per second.
+    Stage counts whose stages do not fit ``memory_limit``, or that exceed the
     graph's nodes or ``max_stages``, are left out."""
     if not isinstance(workers, int) or workers < 1:
         raise KilnError(f"workers must be a positive integer, got {workers!r}")

@@ -30,9 +30,9 @@ def test_one_worker_is_the_model_plus_its_two_hops() -> None:
     compute = sum(node_seconds(graph, 20.0, 5.0))
     in_bytes = sum(graph.types[v].nbytes for v in graph.inputs)
     out_bytes = sum(graph.types[v].nbytes for v in graph.outputs)
-    want = compute + 300e-6 + in_bytes / 1e9 + 100e-6 + out_bytes / 1e9
+    want = compute + 300e-6 + in_bytes * 8 / 1e9 + 100e-6 + out_bytes * 8 / 1e9
     assert plan.latency_s == pytest.approx(want)
-    assert plan.throughput == pytest.approx(1 / (compute + 300e-6 + out_bytes / 1e9))
+    assert plan.throughput == pytest.approx(1 / (compute + 300e-6 + out_bytes * 8 / 1e9))
 
 
 def test_more_workers_never_predict_less_throughput() -> None:

@@ -162,9 +162,8 @@ def calibrate(model: Any, example_inputs: Sequence[Any], *, repeat: int = 20,
         pipe(*inputs)
         measured = _median_s(lambda: pipe(*inputs), repeat)
         t0 = time.perf_counter()
-        for _ in pipe.map([inputs] * stream):
-            pass
-        throughput = stream / (time.perf_counter() - t0)
+        answered = sum(1 for _ in pipe.map([inputs] * stream))
+        throughput = answered / (time.perf_counter() - t0)
     # Latency: 2 stages' compute + 3 hops, of which 2 carry the call overhead.
     overhead_us = max((measured - two.latency_s) / 2 * 1e6, 0.0)
     fitted = simulate(graph, 2, per_worker_gflops=gflops, overhead_us=overhead_us,

@@ -711,17 +711,23 @@ def _pad_spatial(ctx: ImportContext, x: str, pads: Sequence[tuple[int, int]],
     return ctx.op("pad", [x], {"pads": tuple(flat), "value": value})
 
 
-def _conv(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
-    x, w, bias = ctx.input(0), ctx.input(1), ctx.optional(2)
-    kernel = list(ctx.type_of(w).shape[2:])
-    strides, dilations, pads = _window(ctx, x, kernel)
+def conv_operand_and_attrs(ctx: ImportContext, x: str, kernel: Sequence[int]
+                           ) -> tuple[str, dict]:
+    """A Conv-like node's input (padded first where its pads are asymmetric: kiln's conv
+    pads symmetrically) and kiln conv attributes, from its strides, dilations, pads, group."""
+    strides, dilations, pads = _window(ctx, ctx.input(0), kernel)
     attrs = {"stride": tuple(strides), "dilation": tuple(dilations),
              "groups": ctx.attr("group", 1)}
     if all(lo == hi for lo, hi in pads):
         attrs["padding"] = tuple(lo for lo, _ in pads)
     else:
-        # kiln's conv pads symmetrically: pad the input itself with zeros first.
         x = _pad_spatial(ctx, x, pads, 0.0)
+    return x, attrs
+
+
+def _conv(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    w, bias = ctx.input(1), ctx.optional(2)
+    x, attrs = conv_operand_and_attrs(ctx, ctx.input(0), list(ctx.type_of(w).shape[2:]))
     return [ctx.op("conv", [x, w] + ([bias] if bias else []), attrs)]
 
 

@@ -25,9 +25,8 @@ from kiln.frontend.onnx_import import (
     ImportFn,
     _axis,
     _dtype_of_elem,
-    _pad_spatial,
     _pool,
-    _window,
+    conv_operand_and_attrs,
 )
 from kiln.ir import DType
 
@@ -492,13 +491,7 @@ def _conv_integer(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     # Subtracting the zero point first makes ONNX's padding with it a padding with 0.
     x = _centered(ctx, 0, 2, ())
     w = _centered(ctx, 1, 3, (wt.shape[0],) + (1,) * (wt.rank - 1))
-    strides, dilations, pads = _window(ctx, ctx.input(0), kernel)
-    attrs = {"stride": tuple(strides), "dilation": tuple(dilations),
-             "groups": ctx.attr("group", 1)}
-    if all(lo == hi for lo, hi in pads):
-        attrs["padding"] = tuple(lo for lo, _ in pads)
-    else:
-        x = _pad_spatial(ctx, x, pads, 0.0)
+    x, attrs = conv_operand_and_attrs(ctx, x, kernel)
     return [ctx.op("cast", [ctx.op("conv", [x, w], attrs)], {"dtype": "i32"})]
 
 

@@ -107,6 +107,18 @@ def _common_types() -> list[str]:
     ]
 
 
+def _header_open(up: str) -> list[str]:
+    """A generated header's include guard, includes, ``extern "C"`` and shared types."""
+    return [f"#ifndef KILN_{up}_H", f"#define KILN_{up}_H", "", "#include <stddef.h>",
+            "#include <stdint.h>", "", "#ifdef __cplusplus", 'extern "C" {', "#endif", "",
+            *_common_types()]
+
+
+def _header_close(up: str) -> list[str]:
+    """The end of what ``_header_open`` opened."""
+    return ["#ifdef __cplusplus", "}", "#endif", f"#endif /* KILN_{up}_H */"]
+
+
 def _header(image: Any, name: str, weights_bytes: int) -> str:
     up = name.upper()
     lines = [
@@ -143,17 +155,7 @@ def _header(image: Any, name: str, weights_bytes: int) -> str:
         " * a machine of the same kind:",
         f" *     target {image.target.get('triple', '?')}, cpu {image.target.get('cpu', '?')}",
         " */",
-        f"#ifndef KILN_{up}_H",
-        f"#define KILN_{up}_H",
-        "",
-        "#include <stddef.h>",
-        "#include <stdint.h>",
-        "",
-        "#ifdef __cplusplus",
-        'extern "C" {',
-        "#endif",
-        "",
-        *_common_types(),
+        *_header_open(up),
         f"#define {up}_NUM_INPUTS {len(image.inputs)}",
         f"#define {up}_NUM_OUTPUTS {len(image.outputs)}",
         f"/* Size in bytes of {name}_weights.bin; {name}_load refuses a file of another size. */",
@@ -197,10 +199,7 @@ def _header(image: Any, name: str, weights_bytes: int) -> str:
         f"/* Why the last {name}_load or {name}_run of this thread failed (\"\" if none). */",
         f"const char* {name}_error(void);",
         "",
-        "#ifdef __cplusplus",
-        "}",
-        "#endif",
-        f"#endif /* KILN_{up}_H */",
+        *_header_close(up),
     ]
     return "\n".join(lines) + "\n"
 
@@ -436,17 +435,7 @@ def _dynamic_header(images: list, dims: list[tuple[int, int, str]], name: str,
         " * The code was compiled for (and may use every feature of) this CPU:",
         f" *     target {first.target.get('triple', '?')}, cpu {first.target.get('cpu', '?')}",
         " */",
-        f"#ifndef KILN_{up}_H",
-        f"#define KILN_{up}_H",
-        "",
-        "#include <stddef.h>",
-        "#include <stdint.h>",
-        "",
-        "#ifdef __cplusplus",
-        'extern "C" {',
-        "#endif",
-        "",
-        *_common_types(),
+        *_header_open(up),
         f"#define {up}_NUM_INPUTS {len(first.inputs)}",
         f"#define {up}_NUM_OUTPUTS {len(first.outputs)}",
         f"#define {up}_NUM_SIZES {len(names)}",
@@ -473,10 +462,7 @@ def _dynamic_header(images: list, dims: list[tuple[int, int, str]], name: str,
         f"int {name}_set_threads(int n);",
         f"const char* {name}_error(void);",
         "",
-        "#ifdef __cplusplus",
-        "}",
-        "#endif",
-        f"#endif /* KILN_{up}_H */",
+        *_header_close(up),
     ]
     return "\n".join(lines) + "\n"
 

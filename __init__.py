@@ -15,11 +15,11 @@ from kiln.ir import KilnError
 __version__ = "0.1.0"
 
 _LAZY = {
-    "CompiledModel": "kiln.frontend.api",
-    "compile": "kiln.frontend.api",
-    "compress": "kiln.frontend.api",
-    "optimize": "kiln.frontend.api",
-    "export": "kiln.frontend.api",
+    "CompiledModel": "kiln.api",
+    "compile": "kiln.api",
+    "compress": "kiln.api",
+    "optimize": "kiln.api",
+    "export": "kiln.api",
     "load": "kiln.runtime.artifact",
     "pipeline": "kiln.distributed.pipeline",
     "search": "kiln.compression.search",

@@ -56,8 +56,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kiln.compression.prune import graph_flops
 from kiln.ir import KilnError
-from kiln.passes.prune import graph_flops
 
 log = logging.getLogger("kiln.search")
 
@@ -393,7 +393,7 @@ def int8_layers(model: torch.nn.Module, example_inputs: Any, data: Any,
                 options: Mapping[str, Any] | None = None) -> list[str]:
     """The layers that static int8 quantizes in ``model`` (those it leaves in float, for
     being slower in int8 on this CPU or not quantizable, are no choice)."""
-    from kiln.frontend.api import compress
+    from kiln.api import compress
 
     quant = dict((options or {}).get("quantize") or {})
     compressed = compress(model, data, example_inputs=example_inputs, quantize=quant or True)
@@ -760,7 +760,7 @@ def search(model: torch.nn.Module, example_inputs: Any, *, data: Any, labels: An
         ``report(path)``.
     """
     import kiln
-    from kiln.frontend.api import check_model, example_tensors
+    from kiln.api import check_model, example_tensors
 
     start = time.perf_counter()
     _optuna()

@@ -123,7 +123,7 @@ def _cmd_trace(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     import kiln
-    from kiln.frontend.api import check_output_file
+    from kiln.api import check_output_file
 
     out = Path(args.output)
     # Checked before compiling, and again by the writer: an existing output is replaced only
@@ -138,7 +138,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         raise KilnError(f"--sign-key signs kiln artifacts; --format {args.format} writes none",
                         hint="use --format kiln or cuda")
     if args.sign_key:  # a bad key fails now, not after compiling
-        from kiln.backends.artifact_signing import private_key
+        from kiln.runtime.artifact.signing import private_key
 
         private_key(args.sign_key)
     if args.threads and args.format != "c":
@@ -146,17 +146,17 @@ def _cmd_export(args: argparse.Namespace) -> None:
                         hint="a kiln artifact takes its threads at kiln.load(path, threads=N)")
     if args.format == "onnx":
         try:
-            to_onnx = importlib.import_module("kiln.frontend.to_onnx")
+            to_onnx = importlib.import_module("kiln.interop.to_onnx")
         except ModuleNotFoundError as e:
-            if e.name != "kiln.frontend.to_onnx":
+            if e.name != "kiln.interop.to_onnx":
                 raise
-            raise KilnError("ONNX export is not available in this kiln (kiln.frontend.to_onnx "
+            raise KilnError("ONNX export is not available in this kiln (kiln.interop.to_onnx "
                             "is missing)", hint="use --format kiln or --format c") from None
     if is_onnx_spec(args.model):
         if args.prune or args.low_rank or args.quantize:
             raise KilnError("compression options need the PyTorch model (calibration, "
                             "distillation teacher)", hint="pass a zoo name or file.py:factory")
-        from kiln.frontend.api import CompiledModel, optimize
+        from kiln.api import CompiledModel, optimize
         from kiln.runtime import Executable
 
         graph, _, name = load_graph(args.model, args.batch)
@@ -172,11 +172,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
     if args.format == "kiln":
         path = kiln.export(compiled, out, overwrite=args.overwrite, sign_key=args.sign_key)
     elif args.format == "cuda":
-        from kiln.backends.cuda.artifact import export_cuda
+        from kiln.runtime.artifact.cuda import export_cuda
 
         path = export_cuda(compiled, out, overwrite=args.overwrite, sign_key=args.sign_key)
     elif args.format == "c":
-        from kiln.runtime.c_export import export_c
+        from kiln.interop.c_library import export_c
 
         path = export_c(compiled, out, threads=args.threads, overwrite=args.overwrite)
     else:

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from kiln.backends.reference import run_graph
+from kiln.compression.compress import calibrate, compress_graph
+from kiln.compression.quantize import activation_qparams
 from kiln.debug.model_arg import load_model
-from kiln.frontend.compress import calibrate, compress_graph
 from kiln.frontend.trace import trace_module
 from kiln.ir import DType, Graph, KilnError
-from kiln.passes.quantize import activation_qparams
 
 LAYER_OPS = ("conv", "linear", "matmul", "attention", "conv_transpose", "layer_norm",
              "batch_norm", "group_norm", "qconv", "qlinear")

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.examples.models import ZOO
 from kiln.frontend.trace import trace_module
 from kiln.ir import DType, Graph, KilnError
+from kiln.zoo import ZOO
 
 SPEC_HELP = ("a zoo model name (" + ", ".join(ZOO) + "), path/to/file.py:factory, where "
              "factory() returns (module, example_inputs), or path/to/model.onnx (an ONNX "
@@ -37,7 +37,7 @@ def load_model(spec: str, batch: int | None = None
                ) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], str]:
     """Build the model named by ``spec``; returns ``(module, example_inputs, name)``.
 
-    ``spec`` is a zoo model name (see ``kiln.examples.models.ZOO``) or ``file.py:factory``.
+    ``spec`` is a zoo model name (see ``kiln.zoo.ZOO``) or ``file.py:factory``.
     ``batch`` goes to the zoo factory (default 1); a file factory gets ``batch=batch`` only
     when it is given.
 

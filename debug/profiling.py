@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 import kiln
+from kiln.api import optimize
 from kiln.debug.model_arg import load_graph
-from kiln.frontend.api import optimize
 from kiln.ir import DType
 from kiln.runtime import Executable
 

@@ -241,7 +241,7 @@ def pipeline(model: Any = None, example_inputs: Sequence[Any] = (), *, stages: i
         if model is not None:
             raise KilnError("pass a model or artifacts, not both")
         return _from_artifacts(artifacts, replicas, threads_per_stage, address)
-    from kiln.frontend.api import example_tensors, optimize
+    from kiln.api import example_tensors, optimize
     from kiln.frontend.trace import trace_module
     from kiln.passes.partition import partition
 

@@ -143,10 +143,10 @@ def calibrate(model: Any, example_inputs: Sequence[Any], *, repeat: int = 20,
     ``stream`` inputs. The throughput prediction uses the fitted numbers and is checked
     against that measurement (on one machine: bandwidth is memory, latency 0)."""
     import kiln
+    from kiln.api import example_tensors, optimize
+    from kiln.compression.prune import graph_flops
     from kiln.distributed.pipeline import pipeline
-    from kiln.frontend.api import example_tensors, optimize
     from kiln.frontend.trace import trace_module
-    from kiln.passes.prune import graph_flops
 
     inputs = example_tensors(example_inputs)
     graph, _ = trace_module(model, inputs, "fx")

@@ -106,9 +106,9 @@ from torch.utils import _pytree as pytree  # noqa: E402
 
 import kiln  # noqa: E402
 from kiln.backends import backend_names  # noqa: E402
-from kiln.examples.models import ZOO, get_model  # noqa: E402
 from kiln.frontend.trace import trace_module  # noqa: E402
 from kiln.ir import Graph, get_op  # noqa: E402
+from kiln.zoo import ZOO, get_model  # noqa: E402
 
 EAGER, KILN, TORCH_COMPILE, ORT = "eager", "kiln", "torch.compile", "onnxruntime"
 KILN_1T = "kiln 1 thread"  # with --load: how kiln at all threads degrades against one thread
@@ -520,7 +520,7 @@ COMPRESSION_VARIANTS = {
 
 def bench_compression(name: str, batch: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """kiln's compressed variants of one zoo model and ONNX Runtime fp32, timed in one run."""
-    from kiln.passes.prune import graph_flops as kiln_flops
+    from kiln.compression.prune import graph_flops as kiln_flops
 
     model, inputs = get_model(name, batch=batch)
     gen = torch.Generator().manual_seed(0)

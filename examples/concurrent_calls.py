@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 import kiln
-from kiln.examples.models import ZOO, get_model
+from kiln.zoo import ZOO, get_model
 
 
 def calls_per_second(compiled, arrays, callers: int, seconds: float, want) -> float:

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kiln
+from kiln.compression.prune import graph_flops
 from kiln.ir import Graph
-from kiln.passes.prune import graph_flops
 
 SEED = 0
 TEST_SIZE = 360

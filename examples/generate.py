@@ -5,7 +5,7 @@
     python examples/generate.py --config tiny --steps 8   # a few seconds: a smoke test
 
 The model is GPT-2 small's architecture (12 layers, d=768, 12 heads, 50257 tokens) with random
-weights built from a config (``examples/models/gpt2_decoder.py``; nothing is downloaded).
+weights built from a config (``zoo/gpt2_decoder.py``; nothing is downloaded).
 Generation is two programs: a prefill over the prompt, and a decode step for one token per
 sequence against key/value caches of a fixed capacity. The caller writes each step's new keys
 and values into the caches (NumPy arrays, no copy of the cache per step) and doubles the
@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import kiln  # noqa: E402
-from kiln.examples.models.gpt2_decoder import (  # noqa: E402
+from kiln.zoo.gpt2_decoder import (  # noqa: E402
     GPT2_SMALL,
     TINY,
     DecoderConfig,

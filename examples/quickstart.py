@@ -14,7 +14,7 @@ import torch
 
 import kiln
 from kiln.backends import backend_names
-from kiln.examples.models import ZOO, get_model
+from kiln.zoo import ZOO, get_model
 
 
 def median_ms(fn, inputs, repeat: int) -> float:

@@ -25,8 +25,8 @@ import torch
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 
+from kiln.api import CompiledModel, optimize, unsupported_dtype
 from kiln.backends import backend_names
-from kiln.frontend.api import CompiledModel, optimize, unsupported_dtype
 from kiln.frontend.importer import TORCH_TO_DTYPE
 from kiln.frontend.trace import import_graph_module
 from kiln.ir import KilnError

@@ -20,19 +20,16 @@ from kiln.passes.fold_batchnorm import FoldBatchNorm
 from kiln.passes.fold_constants import FoldConstants
 from kiln.passes.instruments import DumpIR, NumericCheck, StageDiff, Timing, Verify
 from kiln.passes.layout import SinkPermutes
-from kiln.passes.low_rank import LowRank
 from kiln.passes.manager import Instrument, PassManager
 from kiln.passes.pipelines import PIPELINES, get_pipeline, run_pipeline
-from kiln.passes.prune import PruneChannels
-from kiln.passes.quantize import QuantizeInt8
 from kiln.passes.rewrite import ANY_OP, Rewriter, RuleTable, rewrite_graph
 from kiln.passes.simplify_algebra import SimplifyAlgebra
 
 __all__ = [
     "ANY_OP", "EXACT", "LOSSY", "PIPELINES", "CommonSubexpressionElimination",
     "DeadCodeElimination", "DumpIR", "ErrorBudget", "FoldBatchNorm", "FoldConstants",
-    "Instrument", "LowRank", "NumericCheck", "Pass", "PassContext", "PassManager", "PassResult",
-    "PruneChannels", "QuantizeInt8", "Rewriter", "RuleTable", "SimplifyAlgebra", "SinkPermutes",
+    "Instrument", "NumericCheck", "Pass", "PassContext", "PassManager", "PassResult",
+    "Rewriter", "RuleTable", "SimplifyAlgebra", "SinkPermutes",
     "StageDiff", "Timing", "Verify", "all_passes",
     "get_pass", "get_pipeline", "register_pass", "rewrite_graph", "run_pipeline",
 ]

@@ -23,10 +23,10 @@ QEMU = shutil.which("qemu-x86_64")
 ROOT = Path(__file__).resolve().parents[1]
 
 SUBSET = [
-    "tests/frontend/test_onnx_export.py::test_wide_int8_weights_warn_on_export",
-    *(f"tests/frontend/test_onnx_export.py::test_quantized_anchor_matches_reference_in_qdq_form"
+    "tests/interop/test_onnx_export.py::test_wide_int8_weights_warn_on_export",
+    *(f"tests/interop/test_onnx_export.py::test_quantized_anchor_matches_reference_in_qdq_form"
       f"[{case}]" for case in ("qconv_f32_relu", "qconv_u8", "qlinear_f32", "qlinear_u8_relu")),
-    *(f"tests/frontend/test_onnx_export.py::test_int8_zoo_model_matches_kiln_in_onnx_runtime"
+    *(f"tests/interop/test_onnx_export.py::test_int8_zoo_model_matches_kiln_in_onnx_runtime"
       f"[{name}]" for name in ("lenet5", "mlp", "gpt2_block")),
     "tests/backends/test_llvm_quant.py",
     *(f"tests/test_random_graphs.py::test_llvm_backend_agrees_with_reference[{seed}]"

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 import kiln
-from kiln.frontend.to_torch import graph_to_module
+from kiln.interop.to_torch import graph_to_module
 
 _spec = importlib.util.spec_from_file_location(
     "kiln_tests_fuzz_generate", Path(__file__).parent / "fuzz" / "generate.py")

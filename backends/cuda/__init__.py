@@ -9,13 +9,12 @@ shared-memory tree (``reduce``), and everything else as a grid-stride loop over 
 independent loops (``mapping``). It runs on an NVIDIA GPU, or on Numba's CUDA simulator when
 ``NUMBA_ENABLE_CUDASIM=1`` is set before numba is imported.
 
-``export_cuda(compiled, path)`` writes the kernels as PTX with their launch table and memory
-plan (``artifact``); ``load_cuda(path)`` runs such a file on a GPU without PyTorch.
+``kiln.runtime.artifact.cuda`` writes the kernels as PTX with their launch table and memory
+plan, and runs such a file on a GPU without PyTorch.
 """
 
 from __future__ import annotations
 
-from kiln.backends.cuda.artifact import CudaArtifactModel, export_cuda, load_cuda
 from kiln.backends.cuda.program import (
     CudaProgram,
     KernelProfile,
@@ -27,6 +26,6 @@ from kiln.backends.cuda.program import (
 )
 from kiln.backends.cuda.schedule import GENERIC, GPU_TUNING, SIM_TUNING, CudaTuning
 
-__all__ = ["GENERIC", "GPU_TUNING", "SIM_TUNING", "CudaArtifactModel", "CudaProgram",
+__all__ = ["GENERIC", "GPU_TUNING", "SIM_TUNING", "CudaProgram",
            "CudaTuning", "KernelProfile", "LaunchInfo", "compile_graph", "compile_graph_cuda",
-           "compile_graph_ptx", "export_cuda", "load_cuda", "run_kernel_cuda"]
+           "compile_graph_ptx", "run_kernel_cuda"]

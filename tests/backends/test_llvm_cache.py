@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kiln
-from kiln.examples.models import get_model
+from kiln.zoo import get_model
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 
 import kiln
 from kiln.backends.llvm import compile_graph
-from kiln.examples.models import get_model
+from kiln.zoo import get_model
 
 # Relocations that hold a 32-bit offset: the ones that break when targets are far apart.
 NEAR = ("R_X86_64_PC32", "R_X86_64_PLT32", "R_X86_64_GOTPCREL", "R_X86_64_GOTPCRELX",
@@ -45,7 +45,7 @@ def test_compile_and_run_as_an_avx2_cpu(tmp_path: Path) -> None:
     """LeNet-5 compiled and run under QEMU's Haswell (AVX2, FMA, no AVX-512, no VNNI): LLVM,
     PyTorch and NumPy all see that CPU. Before the large code model this aborted."""
     script = ("import kiln, torch\n"
-              "from kiln.examples.models import get_model\n"
+              "from kiln.zoo import get_model\n"
               "from kiln.backends.llvm.compiler import host_target\n"
               "m, x = get_model('lenet5')\n"
               "c = kiln.compile(m, x)\n"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kiln
-from kiln.examples.models import ZOO, get_model
+from kiln.zoo import ZOO, get_model
 
 _HERE = pathlib.Path(__file__).parent
 _spec = importlib.util.spec_from_file_location("torch_op_cases",

@@ -12,7 +12,7 @@ import torch
 
 import kiln
 from kiln.backends.llvm.compiler import Target, compile_graph, host_target
-from kiln.examples.models import get_model
+from kiln.zoo import get_model
 
 _FEATURES = llvm.get_host_cpu_features()
 TARGETS = {

@@ -16,7 +16,7 @@ from kiln.backends.llvm.threads import (
     ThreadChooser,
     thread_counts,
 )
-from kiln.examples.models import get_model
+from kiln.zoo import get_model
 
 
 class Clock:

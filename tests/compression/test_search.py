@@ -19,6 +19,7 @@ pytest.importorskip("matplotlib", reason="the search report needs matplotlib")
 pytest.importorskip("sklearn", reason="the digits task needs scikit-learn")
 
 import kiln  # noqa: E402
+from kiln.compression.prune import graph_flops  # noqa: E402
 from kiln.compression.search import (  # noqa: E402
     TrialRecord,
     accuracy_metric,
@@ -28,9 +29,8 @@ from kiln.compression.search import (  # noqa: E402
 )
 from kiln.compression.tasks import digits_task  # noqa: E402
 from kiln.debug.cli import main  # noqa: E402
-from kiln.examples.models import ZOO  # noqa: E402
 from kiln.ir import KilnError  # noqa: E402
-from kiln.passes.prune import graph_flops  # noqa: E402
+from kiln.zoo import ZOO  # noqa: E402
 
 # A space whose feasible optimum is known: minimize a + b subject to a + 2b >= 4; the only
 # feasible point of objective 2 is (a=0, b=2) (the unconstrained optimum (0, 0) is infeasible).

@@ -65,7 +65,7 @@ def test_export_onnx_with_low_rank_matches_kiln(capsys, tmp_path):
     import torch
 
     import kiln
-    from kiln.examples.models import get_model
+    from kiln.zoo import get_model
 
     path = tmp_path / "mlp.onnx"
     status, _, _ = run(capsys, "export", "mlp", "-o", str(path), "--format", "onnx",

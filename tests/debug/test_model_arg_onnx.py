@@ -12,8 +12,8 @@ import torch
 
 from kiln.backends.reference import run_graph
 from kiln.debug.model_arg import SPEC_HELP, load_graph, load_model, random_inputs
-from kiln.examples.models import get_model
 from kiln.ir import DType, GraphBuilder, KilnError, TensorType
+from kiln.zoo import get_model
 
 
 def export(name: str, path, **kwargs):

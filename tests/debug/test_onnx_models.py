@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kiln.debug.cli import main
-from kiln.examples.models import get_model
+from kiln.zoo import get_model
 
 
 @pytest.fixture(scope="module")

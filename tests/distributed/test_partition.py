@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import kiln
+from kiln.api import optimize
 from kiln.backends.reference import run_graph
-from kiln.examples.models import get_model
-from kiln.frontend.api import optimize
 from kiln.frontend.trace import trace_module
 from kiln.ir import GraphBuilder, TensorType, verify
 from kiln.passes.partition import _crossing, node_seconds, partition
+from kiln.zoo import get_model
 
 
 def graph_of(name: str):

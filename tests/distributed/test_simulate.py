@@ -8,12 +8,12 @@ import os
 
 import pytest
 
+from kiln.api import optimize
 from kiln.distributed import calibrate, simulate
-from kiln.examples.models import get_model
-from kiln.frontend.api import optimize
 from kiln.frontend.trace import trace_module
 from kiln.ir import KilnError
 from kiln.passes.partition import node_seconds
+from kiln.zoo import get_model
 
 
 def graph_of(name: str):

@@ -13,7 +13,7 @@ import torch
 
 import kiln
 from kiln.examples.generate import CachedGenerator, capacity_for, kiln_compile
-from kiln.examples.models.gpt2_decoder import (
+from kiln.zoo.gpt2_decoder import (
     TINY,
     DecodeStep,
     EagerGenerator,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln.examples.models import ZOO, get_model
+from kiln.zoo import ZOO, get_model
 
 # Output shape for a batch of B, as a function of B.
 EXPECTED_SHAPES = {

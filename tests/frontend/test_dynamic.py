@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import kiln
-from kiln.examples.models import get_model
-from kiln.frontend import dynamic as dyn
+from kiln import dynamic as dyn
+from kiln.zoo import get_model
 
 
 def assert_matches(got, want, tol=1e-4) -> None:

@@ -119,7 +119,7 @@ def test_compile_refuses_what_is_not_a_module() -> None:
 ])
 def test_compile_refuses_bad_names_before_tracing(option: dict, message: str, monkeypatch
                                                   ) -> None:
-    import kiln.frontend.api as api
+    import kiln.api as api
 
     def no_trace(*args, **kwargs):
         raise AssertionError("traced before checking the options")
@@ -183,7 +183,7 @@ def test_export_refuses_paths_it_cannot_or_must_not_write(tmp_path) -> None:
 
 
 def test_export_reports_a_failed_write_as_a_kiln_error(tmp_path, monkeypatch) -> None:
-    import kiln.frontend.api as api
+    import kiln.api as api
 
     def denied(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))

@@ -18,11 +18,11 @@ from onnx import TensorProto, helper
 from torch import nn
 
 import kiln
+from kiln.api import compile_graph
 from kiln.backends.reference import run_graph
-from kiln.frontend.api import compile_graph
 from kiln.frontend.onnx_import import import_onnx
-from kiln.frontend.to_onnx import graph_to_onnx
-from kiln.frontend.to_torch import run_torch
+from kiln.interop.to_onnx import graph_to_onnx
+from kiln.interop.to_torch import run_torch
 from kiln.ir import DType, GraphBuilder, TensorType
 from kiln.ir.ops.index import index_operands
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import kiln
-from kiln.examples.models import ZOO, get_model
 from kiln.ir import parse_graph, print_graph, verify
+from kiln.zoo import ZOO, get_model
 
 
 def assert_model_close(got, expected) -> None:

@@ -11,9 +11,9 @@ import torch
 from onnx import TensorProto, helper
 
 import kiln
-from kiln.examples.models import get_model
-from kiln.frontend.api import CompiledModel
-from kiln.frontend.dynamic import DynamicModel
+from kiln.api import CompiledModel
+from kiln.dynamic import DynamicModel
+from kiln.zoo import get_model
 
 
 def assert_matches(got, want, tol=1e-4) -> None:

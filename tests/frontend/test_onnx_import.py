@@ -18,15 +18,15 @@ from onnx.reference import ReferenceEvaluator
 import kiln
 from kiln.backends.llvm import compile_graph
 from kiln.backends.reference import run_graph
-from kiln.examples.models import ZOO, get_model
 from kiln.frontend.onnx_import import ONNX_IMPORT, import_onnx
-from kiln.frontend.to_onnx import export_onnx, graph_to_onnx
 from kiln.frontend.trace import trace_module
+from kiln.interop.to_onnx import export_onnx, graph_to_onnx
 from kiln.ir import GraphBuilder, KilnError, TensorType, UnsupportedOpError, parse_graph
+from kiln.zoo import ZOO, get_model
 
 _HERE = pathlib.Path(__file__).parent
 _spec = importlib.util.spec_from_file_location("onnx_export_cases",
-                                               _HERE / "test_onnx_export.py")
+                                               _HERE.parent / "interop" / "test_onnx_export.py")
 _export_cases = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_export_cases)
 EXPORT_CASES = _export_cases.CASES

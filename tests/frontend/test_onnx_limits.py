@@ -322,8 +322,8 @@ def test_deep_elementwise_chain_imports_and_compiles() -> None:
     """20,000 alternating Add / Relu: no recursion by depth in the importer or the compiler,
     and no work per node that grows with the graph (naming values by a set of every name per
     call took 20 s to import; now 1 s). It compiles for the CPU and runs right."""
+    from kiln.api import optimize
     from kiln.backends.llvm import compile_graph
-    from kiln.frontend.api import optimize
 
     depth = 20_000
     nodes = [N("Add", [f"v{i - 1}" if i else "x", "c"], [f"v{i}"]) if i % 2 == 0 else

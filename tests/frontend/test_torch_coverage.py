@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import kiln
-from kiln.frontend.to_onnx import export_onnx
-from kiln.frontend.to_torch import run_torch
 from kiln.frontend.trace import FrontendFallbackWarning, trace_module
+from kiln.interop.to_onnx import export_onnx
+from kiln.interop.to_torch import run_torch
 from kiln.ir import KilnError, UnsupportedOpError
 from kiln.passes.fusion import plan_fusion
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kiln.backends.reference import run_graph
-from kiln.frontend.to_torch import run_torch
+from kiln.interop.to_torch import run_torch
 from kiln.ir import DType, Graph, GraphBuilder, KilnError, TensorType, get_op, infer_types
 from kiln.ir import run_reference as reference_op
 

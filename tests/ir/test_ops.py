@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from kiln.backends.reference import run_graph
-from kiln.frontend.to_torch import TORCH_IMPL, run_torch
+from kiln.interop.to_torch import TORCH_IMPL, run_torch
 from kiln.ir import DType, GraphBuilder, ShapeError, TensorType, all_ops, get_op
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import kiln
-from kiln.examples.models import ZOO, get_model
 from kiln.runtime.artifact import MAGIC, ArtifactError
+from kiln.zoo import ZOO, get_model
 
 PREFIX = struct.Struct("<8sIQ")
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import kiln
-from kiln.backends import artifact_format
-from kiln.examples.models import get_model
 from kiln.runtime.artifact import ArtifactError, read_image
+from kiln.runtime.artifact import format as artifact_format
+from kiln.zoo import get_model
 
 PREFIX = struct.Struct("<8sIQ")
 LEAD = PREFIX.size + 32

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import kiln
-from kiln.backends import artifact_format
-from kiln.examples.models import get_model
 from kiln.runtime.artifact import ArtifactError, read_image
+from kiln.runtime.artifact import format as artifact_format
+from kiln.zoo import get_model
 
 PREFIX = artifact_format.PREFIX
 LEAD = PREFIX.size + artifact_format.DIGEST_BYTES

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kiln.backends.cuda.artifact import (
+from kiln.ir import GraphBuilder, KilnError, TensorType
+from kiln.runtime import artifact as cpu_artifact
+from kiln.runtime.artifact.cuda import (
     CudaArtifactError,
     build_cuda_image,
     export_cuda,
@@ -29,8 +31,6 @@ from kiln.backends.cuda.artifact import (
     read_cuda_image,
     save_cuda_image,
 )
-from kiln.ir import GraphBuilder, KilnError, TensorType
-from kiln.runtime import artifact as cpu_artifact
 
 RNG = np.random.default_rng(5)
 _PREFIX = struct.Struct("<8sIQ")
@@ -163,7 +163,7 @@ EXPORT_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     import test_cuda_artifact
 
-    from kiln.backends.cuda.artifact import export_cuda
+    from kiln.runtime.artifact.cuda import export_cuda
 
     export_cuda(test_cuda_artifact.model_graph(), sys.argv[2], cc=(8, 0))
     try:

@@ -31,7 +31,7 @@ GPU_SCRIPT = textwrap.dedent("""
     import torch
 
     import kiln
-    from kiln.examples.models import ZOO, get_model
+    from kiln.zoo import ZOO, get_model
 
     for name in sorted(ZOO):
         model, inputs = get_model(name, batch=2)

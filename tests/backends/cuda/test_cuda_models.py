@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 import kiln
-from kiln.examples.models import get_model
-from kiln.examples.models._common import lecun_normal_init, randomize_norms, seeded
-from kiln.examples.models.bert import BertEncoder
-from kiln.examples.models.gpt2 import GPT2, CausalSelfAttention, ManualMaskCausalSelfAttention
-from kiln.examples.models.mobilenet import InvertedResidual, conv_bn_relu6
-from kiln.examples.models.resnet import BasicBlock
 from kiln.ir import KilnError
+from kiln.zoo import get_model
+from kiln.zoo._common import lecun_normal_init, randomize_norms, seeded
+from kiln.zoo.bert import BertEncoder
+from kiln.zoo.gpt2 import GPT2, CausalSelfAttention, ManualMaskCausalSelfAttention
+from kiln.zoo.mobilenet import InvertedResidual, conv_bn_relu6
+from kiln.zoo.resnet import BasicBlock
 
 
 def _close(got, expected) -> float:

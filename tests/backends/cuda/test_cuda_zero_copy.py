@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import kiln
-from kiln.examples.models import get_model
 from kiln.ir import KilnError
+from kiln.zoo import get_model
 
 
 def interface(a: np.ndarray) -> dict:

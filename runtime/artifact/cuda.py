@@ -1,6 +1,6 @@
 """CUDA artifacts: a compiled model as PTX plus everything needed to launch it, in one file.
 
-The container is every kiln artifact's (backends/artifact_format.py: magic, format, JSON
+The container is every kiln artifact's (runtime/artifact/format.py: magic, format, JSON
 header, checksummed parts) with ``"kind": "cuda"`` in the header, which the CPU loader refuses
 with a pointer here. The header holds the format and kiln version, the target compute
 capability, the input and output signature, the arena size, the launch table (per CUDA launch:
@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from kiln.backends.artifact_format import Validator, read_container, write_container
 from kiln.backends.cuda.device import PTX_ENTRY, cuda_device, ptx_entry, ptx_target, source_ptx
 from kiln.backends.cuda.launcher import LaunchPlan, PreparedLaunches
 from kiln.backends.cuda.schedule import GPU_TUNING, CudaTuning, render_scheduled
 from kiln.ir import Graph, KilnError, verify
 from kiln.ir import kernel as K
 from kiln.ir.types import DType
+from kiln.runtime.artifact.format import Validator, read_container, write_container
 
 KIND = "cuda"
 DEFAULT_CC = (8, 0)

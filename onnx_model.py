@@ -77,7 +77,7 @@ def _examples(inputs: list[tuple[str, torch.dtype, list]],
               example_inputs: Sequence[Any] | None) -> tuple[torch.Tensor, ...]:
     """The example tensors: the caller's, or zeros with every dynamic size 1."""
     if example_inputs is not None:
-        from kiln.frontend.api import example_tensors
+        from kiln.api import example_tensors
 
         return example_tensors(example_inputs, [n for n, _, _ in inputs])
     return tuple(torch.zeros([d if isinstance(d, int) else 1 for d in dims], dtype=dtype)
@@ -91,8 +91,8 @@ def compile_onnx(model: Any, example_inputs: Sequence[Any] | None = None, *,
     backend, pipeline, verify, check_numerics, threads, target and winograd. ``dynamic=False``
     refuses a file with dynamic dimensions (unless ``input_shapes`` fixes them);
     ``dynamic=True`` or None keeps the file's."""
-    from kiln.frontend.api import compile_graph
-    from kiln.frontend.dynamic import MAX_DIM, DynamicModel
+    from kiln.api import compile_graph
+    from kiln.dynamic import MAX_DIM, DynamicModel
 
     limit = onnx_import.tensor_byte_limit()
     proto, name = onnx_import._load(model, limit)

@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 
 from kiln.backends import backend_names
 from kiln.backends.reference import run_graph
-from kiln.frontend.compress import Compressed, compress_graph
+from kiln.compression.compress import Compressed, compress_graph
 from kiln.frontend.importer import TORCH_TO_DTYPE
 from kiln.frontend.trace import FRONTENDS, trace_module
 from kiln.ir import Graph, KilnError
@@ -205,7 +205,7 @@ def export(compiled: CompiledModel, path: str | os.PathLike | None = None, *,
            overwrite: bool = False, sign_key: Any = None) -> Path:
     """Write ``compiled`` (a ``kiln.compile`` result) as one artifact file at ``path`` that
     ``kiln.load`` runs without PyTorch: native code for this CPU (llvm backend), or PTX with
-    its launch table for NVIDIA GPUs (cuda backend; see ``kiln.backends.cuda.export_cuda``).
+    its launch table for NVIDIA GPUs (cuda backend; see ``kiln.runtime.artifact.cuda.export_cuda``).
     A ``DynamicModel`` (``kiln.compile(..., dynamic=...)``, llvm backend) is written with a
     program for every set of sizes it has compiled (call or ``specialize`` it at the sizes
     to ship first): the loaded model runs those sizes and refuses others with their list.
@@ -220,7 +220,7 @@ def export(compiled: CompiledModel, path: str | os.PathLike | None = None, *,
         KilnError: for something other than a compiled model, a missing or unusable path, or
             a model without code to export.
     """
-    from kiln.frontend.dynamic import DynamicModel
+    from kiln.dynamic import DynamicModel
 
     dynamic = None
     if isinstance(compiled, DynamicModel):
@@ -246,7 +246,7 @@ def export(compiled: CompiledModel, path: str | os.PathLike | None = None, *,
                         f"{type(path).__name__}", hint="kiln.export(compiled, 'model.kiln')")
     check_output_file(Path(path), overwrite)
     if compiled.backend == "cuda":
-        from kiln.backends.cuda.artifact import export_cuda
+        from kiln.runtime.artifact.cuda import export_cuda
 
         return export_cuda(compiled, path, overwrite=overwrite, sign_key=sign_key)
     program = compiled.executable.program
@@ -324,7 +324,7 @@ def compile(
     Args:
         model: an ``nn.Module`` in eval mode; or an ONNX model (a ``.onnx`` path or an
             ``onnx.ModelProto``), whose ``dim_param`` dimensions stay dynamic and whose
-            example inputs may be left out (see ``kiln.frontend.onnx_model``).
+            example inputs may be left out (see ``kiln.onnx_model``).
         example_inputs: a tuple of tensors (a single tensor is accepted too; required); the
             compiled model takes inputs of exactly these shapes and dtypes (float32, float16,
             int8, uint8, int32, int64 or bool: cast bfloat16 / float8 / float64 first).
@@ -363,7 +363,7 @@ def compile(
             ``{"input_ids": {0: "batch", 1: "seq"}}`` (dimensions with one name must be
             equal). A ``torch.export.Dim`` may stand for a name: its ``min`` and ``max``
             bound the size, and calls outside them get a KilnError. Returns a
-            ``kiln.frontend.dynamic.DynamicModel``, which compiles each new set of sizes on
+            ``kiln.dynamic.DynamicModel``, which compiles each new set of sizes on
             the call that first brings it (see its module docstring).
         input_shapes: for an ONNX model, ``{input name: shape}`` fixing dimensions the file
             leaves dynamic.
@@ -374,7 +374,7 @@ def compile(
             cannot take, an unknown backend, pipeline or frontend, or ``backend="cuda"`` with
             neither a GPU nor the simulator.
     """
-    from kiln.frontend.onnx_model import compile_onnx, is_onnx_model
+    from kiln.onnx_model import compile_onnx, is_onnx_model
 
     if is_onnx_model(model):
         if any(o is not None and o is not False for o in (prune, low_rank, distill, quantize)):
@@ -392,7 +392,7 @@ def compile(
     example_inputs = example_tensors(example_inputs, _parameter_names(model))
     _check_names(backend, pipeline, frontend)
     if dynamic is not None and dynamic is not False:
-        from kiln.frontend.dynamic import DynamicModel, normalize_dynamic
+        from kiln.dynamic import DynamicModel, normalize_dynamic
 
         names = _parameter_names(model)
         dims, bounds = normalize_dynamic(dynamic, example_inputs, names)
@@ -579,7 +579,7 @@ def compress(
             dict of ``low_rank`` options: ``energy``, ``param_ratio``,
             ``flops_target``, ``protect``, ``min_size``, ``multiple``.
         distill: None; True (3 epochs, lr 1e-3, temperature 4, alpha 0.9); or a dict of
-            ``kiln.frontend.distill.distill`` arguments (``epochs``, ``lr``, ``temperature``,
+            ``kiln.compression.distill.distill`` arguments (``epochs``, ``lr``, ``temperature``,
             ``alpha``, ``batch_size``, ``feature_pairs`` ...). Trains the pruned / factorized
             model against ``model`` on ``data`` (and ``labels`` when given).
         quantize: None; True (static int8 with percentile-99.99 calibration over at most 32

@@ -4,13 +4,13 @@ Stages, each only when asked for, in this order:
 
 1. cleanups that keep batch norms (their scales rank channels): fold_constants,
    simplify_algebra, dce;
-2. ``prune``: structured channel pruning (passes/prune.py), Taylor scores from the data when
+2. ``prune``: structured channel pruning (compression/prune.py), Taylor scores from the data when
    the criterion is ``taylor``;
-3. ``low_rank``: SVD factorization of dense layers (passes/low_rank.py);
+3. ``low_rank``: SVD factorization of dense layers (compression/low_rank.py);
 4. ``distill``: knowledge distillation of the pruned / factorized student against the original
-   model on the data (frontend/distill.py);
+   model on the data (compression/distill.py);
 5. the O1 cleanups (batch norms fold into the layers);
-6. ``quantize``: int8 with activation ranges calibrated on the data (passes/quantize.py), then
+6. ``quantize``: int8 with activation ranges calibrated on the data (compression/quantize.py), then
    the layout cleanup and dce.
 
 Every stage is recorded (parameters, FLOPs, seconds, the graph after it) in the result's
@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from kiln.backends.reference import run_graph
+from kiln.compression.calibration import RangeObserver
+from kiln.compression.prune import graph_flops
+from kiln.compression.quantize import calibration_values
 from kiln.ir import Graph, KilnError, verify
 from kiln.passes import PassContext, PassManager, Verify, get_pass, get_pipeline
-from kiln.passes.calibration import RangeObserver
 from kiln.passes.dce import remove_dead
-from kiln.passes.prune import graph_flops
-from kiln.passes.quantize import calibration_values
 from kiln.passes.target import Target
 
 log = logging.getLogger("kiln.compress")
@@ -205,7 +205,7 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
         t0 = time.perf_counter()
         prune_o.setdefault("multiple", prune_multiple)
         if prune_o.get("criterion") == "taylor" and "scores" not in prune_o:
-            from kiln.frontend.prune_scores import taylor_scores
+            from kiln.compression.prune_scores import taylor_scores
 
             prune_o["scores"] = taylor_scores(g, _batches(data, g, 16), labels)
         g = _run(g, ["prune_channels"], {f"prune_channels.{k}": v for k, v in prune_o.items()})
@@ -215,7 +215,7 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
         g = _run(g, ["low_rank"], {f"low_rank.{k}": v for k, v in low_rank_o.items()})
         _record(result, "low-rank", g, t0)
     if distill_o is not None:
-        from kiln.frontend.distill import distill as run_distill
+        from kiln.compression.distill import distill as run_distill
 
         if teacher is None:
             raise KilnError("distillation needs the original model as teacher")

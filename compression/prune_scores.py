@@ -1,6 +1,6 @@
 """First-order Taylor importance of prunable channels, computed with PyTorch autograd.
 
-The pruning pass (kiln.passes.prune) must not import torch, so gradient-based scores are made
+The pruning pass (kiln.compression.prune) must not import torch, so gradient-based scores are made
 here and handed to it as the option ``prune_channels.scores``:
 
     scores = taylor_scores(graph, batches)
@@ -23,9 +23,9 @@ import torch.fx
 import torch.nn.functional as F
 
 from kiln.backends.reference import check_inputs
-from kiln.frontend.to_torch import TORCH_IMPL, graph_to_module
+from kiln.compression.channel_groups import find_channel_groups
+from kiln.interop.to_torch import TORCH_IMPL, graph_to_module
 from kiln.ir import Graph, KilnError
-from kiln.passes.channel_groups import find_channel_groups
 
 LossFn = Callable[[tuple[torch.Tensor, ...], Any], torch.Tensor]
 
@@ -59,8 +59,8 @@ def _fx_nodes(graph: Graph, module: torch.fx.GraphModule) -> dict[str, torch.fx.
         if current is None or TORCH_IMPL.get(current.op) is not fxn.target:
             raise KilnError("the torch module does not follow the graph node by node",
                             node=current.name if current else None,
-                            hint="kiln.frontend.to_torch.graph_to_module changed; update "
-                                 "kiln.frontend.prune_scores")
+                            hint="kiln.interop.to_torch.graph_to_module changed; update "
+                                 "kiln.compression.prune_scores")
         if len(current.outputs) == 1:
             found[current.outputs[0]] = fxn
     return found

@@ -9,10 +9,10 @@ import pytest
 from passes_testlib import fingerprint
 
 from kiln.backends.reference import run_graph
+from kiln.compression.calibration import RangeObserver, entropy_threshold
+from kiln.compression.quantize import activation_qparams, weight_qparams
 from kiln.ir import GraphBuilder, KilnError, TensorType, print_graph, verify
 from kiln.passes import PassContext, get_pass
-from kiln.passes.calibration import RangeObserver, entropy_threshold
-from kiln.passes.quantize import activation_qparams, weight_qparams
 
 
 def tiny():

@@ -1,7 +1,7 @@
 """Post-training static int8 quantization: conv / linear -> qconv / qlinear.
 
 Needs calibrated activation ranges (``quantize_int8.ranges``: value name -> (min, max), made
-by ``kiln.passes.calibration`` from data the user passes to ``kiln.compress``). For every 2-d
+by ``kiln.compression.calibration`` from data the user passes to ``kiln.compress``). For every 2-d
 conv (one group) and linear with constant weights whose input has a range:
 
 - weights become i8, symmetric, one scale per output channel (max |w| -> ``weight_max``:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from kiln.frontend.to_torch import TORCH_DTYPE, graph_to_module
+from kiln.interop.to_torch import TORCH_DTYPE, graph_to_module
 from kiln.ir import Graph, KilnError, verify
 
 TRAINED_OPERANDS: dict[str, tuple[int, ...]] = {

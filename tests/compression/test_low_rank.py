@@ -10,12 +10,12 @@ import pytest
 import torch
 from passes_testlib import fingerprint, random_inputs, run_pass
 
-import kiln.passes.low_rank as low_rank
+import kiln.compression.low_rank as low_rank
 from kiln.backends.reference import run_graph
-from kiln.examples.models import ZOO, get_model
 from kiln.frontend.trace import trace_module
 from kiln.ir import Graph, GraphBuilder, KilnError, TensorType, print_graph, verify
 from kiln.passes import LOSSY, PassContext, get_pass
+from kiln.zoo import ZOO, get_model
 
 LowRank = low_rank.LowRank
 

@@ -17,14 +17,8 @@ from passes_testlib import fingerprint, random_inputs
 
 from kiln.backends.llvm.compiler import compile_graph
 from kiln.backends.reference import run_graph
-from kiln.examples.models import ZOO, get_model
-from kiln.frontend.prune_scores import taylor_scores
-from kiln.frontend.trace import trace_module
-from kiln.ir import Graph, GraphBuilder, KilnError, TensorType, print_graph, verify
-from kiln.passes import PassContext, run_pipeline
-from kiln.passes.channel_groups import find_channel_groups
-from kiln.passes.instruments import compare_arrays
-from kiln.passes.prune import (
+from kiln.compression.channel_groups import find_channel_groups
+from kiln.compression.prune import (
     PruneChannels,
     element_mask,
     graph_flops,
@@ -33,6 +27,12 @@ from kiln.passes.prune import (
     rewrite,
     unit_scores,
 )
+from kiln.compression.prune_scores import taylor_scores
+from kiln.frontend.trace import trace_module
+from kiln.ir import Graph, GraphBuilder, KilnError, TensorType, print_graph, verify
+from kiln.passes import PassContext, run_pipeline
+from kiln.passes.instruments import compare_arrays
+from kiln.zoo import ZOO, get_model
 
 
 def prune(graph: Graph, **options) -> Graph:

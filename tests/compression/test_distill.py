@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kiln.passes.low_rank as low_rank
-from kiln.frontend.distill import distill
-from kiln.frontend.to_torch import graph_to_module, run_torch
+import kiln.compression.low_rank as low_rank
+from kiln.compression.distill import distill
 from kiln.frontend.trace import trace_module
+from kiln.interop.to_torch import graph_to_module, run_torch
 from kiln.ir import Graph, KilnError, verify
 from kiln.passes import PassContext
 

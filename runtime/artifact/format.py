@@ -1,5 +1,5 @@
 """The container every kiln artifact uses (CPU: runtime/artifact.py, CUDA:
-backends/cuda/artifact.py). All integers little-endian:
+runtime/artifact/cuda.py). All integers little-endian:
 
     b"KILNART\\0"  u32 format  u64 header length  SHA-256 of the header  header (JSON, UTF-8)
     data  [signature block]
@@ -42,9 +42,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kiln.backends import artifact_signing
 from kiln.ir import KilnError
 from kiln.ir.types import DType
+from kiln.runtime.artifact import signing as artifact_signing
 
 MAGIC = b"KILNART\0"
 FORMAT = 2

@@ -16,8 +16,8 @@ import torch
 
 import kiln
 from kiln.debug.cli import main
-from kiln.examples.models import get_model
-from kiln.runtime.c_export import export_c, find_c_compiler
+from kiln.interop.c_library import export_c, find_c_compiler
+from kiln.zoo import get_model
 
 EXAMPLE = Path(kiln.__file__).parent / "examples" / "c" / "run_model.c"
 CC = find_c_compiler()
@@ -149,8 +149,8 @@ def test_cli_onnx_format(tmp_path: Path, capsys, monkeypatch) -> None:
     path = tmp_path / "mlp.onnx"
     assert main(["export", "mlp", "-o", str(path), "--format", "onnx"]) == 0
     assert path.stat().st_size > 0
-    # Without kiln.frontend.to_onnx the command says so instead of a traceback.
-    monkeypatch.setitem(sys.modules, "kiln.frontend.to_onnx", None)
+    # Without kiln.interop.to_onnx the command says so instead of a traceback.
+    monkeypatch.setitem(sys.modules, "kiln.interop.to_onnx", None)
     assert main(["export", "mlp", "-o", str(tmp_path / "b.onnx"), "--format", "onnx"]) == 2
     assert "ONNX export is not available" in capsys.readouterr().err
 

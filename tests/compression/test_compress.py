@@ -11,9 +11,9 @@ import torch
 import kiln
 from kiln.backends.llvm import compile_graph
 from kiln.backends.reference import run_graph
-from kiln.examples.models import get_model
+from kiln.compression.prune import graph_flops
 from kiln.passes import get_pass
-from kiln.passes.prune import graph_flops
+from kiln.zoo import get_model
 
 
 def batches(inputs, count: int = 4, seed: int = 0):

@@ -1,7 +1,7 @@
 """Ahead-of-time artifacts: one file holding a compiled model, loadable without PyTorch.
 
 The container (magic, format, sealed JSON header, checksummed parts, optional Ed25519
-signature) is backends/artifact_format.py. The header is the manifest: format and kiln
+signature) is runtime/artifact/format.py. The header is the manifest: format and kiln
 version, target triple and CPU features, input and output names/dtypes/shapes, the pipeline
 that produced the model, the arena size, the kernel table, and for every part of the data
 (object code, constant blob, constant outputs) its offset, size and SHA-256, and which inputs
@@ -29,15 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from kiln.backends.artifact_format import (
+from kiln.ir import KilnError
+from kiln.ir.types import DType
+from kiln.runtime.artifact.format import (
     MAGIC,
     Validator,
     peek_kind,
     read_container,
     write_container,
 )
-from kiln.ir import KilnError
-from kiln.ir.types import DType
 
 __all__ = ["MAGIC", "ArtifactError", "LoadedModel", "load", "read_image", "read_images",
            "save"]
@@ -281,7 +281,7 @@ def read_images(path: str | os.PathLike | bytes, trusted_keys: Any = None
     loaded or run. ``trusted_keys``: see ``load``."""
     header, blobs = read_container(
         path, _fail, ArtifactError, "cpu", ("code", "consts"),
-        lambda kind: "load a CUDA artifact with kiln.backends.cuda.load_cuda(path)",
+        lambda kind: "load a CUDA artifact with kiln.runtime.artifact.cuda.load_cuda(path)",
         trusted_keys=trusted_keys)
     target = _check_cpu(header.get("target"))
     first = _program_image(header, blobs, "", target)
@@ -379,7 +379,7 @@ def load(path: str | os.PathLike | bytes, threads: int = 0, trusted_keys: Any = 
             raise KilnError(f"{path} is a CUDA artifact: threads={threads} applies to CPU "
                             "artifacts only", hint="call kiln.load(path) without threads")
         try:
-            from kiln.backends.cuda.artifact import load_cuda
+            from kiln.runtime.artifact.cuda import load_cuda
         except ModuleNotFoundError as e:
             raise KilnError(f"{path} is a CUDA artifact, and loading it needs {e.name}",
                             hint="pip install 'kiln[cuda]' on a machine with a CUDA GPU"

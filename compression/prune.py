@@ -1,6 +1,6 @@
 """Structured pruning: remove whole channels (and attention heads) so the graph gets smaller.
 
-``find_channel_groups`` (kiln.passes.channel_groups) says which channels must go together; this
+``find_channel_groups`` (kiln.compression.channel_groups) says which channels must go together; this
 pass scores each group's units, decides how many to keep, and rewrites the graph with new,
 smaller constants: the pruned filters, per-channel constants and consumer input columns are
 gone, reshape/split/slice/expand/groups attributes count the kept channels, and every type is
@@ -17,7 +17,7 @@ Options (``ctx.option("prune_channels", key, default)``):
   batch_norm right after the producer; l1 where there is none) or ``taylor`` (scores given in
   ``scores``).
 - ``scores`` (None; also read from ``prune.scores``): {producer output value: per-channel
-  scores}, e.g. from ``kiln.frontend.prune_scores.taylor_scores``. Scores are summed over the
+  scores}, e.g. from ``kiln.compression.prune_scores.taylor_scores``. Scores are summed over the
   members of a unit.
 - ``protect`` (()): node, value or constant names whose channels must stay: every group
   touching one of them is left whole.
@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from kiln.compression.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_groups
 from kiln.ir import Graph, KilnError, Node, TensorType, get_op, infer_types
 from kiln.passes.base import LOSSY, ErrorBudget, Pass, PassContext, PassResult, register_pass
-from kiln.passes.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_groups
 
 PASS_NAME = "prune_channels"
 CRITERIA = ("l1", "l2", "bn_scale", "taylor")
@@ -66,7 +66,7 @@ def channel_scores(graph: Graph, group: ChannelGroup, criterion: str,
             if given is None:
                 raise KilnError(f"criterion 'taylor' needs scores for %{src.value}",
                                 node=src.node, op=src.op,
-                                hint="compute them with kiln.frontend.prune_scores."
+                                hint="compute them with kiln.compression.prune_scores."
                                      "taylor_scores and pass them as option "
                                      "prune_channels.scores")
             out[src.node] = np.abs(np.asarray(given, np.float64))
@@ -411,7 +411,7 @@ class PruneChannels(Pass):
     magnitude. The error budget below (|new - old| <= 2 max|old| + |old|) is therefore a loose
     bound meaning "outputs of the same order as before", checked on the zoo at 30% by the
     tests; larger ratios can exceed it. It is no accuracy promise: fine-tune the pruned graph
-    (``kiln.frontend.to_torch.graph_to_module``) to recover accuracy. Options are described in
+    (``kiln.interop.to_torch.graph_to_module``) to recover accuracy. Options are described in
     this module's docstring.
     """
 

@@ -13,9 +13,9 @@ import torch
 
 import kiln
 from kiln.backends.reference import run_graph
-from kiln.examples.models import ZOO, get_model
-from kiln.frontend.to_onnx import ONNX_IMPL, export_onnx, graph_to_onnx
+from kiln.interop.to_onnx import ONNX_IMPL, export_onnx, graph_to_onnx
 from kiln.ir import DType, Graph, GraphBuilder, KilnError, TensorType, all_ops
+from kiln.zoo import ZOO, get_model
 
 RNG_SEED = 0
 

@@ -400,7 +400,7 @@ class LowRank(Pass):
     GPT-2 block) and 0.4 to 0.74 (MobileNetV2, ResNet-18), which a NumericCheck reports as over
     budget. Trained weights have faster-falling spectra; either way, check the result
     (``kiln.optimize`` with ``check_inputs``) and fine-tune it where needed
-    (``kiln.frontend.distill``).
+    (``kiln.compression.distill``).
     """
 
     name = PASS_NAME

@@ -60,3 +60,19 @@ class ParseError(KilnError):
 
 class NumericsError(KilnError):
     """A stage's outputs left the tolerance against the previous stage."""
+
+
+REPORT_HINT = ("this is a kiln bug, not a mistake in your model: please report it with a "
+               "reproducer; `kiln minify MODEL --backend llvm` (or kiln.debug.minify) shrinks "
+               "the failing graph to a few nodes and writes one")
+
+
+class InternalError(KilnError):
+    """A kiln bug: the compiler broke one of its own invariants (invalid kernel IR, invalid
+    LLVM IR, a schedule that cannot be generated). Its hint says so and how to report it; a
+    subclass of KilnError, so callers that handle kiln's errors handle it too."""
+
+    def __init__(self, message: str, *, node: str | None = None, op: str | None = None,
+                 source: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, node=node, op=op, source=source,
+                         hint=f"{hint}; {REPORT_HINT}" if hint else REPORT_HINT)

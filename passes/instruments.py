@@ -46,6 +46,11 @@ class Timing(Instrument):
         self.records.append(PassTiming(index, pass_.name, seconds, len(before.nodes),
                                        len(after.nodes), result.changed))
 
+    def after_stage(self, stage, before, after, index: int, seconds: float) -> None:
+        """Record a kernel or code stage (its node counts are the graph's, unchanged)."""
+        n = len(after.graph.nodes)
+        self.records.append(PassTiming(index, stage.name, seconds, n, n, True))
+
     @property
     def total_seconds(self) -> float:
         """Time spent in passes."""
@@ -71,9 +76,9 @@ class DumpIR(Instrument):
         self.directory = Path(directory)
         self.files: list[Path] = []
 
-    def _write(self, filename: str, graph: Graph) -> None:
+    def _write(self, filename: str, graph: Graph | str) -> None:
         path = self.directory / filename
-        path.write_text(print_graph(graph))
+        path.write_text(graph if isinstance(graph, str) else print_graph(graph))
         self.files.append(path)
 
     def begin(self, graph: Graph) -> None:
@@ -86,6 +91,11 @@ class DumpIR(Instrument):
                    index: int, seconds: float) -> None:
         """Dump the pass's output graph."""
         self._write(f"{index + 1:03d}_{pass_.name}.txt", after)
+
+    def after_stage(self, stage, before, after, index: int, seconds: float) -> None:
+        """Dump the stage's output: the fusion plan, kernel IR, the memory plan, or code
+        (LLVM IR, CUDA source)."""
+        self._write(f"{index + 1:03d}_{stage.name}.txt", stage.text(after))
 
 
 # ---- verification ----------------------------------------------------------------------------
@@ -131,6 +141,14 @@ class Verify(Instrument):
             raise VerificationError(f"after pass {pass_.name}: {e.message}", node=e.node,
                                     op=e.op, source=e.source,
                                     hint="dump the IR (DumpIR) to see what the pass made") from e
+
+
+    def after_stage(self, stage, before, after, index: int, seconds: float) -> None:
+        """Verify every kernel after a kernel stage (InternalError: a kiln bug)."""
+        from kiln.passes.compile import KERNEL, verify_kernels
+
+        if stage.level == KERNEL:
+            verify_kernels(after)
 
 
 # ---- numeric checks --------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 from kiln.ir import Graph
@@ -23,6 +22,11 @@ class Instrument:
                    index: int, seconds: float) -> None:
         """Called after pass ``index`` turned ``before`` into ``after`` in ``seconds``."""
 
+    def after_stage(self, stage, before, after, index: int, seconds: float) -> None:
+        """Called after a stage that is not a graph pass (fusion, lowering, a schedule, the
+        memory plan, codegen: ``kiln.passes.compile``) turned Compilation ``before`` into
+        ``after``."""
+
     def end(self, graph: Graph) -> None:
         """Called once with the pipeline's final graph."""
 
@@ -36,22 +40,13 @@ class PassManager:
         self.instruments: list[Instrument] = list(instruments)
 
     def run(self, graph: Graph, ctx: PassContext | None = None) -> Graph:
-        """Run every pass in order on ``graph`` (left untouched); return the final graph."""
+        """Run every pass in order on ``graph`` (left untouched); return the final graph. The
+        driver is ``kiln.passes.compile.run_stages``, the one every pipeline uses."""
+        from kiln.passes.compile import Compilation, GraphPassStage, run_stages
+
         ctx = ctx if ctx is not None else PassContext()
-        for inst in self.instruments:
-            inst.begin(graph)
-        for index, pass_ in enumerate(self.passes):
-            for inst in self.instruments:
-                inst.before_pass(pass_, graph, index)
-            start = time.perf_counter()
-            result = pass_.run(graph, ctx)
-            seconds = time.perf_counter() - start
-            for inst in self.instruments:
-                inst.after_pass(pass_, graph, result.graph, result, index, seconds)
-            graph = result.graph
-        for inst in self.instruments:
-            inst.end(graph)
-        return graph
+        stages = [GraphPassStage(p, ctx) for p in self.passes]
+        return run_stages(Compilation(graph), stages, self.instruments).graph
 
     def __repr__(self) -> str:
         return f"PassManager([{', '.join(p.name for p in self.passes)}])"

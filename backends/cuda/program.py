@@ -31,9 +31,9 @@ from kiln.backends.cuda.schedule import GPU_TUNING, SIM_TUNING, CudaTuning, rend
 from kiln.backends.kernel_profile import KernelProfile
 from kiln.ir import Graph, KilnError, verify
 from kiln.ir import kernel as K
-from kiln.passes.lower import KernelStep, LoweredGraph, lower_graph
-from kiln.passes.memory_plan import MemoryPlan, Storage, plan_memory
-from kiln.passes.vectorize import schedule_kernel
+from kiln.passes.compile import CODE, Compilation, Stage, compile_kernels, register_stage
+from kiln.passes.lower import KernelStep, LoweredGraph
+from kiln.passes.memory_plan import MemoryPlan, Storage
 
 
 class LaunchInfo(NamedTuple):
@@ -344,6 +344,50 @@ def _device_empty(cuda, n: int, dtype) -> Any:
     return cuda.device_array(max(n, 1), dtype)[:n]
 
 
+@register_stage
+class CudaSource(Stage):
+    """Kernel IR -> numba.cuda source, one function per launch, with the launch schedules of
+    ``tuning`` (default: the GPU's)."""
+
+    name = "cuda_source"
+    description = "render every kernel as numba.cuda source with its launch schedules"
+    level = CODE
+
+    def __init__(self, tuning: CudaTuning | None = None) -> None:
+        self.tuning = tuning or GPU_TUNING
+
+    def apply(self, c: Compilation) -> Compilation:
+        sources = [render_scheduled(step.kernel, self.tuning) for step in c.lowered.steps]
+        return c.with_code("\n".join(src.text for src in sources), cuda_sources=sources)
+
+
+@register_stage
+class Ptx(Stage):
+    """numba.cuda source -> PTX for compute capability ``cc`` (needs libNVVM, no GPU)."""
+
+    name = "ptx"
+    description = "compile every CUDA kernel to PTX (numba's compiler, libNVVM)"
+    level = CODE
+
+    def __init__(self, cc: tuple[int, int] = (8, 0), compile_ptx=None) -> None:
+        self.cc = cc
+        self.compile_ptx = compile_ptx or source_ptx
+
+    def apply(self, c: Compilation) -> Compilation:
+        ptx: dict[str, str] = {}
+        for src in c.code["cuda_sources"]:
+            ptx.update(self.compile_ptx(src.text, src.kernel.name, self.cc))
+        return c.with_code("\n".join(ptx.values()), ptx=ptx)
+
+
+def cuda_stages(width: int = 1) -> list[str]:
+    """The shared kernel pipeline as the CUDA backend runs it: scalar kernels (width 1, the
+    GPU's natural form) are not scheduled; a CPU width schedules them as the CPU would."""
+    from kiln.passes.compile import kernel_stages
+
+    return kernel_stages(schedule=width > 1)
+
+
 def compile_graph_cuda(graph: Graph, *, width: int = 1,
                        tuning: CudaTuning | None = None) -> CudaProgram:
     """Compile ``graph`` to numba.cuda kernels.
@@ -366,17 +410,13 @@ def compile_graph_cuda(graph: Graph, *, width: int = 1,
     device = cuda_device()
     verify(graph)
     t0 = time.perf_counter()
-    lowered = lower_graph(graph, width=width)
-    if width > 1:
-        for step in lowered.steps:
-            step.kernel = schedule_kernel(step.kernel, width)
-    plan = plan_memory(lowered)
+    c = compile_kernels(graph, width=width, schedule=width > 1)
     t1 = time.perf_counter()
     if tuning is None:
         tuning = SIM_TUNING if device.simulated else GPU_TUNING
-    sources = [render_scheduled(step.kernel, tuning) for step in lowered.steps]
+    c = CudaSource(tuning).apply(c)
     t2 = time.perf_counter()
-    program = CudaProgram(graph, lowered, plan, sources, device, {})
+    program = CudaProgram(graph, c.lowered, c.memory, c.code["cuda_sources"], device, {})
     t3 = time.perf_counter()
     program.timings.update(lower=t1 - t0, codegen=t2 - t1, jit=t3 - t2)
     return program
@@ -419,12 +459,9 @@ def compile_graph_ptx(graph: Graph, *, cc: tuple[int, int] = (8, 0), width: int 
     It checks, on any machine with the toolkit, that the generated kernels type and compile
     for a real device."""
     verify(graph)
-    lowered = lower_graph(graph, width=width)
-    out: dict[str, str] = {}
-    for step in lowered.steps:
-        kernel = schedule_kernel(step.kernel, width) if width > 1 else step.kernel
-        out.update(source_ptx(render_scheduled(kernel, tuning).text, kernel.name, cc))
-    return out
+    c = compile_kernels(graph, width=width, schedule=width > 1,
+                        code_stages=[CudaSource(tuning), Ptx(cc)])
+    return c.code["ptx"]
 
 
 def compile_graph(graph: Graph, threads: int = 0) -> CudaProgram:

@@ -30,12 +30,20 @@ from kiln.backends.llvm.threads import ThreadChooser
 from kiln.ir import DType, Graph, KilnError, verify
 from kiln.ir.kernel import Kernel, structure_key
 from kiln.ir.ops.index import index_operands
-from kiln.passes.lower import LoweredGraph, lower_graph
-from kiln.passes.memory_plan import MemoryPlan, plan_memory  # noqa: F401
+from kiln.passes.compile import (
+    CODE,
+    Compilation,
+    Stage,
+    compile_kernels,
+    kernel_stages,
+    register_stage,
+)
+from kiln.passes.instruments import Timing
+from kiln.passes.lower import LoweredGraph
+from kiln.passes.memory_plan import MemoryPlan
 from kiln.passes.target import Target, host_caches, target_from_env
 from kiln.passes.tuning import DEFAULT as DEFAULT_TUNING
 from kiln.passes.tuning import Tuning
-from kiln.passes.vectorize import schedule_kernel
 
 
 @functools.cache
@@ -447,41 +455,91 @@ def _target_machine(target: Target):
         cpu=target.cpu, features=target.features, opt=3, reloc="pic", codemodel="large")
 
 
-def build_image(graph: Graph, target: Target, tuning: Tuning = DEFAULT_TUNING
-                ) -> tuple[ProgramImage, LoweredGraph, str, dict]:
-    """Lower, schedule, plan, generate and optimize: the whole compilation of ``graph``."""
+@register_stage
+class LlvmIR(Stage):
+    """Kernel IR -> one LLVM module: every kernel (identical ones once), the ``kiln_run``
+    entry that calls them with their buffers, and the signature record."""
+
+    name = "llvm_ir"
+    description = "generate LLVM IR: every kernel, the kiln_run entry, the signature record"
+    level = CODE
+
+    def apply(self, c: Compilation) -> Compilation:
+        plan, lowered, g = c.memory, c.lowered, c.graph
+        m = ModuleBuilder(c.target)
+        calls = []
+        # Kernels of identical layers (same loops over the same buffer shapes: ResNet's
+        # repeated blocks, BERT's 12 layers) are emitted once and called with each layer's
+        # buffers; LLVM's time grows with the code, not with the number of calls.
+        emitted: dict[str, Kernel] = {}
+        for t, step in enumerate(lowered.steps):
+            kernel = emitted.setdefault(structure_key(step.kernel), step.kernel)
+            if kernel is step.kernel:
+                emit_kernel(m, kernel)
+            calls.append((kernel, _bindings(step, t, plan)))
+        emit_entry(m, calls)
+        # What the code was generated for, in the code itself: a loader compares it with the
+        # header or manifest that comes with the code (objcheck.py).
+        m.functions.append(signature_global(encode_signature(
+            plan.arena_bytes, np.asarray(plan.const_blob).nbytes, len(calls),
+            _signature(g, g.inputs), _signature(g, g.outputs))))
+        text = m.text()
+        return c.with_code(text, llvm_ir=text)
+
+
+@register_stage
+class LlvmOptimize(Stage):
+    """LLVM's -O3 (new pass manager) for the target CPU."""
+
+    name = "llvm_opt"
+    description = "verify and optimize the LLVM module at -O3 for the target CPU"
+    level = CODE
+
+    def apply(self, c: Compilation) -> Compilation:
+        mod, tm = optimize_module(c.code["llvm_ir"], c.target)
+        return c.with_code("", llvm_module=mod, target_machine=tm)
+
+    def text(self, c: Compilation) -> str:
+        """The optimized module (printed only when a dump asks for it)."""
+        return str(c.code["llvm_module"])
+
+
+@register_stage
+class ObjectCode(Stage):
+    """Machine code: the optimized module emitted as a relocatable object."""
+
+    name = "object"
+    description = "emit the optimized module as object code"
+    level = CODE
+
+    def apply(self, c: Compilation) -> Compilation:
+        obj = bytes(c.code["target_machine"].emit_object(c.code["llvm_module"]))
+        return c.with_code("", object=obj)
+
+    def text(self, c: Compilation) -> str:
+        """The machine code as assembly (generated only when a dump asks for it)."""
+        return (f"; object code for {c.target.cpu} ({c.target.triple}): "
+                f"{len(c.code['object'])} bytes\n"
+                + c.code["target_machine"].emit_assembly(c.code["llvm_module"]))
+
+
+CODEGEN = ("llvm_ir", "llvm_opt", "object")
+"""The LLVM backend's stages after the shared kernel pipeline."""
+
+
+def _signature(g: Graph, names) -> list[tuple[str, str, tuple[int, ...]]]:
+    return [(n, g.types[n].dtype.value, g.types[n].shape) for n in names]
+
+
+def build_image(graph: Graph, target: Target, tuning: Tuning = DEFAULT_TUNING,
+                instruments=()) -> tuple[ProgramImage, LoweredGraph, str, dict]:
+    """The whole compilation of ``graph`` through the shared pipeline (``compile_kernels``):
+    fusion, lowering, scheduling, memory plan, then LLVM IR, -O3 and object code."""
     verify(graph)
-    t0 = time.perf_counter()
-    lowered = lower_graph(graph, width=target.f32_lanes, target=target, tuning=tuning)
-    for step in lowered.steps:
-        step.kernel = schedule_kernel(step.kernel, target.f32_lanes, tuning)
-    plan = plan_memory(lowered)
-    t1 = time.perf_counter()
-    m = ModuleBuilder(target)
-    calls = []
-    # Kernels of identical layers (same loops over the same buffer shapes: ResNet's repeated
-    # blocks, BERT's 12 layers) are emitted once and called with each layer's buffers; LLVM's
-    # time grows with the code, not with the number of calls.
-    emitted: dict[str, Kernel] = {}
-    for t, step in enumerate(lowered.steps):
-        kernel = emitted.setdefault(structure_key(step.kernel), step.kernel)
-        if kernel is step.kernel:
-            emit_kernel(m, kernel)
-        calls.append((kernel, _bindings(step, t, plan)))
-    emit_entry(m, calls)
-    g = graph
-    inputs = [(n, g.types[n].dtype.value, g.types[n].shape) for n in g.inputs]
-    outputs = [(n, g.types[n].dtype.value, g.types[n].shape) for n in g.outputs]
-    # What the code was generated for, in the code itself: a loader compares it with the
-    # header or manifest that comes with the code (objcheck.py).
-    m.functions.append(signature_global(encode_signature(
-        plan.arena_bytes, np.asarray(plan.const_blob).nbytes, len(calls), inputs, outputs)))
-    ir_text = m.text()
-    t2 = time.perf_counter()
-    mod, tm = optimize_module(ir_text, target)
-    t3 = time.perf_counter()
-    obj = tm.emit_object(mod)
-    t4 = time.perf_counter()
+    timing = Timing()
+    c = compile_kernels(graph, width=target.f32_lanes, target=target, tuning=tuning,
+                        code_stages=CODEGEN, instruments=[timing, *instruments])
+    plan, lowered, g = c.memory, c.lowered, graph
     copies, copy_consts = {}, {}
     for j, src in plan.output_copies.items():
         if src in g.inputs:
@@ -498,12 +556,15 @@ def build_image(graph: Graph, target: Target, tuning: Tuning = DEFAULT_TUNING
               "bytes": int(sum(b.nbytes for b in s.kernel.params if b.name not in s.temps))}
              for s in lowered.steps]
     image = ProgramImage(
-        object_code=bytes(obj), const_blob=plan.const_blob, arena_bytes=plan.arena_bytes,
-        inputs=inputs, outputs=outputs, output_copies=copies, copy_constants=copy_consts,
-        steps=steps, index_checks=_index_checks(graph),
+        object_code=c.code["object"], const_blob=plan.const_blob, arena_bytes=plan.arena_bytes,
+        inputs=_signature(g, g.inputs), outputs=_signature(g, g.outputs), output_copies=copies,
+        copy_constants=copy_consts, steps=steps, index_checks=_index_checks(graph),
         target=target.to_dict())
-    timings = {"lower": t1 - t0, "codegen": t2 - t1, "optimize": t3 - t2, "emit": t4 - t3}
-    return image, lowered, ir_text, timings
+    seconds = {r.name: r.seconds for r in timing.records}
+    timings = {"lower": sum(seconds.get(n, 0.0) for n in kernel_stages()),
+               "codegen": seconds["llvm_ir"], "optimize": seconds["llvm_opt"],
+               "emit": seconds["object"]}
+    return image, lowered, c.code["llvm_ir"], timings
 
 
 # Ops whose output holds only values of their (first) input: an index traced back through them

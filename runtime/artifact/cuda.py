@@ -31,7 +31,7 @@ import numpy as np
 
 from kiln.backends.cuda.device import PTX_ENTRY, cuda_device, ptx_entry, ptx_target, source_ptx
 from kiln.backends.cuda.launcher import LaunchPlan, PreparedLaunches
-from kiln.backends.cuda.schedule import GPU_TUNING, CudaTuning, render_scheduled
+from kiln.backends.cuda.schedule import GPU_TUNING, CudaTuning
 from kiln.ir import Graph, KilnError, verify
 from kiln.ir import kernel as K
 from kiln.ir.types import DType
@@ -118,8 +118,7 @@ def default_cc() -> tuple[int, int]:
 def _lowered(source: Any):
     """(graph, lowered graph, memory plan) of a CompiledModel, CudaProgram or Graph."""
     from kiln.backends.cuda.program import CudaProgram
-    from kiln.passes.lower import lower_graph
-    from kiln.passes.memory_plan import plan_memory
+    from kiln.passes.compile import compile_kernels
 
     executable = getattr(source, "executable", None)
     if executable is not None:  # a kiln.compile result, for any backend: its graph will do
@@ -129,8 +128,8 @@ def _lowered(source: Any):
         return source.graph, source.lowered, source.plan
     if isinstance(source, Graph):
         verify(source)
-        lowered = lower_graph(source)
-        return source, lowered, plan_memory(lowered)
+        c = compile_kernels(source, schedule=False)
+        return source, c.lowered, c.memory
     raise KilnError(f"export_cuda takes a compiled model, a CudaProgram or a Graph, got "
                     f"{type(source).__name__}")
 
@@ -147,17 +146,20 @@ def build_cuda_image(source: Any, *, cc: tuple[int, int] | None = None,
     rendered with ``tuning`` and compiled to PTX for ``cc`` (default: this machine's GPU, else
     sm_80) by ``compile_ptx`` (numba's compiler; it needs libNVVM and a process without the
     simulator)."""
-    from kiln.backends.cuda.program import param_storage
+    from kiln.backends.cuda.program import CudaSource, Ptx, param_storage
+    from kiln.passes.compile import Compilation, run_stages
 
     graph, lowered, plan = _lowered(source)
     major, minor = cc or default_cc()
     target = (int(major), int(minor))
+    # The code stages of the shared pipeline, on the kernels the model was compiled to.
+    code = run_stages(Compilation(graph, lowered=lowered, memory=plan),
+                      [CudaSource(tuning), Ptx(target, compile_ptx)]).code
     launches: list[LaunchEntry] = []
     ptx: dict[str, str] = {}
-    for t, step in enumerate(lowered.steps):
+    for t, (step, src) in enumerate(zip(lowered.steps, code["cuda_sources"])):
         kernel = step.kernel
-        src = render_scheduled(kernel, tuning)
-        compiled = compile_ptx(src.text, kernel.name, target)
+        compiled = code["ptx"]
         storage = {b.name: param_storage(plan, t, step, b) for b in kernel.params}
         buffers = {b.name: b for b in kernel.params}
         for launch in src.launches:

@@ -2,8 +2,10 @@
 
     kiln passes
     kiln show resnet18 --after fold_batchnorm
+    kiln show mlp --after vectorize            # kernel IR; llvm_ir / object: the code
     kiln profile mlp --threads 4
     kiln bisect resnet18_cifar --pipeline O1
+    kiln bisect resnet18_cifar --backend llvm  # down to the first wrong kernel and its stage
     kiln minify mlp --passes fold_batchnorm,my_pass -o /tmp/repro
     kiln trace resnet18_cifar -o /tmp/trace
     kiln export resnet18 -o /tmp/resnet18_c --format c
@@ -36,7 +38,7 @@ from kiln.debug.trace import check_output_dir, trace
 from kiln.debug.trace import format_table as format_trace_table
 from kiln.frontend.trace import FRONTENDS
 from kiln.ir import KilnError
-from kiln.passes import PIPELINES, all_passes
+from kiln.passes import PIPELINES, PassManager, all_passes
 
 
 def _cmd_passes(args: argparse.Namespace) -> None:
@@ -51,7 +53,7 @@ def _cmd_passes(args: argparse.Namespace) -> None:
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
-    print(show(args.model, args.after, args.pipeline, args.frontend))
+    print(show(args.model, args.after, args.pipeline, args.frontend, args.backend))
 
 
 def _cmd_profile(args: argparse.Namespace) -> None:
@@ -91,7 +93,18 @@ def _cmd_tune(args: argparse.Namespace) -> None:
 def _cmd_bisect(args: argparse.Namespace) -> int:
     result = bisect(args.model, args.pipeline, parse_pass_list(args.passes), args.frontend)
     print(result.report())
-    return 1 if result.failed else 0
+    if result.failed or args.backend == "reference":
+        return 1 if result.failed else 0
+    # The graph passes are right: check every kernel the backend makes, on the example inputs.
+    from kiln.debug.kernels import bisect_kernels
+    from kiln.debug.model_arg import load_checked
+
+    graph, arrays, _, _ = load_checked(args.model, frontend=args.frontend)
+    graph = PassManager(resolve_passes(args.pipeline, parse_pass_list(args.passes))).run(graph)
+    kernels = bisect_kernels(graph, arrays, args.backend)
+    print(f"kernels of the {args.backend} backend against the reference:")
+    print(kernels.report())
+    return 1 if kernels.failed else 0
 
 
 def _cmd_minify(args: argparse.Namespace) -> int:
@@ -99,6 +112,8 @@ def _cmd_minify(args: argparse.Namespace) -> int:
     check_output_dir(Path(args.output), overwrite=True)
     passes = resolve_passes(args.pipeline, parse_pass_list(args.passes))
     graph, _, _ = load_graph(args.model, frontend=args.frontend)
+    if args.backend != "reference":
+        return _minify_kernels(args, PassManager(passes).run(graph))
     failure = check_failure(graph, passes, args.seed)
     if failure is None:
         print(f"no failure: {', '.join(p.name for p in passes) or 'the empty pipeline'} "
@@ -107,6 +122,25 @@ def _cmd_minify(args: argparse.Namespace) -> int:
     print(f"failure ({failure.kind}): {failure.message}")
     small = minify(graph, passes, seed=args.seed)
     repro = write_repro(small, passes, args.output, args.seed)
+    print(f"minified {len(graph.nodes)} -> {len(small.nodes)} nodes:")
+    print(small, end="")
+    print(f"wrote {repro.parent / 'minified.txt'}, {repro.parent / 'constants.npz'}, {repro}")
+    return 1
+
+
+def _minify_kernels(args: argparse.Namespace, graph) -> int:
+    """``kiln minify --backend llvm``: shrink a graph (graph passes already run) while the
+    backend still makes a wrong kernel at the same stage."""
+    from kiln.debug.minify import kernel_failure_predicate
+
+    try:
+        predicate, stage = kernel_failure_predicate(graph, args.seed)
+    except KilnError as e:
+        print(f"no failure: {e.message}; nothing to minify")
+        return 0
+    print(f"failure: a kernel of the {args.backend} backend is wrong after stage {stage}")
+    small = minify(graph, predicate=predicate)
+    repro = write_repro(small, [], args.output, args.seed)
     print(f"minified {len(graph.nodes)} -> {len(small.nodes)} nodes:")
     print(small, end="")
     print(f"wrote {repro.parent / 'minified.txt'}, {repro.parent / 'constants.npz'}, {repro}")
@@ -257,6 +291,11 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="run these registered passes in order instead of --pipeline")
     p.add_argument("--frontend", default="fx", choices=FRONTENDS,
                    help="how the model is traced (default: fx)")
+    p.add_argument("--backend", default="reference", choices=("reference", "llvm"),
+                   help="reference (default): check the graph passes on the reference "
+                        "interpreter; llvm: then run every kernel the LLVM backend makes alone "
+                        "on reference inputs and trace the first wrong one to the stage that "
+                        "made it wrong (lowering, a schedule, codegen)")
 
 
 def _positive(text: str) -> int:
@@ -292,16 +331,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "description) and every named pipeline.")
     p.set_defaults(func=_cmd_passes)
 
-    p = sub.add_parser("show", help="print a model's IR after a pass",
-                       description="Print the IR text of MODEL after one pass of a pipeline.")
+    p = sub.add_parser("show", help="print a model's IR after any stage",
+                       description="Print the IR text of MODEL after one stage: a graph pass "
+                                   "of the pipeline, or a stage of the one pipeline to machine "
+                                   "code (fuse, lower, parallel, unroll, vectorize, "
+                                   "memory_plan, llvm_ir, llvm_opt, object; cuda_source with "
+                                   "--backend cuda).")
     p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
-    p.add_argument("--after", metavar="PASS",
-                   help=f"stop after this pass ('{INPUT_STAGE}': the imported graph; 'name#2': "
-                        "the second occurrence of a pass; default: the whole pipeline)")
+    p.add_argument("--after", metavar="STAGE",
+                   help=f"stop after this stage ('{INPUT_STAGE}': the imported graph; 'name#2': "
+                        "the second occurrence of a pass; a kernel or code stage such as "
+                        "lower, vectorize or llvm_ir; default: the whole graph pipeline)")
     p.add_argument("--pipeline", default="O1", help="named pipeline (default: O1; "
                    f"one of {', '.join(PIPELINES)})")
     p.add_argument("--frontend", default="fx", choices=FRONTENDS,
                    help="how the model is traced (default: fx)")
+    p.add_argument("--backend", default="llvm", choices=("llvm", "cuda"),
+                   help="whose kernel and code stages --after may name (default: llvm)")
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("profile", help="time each kernel of a compiled model",
@@ -345,7 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with eager PyTorch. Prints the first pass whose outputs "
                                    "leave tolerance (exact passes: 1e-5 + 1e-4 x max|output|; "
                                    "lossy passes: plus their error budget) or crash, and the "
-                                   "first node it changed. Exit status 1 when a pass fails.")
+                                   "first node it changed. With --backend llvm, when the graph "
+                                   "passes are right, every kernel of the compiled model is "
+                                   "then run alone on reference inputs; the first wrong one is "
+                                   "named with its graph nodes, its schedule and the stage "
+                                   "that made it wrong. Exit status 1 when something fails.")
     _add_pipeline_args(p)
     p.set_defaults(func=_cmd_bisect)
 

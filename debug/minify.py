@@ -137,6 +137,27 @@ def failure_predicate(graph: Graph, passes: Sequence[Pass | str], seed: int = 0
     return still_fails, original
 
 
+def kernel_failure_predicate(graph: Graph, seed: int = 0, target=None
+                             ) -> tuple[Predicate, str]:
+    """The predicate "the llvm pipeline makes a wrong kernel at the same stage (or crashes
+    the same way) on a candidate as on ``graph``" and that stage; KilnError when every kernel
+    of ``graph`` matches the reference."""
+    from kiln.debug.kernels import kernel_failure
+
+    original = kernel_failure(graph, random_inputs(graph, seed), target)
+    if original is None:
+        raise KilnError("every kernel the llvm backend makes for this graph matches the "
+                        "reference", hint="nothing to minify")
+
+    def still_fails(candidate: Graph) -> bool:
+        try:
+            return kernel_failure(candidate, random_inputs(candidate, seed), target) == original
+        except Exception:  # the candidate itself cannot run: not the failure we look for
+            return False
+
+    return still_fails, original
+
+
 def minify(graph: Graph, passes: Sequence[Pass | str] = (), *,
            predicate: Predicate | None = None, seed: int = 0) -> Graph:
     """A small subgraph of ``graph`` on which ``predicate`` still holds.

@@ -1,4 +1,6 @@
-"""``kiln show``: a model's IR text at one stage of a pipeline."""
+"""``kiln show``: a model's IR text at one stage of the pipeline, from the imported graph
+through the graph passes, fusion, lowering, each kernel schedule and the memory plan, to the
+backend's code (LLVM IR, assembly, CUDA source)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from kiln.passes import PIPELINES, PassManager, Verify, get_pipeline
 INPUT_STAGE = "input"
 
 
-def stage_names(pipeline: str) -> list[str]:
+def stage_names(pipeline: str, backend: str | None = None) -> list[str]:
     """The stages of ``pipeline`` that ``--after`` accepts: ``input``, then one per pass; a
-    pass that occurs again is ``name#2``, ``name#3``..."""
+    pass that occurs again is ``name#2``, ``name#3``...; with a ``backend`` (llvm, cuda), then
+    the shared kernel stages and the backend's codegen stages."""
     if pipeline not in PIPELINES:
         get_pipeline(pipeline)  # raises the KilnError that lists the valid pipelines
     names = [INPUT_STAGE]
@@ -19,15 +22,19 @@ def stage_names(pipeline: str) -> list[str]:
     for name in PIPELINES[pipeline]:
         seen[name] = seen.get(name, 0) + 1
         names.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    if backend is not None:
+        from kiln.debug.kernels import backend_stage_names
+
+        names += backend_stage_names(backend)
     return names
 
 
-def pass_count(pipeline: str, after: str | None) -> int:
+def pass_count(pipeline: str, after: str | None, backend: str | None = None) -> int:
     """How many passes of ``pipeline`` run to reach stage ``after`` (None: all of them).
 
     ``name`` means its first occurrence and ``name#1`` is accepted for it too.
     """
-    names = stage_names(pipeline)
+    names = stage_names(pipeline, backend)
     if after is None:
         return len(names) - 1
     if after.endswith("#1"):
@@ -48,10 +55,24 @@ def graph_after(spec: str, after: str | None = None, pipeline: str = "O1",
 
 
 def show(spec: str, after: str | None = None, pipeline: str = "O1",
-         frontend: str = "fx") -> str:
-    """The IR text of model ``spec`` after stage ``after`` of ``pipeline``.
+         frontend: str = "fx", backend: str = "llvm") -> str:
+    """The IR text of model ``spec`` after stage ``after``.
 
     ``after`` is ``"input"`` (the imported graph), a pass name of the pipeline (its first
-    occurrence), ``"name#k"`` (its k-th occurrence), or None (the whole pipeline).
+    occurrence), ``"name#k"`` (its k-th occurrence), None (the whole graph pipeline), or a
+    stage after the graph passes on ``backend``: ``fuse`` (the fusion plan), ``lower``,
+    ``parallel``, ``unroll``, ``vectorize`` (kernel IR), ``memory_plan``, and the backend's
+    code: ``llvm_ir``, ``llvm_opt`` (optimized LLVM IR), ``object`` (assembly), or
+    ``cuda_source``.
     """
-    return print_graph(graph_after(spec, after, pipeline, frontend))
+    graph_stages = stage_names(pipeline)
+    if after is None or after in graph_stages or after.endswith("#1"):
+        return print_graph(graph_after(spec, after, pipeline, frontend))
+    from kiln.debug.kernels import compile_stages
+    from kiln.passes.compile import get_stage
+
+    pass_count(pipeline, after, backend)  # a KilnError listing every stage for a bad name
+    graph = graph_after(spec, None, pipeline, frontend)
+    c = compile_stages(graph, backend, until=after)
+    stage = get_stage(after)
+    return stage.text(c)

@@ -28,6 +28,7 @@ from kiln.backends.llvm.objcheck import (
 )
 from kiln.backends.llvm.threads import ThreadChooser
 from kiln.ir import DType, Graph, KilnError, verify
+from kiln.ir import kernel as K
 from kiln.ir.kernel import Kernel, structure_key
 from kiln.ir.ops.index import index_operands
 from kiln.passes.compile import (
@@ -630,3 +631,30 @@ def compile_graph(graph: Graph, *, target: Target | None = None, threads: int = 
     if threads:
         prog.threads(threads)
     return prog
+
+
+def run_kernel_llvm(kernel: Kernel, buffers: dict[str, np.ndarray],
+                    target: Target | None = None, threads: int = 1) -> None:
+    """Run one kernel as native code, in place on flat NumPy ``buffers`` (by parameter name),
+    as ``kiln.ir.kernel.run_kernel`` does in the interpreter.
+
+    For the debugger: the kernel is compiled alone (through the same code generator and LLVM
+    pipeline as a whole model), so a kernel can be checked against the graph nodes it covers
+    at any stage of the pipeline, and codegen against the kernel-IR interpreter."""
+    target = target or default_target()
+    m = ModuleBuilder(target)
+    emit_kernel(m, kernel)
+    emit_entry(m, [(kernel, [Binding("input", i) for i in range(len(kernel.params))])])
+    mod, tm = optimize_module(m.text(), target)
+    engine, entry = load_code(bytes(tm.emit_object(mod)), target)
+    arrays = []
+    for p in kernel.params:
+        arr = buffers.get(p.name)
+        if (arr is None or arr.ndim != 1 or arr.size < p.size
+                or arr.dtype != np.dtype(K.np_dtype(p.dtype)) or not arr.flags.c_contiguous):
+            raise KilnError(f"run_kernel_llvm: buffer {p.name} must be a contiguous flat "
+                            f"{p.dtype}[{p.size}] array")
+        arrays.append(arr)
+    pointers = (ctypes.c_void_p * max(len(arrays), 1))(*[a.ctypes.data for a in arrays])
+    entry(ctypes.cast(pointers, ctypes.c_void_p), None, None, None, threads)
+    del engine

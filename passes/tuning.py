@@ -53,7 +53,7 @@ class Tuning:
     parallel_min_macs: int = 1 << 18
     parallel_min_work: int = 1 << 17
     int8_parallel_min_macs: int = 1 << 19
-    # GEMM row blocking (gemm.row_block) pays where A would stream from L3 once per column
+    # GEMM row blocking (microkernel.row_block) pays where A would stream from L3 once per column
     # tile, many times over: only with this many column tiles (with few, threads would split
     # columns instead of rows, which measured slower). Column groups per core: enough that
     # each thread's chunks of the parallel loop are whole groups (no B panel shared).

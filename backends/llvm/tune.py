@@ -3,7 +3,7 @@ winners in a tuning database that later compiles, models and processes reuse.
 
 For every convolution of a graph (after cleanups: batch norms folded), the tuner compiles the
 convolution alone once per algorithm that fits it (Winograd, the transposed and batched direct
-GEMMs, the padded direct GEMM, batched or per-image im2col: see ``passes/lower/gemm.py``), runs
+GEMMs, the padded direct GEMM, batched or per-image im2col: see ``passes/lower/conv.py``), runs
 each on random inputs of its shape, checks its output against the untuned default's, and times
 it (median of interleaved runs). Another algorithm replaces the default only when it is
 ``MARGIN`` faster; a candidate whose output differs is dropped (and said so). The choices become
@@ -33,7 +33,7 @@ from tqdm import tqdm
 from kiln.backends.llvm.cache import writable_root
 from kiln.backends.llvm.compiler import compile_graph
 from kiln.ir import Graph
-from kiln.passes.lower.gemm import conv_signature
+from kiln.passes.lower.conv import conv_signature
 from kiln.passes.target import Target
 from kiln.passes.tuning import CONV_ALGORITHMS, Tuning
 

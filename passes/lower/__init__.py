@@ -13,6 +13,7 @@ from kiln.ir.kernel import Kernel
 from kiln.passes.fusion import FusionPlan, is_injective, is_shape_op, plan_fusion
 from kiln.passes.lower import elementwise, indexing  # noqa: F401  (register element/anchor rules)
 from kiln.passes.lower.anchors import ANCHOR_RULES
+from kiln.passes.lower.conv import lower_conv
 from kiln.passes.lower.core import (
     KernelNodes,
     Lowering,
@@ -21,7 +22,8 @@ from kiln.passes.lower.core import (
     flat_index,
     loop_nest,
 )
-from kiln.passes.lower.gemm import lower_conv, lower_linear, lower_matmul, lower_pool
+from kiln.passes.lower.matmul import lower_linear, lower_matmul
+from kiln.passes.lower.pool import lower_pool
 from kiln.passes.lower.precision import compute_f16_in_f32
 from kiln.passes.lower.qgemm import (
     lower_dynamic_qlinear,

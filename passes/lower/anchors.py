@@ -1,6 +1,6 @@
 """Loop nests of the anchor ops: reductions, softmax, normalizations, pooling, attention and the
-straightforward (unpacked) dense ops. Dense ops with a packed GEMM schedule live in gemm.py;
-these loop nests are their fallback and their oracle.
+straightforward (unpacked) dense ops. Dense ops with a packed GEMM schedule live in matmul.py,
+conv.py and pool.py; these loop nests are their fallback and their oracle.
 
 Every rule gets ``store(idx, value)``, which writes the group's output at the anchor's output
 index ``idx`` with the fused epilogue applied.
@@ -49,8 +49,13 @@ def node_work(low: Lowering, node: Node) -> int:
     return max(int(flops), sum(t[o].numel for o in node.outputs))
 
 
-def _parallel_first(shape: Sequence[int], kinds: list[str], low: Lowering | None = None,
-                    node: Node | None = None) -> list[str]:
+def parallel_kind(low: Lowering, node: Node) -> str:
+    """Parallel when the op has enough work to pay for waking the thread pool."""
+    return "parallel" if node_work(low, node) >= low.tuning.parallel_min_work else "serial"
+
+
+def parallel_first(shape: Sequence[int], kinds: list[str], low: Lowering | None = None,
+                   node: Node | None = None) -> list[str]:
     """Make the first loop with more than one iteration parallel; given ``low`` and ``node``,
     only when the node has enough work to pay for waking the thread pool
     (``tuning.parallel_min_work`` operations)."""
@@ -107,7 +112,7 @@ def _reduce(low: Lowering, node: Node, store: StoreFn) -> list:
     kinds = ["serial"] * len(keep)
     if keep and not last_reduced and keep_shape[-1] > 1:
         kinds[-1] = "vectorized"
-    kinds = _parallel_first(keep_shape, kinds) if math.prod(shape) >= 1 << 16 else kinds
+    kinds = parallel_first(keep_shape, kinds) if math.prod(shape) >= 1 << 16 else kinds
     for v, n, kind in reversed(list(zip(keep_vars, keep_shape, kinds))):
         body = [_loop(v, n, body, kind)]
     return body
@@ -122,7 +127,7 @@ def _rows(low: Lowering, shape: Sequence[int], axis: int):
     if axis != len(shape) - 1 and outer and shape[outer[-1]] > 1:
         kinds[-1] = "vectorized"
     if math.prod(shape) >= 1 << 15:
-        kinds = _parallel_first([shape[d] for d in outer], kinds)
+        kinds = parallel_first([shape[d] for d in outer], kinds)
 
     def index(j: Expr) -> list[Expr]:
         if not shape:  # a scalar is its own (one-element) row
@@ -217,7 +222,7 @@ def _layer_norm(low: Lowering, node: Node, store: StoreFn) -> list:
     body += sweep(write)
     kinds = ["serial"] * len(lead)
     if math.prod(shape) >= 1 << 15:
-        kinds = _parallel_first(list(lead), kinds)
+        kinds = parallel_first(list(lead), kinds)
     for v, n, kind in reversed(list(zip(lead_vars, lead, kinds))):
         body = [_loop(v, n, body, kind)]
     return body
@@ -324,7 +329,7 @@ def _pool(low: Lowering, node: Node, store: StoreFn) -> list:
         return stmts
 
     kinds = ["serial"] * len(out_shape)
-    kinds = _parallel_first(out_shape, kinds, low, node)
+    kinds = parallel_first(out_shape, kinds, low, node)
     return loop_nest(low, out_shape, body, kinds)
 
 
@@ -360,7 +365,7 @@ def _adaptive(low: Lowering, node: Node, store: StoreFn) -> list:
             total = total * c
         return [Decl(acc, f32(0.0, dt)), *inner, store(idx, acc / K.Cast(total, dt))]
 
-    kinds = _parallel_first(out_shape, ["serial"] * len(out_shape), low, node)
+    kinds = parallel_first(out_shape, ["serial"] * len(out_shape), low, node)
     return loop_nest(low, out_shape, body, kinds)
 
 
@@ -431,7 +436,7 @@ def _attention(low: Lowering, node: Node, store: StoreFn) -> list:
         ]
 
     shape = list(batch) + [L]
-    kinds = _parallel_first(shape, ["serial"] * len(shape), low, node)
+    kinds = parallel_first(shape, ["serial"] * len(shape), low, node)
     return loop_nest(low, shape, body, kinds)
 
 
@@ -464,7 +469,7 @@ def _matmul(low: Lowering, node: Node, store: StoreFn) -> list:
 
     kinds = default_kinds(out_shape, innermost_vector=not along_k)
     return loop_nest(low, out_shape, body,
-                     _parallel_first(out_shape, kinds, low, node))
+                     parallel_first(out_shape, kinds, low, node))
 
 
 @anchor_rule("linear")
@@ -527,7 +532,7 @@ def _window_sum(low: Lowering, node: Node, store: StoreFn, channels_per_group: i
             val = acc + low.element(node.inputs[2], [co])
         return stmts + [store(idx, val)]
 
-    return loop_nest(low, out_shape, body, _parallel_first(out_shape, ["serial"] * len(out_shape),
+    return loop_nest(low, out_shape, body, parallel_first(out_shape, ["serial"] * len(out_shape),
                                                            low, node))
 
 

@@ -11,7 +11,8 @@ backend; a compiled backend checks the indices that are graph inputs before a ca
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from kiln.ir import kernel as K
 from kiln.ir.kernel import INDEX, Const, Decl, Expr, For, Var, as_expr
 from kiln.ir.ops._rules import norm_axis
 from kiln.ir.ops.index import resize_taps
-from kiln.passes.lower.anchors import StoreFn, _parallel_first, anchor_rule
+from kiln.passes.lower.anchors import StoreFn, anchor_rule, parallel_first
 from kiln.passes.lower.core import (
     Lowering,
     buffer_name,
@@ -49,7 +50,7 @@ def _nest(low: Lowering, node: Node, shape: Sequence[int], body) -> list:
     """A loop nest over ``shape`` around ``body(idx)``, innermost vectorized where the body
     allows it (the vectorizer keeps gathers scalar), outermost parallel for enough work."""
     kinds = default_kinds(shape, parallel_min=1 << 62)
-    return loop_nest(low, shape, body, _parallel_first(shape, kinds, low, node))
+    return loop_nest(low, shape, body, parallel_first(shape, kinds, low, node))
 
 
 # ---- gathers ---------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ def _rows(low: Lowering, node: Node, shape: Sequence[int], axis: int):
     full index with ``j`` on the axis) and ``wrap(body)`` (the loops around a row's body)."""
     outer = [d for d in range(len(shape)) if d != axis]
     vars_ = [low.fresh("i") for _ in outer]
-    kinds = _parallel_first([shape[d] for d in outer], ["serial"] * len(outer), low, node)
+    kinds = parallel_first([shape[d] for d in outer], ["serial"] * len(outer), low, node)
 
     def index(j: Expr) -> list[Expr]:
         full: list = [None] * len(shape)
@@ -185,12 +186,26 @@ def _topk(low: Lowering, node: Node, store: StoreFn) -> list:
     def before(u: Expr, w: Expr) -> Expr:  # u comes strictly before w in the output order
         return _gt(u, w) if largest else _gt(w, u)
 
+    row = _Row(x, index, n, dt, before)
     if k <= 2 * max(n - 1, 1).bit_length():
-        return wrap(_select_k(low, x, index, n, k, dt, before, store))
-    return wrap(_merge_sort(low, node, x, index, n, k, dt, before, store))
+        return wrap(_select_k(low, row, k, store))
+    return wrap(_merge_sort(low, node, row, k, store))
 
 
-def _select_k(low: Lowering, x: str, index, n: int, k: int, dt: str, before, store) -> list:
+@dataclass(frozen=True)
+class _Row:
+    """The row topk ranks: element j of ``x`` at ``index(j)``, ``n`` of them of dtype
+    ``dt``; ``before(u, w)``: whether value u comes strictly before w in the output."""
+
+    x: str
+    index: Callable[[Expr], list[Expr]]
+    n: int
+    dt: str
+    before: Callable[[Expr, Expr], Expr]
+
+
+def _select_k(low: Lowering, row: _Row, k: int, store: StoreFn) -> list:
+    x, index, n, dt, before = row.x, row.index, row.n, row.dt, row.before
     p, j = low.fresh("p"), low.fresh("j")
     prev_v, prev_i = low.fresh("prev", dt), low.fresh("prev_at")
     best, at, v = low.fresh("best", dt), low.fresh("at"), low.fresh("v", dt)
@@ -209,10 +224,10 @@ def _select_k(low: Lowering, x: str, index, n: int, k: int, dt: str, before, sto
     return [Decl(prev_v, zero), Decl(prev_i, Const(-1, INDEX)), _loop(p, k, scan)]
 
 
-def _merge_sort(low: Lowering, node: Node, x: str, index, n: int, k: int, dt: str, before,
-                store) -> list:
+def _merge_sort(low: Lowering, node: Node, row: _Row, k: int, store: StoreFn) -> list:
     """Sort a row's (value, index) pairs by merging runs of 1, 2, 4 ... between two scratch
     rows; a run's left element wins ties, so equal values keep their index order."""
+    x, index, n, dt, before = row.x, row.index, row.n, row.dt, row.before
     stem = buffer_name(f"sort_{node.name}")
     rows = [(f"{stem}_v{t}", f"{stem}_i{t}") for t in range(2)]
     for vb, ib in rows:

@@ -27,7 +27,7 @@ from kiln.ir.kernel import INDEX, Broadcast, Const, Decl, Expr, For, If, Var, as
 from kiln.ir.ops._rules import as_tuple
 from kiln.passes.lower.anchors import StoreFn, anchor_rule, node_work
 from kiln.passes.lower.core import Lowering, clamp_index, default_kinds, f32, loop_nest
-from kiln.passes.lower.gemm import collapsed_views
+from kiln.passes.lower.matrix_views import collapsed_views
 
 
 def requantize(acc: Expr, scale: Expr, attrs) -> Expr:
@@ -173,7 +173,7 @@ class _QGemm:
                 continue
             jt, it = low.fresh("jt"), low.fresh("it")
             body = self._micro(it, as_expr(first_tile) + jt, nv, nr)
-            # Threads share the larger of the two tile counts (see gemm.gemm_loops).
+            # Threads share the larger of the two tile counts (see microkernel.gemm_loops).
             if m_tiles > count:
                 inner = For(it, as_expr(0), as_expr(m_tiles), tuple(body),
                             "parallel" if parallel else "serial")
@@ -378,10 +378,11 @@ def _linear_w8_plain(low: Lowering, node: Node, store: StoreFn) -> list:
 
 def lower_linear_w8(low: Lowering, node: Node, final: str, inline: set[str],
                     width: int) -> list | None:
-    """The float packed GEMM (gemm.gemm_loops) with its weight panels stored as i8 and widened
-    to float as they are loaded: a quarter of the weight bytes to stream, which is what bounds
-    a linear layer at small batch."""
-    from kiln.passes.lower.gemm import gemm_loops, micro_shape, pack_b, rows_of
+    """The float packed GEMM (microkernel.gemm_loops) with its weight panels stored as i8 and
+    widened to float as they are loaded: a quarter of the weight bytes to stream, which is what
+    bounds a linear layer at small batch."""
+    from kiln.passes.lower.matrix_views import rows_of
+    from kiln.passes.lower.microkernel import gemm_loops, micro_shape, pack_b
 
     x = node.inputs[0]
     out = node.outputs[0]

@@ -20,14 +20,15 @@ window covers it; compile with ``winograd=False`` to debug where a NaN starts.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from kiln.ir import Node
 from kiln.ir import kernel as K
 from kiln.ir.kernel import For, as_expr
-from kiln.passes.lower.core import Lowering, f32
+from kiln.passes.lower.conv_context import ConvContext
+from kiln.passes.lower.conv_direct import PhaseLayout, fill_phases
+from kiln.passes.lower.conv_geometry import ConvGeometry
+from kiln.passes.lower.core import f32
+from kiln.passes.lower.microkernel import PackedA, gemm_loops, micro_shape, pack_a
 from kiln.passes.tuning import Tuning
 
 M_OUT = 4          # outputs per tile
@@ -50,22 +51,22 @@ AT = np.array([[1, 1, 1, 1, 1, 0],
                [0, 1, 1, 4, 4, 0],
                [0, 1, -1, 8, -8, 1]], np.float64)
 
-def fits(wv: np.ndarray, stride, dil, groups: int, oshape) -> bool:
-    """Whether a convolution can take the Winograd path at all (3x3, stride and dilation 1,
-    one group, at least one tile of rows)."""
-    return (wv.ndim == 4 and wv.shape[2:] == (3, 3) and groups == 1
-            and tuple(stride) == (1, 1) and tuple(dil) == (1, 1) and oshape[2] >= M_OUT)
+
+def fits(geo: ConvGeometry) -> bool:
+    """Whether a convolution can take the Winograd path at all (2-d 3x3, stride and dilation
+    1, one group, at least one tile of rows)."""
+    return (geo.kernel == (3, 3) and geo.groups == 1 and geo.stride == (1, 1)
+            and geo.dil == (1, 1) and geo.out_sp[0] >= M_OUT)
 
 
-def applies(wv: np.ndarray, stride, dil, groups: int, oshape, tuning: Tuning) -> bool:
+def applies(geo: ConvGeometry, tuning: Tuning) -> bool:
     """Whether a convolution takes the Winograd path by default: it fits, and it has at least
     ``tuning.winograd_min_pixels`` output pixels per batch (images x rows x columns: on fewer
     the transformed weights, twice the kernel's size, cost more to stream than the multiplies
     saved) and ``tuning.winograd_min_cin`` input channels (with fewer, an RGB stem, the
     GEMMs' K = 3 * Cin is too short to pay for the transforms)."""
-    return (tuning.winograd and fits(wv, stride, dil, groups, oshape)
-            and wv.shape[1] >= tuning.winograd_min_cin
-            and math.prod(oshape[:1] + oshape[2:]) >= tuning.winograd_min_pixels)
+    return (tuning.winograd and fits(geo) and geo.cg >= tuning.winograd_min_cin
+            and geo.n * geo.pixels >= tuning.winograd_min_pixels)
 
 
 def _combine(coefs, terms):
@@ -79,25 +80,14 @@ def _combine(coefs, terms):
     return out if out is not None else f32(0.0)
 
 
-def lower_winograd(low: Lowering, node: Node, final: str, out: str, oshape, xb: str,
-                   wv: np.ndarray, bias_buf: str | None, width: int, in_sp, sp_out,
-                   pad) -> list:
-    """The F(4, 3)-along-rows convolution of ``node`` (see the module docstring)."""
-    from kiln.passes.lower.gemm import (
-        _fill_phases,
-        _par,
-        _PhaseLayout,
-        gemm_loops,
-        micro_shape,
-        pack_a,
-    )
-
+def lower_winograd(job: ConvContext, wv: np.ndarray, width: int) -> list:
+    """The F(4, 3)-along-rows convolution of ``job`` (weights ``wv``; see the module
+    docstring)."""
+    low, node, geo = job.low, job.node, job.geo
     low.algorithm = "winograd"
-    n_img, cout = oshape[0], oshape[1]
-    cin = wv.shape[1]
-    H, W = in_sp
-    OH, OW = sp_out
-    ph, pw = pad
+    n_img, cout, cin = geo.n, geo.k, geo.c
+    OH, OW = geo.out_sp
+    pw = geo.pad[1]
     TH = -(-OH // M_OUT)
     rows = TH * M_OUT + 2                 # padded input rows the tiles read
     Wq = OW + 2
@@ -112,31 +102,29 @@ def lower_winograd(low: Lowering, node: Node, final: str, out: str, oshape, xb: 
 
     # Input: zero-padded rows, images side by side; then the 6 transformed rows per tile.
     padded = low.workspace(f"{node.name}_rows", "f32", cin * p_plane)
-    lay = _PhaseLayout([(0, 0)], rows, Wq, S, Wrow, p_plane, p_plane, 0, np.zeros(0, np.int64))
-    stmts = _fill_phases(low, node, xb, padded, cin, lay, n_img, in_sp, (1, 1), pad)
+    lay = PhaseLayout([(0, 0)], rows, Wq, S, Wrow, p_plane, p_plane, 0, np.zeros(0, np.int64))
+    stmts = fill_phases(job, padded, lay)
     v = low.workspace(f"{node.name}_wino_in", "f32", ALPHA * cin * v_plane + slack)
     ci, th, x = low.fresh("ci"), low.fresh("th"), low.fresh("x")
     d = [K.Load(padded, ci * p_plane + (th * M_OUT + i) * Wrow + x, "f32") for i in range(ALPHA)]
     transform = tuple(K.Store(v, (j * cin + ci) * v_plane + th * Wrow + x, _combine(BT[j], d))
                       for j in range(ALPHA))
     stmts.append(For(ci, as_expr(0), as_expr(cin), (For(th, as_expr(0), as_expr(TH), (
-        For(x, as_expr(0), as_expr(Wrow), transform, "vectorized"),)),), _par(low, node)))
+        For(x, as_expr(0), as_expr(Wrow), transform, "vectorized"),)),), job.par()))
 
     # Weights: U[xi][co][ci*3 + b] = sum_a G[xi, a] w[co, ci, a, b], packed for the GEMM.
     u = np.einsum("xa,oiab->xoib", G, wv.astype(np.float64)).astype(np.float32)
     u = u.reshape(ALPHA, cout, cin * 3)
     kd = cin * 3
-    m_tiles = -(-cout // shape.mr)
-    ap = low.constant(np.stack([pack_a(u[xi], shape.mr) for xi in range(ALPHA)]),
-                      f"{node.name}_wino_w")
+    ap = PackedA(low.constant(np.stack([pack_a(u[xi], shape.mr) for xi in range(ALPHA)]),
+                              f"{node.name}_wino_w"), shape, cout, kd)
     koff = low.constant(np.array([c * v_plane + b for c in range(cin) for b in range(3)],
                                  np.int64), f"{node.name}_koff")
     mbuf = low.workspace(f"{node.name}_wino_out", "f32", ALPHA * cout * ldc)
     xi = low.fresh("xi")   # one loop over the 6 GEMMs: one copy of the micro-kernel's code
 
     def a(row, k):
-        tile, r = row // shape.mr, row % shape.mr
-        return K.Load(ap, ((xi * m_tiles + tile) * kd + k) * shape.mr + r, "f32")
+        return ap.element(row, k, xi)
 
     def b(k, col, lanes):
         return K.Load(v, K.Load(koff, k, "i64") + xi * (cin * v_plane) + col, "f32", lanes)
@@ -155,10 +143,8 @@ def lower_winograd(low: Lowering, node: Node, final: str, out: str, oshape, xb: 
         mv = [K.Load(mbuf, (j * cout + co) * ldc + col, "f32") for j in range(ALPHA)]
         body = []
         for r in range(count):
-            y = _combine(AT[r], mv)
-            if bias_buf is not None:
-                y = y + K.Load(bias_buf, co, "f32")
-            body.append(low.store_at(final, [n, co, (th_e * M_OUT + r) * OW + ow], y, out))
+            y = job.add_bias(_combine(AT[r], mv), co)
+            body.append(job.store([n, co, (th_e * M_OUT + r) * OW + ow], y))
         return For(ow, as_expr(0), as_expr(OW), tuple(body), "vectorized")
 
     full, last = OH // M_OUT, OH % M_OUT
@@ -168,5 +154,5 @@ def lower_winograd(low: Lowering, node: Node, final: str, out: str, oshape, xb: 
     if last:
         per_image.append(tile_rows(as_expr(full), last))
     stmts.append(For(co, as_expr(0), as_expr(cout), (
-        For(n, as_expr(0), as_expr(n_img), tuple(per_image)),), _par(low, node)))
+        For(n, as_expr(0), as_expr(n_img), tuple(per_image)),), job.par()))
     return stmts

@@ -18,7 +18,7 @@ from kiln.backends.llvm.compiler import default_target
 from kiln.backends.llvm.tune import TuningDatabase, machine_key, tune_graph
 from kiln.backends.reference import run_graph
 from kiln.ir import GraphBuilder, TensorType
-from kiln.passes.lower.gemm import conv_signature
+from kiln.passes.lower.conv import conv_signature
 from kiln.passes.tuning import CONV_ALGORITHMS, Tuning
 
 CONVS = {  # (input shape, weight shape, attrs)

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.ir import Graph, KilnError, Node, get_op, infer_types
+from kiln.ir import Graph, KilnError, Node, get_op, graph_flops, infer_types
 from kiln.passes.base import LOSSY, ErrorBudget, Pass, PassContext, PassResult, register_pass
 from kiln.passes.dce import live_values, remove_dead
 
@@ -304,13 +304,6 @@ def choose_ranks(layers: list[Layer], graph: Graph, opts: LowRankOptions) -> dic
                 for layer in layers}
     return {layer.node.name: rank_for_energy(layer, opts.energy, opts.multiple)
             for layer in layers}
-
-
-def graph_flops(graph: Graph) -> int:
-    """Every node's FLOPs by the op registry's cost rules."""
-    return sum(get_op(n.op).flops([graph.types[i] for i in n.inputs],
-                                  [graph.types[o] for o in n.outputs], dict(n.attrs))
-               for n in graph.nodes)
 
 
 # ---- the rewrite -----------------------------------------------------------------------------

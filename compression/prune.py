@@ -36,22 +36,11 @@ from typing import Any
 import numpy as np
 
 from kiln.compression.channel_groups import ChannelAnalysis, ChannelGroup, find_channel_groups
-from kiln.ir import Graph, KilnError, Node, TensorType, get_op, infer_types
+from kiln.ir import Graph, KilnError, Node, graph_flops, infer_types
 from kiln.passes.base import LOSSY, ErrorBudget, Pass, PassContext, PassResult, register_pass
 
 PASS_NAME = "prune_channels"
 CRITERIA = ("l1", "l2", "bn_scale", "taylor")
-
-
-# ---- costs ---------------------------------------------------------------------------------
-def graph_flops(graph: Graph, types: Mapping[str, TensorType] | None = None) -> int:
-    """The graph's FLOPs by each op's registered cost (``types`` overrides the graph's)."""
-    types = graph.types if types is None else types
-    total = 0
-    for n in graph.nodes:
-        total += get_op(n.op).flops([types[i] for i in n.inputs], [types[o] for o in n.outputs],
-                                    dict(n.attrs))
-    return int(total)
 
 
 # ---- importance ----------------------------------------------------------------------------

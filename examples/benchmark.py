@@ -107,7 +107,7 @@ from torch.utils import _pytree as pytree  # noqa: E402
 import kiln  # noqa: E402
 from kiln.backends import backend_names  # noqa: E402
 from kiln.frontend.trace import trace_module  # noqa: E402
-from kiln.ir import Graph, get_op  # noqa: E402
+from kiln.ir import Graph, graph_flops  # noqa: E402
 from kiln.zoo import ZOO, get_model  # noqa: E402
 
 EAGER, KILN, TORCH_COMPILE, ORT = "eager", "kiln", "torch.compile", "onnxruntime"
@@ -205,14 +205,6 @@ def max_rel_error(got: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> 
         scale = max(float(np.abs(e64).max(initial=0.0)), 1e-12)
         worst = max(worst, float(np.abs(g.astype(np.float64) - e64).max(initial=0.0)) / scale)
     return worst
-
-
-def graph_flops(graph: Graph) -> int:
-    """FLOPs of one run of ``graph``: the op registry's cost rule summed over its nodes."""
-    return sum(
-        get_op(n.op).flops([graph.types[i] for i in n.inputs],
-                           [graph.types[o] for o in n.outputs], dict(n.attrs))
-        for n in graph.nodes)
 
 
 def kiln_compile_options(threads: int) -> dict[str, Any]:
@@ -520,8 +512,6 @@ COMPRESSION_VARIANTS = {
 
 def bench_compression(name: str, batch: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """kiln's compressed variants of one zoo model and ONNX Runtime fp32, timed in one run."""
-    from kiln.compression.prune import graph_flops as kiln_flops
-
     model, inputs = get_model(name, batch=batch)
     gen = torch.Generator().manual_seed(0)
     data = [tuple(torch.randn(x.shape, generator=gen) if x.is_floating_point() else x
@@ -548,7 +538,7 @@ def bench_compression(name: str, batch: int, args: argparse.Namespace) -> list[d
                 row["max_rel_err"] = max_rel_error(as_arrays(compiled(*inputs)), expected)
                 times = time_ms(lambda c=compiled: c(*inputs), args.warmup, args.repeat)
             row["median_ms"] = statistics.median(times)
-            row["flops"] = kiln_flops(compiled.graph)
+            row["flops"] = graph_flops(compiled.graph)
             row["params"] = compiled.graph.num_parameters()
         except Exception as exc:  # one variant failing must not stop the benchmark
             row["error"] = short_error(exc)

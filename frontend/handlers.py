@@ -128,6 +128,7 @@ for _op, _keys in {
     "tanh": [F.tanh, torch.tanh, aten.tanh, method("tanh")],
     "hardswish": [F.hardswish, aten.hardswish],
     "hardsigmoid": [F.hardsigmoid, aten.hardsigmoid],
+    "softsign": [F.softsign],
     "exp": [torch.exp, aten.exp, method("exp")],
     "log": [torch.log, aten.log, method("log")],
     "sqrt": [torch.sqrt, aten.sqrt, method("sqrt")],
@@ -154,6 +155,7 @@ for _op, _classes in {"relu": [nn.ReLU], "silu": [nn.SiLU], "sigmoid": [nn.Sigmo
                       "tanh": [nn.Tanh], "hardswish": [nn.Hardswish],
                       "hardsigmoid": [nn.Hardsigmoid]}.items():
     on_module(*_classes)(lambda imp, mod, real, x, _op=_op: imp.op(_op, [imp.value(x)]))
+on_module(nn.Softsign)(lambda imp, mod, real, x: imp.op("softsign", [imp.value(x)]))
 
 
 @on(operator.invert, aten.bitwise_not, method("bitwise_not"))
@@ -853,4 +855,5 @@ def _pad(imp, real, input, pad, mode="constant", value=None):
 
 
 # The indexing ops' handlers register themselves in these tables.
-from kiln.frontend import handlers_index  # noqa: E402,F401
+# So do nn.LSTM's and nn.GRU's (handlers_recurrent).
+from kiln.frontend import handlers_index, handlers_recurrent  # noqa: E402,F401

@@ -1482,6 +1482,7 @@ ONNX_IMPORT: dict[str, ImportFn] = {
     "Sigmoid": _unary("sigmoid"),
     "HardSigmoid": _hard_sigmoid,
     "HardSwish": _unary("hardswish"),
+    "Softsign": _unary("softsign"),
     "Gelu": _gelu,
     "Tanh": _unary("tanh"),
     "Erf": _unary("erf"),
@@ -2052,4 +2053,9 @@ def import_onnx(path_or_model: str | os.PathLike | onnx.ModelProto, *,
 
 # The indexing ops' importers (onnx_import_index) and the ops imported as decompositions into
 # existing kiln ops (onnx_import_extra) add themselves to ONNX_IMPORT.
-from kiln.frontend import onnx_import_extra, onnx_import_index  # noqa: E402,F401
+# So do LSTM and GRU (onnx_import_recurrent).
+from kiln.frontend import (  # noqa: E402,F401
+    onnx_import_extra,
+    onnx_import_index,
+    onnx_import_recurrent,
+)

@@ -349,6 +349,7 @@ TORCH_IMPL: dict[str, Callable] = {
     "tanh": torch.tanh,
     "hardswish": F.hardswish,
     "hardsigmoid": F.hardsigmoid,
+    "softsign": F.softsign,
     "exp": torch.exp,
     "log": torch.log,
     "sqrt": torch.sqrt,

@@ -2,6 +2,7 @@
 
 from kiln.ir.builder import GraphBuilder
 from kiln.ir.errors import (
+    InternalError,
     KilnError,
     NumericsError,
     ParseError,
@@ -10,13 +11,22 @@ from kiln.ir.errors import (
     VerificationError,
 )
 from kiln.ir.graph import Graph, Node
-from kiln.ir.registry import OpDef, all_ops, get_op, infer_types, run_reference
+from kiln.ir.registry import (
+    OpDef,
+    all_ops,
+    get_op,
+    graph_flops,
+    infer_types,
+    node_flops,
+    run_reference,
+)
 from kiln.ir.text import parse_graph, print_graph
 from kiln.ir.types import DType, TensorType
 from kiln.ir.verify import verify
 
 __all__ = [
-    "DType", "Graph", "GraphBuilder", "KilnError", "Node", "NumericsError", "OpDef",
-    "ParseError", "ShapeError", "TensorType", "UnsupportedOpError", "VerificationError",
-    "all_ops", "get_op", "infer_types", "parse_graph", "print_graph", "run_reference", "verify",
+    "DType", "Graph", "GraphBuilder", "InternalError", "KilnError", "Node", "NumericsError",
+    "OpDef", "ParseError", "ShapeError", "TensorType", "UnsupportedOpError", "VerificationError",
+    "all_ops", "get_op", "graph_flops", "infer_types", "node_flops", "parse_graph", "print_graph",
+    "run_reference", "verify",
 ]

@@ -1,16 +1,18 @@
 """The op registry: every op is declared once with its schema, type rule, NumPy reference and
-cost. Lowerings, fusion classes and importance rules are other tables keyed by op name."""
+cost, and a composite op with its decomposition (kiln.ir.decompose), from which its reference,
+its lowering and its ONNX export all follow. Lowerings, fusion classes and importance rules are
+other tables keyed by op name; CONTRIBUTING.md lists them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from kiln.ir.errors import KilnError, ShapeError, UnsupportedOpError
-from kiln.ir.graph import freeze_attr
+from kiln.ir.graph import Graph, Node, freeze_attr
 from kiln.ir.types import TensorType
 
 REQUIRED = object()
@@ -19,6 +21,7 @@ REQUIRED = object()
 InferFn = Callable[[Sequence[TensorType], dict], list[TensorType]]
 ReferenceFn = Callable[..., Any]
 CostFn = Callable[[Sequence[TensorType], Sequence[TensorType], dict], int]
+DecompositionFn = Callable[..., Any]
 
 
 def elementwise_flops(ins: Sequence[TensorType], outs: Sequence[TensorType], attrs: dict) -> int:
@@ -39,6 +42,11 @@ class OpDef:
     ``kind`` is the op's class: elementwise, reduction, dense, norm, pool, shape, data.
     ``reference`` gets NumPy arrays and the attributes as keyword arguments and returns an array
     (or a tuple of arrays for multi-output ops).
+    ``decomposition``, for a composite op, computes it from other ops: it gets ``Term``s and the
+    attributes as keyword arguments (see kiln.ir.decompose). ``decomposition_cases`` are the
+    attributes to evaluate it under when no node gives them, one per formula (gelu's erf and
+    tanh forms), required attributes set: fusion bounds the operand uses of each, and the op
+    checklist test exports each.
     """
 
     name: str
@@ -50,6 +58,8 @@ class OpDef:
     description: str
     flops: CostFn = elementwise_flops
     variadic: bool = False
+    decomposition: DecompositionFn | None = None
+    decomposition_cases: tuple[dict[str, Any], ...] = ({},)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -104,17 +114,30 @@ def register(
     inputs: Sequence[str],
     *,
     infer: InferFn,
-    reference: ReferenceFn,
     kind: str,
     description: str,
+    reference: ReferenceFn | None = None,
+    decomposition: DecompositionFn | None = None,
+    decomposition_cases: Sequence[dict[str, Any]] = ({},),
     attrs: dict[str, Any] | None = None,
     flops: CostFn = elementwise_flops,
     variadic: bool = False,
     **extra: Any,
 ) -> OpDef:
-    """Declare an op. Each op is registered exactly once."""
+    """Declare an op. Each op is registered exactly once.
+
+    An op gives its NumPy ``reference``, or a ``decomposition`` from which its reference is
+    made (kiln.ir.decompose.decomposed_reference); a composite op with a reference of its own
+    would have its formula written twice.
+    """
     if name in REGISTRY:
         raise KilnError(f"op {name} is registered twice")
+    if (reference is None) == (decomposition is None):
+        raise KilnError(f"op {name} must declare exactly one of reference and decomposition")
+    if reference is None:
+        from kiln.ir.decompose import decomposed_reference  # it imports this module
+
+        reference = decomposed_reference(name)
     op = OpDef(
         name=name,
         inputs=tuple(inputs),
@@ -125,6 +148,8 @@ def register(
         description=description,
         flops=flops,
         variadic=variadic,
+        decomposition=decomposition,
+        decomposition_cases=tuple(dict(c) for c in decomposition_cases),
         extra=dict(extra),
     )
     REGISTRY[name] = op
@@ -167,6 +192,19 @@ def run_reference(op: str, arrays: Sequence[np.ndarray], attrs: dict) -> list[np
     if isinstance(result, tuple):
         return [np.asarray(r) for r in result]
     return [np.asarray(result)]
+
+
+def node_flops(node: Node, types: Mapping[str, TensorType]) -> int:
+    """The FLOPs of one node by its op's declared cost, with value types from ``types``."""
+    return int(get_op(node.op).flops([types[i] for i in node.inputs],
+                                     [types[o] for o in node.outputs], dict(node.attrs)))
+
+
+def graph_flops(graph: Graph, types: Mapping[str, TensorType] | None = None) -> int:
+    """The FLOPs of one run of ``graph``: every node's declared cost, summed (``types``
+    overrides the graph's value types)."""
+    types = graph.types if types is None else types
+    return sum(node_flops(n, types) for n in graph.nodes)
 
 
 def _ensure_loaded() -> None:

@@ -19,9 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kiln.ir import Graph, Node, get_op
+from kiln.ir.decompose import decomposition_repeats
 
-# Ops that move or pick data without arithmetic: pure index maps.
-SHAPE_OPS = frozenset({"reshape", "permute", "slice", "split", "expand", "pad", "concat"})
 # Injective ops computed per output element: elementwise arithmetic and per-channel affine.
 ELEMENTWISE_EXTRA = frozenset({"batch_norm", "embedding"})
 # Anchors that read each input element a bounded, small number of times: cheap producers may be
@@ -43,17 +42,19 @@ READ_FEW_TIMES = frozenset({"reduce_sum", "reduce_mean", "reduce_max", "reduce_m
 MAX_FUSED_OPS = 32
 # How many times an op's kernel expression repeats each operand, where more than once (the
 # element rules in passes/lower/elementwise.py; tests/passes/test_deep_chains.py checks them).
-OPERAND_REPEATS = {"silu": 2, "gelu": 5, "leaky_relu": 3, "hardswish": 2, "quantize": 2,
-                   "embedding": 3}
+# Composite ops count it from their decomposition; quantize and embedding are hand-written rules.
+OPERAND_REPEATS = {"quantize": 2, "embedding": 3, **decomposition_repeats()}
 
 
 def is_shape_op(op: str) -> bool:
-    return op in SHAPE_OPS
+    """An op that moves or picks data without arithmetic (the registry's kind ``shape``): a pure
+    index map."""
+    return get_op(op).kind == "shape"
 
 
 def is_injective(op: str) -> bool:
     """An op whose output element depends on a fixed element of each input."""
-    return op in SHAPE_OPS or op in ELEMENTWISE_EXTRA or get_op(op).kind == "elementwise"
+    return is_shape_op(op) or op in ELEMENTWISE_EXTRA or get_op(op).kind == "elementwise"
 
 
 @dataclass

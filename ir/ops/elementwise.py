@@ -1,7 +1,8 @@
 """Elementwise ops: unary activations and math, broadcasting binary ops, comparisons, where.
 
 References compute transcendental functions in float64 and round once, so they are at least as
-accurate as any backend they judge."""
+accurate as any backend they judge. Composite activations are declared by their decomposition
+(kiln.ir.decompose), which is also their reference, lowering and ONNX export."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from kiln.ir.decompose import apply, maximum, minimum, where
 from kiln.ir.errors import ShapeError
 from kiln.ir.ops._rules import broadcast, same_dtype, want_float
 from kiln.ir.registry import REQUIRED, register
@@ -39,12 +41,16 @@ def _float_same_type(ins, attrs):
 
 
 def _unary(name: str, ref, description: str, *, float_only: bool = True, attrs=None,
-           flops_per_element: int = 1) -> None:
+           flops_per_element: int = 1, decomposition=None, decomposition_cases=({},)) -> None:
+    """Declare a unary op by its NumPy reference ``ref`` or, for a composite op, by its
+    ``decomposition`` (then ``ref`` is None)."""
     register(
         name,
         ["x"],
         infer=_float_same_type if float_only else _numeric_same_type,
         reference=ref,
+        decomposition=decomposition,
+        decomposition_cases=decomposition_cases,
         kind="elementwise",
         description=description,
         attrs=attrs,
@@ -57,12 +63,6 @@ def _erf(x: np.ndarray) -> np.ndarray:
     from scipy import special
 
     return special.erf(x)
-
-
-def _gelu(x: np.ndarray, approximate: str) -> np.ndarray:
-    if approximate == "tanh":
-        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
 
 
 def _check_gelu(ins, attrs):
@@ -80,29 +80,73 @@ def _clamp_ref(x, min, max):
     return out.astype(x.dtype)
 
 
+# ---- composite ops: one formula each, which the reference, lowering and ONNX export share ----
+# The operand order of each product and sum is the kernel expression's (and so the generated
+# code's): keep it when editing a formula.
+def _leaky_relu(x, negative_slope):
+    return where(x > 0.0, x, x * negative_slope)
+
+
+def _gelu(x, approximate):
+    if approximate == "tanh":
+        inner = (x + x * x * x * 0.044715) * math.sqrt(2 / math.pi)
+        return 0.5 * x * (1.0 + apply("tanh", inner))
+    return 0.5 * x * (1.0 + apply("erf", x * (1 / math.sqrt(2))))
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + apply("exp", -x))
+
+
+def _silu(x):
+    return x * apply("sigmoid", x)
+
+
+def _hardsigmoid(x):
+    return minimum(maximum(x + 3.0, 0.0), 6.0) / 6.0
+
+
+def _hardswish(x):
+    return x * minimum(maximum(x + 3.0, 0.0), 6.0) / 6.0
+
+
+def _rsqrt(x):
+    return apply("reciprocal", apply("sqrt", x))
+
+
+def _reciprocal(x):
+    return 1.0 / x
+
+
+def _softsign(x):
+    return x / (1.0 + apply("abs", x))
+
+
 _unary("relu", lambda x: np.maximum(x, np.zeros((), x.dtype)), "max(x, 0); NaN stays NaN",
        float_only=False)
 _unary("clamp", _clamp_ref, "min(max(x, min), max); either bound may be null (ReLU6, hardtanh)",
        float_only=False, attrs={"min": None, "max": None})
-_unary("leaky_relu", _in64(lambda x, negative_slope: np.where(x > 0, x, x * negative_slope)),
-       "x if x > 0 else negative_slope * x", attrs={"negative_slope": 0.01})
-register("gelu", ["x"], infer=_check_gelu, reference=_in64(_gelu), kind="elementwise",
+_unary("leaky_relu", None, "x if x > 0 else negative_slope * x",
+       attrs={"negative_slope": 0.01}, decomposition=_leaky_relu)
+register("gelu", ["x"], infer=_check_gelu, decomposition=_gelu,
+         decomposition_cases=[{"approximate": "none"}, {"approximate": "tanh"}],
+         kind="elementwise",
          description="Gaussian error linear unit, exact (erf) or tanh approximation",
          attrs={"approximate": "none"}, flops=lambda i, o, a: o[0].numel * 8)
-_unary("silu", _in64(lambda x: x / (1.0 + np.exp(-x))), "x * sigmoid(x)", flops_per_element=4)
-_unary("sigmoid", _in64(lambda x: 1.0 / (1.0 + np.exp(-x))), "1 / (1 + exp(-x))",
-       flops_per_element=4)
+_unary("silu", None, "x * sigmoid(x)", flops_per_element=4, decomposition=_silu)
+_unary("sigmoid", None, "1 / (1 + exp(-x))", flops_per_element=4, decomposition=_sigmoid)
 _unary("tanh", _in64(np.tanh), "hyperbolic tangent", flops_per_element=4)
-_unary("hardswish", _in64(lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0),
-       "x * relu6(x + 3) / 6", flops_per_element=4)
-_unary("hardsigmoid", _in64(lambda x: np.clip(x + 3.0, 0.0, 6.0) / 6.0), "relu6(x + 3) / 6",
-       flops_per_element=3)
+_unary("hardswish", None, "x * relu6(x + 3) / 6", flops_per_element=4,
+       decomposition=_hardswish)
+_unary("hardsigmoid", None, "relu6(x + 3) / 6", flops_per_element=3,
+       decomposition=_hardsigmoid)
+_unary("softsign", None, "x / (1 + |x|)", flops_per_element=3, decomposition=_softsign)
 _unary("exp", _in64(np.exp), "e ** x", flops_per_element=4)
 _unary("log", _in64(np.log), "natural logarithm", flops_per_element=4)
 _unary("sqrt", _in64(np.sqrt), "square root")
-_unary("rsqrt", _in64(lambda x: 1.0 / np.sqrt(x)), "1 / sqrt(x)", flops_per_element=2)
+_unary("rsqrt", None, "1 / sqrt(x)", flops_per_element=2, decomposition=_rsqrt)
 _unary("erf", _in64(_erf), "error function", flops_per_element=8)
-_unary("reciprocal", _in64(lambda x: 1.0 / x), "1 / x")
+_unary("reciprocal", None, "1 / x", decomposition=_reciprocal)
 _unary("neg", np.negative, "-x", float_only=False)
 _unary("abs", np.abs, "|x|", float_only=False)
 _unary("round", np.rint, "nearest integer, halves to even (as torch.round and ONNX Round)")

@@ -194,6 +194,7 @@ def _cumsum_ref(x, axis, exclusive, reverse):
 
 register("cumsum", ["x"], infer=_cumsum_infer, reference=_cumsum_ref, kind="reduction",
          attrs={"axis": REQUIRED, "exclusive": False, "reverse": False},
+         flops=lambda i, o, a: o[0].numel,  # one add per element
          description="running sum along axis (ONNX CumSum: exclusive leaves out the element "
                      "itself, reverse runs from the end)")
 

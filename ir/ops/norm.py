@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from kiln.ir.decompose import apply
 from kiln.ir.errors import ShapeError
 from kiln.ir.ops._rules import norm_axis, same_dtype, want_float
 from kiln.ir.registry import REQUIRED, register
@@ -15,25 +18,30 @@ def _softmax_infer(ins, attrs):
     return [ins[0]]
 
 
-def _softmax_ref(x, axis):
-    z = x.astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        z = z - z.max(axis=axis, keepdims=True)
-        e = np.exp(z)
-        return (e / e.sum(axis=axis, keepdims=True)).astype(x.dtype)
+# Softmax, log_softmax, layer_norm and group_norm are declared by their decompositions: those
+# are their references and (where ONNX has no node for the op) their ONNX export. Their
+# lowering is an anchor's loop nest (passes/lower/anchors.py), a schedule of the same formula.
+def _shifted(x, axis):
+    """x minus its max along ``axis``: exp of it cannot overflow."""
+    return x - apply("reduce_max", x, axes=(axis,), keepdim=True)
 
 
-def _log_softmax_ref(x, axis):
-    z = x.astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z = z - z.max(axis=axis, keepdims=True)
-        return (z - np.log(np.exp(z).sum(axis=axis, keepdims=True))).astype(x.dtype)
+def _softmax(x, axis):
+    e = apply("exp", _shifted(x, axis))
+    return e / apply("reduce_sum", e, axes=(axis,), keepdim=True)
 
 
-register("softmax", ["x"], infer=_softmax_infer, reference=_softmax_ref, kind="norm",
+def _log_softmax(x, axis):
+    z = _shifted(x, axis)
+    return z - apply("log", apply("reduce_sum", apply("exp", z), axes=(axis,), keepdim=True))
+
+
+register("softmax", ["x"], infer=_softmax_infer, decomposition=_softmax,
+         decomposition_cases=[{"axis": -1}], kind="norm",
          description="exp(x) / sum(exp(x)) along axis", attrs={"axis": REQUIRED},
          flops=lambda i, o, a: 5 * o[0].numel)
-register("log_softmax", ["x"], infer=_softmax_infer, reference=_log_softmax_ref, kind="norm",
+register("log_softmax", ["x"], infer=_softmax_infer, decomposition=_log_softmax,
+         decomposition_cases=[{"axis": -1}], kind="norm",
          description="x - log(sum(exp(x))) along axis", attrs={"axis": REQUIRED},
          flops=lambda i, o, a: 5 * o[0].numel)
 
@@ -78,20 +86,20 @@ def _ln_infer(ins, attrs):
     return [x]
 
 
-def _ln_ref(x, weight=None, bias=None, *, normalized_ndim, eps):
-    axes = tuple(range(x.ndim - normalized_ndim, x.ndim))
-    x64 = x.astype(np.float64)
-    mu = x64.mean(axis=axes, keepdims=True)
-    var = ((x64 - mu) ** 2).mean(axis=axes, keepdims=True)
-    y = (x64 - mu) / np.sqrt(var + eps)
+def _layer_norm(x, weight=None, bias=None, *, normalized_ndim, eps):
+    rank = len(x.shape)
+    axes = tuple(range(rank - normalized_ndim, rank))
+    centred = x - apply("reduce_mean", x, axes=axes, keepdim=True)
+    var = apply("reduce_mean", centred * centred, axes=axes, keepdim=True)
+    y = centred / apply("sqrt", var + eps)
     if weight is not None:
         y = y * weight
     if bias is not None:
         y = y + bias
-    return y.astype(x.dtype)
+    return y
 
 
-register("layer_norm", ["x", "weight?", "bias?"], infer=_ln_infer, reference=_ln_ref,
+register("layer_norm", ["x", "weight?", "bias?"], infer=_ln_infer, decomposition=_layer_norm,
          kind="norm", description="normalize over the last normalized_ndim axes, then affine",
          attrs={"normalized_ndim": 1, "eps": 1e-5}, flops=lambda i, o, a: 8 * o[0].numel)
 
@@ -111,20 +119,22 @@ def _gn_infer(ins, attrs):
     return [x]
 
 
-def _gn_ref(x, weight=None, bias=None, *, groups, eps):
+def _group_norm(x, weight=None, bias=None, *, groups, eps):
     n, c = x.shape[:2]
-    xg = x.astype(np.float64).reshape(n, groups, -1)
-    mu = xg.mean(axis=2, keepdims=True)
-    var = ((xg - mu) ** 2).mean(axis=2, keepdims=True)
-    y = ((xg - mu) / np.sqrt(var + eps)).reshape(x.shape)
-    shape = (1, c) + (1,) * (x.ndim - 2)
+    per_group = math.prod(x.shape) // max(n * groups, 1)
+    grouped = apply("reshape", x, shape=(n, groups, per_group))
+    centred = grouped - apply("reduce_mean", grouped, axes=(2,), keepdim=True)
+    var = apply("reduce_mean", centred * centred, axes=(2,), keepdim=True)
+    y = apply("reshape", centred / apply("sqrt", var + eps), shape=x.shape)
+    per_channel = (c,) + (1,) * (len(x.shape) - 2)  # broadcasts against [N, C, ...]
     if weight is not None:
-        y = y * weight.reshape(shape)
+        y = y * apply("reshape", weight, shape=per_channel)
     if bias is not None:
-        y = y + bias.reshape(shape)
-    return y.astype(x.dtype)
+        y = y + apply("reshape", bias, shape=per_channel)
+    return y
 
 
-register("group_norm", ["x", "weight?", "bias?"], infer=_gn_infer, reference=_gn_ref,
+register("group_norm", ["x", "weight?", "bias?"], infer=_gn_infer, decomposition=_group_norm,
+         decomposition_cases=[{"groups": 1}],
          kind="norm", description="normalize each group of channels, then per-channel affine",
          attrs={"groups": REQUIRED, "eps": 1e-5}, flops=lambda i, o, a: 8 * o[0].numel)

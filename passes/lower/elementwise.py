@@ -1,12 +1,18 @@
-"""Index rules of the injective ops: each output element as an expression of input elements."""
+"""Index rules of the injective ops: each output element as an expression of input elements.
+
+Composite elementwise ops (gelu, silu, hardswish ...) have no rule here: their kernel expression
+is their registered decomposition evaluated over kernel-IR expressions (``KernelExprs``)."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
+from kiln.ir import all_ops, get_op
 from kiln.ir import kernel as K
+from kiln.ir.decompose import Evaluator
 from kiln.ir.kernel import INDEX, Const, as_expr
 from kiln.passes.lower.core import (
     Lowering,
@@ -23,57 +29,65 @@ def _x(low: Lowering, node, idx):
     return low.operand(node, 0, idx)
 
 
-def sigmoid(x):
-    return f32(1.0, x.dtype) / (f32(1.0, x.dtype) + K.call("exp", -x))
+class KernelExprs(Evaluator):
+    """Decompositions over kernel-IR expressions: the ops the kernel IR computes directly are
+    its native forms; composite ops expand through their decomposition (kiln.ir.decompose)."""
+
+    def const(self, value, like: K.Expr) -> K.Expr:
+        return const_scalar(value, like.dtype)
+
+    def native(self, op, operands, attrs):
+        rule = NATIVE.get(op)
+        return None if rule is None else rule(*operands, **attrs)
+
+
+def _clamp(x: K.Expr, min, max) -> K.Expr:
+    if min is not None:
+        x = K.maximum(x, const_scalar(min, x.dtype))
+    if max is not None:
+        x = K.minimum(x, const_scalar(max, x.dtype))
+    return x
+
+
+BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow": "pow",
+          "maximum": "max", "minimum": "min", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le",
+          "gt": "gt", "ge": "ge"}
+# Op -> function(*operands, **attrs) giving its kernel expression, for the ops the kernel IR
+# (and so every backend) computes directly.
+NATIVE: dict[str, Callable[..., K.Expr]] = {
+    "relu": lambda x: K.maximum(x, const_scalar(0, x.dtype)),
+    "clamp": _clamp,
+    "neg": lambda x: -x,
+    "logical_not": lambda x: K.Unary("not", x),
+    "where": K.Select,
+    **{op: partial(K.call, op) for op in ("exp", "log", "sqrt", "rsqrt", "tanh", "erf", "abs",
+                                          "round")},
+    **{op: partial(K.Binary, kop) for op, kop in BINARY.items()},
+}
+KERNEL = KernelExprs()
 
 
 def unary_math(op: str, x: K.Expr, attrs) -> K.Expr:
     """The expression of a unary op of the registry applied to ``x``."""
-    dt = x.dtype
-    one, zero = f32(1.0, dt), f32(0.0, dt)
-    if op == "relu":
-        return K.maximum(x, const_scalar(0, dt))
-    if op == "clamp":
-        if attrs["min"] is not None:
-            x = K.maximum(x, const_scalar(attrs["min"], dt))
-        if attrs["max"] is not None:
-            x = K.minimum(x, const_scalar(attrs["max"], dt))
-        return x
-    if op == "leaky_relu":
-        return K.Select(K.cmp("gt", x, zero), x, x * f32(attrs["negative_slope"], dt))
-    if op == "gelu":
-        half = f32(0.5, dt)
-        if attrs["approximate"] == "tanh":
-            inner = (x + x * x * x * f32(0.044715, dt)) * f32(math.sqrt(2 / math.pi), dt)
-            return half * x * (one + K.call("tanh", inner))
-        return half * x * (one + K.call("erf", x * f32(1 / math.sqrt(2), dt)))
-    if op == "silu":
-        return x * sigmoid(x)
-    if op == "sigmoid":
-        return sigmoid(x)
-    if op == "hardswish":
-        return x * K.minimum(K.maximum(x + f32(3.0, dt), zero), f32(6.0, dt)) / f32(6.0, dt)
-    if op == "hardsigmoid":
-        return K.minimum(K.maximum(x + f32(3.0, dt), zero), f32(6.0, dt)) / f32(6.0, dt)
-    if op == "reciprocal":
-        return one / x
-    if op == "neg":
-        return -x
-    if op == "logical_not":
-        return K.Unary("not", x)
-    if op in ("exp", "log", "sqrt", "rsqrt", "tanh", "erf", "abs", "round"):
-        return K.call(op, x)
-    raise KeyError(op)
+    return KERNEL.compute(op, [x], attrs)
 
 
-UNARY = ("relu", "clamp", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "hardswish",
-         "hardsigmoid", "exp", "log", "sqrt", "rsqrt", "erf", "reciprocal", "neg", "abs",
-         "round", "logical_not")
+# Elementwise ops lowered through their decomposition, and every unary op unary_math lowers.
+COMPOSITE = tuple(name for name, opdef in all_ops().items()
+                  if opdef.kind == "elementwise" and opdef.decomposition is not None
+                  and name not in NATIVE)
+UNARY = tuple(op for op in (*NATIVE, *COMPOSITE) if get_op(op).inputs == ("x",))
 
 
 @element_rule(*UNARY)
 def _unary(low, node, value, idx):
     return unary_math(node.op, _x(low, node, idx), node.attrs)
+
+
+@element_rule(*(op for op in COMPOSITE if op not in UNARY))
+def _composite(low, node, value, idx):
+    operands = [low.operand(node, k, idx) for k in range(len(node.inputs))]
+    return KERNEL.compute(node.op, operands, node.attrs)
 
 
 @element_rule("cast")
@@ -102,11 +116,6 @@ def _dequantize(low, node, value, idx):
     a = node.attrs
     centered = K.Cast(_x(low, node, idx), "i32") - Const(a["zero_point"], "i32")
     return K.Cast(centered, "f32") * f32(a["scale"])
-
-
-BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow": "pow",
-          "maximum": "max", "minimum": "min", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le",
-          "gt": "gt", "ge": "ge"}
 
 
 @element_rule(*BINARY)

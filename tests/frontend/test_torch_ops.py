@@ -100,6 +100,7 @@ CASES = {
                              + m.s(x), s=nn.SiLU()), (r(4, 6),)),
     "hardswish_hardsigmoid": (Fn(lambda m, x: F.hardswish(x * 3) + m.h(x * 3),
                                  h=nn.Hardsigmoid()), (r(4, 6),)),
+    "softsign": (Fn(lambda m, x: F.softsign(x * 3) + m.s(x), s=nn.Softsign()), (r(4, 6),)),
     "softmax_logsoftmax": (Fn(lambda m, x: F.softmax(x, dim=-1) + F.log_softmax(x, dim=1)
                               + m.s(x), s=nn.Softmax(dim=0)), (r(3, 5),)),
     "pools": (Fn(lambda m, x: m.mp(x) + F.avg_pool2d(x, 3, 2, 1, count_include_pad=False)

@@ -762,6 +762,7 @@ PROPOSERS: dict[str, tuple[float, Callable[[Grower], Proposal]]] = {
     "tanh": (1, _unary()),
     "hardswish": (1, _unary()),
     "hardsigmoid": (1, _unary()),
+    "softsign": (0.5, _unary()),
     "exp": (1, _unary()),
     "log": (1, _unary(positive=True)),
     "sqrt": (1, _unary(positive=True)),

@@ -26,6 +26,14 @@ class _SourceTracer(torch.fx.Tracer):
     ``record_stack_traces`` goes through torch._dynamo, whose first import alone takes about a
     second: more than the rest of a cached compile."""
 
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        # A subclass of nn.LSTM / nn.GRU that keeps their forward() (one that only sets its
+        # weights up its own way) is still the layer kiln's module table translates; fx would
+        # trace into it, as into any module defined outside torch.nn, and stop at its checks.
+        if type(m).forward in _RECURRENT_FORWARDS:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
         if not node.stack_trace:
@@ -37,6 +45,7 @@ class _SourceTracer(torch.fx.Tracer):
 
 
 _SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+_RECURRENT_FORWARDS = (torch.nn.LSTM.forward, torch.nn.GRU.forward)
 
 
 def _call_graph(model: torch.nn.Module, n_inputs: int, name: str) -> torch.fx.GraphModule:

@@ -149,9 +149,15 @@ def _minify_kernels(args: argparse.Namespace, graph) -> int:
 
 def _cmd_trace(args: argparse.Namespace) -> None:
     check_output_dir(Path(args.output), args.overwrite, "--overwrite")
+    kernels: list = []
+    backend = None if args.backend == "reference" else args.backend
     rows = trace(args.model, args.output, args.pipeline, args.frontend,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, backend=backend, kernels=kernels)
     print(format_trace_table(rows))
+    if kernels:
+        from kiln.debug.trace_kernels import format_kernels
+
+        print(format_kernels(kernels))
     print(f"wrote {len(rows)} stages (.txt, .diff), table.tsv and report.html to {args.output}")
 
 
@@ -432,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="write into an existing non-empty DIR, replacing the trace's files "
                         "there (other files are kept; without it such a DIR is refused)")
+    p.add_argument("--backend", default="llvm", choices=("llvm", "reference"),
+                   help="llvm (default): go on through fusion, lowering, each schedule, the "
+                        "memory plan and codegen, with a per-kernel table (schedule, time, "
+                        "GFLOP/s, roofline class, numeric check); reference: graph passes only")
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("export", help="compile a model ahead of time to a file or C library",

@@ -194,7 +194,7 @@ def covered_nodes(graph: Graph, plan: FusionPlan) -> dict[str, tuple[str, ...]]:
 def describe_schedule(kernel: K.Kernel, width: int) -> str:
     """What schedule a kernel got: algorithm, schedule note, vector width, parallel loop."""
     meta = kernel.meta
-    parts = [meta.get("algorithm", ""), meta.get("schedule", "")]
+    parts = list(dict.fromkeys([meta.get("algorithm", ""), meta.get("schedule", "")]))
     lanes = max((e.lanes for s in K.walk_stmts(kernel.body) for e in K.stmt_exprs(s)),
                 default=1)
     parts.append(f"vector x{lanes}" if lanes > 1 else "scalar")

@@ -10,6 +10,7 @@ each node one level below its deepest non-constant operand, the nodes of one lev
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,12 +253,54 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
     body = []
     for r in rows:
         cells = [str(r["stage"]), f"{r['seconds']:.4f}", str(r["nodes"]), f"{r['parameters']:,}",
-                 f"{r['flops']:,}", f"{r['bytes']:,}", f"{r['max_diff']:.3g}"]
+                 f"{r['flops']:,}", f"{r['bytes']:,}", _number(r["max_diff"])]
         body.append(f'<tr class="{"ok" if r["ok"] else "bad"}"><td class="num">{cells[0]}</td>'
                     f"<td>{html.escape(r['pass'])}</td>"
                     + "".join(f'<td class="num">{c}</td>' for c in cells[1:])
                     + f"<td>{'yes' if r['ok'] else 'NO'}</td></tr>")
     return f'<table class="stages">{head}{"".join(body)}</table>'
+
+
+def _number(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.3g}"
+
+
+MAX_LINES = 300
+"""Lines of a code stage's text shown in the report (the whole text is in its .txt file)."""
+
+
+def code_stage_section(index: int, name: str, level: str, text: str, diff: str) -> str:
+    """A collapsible section for a stage after the graph passes: its diff against the previous
+    stage where the two are comparable (kernel IR, LLVM IR), else the start of its text."""
+    lines = text.splitlines()
+    shown = "\n".join(lines[:MAX_LINES])
+    more = (f"\n... {len(lines) - MAX_LINES} more lines in {index:03d}_{name}.txt"
+            if len(lines) > MAX_LINES else "")
+    body = (f"<p><b>Diff against the previous stage</b></p>\n{diff_html(diff)}" if diff else
+            f'<pre class="diff">{html.escape(shown + more)}</pre>')
+    return (f"<details><summary>{index:03d} {html.escape(name)} ({level}): {len(lines)} lines"
+            f"</summary>\n{body}\n</details>")
+
+
+def kernel_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One row per fused kernel: nodes, schedule, time, GFLOP/s, GB/s, roofline class and the
+    numeric check; each kernel's IR in a collapsible cell."""
+    head = ("<tr><th>#</th><th>kernel</th><th>op</th><th>graph nodes</th><th>schedule</th>"
+            "<th>time (ms)</th><th>GFLOP/s</th><th>GB/s</th><th>bound</th>"
+            "<th>max|diff| vs reference</th><th>ok</th></tr>")
+    body = []
+    for r in rows:
+        ir = html.escape("\n".join(r["ir"].splitlines()[:MAX_LINES]))
+        body.append(
+            f'<tr class="{"ok" if r["ok"] else "bad"}"><td class="num">{r["index"]}</td>'
+            f"<td><details><summary>{html.escape(r['kernel'])}</summary>"
+            f'<pre class="diff">{ir}</pre></details></td><td>{html.escape(r["op"])}</td>'
+            f"<td>{html.escape(', '.join(r['nodes']))}</td><td>{html.escape(r['schedule'])}</td>"
+            f'<td class="num">{_number(r["ms"])}</td><td class="num">{_number(r["gflops"])}</td>'
+            f'<td class="num">{_number(r["gbytes"])}</td><td>{r["bound"]}</td>'
+            f'<td class="num">{_number(r["max_diff"])}</td>'
+            f"<td>{'yes' if r['ok'] else 'NO'}</td></tr>")
+    return f'<table class="stages kernels">{head}{"".join(body)}</table>'
 
 
 def stage_section(stage: Stage, open_: bool = False) -> str:
@@ -277,9 +320,11 @@ def stage_section(stage: Stage, open_: bool = False) -> str:
 
 
 def write_report(path: str | Path, title: str, rows: Sequence[dict[str, Any]],
-                 stages: Sequence[Stage]) -> None:
+                 stages: Sequence[Stage], code_sections: Sequence[str] = (),
+                 kernels: Sequence[dict[str, Any]] = ()) -> None:
     """Write the self-contained HTML report of a trace: ``title``, the table of ``rows`` (see
-    ``kiln.debug.trace.COLUMNS``), then one section per stage."""
+    ``kiln.debug.trace.COLUMNS``), one section per graph stage, the sections of the stages
+    after the graph passes (``code_stage_section``), then the table of ``kernels``."""
     # The final graph, what the pipeline hands to the backend, is shown expanded.
     sections = "\n".join(stage_section(s, open_=k == len(stages) - 1)
                          for k, s in enumerate(stages))
@@ -290,4 +335,12 @@ def write_report(path: str | Path, title: str, rows: Sequence[dict[str, Any]],
         "<p>Stage 0 is the imported graph; each later stage is the graph after one pass. "
         "max|diff| is the largest difference of the stage's outputs (reference backend) from "
         "eager PyTorch on the example inputs.</p>\n"
-        f"{sections}\n</body></html>\n")
+        f"{sections}\n"
+        + (f"<h2>Fusion, lowering, schedules, memory plan, code</h2>\n"
+           f"{chr(10).join(code_sections)}\n" if code_sections else "")
+        + (f"<h2>Kernels</h2>\n<p>Each fused kernel of the compiled model: the graph nodes it "
+           "computes, the schedule chosen, its median time and rates in the whole model, its "
+           "roofline class against this machine's measured peaks, and its output when run "
+           "alone on the reference values of its inputs against the reference values of its "
+           f"nodes.</p>\n{kernel_table(kernels)}\n" if kernels else "")
+        + "</body></html>\n")

@@ -20,8 +20,9 @@ from typing import Any
 from kiln.backends.reference import run_graph
 from kiln.debug.bisect import combined_budget, max_violation
 from kiln.debug.model_arg import load_checked
-from kiln.debug.report import Stage, write_report
+from kiln.debug.report import Stage, code_stage_section, write_report
 from kiln.debug.stages import INPUT_STAGE
+from kiln.debug.trace_kernels import trace_backend
 from kiln.ir import Graph, KilnError, get_op, print_graph
 from kiln.passes import (
     DumpIR,
@@ -80,7 +81,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         cells.append([str(r["stage"]), r["pass"], f"{r['seconds']:.4f}", str(r["nodes"]),
                       f"{r['parameters']:,}", f"{r['flops']:,}", f"{r['bytes']:,}",
-                      f"{r['max_diff']:.3g}", "yes" if r["ok"] else "NO"])
+                      "-" if r["max_diff"] != r["max_diff"] else f"{r['max_diff']:.3g}",
+                      "yes" if r["ok"] else "NO"])
     widths = [max(len(row[k]) for row in cells) for k in range(len(cells[0]))]
     return "\n".join("  ".join(c.ljust(w) if k == 1 else c.rjust(w)
                                for k, (c, w) in enumerate(zip(row, widths))).rstrip()
@@ -122,7 +124,8 @@ def check_output_dir(out: Path, overwrite: bool = False, flag: str = "overwrite=
 
 
 def trace(spec: str, out_dir: str | Path, pipeline: str = "O1", frontend: str = "fx", *,
-          overwrite: bool = False) -> list[dict[str, Any]]:
+          overwrite: bool = False, backend: str | None = "llvm",
+          kernels: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Trace model ``spec`` (zoo name or ``file.py:factory``) through ``pipeline`` into
     ``out_dir``; returns one row per stage (keys: ``COLUMNS``).
 
@@ -132,6 +135,12 @@ def trace(spec: str, out_dir: str | Path, pipeline: str = "O1", frontend: str = 
     ``table.tsv`` and ``report.html`` into ``out_dir``, which is created, or must be an empty
     folder unless ``overwrite`` (then the files of those names are replaced and nothing else
     in it is touched). KilnError for a bad model, pipeline, frontend or output folder.
+
+    With ``backend="llvm"`` (the default) the trace goes on through the one pipeline to machine
+    code: fusion, lowering, each schedule, the memory plan, LLVM IR, optimized LLVM IR and
+    assembly each get a stage file, a row (the last row's max_diff is the compiled model's)
+    and a report section, and the report gets a table of the fused kernels (schedule, time,
+    GFLOP/s, roofline class, numeric check); ``kernels``, when a list, receives those rows.
     """
     out = Path(out_dir)
     check_output_dir(out, overwrite)
@@ -166,10 +175,42 @@ def trace(spec: str, out_dir: str | Path, pipeline: str = "O1", frontend: str = 
                      "nodes": len(stage_graph.nodes),
                      "parameters": stage_graph.num_parameters(), "flops": flops,
                      "bytes": moved, "max_diff": diff, "ok": ok})
+    code_sections: list[str] = []
+    kernel_rows: list[dict[str, Any]] = []
+    if backend is not None:
+        code_rows, code_stages, kernel_rows = trace_backend(
+            graphs.graphs[-1], arrays, expected, out, first=len(names))
+        rows += code_rows
+        code_sections = _code_sections(code_stages, len(names), out)
+        if kernels is not None:
+            kernels.extend(kernel_rows)
     _write_tsv(out / "table.tsv", rows)
-    write_report(out / "report.html", f"kiln trace: {name} ({pipeline}, {frontend})",
-                 rows, stages)
+    write_report(out / "report.html", f"kiln trace: {name} ({pipeline}, {frontend}"
+                 f"{', ' + backend if backend else ''})", rows, stages, code_sections,
+                 kernel_rows)
     return rows
+
+
+_COMPARABLE = ({"lower", "parallel", "unroll", "vectorize"}, {"llvm_ir", "llvm_opt"})
+
+
+def _code_sections(code_stages: Sequence[tuple[str, str, str]], first: int, out: Path
+                   ) -> list[str]:
+    """Report sections of the stages after the graph passes, and their ``.diff`` files where
+    a stage's text compares with the previous one's (kernel IR, LLVM IR)."""
+    sections = []
+    previous = ("", "", "")
+    for k, (name, level, text) in enumerate(code_stages):
+        filename = f"{first + k:03d}_{name}"
+        comparable = any(name in group and previous[0] in group for group in _COMPARABLE)
+        diff = (unified_diff(previous[2], text, f"{first + k - 1:03d}_{previous[0]}.txt",
+                             f"{filename}.txt") if comparable else "")
+        if comparable:
+            (out / f"{filename}.diff").write_text(diff)
+        sections.append(code_stage_section(first + k, name, level, text,
+                                           diff if comparable else ""))
+        previous = (name, level, text)
+    return sections
 
 
 __all__ = ["COLUMNS", "Stage", "check_output_dir", "format_table", "graph_cost", "trace",

@@ -19,6 +19,8 @@ from kiln.passes import PIPELINES
 from kiln.passes.fusion import plan_fusion
 
 O1_STAGES = ["input"] + PIPELINES["O1"]
+CODE_STAGES = ["fuse", "lower", "parallel", "unroll", "vectorize", "memory_plan", "llvm_ir",
+               "llvm_opt", "object"]
 VOID_TAGS = {"meta", "br", "hr", "img", "input", "link"}
 
 
@@ -59,32 +61,45 @@ def parse_report(path: Path) -> StrictParser:
 @pytest.fixture(scope="module")
 def resnet_trace(tmp_path_factory):
     out = tmp_path_factory.mktemp("resnet18_cifar")
-    return trace("resnet18_cifar", out), out
+    kernels: list = []
+    rows = trace("resnet18_cifar", out, kernels=kernels)
+    return rows, out, kernels
 
 
 def check_trace(rows: list[dict], out: Path, spec: str) -> None:
-    """The files, table and numbers every O1 trace must have."""
-    assert [r["pass"] for r in rows] == O1_STAGES
-    assert [r["stage"] for r in rows] == list(range(len(O1_STAGES)))
+    """The files, table and numbers every O1 trace through the llvm backend must have: the
+    graph stages, then the stages of the pipeline to machine code."""
+    assert [r["pass"] for r in rows] == O1_STAGES + CODE_STAGES
+    assert [r["stage"] for r in rows] == list(range(len(rows)))
+    graph_rows = rows[:len(O1_STAGES)]
     for r in rows:
         stem = f"{r['stage']:03d}_{r['pass']}"
-        assert (out / f"{stem}.txt").read_text().startswith("graph ")
-        assert (out / f"{stem}.diff").exists()
+        text = (out / f"{stem}.txt").read_text()
+        assert text.startswith("graph ") == (r in graph_rows)
+        assert (out / f"{stem}.diff").exists() == (r in graph_rows or r["pass"] in (
+            "parallel", "unroll", "vectorize", "llvm_opt"))
         assert r["nodes"] > 0 and r["parameters"] > 0 and r["flops"] > 0 and r["bytes"] > 0
+    assert "kernel k0_" in (out / f"{len(O1_STAGES) + 1:03d}_lower.txt").read_text()
+    assert "define " in (out / f"{len(O1_STAGES) + 6:03d}_llvm_ir.txt").read_text()
     module, inputs, _ = load_model(spec)
     scale = max(float(abs(a).max()) for a in eager_outputs(module, inputs))
-    for r in rows:
+    checked = graph_rows + rows[-1:]  # the compiled model's outputs are checked at the end
+    for r in checked:
         assert math.isfinite(r["max_diff"]) and r["max_diff"] / scale < 1e-4 and r["ok"]
+    assert all(math.isnan(r["max_diff"]) for r in rows[len(O1_STAGES):-1])
     tsv = (out / "table.tsv").read_text().splitlines()
     assert tsv[0].split("\t") == ["stage", "pass", "seconds", "nodes", "parameters", "flops",
                                   "bytes", "max_diff", "ok"]
-    assert [line.split("\t")[1] for line in tsv[1:]] == O1_STAGES
-    assert [float(line.split("\t")[7]) for line in tsv[1:]] == [r["max_diff"] for r in rows]
+    assert [line.split("\t")[1] for line in tsv[1:]] == O1_STAGES + CODE_STAGES
+    written = [float(line.split("\t")[7]) for line in tsv[1:]]
+    assert [w for w in written if math.isfinite(w)] == [r["max_diff"] for r in checked]
 
     report = out / "report.html"
     parser = parse_report(report)
-    assert parser.counts["svg"] == len(rows)
-    assert parser.counts["details"] == len(rows)
+    assert parser.counts["svg"] == len(graph_rows)
+    kernels = report.read_text().count('class="stages kernels"')
+    assert kernels == 1
+    assert parser.counts["details"] >= len(rows)
     text = report.read_text()
     assert "Fusion legend" in text
     # Self-contained: nothing to fetch, no scripts.
@@ -99,13 +114,16 @@ def test_trace_mlp_through_the_cli(tmp_path, capsys):
     table = out.splitlines()
     assert table[0].split()[:2] == ["#", "pass"]
     assert [line.split()[1] for line in table[1:len(O1_STAGES) + 1]] == O1_STAGES
+    assert [line.split()[1] for line in table[len(O1_STAGES) + 1:len(O1_STAGES) + 10]] \
+        == CODE_STAGES
+    assert any("k0_fc1" in line and "linear" in line for line in table)
     assert "report.html" in out
     rows = trace("mlp", tmp_path / "api")
     check_trace(rows, tmp_path / "api", "mlp")
 
 
 def test_trace_resnet18_cifar(resnet_trace):
-    rows, out = resnet_trace
+    rows, out, _ = resnet_trace
     check_trace(rows, out, "resnet18_cifar")
     before, after = rows[3], rows[4]
     assert after["pass"] == "fold_batchnorm"
@@ -113,8 +131,27 @@ def test_trace_resnet18_cifar(resnet_trace):
     assert after["flops"] < before["flops"] and after["bytes"] < before["bytes"]
 
 
+def test_trace_resnet18_cifar_reports_every_kernel(resnet_trace):
+    """More than 10 stages, through fusion, lowering, scheduling and codegen; per kernel: its
+    nodes, schedule, time and rates with roofline class, and a numeric check."""
+    rows, out, kernels = resnet_trace
+    assert len(rows) > 10
+    assert len(kernels) >= 20
+    for k in kernels:
+        assert k["nodes"] and k["schedule"] and k["ir"].startswith("kernel ")
+        assert k["ms"] > 0 and k["gflops"] > 0 and k["bound"] in ("compute", "memory")
+        assert k["ok"] and k["max_diff"] < 1e-3
+    convs = [k for k in kernels if k["op"] == "conv"]
+    assert convs and all("vector x" in k["schedule"] for k in convs)
+    assert any(k["bound"] == "compute" for k in convs)
+    text = (out / "report.html").read_text()
+    assert text.count("<tr class=\"ok\"><td class=\"num\">") >= len(rows) + len(kernels)
+    vectorized = (out / f"{len(O1_STAGES) + 4:03d}_vectorize.diff").read_text()
+    assert "+" in vectorized and "broadcast(" in vectorized
+
+
 def test_fold_batchnorm_diff_removes_batch_norm(resnet_trace):
-    _, out = resnet_trace
+    _, out, _ = resnet_trace
     diff = (out / "004_fold_batchnorm.diff").read_text().splitlines()
     assert diff[0] == "--- 003_dce.txt" and diff[1] == "+++ 004_fold_batchnorm.txt"
     removed = [line for line in diff if line.startswith("-") and "= batch_norm(" in line]
@@ -148,7 +185,7 @@ def test_report_renders_in_headless_chromium(resnet_trace, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium not installed")
-    _, out = resnet_trace
+    _, out, _ = resnet_trace
     shot = tmp_path / "shot.png"
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
                     "--disable-background-networking", "--disable-component-update",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from kiln.ir.errors import KilnError
+from kiln.ir.errors import InternalError
 
 INDEX = "i64"
 """The dtype of loop variables and element indices."""
@@ -97,9 +97,9 @@ class Binary(Expr):
 
     def __post_init__(self) -> None:
         if self.op not in BINARY_OPS:
-            raise KilnError(f"unknown binary op {self.op!r} in kernel IR")
+            raise InternalError(f"unknown binary op {self.op!r} in kernel IR")
         if self.a.lanes != self.b.lanes:
-            raise KilnError(f"kernel IR {self.op}: lanes differ ({self.a.lanes} vs "
+            raise InternalError(f"kernel IR {self.op}: lanes differ ({self.a.lanes} vs "
                             f"{self.b.lanes})")
 
     @property
@@ -118,7 +118,7 @@ class Unary(Expr):
 
     def __post_init__(self) -> None:
         if self.op not in UNARY_OPS:
-            raise KilnError(f"unknown unary op {self.op!r} in kernel IR")
+            raise InternalError(f"unknown unary op {self.op!r} in kernel IR")
 
     @property
     def dtype(self) -> str:  # type: ignore[override]
@@ -199,10 +199,10 @@ class DotAdd4(Expr):
     def __post_init__(self) -> None:
         n = self.acc.lanes
         if self.acc.dtype != "i32" or self.u.dtype != "u8" or self.s.dtype != "i8":
-            raise KilnError(f"kernel IR dot_add4 wants i32 += u8 * i8, got {self.acc.dtype}, "
+            raise InternalError(f"kernel IR dot_add4 wants i32 += u8 * i8, got {self.acc.dtype}, "
                             f"{self.u.dtype}, {self.s.dtype}")
         if self.u.lanes not in (4, 4 * n) or self.s.lanes not in (4, 4 * n):
-            raise KilnError(f"kernel IR dot_add4: {n} accumulator lanes want 4 or {4 * n} "
+            raise InternalError(f"kernel IR dot_add4: {n} accumulator lanes want 4 or {4 * n} "
                             f"byte lanes, got {self.u.lanes} and {self.s.lanes}")
 
     @property
@@ -266,7 +266,7 @@ class For:
 
     def __post_init__(self) -> None:
         if self.kind not in LOOP_KINDS:
-            raise KilnError(f"unknown loop kind {self.kind!r}")
+            raise InternalError(f"unknown loop kind {self.kind!r}")
         object.__setattr__(self, "body", tuple(self.body))
 
 
@@ -342,7 +342,7 @@ class Kernel:
         for b in self.params + self.scratch:
             if b.name == name:
                 return b
-        raise KilnError(f"kernel {self.name} has no buffer {name}")
+        raise InternalError(f"kernel {self.name} has no buffer {name}")
 
     def __str__(self) -> str:
         return print_kernel(self)
@@ -392,7 +392,7 @@ def map_stmts(stmts: Sequence[Stmt], fn: Callable[[Expr], Expr | None]) -> tuple
         elif isinstance(s, If):
             out.append(If(map_expr(s.cond, fn), map_stmts(s.then, fn), map_stmts(s.orelse, fn)))
         else:
-            raise KilnError(f"unknown statement {type(s).__name__}")
+            raise InternalError(f"unknown statement {type(s).__name__}")
     return tuple(out)
 
 
@@ -547,7 +547,7 @@ def format_expr(e: Expr) -> str:
     if isinstance(e, DotAdd4):
         bound = f", |s|<={e.s_max}" if e.s_max < 128 else ""
         return f"dot_add4({format_expr(e.acc)}, {format_expr(e.u)}, {format_expr(e.s)}{bound})"
-    raise KilnError(f"unknown expression {type(e).__name__}")
+    raise InternalError(f"unknown expression {type(e).__name__}")
 
 
 def _format_stmts(stmts: Sequence[Stmt], indent: int, out: list[str]) -> None:
@@ -630,10 +630,10 @@ def run_kernel(k: Kernel, buffers: dict[str, np.ndarray]) -> None:
     mem = dict(buffers)
     for p in k.params:
         if p.name not in mem:
-            raise KilnError(f"run_kernel: no array for buffer {p.name}")
+            raise InternalError(f"run_kernel: no array for buffer {p.name}")
         arr = mem[p.name]
         if arr.ndim != 1 or arr.size < p.size or arr.dtype != np_dtype(p.dtype):
-            raise KilnError(f"run_kernel: buffer {p.name} must be flat {p.dtype}[{p.size}]")
+            raise InternalError(f"run_kernel: buffer {p.name} must be flat {p.dtype}[{p.size}]")
     for s in k.scratch:
         mem[s.name] = np.zeros(s.size, np_dtype(s.dtype))
     _exec(k.body, mem, {})
@@ -650,7 +650,7 @@ def _eval(e: Expr, mem: dict, env: dict):
         buf = mem[e.buffer]
         end = i + e.stride * (e.lanes - 1) + 1
         if i < 0 or end > buf.size:
-            raise KilnError(f"out-of-bounds load {e.buffer}[{i}:{end}] (size {buf.size})")
+            raise InternalError(f"out-of-bounds load {e.buffer}[{i}:{end}] (size {buf.size})")
         return buf[i:end:e.stride].copy() if e.lanes > 1 else buf[i]
     if isinstance(e, Binary):
         a, b = _eval(e.a, mem, env), _eval(e.b, mem, env)
@@ -687,11 +687,11 @@ def _eval(e: Expr, mem: dict, env: dict):
         u = np.asarray(_eval(e.u, mem, env), np.int64).reshape(-1, 4)
         s = np.asarray(_eval(e.s, mem, env), np.int64).reshape(-1, 4)
         if np.abs(s).max() > e.s_max:
-            raise KilnError(f"internal: a dot_add4 operand leaves its promised bound "
+            raise InternalError(f"internal: a dot_add4 operand leaves its promised bound "
                             f"|s| <= {e.s_max}", hint="this is a kiln bug; please report it")
         total = acc + (u * s).sum(axis=1)
         return total.astype(np.int32) if e.lanes > 1 else np.int32(total[0])
-    raise KilnError(f"unknown expression {type(e).__name__}")
+    raise InternalError(f"unknown expression {type(e).__name__}")
 
 
 def _exec(stmts: Sequence[Stmt], mem: dict, env: dict) -> None:
@@ -708,7 +708,7 @@ def _exec(stmts: Sequence[Stmt], mem: dict, env: dict) -> None:
             buf = mem[s.buffer]
             n = s.value.lanes
             if i < 0 or i + n > buf.size:
-                raise KilnError(f"out-of-bounds store {s.buffer}[{i}:{i + n}] "
+                raise InternalError(f"out-of-bounds store {s.buffer}[{i}:{i + n}] "
                                 f"(size {buf.size})")
             buf[i:i + n] = v
         elif isinstance(s, (Decl, Assign)):

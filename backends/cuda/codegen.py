@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kiln.backends.cuda.mapping import BoundLoop, Segment, plan_segments
-from kiln.ir import KilnError
+from kiln.ir import InternalError
 from kiln.ir import kernel as K
 from kiln.ir.kernel import (
     INDEX,
@@ -140,7 +140,7 @@ class KernelWriter:
 
     def buf(self, name: str) -> str:
         if name not in self.buffers:
-            raise KilnError(f"kernel {self.kernel.name} uses buffer {name}, which is neither a "
+            raise InternalError(f"kernel {self.kernel.name} uses buffer {name}, which is neither a "
                             "parameter nor a scratch buffer",
                             hint="this is a kiln lowering bug; please report it")
         return _ident(name)
@@ -168,7 +168,7 @@ class KernelWriter:
         """Python text of ``e`` (lane ``lane`` of it when it is a vector). Lines that must run
         first (``ReduceLanes`` loops, max/min operands) are appended to ``self.pre``."""
         if e.lanes > 1 and lane is None and not isinstance(e, ReduceLanes):
-            raise KilnError(f"kernel {self.kernel.name}: vector expression "
+            raise InternalError(f"kernel {self.kernel.name}: vector expression "
                             f"{K.format_expr(e)} where a scalar is needed",
                             hint="this is a kiln lowering bug; please report it")
         if isinstance(e, Const):
@@ -198,7 +198,7 @@ class KernelWriter:
             return self.reduce_lanes(e)
         if isinstance(e, DotAdd4):
             return self.dot_add4(e, lane)
-        raise KilnError(f"kernel {self.kernel.name}: no CUDA rendering for "
+        raise InternalError(f"kernel {self.kernel.name}: no CUDA rendering for "
                         f"{type(e).__name__}", hint="this is a kiln bug; please report it")
 
     def binary(self, e: Binary, lane: str | None) -> str:
@@ -221,7 +221,7 @@ class KernelWriter:
             if dt != "bool":
                 a, b = f"({a} != 0)", f"({b} != 0)"
             return f"({a} {e.op} {b})"
-        raise KilnError(f"kernel {self.kernel.name}: no CUDA rendering for binary {e.op}")
+        raise InternalError(f"kernel {self.kernel.name}: no CUDA rendering for binary {e.op}")
 
     def unary(self, e: Unary, lane: str | None) -> str:
         x = self.expr(e.x, lane)
@@ -247,12 +247,12 @@ class KernelWriter:
             return f"({one} / math.sqrt({x}))"
         if e.op in _MATH:
             if not K.is_float(dt):
-                raise KilnError(f"kernel {self.kernel.name}: {e.op} of {dt}",
+                raise InternalError(f"kernel {self.kernel.name}: {e.op} of {dt}",
                                 hint="this is a kiln lowering bug; please report it")
             if dt == "f16" and e.op not in _MATH_F16:
                 return f"f16(math.{_MATH[e.op]}(f32({x})))"
             return f"{t}(math.{_MATH[e.op]}({x}))"
-        raise KilnError(f"kernel {self.kernel.name}: no CUDA rendering for unary {e.op}")
+        raise InternalError(f"kernel {self.kernel.name}: no CUDA rendering for unary {e.op}")
 
     def dot_add4(self, e: DotAdd4, lane: str | None) -> str:
         """Lane ``lane`` of ``acc + sum of four u8 * i8 products`` (int32, wrapping)."""
@@ -384,7 +384,7 @@ class KernelWriter:
                 out.append(f"{pad}else:")
                 self.stmts(s.orelse, depth + 1, out)
         else:
-            raise KilnError(f"kernel {self.kernel.name}: no CUDA rendering for statement "
+            raise InternalError(f"kernel {self.kernel.name}: no CUDA rendering for statement "
                             f"{type(s).__name__}")
 
     # ---- kernels ---------------------------------------------------------------------------

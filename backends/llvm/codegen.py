@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from kiln.ir import KilnError
+from kiln.ir import InternalError
 from kiln.ir import kernel as K
 from kiln.ir.kernel import (
     Assign,
@@ -152,7 +152,7 @@ class _Fn:
             return self.reduce(e)
         if isinstance(e, K.DotAdd4):
             return self.dot_add4(e)
-        raise KilnError(f"codegen: unknown expression {type(e).__name__}")
+        raise InternalError(f"codegen: unknown expression {type(e).__name__}")
 
     def const(self, e: Const) -> str:
         t = llvm_type(e.dtype)
@@ -168,7 +168,7 @@ class _Fn:
 
     def var_slot(self, v: Var) -> tuple[str, str]:
         if v.name not in self.vars:
-            raise KilnError(f"codegen: variable {v.name} used before it is declared in "
+            raise InternalError(f"codegen: variable {v.name} used before it is declared in "
                             f"{self.name}")
         return self.vars[v.name]
 
@@ -292,7 +292,7 @@ class _Fn:
         if op in ("and", "or"):
             self.emit(f"{r} = {op} {at} {a}, {b}")
             return r
-        raise KilnError(f"codegen: unknown binary op {op}")
+        raise InternalError(f"codegen: unknown binary op {op}")
 
     def unary(self, e: Unary) -> str:
         x = self.expr(e.x)
@@ -327,7 +327,7 @@ class _Fn:
         if e.op in ("tanh", "erf"):
             fn = self.m.math_function(e.op, dt, e.lanes)
             return self.call(t, fn, [(t, x)])
-        raise KilnError(f"codegen: unknown unary op {e.op}")
+        raise InternalError(f"codegen: unknown unary op {e.op}")
 
     def cast(self, e: Cast) -> str:
         x = self.expr(e.x)
@@ -481,7 +481,7 @@ class _Fn:
                 self.emit(f"br label %{done}")
                 self.block(done)
             else:
-                raise KilnError(f"codegen: unknown statement {type(s).__name__}")
+                raise InternalError(f"codegen: unknown statement {type(s).__name__}")
 
     def loop(self, s: For, dtypes: dict[str, str], lo: str | None = None,
              hi: str | None = None) -> None:
@@ -546,7 +546,7 @@ class ModuleBuilder:
         """A function applying libm's ``tanhf``/``erff`` lane by lane (no LLVM intrinsic)."""
         base = {"f32": f"{op}f", "f64": op}.get(dtype)
         if base is None:
-            raise KilnError(f"codegen: {op} on {dtype} is not supported")
+            raise InternalError(f"codegen: {op} on {dtype} is not supported")
         st = llvm_type(dtype)
         if lanes == 1:
             return base

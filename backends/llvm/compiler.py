@@ -27,7 +27,7 @@ from kiln.backends.llvm.objcheck import (
     signature_global,
 )
 from kiln.backends.llvm.threads import ThreadChooser
-from kiln.ir import DType, Graph, KilnError, verify
+from kiln.ir import DType, Graph, InternalError, KilnError, verify
 from kiln.ir import kernel as K
 from kiln.ir.kernel import Kernel, structure_key
 from kiln.ir.ops.index import index_operands
@@ -128,8 +128,7 @@ def optimize_module(ir_text: str, target: Target) -> tuple[llvm.ModuleRef, llvm.
         mod = llvm.parse_assembly(ir_text)
         mod.verify()
     except RuntimeError as e:
-        raise KilnError(f"internal: generated LLVM IR is invalid: {e}",
-                        hint="this is a kiln bug; please report it") from None
+        raise InternalError(f"generated LLVM IR is invalid: {e}") from None
     tm = _target_machine(target)
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
     # kiln's schedules unroll what pays (the GEMM micro-kernel); LLVM's unroller on top of

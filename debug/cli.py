@@ -152,7 +152,8 @@ def _cmd_trace(args: argparse.Namespace) -> None:
     kernels: list = []
     backend = None if args.backend == "reference" else args.backend
     rows = trace(args.model, args.output, args.pipeline, args.frontend,
-                 overwrite=args.overwrite, backend=backend, kernels=kernels)
+                 overwrite=args.overwrite, backend=backend, kernels=kernels,
+                 partition_stages=args.stages)
     print(format_trace_table(rows))
     if kernels:
         from kiln.debug.trace_kernels import format_kernels
@@ -442,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llvm (default): go on through fusion, lowering, each schedule, the "
                         "memory plan and codegen, with a per-kernel table (schedule, time, "
                         "GFLOP/s, roofline class, numeric check); reference: graph passes only")
+    p.add_argument("--stages", type=_non_negative, default=0, metavar="K",
+                   help="also cut the final graph into K pipeline stages as kiln.pipeline "
+                        "does: stage_<i>.txt per stage and partition.txt (the report)")
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("export", help="compile a model ahead of time to a file or C library",

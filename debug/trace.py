@@ -23,6 +23,7 @@ from kiln.debug.model_arg import load_checked
 from kiln.debug.report import Stage, code_stage_section, write_report
 from kiln.debug.stages import INPUT_STAGE
 from kiln.debug.trace_kernels import trace_backend
+from kiln.debug.trace_partition import write_partition
 from kiln.ir import Graph, KilnError, get_op, print_graph
 from kiln.passes import (
     DumpIR,
@@ -125,7 +126,8 @@ def check_output_dir(out: Path, overwrite: bool = False, flag: str = "overwrite=
 
 def trace(spec: str, out_dir: str | Path, pipeline: str = "O1", frontend: str = "fx", *,
           overwrite: bool = False, backend: str | None = "llvm",
-          kernels: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+          kernels: list[dict[str, Any]] | None = None, partition_stages: int = 0
+          ) -> list[dict[str, Any]]:
     """Trace model ``spec`` (zoo name or ``file.py:factory``) through ``pipeline`` into
     ``out_dir``; returns one row per stage (keys: ``COLUMNS``).
 
@@ -141,6 +143,8 @@ def trace(spec: str, out_dir: str | Path, pipeline: str = "O1", frontend: str = 
     assembly each get a stage file, a row (the last row's max_diff is the compiled model's)
     and a report section, and the report gets a table of the fused kernels (schedule, time,
     GFLOP/s, roofline class, numeric check); ``kernels``, when a list, receives those rows.
+    ``partition_stages`` above 0 also writes the final graph cut into that many pipeline
+    stages (``stage_<i>.txt``, ``partition.txt``; see ``kiln.debug.trace_partition``).
     """
     out = Path(out_dir)
     check_output_dir(out, overwrite)
@@ -188,6 +192,7 @@ def trace(spec: str, out_dir: str | Path, pipeline: str = "O1", frontend: str = 
     write_report(out / "report.html", f"kiln trace: {name} ({pipeline}, {frontend}"
                  f"{', ' + backend if backend else ''})", rows, stages, code_sections,
                  kernel_rows)
+    write_partition(out, graphs.graphs[-1], partition_stages)
     return rows
 
 

@@ -7,10 +7,12 @@ replica, with activations streaming between them through Ray's object store.
     pipe.close()
 
 The model is traced and optimized once here, cut by ``kiln.passes.partition`` (each stage an
-ordinary kiln graph), and each actor compiles its stage (llvm, ``threads_per_stage`` threads)
-when it starts. A call hands its input to the first stage's actor and the reference to that
-actor's result to the next; the driver waits only for the last stage. ``map`` keeps several
-inputs in flight, so while stage 2 works on input i, stage 1 works on input i + 1.
+ordinary kiln graph; the cuts balance FLOPs and bytes, or with ``profile=True`` the kernel
+times measured here, see ``kiln.distributed.profile``), and each actor compiles its stage
+(llvm, ``threads_per_stage`` threads) when it starts. A call hands its input to the first
+stage's actor and the reference to that actor's result to the next; the driver waits only for
+the last stage. ``map`` keeps several inputs in flight, so while stage 2 works on input i,
+stage 1 works on input i + 1.
 
 Failures: actors are created with Ray's restart options (``max_restarts``) and their calls
 with ``max_task_retries``, so a stage whose process dies is restarted (recompiling its stage)
@@ -28,7 +30,7 @@ from __future__ import annotations
 import collections
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,22 +226,33 @@ def _check_inputs(expected: Sequence[tuple[str, Any]], arrays: Sequence[Any]
 def pipeline(model: Any = None, example_inputs: Sequence[Any] = (), *, stages: int = 2,
              replicas: int = 1, backend: str = "llvm", threads_per_stage: int = 1,
              address: str | None = None, memory_limit: int | None = None,
-             frontend: str = "fx", artifacts: Sequence[str | os.PathLike] | None = None
-             ) -> Pipeline:
+             frontend: str = "fx", artifacts: Sequence[str | os.PathLike] | None = None,
+             profile: bool = False, seconds: Mapping[str, float] | None = None) -> Pipeline:
     """Split ``model`` into ``stages`` pipeline stages on Ray actors (see the module
     docstring); ``replicas`` copies of the chain serve inputs in parallel. ``address=None``
     starts a local Ray instance (unless one is running); otherwise joins that cluster.
     ``memory_limit``: bytes one stage may hold (weights + peak activations). Or, with no
     model, ``artifacts``: the stage files a pipeline's ``export`` wrote, in order (workers
     then need no PyTorch). The returned Pipeline's ``partition.table()`` reports the
-    stages (None for artifacts)."""
+    stages and the cost they were balanced on (None for artifacts).
+
+    The cuts balance FLOPs and bytes unless times are measured: ``profile=True`` compiles
+    the whole model here once (llvm, ``threads_per_stage`` threads) and balances its kernel
+    profile on the example inputs (``kiln.distributed.profile``); ``seconds`` gives them
+    instead, node name of the optimized graph -> seconds."""
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
         raise KilnError(f"replicas must be a positive integer, got {replicas!r}")
     if not isinstance(threads_per_stage, int) or threads_per_stage < 0:
         raise KilnError(f"threads_per_stage must be 0 or more, got {threads_per_stage!r}")
+    if profile and seconds is not None:
+        raise KilnError("pass profile=True or seconds, not both",
+                        hint="profile=True measures the seconds itself")
     if artifacts is not None:
         if model is not None:
             raise KilnError("pass a model or artifacts, not both")
+        if profile or seconds is not None:
+            raise KilnError("artifacts are already partitioned; profile and seconds need a "
+                            "model")
         return _from_artifacts(artifacts, replicas, threads_per_stage, address)
     from kiln.api import example_tensors, optimize
     from kiln.frontend.trace import trace_module
@@ -248,7 +261,13 @@ def pipeline(model: Any = None, example_inputs: Sequence[Any] = (), *, stages: i
     inputs = example_tensors(example_inputs)
     graph, _ = trace_module(model, inputs, frontend)
     graph, _ = optimize(graph, "O1")
-    part = partition(graph, stages, memory_limit=memory_limit)
+    cost = None
+    if profile:
+        from kiln.distributed.profile import profile_nodes
+
+        measured = profile_nodes(graph, inputs, threads_per_stage)
+        seconds, cost = measured.seconds, measured.describe()
+    part = partition(graph, stages, memory_limit=memory_limit, seconds=seconds, cost=cost)
     first = [(v, part.graphs[0].types[v]) for v in part.graphs[0].inputs]
     return Pipeline(part.graphs, replicas=replicas, backend=backend,
                     threads_per_stage=threads_per_stage, address=address, partition=part,

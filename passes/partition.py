@@ -8,11 +8,13 @@ stage k + 1). A stage compiles, exports and traces like any graph.
 
 Cuts balance the stages' predicted time: per node, the larger of its FLOPs at
 ``gflops`` and its bytes at ``bandwidth_gbps`` (the op registry's costs), or measured seconds
-per node when given. Each cut is placed where the running time crosses its share of the
-total; within a window around that point (``window`` of one stage's share) the cut with the
-fewest bytes crossing it wins, since those bytes travel between workers on every call.
-Every stage must fit ``memory_limit`` bytes (its weights plus its peak of live activations),
-or the partition is refused with a KilnError saying by how much.
+per node when given (``kernel_node_seconds`` turns a kernel profile into those: each kernel's
+time spread over the nodes it computes); the partition's ``cost`` says which was used. Each
+cut is placed where the running time crosses its share of the total; within a window around
+that point (``window`` of one stage's share) the cut with the fewest bytes crossing it wins,
+since those bytes travel between workers on every call. Every stage must fit
+``memory_limit`` bytes (its weights plus its peak of live activations), or the partition is
+refused with a KilnError saying by how much.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kiln.ir import Graph, KilnError, get_op
+from kiln.passes.fusion import FusionPlan, plan_fusion
 
 DEFAULT_GFLOPS = 50.0
 """Per-worker compute assumed when nothing is measured (one AVX2 core's fp32 GEMM rate)."""
@@ -54,6 +57,8 @@ class Partition:
     """The stages of a partitioned graph, in order."""
 
     stages: list[StageInfo] = field(default_factory=list)
+    cost: str = ""
+    """What the predicted times are made of (the model from FLOPs and bytes, or measured)."""
 
     @property
     def graphs(self) -> list[Graph]:
@@ -62,13 +67,14 @@ class Partition:
 
     def table(self) -> str:
         """The partition report: per stage nodes, GFLOPs, weight MB, peak MB, MB sent on,
-        predicted ms."""
+        predicted ms; then the cost the predictions come from."""
         rows = [f"{'stage':>5} {'nodes':>6} {'GFLOP':>8} {'weights MB':>11} {'peak MB':>8} "
                 f"{'sends MB':>9} {'pred. ms':>9}"]
         for k, s in enumerate(self.stages):
             rows.append(f"{k:>5} {s.nodes:>6} {s.flops / 1e9:>8.3f} {s.weight_bytes / 1e6:>11.2f} "
                         f"{s.peak_bytes / 1e6:>8.2f} {s.send_bytes / 1e6:>9.3f} "
                         f"{s.predicted_s * 1e3:>9.3f}")
+        rows.append(f"cost: {self.cost}")
         return "\n".join(rows)
 
 
@@ -82,6 +88,52 @@ def node_seconds(graph: Graph, gflops: float = DEFAULT_GFLOPS,
         outs = [graph.types[o] for o in n.outputs]
         flops = op.flops(ins, outs, dict(n.attrs))
         out.append(max(flops / (gflops * 1e9), op.bytes_moved(ins, outs) / (bandwidth_gbps * 1e9)))
+    return out
+
+
+def covered_nodes(graph: Graph, plan: FusionPlan) -> dict[str, tuple[str, ...]]:
+    """For each fusion root, the nodes its kernel computes: the root, its epilogue chain and
+    the inline nodes it recomputes, in graph order. (The same rule as the debugger's
+    ``kiln.debug.kernels.covered_nodes``; passes may not import the debugger.)"""
+    producers = graph.producers()
+    covered: dict[str, tuple[str, ...]] = {}
+    for root in plan.group_outputs:
+        names = {root} | {n.name for n in plan.epilogues.get(root, [])}
+        stack = [i for n in graph.nodes if n.name in names for i in n.inputs]
+        while stack:
+            node = producers.get(stack.pop())
+            if node is not None and plan.roles.get(node.name) == "inline" \
+                    and node.name not in names:
+                names.add(node.name)
+                stack.extend(node.inputs)
+        covered[root] = tuple(n.name for n in graph.nodes if n.name in names)
+    return covered
+
+
+def kernel_node_seconds(graph: Graph, kernel_seconds: Mapping[str, float],
+                        plan: FusionPlan | None = None) -> dict[str, float]:
+    """Measured seconds per node of ``graph`` from seconds per kernel (keyed by the kernel's
+    root node, as a backend's profile names it; kernels of one root add up).
+
+    A kernel's time is shared among the nodes it computes (``covered_nodes`` under ``plan``,
+    by default the fusion the backends use) in proportion to their FLOPs, evenly when none
+    has any: inside one kernel the fused nodes' values stay in registers, so the work, not
+    the bytes, tells them apart (a conv keeps its kernel's time, its fused relu a sliver). A
+    node computed by no kernel (an alias of an input, say) costs 0. Every node of ``graph``
+    is a key. A root not in the plan is a KilnError: the profile is of another graph."""
+    plan = plan or plan_fusion(graph)
+    covered = covered_nodes(graph, plan)
+    flops = dict(zip((n.name for n in graph.nodes), _node_flops(graph)))
+    out = {n.name: 0.0 for n in graph.nodes}
+    for root, seconds in kernel_seconds.items():
+        if root not in covered:
+            raise KilnError(f"kernel root {root!r} is not a fusion root of {graph.name}",
+                            hint="profile the same (optimized) graph that is partitioned")
+        nodes = covered[root]
+        weights = [flops[v] for v in nodes]
+        total = sum(weights)
+        for v, w in zip(nodes, weights):
+            out[v] += float(seconds) * (w / total if total > 0 else 1 / len(nodes))
     return out
 
 
@@ -138,12 +190,13 @@ def _peak(graph: Graph, lo: int, hi: int, sizes: list[int]) -> int:
 def partition(graph: Graph, stages: int, *, memory_limit: int | None = None,
               seconds: Sequence[float] | Mapping[str, float] | None = None,
               gflops: float = DEFAULT_GFLOPS, bandwidth_gbps: float = DEFAULT_BANDWIDTH_GBPS,
-              window: float = 0.1) -> Partition:
+              window: float = 0.1, cost: str | None = None) -> Partition:
     """Cut ``graph`` into ``stages`` pipeline stages (see the module docstring).
 
-    ``seconds``: measured time per node (a list in node order, or node name -> seconds) in
-    place of the model from FLOPs and bytes. Raises KilnError for fewer nodes than stages or
-    a stage over ``memory_limit``."""
+    ``seconds``: measured time per node (a list in node order, or node name -> seconds, a
+    missing name costing 0) in place of the model from FLOPs and bytes; ``cost`` says where
+    they come from, for the report. Raises KilnError for fewer nodes than stages or a stage
+    over ``memory_limit``."""
     n = len(graph.nodes)
     if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
         raise KilnError(f"stages must be a positive integer, got {stages!r}")
@@ -158,6 +211,11 @@ def partition(graph: Graph, stages: int, *, memory_limit: int | None = None,
             raise KilnError(f"seconds has {len(per_node)} entries for {n} nodes")
     else:
         per_node = node_seconds(graph, gflops, bandwidth_gbps)
+    if seconds is None:
+        cost = (f"predicted per node: max(FLOPs at {gflops:g} GFLOP/s, bytes at "
+                f"{bandwidth_gbps:g} GB/s)")
+    else:
+        cost = f"measured seconds per node ({cost or 'given by the caller'})"
     prefix = np.concatenate([[0.0], np.cumsum(per_node)])
     total = float(prefix[-1])
     live, sizes = _crossing(graph)
@@ -175,7 +233,7 @@ def partition(graph: Graph, stages: int, *, memory_limit: int | None = None,
     cuts.append(n)
 
     flops = _node_flops(graph)
-    result = Partition()
+    result = Partition(cost=cost)
     for k in range(stages):
         lo, hi = cuts[k], cuts[k + 1]
         g = _stage_graph(graph, k, lo, hi, live)

@@ -61,6 +61,51 @@ def lowering_bug(monkeypatch):
     monkeypatch.setattr(pipeline, "lower_graph", buggy)
 
 
+class _OffByOneBorder:
+    """kiln.ir.kernel as the depthwise lowering sees it, but its bounds test ``ih < H`` reads
+    ``ih <= H``: the last row's taps take a clamped pixel instead of the zero padding."""
+
+    def __getattr__(self, name):
+        return getattr(K, name)
+
+    @staticmethod
+    def cmp(op, a, b):
+        return K.cmp("le" if op == "lt" else op, a, b)
+
+
+@pytest.fixture
+def depthwise_border_bug(monkeypatch):
+    """An off-by-one in a real lowering rule: the depthwise convolution's border test."""
+    import kiln.passes.lower.depthwise as depthwise
+
+    monkeypatch.setattr(depthwise, "K", _OffByOneBorder())
+
+
+def depthwise_graph():
+    """A depthwise 3x3 convolution over a 65x65 map (large: read in place, with a border of
+    bounds-tested rows and columns), then an add and a relu."""
+    rng = np.random.default_rng(1)
+    b = GraphBuilder()
+    x = b.input("x", TensorType((1, 2, 65, 65)))
+    w = b.constant(rng.standard_normal((2, 1, 3, 3)).astype(np.float32), "w")
+    conv = b.op("conv", [x, w], {"padding": 1, "groups": 2})
+    b.output(b.op("relu", [b.op("add", [conv, x])]))
+    return b.build()
+
+
+@pytest.mark.heavy  # about a minute: the interpreter runs each version of a 65x65 map's kernel
+def test_off_by_one_in_the_depthwise_border_is_named_and_minified(depthwise_border_bug):
+    g = depthwise_graph()
+    result = bisect_kernels(g, random_inputs(g))
+    assert result.failed and result.stage == "lower", result.report()
+    assert result.kernel.op == "conv" and "conv" in result.kernel.nodes
+    assert "lowering rule" in result.report()
+    predicate, failure = kernel_failure_predicate(g)
+    assert failure == "lower"
+    small = minify(g, predicate=predicate)
+    assert 1 <= len(small.nodes) <= 3 and any(n.op == "conv" for n in small.nodes)
+
+
 @pytest.fixture
 def tail_bug(monkeypatch):
     """The vectorizer's scalar tail starts one element late (skipping one)."""

@@ -12,7 +12,14 @@ from kiln.api import optimize
 from kiln.backends.reference import run_graph
 from kiln.frontend.trace import trace_module
 from kiln.ir import GraphBuilder, TensorType, verify
-from kiln.passes.partition import _crossing, node_seconds, partition
+from kiln.passes.fusion import plan_fusion
+from kiln.passes.partition import (
+    _crossing,
+    covered_nodes,
+    kernel_node_seconds,
+    node_seconds,
+    partition,
+)
 from kiln.zoo import get_model
 
 
@@ -42,7 +49,8 @@ def test_chained_stages_compute_the_whole_graph(name, stages) -> None:
         np.testing.assert_array_equal(got, want)
     assert part.stages[-1].send_bytes == sum(graph.types[o].nbytes for o in graph.outputs)
     lines = part.table().splitlines()
-    assert "GFLOP" in lines[0] and len(lines) == stages + 1
+    assert "GFLOP" in lines[0] and len(lines) == stages + 2
+    assert lines[-1].startswith("cost: predicted per node: max(FLOPs at 50 GFLOP/s")
 
 
 def test_cuts_balance_predicted_time() -> None:
@@ -101,3 +109,44 @@ def test_each_stage_compiles_on_llvm() -> None:
     model, x = get_model("mlp")
     with torch.no_grad():
         np.testing.assert_allclose(values[0], model(*x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_measured_expensive_layer_moves_the_cut() -> None:
+    # Every node costs 1 except layer2_0_bn1, which costs as much as all the others: the
+    # balance point lies inside it, and the cut goes right after it (nearer the target than
+    # right before it), far from where FLOPs or uniform costs put it.
+    graph, inputs = graph_of("resnet18_cifar")
+    names = [node.name for node in graph.nodes]
+    heavy = names.index("layer2_0_bn1")
+    table = {name: 1.0 for name in names}
+    table["layer2_0_bn1"] = float(len(names))
+    part = partition(graph, 2, seconds=table, cost="a test table")
+    assert part.stages[0].nodes == heavy + 1
+    assert part.graphs[0].nodes[-1].name == "layer2_0_bn1"
+    assert part.stages[0].predicted_s == heavy + len(names)
+    assert part.stages[1].predicted_s == len(names) - heavy - 1
+    assert partition(graph, 2).stages[0].nodes != heavy + 1
+    assert part.table().splitlines()[-1] == "cost: measured seconds per node (a test table)"
+    for got, want in zip(run_chain(part.graphs, inputs), run_graph(graph, inputs)):
+        np.testing.assert_array_equal(got, want)
+    # The same table made cheap there sends the cut elsewhere: the table, not the graph,
+    # decides.
+    table["layer2_0_bn1"] = 1.0
+    assert partition(graph, 2, seconds=table).stages[0].nodes != heavy + 1
+
+
+def test_kernel_times_are_spread_over_the_nodes_each_kernel_computes() -> None:
+    graph, _ = graph_of("lenet5")
+    covered = covered_nodes(graph, plan_fusion(graph))
+    assert covered["conv1"] == ("conv1", "relu1")
+    assert covered["fc1"] == ("flatten", "fc1", "relu3")
+    per_kernel = {root: float(k + 1) for k, root in enumerate(covered)}
+    per_node = kernel_node_seconds(graph, per_kernel)
+    assert set(per_node) == {node.name for node in graph.nodes}
+    assert sum(per_node.values()) == pytest.approx(sum(per_kernel.values()))
+    for root, nodes in covered.items():
+        assert sum(per_node[v] for v in nodes) == pytest.approx(per_kernel[root])
+    # In proportion to the predicted cost: the conv keeps nearly all of its kernel's time.
+    assert per_node["conv1"] > 10 * per_node["relu1"] > 0
+    with pytest.raises(kiln.KilnError, match="not a fusion root"):
+        kernel_node_seconds(graph, {"relu1": 1.0})

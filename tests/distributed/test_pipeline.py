@@ -46,6 +46,20 @@ def test_two_stages_match_eager_and_map_keeps_order(cluster) -> None:
         pipe(x)
 
 
+def test_profile_balances_measured_kernel_times(cluster) -> None:
+    model, (x,) = get_model("lenet5")
+    with kiln.pipeline(model, (x,), stages=2, profile=True) as pipe:
+        assert_eager(pipe(x), model, x)
+        assert "cost: measured seconds per node (llvm kernel profile" in pipe.partition.table()
+        assert all(s.predicted_s > 0 for s in pipe.partition.stages)
+    seconds = {"conv1": 1.0}           # everything else free: the cut right after conv1
+    with kiln.pipeline(model, (x,), stages=2, seconds=seconds) as pipe:
+        assert pipe.partition.graphs[0].nodes[-1].name == "conv1"
+        assert_eager(pipe(x), model, x)
+    with pytest.raises(kiln.KilnError, match="not both"):
+        kiln.pipeline(model, (x,), profile=True, seconds=seconds)
+
+
 def test_replicas_share_the_inputs(cluster) -> None:
     model, (x,) = get_model("mlp")
     with kiln.pipeline(model, (x,), stages=1, replicas=2) as pipe:

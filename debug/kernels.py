@@ -22,7 +22,7 @@ from kiln.backends.reference import run_graph
 from kiln.ir import Graph, KilnError
 from kiln.ir import kernel as K
 from kiln.passes.compile import CODE, KERNEL, Compilation, Stage, kernel_stages, run_stages
-from kiln.passes.fusion import FusionPlan
+from kiln.passes.fusion import covered_nodes
 from kiln.passes.lower import KernelStep
 from kiln.passes.manager import Instrument
 
@@ -171,24 +171,6 @@ class KernelCheck:
     schedule: str
     max_diff: float
     ok: bool
-
-
-def covered_nodes(graph: Graph, plan: FusionPlan) -> dict[str, tuple[str, ...]]:
-    """For each fusion root, the nodes its kernel computes: the root, its epilogue chain and
-    the inline nodes it recomputes, in graph order."""
-    covered: dict[str, list[str]] = {}
-    producers = graph.producers()
-    for root in plan.group_outputs:
-        names = {root} | {n.name for n in plan.epilogues.get(root, [])}
-        stack = [i for n in graph.nodes if n.name in names for i in n.inputs]
-        while stack:
-            node = producers.get(stack.pop())
-            if node is not None and plan.roles.get(node.name) == "inline" \
-                    and node.name not in names:
-                names.add(node.name)
-                stack.extend(node.inputs)
-        covered[root] = [n.name for n in graph.nodes if n.name in names]
-    return {r: tuple(v) for r, v in covered.items()}
 
 
 def describe_schedule(kernel: K.Kernel, width: int) -> str:

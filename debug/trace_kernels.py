@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from kiln.debug.bisect import EXACT_BUDGET, max_violation
-from kiln.debug.kernels import KeepStages, check_kernels, covered_nodes, describe_schedule
+from kiln.debug.kernels import KeepStages, check_kernels, describe_schedule
 from kiln.ir import Graph
 from kiln.ir import kernel as K
 from kiln.passes import DumpIR, Timing
 from kiln.passes.compile import Compilation
+from kiln.passes.fusion import covered_nodes
 
 
 @dataclass(frozen=True)

@@ -203,3 +203,22 @@ def _end_epilogue_before(n: Node, anchor: str, plan: FusionPlan, users: dict[str
     for c in reversed(chain[k + 1:]):  # consumers first, as in the plan's second step
         del anchor_of[c.name]
         _place_injective(c, plan, users, outputs)
+
+
+def covered_nodes(graph: Graph, plan: FusionPlan) -> dict[str, tuple[str, ...]]:
+    """For each fusion root, the nodes its kernel computes: the root, its epilogue chain and
+    the inline nodes it recomputes, in graph order (the debugger checks a kernel against
+    them; the partition shares a kernel's measured time over them)."""
+    producers = graph.producers()
+    covered: dict[str, tuple[str, ...]] = {}
+    for root in plan.group_outputs:
+        names = {root} | {n.name for n in plan.epilogues.get(root, [])}
+        stack = [i for n in graph.nodes if n.name in names for i in n.inputs]
+        while stack:
+            node = producers.get(stack.pop())
+            if node is not None and plan.roles.get(node.name) == "inline" \
+                    and node.name not in names:
+                names.add(node.name)
+                stack.extend(node.inputs)
+        covered[root] = tuple(n.name for n in graph.nodes if n.name in names)
+    return covered

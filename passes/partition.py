@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kiln.ir import Graph, KilnError, get_op
-from kiln.passes.fusion import FusionPlan, plan_fusion
+from kiln.passes.fusion import FusionPlan, covered_nodes, plan_fusion
 
 DEFAULT_GFLOPS = 50.0
 """Per-worker compute assumed when nothing is measured (one AVX2 core's fp32 GEMM rate)."""
@@ -89,25 +89,6 @@ def node_seconds(graph: Graph, gflops: float = DEFAULT_GFLOPS,
         flops = op.flops(ins, outs, dict(n.attrs))
         out.append(max(flops / (gflops * 1e9), op.bytes_moved(ins, outs) / (bandwidth_gbps * 1e9)))
     return out
-
-
-def covered_nodes(graph: Graph, plan: FusionPlan) -> dict[str, tuple[str, ...]]:
-    """For each fusion root, the nodes its kernel computes: the root, its epilogue chain and
-    the inline nodes it recomputes, in graph order. (The same rule as the debugger's
-    ``kiln.debug.kernels.covered_nodes``; passes may not import the debugger.)"""
-    producers = graph.producers()
-    covered: dict[str, tuple[str, ...]] = {}
-    for root in plan.group_outputs:
-        names = {root} | {n.name for n in plan.epilogues.get(root, [])}
-        stack = [i for n in graph.nodes if n.name in names for i in n.inputs]
-        while stack:
-            node = producers.get(stack.pop())
-            if node is not None and plan.roles.get(node.name) == "inline" \
-                    and node.name not in names:
-                names.add(node.name)
-                stack.extend(node.inputs)
-        covered[root] = tuple(n.name for n in graph.nodes if n.name in names)
-    return covered
 
 
 def kernel_node_seconds(graph: Graph, kernel_seconds: Mapping[str, float],

@@ -12,10 +12,9 @@ from kiln.api import optimize
 from kiln.backends.reference import run_graph
 from kiln.frontend.trace import trace_module
 from kiln.ir import GraphBuilder, TensorType, verify
-from kiln.passes.fusion import plan_fusion
+from kiln.passes.fusion import covered_nodes, plan_fusion
 from kiln.passes.partition import (
     _crossing,
-    covered_nodes,
     kernel_node_seconds,
     node_seconds,
     partition,

@@ -10,7 +10,7 @@ The PyTorch-facing API is imported on first use, so ``kiln.load`` works where Py
 installed.
 """
 
-from kiln.ir import KilnError
+from kiln.ir import InternalError, KilnError
 
 __version__ = "0.1.0"
 
@@ -25,7 +25,7 @@ _LAZY = {
     "search": "kiln.compression.search",
 }
 
-__all__ = ["KilnError", "MissingDependencyError", "__version__", *_LAZY]
+__all__ = ["InternalError", "KilnError", "MissingDependencyError", "__version__", *_LAZY]
 
 
 class MissingDependencyError(KilnError, ImportError):

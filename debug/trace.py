@@ -24,7 +24,7 @@ from kiln.debug.report import Stage, code_stage_section, write_report
 from kiln.debug.stages import INPUT_STAGE
 from kiln.debug.trace_kernels import trace_backend
 from kiln.debug.trace_partition import write_partition
-from kiln.ir import Graph, KilnError, get_op, print_graph
+from kiln.ir import Graph, KilnError, get_op, node_flops, print_graph
 from kiln.passes import (
     DumpIR,
     Instrument,
@@ -64,7 +64,7 @@ def graph_cost(graph: Graph) -> tuple[int, int]:
         op = get_op(node.op)
         ins = [graph.types[v] for v in node.inputs]
         outs = [graph.types[v] for v in node.outputs]
-        flops += op.flops(ins, outs, dict(node.attrs))
+        flops += node_flops(node, graph.types)
         moved += op.bytes_moved(ins, outs)
     return flops, moved
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kiln.ir import Graph, KilnError, get_op
+from kiln.ir import Graph, KilnError, get_op, node_flops
 from kiln.passes.fusion import FusionPlan, covered_nodes, plan_fusion
 
 DEFAULT_GFLOPS = 50.0
@@ -86,7 +86,7 @@ def node_seconds(graph: Graph, gflops: float = DEFAULT_GFLOPS,
         op = get_op(n.op)
         ins = [graph.types[i] for i in n.inputs]
         outs = [graph.types[o] for o in n.outputs]
-        flops = op.flops(ins, outs, dict(n.attrs))
+        flops = node_flops(n, graph.types)
         out.append(max(flops / (gflops * 1e9), op.bytes_moved(ins, outs) / (bandwidth_gbps * 1e9)))
     return out
 
@@ -119,9 +119,7 @@ def kernel_node_seconds(graph: Graph, kernel_seconds: Mapping[str, float],
 
 
 def _node_flops(graph: Graph) -> list[int]:
-    return [int(get_op(n.op).flops([graph.types[i] for i in n.inputs],
-                                   [graph.types[o] for o in n.outputs], dict(n.attrs)))
-            for n in graph.nodes]
+    return [node_flops(n, graph.types) for n in graph.nodes]
 
 
 def _crossing(graph: Graph) -> tuple[list[set[str]], list[int]]:

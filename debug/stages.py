@@ -66,6 +66,8 @@ def show(spec: str, after: str | None = None, pipeline: str = "O1",
     ``cuda_source``.
     """
     graph_stages = stage_names(pipeline)
+    if after == "codegen":  # the backend's first code stage: LLVM IR, or CUDA source
+        after = "cuda_source" if backend == "cuda" else "llvm_ir"
     if after is None or after in graph_stages or after.endswith("#1"):
         return print_graph(graph_after(spec, after, pipeline, frontend))
     from kiln.debug.kernels import compile_stages

@@ -244,3 +244,40 @@ class NumericCheck(Instrument):
                     hint="compare the IR before and after this pass (DumpIR)")
         self.stages.append(StageDiff(index, pass_.name, worst, True))
         self._previous = outputs
+
+    def after_stage(self, stage, before, after, index: int, seconds: float) -> None:
+        """After a kernel stage, run its kernels on the kernel-IR interpreter (only when every
+        kernel is small: the interpreter walks the loops in Python) and compare with the
+        previous stage's outputs at KERNEL_TOLERANCE (kernels reassociate sums: vector lanes,
+        blocked reductions). Other stages, and kernels too large, are recorded unchecked."""
+        from kiln.passes.compile import KERNEL
+        from kiln.passes.lower import run_lowered
+
+        steps = after.lowered.steps if after.lowered is not None else []
+        small = sum(max(s.kernel.flops, sum(b.size for b in s.kernel.params))
+                    for s in steps) <= KERNEL_CHECK_LIMIT
+        if stage.level != KERNEL or not steps or not small:
+            self.stages.append(StageDiff(index, stage.name, 0.0, False))
+            return
+        outputs = run_lowered(after.lowered, list(self.inputs))
+        worst = 0.0
+        for k, (old, new) in enumerate(zip(self._previous, outputs)):
+            diff, ok = compare_arrays(old, new, KERNEL_TOLERANCE, KERNEL_TOLERANCE)
+            worst = max(worst, diff)
+            if not ok:
+                self.stages.append(StageDiff(index, stage.name, worst, True))
+                raise NumericsError(
+                    f"stage {stage.name} moved output {k} by up to {diff:.3g}, over its "
+                    f"tolerance {KERNEL_TOLERANCE:g}", node=after.graph.outputs[k],
+                    hint="compare the kernel IR before and after this stage (DumpIR), or run "
+                         "kiln bisect --backend llvm")
+        self.stages.append(StageDiff(index, stage.name, worst, True))
+        self._previous = outputs
+
+
+KERNEL_TOLERANCE = 1e-4
+"""rtol = atol (x max(1, max|output|)) of a kernel stage against the previous stage."""
+
+KERNEL_CHECK_LIMIT = 2_000_000
+"""Work (loop iterations or buffer elements, summed over kernels) above which NumericCheck
+leaves a kernel stage unchecked rather than interpret it."""

@@ -135,3 +135,32 @@ def test_no_backend_lowers_or_schedules_outside_the_pipeline():
                 if pattern.search(line) and not line.lstrip().startswith("#"):
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert offenders == []
+
+
+def test_numeric_check_runs_kernel_stages_and_names_a_wrong_one():
+    from kiln.backends.reference import run_graph
+    from kiln.ir import NumericsError
+    from kiln.passes import NumericCheck
+
+    g = small_graph()
+    inputs = [np.random.default_rng(0).standard_normal((4, 19)).astype(np.float32)]
+    target = default_target()
+    check = NumericCheck(run_graph, inputs)
+    compile_kernels(g, width=target.f32_lanes, target=target, instruments=[check])
+    checked = {s.name for s in check.stages if s.checked}
+    assert {"lower", "parallel", "unroll", "vectorize"} <= checked
+    assert all(s.max_abs_diff < 1e-5 for s in check.stages)
+
+    class _Overwrite(Stage):
+        name = "overwrite_output"
+        level = KERNEL
+
+        def apply(self, c):
+            def bad(k):
+                return k.with_body([*k.body, K.Store(k.params[-1].name, K.Const(0, K.INDEX),
+                                                     K.Const(7.0, "f32"))])
+            return c.map_kernels(bad)
+
+    c = Compilation(g, width=target.f32_lanes, target=target)
+    with pytest.raises(NumericsError, match="stage overwrite_output moved output 0"):
+        run_stages(c, ["fuse", "lower", _Overwrite()], [NumericCheck(run_graph, inputs)])

@@ -93,6 +93,25 @@ def test_show_unknown_pass_lists_pipeline_stages(capsys):
     assert "fold_batchnorm" in err and "dce#2" in err
 
 
+@pytest.mark.parametrize("stage, expect", [
+    ("fuse", "anchor (dense)"),          # the fusion plan
+    ("lower", "kernel k0_fc1("),         # kernel IR as lowered
+    ("vectorize", "f32x"),               # vector kernel IR
+    ("memory_plan", "# arena"),
+    ("llvm_ir", "@kiln_run("),
+    ("codegen", "@kiln_run("),           # the backend's first code stage
+    ("object", "object code for"),       # assembly
+])
+def test_show_after_kernel_and_code_stages(capsys, stage, expect):
+    status, out, _ = run(capsys, "show", "mlp", "--after", stage)
+    assert status == 0 and expect in out
+
+
+def test_show_lists_kernel_stages_for_a_bad_name(capsys):
+    status, _, err = run(capsys, "show", "mlp", "--after", "vectorise")
+    assert status == 2 and "vectorize" in err and "llvm_ir" in err and "object" in err
+
+
 def test_file_factory_spec(capsys, model_file):
     status, out, _ = run(capsys, "show", f"{model_file}:build", "--after", "input")
     assert status == 0

@@ -23,6 +23,7 @@ from kiln.ir import Graph, KilnError
 from kiln.ir import kernel as K
 from kiln.passes.compile import CODE, KERNEL, Compilation, Stage, kernel_stages, run_stages
 from kiln.passes.fusion import covered_nodes
+from kiln.passes.instruments import compare_arrays
 from kiln.passes.lower import KernelStep
 from kiln.passes.manager import Instrument
 
@@ -118,19 +119,13 @@ def kernel_buffers(step: KernelStep, graph: Graph, constants: dict[str, np.ndarr
 
 
 def compare(got: np.ndarray, want: np.ndarray, rtol: float = KERNEL_RTOL) -> tuple[float, bool]:
-    """The largest |got - want| and whether it is within tolerance (NaN must match NaN)."""
-    g = np.asarray(got, np.float64).reshape(-1)
-    w = np.asarray(want, np.float64).reshape(-1)
+    """The largest |got - want| and whether it is within tolerance (``rtol`` relative and
+    x max(1, max|want|) absolute; NaN must match NaN)."""
+    g = np.asarray(got).reshape(-1)
+    w = np.asarray(want).reshape(-1)
     if g.shape != w.shape:
         return float("inf"), False
-    if w.size == 0:
-        return 0.0, True
-    same = (g == w) | (np.isnan(g) & np.isnan(w))
-    diff = np.where(same, 0.0, np.nan_to_num(np.abs(g - w), nan=np.inf))
-    finite = np.isfinite(w)
-    scale = max(1.0, float(np.abs(w[finite]).max())) if finite.any() else 1.0
-    allowed = np.where(finite, rtol * scale + rtol * np.abs(np.where(finite, w, 0.0)), 0.0)
-    return float(diff.max()), bool(np.all(diff <= allowed))
+    return compare_arrays(w, g, rtol, rtol)
 
 
 def run_step(step: KernelStep, kernel: K.Kernel, graph: Graph, constants: dict[str, np.ndarray],

@@ -226,23 +226,32 @@ class NumericCheck(Instrument):
         if len(outputs) != len(self._previous):
             raise NumericsError(f"pass {pass_.name} changed the number of outputs from "
                                 f"{len(self._previous)} to {len(outputs)}")
-        worst = 0.0
         for k, (old, new) in enumerate(zip(self._previous, outputs)):
             if old.shape != new.shape or old.dtype != new.dtype:
                 raise NumericsError(f"pass {pass_.name} changed output {k} from "
                                     f"{old.dtype}{list(old.shape)} to {new.dtype}"
                                     f"{list(new.shape)}", node=after.outputs[k])
-            rtol, atol = self._tolerance(pass_, old.dtype)
+        self._compare(index, f"pass {pass_.name} ({pass_.numerics})", pass_.name, outputs,
+                      lambda dtype: self._tolerance(pass_, dtype), after.outputs,
+                      "compare the IR before and after this pass (DumpIR)")
+
+    def _compare(self, index: int, what: str, name: str, outputs: list[np.ndarray],
+                 tolerance: Callable[[np.dtype], tuple[float, float]], names: Sequence[str],
+                 hint: str) -> None:
+        """Compare ``outputs`` with the previous stage's; record the stage, or raise
+        NumericsError for the first output over its tolerance."""
+        worst = 0.0
+        for k, (old, new) in enumerate(zip(self._previous, outputs)):
+            rtol, atol = tolerance(old.dtype)
             diff, ok = compare_arrays(old, new, rtol, atol)
             worst = max(worst, diff)
             if not ok:
-                self.stages.append(StageDiff(index, pass_.name, worst, True))
+                self.stages.append(StageDiff(index, name, worst, True))
                 raise NumericsError(
-                    f"pass {pass_.name} ({pass_.numerics}) moved output {k} by up to {diff:.3g},"
-                    f" over its tolerance rtol={rtol:g}, atol={atol:g} x max(1, max|output|)",
-                    node=after.outputs[k],
-                    hint="compare the IR before and after this pass (DumpIR)")
-        self.stages.append(StageDiff(index, pass_.name, worst, True))
+                    f"{what} moved output {k} by up to {diff:.3g}, over its tolerance "
+                    f"rtol={rtol:g}, atol={atol:g} x max(1, max|output|)", node=names[k],
+                    hint=hint)
+        self.stages.append(StageDiff(index, name, worst, True))
         self._previous = outputs
 
     def after_stage(self, stage, before, after, index: int, seconds: float) -> None:
@@ -260,19 +269,10 @@ class NumericCheck(Instrument):
             self.stages.append(StageDiff(index, stage.name, 0.0, False))
             return
         outputs = run_lowered(after.lowered, list(self.inputs))
-        worst = 0.0
-        for k, (old, new) in enumerate(zip(self._previous, outputs)):
-            diff, ok = compare_arrays(old, new, KERNEL_TOLERANCE, KERNEL_TOLERANCE)
-            worst = max(worst, diff)
-            if not ok:
-                self.stages.append(StageDiff(index, stage.name, worst, True))
-                raise NumericsError(
-                    f"stage {stage.name} moved output {k} by up to {diff:.3g}, over its "
-                    f"tolerance {KERNEL_TOLERANCE:g}", node=after.graph.outputs[k],
-                    hint="compare the kernel IR before and after this stage (DumpIR), or run "
-                         "kiln bisect --backend llvm")
-        self.stages.append(StageDiff(index, stage.name, worst, True))
-        self._previous = outputs
+        self._compare(index, f"stage {stage.name}", stage.name, outputs,
+                      lambda dtype: (KERNEL_TOLERANCE, KERNEL_TOLERANCE), after.graph.outputs,
+                      "compare the kernel IR before and after this stage (DumpIR), or run "
+                      "kiln bisect --backend llvm")
 
 
 KERNEL_TOLERANCE = 1e-4

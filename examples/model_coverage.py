@@ -55,8 +55,14 @@ SEGMENTATION = ("fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_la
                 "lraspp_mobilenet_v3_large")
 """torchvision segmentation models covered (ResNet-50 and MobileNetV3 backbones)."""
 
-IMAGE_SIZE = {"inception_v3": 96, "maxvit_t": 224, "vit_b_16": 224, "vit_b_32": 224}
-"""Input resolution of the models that cannot run at the default (64x64)."""
+SWIN = ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b")
+"""torchvision's Swin Transformers (v1 and v2)."""
+
+IMAGE_SIZE = {"inception_v3": 96, "maxvit_t": 224, "vit_b_16": 224, "vit_b_32": 224,
+              **dict.fromkeys(SWIN, 224)}
+"""Input resolution of the models that cannot run at the default (64x64), and of the Swin
+Transformers, checked at the resolution they are made for: at 64x64 their last stages hold
+maps smaller than one window, where windows shrink to the map and nothing shifts."""
 
 DEFAULT_IMAGE_SIZE = 64
 
@@ -223,7 +229,7 @@ TRANSFORMERS = ("bert", "distilbert", "roberta", "gpt2", "t5_encoder", "vit", "w
 VOCAB, SEQ, HIDDEN = 1000, 16, 64
 
 
-def _prepare_transformers() -> None:
+def prepare_transformers() -> None:
     """Make torchvision importable before transformers imports it (for its image models'
     processors): an installed torchvision that cannot import would make every model
     class fail to import."""
@@ -242,7 +248,7 @@ def _text_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def build_transformers(name: str, seed: int = 0) -> Case:
     """HuggingFace model ``name`` (one of TRANSFORMERS), small, with seeded random weights,
     in eval mode, wrapped in ``Positional``; text models get an attention mask with padding."""
-    _prepare_transformers()
+    prepare_transformers()
     import transformers as hf
 
     torch.manual_seed(seed)

@@ -29,7 +29,7 @@ from kiln.frontend.handlers import (
     permute,
     reshape_to,
 )
-from kiln.frontend.importer import Importer, Traced, kiln_dtype
+from kiln.frontend.importer import Importer, Traced, has_traced, kiln_dtype
 from kiln.ir import DType
 
 aten = torch.ops.aten
@@ -738,10 +738,16 @@ def _mha_fn(imp, real, query, key, value, embed_dim_to_check, num_heads, in_proj
 
 
 @on(torch.zeros_like, torch.ones_like, torch.full_like, aten.zeros_like, aten.ones_like,
-    aten.full_like)
-def _filled_like(imp, real, *args, **kwargs):
-    # Depends on the input's shape and dtype only, which are static: a constant.
-    return imp.value(real)
+    aten.full_like, method("new_zeros"), method("new_ones"), method("new_full"),
+    aten.new_zeros, aten.new_ones, aten.new_full)
+def _filled_like(imp, real, input, *args, **kwargs):
+    if has_traced((args, kwargs)):
+        raise imp.error("a tensor filled with a value computed from the inputs",
+                        hint="write it as torch.zeros_like(input) + value")
+    # Depends on the input's shape and dtype only, which are static: PyTorch's own tensor,
+    # left untraced so that what is built from it (a mask filled slice by slice, in place)
+    # is computed by PyTorch while importing, not by kiln at run time.
+    return real
 
 
 class Norm(NamedTuple):

@@ -1,10 +1,11 @@
-"""nn.LSTM and nn.GRU as kiln IR, unrolled over the (static) sequence by
+"""nn.LSTM, nn.GRU and nn.RNN as kiln IR, unrolled over the (static) sequence by
 ``kiln.frontend.recurrent``.
 
 torch.fx keeps the modules whole (they are leaf modules: their forward() checks its inputs
 with Python control flow that symbolic tracing cannot follow); torch.export and Dynamo give
-``aten.lstm`` / ``aten.gru`` (``torch._VF.lstm`` / ``gru``) with the flat weight list. Both
-come here. Projections (``proj_size``) and packed sequences are refused.
+``aten.lstm`` / ``aten.gru`` / ``aten.rnn_tanh`` / ``aten.rnn_relu`` (``torch._VF.lstm`` ...)
+with the flat weight list. Both come here. Projections (``proj_size``) and packed sequences
+are refused.
 
 Importing this module registers the handlers in ``kiln.frontend.handlers``' tables (that
 module imports it at its end).
@@ -21,11 +22,11 @@ from torch.nn.utils.rnn import PackedSequence
 
 from kiln.frontend.handlers import on, on_module, permute, reshape_to, slice_axis
 from kiln.frontend.importer import Importer, Traced
-from kiln.frontend.recurrent import CellWeights, run_direction, sequence
+from kiln.frontend.recurrent import RNN_GATES, CellWeights, run_direction, sequence
 
 aten = torch.ops.aten
 
-GATES = {"lstm": "ifgo", "gru": "rzn"}
+GATES = {"lstm": "ifgo", "gru": "rzn", "rnn": RNN_GATES}
 """PyTorch's gate order in the rows of weight_ih / weight_hh."""
 
 _PACKED_HINT = ("pass the padded batch as a tensor (all sequences of one length), or run "
@@ -44,10 +45,10 @@ def _initial_states(imp: Importer, hx: Any, layers: int, batch: int) -> list[str
 
 def _recurrent(imp: Importer, cell: str, x: Any, hx: Sequence[Any], weights: list[CellWeights],
                num_layers: int, bidirectional: bool, batch_first: bool,
-               real: Sequence[torch.Tensor]) -> list[str]:
+               real: Sequence[torch.Tensor], activation: str = "tanh") -> list[str]:
     """The outputs (sequence, then h_n and for an LSTM c_n) shaped as PyTorch's ``real``
     ones. ``weights`` lists (layer, direction) pairs in PyTorch's order; ``hx`` holds h0 (and
-    c0), each a tensor or None."""
+    c0), each a tensor or None; ``activation`` is an RNN's nonlinearity."""
     if not isinstance(x, (Traced, torch.Tensor)):
         raise imp.error(f"{cell.upper()} input is a {type(x).__name__}; kiln compiles padded "
                         "tensor inputs only", hint=_PACKED_HINT)
@@ -68,7 +69,7 @@ def _recurrent(imp: Importer, cell: str, x: Any, hx: Sequence[Any], weights: lis
             k = layer * dirs + d
             initial = [s[k] for s in states] + [None]
             seq, h, c = run_direction(imp, cell, v, weights[k], GATES[cell], reverse=d == 1,
-                                      h0=initial[0], c0=initial[1])
+                                      h0=initial[0], c0=initial[1], activation=activation)
             outs.append(sequence(imp, seq))
             for out, value in zip(last, (h, c)):
                 out.append(value)
@@ -82,7 +83,7 @@ def _recurrent(imp: Importer, cell: str, x: Any, hx: Sequence[Any], weights: lis
     return results
 
 
-# ---- nn.LSTM / nn.GRU (torch.fx leaf modules) ------------------------------------------------
+# ---- nn.LSTM / nn.GRU / nn.RNN (torch.fx leaf modules) ---------------------------------------
 def _module_weights(imp: Importer, mod: nn.RNNBase) -> list[CellWeights]:
     weights = []
     for layer in range(mod.num_layers):
@@ -122,7 +123,15 @@ def _gru_module(imp, mod, real, input, hx=None):
     return out, h_n
 
 
-# ---- aten.lstm / aten.gru (torch.export, Dynamo, torch._VF calls) ----------------------------
+@on_module(nn.RNN)
+def _rnn_module(imp, mod, real, input, hx=None):
+    _check_module(imp, mod, input)
+    out, h_n = _recurrent(imp, "rnn", input, (hx,), _module_weights(imp, mod), mod.num_layers,
+                          mod.bidirectional, mod.batch_first, real, mod.nonlinearity)
+    return out, h_n
+
+
+# ---- aten.lstm / gru / rnn_tanh / rnn_relu (torch.export, Dynamo, torch._VF calls) -----------
 def _flat_weights(imp: Importer, cell: str, params: Sequence[Any], has_biases: bool,
                   cells: int) -> list[CellWeights]:
     """PyTorch's flat weight list (w_ih, w_hh[, b_ih, b_hh][, w_hr] per layer and direction)
@@ -165,3 +174,20 @@ def _gru_aten(imp, real, input, hx, params, has_biases, num_layers, dropout, tra
     return tuple(_recurrent(imp, "gru", input, (hx,),
                             _flat_weights(imp, "gru", params, has_biases, cells),
                             num_layers, bidirectional, batch_first, real))
+
+
+def _rnn_aten(activation: str):
+    def handler(imp, real, input, hx, params, has_biases, num_layers, dropout, train,
+                bidirectional, batch_first=False):
+        # aten.rnn_*.data (a packed sequence) passes (data, batch_sizes, hx, params, ...).
+        _check_aten(imp, "rnn", not isinstance(params, (list, tuple)), dropout, train)
+        cells = num_layers * (2 if bidirectional else 1)
+        return tuple(_recurrent(imp, "rnn", input, (hx,),
+                                _flat_weights(imp, "rnn", params, has_biases, cells),
+                                num_layers, bidirectional, batch_first, real, activation))
+
+    return handler
+
+
+on(aten.rnn_tanh, torch.rnn_tanh)(_rnn_aten("tanh"))
+on(aten.rnn_relu, torch.rnn_relu)(_rnn_aten("relu"))

@@ -8,6 +8,9 @@ goes. Every fx value is one of
 - a Python value (sizes, dtypes, flags), known at compile time since shapes are static.
 Ops whose operands are all untraced are simply evaluated by PyTorch, which folds buffer
 arithmetic, ``torch.tril(torch.ones(...))`` and shape arithmetic away before kiln sees them.
+A handler may return PyTorch's real result itself for a value that depends on the inputs'
+shapes only (``x.new_zeros(...)``): it stays a plain tensor, and so does what is built from it
+(Swin's shifted-window attention mask, filled in place slice by slice).
 After each traced op the importer checks that kiln's type rule gives the shape and dtype that
 PyTorch produced, so a mistranslated op fails at import, not later as a wrong number.
 """
@@ -293,6 +296,10 @@ class Importer:
         if isinstance(real, torch.Tensor):
             if isinstance(result, Traced):
                 return result
+            if result is real:
+                # The handler's word that the value depends on static facts only (shapes,
+                # dtypes): a plain tensor, so that what is computed from it folds in PyTorch.
+                return real
             if not isinstance(result, str):
                 raise self.error(f"internal: handler returned {type(result).__name__}")
             self._check(result, real)

@@ -1,13 +1,15 @@
-"""ONNX ``LSTM`` and ``GRU`` as kiln IR, unrolled over the (static) sequence by
+"""ONNX ``LSTM``, ``GRU`` and ``RNN`` as kiln IR, unrolled over the (static) sequence by
 ``kiln.frontend.recurrent``.
 
 Read: every direction (forward, reverse, bidirectional), both layouts, the optional bias,
-initial states and (LSTM) peepholes, GRU's ``linear_before_reset``, and weights that are
-constants or computed. Refused with a KilnError naming the node: activations other than the
-defaults (sigmoid and tanh), ``clip``, LSTM's ``input_forget``, and ``sequence_lens`` unless
-it is a constant giving every batch entry the full sequence length (kiln compiles one static
-length; shorter entries would need masking). Importing this module adds the ops to
-``kiln.frontend.onnx_import``'s ``ONNX_IMPORT`` table (that module imports it at its end).
+initial states and (LSTM) peepholes, GRU's ``linear_before_reset``, RNN's activation (Tanh,
+Relu or Sigmoid, per direction), and weights that are constants or computed. Refused with a
+KilnError naming the node: LSTM and GRU activations other than the defaults (sigmoid and
+tanh), RNN activations other than those three, ``clip``, LSTM's ``input_forget``, and
+``sequence_lens`` unless it is a constant giving every batch entry the full sequence length
+(kiln compiles one static length; shorter entries would need masking). Importing this module
+adds the ops to ``kiln.frontend.onnx_import``'s ``ONNX_IMPORT`` table (that module imports it
+at its end).
 """
 
 from __future__ import annotations
@@ -16,11 +18,18 @@ import numpy as np
 import onnx
 
 from kiln.frontend.onnx_import import ONNX_IMPORT, ImportContext
-from kiln.frontend.recurrent import CellWeights, run_direction, sequence
+from kiln.frontend.recurrent import (
+    RNN_ACTIVATIONS,
+    RNN_GATES,
+    CellWeights,
+    run_direction,
+    sequence,
+)
 
 # The ONNX gate order in the rows of W and R, in kiln.frontend.recurrent's gate names.
-GATES = {"LSTM": "iofg", "GRU": "zrn"}
-_DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh")}
+GATES = {"LSTM": "iofg", "GRU": "zrn", "RNN": RNN_GATES}
+_DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh"),
+                        "RNN": ("tanh",)}
 _DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
 
 
@@ -58,9 +67,25 @@ def _bias_rows(ctx: ImportContext, v: str | None, dirs: int, gh: int) -> str | N
     return ctx.reshape(v, (2 * dirs, gh))
 
 
+def _rnn_activations(ctx: ImportContext, dirs: int) -> list[str]:
+    """An RNN's activation of each direction (kiln op names); ONNX's default is Tanh."""
+    activations = ctx.attr("activations")
+    if activations is None:
+        return ["tanh"] * dirs
+    names = [a.lower() for a in activations]
+    if len(names) != dirs:
+        raise ctx.error(f"RNN has {len(names)} activations for {dirs} direction(s)",
+                        hint="give one activation per direction")
+    unknown = [a for a, n in zip(activations, names) if n not in RNN_ACTIVATIONS]
+    if unknown:
+        raise ctx.unsupported(f"RNN with activation {unknown[0]}: kiln reads Tanh, Relu and "
+                              "Sigmoid", hint="export the layer with one of those activations")
+    return names
+
+
 def _check_attributes(ctx: ImportContext, op: str, dirs: int) -> None:
     activations = ctx.attr("activations")
-    if activations is not None:
+    if activations is not None and op != "RNN":  # an RNN's are read by _rnn_activations
         default = _DEFAULT_ACTIVATIONS[op] * dirs
         if tuple(a.lower() for a in activations) != default:
             raise ctx.unsupported(f"{op} with activations {activations}: kiln reads the default "
@@ -113,6 +138,7 @@ def _recurrent(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
         raise ctx.error(f"{op} direction {direction!r} is not one of {sorted(_DIRECTIONS)}")
     dirs = _DIRECTIONS[direction]
     _check_attributes(ctx, op, dirs)
+    activations = _rnn_activations(ctx, dirs) if op == "RNN" else ["tanh"] * dirs
     layout = ctx.attr("layout", 0)
     x = ctx.input(0)
     if ctx.type_of(x).rank != 3:
@@ -149,10 +175,10 @@ def _recurrent(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
         # of size 1 is a reshape).
         h0, c0 = [_optional_part(ctx, ctx.optional(i), state_axis, d, d + 1,
                                  (1, batch, hidden), f"{k}.initial")
-                  for i in ((5, 6) if cell == "lstm" else (5,))] + [None] * (cell == "gru")
+                  for i in ((5, 6) if cell == "lstm" else (5,))] + [None] * (cell != "lstm")
         reverse = d == 1 or direction == "reverse"
         seq, h, c = run_direction(ctx, cell, x, weights, gates, reverse=reverse, h0=h0, c0=c0,
-                                  linear_before_reset=lbr)
+                                  linear_before_reset=lbr, activation=activations[d])
         ys.append(seq)
         last[0].append(h)
         last[1].append(c)
@@ -173,4 +199,4 @@ def _recurrent(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     return results
 
 
-ONNX_IMPORT.update({"LSTM": _recurrent, "GRU": _recurrent})
+ONNX_IMPORT.update({"LSTM": _recurrent, "GRU": _recurrent, "RNN": _recurrent})

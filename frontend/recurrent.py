@@ -1,4 +1,4 @@
-"""LSTM and GRU layers as kiln IR, shared by the PyTorch and ONNX importers.
+"""LSTM, GRU and Elman RNN layers as kiln IR, shared by the PyTorch and ONNX importers.
 
 A recurrent layer has no kiln op of its own: shapes are static, so the importers unroll it over
 the sequence into ops every backend already runs. The input projection ``x @ W_ih^T + b`` of
@@ -12,13 +12,15 @@ activations:
 
     LSTM  i, f, o = sigmoid(.)   g = tanh(.)   c' = f * c + i * g   h' = o * tanh(c')
     GRU   r, z = sigmoid(.)      n = tanh(x_n + r * (h W_hn^T + b_hn))   h' = n + z * (h - n)
+    RNN   h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh)   act: tanh or relu (ONNX: also sigmoid)
 
 ONNX's GRU with ``linear_before_reset=0`` (its default) applies the reset gate before the
 recurrent product instead: ``n = tanh(x_n + (r * h) W_hn^T + b_hn)``. ONNX's LSTM may add
 peephole terms ``p * c`` to the i, f and o gates.
 
 The importers give their gate order as a string: PyTorch's LSTM is ``"ifgo"``, ONNX's
-``"iofg"`` (ONNX calls g "c"); PyTorch's GRU is ``"rzn"``, ONNX's ``"zrn"``.
+``"iofg"`` (ONNX calls g "c"); PyTorch's GRU is ``"rzn"``, ONNX's ``"zrn"``. An RNN has one
+gate, ``"h"``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from kiln.ir import TensorType
 
 LSTM_GATES = frozenset("ifgo")
 GRU_GATES = frozenset("rzn")
+RNN_GATES = "h"
+RNN_ACTIVATIONS = ("tanh", "relu", "sigmoid")
+"""The activations an RNN step may apply (kiln ops of those names)."""
 
 
 class Emitter(Protocol):
@@ -98,8 +103,10 @@ def _steps(e: Emitter, projected: str) -> list[str]:
 
 def run_direction(e: Emitter, cell: str, x: str, w: CellWeights, gates: str, *,
                   reverse: bool = False, h0: str | None = None, c0: str | None = None,
-                  linear_before_reset: bool = True) -> tuple[list[str], str, str | None]:
-    """One direction of one LSTM (``cell="lstm"``) or GRU (``"gru"``) layer over ``x``.
+                  linear_before_reset: bool = True, activation: str = "tanh"
+                  ) -> tuple[list[str], str, str | None]:
+    """One direction of one LSTM (``cell="lstm"``), GRU (``"gru"``) or Elman RNN (``"rnn"``,
+    whose step applies ``activation``, one of RNN_ACTIVATIONS) layer over ``x``.
 
     ``x`` is ``[T, B, input]``, ``h0`` and ``c0`` ``[1, B, hidden]`` or None for zeros.
     Returns the hidden state of every step ``[1, B, hidden]`` in time order (a reverse
@@ -108,7 +115,7 @@ def run_direction(e: Emitter, cell: str, x: str, w: CellWeights, gates: str, *,
     """
     hidden = e.type_of(w.w_hh).shape[1]
     x_bias, h_bias = w.b_ih, w.b_hh
-    if cell == "lstm" or not linear_before_reset:
+    if cell in ("lstm", "rnn") or not linear_before_reset:
         # b_hh is added outside any product with a gate: fold it into the input GEMM's bias.
         x_bias, h_bias = _add(e, w.b_ih, w.b_hh), None
     ins = [x, w.w_ih] + ([x_bias] if x_bias is not None else [])
@@ -116,6 +123,8 @@ def run_direction(e: Emitter, cell: str, x: str, w: CellWeights, gates: str, *,
     order = range(len(projected) - 1, -1, -1) if reverse else range(len(projected))
     if cell == "lstm":
         step = _LstmStep(e, w, gates)
+    elif cell == "rnn":
+        step = _RnnStep(e, w, activation)
     else:
         step = _GruStep(e, w, h_bias, gates, hidden, linear_before_reset)
     h, c = h0, c0
@@ -142,6 +151,17 @@ class _LstmStep:
         c = _add(e, _mul(e, f, c), e.op("mul", [i, cell]))
         o = e.op("sigmoid", [_add(e, g["o"], _mul(e, peep["o"], c))])
         return e.op("mul", [o, e.op("tanh", [c])]), c
+
+
+class _RnnStep:
+    def __init__(self, e: Emitter, w: CellWeights, activation: str) -> None:
+        assert activation in RNN_ACTIVATIONS, activation
+        self.e, self.w_hh, self.activation = e, w.w_hh, activation
+
+    def __call__(self, x: str, h: str | None, c: None) -> tuple[str, None]:
+        e = self.e
+        pre = x if h is None else e.op("add", [x, e.op("linear", [h, self.w_hh])])
+        return e.op(self.activation, [pre]), None
 
 
 class _GruStep:

@@ -15,7 +15,7 @@ import torch.fx
 from kiln.frontend import handlers_coverage
 from kiln.frontend.handlers import HANDLERS, MODULE_HANDLERS, target_key
 from kiln.frontend.importer import Importer
-from kiln.ir import Graph, KilnError
+from kiln.ir import Graph, KilnError, UnsupportedOpError
 
 FRONTENDS = ("fx", "export")
 
@@ -27,7 +27,7 @@ class _SourceTracer(torch.fx.Tracer):
     second: more than the rest of a cached compile."""
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        # A subclass of nn.LSTM / nn.GRU that keeps their forward() (one that only sets its
+        # A subclass of nn.LSTM / nn.GRU / nn.RNN that keeps their forward() (one that only sets its
         # weights up its own way) is still the layer kiln's module table translates; fx would
         # trace into it, as into any module defined outside torch.nn, and stop at its checks.
         if type(m).forward in _RECURRENT_FORWARDS:
@@ -45,7 +45,7 @@ class _SourceTracer(torch.fx.Tracer):
 
 
 _SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
-_RECURRENT_FORWARDS = (torch.nn.LSTM.forward, torch.nn.GRU.forward)
+_RECURRENT_FORWARDS = (torch.nn.LSTM.forward, torch.nn.GRU.forward, torch.nn.RNN.forward)
 
 
 def _call_graph(model: torch.nn.Module, n_inputs: int, name: str) -> torch.fx.GraphModule:
@@ -79,6 +79,24 @@ def _resolve_by_name(gm: torch.fx.GraphModule) -> None:
         handler = handlers_coverage.HANDLERS_BY_NAME.get(name)
         if handler is not None:
             HANDLERS[t] = handler
+
+
+def _wrapped_function(gm: torch.fx.GraphModule, error: UnsupportedOpError) -> str | None:
+    """The qualified name of the function the failing node calls, when torch.fx kept it whole.
+
+    fx inlines every Python function it traces through, so a call_function node calling one
+    from outside torch is a function the model ``torch.fx.wrap``'d (torchvision's Swin
+    attention, ``shifted_window_attention``, does: its body branches on sizes). torch.export
+    traces into it, so the model may still compile through export.
+    """
+    node = next((n for n in gm.graph.nodes if n.name == error.node), None)
+    if (node is None or node.op != "call_function" or not inspect.isfunction(node.target)
+            or node.target in HANDLERS):  # a handler's own refusal stands
+        return None
+    module = getattr(node.target, "__module__", "") or ""
+    if module.split(".")[0] == "torch":
+        return None
+    return f"{module}.{node.target.__qualname__}"
 
 
 def import_graph_module(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
@@ -130,7 +148,9 @@ def trace_module(model: torch.nn.Module, example_inputs: Sequence[Any],
     """Trace ``model`` with torch.fx.symbolic_trace (``fx``) or torch.export (``export``).
 
     When fx cannot trace the model (data-dependent control flow, HuggingFace models' argument
-    handling), ``fx`` falls back to torch.export and says so with a FrontendFallbackWarning.
+    handling), or kept a ``torch.fx.wrap``'d function whole that kiln cannot import (Swin's
+    window attention), ``fx`` falls back to torch.export and says so with a
+    FrontendFallbackWarning.
     The graph's ``frontend`` attribute names the frontend that made it.
     """
     if not isinstance(model, torch.nn.Module):
@@ -153,6 +173,17 @@ def trace_module(model: torch.nn.Module, example_inputs: Sequence[Any],
             frontend = "export"
             result = _export(model, example_inputs, name, fx_error=e)
         else:
-            result = import_graph_module(gm, example_inputs, name)
+            try:
+                result = import_graph_module(gm, example_inputs, name)
+            except UnsupportedOpError as e:
+                wrapped = _wrapped_function(gm, e)
+                if wrapped is None:
+                    raise
+                warnings.warn(f"torch.fx kept {wrapped} whole (a torch.fx.wrap'd function) and "
+                              f"kiln has no handler for it; compiling {name} with "
+                              "frontend='export', which traces into it",
+                              FrontendFallbackWarning, stacklevel=3)
+                frontend = "export"
+                result = _export(model, example_inputs, name, fx_error=e)
     result[0].frontend = frontend
     return result

@@ -920,14 +920,6 @@ UNSUPPORTED: dict[str, tuple[str, ...]] = {
         'test_l2normalization_axis_1',
         'test_lpnormalization_default',
     ),
-    'ONNX op RNN: kiln has no import for it yet': (
-        'test_rnn_seq_length',
-        'test_simple_rnn_batchwise',
-        'test_simple_rnn_bidirectional',
-        'test_simple_rnn_defaults',
-        'test_simple_rnn_reverse',
-        'test_simple_rnn_with_initial_bias',
-    ),
     'ONNX op Unique: kiln has no import for it yet': (
         'test_unique_length_1',
         'test_unique_not_sorted_without_axis',

@@ -1,7 +1,7 @@
-"""nn.LSTM / nn.GRU through kiln.compile (fx and torch.export, llvm and reference backends)
-match eager PyTorch; ONNX LSTM / GRU nodes, from torch.onnx.export and built by hand, match
-ONNX Runtime; projections, packed sequences and the ONNX attributes kiln does not read are
-refused with a KilnError."""
+"""nn.LSTM / nn.GRU / nn.RNN (tanh and relu) through kiln.compile (fx and torch.export, llvm
+and reference backends) match eager PyTorch; ONNX LSTM / GRU / RNN nodes, from
+torch.onnx.export and built by hand, match ONNX Runtime; projections, packed sequences and the
+ONNX attributes kiln does not read are refused with a KilnError."""
 
 from __future__ import annotations
 
@@ -52,8 +52,10 @@ class LstmWithState(nn.Module):
         return self.rnn(x, (h0, c0))
 
 
-class GruWithState(nn.Module):
-    def __init__(self, rnn: nn.GRU) -> None:
+class WithHidden(nn.Module):
+    """A GRU or RNN called with its initial hidden state."""
+
+    def __init__(self, rnn: nn.GRU | nn.RNN) -> None:
         super().__init__()
         self.rnn = rnn
 
@@ -71,8 +73,16 @@ def rnn_and_inputs(cls: type, layers: int, bidirectional: bool, batch_first: boo
         return rnn, (x,)
     state = [torch.randn(layers * (2 if bidirectional else 1), batch, hidden)
              for _ in range(2 if cls is nn.LSTM else 1)]
-    wrapper = LstmWithState(rnn) if cls is nn.LSTM else GruWithState(rnn)
+    wrapper = LstmWithState(rnn) if cls is nn.LSTM else WithHidden(rnn)
     return wrapper, (x, *state)
+
+
+class ReluRNN(nn.RNN):
+    """nn.RNN with the relu nonlinearity (a subclass keeping RNN's forward: still the layer
+    kiln's module table translates)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, nonlinearity="relu", **kwargs)
 
 
 # (class, layers, bidirectional, batch_first, bias, sequence length, batch, h0 / c0 given)
@@ -85,6 +95,11 @@ CONFIGS = [
     (nn.GRU, 2, True, False, True, 7, 3, False),
     (nn.GRU, 2, False, True, False, 1, 3, True),
     (nn.GRU, 1, True, False, True, 7, 3, True),
+    (nn.RNN, 1, False, False, True, 7, 3, False),
+    (nn.RNN, 2, True, True, True, 7, 3, True),
+    (nn.RNN, 2, False, True, False, 1, 1, True),
+    (ReluRNN, 1, True, False, True, 7, 1, True),
+    (ReluRNN, 2, False, True, True, 5, 3, False),
 ]
 
 
@@ -101,7 +116,7 @@ def test_matches_eager(config, backend: str) -> None:
     check(model, inputs, backend)
 
 
-@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN, ReluRNN])
 def test_bare_module_is_the_model(cls: type) -> None:
     """The layer itself as the top-level model: outputs (output, (h_n, c_n)) / (output, h_n)
     as eager, with no fallback to torch.export; unbatched input too."""
@@ -133,9 +148,10 @@ def test_lstm_inside_a_model(backend: str) -> None:
     check(TextClassifier(), (torch.randint(0, 50, (3, 6)),), backend)
 
 
-@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN, ReluRNN])
 def test_export_frontend(cls: type) -> None:
-    """torch.export gives aten.lstm / aten.gru with the flat weight list."""
+    """torch.export gives aten.lstm / aten.gru / aten.rnn_tanh / aten.rnn_relu with the flat
+    weight list."""
     model, inputs = rnn_and_inputs(cls, 2, True, True, True, 4, 2, True)
     check(model, inputs, "reference", frontend="export")
 
@@ -181,7 +197,7 @@ def _ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
     return session.run(None, feeds)
 
 
-@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN, ReluRNN])
 def test_torch_onnx_export_matches_onnxruntime_and_eager(cls: type, tmp_path) -> None:
     model, inputs = rnn_and_inputs(cls, 2, True, True, True, 5, 2, True)
     model.eval()
@@ -195,7 +211,8 @@ def test_torch_onnx_export_matches_onnxruntime_and_eager(cls: type, tmp_path) ->
     with torch.no_grad():
         eager = [t.numpy() for t in pytree.tree_leaves(model(*inputs))]
     graph = import_onnx(path)
-    assert {n.op for n in graph.nodes} >= {"linear", "sigmoid", "tanh"}
+    activation = {nn.LSTM: "sigmoid", nn.GRU: "sigmoid", nn.RNN: "tanh", ReluRNN: "relu"}[cls]
+    assert {n.op for n in graph.nodes} >= {"linear", activation}
     for got in (run_graph(graph, arrays), compile_graph(graph)(arrays)):
         for g, want, e in zip(got, expected, eager, strict=True):
             np.testing.assert_allclose(g, want, rtol=RTOL, atol=ATOL)
@@ -209,9 +226,10 @@ def onnx_rnn(op: str, *, direction: str = "forward", layout: int = 0, bias: bool
              initial: bool = False, peephole: bool = False, weights_as_inputs: bool = False,
              attrs: dict | None = None, sequence_lens: np.ndarray | None = None,
              lens_as_input: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """A one-node LSTM / GRU model with seeded operands, and the feeds of its graph inputs."""
+    """A one-node LSTM / GRU / RNN model with seeded operands, and the feeds of its graph
+    inputs."""
     rng = np.random.default_rng(len(op) + 7 * layout + len(direction))
-    dirs, gates = 2 if direction == "bidirectional" else 1, 4 if op == "LSTM" else 3
+    dirs, gates = 2 if direction == "bidirectional" else 1, {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
 
     def rand(*shape):
         return rng.uniform(-1, 1, shape).astype(np.float32)
@@ -288,6 +306,11 @@ ONNX_CASES = [
                  attrs={"linear_before_reset": 1})),
     ("GRU", dict(direction="reverse", layout=1, initial=True, bias=False)),
     ("GRU", dict(direction="bidirectional", initial=True, attrs={"linear_before_reset": 1})),
+    ("RNN", dict(initial=True)),
+    ("RNN", dict(direction="reverse", bias=False, weights_as_inputs=True)),
+    ("RNN", dict(direction="bidirectional", layout=1, initial=True,
+                 attrs={"activations": ["Relu", "Tanh"]})),
+    ("RNN", dict(attrs={"activations": ["Sigmoid"]}, sequence_lens=np.full(BATCH, SEQ))),
 ]
 
 
@@ -314,6 +337,11 @@ def test_onnx_node_matches_onnxruntime(op: str, kwargs: dict) -> None:
     ("LSTM", dict(attrs={"input_forget": 1}), "input_forget"),
     ("GRU", dict(sequence_lens=np.array([SEQ, 2, SEQ])), "sequence_lens"),
     ("LSTM", dict(sequence_lens=np.full(BATCH, SEQ), lens_as_input=True), "must be a constant"),
+    ("RNN", dict(attrs={"activations": ["LeakyRelu"], "activation_alpha": [0.1]}),
+     "activation LeakyRelu"),
+    ("RNN", dict(direction="bidirectional", attrs={"activations": ["Tanh"]}),
+     "1 activations for 2 direction"),
+    ("RNN", dict(attrs={"clip": 3.0}), "clip"),
 ])
 def test_onnx_refusals(op: str, kwargs: dict, match: str) -> None:
     model, _ = onnx_rnn(op, **kwargs)

@@ -6,7 +6,7 @@ import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from kiln.frontend.trace import FRONTENDS, trace_module
 from kiln.ir import Graph, KilnError
 from kiln.passes import NumericCheck, PassManager, Timing, Verify, get_pass, get_pipeline
 from kiln.runtime import Executable, artifact
+
+if TYPE_CHECKING:
+    from kiln.dynamic import DynamicCompressed
 
 
 def optimize(graph: Graph, pipeline: str | Sequence[str] = "O1", *, verify: bool = True,
@@ -212,6 +215,12 @@ def export(compiled: CompiledModel, path: str | os.PathLike | None = None, *,
     An existing file is kept unless ``overwrite`` is True; anything at ``path`` that is not a
     regular file (a directory, a device) is never replaced.
 
+    A path ending in ``.onnx`` writes an ONNX model instead (kiln.interop.to_onnx): a
+    DynamicModel's (or a ``kiln.compress(..., dynamic=...)`` result's) dynamic dimensions
+    become ``dim_param``s named after their sizes, and the sizes inside the graph are
+    computed from the inputs' shapes, so the file runs at any size (or a KilnError names the
+    node that would hold only at one size).
+
     ``sign_key`` (an Ed25519 private key: a ``cryptography`` key object, PEM bytes or the path
     of a PEM file) signs the artifact, so that ``kiln.load(path, trusted_keys=[public key])``
     can tell it came from you. An artifact is native code: whoever loads it runs it.
@@ -220,8 +229,11 @@ def export(compiled: CompiledModel, path: str | os.PathLike | None = None, *,
         KilnError: for something other than a compiled model, a missing or unusable path, or
             a model without code to export.
     """
-    from kiln.dynamic import DynamicModel
+    from kiln.dynamic import DynamicCompressed, DynamicModel
 
+    if isinstance(path, (str, os.PathLike)) and os.fspath(path).lower().endswith(".onnx") \
+            and isinstance(compiled, (CompiledModel, DynamicModel, DynamicCompressed)):
+        return _export_onnx(compiled, Path(path), overwrite, sign_key)
     dynamic = None
     if isinstance(compiled, DynamicModel):
         dynamic = compiled
@@ -267,6 +279,21 @@ def export(compiled: CompiledModel, path: str | os.PathLike | None = None, *,
     try:
         return artifact.save(path, image, pipeline=pipeline, kiln_version=_kiln_version(),
                              sign_key=sign_key, overwrite=overwrite, **extra)
+    except OSError as e:
+        raise KilnError(f"cannot write {path}: {e.strerror or e}",
+                        hint="choose a path in a folder you can write to") from e
+
+
+def _export_onnx(compiled: Any, path: Path, overwrite: bool, sign_key: Any) -> Path:
+    """``kiln.export`` to a ``.onnx`` path: the model as an ONNX file."""
+    if sign_key is not None:
+        raise KilnError("sign_key signs kiln artifacts; an ONNX file carries no signature",
+                        hint="export to a .kiln path to sign, or leave sign_key out")
+    check_output_file(path, overwrite)
+    from kiln.interop.to_onnx import export_onnx
+
+    try:
+        return export_onnx(compiled, path, overwrite=overwrite)
     except OSError as e:
         raise KilnError(f"cannot write {path}: {e.strerror or e}",
                         hint="choose a path in a folder you can write to") from e
@@ -364,7 +391,10 @@ def compile(
             equal). A ``torch.export.Dim`` may stand for a name: its ``min`` and ``max``
             bound the size, and calls outside them get a KilnError. Returns a
             ``kiln.dynamic.DynamicModel``, which compiles each new set of sizes on
-            the call that first brings it (see its module docstring).
+            the call that first brings it (see its module docstring). With compression
+            options the model is compressed once, at ``example_inputs``, and that
+            compression is rebuilt at each size. ``kiln.export(model, "x.onnx")`` writes it
+            as one ONNX file for every size.
         input_shapes: for an ONNX model, ``{input name: shape}`` fixing dimensions the file
             leaves dynamic.
 
@@ -396,16 +426,23 @@ def compile(
 
         names = _parameter_names(model)
         dims, bounds = normalize_dynamic(dynamic, example_inputs, names)
-        if any(o is not None and o is not False for o in (prune, low_rank, distill, quantize)) \
-                or tune:
-            raise KilnError("dynamic= does not combine with compression or tuning yet",
-                            hint="compile the compressed or tuned model for each size "
-                                 "without dynamic=")
+        if tune:
+            raise KilnError("dynamic= does not combine with tuning yet",
+                            hint="compile the tuned model for each size without dynamic=")
+        if any(o is not None and o is not False for o in (prune, low_rank, distill, quantize)):
+            return _compress_dynamic(
+                model, data, example_inputs, dynamic, frontend=frontend, backend=backend,
+                target=target, winograd=winograd, prune=prune, low_rank=low_rank,
+                distill=distill, quantize=quantize, labels=labels).compile(threads=threads)
         options = dict(backend=backend, pipeline=pipeline, frontend=frontend, verify=verify,
                        check_numerics=check_numerics, threads=threads, target=target,
                        winograd=winograd)
+
+        def graph_at(xs: tuple[torch.Tensor, ...]) -> Graph:
+            return optimize(trace_module(model, xs, frontend)[0], pipeline, verify=verify)[0]
+
         return DynamicModel(lambda xs: compile(model, xs, **options), example_inputs, dims,
-                            names, bounds)
+                            names, bounds, graph_at=graph_at)
     source_graph, out_spec = trace_module(model, example_inputs, frontend)
     if not any(o is not None and o is not False for o in (prune, low_rank, distill, quantize)):
         return compile_graph(source_graph, example_inputs, out_spec=out_spec, backend=backend,
@@ -455,6 +492,33 @@ def _finish(graph: Graph, source_graph: Graph, out_spec: Any, *, backend: str, t
     compiled.compression = compression
     compiled.tuning = report
     return compiled
+
+
+def _compress_dynamic(model: torch.nn.Module, data: Any,
+                      example_inputs: tuple[torch.Tensor, ...], dynamic: Any, *, frontend: str,
+                      backend: str, target: Any, winograd: bool = True, **stages: Any) -> Any:
+    """kiln.compress with ``dynamic=``: the compression made once at the example inputs, as a
+    DynamicCompressed that rebuilds its graph at any sizes (kiln.dynamic.SizedCompression)."""
+    from kiln.dynamic import DynamicCompressed, SizedCompression, normalize_dynamic
+
+    names = _parameter_names(model)
+    dims, bounds = normalize_dynamic(dynamic, example_inputs, names)
+    cpu = _cpu_target(backend, target)
+    tuning = _tuning(backend, winograd)
+    source_graph, out_spec = trace_module(model, example_inputs, frontend)
+    multiple = cpu.f32_lanes if cpu else 8
+    compression = compress_graph(source_graph, data, teacher=model, out_spec=out_spec,
+                                 prune_multiple=multiple, target=cpu, **stages)
+    sized = SizedCompression(
+        lambda xs: trace_module(model, xs, frontend), compression, example_inputs,
+        {"prune": stages.get("prune"), "low_rank": stages.get("low_rank"),
+         "quantize": stages.get("quantize"), "prune_multiple": multiple, "target": cpu})
+
+    def finish(graph: Graph, source: Graph, threads: int) -> CompiledModel:
+        return _finish(graph, source, out_spec, backend=backend, threads=threads, cpu=cpu,
+                       tuning=tuning, tune_options=None, compression=compression)
+
+    return DynamicCompressed(sized, example_inputs, dims, names, bounds, finish)
 
 
 def check_model(model: Any) -> None:
@@ -559,7 +623,8 @@ def compress(
     frontend: str = "fx",
     backend: str = "llvm",
     target: Any = None,
-) -> Compressed:
+    dynamic: Any = None,
+) -> Compressed | DynamicCompressed:
     """Make ``model`` smaller and faster: structured pruning, low-rank factorization,
     distillation and int8 quantization, each only when asked for.
 
@@ -596,6 +661,11 @@ def compress(
         target: the CPU it is meant for (llvm backend; as in ``kiln.compile``): its vector
             width is the channel multiple, and its int8 dot product bounds int8 weights
             (+-64 where it is pmaddubsw, on CPUs without VNNI).
+        dynamic: sizes that may change from call to call, as in ``kiln.compile``. The model
+            is compressed once, on ``example_inputs`` and ``data`` (kept channels, calibrated
+            ranges, distilled weights); the result is a ``kiln.dynamic.DynamicCompressed``
+            whose ``compile()`` gives a DynamicModel compiling that compression at each new
+            size, and whose ``graph_at(sizes)`` is its graph at those sizes.
 
     Returns:
         a ``Compressed`` with ``graph`` (the compressed kiln graph; ``kiln.compile`` with the
@@ -616,6 +686,11 @@ def compress(
             example_inputs = first if isinstance(first, (tuple, list)) else (first,)
     example_inputs = example_tensors(example_inputs, _parameter_names(model))
     _check_names(backend, "O1", frontend)
+    if dynamic is not None and dynamic is not False:
+        return _compress_dynamic(model, data, example_inputs, dynamic, frontend=frontend,
+                                 backend=backend, target=target, prune=prune,
+                                 low_rank=low_rank, distill=distill, quantize=quantize,
+                                 labels=labels)
     cpu = _cpu_target(backend, target)
     source_graph, out_spec = trace_module(model, example_inputs, frontend)
     return compress_graph(source_graph, data, teacher=model, prune=prune, low_rank=low_rank,

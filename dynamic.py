@@ -1,15 +1,20 @@
 """``kiln.compile(model, example_inputs, dynamic=...)``: one compiled model for inputs whose
 batch size or sequence length varies from call to call.
 
-This is the first step of dynamic shapes: a ``DynamicModel`` checks each call against the
-declared dynamic dimensions (the others must keep the example's sizes; dimensions sharing a
-name must be equal), and runs a program compiled for that call's exact sizes, compiling it on
-the first call that brings them. The ``MAX_SPECIALIZATIONS`` most recently used programs stay
-in memory, and the compile cache on disk keeps the rest, so a size seen before costs a cache
-load, not a compile. Each program is a static kiln program: it runs exactly as fast as
-``kiln.compile`` at that size. What this step does not do yet: one program whose kernels take
-their sizes at run time (symbolic dimensions in the IR), and artifacts that keep dynamic
-dimensions; export one size with ``dynamic_model.specialize(*inputs)``.
+A ``DynamicModel`` checks each call against the declared dynamic dimensions (the others must
+keep the example's sizes; dimensions sharing a name must be equal), and runs a program compiled
+for that call's exact sizes, compiling it on the first call that brings them. The
+``MAX_SPECIALIZATIONS`` most recently used programs stay in memory, and the compile cache on
+disk keeps the rest, so a size seen before costs a cache load, not a compile. Each program is a
+static kiln program: it runs exactly as fast as ``kiln.compile`` at that size. Artifacts keep
+the sizes compiled so far (``kiln.export``); an ONNX export is written for every size
+(``dim_param``s, sizes computed in the graph: kiln.interop.onnx_dynamic), from the graph built
+at a few probe sizes (``graph_at``).
+
+With compression (``kiln.compile(..., quantize=..., dynamic=...)`` or ``kiln.compress(...,
+dynamic=...)``) the model is compressed once, at the example inputs, and that compression is
+rebuilt at each new size (``SizedCompression``). Not done yet: one program whose kernels take
+their sizes at run time (symbolic dimensions in the IR).
 """
 
 from __future__ import annotations
@@ -101,6 +106,21 @@ def normalize_dynamic(dynamic: Any, example_inputs: Sequence[torch.Tensor],
     return out, bounds
 
 
+def resize_inputs(inputs: Sequence[torch.Tensor], dims: Mapping[int, Mapping[int, str]],
+                  sizes: Mapping[str, int]) -> tuple[torch.Tensor, ...]:
+    """``inputs`` with each dynamic dimension (``dims``: input index -> {dim: size name}) at
+    ``sizes[its name]``: repeated along it and cut, so token ids and other values stay ones
+    the model takes."""
+    out = []
+    for i, x in enumerate(inputs):
+        for d, name in sorted(dims.get(i, {}).items()):
+            n = sizes[name]
+            reps = -(-n // x.shape[d])
+            x = torch.cat([x] * reps, dim=d).narrow(d, 0, n) if reps > 1 else x.narrow(d, 0, n)
+        out.append(x.contiguous())
+    return tuple(out)
+
+
 class DynamicModel:
     """A model compiled for every size its dynamic dimensions take (see the module
     docstring). Call it like the original; ``specialize(*inputs)`` gives the CompiledModel
@@ -108,9 +128,14 @@ class DynamicModel:
 
     def __init__(self, compile_at: Callable[[tuple[torch.Tensor, ...]], Any],
                  example_inputs: Sequence[torch.Tensor], dims: dict[int, dict[int, str]],
-                 names: Sequence[str], bounds: Mapping[str, tuple[int, int]] | None = None
-                 ) -> None:
+                 names: Sequence[str], bounds: Mapping[str, tuple[int, int]] | None = None,
+                 graph_at: Callable[[tuple[torch.Tensor, ...]], Any] | None = None) -> None:
         self._compile_at = compile_at
+        # The optimized graph at given sizes, without code (ONNX export builds it at probes).
+        self._graph_at = graph_at
+        self._example_inputs = tuple(example_inputs)
+        # The kiln.compress result when the model was compressed (made once, at the example).
+        self.compression: Any = None
         self.dims = dims
         self.bounds = {name: (bounds or {}).get(name, (1, MAX_DIM))
                        for d in dims.values() for name in d.values()}
@@ -192,6 +217,19 @@ class DynamicModel:
                     self._programs.popitem(last=False)
             return program
 
+    def inputs_at(self, sizes: Mapping[str, int]) -> tuple[torch.Tensor, ...]:
+        """The example inputs with each dynamic dimension at ``sizes[its name]``."""
+        return resize_inputs(self._example_inputs, self.dims, sizes)
+
+    def graph_at(self, sizes: Mapping[str, int]) -> Any:
+        """The optimized kiln Graph at ``sizes`` ({size name: size}), without compiling code:
+        an export for every size compares it at several sizes (kiln.interop.onnx_dynamic)."""
+        if self._graph_at is None:
+            raise KilnError("this dynamic model cannot rebuild its graph at other sizes",
+                            hint="export one size: kiln.export(model.specialize(*inputs), "
+                                 "path)")
+        return self._graph_at(self.inputs_at(sizes))
+
     def programs(self) -> list[Any]:
         """The compiled programs held now, least recently used first."""
         with self._lock:
@@ -225,3 +263,186 @@ class DynamicModel:
     def __repr__(self) -> str:
         return (f"<kiln DynamicModel {self.dynamic_dims}, {len(self._programs)} size(s) "
                 f"compiled>")
+
+
+# ---- compression with dynamic sizes -------------------------------------------------------
+class SizedCompression:
+    """A compression made once, at the example sizes, rebuilt at any other sizes.
+
+    Compression's decisions come from data (calibrated ranges, Taylor scores, distilled weights)
+    at the example sizes, and its graph is static. At new sizes the same stages run again
+    on the model traced at those sizes, data-free: the same pruning rule (Taylor scores
+    replaced by L1 and a gradual schedule by one shot: the same ratios keep the same channel
+    counts), no distillation, int8 with placeholder ranges. That *twin* has the structure of
+    the real result at the new sizes; comparing it with the twin at the example sizes tells
+    which numbers move with the sizes (reshape targets, a position table's slice), and every
+    other number is taken from the real result (its kept channels, ranges and trained
+    weights). A number that moves and that compression also changed (a distilled position
+    table, channels a FLOPs target chose differently at another size) is refused, naming the
+    node.
+    """
+
+    def __init__(self, trace_at: Callable[[tuple[torch.Tensor, ...]], tuple[Any, Any]],
+                 compressed: Any, example_inputs: Sequence[torch.Tensor],
+                 options: Mapping[str, Any]) -> None:
+        self.compressed = compressed
+        self._trace_at = trace_at
+        self._options = dict(options)
+        prune = self._options.get("prune")
+        if isinstance(prune, Mapping):
+            # The twin prunes data-free and at once: Taylor scores and a gradual schedule (which
+            # needs distillation) give way to L1 at the same ratios, the same channel counts.
+            prune = {k: v for k, v in prune.items() if k not in ("scores", "schedule")}
+            if prune.get("criterion") == "taylor":
+                prune["criterion"] = "l1"
+            self._options["prune"] = prune
+        self._example_inputs = tuple(example_inputs)
+        self._base: Any = None
+        self._lock = threading.Lock()
+
+    def twin(self, inputs: Sequence[torch.Tensor]) -> tuple[Any, Any]:
+        """(the data-free compressed graph at these inputs' sizes, the traced graph)."""
+        from kiln.compression.compress import compress_graph
+        from kiln.compression.quantize import calibration_values
+        from kiln.passes import PassContext, PassManager, Verify, get_pass
+
+        source, _ = self._trace_at(tuple(inputs))
+        o = self._options
+        graph = compress_graph(source, None, prune=o.get("prune"), low_rank=o.get("low_rank"),
+                               prune_multiple=o["prune_multiple"], target=o.get("target")).graph
+        quantize = o.get("quantize")
+        if quantize is not None and quantize is not False:
+            q = quantize if isinstance(quantize, Mapping) else {}
+            options = {"quantize_int8.mode": q.get("mode", "static"),
+                       "quantize_int8.protect": tuple(q.get("protect", ())),
+                       "quantize_int8.target": o.get("target"),
+                       "quantize_int8.ranges": {v: (-1.0, 1.0)
+                                                for v in calibration_values(graph)}}
+            if "weight_max" in q:
+                options["quantize_int8.weight_max"] = q["weight_max"]
+            graph = PassManager([get_pass(n) for n in ("quantize_int8", "sink_permutes", "dce")],
+                                [Verify()]).run(graph, PassContext(options=options))
+        return graph, source
+
+    def graph_at(self, inputs: Sequence[torch.Tensor]) -> tuple[Any, Any]:
+        """(the compressed graph at these inputs' sizes, the graph traced at them)."""
+        if [x.shape for x in inputs] == [x.shape for x in self._example_inputs]:
+            return self.compressed.graph, self.compressed.source_graph
+        with self._lock:
+            if self._base is None:
+                self._base = self.twin(self._example_inputs)[0]
+        twin, source = self.twin(inputs)
+        moves = {(a, b) for x, y in zip(self._example_inputs, inputs)
+                 for a, b in zip(x.shape, y.shape) if a != b}
+        return transplant(self.compressed.graph, self._base, twin, moves), source
+
+
+def transplant(real: Any, base: Any, twin: Any, moves: set[tuple[int, int]]) -> Any:
+    """``twin``'s graph with every number that does not move between ``base`` (the twin at the
+    real graph's sizes) and ``twin`` taken from ``real`` (see SizedCompression). ``moves``:
+    the (example size, new size) pairs of the inputs' dimensions; a constant may only grow or
+    shrink along such a pair (a table slice), not by other channel counts."""
+    from kiln.ir import Graph, TensorType, infer_types, verify
+
+    def refuse(node: Any, what: str, hint: str = "") -> KilnError:
+        return KilnError(f"the compressed graph cannot be rebuilt at other sizes: {what}",
+                         node=getattr(node, "name", None), op=getattr(node, "op", None),
+                         hint=hint + "compile the compressed model for each size without "
+                                     "dynamic=")
+
+    if len(real.nodes) != len(base.nodes) or len(base.nodes) != len(twin.nodes) or \
+            real.inputs != base.inputs or set(real.constants) != set(twin.constants):
+        raise refuse(None, "compression made a different graph at another size")
+    constants = {}
+    for name, value in real.constants.items():
+        b, t = base.constants[name], twin.constants[name]
+        if b.shape == t.shape and np.array_equal(b, t):
+            constants[name] = value
+        elif b.ndim == t.ndim and any((m, n) not in moves and m != n
+                                      for m, n in zip(b.shape, t.shape)):
+            user = next((n for n in real.nodes if name in n.inputs), None)
+            raise refuse(user, f"constant %{name} is {list(t.shape)} at the new sizes, "
+                               f"{list(b.shape)} at the example's: compression chose other "
+                               "channels there (a FLOPs target depends on the sizes)",
+                         "prune by a ratio (prune={'ratio': 0.3}), not a FLOPs target; or ")
+        elif value.shape == b.shape and np.array_equal(value, b):
+            constants[name] = t   # moves with the sizes, and compression left it as it was
+        else:
+            user = next((n for n in real.nodes if name in n.inputs), None)
+            raise refuse(user, f"constant %{name} moves with the sizes and was changed by "
+                               "compression (pruned or distilled)")
+    types = {i: twin.types[i] for i in twin.inputs}
+    types.update({k: TensorType.of(v) for k, v in constants.items()})
+    nodes = []
+    for r, b, t in zip(real.nodes, base.nodes, twin.nodes):
+        if not (r.op == b.op == t.op and r.inputs == b.inputs == t.inputs
+                and r.outputs == b.outputs == t.outputs and set(r.attrs) == set(t.attrs)):
+            raise refuse(r, "compression made a different node at another size")
+        attrs = {k: _merge_attr(r.attrs[k], b.attrs[k], t.attrs[k]) for k in r.attrs}
+        if any(v is _MOVED for v in attrs.values()):
+            raise refuse(r, "an attribute moves with the sizes and was changed by compression")
+        node = r.with_(attrs=attrs)
+        for out, ty in zip(node.outputs, infer_types(node.op, [types[i] for i in node.inputs],
+                                                     dict(node.attrs), node=node.name)):
+            types[out] = ty
+        nodes.append(node)
+    graph = Graph(real.name, twin.inputs, real.outputs, nodes, types, constants)
+    for attr in ("frontend",):
+        if hasattr(real, attr):
+            setattr(graph, attr, getattr(real, attr))
+    verify(graph)
+    return graph
+
+
+_MOVED = object()
+
+
+def _merge_attr(real: Any, base: Any, twin: Any) -> Any:
+    """An attribute at the twin's sizes: the real value where base and twin agree, the twin's
+    where they differ (entry by entry for tuples of one length); _MOVED where a moving value
+    was also changed by compression."""
+    if base == twin:
+        return real
+    if isinstance(base, tuple) and isinstance(twin, tuple) and isinstance(real, tuple) \
+            and len(base) == len(twin) == len(real):
+        merged = tuple(_merge_attr(r, b, t) for r, b, t in zip(real, base, twin))
+        return _MOVED if any(m is _MOVED for m in merged) else merged
+    return twin if real == base else _MOVED
+
+
+class DynamicCompressed:
+    """``kiln.compress(..., dynamic=...)``: a compression made once at the example sizes
+    (``graph``, ``report``, ``layers`` and ``table()`` are that one's) that gives its graph at
+    any sizes (``graph_at``) and compiles to a DynamicModel (``compile``), one program per
+    size, all with the same kept channels, ranges and weights."""
+
+    def __init__(self, sized: SizedCompression, example_inputs: Sequence[torch.Tensor],
+                 dims: dict[int, dict[int, str]], names: Sequence[str],
+                 bounds: Mapping[str, tuple[int, int]],
+                 finish: Callable[[Any, Any, int], Any]) -> None:
+        self.sized = sized
+        self.dims, self.bounds = dims, bounds
+        self._example_inputs, self._names = tuple(example_inputs), list(names)
+        self._finish = finish
+
+    def __getattr__(self, name: str) -> Any:
+        # graph, source_graph, out_spec, report, layers, table: the example-size compression's
+        if name.startswith("_") or name in ("sized", "dims", "bounds"):
+            raise AttributeError(name)
+        return getattr(self.sized.compressed, name)
+
+    def compile(self, threads: int = 0) -> DynamicModel:
+        """A DynamicModel running the compressed model at every size (see SizedCompression);
+        ``threads`` as in kiln.compile."""
+        def compile_at(xs: tuple[torch.Tensor, ...]) -> Any:
+            graph, source = self.sized.graph_at(xs)
+            return self._finish(graph, source, threads)
+
+        model = DynamicModel(compile_at, self._example_inputs, self.dims, self._names,
+                             self.bounds, graph_at=lambda xs: self.sized.graph_at(xs)[0])
+        model.compression = self.sized.compressed
+        return model
+
+    def graph_at(self, sizes: Mapping[str, int]) -> Any:
+        """The compressed kiln Graph at ``sizes`` ({size name: size})."""
+        return self.sized.graph_at(resize_inputs(self._example_inputs, self.dims, sizes))[0]

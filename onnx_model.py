@@ -91,7 +91,7 @@ def compile_onnx(model: Any, example_inputs: Sequence[Any] | None = None, *,
     backend, pipeline, verify, check_numerics, threads, target and winograd. ``dynamic=False``
     refuses a file with dynamic dimensions (unless ``input_shapes`` fixes them);
     ``dynamic=True`` or None keeps the file's."""
-    from kiln.api import compile_graph
+    from kiln.api import compile_graph, optimize
     from kiln.dynamic import MAX_DIM, DynamicModel
 
     limit = onnx_import.tensor_byte_limit()
@@ -103,12 +103,19 @@ def compile_onnx(model: Any, example_inputs: Sequence[Any] | None = None, *,
                         "example inputs", hint=f"its inputs: {[n for n, _, _ in inputs]}")
     names = [n for n, _, _ in inputs]
 
-    def compile_at(xs: Sequence[torch.Tensor]):
+    def import_at(xs: Sequence[torch.Tensor]):
         shapes = {n: tuple(x.shape) for n, x in zip(names, xs)}
         graph = onnx_import.import_onnx(proto, input_shapes=shapes)
         graph.name = name
         graph.frontend = "onnx"
-        return compile_graph(graph, xs, **options)
+        return graph
+
+    def compile_at(xs: Sequence[torch.Tensor]):
+        return compile_graph(import_at(xs), xs, **options)
+
+    def graph_at(xs: Sequence[torch.Tensor]):   # optimized, no code: for an ONNX re-export
+        return optimize(import_at(xs), options.get("pipeline", "O1"),
+                        verify=options.get("verify", True))[0]
 
     if not dims:
         return compile_at(examples)
@@ -125,5 +132,5 @@ def compile_onnx(model: Any, example_inputs: Sequence[Any] | None = None, *,
             if not 1 <= examples[i].shape[dim] <= MAX_DIM:
                 raise KilnError(f"example input {names[i]!r} dimension {dim} ({n}) is "
                                 f"{examples[i].shape[dim]}; a size must be 1..{MAX_DIM}")
-    return DynamicModel(compile_at, examples, dims, names, bounds)
+    return DynamicModel(compile_at, examples, dims, names, bounds, graph_at=graph_at)
 

@@ -10,6 +10,7 @@
     kiln trace resnet18_cifar -o /tmp/trace
     kiln export resnet18 -o /tmp/resnet18_c --format c
     kiln export resnet18_cifar -o /tmp/r.onnx --format onnx --prune 0.5 --quantize percentile
+    kiln export bert -o /tmp/bert.onnx --format onnx --dynamic '0=batch,1=seq<=512'
     kiln export resnet18_cifar -o /tmp/r_gpu.kiln --format cuda
     kiln compare resnet18_cifar --prune 0.3 --quantize minmax
     kiln tune resnet18 --budget 60
@@ -182,6 +183,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
         from kiln.runtime.artifact.signing import private_key
 
         private_key(args.sign_key)
+    if args.dynamic is not None and args.format != "onnx":
+        raise KilnError("--dynamic writes an ONNX file whose dynamic dimensions are dim_params",
+                        hint="use --format onnx; a kiln artifact holds the sizes it was "
+                             "compiled for (kiln.compile(..., dynamic=...), then kiln.export)")
     if args.threads and args.format != "c":
         raise KilnError("--threads is baked into C libraries only",
                         hint="a kiln artifact takes its threads at kiln.load(path, threads=N)")
@@ -194,6 +199,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
             raise KilnError("ONNX export is not available in this kiln (kiln.interop.to_onnx "
                             "is missing)", hint="use --format kiln or --format c") from None
     if is_onnx_spec(args.model):
+        if args.dynamic is not None:
+            raise KilnError("--dynamic declares dimensions of a PyTorch model; an ONNX model "
+                            "keeps its own dim_params", hint="leave --dynamic out")
         if args.prune or args.low_rank or args.quantize:
             raise KilnError("compression options need the PyTorch model (calibration, "
                             "distillation teacher)", hint="pass a zoo name or file.py:factory")
@@ -209,6 +217,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         # A CUDA artifact is rendered from the optimized graph: no CPU code is needed.
         compiled = kiln.compile(module, inputs,
                                 backend="reference" if args.format == "cuda" else "llvm",
+                                dynamic=_dynamic_dims(args.dynamic),
                                 **_compression_kwargs(args, inputs))
     if args.format == "kiln":
         path = kiln.export(compiled, out, overwrite=args.overwrite, sign_key=args.sign_key)
@@ -272,6 +281,32 @@ def _add_compression_args(p: argparse.ArgumentParser) -> None:
 def _check_prune_multiple(args: argparse.Namespace) -> None:
     if args.prune_multiple is not None and args.prune is None:
         raise KilnError("--prune-multiple applies to pruning", hint="pass --prune FRACTION too")
+
+
+def _dynamic_dims(spec: str | None):
+    """``--dynamic`` as kiln.compile's ``dynamic=``: "" is True (the batch dimension of every
+    input); else comma-separated ``[INPUT:]DIM=NAME[<=MAX]`` (INPUT by name or index, input 0
+    when left out; MAX bounds the size)."""
+    import torch
+
+    if spec is None:
+        return None
+    if not spec.strip():
+        return True
+    usage = "for example --dynamic '0=batch,1=seq<=512' or --dynamic 'input_ids:1=seq'"
+    out: dict = {}
+    for entry in spec.split(","):
+        where, _, name = entry.strip().partition("=")
+        where, _, dim = where.rpartition(":")
+        name, _, top = name.partition("<=")
+        try:
+            key: int | str = int(where) if where.strip().isdigit() else (where.strip() or 0)
+            size = torch.export.Dim(name.strip(), max=int(top)) if top else name.strip()
+            out.setdefault(key, {})[int(dim)] = size
+        except (ValueError, TypeError) as e:
+            raise KilnError(f"--dynamic entry {entry.strip()!r} is not [INPUT:]DIM=NAME[<=MAX]"
+                            f" ({e})", hint=usage) from None
+    return out
 
 
 def _compression_kwargs(args: argparse.Namespace, inputs) -> dict:
@@ -470,6 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch size the model is compiled for (default: the model's own)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output")
+    p.add_argument("--dynamic", metavar="SPEC", nargs="?", const="", default=None,
+                   help="--format onnx: write these dimensions as dim_params, so the file "
+                        "runs at any size: alone, the batch dimension of every input; or "
+                        "[INPUT:]DIM=NAME[<=MAX],... (e.g. '0=batch,1=seq<=512': a sequence "
+                        "length at most the position table)")
     p.add_argument("--sign-key", metavar="PEM", default=None,
                    help="sign the artifact with this Ed25519 private key (--format kiln or "
                         "cuda; kiln.load(path, trusted_keys=[public key]) then checks who "

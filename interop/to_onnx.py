@@ -14,7 +14,8 @@ node for are written here so that they compute what kiln's NumPy reference compu
 means when not global).
 
 The model uses the default ONNX domain only, at opset 17 (the first with LayerNormalization)
-up to 21, with the static shapes and dtypes of the kiln graph.
+up to 21, with the static shapes and dtypes of the kiln graph; kiln.interop.onnx_dynamic writes
+a model with dynamic dimensions (``dim_param``s) from this module's output at several sizes.
 """
 
 from __future__ import annotations
@@ -756,19 +757,32 @@ def export_onnx(model_or_graph: Any, path: str | os.PathLike, opset: int = MIN_O
                 overwrite: bool = False) -> Path:
     """Write a kiln CompiledModel's optimized graph (or a Graph) as an ONNX file at ``path``.
 
-    The model passes ``onnx.checker.check_model(..., full_check=True)`` before it is written.
-    An existing file is kept (KilnError) unless ``overwrite`` is True. Returns the path.
+    A ``DynamicModel`` (``kiln.compile(..., dynamic=...)``) is written for every size: its
+    dynamic dimensions as ``dim_param``s and the sizes inside the graph computed from the
+    inputs' shapes (kiln.interop.onnx_dynamic), or a KilnError naming the node that would hold
+    only at one size. The model passes ``onnx.checker.check_model(..., full_check=True)``
+    before it is written. An existing file is kept (KilnError) unless ``overwrite`` is True.
+    Returns the path.
     """
+    dynamic = hasattr(model_or_graph, "graph_at") and hasattr(model_or_graph, "dims")
     g = model_or_graph if isinstance(model_or_graph, Graph) else getattr(
         model_or_graph, "graph", None)
-    if not isinstance(g, Graph):
+    if not isinstance(g, Graph) and not dynamic:
         raise KilnError(f"cannot export a {type(model_or_graph).__name__} to ONNX",
                         hint="pass a kiln CompiledModel (from kiln.compile) or a kiln Graph")
     path = Path(path)
     if path.exists() and not overwrite:
         raise KilnError(f"{path} already exists",
                         hint="choose another path or pass overwrite=True")
-    proto = graph_to_onnx(g, opset)
+    if dynamic:
+        from kiln.interop.onnx_dynamic import dynamic_graph_to_onnx
+
+        if not MIN_OPSET <= opset <= MAX_OPSET:   # before the probe graphs are built
+            raise KilnError(f"ONNX opset {opset} is not supported",
+                            hint=f"export with an opset from {MIN_OPSET} to {MAX_OPSET}")
+        proto = dynamic_graph_to_onnx(model_or_graph, opset)
+    else:
+        proto = graph_to_onnx(g, opset)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, path)
     return path

@@ -100,10 +100,10 @@ def test_export_dims_name_and_bound_the_sizes_through_the_export_frontend() -> N
         kiln.compile(model, x, dynamic={"a": {0: torch.export.Dim("m", min=3)}})
 
 
-def test_dynamic_with_compression_is_refused_clearly() -> None:
+def test_dynamic_with_tuning_is_refused_clearly() -> None:
     model, inputs = get_model("mlp")
-    with pytest.raises(kiln.KilnError, match="does not combine with compression"):
-        kiln.compile(model, inputs, dynamic=True, quantize=True, data=[inputs])
+    with pytest.raises(kiln.KilnError, match="does not combine with tuning"):
+        kiln.compile(model, inputs, dynamic=True, tune=True)
 
 
 def test_least_recently_used_sizes_are_dropped(monkeypatch) -> None:

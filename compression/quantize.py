@@ -17,7 +17,9 @@ conv (one group) and linear with constant weights whose input has a range:
   quantized layer of the same kind, else it is produced as f32 by the layer itself;
 - float readers of a value that also has a u8 version read the dequantized u8 version, so the
   float value is only an intermediate of the quantize that follows it (fused into the
-  producer's store): between two quantized layers only u8 tensors reach memory.
+  producer's store): between two quantized layers only u8 tensors reach memory;
+- quantized linear layers that read the same input with the same attributes (attention's
+  query, key and value) become one wider layer whose output is sliced (merge_qlinear.py).
 
 Grouped and depthwise convolutions, the convs right next to them (their layout changes would
 cost more than int8 saves), layers whose input has no range and protected layers stay in
@@ -36,6 +38,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kiln.compression.merge_qlinear import merge_sibling_qlinears
 from kiln.ir import DType, Graph, KilnError, Node, get_op, infer_types
 from kiln.ir.ops._rules import as_tuple
 from kiln.passes.base import LOSSY, ErrorBudget, Pass, PassContext, PassResult, register_pass
@@ -363,11 +366,12 @@ class QuantizeInt8(Pass):
                     quantize_value(v)
         g = b.g
         g.outputs = list(graph.outputs)
+        g, merged = merge_sibling_qlinears(g)
         for name in cands:
             out = "u8" if result[name][2] else "f32"
             layers[name] = ("int8", f"i8 weights (|w| <= {weight_max}), u8 input, {out} output")
-        ctx.logger.info("quantize_int8: %d layers to int8 (%d with u8 outputs)", len(cands),
-                        len(u8_values))
+        ctx.logger.info("quantize_int8: %d layers to int8 (%d with u8 outputs), %d groups of "
+                        "sibling linears merged", len(cands), len(u8_values), merged)
         return PassResult(remove_dead(g), True)
 
     @staticmethod

@@ -267,3 +267,48 @@ def test_convs_next_to_a_depthwise_conv_stay_float():
     ops = {n.name: n.op for n in out.nodes}
     assert [n.op for n in out.nodes].count("qconv") == 1     # only head
     assert ops["expand"] == "conv" and ops["project"] == "conv" and ops["dw"] == "conv"
+
+
+def qkv_graph():
+    """Three linear layers reading one input (attention's projections) and a fourth layer
+    reading another value."""
+    rng = np.random.default_rng(0)
+    b = GraphBuilder("qkv")
+    x = b.input("x", TensorType((1, 5, 16)))
+
+    def linear(inp, n, name):
+        w = b.constant(rng.standard_normal((n, 16)).astype(np.float32), f"{name}.w")
+        bias = b.constant(rng.standard_normal(n).astype(np.float32), f"{name}.b")
+        return b.op("linear", [inp, w, bias], name=name)
+
+    q, k, v = linear(x, 16, "q"), linear(x, 16, "k"), linear(x, 24, "v")
+    scores = b.op("matmul", [q, b.op("permute", [k], {"perm": [0, 2, 1]})])
+    mixed = b.op("matmul", [b.op("softmax", [scores], {"axis": -1}), v])
+    b.output(linear(b.op("slice", [mixed], {"axis": 2, "start": 0, "end": 16}), 16, "out"))
+    return b.build()
+
+
+def test_sibling_linears_merge_into_one_exactly(monkeypatch):
+    """query, key and value become one qlinear (their rows stacked) and three slices: the
+    same integers and epilogues, so the same outputs bit for bit (merge_qlinear.py)."""
+    import kiln.compression.quantize as qmod
+    from kiln.backends.llvm import compile_graph
+    from kiln.compression.compress import calibrate
+
+    g = qkv_graph()
+    x = np.random.default_rng(1).standard_normal((1, 5, 16)).astype(np.float32)
+    ranges = calibrate(g, [[x]], method="minmax")
+    out = quantize(g, ranges).graph
+    ops = [n.op for n in out.nodes]
+    assert ops.count("qlinear") == 2 and ops.count("slice") == 4
+    merged = next(n for n in out.nodes if n.op == "qlinear")
+    assert out.types[merged.outputs[0]].shape == (1, 5, 56)
+    monkeypatch.setattr(qmod, "merge_sibling_qlinears", lambda graph: (graph, 0))
+    separate = quantize(g, ranges).graph
+    assert [n.op for n in separate.nodes].count("qlinear") == 4
+    want = run_graph(separate, [x])[0]
+    np.testing.assert_array_equal(run_graph(out, [x])[0], want)
+    np.testing.assert_array_equal(compile_graph(out, cache=False)([x])[0],
+                                  compile_graph(separate, cache=False)([x])[0])
+    fp32 = run_graph(g, [x])[0]
+    assert np.abs(want - fp32).max() <= 0.05 * np.abs(fp32).max()

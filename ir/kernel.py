@@ -11,7 +11,6 @@ and ``run_kernel`` interprets it, so lowering is tested apart from code generati
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -98,17 +97,15 @@ class Binary(Expr):
     def __post_init__(self) -> None:
         if self.op not in BINARY_OPS:
             raise InternalError(f"unknown binary op {self.op!r} in kernel IR")
-        if self.a.lanes != self.b.lanes:
+        lanes = self.a.lanes
+        if lanes != self.b.lanes:
             raise InternalError(f"kernel IR {self.op}: lanes differ ({self.a.lanes} vs "
                             f"{self.b.lanes})")
-
-    @property
-    def dtype(self) -> str:  # type: ignore[override]
-        return "bool" if self.op in COMPARE_OPS else self.a.dtype
-
-    @property
-    def lanes(self) -> int:  # type: ignore[override]
-        return self.a.lanes
+        # Stored, not properties: index arithmetic nests deeply, and a property asked the
+        # whole chain of left operands on every question (a large part of lowering's time).
+        # Not fields: equality, hashing and the text are the operator's and operands' alone.
+        object.__setattr__(self, "dtype", "bool" if self.op in COMPARE_OPS else self.a.dtype)
+        object.__setattr__(self, "lanes", lanes)
 
 
 @dataclass(frozen=True, eq=True)
@@ -350,23 +347,45 @@ class Kernel:
 
 # ---- traversal -------------------------------------------------------------------------------
 def map_expr(e: Expr, fn: Callable[[Expr], Expr | None]) -> Expr:
-    """Rebuild ``e`` bottom-up; ``fn`` may return a replacement for a node (or None)."""
-    if isinstance(e, Load):
-        e = replace(e, index=map_expr(e.index, fn))
-    elif isinstance(e, Binary):
-        e = Binary(e.op, map_expr(e.a, fn), map_expr(e.b, fn))
-    elif isinstance(e, Unary):
-        e = Unary(e.op, map_expr(e.x, fn))
-    elif isinstance(e, Select):
-        e = Select(map_expr(e.cond, fn), map_expr(e.a, fn), map_expr(e.b, fn))
-    elif isinstance(e, Cast):
-        e = Cast(map_expr(e.x, fn), e.dtype)
-    elif isinstance(e, Broadcast):
-        e = Broadcast(map_expr(e.x, fn), e.lanes)
-    elif isinstance(e, ReduceLanes):
-        e = ReduceLanes(e.op, map_expr(e.x, fn))
-    elif isinstance(e, DotAdd4):
-        e = DotAdd4(map_expr(e.acc, fn), map_expr(e.u, fn), map_expr(e.s, fn), e.s_max)
+    """Rebuild ``e`` bottom-up; ``fn`` may return a replacement for a node (or None).
+
+    A node whose operands all come back unchanged is kept, not rebuilt (expressions are
+    immutable): most rewrites touch few nodes, and rebuilding every node was most of the
+    time of lowering and scheduling a large model. (Exact classes: kernel-IR nodes are
+    not subclassed.)"""
+    t = type(e)
+    if t is Binary:
+        a, b = map_expr(e.a, fn), map_expr(e.b, fn)
+        if a is not e.a or b is not e.b:
+            e = Binary(e.op, a, b)
+    elif t is Load:
+        index = map_expr(e.index, fn)
+        if index is not e.index:
+            e = replace(e, index=index)
+    elif t is Unary:
+        x = map_expr(e.x, fn)
+        if x is not e.x:
+            e = Unary(e.op, x)
+    elif t is Cast:
+        x = map_expr(e.x, fn)
+        if x is not e.x:
+            e = Cast(x, e.dtype)
+    elif t is Broadcast:
+        x = map_expr(e.x, fn)
+        if x is not e.x:
+            e = Broadcast(x, e.lanes)
+    elif t is Select:
+        c, a, b = map_expr(e.cond, fn), map_expr(e.a, fn), map_expr(e.b, fn)
+        if c is not e.cond or a is not e.a or b is not e.b:
+            e = Select(c, a, b)
+    elif t is ReduceLanes:
+        x = map_expr(e.x, fn)
+        if x is not e.x:
+            e = ReduceLanes(e.op, x)
+    elif t is DotAdd4:
+        acc, u, s = map_expr(e.acc, fn), map_expr(e.u, fn), map_expr(e.s, fn)
+        if acc is not e.acc or u is not e.u or s is not e.s:
+            e = DotAdd4(acc, u, s, e.s_max)
     out = fn(e)
     return e if out is None else out
 
@@ -377,23 +396,41 @@ def substitute(e: Expr, mapping: dict[str, Expr]) -> Expr:
 
 
 def map_stmts(stmts: Sequence[Stmt], fn: Callable[[Expr], Expr | None]) -> tuple[Stmt, ...]:
-    """Apply ``map_expr(., fn)`` to every expression in a statement list."""
+    """Apply ``map_expr(., fn)`` to every expression in a statement list (statements that
+    come back unchanged are kept, as map_expr keeps expressions)."""
     out = []
     for s in stmts:
-        if isinstance(s, For):
-            out.append(replace(s, start=map_expr(s.start, fn), extent=map_expr(s.extent, fn),
-                               body=map_stmts(s.body, fn)))
-        elif isinstance(s, Store):
-            out.append(Store(s.buffer, map_expr(s.index, fn), map_expr(s.value, fn)))
-        elif isinstance(s, Decl):
-            out.append(Decl(s.var, map_expr(s.init, fn)))
-        elif isinstance(s, Assign):
-            out.append(Assign(s.var, map_expr(s.value, fn)))
-        elif isinstance(s, If):
-            out.append(If(map_expr(s.cond, fn), map_stmts(s.then, fn), map_stmts(s.orelse, fn)))
+        t = type(s)
+        if t is For:
+            start, extent = map_expr(s.start, fn), map_expr(s.extent, fn)
+            body = map_stmts(s.body, fn)
+            if start is not s.start or extent is not s.extent or _changed(body, s.body):
+                s = replace(s, start=start, extent=extent, body=body)
+        elif t is Store:
+            index, value = map_expr(s.index, fn), map_expr(s.value, fn)
+            if index is not s.index or value is not s.value:
+                s = Store(s.buffer, index, value)
+        elif t is Decl:
+            init = map_expr(s.init, fn)
+            if init is not s.init:
+                s = Decl(s.var, init)
+        elif t is Assign:
+            value = map_expr(s.value, fn)
+            if value is not s.value:
+                s = Assign(s.var, value)
+        elif t is If:
+            cond = map_expr(s.cond, fn)
+            then, orelse = map_stmts(s.then, fn), map_stmts(s.orelse, fn)
+            if cond is not s.cond or _changed(then, s.then) or _changed(orelse, s.orelse):
+                s = If(cond, then, orelse)
         else:
             raise InternalError(f"unknown statement {type(s).__name__}")
+        out.append(s)
     return tuple(out)
+
+
+def _changed(new: tuple[Stmt, ...], old: Sequence[Stmt]) -> bool:
+    return len(new) != len(old) or any(a is not b for a, b in zip(new, old))
 
 
 def walk_stmts(stmts: Sequence[Stmt]) -> Iterator[Stmt]:
@@ -419,15 +456,19 @@ def walk_expr(e: Expr) -> Iterator[Expr]:
 
 def expr_children(e: Expr) -> tuple[Expr, ...]:
     """The operands of an expression (its index for a load)."""
-    if isinstance(e, Load):
-        return (e.index,)
-    if isinstance(e, Binary):
+    # Exact-type tests, most frequent first: this runs for every node of every walk.
+    t = type(e)
+    if t is Binary:
         return (e.a, e.b)
-    if isinstance(e, (Unary, Cast, Broadcast, ReduceLanes)):
+    if t is Var or t is Const:
+        return ()
+    if t is Load:
+        return (e.index,)
+    if t is Unary or t is Cast or t is Broadcast or t is ReduceLanes:
         return (e.x,)
-    if isinstance(e, Select):
+    if t is Select:
         return (e.cond, e.a, e.b)
-    if isinstance(e, DotAdd4):
+    if t is DotAdd4:
         return (e.acc, e.u, e.s)
     return ()
 
@@ -474,10 +515,11 @@ def fold_index(x: Expr) -> Expr | None:
     """One step of ``simplify`` at the root of ``x`` (its operands already simplified): the
     folded expression, or None when there is nothing to fold. ``map_expr(e, fold_index)``
     simplifies a whole tree in one bottom-up walk."""
-    if not isinstance(x, Binary) or x.lanes != 1:
+    # Only scalar index arithmetic folds: anything else leaves at once.
+    if type(x) is not Binary or x.dtype != INDEX or x.lanes != 1:
         return None
     a, b = x.a, x.b
-    if isinstance(a, Const) and isinstance(b, Const) and x.dtype == INDEX:
+    if isinstance(a, Const) and isinstance(b, Const):
         va, vb = int(a.value), int(b.value)
         ops = {"add": va + vb, "sub": va - vb, "mul": va * vb}
         if x.op in ops:
@@ -486,8 +528,6 @@ def fold_index(x: Expr) -> Expr | None:
             return Const(va // vb, INDEX)
         if x.op == "mod" and vb:
             return Const(va % vb, INDEX)
-    if x.dtype != INDEX:
-        return None
     if x.op == "add":
         if _is_const(a, 0):
             return b
@@ -515,89 +555,107 @@ def _is_const(e: Expr, v: int) -> bool:
 
 
 # ---- text form -------------------------------------------------------------------------------
+_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "mod": "%", "lt": "<", "le": "<=",
+            "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "&&", "or": "||"}
+_NO_NAMES: dict[str, str] = {}
+
+
 def format_expr(e: Expr) -> str:
     """Readable text of an expression."""
-    if isinstance(e, Const):
+    return _format_expr(e, _NO_NAMES)
+
+
+def _format_expr(e: Expr, names: dict[str, str]) -> str:
+    """format_expr with the buffers named in ``names`` printed as their values there."""
+    t = type(e)  # exact types, most frequent first (kernel IR classes are not subclassed)
+    if t is Binary:
+        sym = _SYMBOLS.get(e.op)
+        if sym:
+            return f"({_format_expr(e.a, names)} {sym} {_format_expr(e.b, names)})"
+        return f"{e.op}({_format_expr(e.a, names)}, {_format_expr(e.b, names)})"
+    if t is Var:
+        return e.name
+    if t is Const:
         v = "true" if e.value is True else "false" if e.value is False else repr(e.value)
         s = v if e.dtype in (INDEX, "f32") else f"{e.dtype}({v})"
         return s if e.lanes == 1 else f"{s}x{e.lanes}"
-    if isinstance(e, Var):
-        return e.name
-    if isinstance(e, Load):
+    if t is Load:
         lanes = f", {e.lanes}" if e.lanes > 1 else ""
         stride = f":{e.stride}" if e.stride != 1 else ""
-        return f"{e.buffer}[{format_expr(e.index)}{lanes}{stride}]"
-    if isinstance(e, Binary):
-        sym = {"add": "+", "sub": "-", "mul": "*", "div": "/", "mod": "%", "lt": "<",
-               "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "&&",
-               "or": "||"}.get(e.op)
-        if sym:
-            return f"({format_expr(e.a)} {sym} {format_expr(e.b)})"
-        return f"{e.op}({format_expr(e.a)}, {format_expr(e.b)})"
-    if isinstance(e, Unary):
-        return f"{e.op}({format_expr(e.x)})"
-    if isinstance(e, Select):
-        return f"select({format_expr(e.cond)}, {format_expr(e.a)}, {format_expr(e.b)})"
-    if isinstance(e, Cast):
-        return f"{e.dtype}({format_expr(e.x)})"
-    if isinstance(e, Broadcast):
-        return f"broadcast({format_expr(e.x)}, {e.lanes})"
-    if isinstance(e, ReduceLanes):
-        return f"reduce_{e.op}({format_expr(e.x)})"
-    if isinstance(e, DotAdd4):
+        return f"{names.get(e.buffer, e.buffer)}[{_format_expr(e.index, names)}{lanes}{stride}]"
+    if t is Unary:
+        return f"{e.op}({_format_expr(e.x, names)})"
+    if t is Select:
+        return (f"select({_format_expr(e.cond, names)}, {_format_expr(e.a, names)}, "
+                f"{_format_expr(e.b, names)})")
+    if t is Cast:
+        return f"{e.dtype}({_format_expr(e.x, names)})"
+    if t is Broadcast:
+        return f"broadcast({_format_expr(e.x, names)}, {e.lanes})"
+    if t is ReduceLanes:
+        return f"reduce_{e.op}({_format_expr(e.x, names)})"
+    if t is DotAdd4:
         bound = f", |s|<={e.s_max}" if e.s_max < 128 else ""
-        return f"dot_add4({format_expr(e.acc)}, {format_expr(e.u)}, {format_expr(e.s)}{bound})"
+        return (f"dot_add4({_format_expr(e.acc, names)}, {_format_expr(e.u, names)}, "
+                f"{_format_expr(e.s, names)}{bound})")
     raise InternalError(f"unknown expression {type(e).__name__}")
 
 
-def _format_stmts(stmts: Sequence[Stmt], indent: int, out: list[str]) -> None:
+def _format_stmts(stmts: Sequence[Stmt], indent: int, out: list[str],
+                  names: dict[str, str] = _NO_NAMES) -> None:
     pad = "  " * indent
     for s in stmts:
-        if isinstance(s, For):
+        t = type(s)
+        if t is For:
             step = f" step {s.step}" if s.step != 1 else ""
             kind = "" if s.kind == "serial" else f"{s.kind} "
-            out.append(f"{pad}{kind}for {s.var.name} in [{format_expr(s.start)}, "
-                       f"+{format_expr(s.extent)}){step}:")
-            _format_stmts(s.body, indent + 1, out)
-        elif isinstance(s, Store):
+            out.append(f"{pad}{kind}for {s.var.name} in [{_format_expr(s.start, names)}, "
+                       f"+{_format_expr(s.extent, names)}){step}:")
+            _format_stmts(s.body, indent + 1, out, names)
+        elif t is Store:
             lanes = f", {s.value.lanes}" if s.value.lanes > 1 else ""
-            out.append(f"{pad}{s.buffer}[{format_expr(s.index)}{lanes}] = "
-                       f"{format_expr(s.value)}")
-        elif isinstance(s, Decl):
+            out.append(f"{pad}{names.get(s.buffer, s.buffer)}[{_format_expr(s.index, names)}"
+                       f"{lanes}] = {_format_expr(s.value, names)}")
+        elif t is Decl:
             lanes = f"x{s.var.lanes}" if s.var.lanes > 1 else ""
-            out.append(f"{pad}{s.var.dtype}{lanes} {s.var.name} = {format_expr(s.init)}")
-        elif isinstance(s, Assign):
-            out.append(f"{pad}{s.var.name} = {format_expr(s.value)}")
-        elif isinstance(s, If):
-            out.append(f"{pad}if {format_expr(s.cond)}:")
-            _format_stmts(s.then, indent + 1, out)
+            out.append(f"{pad}{s.var.dtype}{lanes} {s.var.name} = "
+                       f"{_format_expr(s.init, names)}")
+        elif t is Assign:
+            out.append(f"{pad}{s.var.name} = {_format_expr(s.value, names)}")
+        elif t is If:
+            out.append(f"{pad}if {_format_expr(s.cond, names)}:")
+            _format_stmts(s.then, indent + 1, out, names)
             if s.orelse:
                 out.append(f"{pad}else:")
-                _format_stmts(s.orelse, indent + 1, out)
+                _format_stmts(s.orelse, indent + 1, out, names)
 
 
 def print_kernel(k: Kernel) -> str:
     """The kernel as text."""
     params = ", ".join(f"{b.name}: {b.dtype}[{b.size}]" for b in k.params)
     lines = [f"kernel {k.name}({params}) {{"]
+    _format_body(k, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _format_body(k: Kernel, lines: list[str], names: dict[str, str] = _NO_NAMES) -> None:
     for b in k.scratch:
         lines.append(f"  scratch {b.name}: {b.dtype}[{b.size}]")
-    _format_stmts(k.body, 1, lines)
+    _format_stmts(k.body, 1, lines, names)
     lines.append("}")
-    return "\n".join(lines) + "\n"
 
 
 def structure_key(k: Kernel) -> str:
     """The kernel's text with its name and its parameters' names replaced by position: two
     kernels with the same key compute the same function of their buffers (identical layers of
     a network), so one compiled function serves both."""
-    text = print_kernel(k).split("\n", 1)[1]
-    names = {b.name: f"$p{i}" for i, b in enumerate(k.params)}
-    if names:
-        pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
-        text = pattern.sub(lambda m: names[m.group(0)], text)
+    # Printed with the parameters renamed as it goes (buffer names appear in the text only
+    # where a load or store uses them): a regular expression over the printed text, built
+    # for each kernel, took longer than the printing.
+    lines: list[str] = []
+    _format_body(k, lines, {b.name: f"$p{i}" for i, b in enumerate(k.params)})
     sig = ", ".join(f"{b.dtype}[{b.size}]" for b in k.params)
-    return f"({sig})\n{text}"
+    return f"({sig})\n" + "\n".join(lines) + "\n"
 
 
 # ---- reference interpreter -------------------------------------------------------------------

@@ -598,7 +598,13 @@ def emit_kernel(m: ModuleBuilder, k: Kernel) -> None:
     _scratch_allocas(fn, k.scratch)
     fn.outline = lambda loop: _outline(fn, m, k, loop, dtypes)
     fn.stmts(k.body, dtypes)
-    m.functions.append(fn.text())
+    # noinline: LLVM would inline every kernel called once (all but the repeated layers)
+    # into kiln_run, which then holds most of the model in one function, and the
+    # optimizer's time grows faster than the code it is given (DenseNet-121, about 100
+    # such kernels: 13 s of -O3 instead of 7). Each kernel stays a function of its own, as
+    # the kernels called more than once always were; a call per kernel costs nothing.
+    m.functions.append(fn.text(attrs="noinline"))
+    fn.outline = None  # a cycle (fn -> closure -> fn) that would keep its lines until a gc
 
 
 def _to_slot(fn: _Fn, value: str, dtype: str) -> str:
@@ -637,6 +643,11 @@ def _from_slot(fn: _Fn, value: str, dtype: str) -> str:
 def _outline(fn: _Fn, m: ModuleBuilder, k: Kernel, loop: For, dtypes: dict[str, str]) -> None:
     """Run ``loop`` as an OpenMP task: buffer pointers and the scalar variables it reads
     from the enclosing code travel in a context array of 8-byte slots."""
+    if isinstance(loop.extent, Const) and loop.extent.value <= 1:
+        # One iteration leaves nothing to share: a region would only wake the pool and wait
+        # for it (BERT's batch-1 P @ V matmul at 2 threads: 10.2 us as a region, 7.9 without).
+        fn.loop(replace(loop, kind="serial"), dtypes)
+        return
     inner_decls = {s.var.name for s in K.walk_stmts(loop.body) if isinstance(s, (Decl, For))}
     inner_decls.add(loop.var.name)
     captured: dict[str, Var] = {}

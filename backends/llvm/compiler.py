@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+import gc
 import os
 import queue
 import threading
@@ -531,14 +533,33 @@ def _signature(g: Graph, names) -> list[tuple[str, str, tuple[int, ...]]]:
     return [(n, g.types[n].dtype.value, g.types[n].shape) for n in names]
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cycle collector off for a while (back on after, if it was on).
+
+    Lowering and scheduling make millions of small kernel-IR objects and keep many of them:
+    each of the collector's full passes then walks the whole process (the model, torch,
+    every kernel so far), about a third of their time (DenseNet-121: lowering 1.3 s of CPU
+    with it, 0.7 without). Kernel IR is immutable trees, so reference counting frees it;
+    the few cycles made meanwhile wait for the next collection."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
 def build_image(graph: Graph, target: Target, tuning: Tuning = DEFAULT_TUNING,
                 instruments=()) -> tuple[ProgramImage, LoweredGraph, str, dict]:
     """The whole compilation of ``graph`` through the shared pipeline (``compile_kernels``):
     fusion, lowering, scheduling, memory plan, then LLVM IR, -O3 and object code."""
     verify(graph)
     timing = Timing()
-    c = compile_kernels(graph, width=target.f32_lanes, target=target, tuning=tuning,
-                        code_stages=CODEGEN, instruments=[timing, *instruments])
+    with _collector_paused():
+        c = compile_kernels(graph, width=target.f32_lanes, target=target, tuning=tuning,
+                            code_stages=CODEGEN, instruments=[timing, *instruments])
     plan, lowered, g = c.memory, c.lowered, graph
     copies, copy_consts = {}, {}
     for j, src in plan.output_copies.items():

@@ -53,7 +53,7 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
         return None
     low.view_shapes.update(views)
     shape = micro_shape(width, geo.og)
-    wmat = wv.reshape(geo.groups, geo.og, geo.kd).astype(np.float32)
+    wmat = wv.reshape(geo.groups, geo.og, geo.kd).astype(np.float32, copy=False)
 
     def packed_a() -> PackedA:  # made only on the paths that read it (else dead weight)
         packed = np.stack([pack_a(wmat[i], shape.mr) for i in range(geo.groups)])

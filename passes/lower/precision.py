@@ -70,14 +70,30 @@ def _stmts(stmts: tuple[Stmt, ...], buffers: dict[str, str]) -> tuple[Stmt, ...]
     return tuple(out)
 
 
+# Where an f16 value can start: every other expression takes its dtype from an operand
+# (or is bool or i32), so an f16 anywhere means an f16 one of these.
+_SOURCES = (Const, Var, Load, Cast)
+
+
+def _has_half(e: Expr) -> bool:
+    # Only the sources are asked (a property dtype asks its operands again), over an
+    # explicit stack: this runs over every node of every kernel.
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if type(x) in _SOURCES and x.dtype == HALF:
+            return True
+        stack.extend(K.expr_children(x))
+    return False
+
+
 def uses_half(kernel: K.Kernel) -> bool:
     """Whether any buffer, local or value of ``kernel`` is f16."""
     if any(b.dtype == HALF for b in kernel.params + kernel.scratch):
         return True
     for s in K.walk_stmts(kernel.body):
-        for e in K.stmt_exprs(s):
-            if any(x.dtype == HALF for x in K.walk_expr(e)):
-                return True
+        if any(_has_half(e) for e in K.stmt_exprs(s)):
+            return True
         if isinstance(s, Decl) and s.var.dtype == HALF:
             return True
     return False

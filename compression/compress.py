@@ -5,7 +5,8 @@ Stages, each only when asked for, in this order:
 1. cleanups that keep batch norms (their scales rank channels): fold_constants,
    simplify_algebra, dce;
 2. ``prune``: structured channel pruning (compression/prune.py), Taylor scores from the data when
-   the criterion is ``taylor``;
+   the criterion is ``taylor``; with ``"schedule": "agp"`` the pruning happens gradually
+   during stage 4 instead (compression/gradual.py), after the low-rank stage;
 3. ``low_rank``: SVD factorization of dense layers (compression/low_rank.py);
 4. ``distill``: knowledge distillation of the pruned / factorized student against the original
    model on the data (compression/distill.py);
@@ -103,7 +104,7 @@ def _options(value: Any, defaults: Mapping[str, Any], scalar_key: str | None, wh
                     f"{type(value).__name__}", hint=f"see help(kiln.compress) for {what}")
 
 
-def _batches(data: Any, graph: Graph, limit: int | None = None) -> list[list[np.ndarray]]:
+def data_batches(data: Any, graph: Graph, limit: int | None = None) -> list[list[np.ndarray]]:
     """The data as batches shaped exactly like the graph's inputs (a tensor or array of many
     samples is cut into the graph's batch size; a trailing partial batch is dropped)."""
     if data is None:
@@ -201,15 +202,24 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
     t0 = time.perf_counter()
     _record(result, "imported", graph, t0)
     g = _run(graph, ["fold_constants", "simplify_algebra", "dce"], {})
+    gradual = prune_o is not None and prune_o.get("schedule") is not None
+    if gradual and distill_o is None:
+        raise KilnError("gradual pruning (prune schedule) happens during distillation",
+                        hint="pass distill=... too, or drop the schedule for one-shot pruning")
     if prune_o is not None:
         t0 = time.perf_counter()
         prune_o.setdefault("multiple", prune_multiple)
         if prune_o.get("criterion") == "taylor" and "scores" not in prune_o:
             from kiln.compression.prune_scores import taylor_scores
+            from kiln.compression.sensitivity import batches_with_labels
 
-            prune_o["scores"] = taylor_scores(g, _batches(data, g, 16), labels)
-        g = _run(g, ["prune_channels"], {f"prune_channels.{k}": v for k, v in prune_o.items()})
-        _record(result, "pruned", g, t0)
+            cut = data_batches(data, g, 16)
+            # Per-sample labels are cut like the data: one label array per batch.
+            prune_o["scores"] = taylor_scores(g, cut, batches_with_labels(data, labels, cut))
+        if not gradual:
+            g = _run(g, ["prune_channels"],
+                     {f"prune_channels.{k}": v for k, v in prune_o.items()})
+            _record(result, "pruned", g, t0)
     if low_rank_o is not None:
         t0 = time.perf_counter()
         g = _run(g, ["low_rank"], {f"low_rank.{k}": v for k, v in low_rank_o.items()})
@@ -222,8 +232,9 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
         if data is None:
             raise KilnError("distillation needs data", hint="pass data=... to kiln.compress")
         t0 = time.perf_counter()
-        g = run_distill(g, teacher, data, labels=labels, **distill_o)
-        _record(result, "distilled", g, t0)
+        g = run_distill(g, teacher, data, labels=labels, prune=prune_o if gradual else None,
+                        **distill_o)
+        _record(result, "agp+distill" if gradual else "distilled", g, t0)
     t0 = time.perf_counter()
     g = PassManager(get_pipeline("O1"), [Verify()]).run(g)
     _record(result, "O1", g, t0)
@@ -235,7 +246,7 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
         if "weight_max" in quant_o:
             options["quantize_int8.weight_max"] = quant_o["weight_max"]
         if quant_o["mode"] == "static":
-            batches = _batches(data, g, int(quant_o["max_batches"]))
+            batches = data_batches(data, g, int(quant_o["max_batches"]))
             options["quantize_int8.ranges"] = calibrate(g, batches, quant_o["method"],
                                                         float(quant_o["percentile"]))
         ctx = PassContext(options=options)

@@ -21,12 +21,16 @@ batch axis, axis 0). Batches of m samples (m a multiple of n) run as m / n calls
 
 Only the weights and biases of dense, embedding and norm ops train (``TRAINED_OPERANDS``);
 batch-norm statistics, scalars and masks stay as they are.
+
+With ``prune={..., "schedule": "agp"}`` the fine-tune also prunes channels gradually
+(``kiln.compression.gradual``): they are masked along the AGP schedule while training goes
+on, and removed from the returned Graph.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
@@ -417,6 +421,7 @@ def distill(
     batch_size: int = 32,
     progress: bool = True,
     seed: int = 0,
+    prune: Mapping[str, Any] | None = None,
 ) -> Graph:
     """Fine-tune ``student`` against ``teacher`` by knowledge distillation; a new Graph.
 
@@ -445,10 +450,14 @@ def distill(
         batch_size: samples per step for a dataset (rounded down to a multiple of n).
         progress: show a tqdm progress bar with the loss.
         seed: seeds the shuffling and torch's RNG: the same seed gives the same weights.
+        prune: gradual (AGP) channel pruning during the fine-tune: ``prune_channels``
+            options (``ratio`` or ``flops_target``: the final fraction) with ``schedule:
+            "agp"``, ``steps`` (updates) and ``end`` (the fraction of the fine-tune by which
+            it is reached); see ``kiln.compression.gradual``.
 
     Returns:
-        A new Graph with the student's structure and the trained weights (read-only arrays);
-        it compiles like any other graph.
+        A new Graph with the student's structure and the trained weights (read-only arrays),
+        less the pruned channels with ``prune``; it compiles like any other graph.
 
     Raises:
         KilnError: for empty data, batches that do not fit the student's inputs, teacher and
@@ -482,25 +491,33 @@ def distill(
         else:
             raise KilnError(f"teacher is a {type(teacher).__name__}",
                             hint="give an nn.Module or a kiln Graph")
+        pruner = None
+        if prune is not None:
+            from kiln.compression.gradual import GradualPruning
+
+            pruner = GradualPruning(student, prune, epochs * batches.steps_per_epoch(),
+                                    runner.trained)
         try:
             _train(runner, teacher_run, batches, cfg, list(pairs.items()), epochs, lr,
-                   progress)
+                   progress, pruner.step if pruner is not None else None)
         finally:
             if isinstance(teacher_run, ModuleTeacher):
                 teacher_run.close()
                 teacher.train(was_training)
-    return _trained_graph(student, runner)
+    trained = _trained_graph(student, runner)
+    return pruner.finish(trained) if pruner is not None else trained
 
 
 def _train(runner: GraphRunner, teacher: GraphRunner | ModuleTeacher, batches: Batches,
            cfg: LossConfig, pairs: list[tuple[str, str]], epochs: int, lr: float,
-           progress: bool) -> None:
+           progress: bool, after_step: Callable[[int], None] | None = None) -> None:
     steps = batches.steps_per_epoch()
     if steps == 0:
         raise KilnError(f"the dataset's {batches.size} samples do not fill one call of the "
                         f"student graph ({runner.n} samples)", hint="give more samples")
     optimizer = torch.optim.Adam(list(runner.trained.values()), lr=lr)
     bar = tqdm(total=epochs * steps, desc="distill", unit="step", disable=not progress)
+    done = 0
     try:
         for epoch in range(epochs):
             for step, batch in enumerate(batches.epoch()):
@@ -516,6 +533,9 @@ def _train(runner: GraphRunner, teacher: GraphRunner | ModuleTeacher, batches: B
                 loss.backward()
                 optimizer.step()
                 bar.update(1)
+                done += 1
+                if after_step is not None:
+                    after_step(done)
                 bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
     finally:
         bar.close()

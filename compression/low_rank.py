@@ -28,6 +28,12 @@ Options (``PassContext.options["low_rank.<key>"]``); at most one of the first th
     meets the target. A target the eligible layers cannot reach is a KilnError.
 ``protect`` (default none)
     node names (a name or a collection of names) left alone.
+``layers`` (default none)
+    per layer group settings, ``{pattern: value}``: layers whose node name (or module path,
+    ``"encoder.*"`` for ``encoder_*``) matches the glob pattern keep ``value`` of the energy
+    (with ``energy``) or of their parameters (with ``param_ratio``) instead; ``False`` (or
+    None) leaves them alone. Where several patterns match, the last one wins. Not with
+    ``flops_target``, which shares one energy among all layers.
 ``min_size`` (default 4096)
     layers whose weight has fewer elements are left alone: they gain little.
 ``multiple`` (default 8)
@@ -47,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln.compression.prune import name_matches, read_layer_settings
 from kiln.ir import Graph, KilnError, Node, get_op, graph_flops, infer_types
 from kiln.passes.base import LOSSY, ErrorBudget, Pass, PassContext, PassResult, register_pass
 from kiln.passes.dce import live_values, remove_dead
@@ -69,6 +76,7 @@ class LowRankOptions:
     param_ratio: float | None = None
     flops_target: float | None = None
     protect: frozenset[str] = frozenset()
+    layers: tuple[tuple[str, Any], ...] = ()
     min_size: int = DEFAULT_MIN_SIZE
     multiple: int = DEFAULT_MULTIPLE
 
@@ -172,9 +180,19 @@ def read_options(ctx: PassContext, graph: Graph) -> LowRankOptions:
                         f"{graph.name}",
                         hint=f"its linear and conv nodes are {layers[:20]}"
                              + (" ..." if len(layers) > 20 else ""))
+    top = 1.0 if param_ratio is None else 1.0 - 1e-12
+    layers = read_layer_settings(ctx.option(PASS_NAME, "layers", None), graph, PASS_NAME,
+                          "a fraction in (0, 1] (the energy, or of the parameters), or False",
+                          lambda v: v is None or v is False or (
+                              isinstance(v, Real) and not isinstance(v, bool)
+                              and 0.0 < float(v) <= top))
+    if layers and flops_target is not None:
+        raise KilnError(f"options {PASS_NAME}.layers and {PASS_NAME}.flops_target are both set",
+                        hint="flops_target shares one energy among all layers: use energy= "
+                             "or param_ratio= with per-layer values")
     return LowRankOptions(
         energy=energy, param_ratio=param_ratio, flops_target=flops_target,
-        protect=frozenset(protect),
+        protect=frozenset(protect), layers=layers,
         min_size=_count(ctx, "min_size", DEFAULT_MIN_SIZE, 0),
         multiple=_count(ctx, "multiple", DEFAULT_MULTIPLE, 1))
 
@@ -185,6 +203,8 @@ def _skip_reason(node: Node, graph: Graph, users: dict[str, list[Node]],
     """Why ``node`` (a linear or conv) cannot be factorized, or None if it can."""
     if node.name in opts.protect:
         return "protected by option low_rank.protect"
+    if _layer_setting(node.name, opts) is False:
+        return "left alone by option low_rank.layers"
     if node.op == "conv" and node.attrs["groups"] != 1:
         return f"grouped conv (groups={node.attrs['groups']}): its channels are not one matrix"
     weight = node.inputs[1]
@@ -235,6 +255,16 @@ def find_layers(graph: Graph, opts: LowRankOptions, ctx: PassContext) -> list[La
             continue
         layers.append(layer)
     return layers
+
+
+def _layer_setting(name: str, opts: LowRankOptions) -> Any:
+    """The ``layers`` value of the last pattern matching node ``name`` (None: no pattern
+    matches); False for a layer left alone."""
+    setting = None
+    for pattern, value in opts.layers:
+        if name_matches(name, pattern):
+            setting = False if value is None else value
+    return setting
 
 
 # ---- ranks -----------------------------------------------------------------------------------
@@ -299,11 +329,16 @@ def choose_ranks(layers: list[Layer], graph: Graph, opts: LowRankOptions) -> dic
         return {}
     if opts.flops_target is not None:
         return _ranks_for_flops(layers, graph, opts.flops_target, opts.multiple)
-    if opts.param_ratio is not None:
-        return {layer.node.name: rank_for_param_ratio(layer, opts.param_ratio, opts.multiple)
-                for layer in layers}
-    return {layer.node.name: rank_for_energy(layer, opts.energy, opts.multiple)
-            for layer in layers}
+    out = {}
+    for layer in layers:
+        own = _layer_setting(layer.node.name, opts)
+        if opts.param_ratio is not None:
+            ratio = opts.param_ratio if own is None else float(own)
+            out[layer.node.name] = rank_for_param_ratio(layer, ratio, opts.multiple)
+        else:
+            energy = opts.energy if own is None else float(own)
+            out[layer.node.name] = rank_for_energy(layer, energy, opts.multiple)
+    return out
 
 
 # ---- the rewrite -----------------------------------------------------------------------------

@@ -24,6 +24,12 @@ Options (``ctx.option("prune_channels", key, default)``):
 - ``multiple`` (8): kept channel counts are rounded up to a multiple of this (SIMD width),
   never below it, never above the original count.
 - ``min_channels`` (1): no group keeps fewer channels than this.
+- ``layers`` ({}): per-layer widths, ``{pattern: ratio}``: a group whose source layers
+  (conv / linear node names) match a glob ``pattern`` loses ``ratio`` of its units instead
+  (0: it stays whole). A module path matches too (``"layer3.*"`` is ``layer3_*``), ``a|b``
+  matches either; where several patterns match a group, the last one wins, so
+  ``{"layer*": 0.5, "layer4*": 0.8}`` refines. ``ratio`` / ``flops_target`` / ``global`` then
+  apply to the other groups only.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any
 
 import numpy as np
@@ -120,6 +127,47 @@ class _Options:
     multiple: int
     min_channels: int
     scores: Mapping[str, np.ndarray] | None
+    layers: tuple[tuple[str, float], ...] = ()
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Whether node ``name`` matches the glob ``pattern``, read as a node name or as a module
+    path (torch.fx names ``layer3.0.conv1``'s node ``layer3_0_conv1``); ``a|b`` matches
+    either."""
+    return any(fnmatchcase(name, p) or fnmatchcase(name, p.replace(".", "_"))
+               for p in pattern.split("|"))
+
+
+def read_layer_settings(value: Any, graph: Graph, what: str, accepts: str, check) -> tuple:
+    """``{pattern: value}`` per-layer settings, validated: each value by ``check`` and each
+    pattern against the graph's node names (one that matches no node is a typo)."""
+    if not value:
+        return ()
+    if not isinstance(value, Mapping):
+        raise KilnError(f"{what}.layers must be a dict of glob pattern -> {accepts}, got "
+                        f"{type(value).__name__}", hint='e.g. {"layer3.*": 0.7}')
+    names = [n.name for n in graph.nodes]
+    out = []
+    for pattern, v in value.items():
+        if not isinstance(pattern, str) or not check(v):
+            raise KilnError(f"{what}.layers[{pattern!r}] is {v!r}", hint=f"give {accepts}")
+        if not any(name_matches(n, pattern) for n in names):
+            raise KilnError(f"{what}.layers pattern {pattern!r} matches no node of graph "
+                            f"{graph.name}", hint="patterns match node names (kiln show "
+                            "MODEL prints them) or module paths, with * and ? wildcards")
+        out.append((pattern, v))
+    return tuple(out)
+
+
+def group_ratios(groups: Sequence[ChannelGroup], layers: Sequence[tuple[str, float]]
+                 ) -> dict[int, float]:
+    """Group id -> ratio for the groups a ``layers`` pattern matches (the last match wins)."""
+    out: dict[int, float] = {}
+    for g in groups:
+        for pattern, ratio in layers:
+            if any(name_matches(s.node, pattern) for s in g.sources):
+                out[g.id] = float(ratio)
+    return out
 
 
 def _read_options(ctx: PassContext, graph: Graph) -> _Options:
@@ -165,8 +213,11 @@ def _read_options(ctx: PassContext, graph: Graph) -> _Options:
                 raise KilnError(f"pruning scores given for %{value}, which is not in graph "
                                 f"{graph.name}", node=value,
                                 hint="key the scores by the producer's output value name")
+    layers = read_layer_settings(opt("layers", None), graph, PASS_NAME, "a ratio in [0, 1)",
+                          lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                          and 0.0 <= v < 1.0)
     return _Options(float(ratio), bool(opt("global", False)), flops_target, criterion,
-                    protect, multiple, min_channels, scores)
+                    protect, multiple, min_channels, scores, layers)
 
 
 # ---- the rewrite ---------------------------------------------------------------------------
@@ -306,10 +357,17 @@ def _check(before: Graph, after: Graph, analysis: ChannelAnalysis, mask: np.ndar
 
 # ---- choosing what to keep -----------------------------------------------------------------
 def _keep_counts(groups: Sequence[ChannelGroup], scores: Mapping[int, np.ndarray], ratio: float,
-                 global_: bool, multiple: int, min_channels: int) -> dict[int, int]:
+                 global_: bool, multiple: int, min_channels: int,
+                 fixed: Mapping[int, float] | None = None) -> dict[int, int]:
+    """Units each group keeps; ``fixed`` (group id -> ratio) overrides the ratio, and keeps
+    those groups out of the global ranking."""
+    fixed = fixed or {}
+    counts = {g.id: kept_units(g.num_units, g.unit_width, fixed[g.id], multiple, min_channels)
+              for g in groups if g.id in fixed}
+    groups = [g for g in groups if g.id not in fixed]
     if not global_:
-        return {g.id: kept_units(g.num_units, g.unit_width, ratio, multiple, min_channels)
-                for g in groups}
+        return {**counts, **{g.id: kept_units(g.num_units, g.unit_width, ratio, multiple,
+                                              min_channels) for g in groups}}
     pooled = []
     for g in groups:
         s = scores[g.id]
@@ -320,8 +378,9 @@ def _keep_counts(groups: Sequence[ChannelGroup], scores: Mapping[int, np.ndarray
     removed = dict.fromkeys((g.id for g in groups), 0)
     for _, gid in pooled[:math.floor(ratio * len(pooled) + 1e-9)]:
         removed[gid] += 1
-    return {g.id: _round_up(g.num_units - removed[g.id], g.num_units, g.unit_width, multiple,
-                            min_channels) for g in groups}
+    return {**counts, **{g.id: _round_up(g.num_units - removed[g.id], g.num_units,
+                                         g.unit_width, multiple, min_channels)
+                         for g in groups}}
 
 
 def _select(groups: Sequence[ChannelGroup], scores: Mapping[int, np.ndarray],
@@ -353,10 +412,11 @@ def plan_pruning(graph: Graph, analysis: ChannelAnalysis | None = None,
                             hint="give one score per output channel")
     groups = [g for g in analysis.prunable() if g.id not in protected]
     scores = {g.id: unit_scores(graph, g, opts.criterion, opts.scores) for g in groups}
+    fixed = group_ratios(groups, opts.layers)
 
     def plan(ratio: float) -> dict[int, np.ndarray]:
         counts = _keep_counts(groups, scores, ratio, opts.global_, opts.multiple,
-                              opts.min_channels)
+                              opts.min_channels, fixed)
         return _select(groups, scores, counts)
 
     if opts.flops_target is None:

@@ -8,13 +8,20 @@ options (``best_config``) given to ``kiln.compile`` again rebuild it.
 The space (``default_space``; ``space=`` overrides it) is a dict of categorical dimensions:
 
 - ``prune``: fraction of FLOPs removed by structured channel pruning (0: none), and
-  ``prune_global``: rank channels of all groups together; a space may add
-  ``prune_keep.<layer>``: ``[False, True]`` (True: the channel groups touching that layer stay
-  whole, the rest of the FLOPs target falls on the others), the per-layer widths that the
-  pruning pass can express;
-- ``low_rank``: singular-value energy kept by each factorized dense layer (None: none); a
-  space may add ``low_rank_keep.<layer>``: ``[False, True]`` (True: that layer is not
-  factorized);
+  ``prune_global``: rank channels of all groups together;
+- ``prune_layers.<pattern>``: per stage / per layer widths (kiln's channel-width search), the
+  alternative to a global ``prune``: where ``prune`` is 0, the fraction of the channels
+  removed from the groups whose layers match the glob ``pattern`` (``prune={"ratio": 0,
+  "layers": {pattern: ratio}}``); inert where ``prune`` sets a FLOPs target (fixed widths
+  would often make it unreachable). The default space has one per stage
+  (``stage_patterns``: ResNet stages, transformer blocks, at most four).
+  ``prune_keep.<layer>``: ``[False, True]`` (True: the groups touching that layer stay
+  whole, the FLOPs target falls on the others) is the older per-layer switch;
+- ``agp``: prune gradually during distillation (``prune={"schedule": "agp"}``) instead of
+  before it; only where the trial distills;
+- ``low_rank``: singular-value energy kept by each factorized dense layer (None: none);
+  ``low_rank_layers.<pattern>``: the energy of the layers matching ``pattern`` (None: they
+  follow ``low_rank``; False: not factorized), ``low_rank_keep.<layer>``: ``[False, True]``;
 - ``precision.<layer>``: ``int8`` or ``fp32`` for each layer the int8 pass quantizes (the
   fp32 ones become ``quantize={"protect": [...]}``); no layer in int8 means no quantization.
   A space without ``precision.*`` may have ``quantize``: ``[False, True]`` (the whole model);
@@ -98,6 +105,8 @@ class TrialRecord:
     size_bytes: int | None = None
     flops: int | None = None
     distilled: bool = False
+    # The fraction of the Taylor importance its pruning removes (compression/sensitivity.py).
+    sensitivity: float | None = None
     feasible: bool = False
     seconds: float = 0.0
     start_s: float = 0.0
@@ -294,7 +303,8 @@ def _record_of(trial) -> TrialRecord | None:
     m = trial.user_attrs.get("measures", {})
     known = {k: m[k] for k in ("config", "score", "proxy_score", "distilled_score",
                                "objective", "latency_ms", "latency_ratio",
-                               "base_latency_ms", "size_bytes", "flops", "distilled") if k in m}
+                               "base_latency_ms", "size_bytes", "flops", "distilled", "sensitivity")
+             if k in m}
     return TrialRecord(trial.number, dict(trial.params), state,
                        seconds=float(trial.user_attrs.get("seconds", 0.0)),
                        start_s=float(trial.user_attrs.get("start_s", 0.0)),
@@ -333,9 +343,15 @@ def pareto_front(records: Sequence[TrialRecord]) -> list[TrialRecord]:
 
 
 # ---- the compression space --------------------------------------------------------------------
-def default_space(int8_layers: Sequence[str] = ()) -> dict[str, list[Any]]:
+STAGE_RATIOS = [0.0, 0.3, 0.5, 0.7]
+"""Choices of each stage's ``prune_layers`` dimension in the default space."""
+
+
+def default_space(int8_layers: Sequence[str] = (), stages: Sequence[str] = ()
+                  ) -> dict[str, list[Any]]:
     """The default space; ``int8_layers``: the layers the int8 pass would quantize, each
-    searched as int8 or fp32."""
+    searched as int8 or fp32; ``stages``: glob patterns (``stage_patterns``), each a
+    ``prune_layers`` dimension."""
     space: dict[str, list[Any]] = {
         "prune": [0.0, 0.3, 0.5, 0.7],
         "prune_global": [False, True],
@@ -343,10 +359,49 @@ def default_space(int8_layers: Sequence[str] = ()) -> dict[str, list[Any]]:
         "distill_epochs": [0, 2, 5],
         "temperature": [2.0, 4.0],
         "alpha": [0.5, 0.9],
+        "agp": [False, True],
     }
+    for pattern in stages:
+        space[f"prune_layers.{pattern}"] = list(STAGE_RATIOS)
     for name in int8_layers:
         space[f"precision.{name}"] = ["int8", "fp32"]
     return space
+
+
+def _stage_key(name: str, depth: int) -> str:
+    """The stage of node ``name``: its name up to (depth 0) or through (depth 1) its first
+    numeric component after the first: ``layer3_0_conv1`` -> ``layer3`` / ``layer3_0``."""
+    parts = name.split("_")
+    for i in range(1, len(parts)):
+        if parts[i].isdigit():
+            return "_".join(parts[:i + depth])
+    return name
+
+
+def stage_patterns(graph: Any, max_stages: int = 4) -> list[str]:
+    """Glob patterns (``prune`` ``layers`` keys) splitting the prunable channel groups of
+    ``graph`` into stages in graph order: ResNet's ``layer1`` .. ``layer4``, a transformer's
+    blocks, a Sequential's layers; more than ``max_stages`` are merged into that many runs of
+    neighbours (``a_*|b_*``). Empty when everything is one stage."""
+    from kiln.compression.channel_groups import find_channel_groups
+
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    groups = sorted(find_channel_groups(graph).prunable(),
+                    key=lambda g: min(order[s.node] for s in g.sources))
+    firsts = [min(g.sources, key=lambda s: order[s.node]).node for g in groups]
+    names = [n.name for n in graph.nodes]
+    for depth in (0, 1):
+        keys = list(dict.fromkeys(_stage_key(n, depth) for n in firsts))
+        if len(keys) > 1:
+            break
+    else:
+        return []
+
+    def pattern(key: str) -> str:
+        return f"{key}|{key}_*" if key in names else f"{key}_*"
+
+    runs = np.array_split(np.arange(len(keys)), min(max_stages, len(keys)))
+    return ["|".join(pattern(keys[i]) for i in run) for run in runs]
 
 
 def config_of(params: Mapping[str, Any], options: Mapping[str, Any] | None = None
@@ -359,10 +414,18 @@ def config_of(params: Mapping[str, Any], options: Mapping[str, Any] | None = Non
                                                           "quantize") if k in options}
     config: dict[str, Any] = {"prune": None, "low_rank": None, "distill": None,
                               "quantize": None}
+    def per_layer(prefix: str) -> dict[str, Any]:
+        return {k.partition(".")[2]: v for k, v in params.items()
+                if k.startswith(prefix + ".") and v is not None}
+
     ratio = float(params.get("prune", 0.0) or 0.0)
-    if ratio > 0:
-        config["prune"] = {"flops_target": ratio, "global": bool(params.get("prune_global")),
-                           **stage_opts.get("prune", {})}
+    widths = {p: float(v) for p, v in per_layer("prune_layers").items() if v}
+    if ratio > 0 or widths:
+        config["prune"] = ({"flops_target": ratio, "global": bool(params.get("prune_global"))}
+                           if ratio > 0 else {"ratio": 0.0})
+        config["prune"].update(stage_opts.get("prune", {}))
+        if widths and ratio == 0:
+            config["prune"]["layers"] = {**config["prune"].get("layers", {}), **widths}
         keep = sorted(k.partition(".")[2] for k, v in params.items()
                       if k.startswith("prune_keep.") and v)
         if keep:
@@ -370,6 +433,10 @@ def config_of(params: Mapping[str, Any], options: Mapping[str, Any] | None = Non
     if params.get("low_rank") is not None:
         config["low_rank"] = {"energy": float(params["low_rank"]),
                               **stage_opts.get("low_rank", {})}
+        groups = {p: v if v is False else float(v)
+                  for p, v in per_layer("low_rank_layers").items()}
+        if groups:
+            config["low_rank"]["layers"] = {**config["low_rank"].get("layers", {}), **groups}
         keep = sorted(k.partition(".")[2] for k, v in params.items()
                       if k.startswith("low_rank_keep.") and v)
         if keep:
@@ -380,6 +447,8 @@ def config_of(params: Mapping[str, Any], options: Mapping[str, Any] | None = Non
         config["distill"] = {"epochs": epochs, "temperature": float(params.get("temperature", 4.0)),
                              "alpha": float(params.get("alpha", 0.9)), **DISTILL_FIXED,
                              **stage_opts.get("distill", {})}
+        if params.get("agp") and config["prune"] is not None:
+            config["prune"]["schedule"] = "agp"
     layers = {k.partition(".")[2]: v for k, v in params.items() if k.startswith("precision.")}
     if any(v == "int8" for v in layers.values()):
         protect = sorted(n for n, v in layers.items() if v != "int8")
@@ -387,6 +456,33 @@ def config_of(params: Mapping[str, Any], options: Mapping[str, Any] | None = Non
     elif params.get("quantize") and not layers:
         config["quantize"] = dict(stage_opts.get("quantize", {}))
     return {**config, **options}
+
+
+def one_shot(prune: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``prune`` options without a gradual schedule: what the cheap, undistilled proxy of a
+    trial with AGP prunes at once."""
+    if prune is None:
+        return None
+    from kiln.compression.gradual import SCHEDULE_KEYS
+
+    return {k: v for k, v in prune.items() if k not in SCHEDULE_KEYS}
+
+
+def sensitivity_of(graph: Any, data: Any, labels: Any, batches: int = 8) -> Any:
+    """The one-pass Taylor sensitivity (``kiln.compression.sensitivity``) of ``graph`` on up
+    to ``batches`` batches of ``data``; None (logged) where it cannot be computed."""
+    from kiln.compression.compress import data_batches
+    from kiln.compression.prune_scores import taylor_scores
+    from kiln.compression.sensitivity import Sensitivity, batches_with_labels
+
+    try:
+        cut = data_batches(data, graph, batches)
+        return Sensitivity(graph, taylor_scores(graph, cut, batches_with_labels(data, labels,
+                                                                                cut)))
+    except (KilnError, RuntimeError, TypeError, ValueError) as e:
+        # The proxy only saves compiles: a model it cannot score is searched without it.
+        log.info("no sensitivity proxy: %s", e)
+        return None
 
 
 def int8_layers(model: torch.nn.Module, example_inputs: Any, data: Any,
@@ -486,8 +582,12 @@ class SearchResult:
 
     def __init__(self, *, baseline: Baseline, trials: list[TrialRecord], study: Any,
                  objective: str, max_drop: float, method: str, elapsed_s: float,
-                 build: Callable[[Mapping[str, Any]], Any], compiled: dict[str, Any]) -> None:
+                 build: Callable[[Mapping[str, Any]], Any], compiled: dict[str, Any],
+                 stage_sensitivity: Mapping[str, float] | None = None) -> None:
         self.baseline = baseline
+        # Stage pattern -> the fraction of the Taylor importance that pruning half of that
+        # stage alone removes (compression/sensitivity.py): which stages tolerate pruning.
+        self.stage_sensitivity = dict(stage_sensitivity or {})
         self.trials = trials
         self.study = study
         self.objective = objective
@@ -599,6 +699,14 @@ class SearchResult:
         heads = ["#", "state", "feasible", "pareto", "score", "proxy", "ms", "speedup", "KiB",
                  "MFLOPs", "distilled", "s", "config", "note"]
         b = self.baseline
+        sens = ""
+        if self.stage_sensitivity:
+            cells = "".join(f"<tr class=\"stage\"><td>{html.escape(p)}</td><td>{c:.3f}</td></tr>"
+                            for p, c in self.stage_sensitivity.items())
+            sens = ("<h2>Stage sensitivity</h2><p>Fraction of the first-order (Taylor) "
+                    "importance removed by pruning half of each stage alone: lower tolerates "
+                    f"pruning better.</p><table><tr><th>stage</th><th>cost</th></tr>{cells}"
+                    "</table>")
         text = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>kiln.search report</title>
 <style>body{{font-family:sans-serif}} table{{border-collapse:collapse;font-size:12px}}
@@ -610,6 +718,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body>
 {best}
 <h2>Pareto front (score x latency x size)</h2>
 <img id="pareto" alt="Pareto plot" src="data:image/png;base64,{png}">
+{sens}
 <h2>Trials</h2>
 <p>{sum(r.cached for r in self.trials)} trials that repeated settings already tried are not
 listed.</p>
@@ -785,8 +894,13 @@ def search(model: torch.nn.Module, example_inputs: Any, *, data: Any, labels: An
     threshold = base_score - max_drop
     confirm = confirm_top if objective == "latency" else 0
     gate_drop = 0.5 * abs(base_score) if gate_drop is None else float(gate_drop)
+    stages = stage_patterns(baseline_model.source_graph)
     if space is None:
-        space = default_space(int8_layers(model, example_inputs, data, options))
+        space = default_space(int8_layers(model, example_inputs, data, options), stages)
+    sensitivity = sensitivity_of(baseline_model.source_graph, data, labels) if any(
+        k == "prune" or k.startswith(("prune_layers.", "prune_keep.")) for k in space) else None
+    stage_costs = sensitivity.stages(stages) if sensitivity is not None else {}
+    hopeless: list[float] = []  # sensitivity costs of pruning-only candidates gated as hopeless
     # The compiled model of the best feasible candidate so far, by its config's key: `best`
     # then needs no rebuild.
     kept: dict[str, Any] = {}
@@ -817,16 +931,25 @@ def search(model: torch.nn.Module, example_inputs: Any, *, data: Any, labels: An
 
     def evaluate(params: dict[str, Any]) -> dict[str, Any]:
         config = config_of(params, options)
-        cheap_config = {**config, "distill": None}
+        cheap_config = {**config, "distill": None, "prune": one_shot(config["prune"])}
+        cost = sensitivity.cost(config["prune"]) if sensitivity is not None else None
+        if cost is not None and hopeless and cost >= min(hopeless):
+            raise Gated(f"its pruning removes {cost:.3g} of the Taylor importance, no less than "
+                        f"a candidate that lost more than gate_drop before fine-tuning "
+                        f"({min(hopeless):.3g})", {"config": cheap_config, "sensitivity": cost})
         cheap = build(cheap_config)
         proxy = float(metric(cheap))
         measures: dict[str, Any] = {"config": cheap_config, "proxy_score": proxy,
                                     "size_bytes": weight_bytes(cheap),
-                                    "flops": graph_flops(cheap.graph), "distilled": False}
+                                    "flops": graph_flops(cheap.graph), "distilled": False,
+                                    "sensitivity": cost}
         final = cheap
         if proxy < threshold and config["distill"] is not None:
             if base_score - proxy > gate_drop:
                 measures["score"] = proxy
+                if cost is not None and config["low_rank"] is None:
+                    # Pruning alone lost this much: more costly pruning is hopeless too.
+                    hopeless.append(cost)
                 raise Gated(f"score {proxy:.4g} before fine-tuning lost more than "
                             f"gate_drop={gate_drop:.4g}", measures)
             if method != "genetic" and any(f <= measures["flops"] and b <= measures["size_bytes"]
@@ -862,5 +985,6 @@ def search(model: torch.nn.Module, example_inputs: Any, *, data: Any, labels: An
                         example_inputs, 2 * latency_repeat, deadline=start + budget_s)
     return SearchResult(baseline=baseline, trials=records, study=study, objective=objective,
                         max_drop=max_drop, method=method,
-                        elapsed_s=time.perf_counter() - start, build=build, compiled=kept)
+                        elapsed_s=time.perf_counter() - start, build=build, compiled=kept,
+                        stage_sensitivity=stage_costs)
 

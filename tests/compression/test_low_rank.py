@@ -188,6 +188,20 @@ def test_param_ratio_halves_the_zoo_mlp():
     assert "fc3.weight" in result.graph.constants
 
 
+def test_per_layer_group_settings_override_by_glob():
+    g, _ = zoo_graph("mlp", batch=64)
+    # fc1 keeps a quarter of its parameters, fc2 is left alone, fc3 follows the default.
+    result = run_lossy(g, ctx(param_ratio=0.5, min_size=0,
+                              layers={"fc*": 0.25, "fc2": False}))
+    assert result.graph.types["fc1.low_rank"].shape[-1] == 8
+    assert "fc2.low_rank" not in result.graph.types and "fc2.weight" in result.graph.constants
+    # With energy: the random fc1 keeps too many ranks at the default 0.9 to gain, not at 0.5.
+    assert "fc1.low_rank" not in run_lossy(g, ctx()).graph.types
+    half = run_lossy(g, ctx(layers={"fc1": 0.5}))
+    assert half.graph.types["fc1.low_rank"].shape[-1] < 64
+    assert "fc2.low_rank" not in half.graph.types
+
+
 def test_param_ratio_keeps_outputs_close_when_the_spectrum_falls():
     # The zoo MLP's weights are random (flat spectra: half the rank loses much of the energy,
     # and the outputs move by 0.8 of their scale); trained layers' spectra fall. Give the MLP's
@@ -261,6 +275,9 @@ def test_grouped_conv_is_left_alone(caplog):
     ({"min_size": True}, "low_rank.min_size"),
     ({"protect": ["no_such_node"]}, "low_rank.protect names"),
     ({"protect": [3]}, "low_rank.protect"),
+    ({"layers": {"nothing*": 0.5}}, "matches no node"),
+    ({"layers": {"fc": 1.5}}, r"layers\['fc'\] is 1.5"),
+    ({"flops_target": 0.5, "layers": {"fc": 0.5}}, "layers and low_rank.flops_target"),
 ])
 def test_invalid_options_are_kiln_errors(options, message):
     with pytest.raises(KilnError, match=message) as e:

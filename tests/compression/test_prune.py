@@ -525,3 +525,38 @@ def test_partly_coupled_source():
     assert pruned.types["cat"].shape[1] == 3
     slices = [n.attrs for n in pruned.nodes if n.op == "slice"]
     assert slices[0]["end"] == slices[1]["start"] and slices[1]["end"] == 3
+
+
+def test_per_layer_widths_override_the_ratio_by_glob(zoo_graphs):
+    g = zoo_graphs["resnet18_cifar"]
+    pruned, _ = assert_prunes_exactly(g, ratio=0.3, multiple=1,
+                                      layers={"layer4.*": 0.75, "layer1_*": 0.0})
+    # layer4's inner convs lose 3/4 of 512, layer1's keep all, the others lose 30%.
+    assert pruned.types["layer4_0_conv1"].shape[1] == 128
+    assert pruned.types["layer1_0_conv1"].shape[1] == 64
+    assert pruned.types["layer3_0_conv1"].shape[1] == 256 - int(0.3 * 256)
+    # A residual stage's group matches through any of its layers; the last pattern wins.
+    later = prune(g, ratio=0.3, multiple=1, layers={"layer4*": 0.75, "layer4_1_conv2": 0.5})
+    assert later.types["layer4_0_conv2"].shape[1] == 256
+    assert later.types["layer4_0_conv1"].shape[1] == 128
+    either = prune(g, ratio=0.0, multiple=1, layers={"layer1_*|layer2_*": 0.5})
+    assert either.types["layer2_1_conv1"].shape[1] == 64
+    assert either.types["layer3_1_conv1"].shape[1] == 256
+
+
+def test_per_layer_widths_with_a_flops_target(zoo_graphs):
+    g = zoo_graphs["resnet18_cifar"]
+    pruned = prune(g, flops_target=0.5, multiple=1, layers={"layer1_*": 0.0})
+    removed = 1 - graph_flops(pruned) / graph_flops(g)
+    assert 0.47 <= removed <= 0.53, removed
+    assert pruned.types["layer1_1_conv1"] == g.types["layer1_1_conv1"]
+
+
+@pytest.mark.parametrize("layers, message", [
+    ({"nothing*": 0.5}, "matches no node"),
+    ({"conv1": 1.0}, r"layers\['conv1'\] is 1.0"),
+    (["conv1"], "must be a dict"),
+])
+def test_bad_per_layer_widths_fail_clearly(zoo_graphs, layers, message):
+    with pytest.raises(KilnError, match=message):
+        prune(zoo_graphs["lenet5"], ratio=0.3, layers=layers)

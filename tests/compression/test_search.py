@@ -363,3 +363,81 @@ def test_confirmation_stops_at_the_deadline_after_the_leader():
     confirm_latency(records, 1, kept, build, lambda: (lambda x: x), [0], repeat=9)
     assert built == [0.2, 0.1] and len(kept) == 1
     assert records[0].objective == records[0].latency_ratio != 0.5
+
+
+def test_config_of_maps_per_layer_widths_and_agp():
+    from kiln.compression.search import config_of, one_shot
+
+    params = {"prune": 0.0, "prune_layers.layer1_*": 0.3, "prune_layers.layer2_*": 0.0,
+              "low_rank": 0.9, "low_rank_layers.fc*": False, "low_rank_layers.head": 0.95,
+              "agp": True, "distill_epochs": 2}
+    config = config_of(params)
+    assert config["prune"] == {"ratio": 0.0, "layers": {"layer1_*": 0.3}, "schedule": "agp"}
+    assert config["low_rank"] == {"energy": 0.9, "layers": {"fc*": False, "head": 0.95}}
+    assert one_shot(config["prune"]) == {"ratio": 0.0, "layers": {"layer1_*": 0.3}}
+    # Stage widths are the alternative to a global FLOPs target, inert beside one; AGP
+    # needs a fine-tune to happen in.
+    target = config_of({**params, "prune": 0.5, "distill_epochs": 0})
+    assert target["prune"] == {"flops_target": 0.5, "global": False}
+    assert config_of({"prune": 0.0, "prune_layers.layer1_*": 0.0})["prune"] is None
+
+
+def test_default_space_has_one_width_per_stage():
+    from kiln.compression.search import default_space, stage_patterns
+    from kiln.frontend.trace import trace_module
+
+    model, inputs = ZOO["resnet18_cifar"]()
+    graph, _ = trace_module(model.eval(), inputs, "fx")
+    stages = stage_patterns(graph)
+    assert stages == ["stem_*|layer1_*", "layer2_*", "layer3_*", "layer4_*"]
+    space = default_space(["fc"], stages)
+    assert space["agp"] == [False, True]
+    assert space["prune_layers.layer3_*"][0] == 0.0 and "precision.fc" in space
+    model, inputs = ZOO["bert"]()
+    graph, _ = trace_module(model.eval(), inputs, "fx")
+    assert stage_patterns(graph) == [f"layers_{i}_*" for i in range(4)]
+
+
+def test_a_per_layer_agp_trial_is_rebuilt_by_its_config(digits_mlp):
+    model, inputs, task = digits_mlp
+    space = {"prune": [0.0], "prune_layers.fc1|fc1_*": [0.5], "agp": [True],
+             "distill_epochs": [1]}
+    result = run_search(digits_mlp, method="grid", max_drop=0.0, gate_drop=1.0, space=space)
+    trial = result.trials[0]
+    assert trial.distilled_score is not None
+    config = result.trials[0].config if trial.distilled else {
+        **trial.config, "distill": {"epochs": 1, "temperature": 4.0, "alpha": 0.9,
+                                    "lr": 1e-3, "progress": False},
+        "prune": {**trial.config["prune"], "schedule": "agp"}}
+    assert config["prune"]["schedule"] == "agp"
+    assert config["prune"]["layers"] == {"fc1|fc1_*": 0.5}
+    again = kiln.compile(model, inputs, data=task.data, labels=task.labels, **config)
+    assert trial.distilled_score == task.metric(again)
+    # fc1 lost half of its 128 features (rounded to the CPU's SIMD width), fc2 none.
+    assert again.graph.constants["fc1.weight"].shape[0] <= 64 + 16
+    assert again.graph.constants["fc2.weight"].shape[0] == 128
+
+
+def test_sensitivity_ranks_plans_and_gates_hopeless_pruning(digits_mlp):
+    from kiln.compression.search import sensitivity_of
+    from kiln.frontend.trace import trace_module
+
+    model, inputs, task = digits_mlp
+    graph, _ = trace_module(model, inputs, "fx")
+    sens = sensitivity_of(graph, task.data, task.labels)
+    costs = [sens.cost({"flops_target": r, "multiple": 1}) for r in (0.3, 0.5, 0.7)]
+    assert sens.cost(None) == 0.0 and 0 < costs[0] < costs[1] < costs[2] < 1
+    assert set(sens.stages(["fc1|fc1_*", "fc2|fc2_*"])) == {"fc1|fc1_*", "fc2|fc2_*"}
+
+    # Every candidate loses more than gate_drop=0 before fine-tuning; one pruning harder
+    # than a hopeless one is gated on its sensitivity without being compiled.
+    space = {"prune": [0.5, 0.7], "distill_epochs": [1]}
+    result = run_search(digits_mlp, method="grid", max_drop=0.0, gate_drop=0.0, space=space)
+    first, second = sorted(result.trials, key=lambda r: r.number)
+    assert first.state == second.state == "pruned"
+    assert "before fine-tuning" in first.note and first.sensitivity is not None
+    if second.params["prune"] > first.params["prune"]:
+        assert "Taylor importance" in second.note and second.proxy_score is None
+    else:
+        assert "before fine-tuning" in second.note
+    assert set(result.stage_sensitivity) == {"fc1|fc1_*", "fc2|fc2_*"}

@@ -1,5 +1,5 @@
-"""nn.LSTM, nn.GRU and nn.RNN as kiln IR, unrolled over the (static) sequence by
-``kiln.frontend.recurrent``.
+"""nn.LSTM, nn.GRU and nn.RNN as kiln IR, built by ``kiln.frontend.recurrent`` (LSTM and GRU
+as one fused recurrent op per direction, RNN unrolled over the static sequence).
 
 torch.fx keeps the modules whole (they are leaf modules: their forward() checks its inputs
 with Python control flow that symbolic tracing cannot follow); torch.export and Dynamo give
@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from kiln.frontend.handlers import on, on_module, permute, reshape_to, slice_axis
 from kiln.frontend.importer import Importer, Traced
-from kiln.frontend.recurrent import RNN_GATES, CellWeights, run_direction, sequence
+from kiln.frontend.recurrent import RNN_GATES, CellWeights, run_direction
 
 aten = torch.ops.aten
 
@@ -70,7 +70,7 @@ def _recurrent(imp: Importer, cell: str, x: Any, hx: Sequence[Any], weights: lis
             initial = [s[k] for s in states] + [None]
             seq, h, c = run_direction(imp, cell, v, weights[k], GATES[cell], reverse=d == 1,
                                       h0=initial[0], c0=initial[1], activation=activation)
-            outs.append(sequence(imp, seq))
+            outs.append(seq)
             for out, value in zip(last, (h, c)):
                 out.append(value)
         v = outs[0] if dirs == 1 else imp.op("concat", outs, {"axis": 2})

@@ -1,5 +1,6 @@
-"""ONNX ``LSTM``, ``GRU`` and ``RNN`` as kiln IR, unrolled over the (static) sequence by
-``kiln.frontend.recurrent``.
+"""ONNX ``LSTM``, ``GRU`` and ``RNN`` as kiln IR, built by ``kiln.frontend.recurrent`` (one
+fused op per direction for LSTM without peepholes and GRU with ``linear_before_reset=1``, the
+others unrolled over the static sequence).
 
 Read: every direction (forward, reverse, bidirectional), both layouts, the optional bias,
 initial states and (LSTM) peepholes, GRU's ``linear_before_reset``, RNN's activation (Tanh,
@@ -23,7 +24,6 @@ from kiln.frontend.recurrent import (
     RNN_GATES,
     CellWeights,
     run_direction,
-    sequence,
 )
 
 # The ONNX gate order in the rows of W and R, in kiln.frontend.recurrent's gate names.
@@ -189,7 +189,7 @@ def _recurrent(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     # Unrequested outputs are not built: "" never reaches a value (the importer skips them).
     results = [""] * (3 if cell == "lstm" else 2)
     if wanted(0):
-        y = [ctx.reshape(sequence(ctx, s), (steps, 1, batch, hidden)) for s in ys]
+        y = [ctx.reshape(s, (steps, 1, batch, hidden)) for s in ys]
         y = y[0] if dirs == 1 else ctx.op("concat", y, {"axis": 1})
         results[0] = ctx.op("permute", [y], {"perm": (2, 0, 1, 3)}) if layout else y
     for k, states in enumerate(last[: len(results) - 1], start=1):

@@ -1,11 +1,15 @@
 """LSTM, GRU and Elman RNN layers as kiln IR, shared by the PyTorch and ONNX importers.
 
-A recurrent layer has no kiln op of its own: shapes are static, so the importers unroll it over
-the sequence into ops every backend already runs. The input projection ``x @ W_ih^T + b`` of
-all time steps is one GEMM over the whole sequence; only the recurrent ``h @ W_hh^T`` and the
-gates' elementwise math are per step, and the elementwise part of a step fuses into a few
-kernels. Every per-step value is kept as ``[1, batch, hidden]`` so that the steps concatenate
-into the output sequence with no reshape.
+The input projection ``x @ W_ih^T + b`` of all time steps is one GEMM over the whole sequence
+(a ``linear``). The recurrence over the steps is one op per direction of a layer where kiln has
+one: ``lstm_seq`` (an LSTM without peepholes) and ``gru_seq`` (a GRU whose reset gate applies
+after the recurrent product, PyTorch's and ONNX's ``linear_before_reset=1``); each lowers to one
+kernel with the step loop inside (ir/ops/recurrent.py). The other cells (Elman RNN, ONNX's LSTM
+with peepholes, ONNX's GRU with ``linear_before_reset=0``) are unrolled over the sequence into
+ops every backend already runs: only the recurrent ``h @ W_hh^T`` and the gates' elementwise
+math are per step, and the elementwise part of a step fuses into a few kernels. Every unrolled
+per-step value is kept as ``[1, batch, hidden]`` so that the steps concatenate into the output
+sequence with no reshape.
 
 The math is PyTorch's (aten/src/ATen/native/RNN.cpp), which is ONNX's with its default
 activations:
@@ -27,7 +31,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+import numpy as np
 
 from kiln.ir import TensorType
 
@@ -48,6 +54,9 @@ class Emitter(Protocol):
                  ) -> list[str]: ...
 
     def type_of(self, value: str) -> TensorType: ...
+
+    b: Any
+    """The GraphBuilder (its ``constant`` makes the zero initial states of the fused ops)."""
 
 
 @dataclass(frozen=True)
@@ -104,23 +113,27 @@ def _steps(e: Emitter, projected: str) -> list[str]:
 def run_direction(e: Emitter, cell: str, x: str, w: CellWeights, gates: str, *,
                   reverse: bool = False, h0: str | None = None, c0: str | None = None,
                   linear_before_reset: bool = True, activation: str = "tanh"
-                  ) -> tuple[list[str], str, str | None]:
+                  ) -> tuple[str, str, str | None]:
     """One direction of one LSTM (``cell="lstm"``), GRU (``"gru"``) or Elman RNN (``"rnn"``,
     whose step applies ``activation``, one of RNN_ACTIVATIONS) layer over ``x``.
 
     ``x`` is ``[T, B, input]``, ``h0`` and ``c0`` ``[1, B, hidden]`` or None for zeros.
-    Returns the hidden state of every step ``[1, B, hidden]`` in time order (a reverse
+    Returns the hidden states of every step ``[T, B, hidden]`` in time order (a reverse
     direction runs from the last step to the first but lists its states in time order), the
-    last hidden state and, for an LSTM, the last cell state.
+    last hidden state ``[1, B, hidden]`` and, for an LSTM, the last cell state.
     """
     hidden = e.type_of(w.w_hh).shape[1]
     x_bias, h_bias = w.b_ih, w.b_hh
+    fused = (cell == "lstm" and w.peephole is None) or (cell == "gru" and linear_before_reset)
     if cell in ("lstm", "rnn") or not linear_before_reset:
         # b_hh is added outside any product with a gate: fold it into the input GEMM's bias.
         x_bias, h_bias = _add(e, w.b_ih, w.b_hh), None
     ins = [x, w.w_ih] + ([x_bias] if x_bias is not None else [])
-    projected = _steps(e, e.op("linear", ins))
-    order = range(len(projected) - 1, -1, -1) if reverse else range(len(projected))
+    projected = e.op("linear", ins)
+    if fused:
+        return _fused(e, cell, projected, w.w_hh, h_bias, gates, hidden, reverse, h0, c0)
+    steps = _steps(e, projected)
+    order = range(len(steps) - 1, -1, -1) if reverse else range(len(steps))
     if cell == "lstm":
         step = _LstmStep(e, w, gates)
     elif cell == "rnn":
@@ -128,11 +141,39 @@ def run_direction(e: Emitter, cell: str, x: str, w: CellWeights, gates: str, *,
     else:
         step = _GruStep(e, w, h_bias, gates, hidden, linear_before_reset)
     h, c = h0, c0
-    states: list[str] = [""] * len(projected)
+    states: list[str] = [""] * len(steps)
     for t in order:
-        h, c = step(projected[t], h, c)
+        h, c = step(steps[t], h, c)
         states[t] = h
-    return states, h, c
+    return _sequence(e, states), h, c
+
+
+def _fused(e: Emitter, cell: str, projected: str, w_hh: str, h_bias: str | None, gates: str,
+           hidden: int, reverse: bool, h0: str | None, c0: str | None
+           ) -> tuple[str, str, str | None]:
+    """The recurrence as one ``lstm_seq`` or ``gru_seq`` node; its outputs sliced out."""
+    steps, batch, _ = e.type_of(projected).shape
+    dtype = e.type_of(projected).dtype.numpy
+
+    def given(v: str | None, shape: tuple[int, ...], hint: str) -> str:
+        return v if v is not None else e.b.constant(np.zeros(shape, dtype), hint)
+
+    state = (1, batch, hidden)
+    last = 0 if reverse else steps - 1
+    attrs = {"gates": gates, "reverse": reverse}
+    if cell == "lstm":
+        out = e.op("lstm_seq", [projected, w_hh, given(h0, state, "h0"), given(c0, state, "c0")],
+                   attrs)
+        y = _slice(e, out, 2, 0, hidden)
+        return (y, _slice(e, y, 0, last, last + 1),
+                _slice(e, _slice(e, out, 0, last, last + 1), 2, hidden, 2 * hidden))
+    b_hh = given(h_bias, (len(gates) * hidden,), "b_hh")
+    y = e.op("gru_seq", [projected, w_hh, b_hh, given(h0, state, "h0")], attrs)
+    return y, _slice(e, y, 0, last, last + 1), None
+
+
+def _slice(e: Emitter, v: str, axis: int, start: int, end: int) -> str:
+    return e.op("slice", [v], {"axis": axis, "start": start, "end": end, "step": 1})
 
 
 class _LstmStep:
@@ -198,6 +239,6 @@ class _GruStep:
         return e.op("add", [n, e.op("mul", [z, e.op("sub", [h, n])])]), None
 
 
-def sequence(e: Emitter, states: Sequence[str]) -> str:
+def _sequence(e: Emitter, states: Sequence[str]) -> str:
     """Per-step states ``[1, B, H]`` as one ``[T, B, H]`` value."""
     return states[0] if len(states) == 1 else e.op("concat", list(states), {"axis": 0})

@@ -169,6 +169,50 @@ def _linear(e: OnnxEmitter, node: Node) -> None:
         e.op("Add", [e.op("MatMul", [x, wt]), node.inputs[2]], out)
 
 
+def _recurrent_seq(e: OnnxEmitter, node: Node) -> None:
+    """lstm_seq / gru_seq unrolled over the steps into MatMul and elementwise nodes (ONNX's
+    LSTM node has no per-step cell state, kiln's lstm_seq output holds one)."""
+    lstm = node.op == "lstm_seq"
+    xproj, w_hh = node.inputs[:2]
+    steps, batch, rows = e.type_of(xproj).shape
+    hidden = e.type_of(w_hh).shape[1]
+    gates = node.attrs["gates"]
+    if e.g.is_constant(w_hh):
+        wt = e.const(np.asarray(e.g.constants[w_hh]).T, "w_hh_t")
+    else:
+        wt = e.op("Transpose", [w_hh], perm=[1, 0])
+
+    def reshape(v: str, shape: Sequence[int]) -> str:
+        return e.op("Reshape", [v, e.ints(shape, "shape")])
+
+    def part(v: str, name: str) -> str:
+        k = gates.index(name) * hidden
+        return e.op("Slice", [v, e.ints([k], "start"), e.ints([k + hidden], "end"),
+                              e.ints([1], "axis")])
+
+    h = reshape(node.inputs[2] if lstm else node.inputs[3], (batch, hidden))
+    c = reshape(node.inputs[3], (batch, hidden)) if lstm else ""
+    width = 2 * hidden if lstm else hidden
+    outs = [""] * steps
+    for t in range(steps - 1, -1, -1) if node.attrs["reverse"] else range(steps):
+        x = reshape(e.op("Gather", [xproj, e.ints([t], "step")], axis=0), (batch, rows))
+        rec = e.op("MatMul", [h, wt])
+        if lstm:
+            pre = e.op("Add", [x, rec])
+            i, f, o = (e.op("Sigmoid", [part(pre, q)]) for q in "ifo")
+            g = e.op("Tanh", [part(pre, "g")])
+            c = e.op("Add", [e.op("Mul", [f, c]), e.op("Mul", [i, g])])
+            h = e.op("Mul", [o, e.op("Tanh", [c])])
+            step = e.op("Concat", [h, c], axis=1)
+        else:
+            rec = e.op("Add", [rec, node.inputs[2]])
+            r, z = (e.op("Sigmoid", [e.op("Add", [part(x, q), part(rec, q)])]) for q in "rz")
+            n = e.op("Tanh", [e.op("Add", [part(x, "n"), e.op("Mul", [r, part(rec, "n")])])])
+            h = step = e.op("Add", [n, e.op("Mul", [z, e.op("Sub", [h, n])])])
+        outs[t] = reshape(step, (1, batch, width))
+    e.op("Concat", outs, node.outputs[0], axis=0)
+
+
 def _conv_attrs(node: Node, nd: int) -> dict[str, Any]:
     a = node.attrs
     pads = _ntuple(a["padding"], nd)
@@ -577,6 +621,8 @@ ONNX_IMPL: dict[str, Emit] = {
     "embedding": lambda e, node: e.op("Gather", node.inputs[::-1], node.outputs[0], axis=0),
     "matmul": _simple("MatMul"),
     "linear": _linear,
+    "lstm_seq": _recurrent_seq,
+    "gru_seq": _recurrent_seq,
     "conv": _conv,
     "conv_transpose": _conv_transpose,
     "attention": _attention,

@@ -326,7 +326,42 @@ def _resize(x, *, sizes, scales, mode, coordinate, nearest, cubic_a):
     return y
 
 
+def _gate_rows(gates: str, order: str, hidden: int) -> torch.Tensor:
+    """Row indices that put the gate blocks of ``gates`` order into ``order``."""
+    return torch.cat([torch.arange(hidden) + gates.index(q) * hidden for q in order])
+
+
+def _lstm_seq(xproj, w_hh, h0, c0, gates="ifgo", reverse=False):
+    # torch.lstm_cell with an identity input weight takes xproj as its input projection.
+    hidden = w_hh.shape[1]
+    perm = _gate_rows(gates, "ifgo", hidden)
+    x, w = xproj.to(torch.float64)[..., perm], w_hh.to(torch.float64)[perm]
+    eye = torch.eye(4 * hidden, dtype=torch.float64)
+    h, c = h0[0].to(torch.float64), c0[0].to(torch.float64)
+    out = [None] * x.shape[0]
+    for t in (range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])):
+        h, c = torch.lstm_cell(x[t], (h, c), eye, w)
+        out[t] = torch.cat([h, c], dim=-1)
+    return torch.stack(out).to(xproj.dtype)
+
+
+def _gru_seq(xproj, w_hh, b_hh, h0, gates="rzn", reverse=False):
+    # torch.gru_cell with an identity input weight takes xproj as its input projection.
+    hidden = w_hh.shape[1]
+    perm = _gate_rows(gates, "rzn", hidden)
+    x, w = xproj.to(torch.float64)[..., perm], w_hh.to(torch.float64)[perm]
+    eye = torch.eye(3 * hidden, dtype=torch.float64)
+    h = h0[0].to(torch.float64)
+    out = [None] * x.shape[0]
+    for t in (range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])):
+        h = torch.gru_cell(x[t], h, eye, w, None, b_hh.to(torch.float64)[perm])
+        out[t] = h
+    return torch.stack(out).to(xproj.dtype)
+
+
 TORCH_IMPL: dict[str, Callable] = {
+    "lstm_seq": _lstm_seq,
+    "gru_seq": _gru_seq,
     "take": _take,
     "gather_elements": _gather_elements,
     "argmax": _arg(torch.argmax),

@@ -8,6 +8,7 @@ from kiln.ir.ops import (  # noqa: F401
     norm,
     pool,
     quant,
+    recurrent,
     reduce,
     shape,
 )

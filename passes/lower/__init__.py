@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import kiln.passes.lower.recurrent  # noqa: F401  (lstm_seq, gru_seq anchor rules)
 from kiln.ir import Graph, KilnError, Node, get_op
 from kiln.ir import kernel as K
 from kiln.ir.kernel import Kernel

@@ -605,6 +605,23 @@ def _propose_linear(g: Grower) -> Proposal:
     return Proposal(operands)
 
 
+def _recurrent_seq(gates: str) -> Callable[[Grower], Proposal]:
+    """lstm_seq / gru_seq over a rank-3 value whose last dimension holds the gates."""
+
+    def propose(g: Grower) -> Proposal:
+        n = len(gates)
+        x = g.pick(lambda t: _is_float(t) and t.rank == 3 and t.shape[2] % n == 0)
+        _, batch, width = g.type(x).shape
+        hidden = width // n
+        state = [g.normal((1, batch, hidden))]
+        rest = state * 2 if n == 4 else [g.normal(width), *state]
+        order = "".join(g.rng.permutation(list(gates)))
+        return Proposal([x, g.normal((width, hidden), hidden ** -0.5), *rest],
+                        {"gates": order, "reverse": bool(g.rng.random() < 0.5)})
+
+    return propose
+
+
 def _conv_attrs(g: Grower, nd: int, transpose: bool) -> dict:
     stride, dilation = _ints(g, 1, 2, nd), _ints(g, 1, 2, nd)
     attrs = {"stride": stride, "padding": _ints(g, 0, 2 if not transpose else 1, nd),
@@ -750,6 +767,8 @@ PROPOSERS: dict[str, tuple[float, Callable[[Grower], Proposal]]] = {
     "resize": (0.5, _propose_resize),
     "matmul": (2, _propose_matmul),
     "linear": (3, _propose_linear),
+    "lstm_seq": (0.5, _recurrent_seq("ifgo")),
+    "gru_seq": (0.5, _recurrent_seq("rzn")),
     "conv": (3, _propose_conv),
     "conv_transpose": (1, _propose_conv_transpose),
     "attention": (1.5, _propose_attention),

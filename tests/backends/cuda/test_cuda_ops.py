@@ -156,6 +156,11 @@ case("matmul", "matmul", [f32(2, 3, 4), f32(4, 5)])
 case("matmul_batch_broadcast", "matmul", [f32(1, 3, 4), f32(2, 4, 2)])
 case("linear_bias_const", "linear", [f32(3, 5), f32(4, 5), f32(4)], consts=(1, 2))
 case("linear_3d", "linear", [f32(2, 2, 3), f32(2, 3)])
+case("lstm_seq_reverse", "lstm_seq", [f32(3, 2, 8), f32(8, 2, scale=0.5), f32(1, 2, 2),
+                                      f32(1, 2, 2)], {"gates": "iofg", "reverse": True},
+     consts=(1,))
+case("gru_seq", "gru_seq", [f32(3, 2, 9), f32(9, 3, scale=0.5), f32(9), f32(1, 2, 3)],
+     {"gates": "zrn"})
 case("conv2d_stride_pad", "conv", [f32(1, 2, 5, 5), f32(3, 2, 3, 3), f32(3)],
      {"stride": 2, "padding": 1}, consts=(1, 2))
 case("conv2d_depthwise_dilated", "conv", [f32(2, 3, 5, 5), f32(3, 1, 2, 2)],

@@ -266,7 +266,10 @@ class CompiledProgram:
         # against this image's arena, constants, steps, inputs and outputs (objcheck.py).
         check_image(image)
         self.engine, self.entry = load_code(image.object_code, target)
-        self._consts = image.const_blob
+        # Kernels load weights with full-width vector loads at 64-byte offsets in the blob; a
+        # blob that itself starts off a 64-byte boundary splits every such load across two
+        # cache lines (a 256-hidden LSTM layer: 1.4 ms instead of 0.9).
+        self._consts = aligned_copy(image.const_blob)
         self._out_specs = [(shape, np.dtype(DType(dt).numpy)) for _, dt, shape in image.outputs]
         # The constants never move: their address is taken once (each ``.ctypes.data`` costs
         # about a microsecond on the per-call path).
@@ -282,7 +285,7 @@ class CompiledProgram:
         _PROGRAMS.add(self)
 
     def _call_state(self) -> _CallState:
-        arena = np.zeros(max(self.image.arena_bytes, 64) // 8 + 8, np.float64)
+        arena = aligned_zeros(max(self.image.arena_bytes, 64) + 64)
         return _CallState(arena, arena.ctypes.data,
                           (ctypes.c_void_p * max(len(self.image.inputs), 1))(),
                           (ctypes.c_void_p * max(len(self.image.outputs), 1))())
@@ -388,6 +391,30 @@ class CompiledProgram:
         out = [KernelProfile(s["kernel"], s["root"], s["op"], float(sec), s["flops"], s["bytes"])
                for s, sec in zip(self.image.steps, per_run)]
         return sorted(out, key=lambda p: -p.seconds)
+
+
+ALIGNMENT = 64
+"""Byte alignment of the constant blob and of each call's arena: a cache line, and the width
+of an AVX-512 vector (the memory plan aligns every value inside them to it too)."""
+
+
+def aligned_zeros(nbytes: int) -> np.ndarray:
+    """``nbytes`` zeroed bytes starting at a multiple of ALIGNMENT (a view into a slightly
+    larger buffer, which it keeps alive)."""
+    raw = np.zeros(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + nbytes]
+
+
+def aligned_copy(array: np.ndarray) -> np.ndarray:
+    """The bytes of ``array`` in a buffer starting at a multiple of ALIGNMENT (``array``
+    itself when it already does)."""
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    if flat.ctypes.data % ALIGNMENT == 0:
+        return flat
+    out = aligned_zeros(flat.nbytes)
+    out[...] = flat
+    return out
 
 
 @dataclass

@@ -23,17 +23,15 @@ from kiln.ir import Graph, KilnError
 from kiln.ir import kernel as K
 from kiln.passes.compile import CODE, KERNEL, Compilation, Stage, kernel_stages, run_stages
 from kiln.passes.fusion import covered_nodes
-from kiln.passes.instruments import compare_arrays
+from kiln.passes.instruments import KERNEL_CHECK_LIMIT, KERNEL_TOLERANCE, compare_arrays
 from kiln.passes.lower import KernelStep
 from kiln.passes.manager import Instrument
 
-KERNEL_RTOL = 1e-4
-"""Tolerance of a kernel against the reference (relative, and absolute x max(1, max|ref|)):
-a kernel reassociates sums (vector lanes, blocked reductions, FMA) but does the same math."""
-
-INTERPRETER_LIMIT = 2_000_000
-"""Elements x loop work above which a kernel version is run natively instead of by the
-kernel-IR interpreter (a tree-walking interpreter: about a microsecond per operation)."""
+# A kernel against the reference: NumericCheck's tolerance for kernel stages (a kernel
+# reassociates sums: vector lanes, blocked reductions, FMA), and the work above which a kernel
+# version runs natively instead of on the tree-walking kernel-IR interpreter.
+KERNEL_RTOL = KERNEL_TOLERANCE
+INTERPRETER_LIMIT = KERNEL_CHECK_LIMIT
 
 Runner = Callable[[K.Kernel, dict[str, np.ndarray]], None]
 
@@ -276,6 +274,7 @@ def blame_stage(kept: KeepStages, step_index: int, values: dict[str, np.ndarray]
         versions.append((name, diff, ok, how))
         if not ok and blamed is None:
             blamed = name
+    # Every kernel-IR version right but the whole-model check wrong: the code generator's.
     return blamed or "llvm_ir", tuple(versions)
 
 

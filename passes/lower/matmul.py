@@ -101,22 +101,71 @@ def lower_matmul(low: Lowering, node: Node, final: str, inline: set[str],
         body = gemm_loops(low, M, N, Kd, a, b, store, shape, parallel=math.prod(batch) <= 1,
                           b_cols=-(-N // nr) * nr)
     else:
-        # B must be read along its rows with stride 1 (a stored tensor, not a transposed view).
+        # B must be read along its rows with stride 1 (a stored tensor), or be a transposed
+        # view of one (q @ k^T), copied to rows first.
         kv, cv = Var("__k"), Var("__col")
         probe = low.element(b_v, ib + [kv, cv])
-        if not isinstance(probe, K.Load) or affine_coef(probe.index, cv.name) != 1:
+        if not isinstance(probe, K.Load):
             return None
+        copy: list = []
+        if affine_coef(probe.index, cv.name) != 1:
+            transposed = _transposed_b(low, node, b_v, ib, Kd, N,
+                                       shared=math.prod(batch) <= 1)
+            if transposed is None:
+                return None
+            rows, copy = transposed
+
+            def b(k, col, lanes):  # noqa: F811
+                return K.Load(rows, k * N + col, "f32", lanes)
         try:
-            body = gemm_loops(low, M, N, Kd, a, b, store, shape,
-                              parallel=math.prod(batch) <= 1)
+            body = copy + gemm_loops(low, M, N, Kd, a, b, store, shape,
+                                     parallel=math.prod(batch) <= 1)
         except _Unsupported:
             return None
     kinds = ["serial"] * len(batch)
-    if batch and math.prod(batch) > 1:
-        kinds[0] = "parallel"
+    if batch and math.prod(batch) > 1 and \
+            math.prod(batch) * M * N * Kd >= low.tuning.batched_parallel_min_macs:
+        # The first batch dimension with more than one entry: (1, heads, L, S) runs its
+        # heads in parallel, not all on one thread.
+        kinds[next(i for i, n in enumerate(batch) if n > 1)] = "parallel"
     for v, n, kind in reversed(list(zip(bvars, batch, kinds))):
         body = [For(v, as_expr(0), as_expr(n), tuple(body), kind)]
     return body
+
+
+TRANSPOSED_B_MAX = 16384
+"""The most elements of a transposed B per batch entry copied to rows for the packed schedule
+when batch entries run in parallel: a per-thread stack array of at most 64 KB."""
+
+TRANSPOSED_B_SHARED_MAX = 1 << 22
+"""The same for one matrix (no batch), copied once into the arena before a parallel product."""
+
+
+def _transposed_b(low: Lowering, node: Node, b_v: str, ib: list, Kd: int, N: int,
+                  shared: bool) -> tuple[str, list] | None:
+    """An array and the statements copying B (read as a transposed view: stride 1 along k) to
+    it as rows, B[k, col] at k * N + col, so the micro-kernel reads them as vectors. For
+    q @ k^T the dot-product nest did one horizontal sum per score (BERT's 32x32x64 heads: 12
+    us per layer); the copy is Kd * N scalar moves, read in order. ``shared``: one copy in the
+    arena, made before the (parallel) product; otherwise a stack array per thread, filled by
+    each batch entry inside the parallel batch loop."""
+    kv, cv = Var("__k"), Var("__col")
+    probe = low.element(b_v, ib + [kv, cv])
+    limit = TRANSPOSED_B_SHARED_MAX if shared else TRANSPOSED_B_MAX
+    if (not isinstance(probe, K.Load) or affine_coef(probe.index, kv.name) != 1
+            or Kd * N > limit):
+        return None
+    if shared:
+        rows = low.workspace(f"bt_{node.name}", "f32", Kd * N)
+    else:
+        rows = f"bt_{node.name}".replace(".", "_")
+        low.scratch.append(K.Buffer(rows, "f32", Kd * N))
+    k, col = low.fresh("k"), low.fresh("col")
+    # Columns outer, k inner: B's memory is read in order (stride 1 along k).
+    return rows, [For(col, as_expr(0), as_expr(N), (
+        For(k, as_expr(0), as_expr(Kd), (
+            K.Store(rows, k * N + col, low.element(b_v, ib + [k, col])),), "serial"),),
+        "serial")]
 
 
 class _Unsupported(Exception):

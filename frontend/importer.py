@@ -51,6 +51,15 @@ def kiln_dtype(dt: torch.dtype, what: str = "tensor") -> DType:
                         hint="use float32 (or float16 / integer types) in the model") from None
 
 
+class NoneOutput:
+    """A None among a model's outputs (MultiheadAttention's weights with need_weights=False):
+    a pytree node without leaves, so the compiled model's outputs unflatten to None there."""
+
+
+pytree.register_pytree_node(NoneOutput, lambda _: ([], None), lambda _, __: None,
+                            serialized_type_name="kiln.frontend.importer.NoneOutput")
+
+
 @dataclass
 class Traced:
     """A tensor that depends on the graph inputs: its kiln value name and its real value."""
@@ -234,9 +243,11 @@ class Importer:
                                            else a, (n.args, n.kwargs))
                     env[n] = self._call(n, *args)
                 elif n.op == "output":
-                    leaves, out_spec = pytree.tree_flatten(
-                        pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node)
-                                        else a, n.args[0]))
+                    values = pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node)
+                                             else a, n.args[0])
+                    leaves, out_spec = pytree.tree_flatten(pytree.tree_map(
+                        lambda a: NoneOutput() if a is None else a, values,
+                        is_leaf=lambda a: a is None))
                     for leaf in leaves:
                         if isinstance(leaf, (Traced, torch.Tensor)):
                             self.b.output(self.value(leaf))

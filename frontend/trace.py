@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.utils import _pytree as pytree
 
 from kiln.frontend import handlers_coverage
 from kiln.frontend.handlers import HANDLERS, MODULE_HANDLERS, target_key
-from kiln.frontend.importer import Importer
+from kiln.frontend.importer import Importer, NoneOutput
 from kiln.ir import Graph, KilnError, UnsupportedOpError
 
 FRONTENDS = ("fx", "export")
@@ -120,8 +121,33 @@ def _trace_fx(model: torch.nn.Module, n_inputs: int, name: str) -> torch.fx.Grap
     tracer = _SourceTracer()
     if tracer.is_leaf_module(model, ""):
         return _call_graph(model, n_inputs, name)
-    graph = tracer.trace(model)
+    defaults = _defaults_after(model, n_inputs)
+    graph = tracer.trace(model, concrete_args=defaults or None)
+    if defaults:
+        # fx keeps a placeholder for each concrete argument, used only by a check that the
+        # value given is the one traced: with the argument not given, both go.
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        for node in placeholders[n_inputs:]:
+            for user in list(node.users):
+                if user.op == "call_function" and getattr(user.target, "__name__", "") \
+                        == "_assert_is_none" and not user.users:
+                    graph.erase_node(user)
+            if not node.users:
+                graph.erase_node(node)
     return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _defaults_after(model: torch.nn.Module, n_inputs: int) -> dict[str, Any]:
+    """The forward() parameters past the ``n_inputs`` given, with their defaults, as fx's
+    concrete arguments (``forward(x, mask=None)`` called with one input traces with
+    ``mask=None``, as calling it would, instead of making ``mask`` a second input)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {p.name: p.default for p in positional[n_inputs:]
+            if p.default is not inspect.Parameter.empty}
 
 
 def _export(model: torch.nn.Module, example_inputs: Sequence[Any], name: str,
@@ -138,9 +164,23 @@ def _export(model: torch.nn.Module, example_inputs: Sequence[Any], name: str,
                             hint="remove data-dependent control flow from forward()") from e
         raise KilnError(f"torch.export could not export {name}: {type(e).__name__}: {e}",
                         hint="try frontend='fx'") from e
-    graph, _ = import_graph_module(ep.module(), example_inputs, name)
+    graph, flat_spec = import_graph_module(ep.module(), example_inputs, name)
     # The unlifted module's output node holds a flat tuple; the user's structure is here.
-    return graph, ep.call_spec.out_spec
+    return graph, _with_none_outputs(ep.call_spec.out_spec, flat_spec)
+
+
+def _with_none_outputs(user_spec: Any, flat_spec: Any) -> Any:
+    """The user's output structure with the None leaves of the flat output (``flat_spec``,
+    where the importer marked them NoneOutput) made leafless, so that the compiled model's
+    outputs unflatten to None there too."""
+    if user_spec is None or flat_spec is None or flat_spec.num_leaves == user_spec.num_leaves:
+        return user_spec
+    flat = pytree.tree_unflatten(list(range(flat_spec.num_leaves)), flat_spec)
+    if not isinstance(flat, (tuple, list)) or len(flat) != user_spec.num_leaves:
+        return user_spec
+    user = pytree.tree_unflatten(list(flat), user_spec)
+    return pytree.tree_flatten(pytree.tree_map(lambda a: NoneOutput() if a is None else a, user,
+                                               is_leaf=lambda a: a is None))[1]
 
 
 def trace_module(model: torch.nn.Module, example_inputs: Sequence[Any],

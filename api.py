@@ -650,8 +650,12 @@ def compress(
         quantize: None; True (static int8 with percentile-99.99 calibration over at most 32
             batches); or a dict: ``mode`` (``static``; ``dynamic``: linear layers quantize
             their input on every call, no data needed; ``weight_only``: linear layers keep
-            float activations and int8 weights), ``method`` (``minmax``, ``percentile``,
-            ``entropy``), ``percentile``, ``max_batches``, ``protect`` (layers left in float),
+            float activations and int8 weights; ``qat``: quantization-aware training, a
+            fine-tune against ``model`` on ``data`` with fake quantization at the static
+            pass's grids, then converted as static int8, taking ``epochs`` (3), ``lr`` (1e-4),
+            ``temperature``, ``alpha``, ``batch_size``, ``seed``, ``progress``), ``method``
+            (``minmax``, ``percentile``, ``entropy``), ``percentile``, ``max_batches``,
+            ``protect`` (layers left in float),
             ``weight_max`` (largest |int8 weight|; default: 64 for a target whose int8 dot
             product is pmaddubsw, without VNNI, else 127). Layers stay float where int8
             would be slower on the target; ``table()`` lists each layer's precision and why.

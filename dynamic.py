@@ -313,7 +313,9 @@ class SizedCompression:
         quantize = o.get("quantize")
         if quantize is not None and quantize is not False:
             q = quantize if isinstance(quantize, Mapping) else {}
-            options = {"quantize_int8.mode": q.get("mode", "static"),
+            # QAT's graph converts with the static pass (its training is in the weights).
+            mode = q.get("mode", "static")
+            options = {"quantize_int8.mode": "static" if mode == "qat" else mode,
                        "quantize_int8.protect": tuple(q.get("protect", ())),
                        "quantize_int8.target": o.get("target"),
                        "quantize_int8.ranges": {v: (-1.0, 1.0)

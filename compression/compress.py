@@ -12,7 +12,8 @@ Stages, each only when asked for, in this order:
    model on the data (compression/distill.py);
 5. the O1 cleanups (batch norms fold into the layers);
 6. ``quantize``: int8 with activation ranges calibrated on the data (compression/quantize.py), then
-   the layout cleanup and dce.
+   the layout cleanup and dce; with ``"mode": "qat"`` the calibrated graph is first fine-tuned
+   with fake quantization at the same grids (quantization-aware training, compression/qat.py).
 
 Every stage is recorded (parameters, FLOPs, seconds, the graph after it) in the result's
 report; ``kiln compare`` reads the graphs to say which stage moved which layer.
@@ -198,6 +199,10 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
     low_rank_o = _options(low_rank, LOW_RANK_DEFAULTS, "energy", "low_rank")
     distill_o = _options(distill, DISTILL_DEFAULTS, None, "distill")
     quant_o = _options(quantize, QUANTIZE_DEFAULTS, None, "quantize")
+    if quant_o is not None:
+        from kiln.compression.qat import check_quantize_options
+
+        check_quantize_options(quant_o)
     result = Compressed(graph, graph, out_spec)
     t0 = time.perf_counter()
     _record(result, "imported", graph, t0)
@@ -240,15 +245,29 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
     _record(result, "O1", g, t0)
     if quant_o is not None:
         t0 = time.perf_counter()
-        options = {"quantize_int8.mode": quant_o["mode"],
+        qat = quant_o["mode"] == "qat"
+        options = {"quantize_int8.mode": "static" if qat else quant_o["mode"],
                    "quantize_int8.protect": tuple(quant_o["protect"]),
                    "quantize_int8.target": target}
         if "weight_max" in quant_o:
             options["quantize_int8.weight_max"] = quant_o["weight_max"]
-        if quant_o["mode"] == "static":
+        if qat and data is None:
+            raise KilnError("quantization-aware training needs data",
+                            hint="pass data=... (calibration and training batches), or use "
+                                 "quantize=True for static int8")
+        if quant_o["mode"] in ("static", "qat"):
             batches = data_batches(data, g, int(quant_o["max_batches"]))
             options["quantize_int8.ranges"] = calibrate(g, batches, quant_o["method"],
                                                         float(quant_o["percentile"]))
+        if qat:
+            # Fine-tune with fake quantization at the grids of the static pass (same ranges,
+            # same options), which then converts the trained graph (compression/qat.py).
+            from kiln.compression.qat import quantization_aware_training, train_options
+
+            g = quantization_aware_training(g, teacher, data, labels=labels,
+                                            pass_options=options, **train_options(quant_o))
+            _record(result, "qat", g, t0)
+            t0 = time.perf_counter()
         ctx = PassContext(options=options)
         order = {n.name: i for i, n in enumerate(g.nodes)}
         g = PassManager([get_pass(n) for n in ("quantize_int8", "sink_permutes", "dce")],

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
@@ -59,6 +60,7 @@ TRAINED_OPERANDS: dict[str, tuple[int, ...]] = {
 OBJECTIVES = ("auto", "kd", "mse")
 
 Tensors = list[torch.Tensor]
+ModuleTransform = Callable[[torch.fx.GraphModule], torch.fx.GraphModule]
 
 
 # ---- running a kiln Graph on batches of samples ----------------------------------------------
@@ -68,11 +70,12 @@ class GraphRunner:
     ``extra`` values of the graph become additional outputs (for feature losses). Inputs and
     outputs are in the flat layout: input k is ``[m, *shape_k[1:]]`` for a graph input of shape
     ``shape_k`` (m a multiple of ``n = shape_k[0]``); an output whose first axis is n comes back
-    as ``[m, ...]``, any other as ``[m / n, *shape]``.
+    as ``[m, ...]``, any other as ``[m / n, *shape]``. ``transform`` rewrites the torch module
+    once built (QAT inserts fake quantization), keeping its parameters.
     """
 
     def __init__(self, graph: Graph, extra: Sequence[str] = (), trainable: bool = False,
-                 role: str = "student") -> None:
+                 role: str = "student", transform: ModuleTransform | None = None) -> None:
         missing = [v for v in extra if v not in graph.types]
         if missing:
             values = [v for v in graph.values() if v not in graph.constants]
@@ -94,6 +97,9 @@ class GraphRunner:
         extended.outputs = list(graph.outputs) + list(extra)
         self.num_outputs = len(graph.outputs)
         self.module = graph_to_module(extended, trainable=trainable)
+        if transform is not None:
+            # A rewrite of the module (QAT's fake quantization) that keeps its parameters.
+            self.module = transform(self.module)
         self.out_shapes = [extended.types[v].shape for v in extended.outputs]
         self.n = graph.types[graph.inputs[0]].shape[0] if graph.inputs else 1
         self.trained: dict[str, torch.nn.Parameter] = {}
@@ -422,6 +428,7 @@ def distill(
     progress: bool = True,
     seed: int = 0,
     prune: Mapping[str, Any] | None = None,
+    student_transform: ModuleTransform | None = None,
 ) -> Graph:
     """Fine-tune ``student`` against ``teacher`` by knowledge distillation; a new Graph.
 
@@ -454,6 +461,10 @@ def distill(
             options (``ratio`` or ``flops_target``: the final fraction) with ``schedule:
             "agp"``, ``steps`` (updates) and ``end`` (the fraction of the fine-tune by which
             it is reached); see ``kiln.compression.gradual``.
+        student_transform: a rewrite of the student's torch module (``graph_to_module`` of
+            the student, extra outputs included) before training, keeping its parameters and
+            its ``meta``; quantization-aware training inserts fake quantization with it
+            (``kiln.compression.qat``).
 
     Returns:
         A new Graph with the student's structure and the trained weights (read-only arrays),
@@ -471,7 +482,7 @@ def distill(
         raise KilnError("feature_pairs must map value names (str) to value names (str)",
                         hint="for example {'relu': 'relu'}")
     cfg = LossConfig(float(temperature), float(alpha), objective, float(feature_weight))
-    runner = GraphRunner(student, list(pairs), trainable=True)
+    runner = GraphRunner(student, list(pairs), trainable=True, transform=student_transform)
     if not runner.trained:
         raise KilnError(f"graph {student.name} has no constant weights to train",
                         hint="distill a graph whose dense or norm ops read constant weights")

@@ -309,7 +309,9 @@ def lower_qconv(low: Lowering, node: Node, final: str, inline: set[str],
     if views is None:
         return None
     low.view_shapes.update(views)
-    n_, h, wd, c = low.shape(x)
+    # The input's own NHWC shape: an epilogue that reads it too (a residual add of the conv's
+    # input after a 1x1 conv) may have collapsed its view along with the output's.
+    n_, h, wd, c = low.graph.types[x].shape
     cout, kh, kw, _ = wv.shape
     stride = as_tuple(a["stride"], 2, "stride")
     pad = as_tuple(a["padding"], 2, "padding")
@@ -319,7 +321,8 @@ def lower_qconv(low: Lowering, node: Node, final: str, inline: set[str],
     stmts: list = []
     if any(pad) or cp != c or low.is_inline(x):
         xbuf, stmts = _padded_copy(low, x, (n_, h, wd, c), pad, cp, zx, node_work(low, node),
-                                   lambda n, i, j, ch: low.element(x, [n, i, j, ch]))
+                                   lambda n, i, j, ch: low.element_flat(
+                                       x, ((n * h + i) * wd + j) * c + ch))
         hp, wp = h + 2 * pad[0], wd + 2 * pad[1]
     else:
         xbuf, hp, wp = low.buffer(x), h, wd

@@ -13,10 +13,10 @@ import pytest
 
 from kiln.backends.llvm import compile_graph
 from kiln.backends.llvm.codegen import Binding, ModuleBuilder, emit_entry, emit_kernel
+from kiln.backends.llvm.compiler import default_target, run_kernel_llvm
 from kiln.ir import GraphBuilder, TensorType
 from kiln.ir import kernel as K
 from kiln.ir.kernel import INDEX, Buffer, Const, For, Kernel, Var
-from kiln.backends.llvm.compiler import default_target, run_kernel_llvm
 
 REGION = "call void @GOMP_parallel"
 

@@ -248,6 +248,23 @@ def test_qat_through_kiln_compile():
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
 
 
+def test_qat_with_dynamic_batch_rebuilds_with_the_trained_weights():
+    """dynamic=: the model is trained once at the example batch; another batch runs the same
+    int8 model (its rows equal the example-batch model's rows)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 16, 5)).eval()
+    x = torch.randn(64, 2, 4, 4)
+    compiled = kiln.compile(model, (x[:4],), data=x, dynamic=True,
+                            quantize={"mode": "qat", "epochs": 1, "progress": False})
+    four = np.asarray(compiled(x[:4]))
+    three = np.asarray(compiled(x[4:7]))
+    np.testing.assert_allclose(np.asarray(compiled(x[:3])), four[:3], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        want = model(x[4:7]).numpy()
+    assert np.abs(three - want).max() <= 0.05 * np.abs(want).max()
+
+
 # ---- acceptance (issue 18): QAT recovers at least half of what static int8 loses -------------
 def digits_cnn(outlier: float) -> tuple[nn.Module, tuple, tuple]:
     """A narrow CNN (4 and 8 channels) trained on scikit-learn's digits (no download), and the

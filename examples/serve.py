@@ -6,9 +6,10 @@ behind one callable, each request sent to the least-loaded replica.
 The replicas are ``kiln.pipeline(model, x, stages=1, replicas=N)``: N Ray actors, each holding
 the model compiled by kiln (llvm, one thread). The example sends requests one at a time (the
 latency of a single request) and then as a stream (throughput, requests overlapped across the
-replicas), for one replica and for N, checks every answer against eager PyTorch, and prints
-the table. This is plain Ray; Ray Serve (``pip install 'ray[serve]'``) would put HTTP ingress
-and autoscaling in front of the same compiled model, and is not needed here.
+replicas, a few per actor call: the batch column), for one replica and for N, checks every
+answer against eager PyTorch, and prints the table. This is plain Ray; Ray Serve
+(``pip install 'ray[serve]'``) would put HTTP ingress and autoscaling in front of the same
+compiled model, and is not needed here.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def serve(model: torch.nn.Module, example: torch.Tensor, replicas: int,
             got = pipe(x)
             latencies.append((time.perf_counter() - t) * 1e3)
             diffs.append(float(np.abs(got - want).max()))
+        batch = pipe.batch_size(len(requests))            # what map sends per actor call
         t = time.perf_counter()
         streamed = list(pipe.map(requests))
         seconds = time.perf_counter() - t
@@ -58,7 +60,7 @@ def serve(model: torch.nn.Module, example: torch.Tensor, replicas: int,
     return {"replicas": replicas, "start_s": start_s,
             "p50_ms": statistics.median(latencies),
             "p95_ms": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-            "throughput": len(streamed) / seconds, "answered": len(streamed),
+            "throughput": len(streamed) / seconds, "answered": len(streamed), "batch": batch,
             "max_diff": max(diffs)}
 
 
@@ -90,10 +92,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             ray.shutdown()
     print(f"{args.model}: {args.requests} requests, kiln llvm, one thread per replica")
     print(f"{'replicas':>8} {'start s':>8} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>8} "
-          f"{'max|diff|':>10}")
+          f"{'batch':>6} {'max|diff|':>10}")
     for r in rows:
         print(f"{r['replicas']:>8} {r['start_s']:>8.2f} {r['p50_ms']:>8.3f} {r['p95_ms']:>8.3f} "
-              f"{r['throughput']:>8.1f} {r['max_diff']:>10.2e}")
+              f"{r['throughput']:>8.1f} {r['batch']:>6} {r['max_diff']:>10.2e}")
     if len(rows) > 1:
         gain = rows[-1]["throughput"] / rows[0]["throughput"]
         print(f"{rows[-1]['replicas']} replicas serve {gain:.2f}x the requests per second of one")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kiln
+from kiln.distributed.pipeline import INLINE_BYTES, MAX_BATCH, _chunks, _per_chunk
 from kiln.zoo import get_model
 
 ray = pytest.importorskip("ray")
@@ -71,13 +72,54 @@ def test_replicas_share_the_inputs(cluster) -> None:
         assert len(calls) == 2
 
 
-def test_a_killed_stage_is_restarted_and_no_input_is_lost(cluster) -> None:
+def test_batches_give_the_single_input_answers_bit_for_bit(cluster) -> None:
+    model, (x,) = get_model("lenet5")
+    xs = [torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+    with kiln.pipeline(model, (x,), stages=2) as pipe:
+        want = [pipe(xi) for xi in xs]
+        assert len(pipe.stage_s) == 2 and all(t > 0 for t in pipe.stage_s)
+        assert pipe.hop_s >= 0
+        for batch in (1, 3, 16):
+            got = list(pipe.map(iter(xs), batch=batch))     # an iterator: no len()
+            assert len(got) == len(xs)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
+        # Every input's activations in one object-store object per batch, not inline chunks.
+        pipe._per_in, pipe._per_out = 0, [0, 0]
+        for g, w in zip(pipe.map(xs, batch=4), want):
+            np.testing.assert_array_equal(g, w)
+        with pytest.raises(kiln.KilnError, match="batch must be"):
+            list(pipe.map(xs, batch=0))
+
+
+def test_batch_size_weighs_hops_against_filling_the_pipeline(cluster) -> None:
+    model, (x,) = get_model("lenet5")
+    with kiln.pipeline(model, (x,), stages=2) as pipe:
+        pipe.stage_s, pipe.hop_s = [5e-3, 4e-3], 2.5e-3
+        assert pipe.batch_size(64) == 6                 # sqrt(64 x 2.5 / 5) = 5.7
+        assert pipe.batch_size(4) == 1                  # two batches for every stage
+        pipe.hop_s = 0.0
+        assert pipe.batch_size(64) == 1                 # free hops: no batching
+        pipe.stage_s, pipe.hop_s = [1e-6, 1e-6], 1.0
+        assert pipe.batch_size(10_000) == MAX_BATCH
+
+
+def test_chunks_stay_under_the_inline_limit() -> None:
+    per = _per_chunk(10_000)
+    assert per >= 1 and per * 10_000 < INLINE_BYTES
+    assert _per_chunk(INLINE_BYTES) == 0
+    assert _chunks(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert _chunks(list(range(7)), 0) == [list(range(7))]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_killed_stage_is_restarted_and_no_input_is_lost(cluster, batch) -> None:
     model, (x,) = get_model("lenet5")
     xs = [torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) for i in range(6)]
     with kiln.pipeline(model, (x,), stages=2) as pipe:
         first = pipe.chains[0][0]
         pid = ray.get(first.pid.remote())
-        results = pipe.map(xs, window=6)
+        results = pipe.map(xs, window=6, batch=batch)
         outs = [next(results)]
         os.kill(pid, signal.SIGKILL)          # the first stage's process dies mid-stream
         outs += list(results)

@@ -12,7 +12,7 @@ from kiln.api import optimize
 from kiln.distributed import calibrate, simulate
 from kiln.frontend.trace import trace_module
 from kiln.ir import KilnError
-from kiln.passes.partition import node_seconds
+from kiln.passes.partition import node_seconds, partition
 from kiln.zoo import get_model
 
 
@@ -52,6 +52,33 @@ def test_slow_networks_favour_replicas_over_stages() -> None:
     assert fast.fastest.latency_s <= slow.fastest.latency_s
 
 
+def test_shared_cores_batches_and_short_streams() -> None:
+    graph = graph_of("resnet18_cifar")
+    kw = dict(bandwidth_gbps=10.0, latency_us=0.0, overhead_us=2000.0, per_worker_gflops=20.0,
+              memory_gbps=1e6, max_stages=3)
+    own = {p.stages: p for p in simulate(graph, 3, **kw).plans}
+    shared = {p.stages: p for p in simulate(graph, 3, cores=2, **kw).plans}
+    assert all(shared[k].throughput <= own[k].throughput for k in own)
+    # 3 stages on 2 cores: the cores, not the slowest stage, set the pace.
+    part = partition(graph, 3, gflops=20.0, bandwidth_gbps=1e6)
+    compute = sum(s.predicted_s for s in part.stages)
+    sent = sum(s.send_bytes for s in part.stages) + sum(graph.types[v].nbytes
+                                                         for v in graph.inputs)
+    assert shared[3].throughput == pytest.approx(2 / (compute + 3 * 2e-3 + sent * 8 / 1e10))
+    assert shared[3].throughput < own[3].throughput
+    # A batch pays a call's overhead once; a short stream also fills and drains the stages.
+    batched = {p.stages: p for p in simulate(graph, 3, cores=2, batch=8, **kw).plans}
+    assert shared[3].throughput < batched[3].throughput <= 2 / compute
+    short = {p.stages: p for p in simulate(graph, 3, cores=2, batch=8, inputs=64, **kw).plans}
+    assert short[3].throughput < batched[3].throughput
+    assert short[1].throughput == pytest.approx(batched[1].throughput)   # one stage: no fill
+    # Measured seconds per node cut the stages and time them.
+    seconds = {n.name: 1e-3 for n in graph.nodes}
+    timed = simulate(graph, 1, seconds=seconds, overhead_us=0.0, latency_us=0.0,
+                     bandwidth_gbps=1e9)
+    assert timed.plans[0].throughput == pytest.approx(1 / (1e-3 * len(graph.nodes)), rel=1e-3)
+
+
 def test_bad_worker_counts_and_impossible_limits_are_kiln_errors() -> None:
     graph = graph_of("mlp")
     with pytest.raises(KilnError, match="positive integer"):
@@ -75,3 +102,9 @@ def test_calibration_on_a_local_ray_pipeline() -> None:
     # The per-hop overhead is solved from the measured latency, so the latency fits unless
     # the solution was clamped at zero.
     assert abs(cal.latency_error) < 0.05 or cal.overhead_us == 0
+    # The prediction it was checked with: measured node times, this machine's cores, the
+    # batch map chose for the stream.
+    assert cal.seconds and cal.cores >= 1 and cal.batch >= 1 and cal.stream == 8
+    graph = graph_of("mlp")
+    plan = cal.predict(graph, 2, inputs=8, batch=cal.batch)
+    assert plan.throughput == pytest.approx(cal.predicted_throughput)

@@ -138,6 +138,10 @@ for _op, _keys in {
     "neg": [torch.neg, operator.neg, aten.neg, method("neg")],
     "abs": [torch.abs, aten.abs, method("abs")],
     "logical_not": [torch.logical_not, aten.logical_not, method("logical_not")],
+    "sin": [torch.sin, aten.sin, method("sin")],
+    "cos": [torch.cos, aten.cos, method("cos")],
+    "atan": [torch.atan, torch.arctan, aten.atan, aten.arctan, method("atan"),
+             method("arctan")],
 }.items():
     on(*_keys)(_unary(_op))
 
@@ -855,5 +859,6 @@ def _pad(imp, real, input, pad, mode="constant", value=None):
 
 
 # The indexing ops' handlers register themselves in these tables.
-# So do nn.LSTM's and nn.GRU's (handlers_recurrent).
-from kiln.frontend import handlers_index, handlers_recurrent  # noqa: E402,F401
+# So do nn.LSTM's and nn.GRU's (handlers_recurrent), and prod, cumprod, det and the scatters
+# (handlers_more).
+from kiln.frontend import handlers_index, handlers_more, handlers_recurrent  # noqa: E402,F401

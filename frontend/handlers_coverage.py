@@ -173,6 +173,41 @@ def _mish_mod(imp, mod, real, x):
     return _mish(imp, real, x)
 
 
+# ---- trigonometry beyond sin, cos and atan ---------------------------------------------------
+def tan_value(imp: Importer, x: Any) -> str:
+    """tan(x) = sin(x) / cos(x): both are accurate relative to their size (the reduction by
+    pi/2 is exact to float32), so the quotient is too, next to the poles as well."""
+    v = imp.value(x)
+    return imp.op("div", [imp.op("sin", [v]), imp.op("cos", [v])])
+
+
+def asin_value(imp: Importer, x: Any) -> str:
+    """asin(x) = atan(x / sqrt((1 - x)(1 + x))): (1 - x)(1 + x) does not cancel as 1 - x^2
+    does near |x| = 1, where the quotient is +-inf and atan gives +-pi/2; |x| > 1 is NaN."""
+    v = imp.value(x)
+    one = _num(imp, v, 1.0)
+    rest = imp.op("mul", [imp.op("sub", [one, v]), imp.op("add", [one, v])])
+    return imp.op("atan", [imp.op("div", [v, imp.op("sqrt", [rest])])])
+
+
+def acos_value(imp: Importer, x: Any) -> str:
+    """acos(x) = 2 atan(sqrt((1 - x) / (1 + x))): no pi/2 - asin(x), which would cancel to
+    a large relative error near x = 1; x = -1 gives 2 atan(inf) = pi, |x| > 1 NaN."""
+    v = imp.value(x)
+    one = _num(imp, v, 1.0)
+    ratio = imp.op("div", [imp.op("sub", [one, v]), imp.op("add", [one, v])])
+    half = imp.op("atan", [imp.op("sqrt", [ratio])])
+    return imp.op("mul", [half, _num(imp, v, 2.0)])
+
+
+for _keys, _fn in [((torch.tan, aten.tan, method("tan")), tan_value),
+                   ((torch.asin, torch.arcsin, aten.asin, aten.arcsin, method("asin"),
+                     method("arcsin")), asin_value),
+                   ((torch.acos, torch.arccos, aten.acos, aten.arccos, method("acos"),
+                     method("arccos")), acos_value)]:
+    on(*_keys)(lambda imp, real, x, _fn=_fn: _fn(imp, x))
+
+
 # ---- in-place variants -----------------------------------------------------------------------
 def _rebind(x: Any, out: Any, imp: Importer) -> None:
     if isinstance(x, Traced):
@@ -195,7 +230,8 @@ def _inplace(functional):
 for _name in ["relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "neg", "abs",
               "reciprocal", "round", "add", "sub", "mul", "div", "pow", "clamp", "clip",
               "masked_fill", "selu", "celu", "elu", "silu", "hardswish", "hardsigmoid",
-              "leaky_relu", "hardtanh", "mish"]:
+              "leaky_relu", "hardtanh", "mish", "sin", "cos", "tan", "asin", "acos", "atan",
+              "arcsin", "arccos", "arctan"]:
     for _key, _inplace_key in [(method(_name), method(_name + "_")),
                                (getattr(torch, _name, None), getattr(torch, _name + "_", None)),
                                (getattr(aten, _name, None), getattr(aten, _name + "_", None))]:

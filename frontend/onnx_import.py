@@ -1706,6 +1706,23 @@ def _fix_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequenc
                                  f"input_shapes={{{vi.name!r}: (...)}}) with every size")
 
 
+# Attributes whose default ONNX's shape inference gets wrong when a node leaves them out:
+# MeanVarianceNormalization's function body (from opset 13) reads axes into a Constant, left
+# without a value, so inference fails; STFT's inference takes onesided as 0 where the spec's
+# default (and the reference's output) is 1. Writing the default in changes no meaning.
+_DEFAULTS_INFERENCE_NEEDS = {"MeanVarianceNormalization": ("axes", [0, 2, 3]),
+                             "STFT": ("onesided", 1)}
+
+
+def _spell_out_defaults(model: onnx.ModelProto) -> None:
+    """Write ``_DEFAULTS_INFERENCE_NEEDS`` into the (private copy of the) model's nodes."""
+    for node in model.graph.node:
+        default = _DEFAULTS_INFERENCE_NEEDS.get(node.op_type)
+        if default and node.domain in _DEFAULT_DOMAINS and all(
+                a.name != default[0] for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute(*default))
+
+
 def _check_and_infer(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
@@ -2047,15 +2064,17 @@ def import_onnx(path_or_model: str | os.PathLike | onnx.ModelProto, *,
     inputs = [vi for vi in model.graph.input
               if vi.name not in {i.name for i in model.graph.initializer}]
     _fix_input_shapes(model, input_shapes, inputs)
+    _spell_out_defaults(model)
     model = _check_and_infer(model)
     return _OnnxImporter(model, name, limit).run()
 
 
 # The indexing ops' importers (onnx_import_index) and the ops imported as decompositions into
-# existing kiln ops (onnx_import_extra) add themselves to ONNX_IMPORT.
+# existing kiln ops (onnx_import_extra, onnx_import_more) add themselves to ONNX_IMPORT.
 # So do LSTM and GRU (onnx_import_recurrent).
 from kiln.frontend import (  # noqa: E402,F401
     onnx_import_extra,
     onnx_import_index,
+    onnx_import_more,
     onnx_import_recurrent,
 )

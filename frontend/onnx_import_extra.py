@@ -1,4 +1,5 @@
-"""ONNX ops imported as decompositions into existing kiln ops: hyperbolic functions, Sign,
+"""ONNX ops imported as decompositions into existing kiln ops: hyperbolic and trigonometric
+functions (Sin, Cos and Atan are kiln ops), Sign,
 Tile, DepthToSpace / SpaceToDepth, CenterCropPad, Compress, ReverseSequence, EyeLike, OneHot,
 LpPool, the two classification losses, the window functions, Hardmax, LRN, DFT,
 QLinearMatMul, MatMulInteger and ConvInteger; and ``function_body``, through which the
@@ -89,6 +90,38 @@ def _sign(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
     else:
         negative = ctx.op("where", [ctx.op("lt", [x, zero]), ctx.scalar(-1, dt, "minus"), rest])
     return [ctx.op("where", [ctx.op("gt", [x, zero]), ctx.scalar(1, dt, "plus"), negative])]
+
+
+def _unary_op(op: str) -> ImportFn:
+    def imp(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+        return [ctx.op(op, [ctx.input(0)])]
+
+    return imp
+
+
+def _tan(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    # sin and cos are each accurate relative to their size, so the quotient is too.
+    x = ctx.input(0)
+    return [ctx.op("div", [ctx.op("sin", [x]), ctx.op("cos", [x])])]
+
+
+def _asin(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    # atan(x / sqrt((1 - x)(1 + x))): no 1 - x^2 to cancel near |x| = 1, where the quotient
+    # is +-inf and atan +-pi/2; |x| > 1 gives NaN, as ONNX's Asin does.
+    x = ctx.input(0)
+    one = ctx.scalar(1.0, ctx.type_of(x).dtype, "one")
+    rest = ctx.op("mul", [ctx.op("sub", [one, x]), ctx.op("add", [one, x])])
+    return [ctx.op("atan", [ctx.op("div", [x, ctx.op("sqrt", [rest])])])]
+
+
+def _acos(ctx: ImportContext, node: onnx.NodeProto) -> list[str]:
+    # 2 atan(sqrt((1 - x) / (1 + x))), not pi/2 - asin(x), which cancels near x = 1.
+    x = ctx.input(0)
+    dt = ctx.type_of(x).dtype
+    one = ctx.scalar(1.0, dt, "one")
+    ratio = ctx.op("div", [ctx.op("sub", [one, x]), ctx.op("add", [one, x])])
+    half = ctx.op("atan", [ctx.op("sqrt", [ratio])])
+    return [ctx.op("mul", [half, ctx.scalar(2.0, dt, "two")])]
 
 
 # ---- data movement -----------------------------------------------------------------------------
@@ -593,6 +626,12 @@ _EXTRA: dict[str, ImportFn] = {
     "Acosh": _acosh,
     "Atanh": _atanh,
     "Sign": _sign,
+    "Sin": _unary_op("sin"),
+    "Cos": _unary_op("cos"),
+    "Atan": _unary_op("atan"),
+    "Tan": _tan,
+    "Asin": _asin,
+    "Acos": _acos,
     "Tile": _tile,
     "DepthToSpace": _depth_to_space,
     "SpaceToDepth": _space_to_depth,

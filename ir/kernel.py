@@ -84,7 +84,7 @@ BINARY_OPS = ("add", "sub", "mul", "div", "mod", "max", "min", "pow", "lt", "le"
               "eq", "ne", "and", "or")
 COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
 UNARY_OPS = ("neg", "abs", "exp", "log", "sqrt", "rsqrt", "tanh", "erf", "not", "floor",
-             "trunc", "round")
+             "trunc", "round", "sin", "cos", "atan")
 """Unary functions; ``round`` rounds half to even (like np.rint)."""
 
 
@@ -677,6 +677,7 @@ _UN = {
     "neg": np.negative, "abs": np.abs, "exp": np.exp, "log": np.log, "sqrt": np.sqrt,
     "rsqrt": lambda x: 1 / np.sqrt(x), "tanh": np.tanh, "erf": _erf,
     "not": np.logical_not, "floor": np.floor, "trunc": np.trunc, "round": np.rint,
+    "sin": np.sin, "cos": np.cos, "atan": np.arctan,
 }
 
 

@@ -67,7 +67,7 @@ NAMESPACE_NAMES = ("cuda", "math", "_INF", "_NAN", *TYPE_NAMES.values(), *RINT_N
 _BINARY_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "lt": "<", "le": "<=", "gt": ">",
                    "ge": ">=", "eq": "==", "ne": "!="}
 _MATH = {"exp": "exp", "log": "log", "sqrt": "sqrt", "tanh": "tanh", "erf": "erf",
-         "floor": "floor", "trunc": "trunc"}
+         "floor": "floor", "trunc": "trunc", "sin": "sin", "cos": "cos", "atan": "atan"}
 # numba's CUDA math has float16 versions of these only; others go through float32.
 _MATH_F16 = ("exp", "log", "sqrt", "floor", "trunc")
 

@@ -161,7 +161,8 @@ def _sim_math() -> SimpleNamespace:
     from scipy import special
 
     return SimpleNamespace(exp=np.exp, log=np.log, sqrt=np.sqrt, tanh=np.tanh, erf=special.erf,
-                           floor=np.floor, trunc=np.trunc)
+                           floor=np.floor, trunc=np.trunc, sin=np.sin, cos=np.cos,
+                           atan=np.arctan)
 
 
 @functools.cache

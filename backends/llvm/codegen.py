@@ -313,7 +313,7 @@ class _Fn:
             if dt in FLOAT:
                 return self.call(t, f"llvm.fabs.{sfx}", [(t, x)])
             return self.call(t, f"llvm.abs.{sfx}", [(t, x), ("i1", "false")])
-        if e.op in ("exp", "tanh", "erf") and dt == "f32":
+        if e.op in ("exp", "tanh", "erf", "sin", "cos", "atan") and dt == "f32":
             return self.call(t, self.m.vector_math(e.op, e.lanes), [(t, x)])
         if e.op in ("exp", "log", "sqrt", "floor", "trunc"):
             return self.call(t, f"llvm.{e.op}.{sfx}", [(t, x)])
@@ -324,7 +324,7 @@ class _Fn:
             one = self.const(Const(1.0, dt, e.lanes))
             self.emit(f"{r} = fdiv {t} {one}, {s}")
             return r
-        if e.op in ("tanh", "erf"):
+        if e.op in ("tanh", "erf", "sin", "cos", "atan"):
             fn = self.m.math_function(e.op, dt, e.lanes)
             return self.call(t, fn, [(t, x)])
         raise InternalError(f"codegen: unknown unary op {e.op}")
@@ -533,13 +533,16 @@ class ModuleBuilder:
             self.declared[fn] = f"declare {ret} @{fn}({', '.join(args)})"
 
     def vector_math(self, op: str, lanes: int) -> str:
-        """kiln's own polynomial exp/tanh/erf for float32 (see vmath.py), defined once."""
-        from kiln.backends.llvm.vmath import BUILDERS
+        """kiln's own polynomial exp/tanh/erf/sin/cos/atan for float32 (see vmath.py),
+        defined once (with the libm function a huge-argument lane falls back to, if any)."""
+        from kiln.backends.llvm.vmath import BUILDERS, LIBM_FALLBACK
 
         name, text = BUILDERS[op](lanes)
         if name not in self.defined_math:
             self.functions.append(text)
             self.defined_math.add(name)
+            if op in LIBM_FALLBACK:
+                self.declare(LIBM_FALLBACK[op], "float", ["float"])
         return name
 
     def math_function(self, op: str, dtype: str, lanes: int) -> str:

@@ -150,6 +150,9 @@ _unary("reciprocal", None, "1 / x", decomposition=_reciprocal)
 _unary("neg", np.negative, "-x", float_only=False)
 _unary("abs", np.abs, "|x|", float_only=False)
 _unary("round", np.rint, "nearest integer, halves to even (as torch.round and ONNX Round)")
+_unary("sin", _in64(np.sin), "sine (radians)", flops_per_element=8)
+_unary("cos", _in64(np.cos), "cosine (radians)", flops_per_element=8)
+_unary("atan", _in64(np.arctan), "arc tangent, in (-pi/2, pi/2)", flops_per_element=8)
 
 
 def _cast_infer(ins, attrs):

@@ -61,7 +61,7 @@ NATIVE: dict[str, Callable[..., K.Expr]] = {
     "logical_not": lambda x: K.Unary("not", x),
     "where": K.Select,
     **{op: partial(K.call, op) for op in ("exp", "log", "sqrt", "rsqrt", "tanh", "erf", "abs",
-                                          "round")},
+                                          "round", "sin", "cos", "atan")},
     **{op: partial(K.Binary, kop) for op, kop in BINARY.items()},
 }
 KERNEL = KernelExprs()

@@ -155,6 +155,8 @@ CASES = {
                                                                            .view(2, 3))),
     "pad": (Fn(lambda m, x: F.pad(x, (1, 2, 0, 1), value=0.5)), (r(1, 2, 3, 4),)),
     "erf_log": (Fn(lambda m, x: torch.erf(x) + torch.log(x.abs() + 1)), (r(3, 3),)),
+    "trig": (Fn(lambda m, x: torch.sin(x) + x.cos() * torch.atan(x * 3) + torch.tan(x * 0.5)
+                + torch.asin(x.clamp(-1, 1)) - torch.arccos(x.clamp(-1, 1) * 0.999)), (r(3, 5),)),
     # Halves (x.5) round to even, as in PyTorch.
     "round": (Fn(lambda m, x: torch.round(x * 4) + (x * 2).round()), (r(3, 3),)),
 }

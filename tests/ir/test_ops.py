@@ -111,7 +111,7 @@ UNARY_ATTRS = {
     "gelu": st.fixed_dictionaries({"approximate": st.sampled_from(["none", "tanh"])}),
 }
 UNARY = ["relu", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
-         "softsign", "exp", "erf", "neg", "abs", "round"]
+         "softsign", "exp", "erf", "neg", "abs", "round", "sin", "cos", "atan"]
 POSITIVE_UNARY = ["log", "sqrt", "rsqrt", "reciprocal"]
 
 

@@ -48,7 +48,7 @@ def case(name: str, op: str, operands: list[np.ndarray], attrs: dict | None = No
 
 # ---- elementwise -----------------------------------------------------------------------------
 for _op in ["relu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "softsign", "exp",
-            "erf", "neg", "abs", "round"]:
+            "erf", "neg", "abs", "round", "sin", "cos", "atan"]:
     case(_op, _op, [f32(2, 3, scale=3.0)])
 for _op in ["log", "sqrt", "rsqrt", "reciprocal"]:
     case(_op, _op, [pos(2, 3)])

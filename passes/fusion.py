@@ -23,10 +23,13 @@ from kiln.ir.decompose import decomposition_repeats
 
 # Injective ops computed per output element: elementwise arithmetic and per-channel affine.
 ELEMENTWISE_EXTRA = frozenset({"batch_norm", "embedding"})
+# Anchors whose packed schedules need their input in memory, in its own row-major layout: an
+# injective producer feeding them (a permute, a channel shuffle, a split, a concat, a slice) is
+# stored once by a copy kernel, never recomputed inside their loops. A reshape needs no copy: it
+# is the same memory, and their lowerings read through it (``Lowering.stored_view``).
+MATERIALIZE_FOR = frozenset({"conv", "conv_transpose"})
 # Anchors that read each input element a bounded, small number of times: cheap producers may be
 # recomputed inside them instead of being written to memory first.
-# Anchors whose packed schedules need their input in memory (a permute feeding them is stored).
-MATERIALIZE_FOR = frozenset({"conv", "conv_transpose"})
 READ_FEW_TIMES = frozenset({"reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "softmax",
                             "log_softmax", "layer_norm", "group_norm"})
 
@@ -143,11 +146,14 @@ def _injective_role(n: Node, plan: FusionPlan, users: dict[str, list[Node]],
     readers = [u for o in n.outputs for u in users.get(o, [])]
     if any(o in outputs for o in n.outputs):
         return "root", "graph output"
-    if n.op == "permute" and any(u.op in MATERIALIZE_FOR for u in readers):
+    anchor = _memory_reader(readers, plan, users)
+    if anchor is not None and n.op != "reshape":
         # A convolution's schedules read their input from memory in its own layout: a
-        # transposed view would leave them the slow unpacked loop nest (as when an int8
-        # layer's channels-last output feeds a float depthwise conv).
-        return "root", "permute read by a convolution: stored transposed once"
+        # permuted, split, sliced or concatenated view would leave them the unpacked loop nest,
+        # recomputing the view's index arithmetic at every tap (ShuffleNet's channel shuffles
+        # ran its 1x1 convs at 0.4 GFLOP/s; an int8 layer's channels-last output feeding a
+        # float depthwise conv likewise). One copy kernel stores it instead.
+        return "root", f"{n.op} read by the convolution {anchor.name}: stored once, in its layout"
     if is_shape_op(n.op):
         return "inline", "shape op: index arithmetic in each consumer"
     if len(readers) != 1:
@@ -156,6 +162,23 @@ def _injective_role(n: Node, plan: FusionPlan, users: dict[str, list[Node]],
     if is_injective(u.op) or plan.roles.get(u.name) == "epilogue" or u.op in READ_FEW_TIMES:
         return "inline", f"computed inside {u.name}"
     return "root", f"consumer {u.name} ({u.op}) reads it many times"
+
+
+def _memory_reader(readers: list[Node], plan: FusionPlan,
+                   users: dict[str, list[Node]]) -> Node | None:
+    """The first anchor of MATERIALIZE_FOR among ``readers``, or among the readers of the
+    inline reshapes among them (a reshape is the same memory: its input is what they read)."""
+    stack, seen = list(readers), set()
+    while stack:
+        u = stack.pop()
+        if u.name in seen:
+            continue
+        seen.add(u.name)
+        if u.op in MATERIALIZE_FOR:
+            return u
+        if u.op == "reshape" and plan.roles.get(u.name) == "inline":
+            stack.extend(r for o in u.outputs for r in users.get(o, []))
+    return None
 
 
 def _bound_expressions(graph: Graph, plan: FusionPlan, users: dict[str, list[Node]],

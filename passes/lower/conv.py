@@ -43,7 +43,8 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
     geo = ConvGeometry.of_conv(low, node, wv)
     if geo.og == 1 and geo.cg == 1 and geo.groups > 1:
         return lower_depthwise(low, node, final, geo, wv)
-    if low.is_inline(x):
+    src = low.stored_view(x)
+    if src is None:
         return None  # the im2col and direct paths read the input from memory
     if geo.pixels < width:
         return None
@@ -64,7 +65,7 @@ def lower_conv(low: Lowering, node: Node, final: str, inline: set[str],
         return None
     bias_buf = low.constant(bias.astype(np.float32), f"{node.name}_bias") \
         if bias is not None else None
-    job = ConvContext(low, node, geo, low.buffer(x), bias_buf, final, out)
+    job = ConvContext(low, node, geo, low.buffer(src), bias_buf, final, out)
     n_var, g_var = low.fresh("n"), low.fresh("grp")
     loop = ImageLoop(n_var, g_var, (n_var * geo.c + g_var * geo.cg) * geo.in_pixels,
                      _images(job, wv))
@@ -143,7 +144,7 @@ def choose_algorithm(job: ConvContext, wv: np.ndarray, images: int) -> str:
 def conv_signature(node: Node, in_shape: Sequence[int], wv: np.ndarray) -> str:
     """What a convolution's best algorithm depends on: its input and weight shapes and its
     attributes (the key of ``Tuning.conv_algorithms`` and of the tuning database)."""
-    a = node.attrs
-    return (f"conv x{list(in_shape)} w{list(wv.shape)} s{list(as_tuple(a['stride'], 2, 's'))}"
-            f" p{list(as_tuple(a['padding'], 2, 'p'))} d{list(as_tuple(a['dilation'], 2, 'd'))}"
-            f" g{a['groups']}").replace(" ", "")
+    a, nd = node.attrs, wv.ndim - 2  # 1-, 2- or 3-d (a 3-d conv's stride has 3 entries)
+    return (f"conv x{list(in_shape)} w{list(wv.shape)} s{list(as_tuple(a['stride'], nd, 's'))}"
+            f" p{list(as_tuple(a['padding'], nd, 'p'))}"
+            f" d{list(as_tuple(a['dilation'], nd, 'd'))} g{a['groups']}").replace(" ", "")

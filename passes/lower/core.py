@@ -179,6 +179,19 @@ class Lowering:
         node = self.producers.get(value)
         return value in self.overrides or (node is not None and node.name in self.inline)
 
+    def stored_view(self, value: str) -> str | None:
+        """The value read from memory whose buffer holds ``value`` in ``value``'s own row-major
+        layout: ``value`` itself when it is stored, the input of the reshapes it is inlined
+        through otherwise (a reshape moves no data); None when the kernel computes it."""
+        while value not in self.overrides:
+            node = self.producers.get(value)
+            if node is None or node.name not in self.inline:
+                return value
+            if node.op != "reshape":
+                return None
+            value = node.inputs[0]
+        return None
+
     def load(self, value: str, flat: Expr) -> Expr:
         return K.Load(self.buffer(value), simplify(flat), self.dtype(value))
 

@@ -25,8 +25,8 @@ def lower_depthwise(low: Lowering, node: Node, final: str, geo: ConvGeometry,
     border of a few rows and columns whose taps test their bounds one element at a time. No
     padded copy is made: on large maps the layer is limited by memory traffic, and a copy
     would double it."""
-    x = node.inputs[0]
-    if wv.ndim != 4 or low.is_inline(x):
+    x = low.stored_view(node.inputs[0])  # read in place, through any reshape
+    if wv.ndim != 4 or x is None:
         return None
     n_, c_, (H, W) = geo.n, geo.c, geo.in_sp
     if wv.shape[:2] != (c_, 1):

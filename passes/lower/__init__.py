@@ -23,6 +23,7 @@ from kiln.passes.lower.core import (
     flat_index,
     loop_nest,
 )
+from kiln.passes.lower.elementwise import reshape_groups
 from kiln.passes.lower.matmul import lower_linear, lower_matmul
 from kiln.passes.lower.pool import lower_pool
 from kiln.passes.lower.precision import compute_f16_in_f32
@@ -91,6 +92,44 @@ def _flat_ok(graph: Graph, producers: dict[str, Node], inline: set[str], out: st
     return {v for v in seen if graph.types[v].shape == shape}
 
 
+def _split_view(graph: Graph, producers: dict[str, Node], inline: set[str], out: str
+                ) -> tuple[tuple[int, ...], set[str]] | None:
+    """A finer shape to iterate an elementwise group over, where it reads through a reshape
+    that merges dims (``[1, 32, 4, 64] -> [1, 32, 256]``, attention heads back to the hidden
+    size): the reshape's input shape, and the group's values seen in it. Iterating the merged
+    shape would split each index back with a division and a modulo (no vector loads); the
+    finer one reads the reshape's input with affine indices. None where the group has other
+    shapes (broadcasts), other shape ops, or reshapes of differing input shapes."""
+    shape = graph.types[out].shape
+    seen: set[str] = set()
+    finer: set[tuple[int, ...]] = set()
+    stack = [out]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        vshape = graph.types[v].shape
+        if vshape != shape and math.prod(vshape) != 1:
+            return None
+        node = producers.get(v)
+        if node is None or node.name not in inline:
+            continue
+        if node.op == "reshape":
+            src = graph.types[node.inputs[0]].shape
+            if not all(len(gj) == 1 for _, gj in reshape_groups(src, shape)):
+                return None
+            finer.add(src)
+            continue
+        if is_shape_op(node.op) or get_op(node.op).kind != "elementwise":
+            return None
+        stack.extend(node.inputs)
+    if len(finer) != 1:
+        return None
+    (src,) = finer
+    return src, {v for v in seen if graph.types[v].shape == shape}
+
+
 def lower_group(graph: Graph, plan: FusionPlan, root: Node, producers: dict[str, Node],
                 index: int, width: int = 1, target: Target | None = None,
                 tuning: Tuning = DEFAULT_TUNING, inlined: set[str] | None = None
@@ -130,9 +169,14 @@ def lower_group(graph: Graph, plan: FusionPlan, root: Node, producers: dict[str,
         low.inline = inline | {root.name}
         out_shape = graph.types[outs[0]].shape
         flat = _flat_ok(graph, producers, low.inline, outs[0]) if len(outs) == 1 else set()
+        split = (_split_view(graph, producers, low.inline, outs[0])
+                 if len(outs) == 1 and not flat else None)
         if flat and len(out_shape) != 1:
             low.view_shapes = {v: (math.prod(graph.types[v].shape),) for v in flat}
             out_shape = (math.prod(out_shape),)
+        elif split is not None:
+            out_shape, values = split
+            low.view_shapes = dict.fromkeys(values, out_shape)
 
         def body_fn(idx):
             stmts = []

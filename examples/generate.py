@@ -3,6 +3,7 @@
     python examples/generate.py                       # GPT-2 small shape, batch 1 and 8
     python examples/generate.py --batches 1 --steps 64 --prompt 16 --skip torch.compile
     python examples/generate.py --config tiny --steps 8   # a few seconds: a smoke test
+    python examples/generate.py --batches 1 --skip torch.compile --profile
 
 The model is GPT-2 small's architecture (12 layers, d=768, 12 heads, 50257 tokens) with random
 weights built from a config (``zoo/gpt2_decoder.py``; nothing is downloaded).
@@ -15,10 +16,12 @@ eager PyTorch runs what a user writes without a compiler (the cache grown with `
 SDPA). Every runtime gets the same thread count.
 
 Printed per batch size: tokens/s (generated tokens, all sequences, per second of decoding after
-the prompt; median of ``--repeat`` runs), the prompt's latency, the one-off compile time, and
+the prompt; median of ``--repeat`` runs, the runtimes' runs interleaved so that a change in
+the machine's load reaches them alike), the prompt's latency, the one-off compile time, and
 whether kiln's and torch.compile's tokens equal eager's exactly. "first s" is the first
 generation's seconds, compiles included (kiln's disk cache makes a second process's first run
-a load).
+a load). ``--profile`` adds where a kiln decode step's time goes: the generation loop's Python,
+the runtime call, and the kernels by kind with the bandwidth they reach.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class CachedGenerator:
         self._step_module = DecodeStep(decoder).eval()
         self._prefill = None
         self._step = None
+        self._caches: dict[tuple[int, int], np.ndarray] = {}
 
     def _io(self, a: np.ndarray):
         return a if self.numpy_io else torch.from_numpy(a)
@@ -107,6 +111,19 @@ class CachedGenerator:
             self._step = self._compile_fn(self._step_module, args, {2: {3: "ctx"}, 3: {3: "ctx"}})
         return [np.asarray(o) for o in self._step(*args)]
 
+    def _buffers(self, batch: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
+        """The caches ``(2L, B, H, cap, Dh)`` and the mask ``(B, 1, 1, cap)`` for a generation,
+        the mask all empty. The caches are kept from one generation to the next (at batch 8 a
+        generation would otherwise allocate and fault in 110 MB of them): slots the mask hides
+        may hold an earlier generation's keys and values, which get a softmax weight of exactly
+        0, as zeros would."""
+        cfg = self.cfg
+        caches = self._caches.get((batch, cap))
+        if caches is None:
+            caches = np.zeros((2 * cfg.n_layer, batch, cfg.n_head, cap, cfg.d_head), np.float32)
+            self._caches[(batch, cap)] = caches
+        return caches, np.full((batch, 1, 1, cap), np.finfo(np.float32).min, np.float32)
+
     def generate(self, prompt: np.ndarray, steps: int) -> tuple[np.ndarray, float]:
         """Greedy tokens ``(B, steps)`` after ``prompt``, and the prompt's seconds."""
         cfg = self.cfg
@@ -118,10 +135,9 @@ class CachedGenerator:
         logits, keys, values = self._run_prefill(prompt)
         prompt_s = time.perf_counter() - t0
         cap = capacity_for(t + 1, cfg.n_positions)
-        caches = np.zeros((2 * cfg.n_layer, b, cfg.n_head, cap, cfg.d_head), np.float32)
+        caches, mask = self._buffers(b, cap)
         caches[0::2, :, :, :t] = keys
         caches[1::2, :, :, :t] = values
-        mask = np.full((b, 1, 1, cap), np.finfo(np.float32).min, np.float32)
         mask[..., :t] = 0.0
         out = np.empty((b, steps), np.int64)
         for s in range(steps):
@@ -132,13 +148,10 @@ class CachedGenerator:
             pos = t + s                      # the token being fed now sits at this position
             if pos >= cap:                   # caches full: double the capacity
                 cap2 = capacity_for(pos + 1, cfg.n_positions)
-                grown = np.zeros(caches.shape[:3] + (cap2, cfg.d_head), np.float32)
+                grown, mask = self._buffers(b, cap2)
                 grown[:, :, :, :cap] = caches
-                caches = grown
-                mask = np.concatenate(
-                    [mask, np.full((b, 1, 1, cap2 - cap), np.finfo(np.float32).min, np.float32)],
-                    axis=-1)
-                cap = cap2
+                mask[..., :cap] = 0.0
+                caches, cap = grown, cap2
             logits, new_k, new_v = self._run_step(
                 tok[:, None], np.full((b, 1), pos, np.int64), mask, caches)
             caches[0::2, :, :, pos] = new_k[:, :, :, 0]
@@ -175,16 +188,90 @@ def eager_generate(decoder: GPT2Decoder, prompt: np.ndarray, steps: int):
     return gen.generate(torch.from_numpy(prompt), steps).numpy(), prompt_s
 
 
-def measure(run: Callable[[], tuple[np.ndarray, float]], repeat: int, steps: int, batch: int):
-    """(tokens, tokens/s median, prompt ms median) over ``repeat`` timed runs."""
-    rates, prompts, tokens = [], [], None
-    for _ in range(repeat):
+def measure(runs: dict[str, Callable[[], tuple[np.ndarray, float]]], repeat: int, steps: int,
+            batch: int) -> dict[str, tuple[np.ndarray, float, float]]:
+    """{name: (tokens, tokens/s median, prompt ms median)} over ``repeat`` timed runs of each,
+    interleaved (one run of every runtime per round, the order rotating each round) so that a
+    change in the machine's load reaches every runtime alike."""
+    names = list(runs)
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    prompts: dict[str, list[float]] = {n: [] for n in names}
+    tokens: dict[str, np.ndarray] = {}
+    for r in range(repeat):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            tokens[name], prompt_s = runs[name]()
+            total = time.perf_counter() - t0
+            rates[name].append(batch * (steps - 1) / max(total - prompt_s, 1e-9))
+            prompts[name].append(prompt_s * 1e3)
+    return {n: (tokens[n], statistics.median(rates[n]), statistics.median(prompts[n]))
+            for n in names}
+
+
+def profile_decode(gen: CachedGenerator, prompt: np.ndarray, steps: int,
+                   repeat: int = 10) -> list[str]:
+    """Where one kiln decode step's time goes, as printable lines. Each step of one generation
+    is split three ways: the kernels (the program's own cycle counters, read around that very
+    call), the rest of the runtime call (argument checks, output arrays, handing the call to
+    the thread pool), and the generation loop outside the call (argmax, cache writes, Python);
+    medians over the steps. Then kiln's per-kernel profile of the step program (at the last
+    step's capacity), grouped by what the kernels do, with the bandwidth each group reaches."""
+    from kiln.backends.llvm.compiler import cycles_per_second
+
+    per_cycle = 1.0 / cycles_per_second()
+    if gen._step is None:
+        gen.generate(prompt, steps)    # compiles the programs: not part of a step's time
+    calls: list[tuple[float, float]] = []   # (call seconds, kernel seconds)
+    last: list = []
+    run_step = gen._run_step
+
+    def timed(*args):
+        last[:] = args
+        counters = gen._step.specialize(*args).executable.program._cycles()
+        c0 = int(counters.sum())
         t0 = time.perf_counter()
-        tokens, prompt_s = run()
-        total = time.perf_counter() - t0
-        rates.append(batch * (steps - 1) / max(total - prompt_s, 1e-9))
-        prompts.append(prompt_s * 1e3)
-    return tokens, statistics.median(rates), statistics.median(prompts)
+        out = run_step(*args)
+        calls.append((time.perf_counter() - t0, (int(counters.sum()) - c0) * per_cycle))
+        return out
+
+    gen._run_step = timed
+    try:
+        t0 = time.perf_counter()
+        _, prompt_s = gen.generate(prompt, steps)
+        loop_s = (time.perf_counter() - t0 - prompt_s) / (steps - 1)
+    finally:
+        del gen._run_step
+    call_s = statistics.median(c for c, _ in calls)
+    kernel_s = statistics.median(k for _, k in calls)
+    handoff_s = statistics.median(c - k for c, k in calls)
+    outside_s = loop_s - statistics.mean(c for c, _ in calls)
+    kernels = gen._step.specialize(*last).profile(*last, repeat=repeat)
+    groups: dict[str, list] = {}
+    for k in kernels:
+        if k.op == "linear":
+            what = "lm head" if k.bytes >= 50e6 else "block linears"
+        else:
+            what = {"matmul": "attention matmuls"}.get(k.op, "other kernels")
+        groups.setdefault(what, []).append(k)
+    total = sum(k.seconds for k in kernels)
+    lines = [f"decode step: {loop_s * 1e3:.2f} ms per step in the loop (mean); medians per "
+             f"call: runtime call {call_s * 1e3:.2f} ms, its kernels {kernel_s * 1e3:.2f} ms",
+             f"  inside the call, outside the kernels (checks, outputs, thread handoff): "
+             f"{handoff_s * 1e3:.3f} ms",
+             f"  outside the call (argmax, cache writes, Python; mean): {outside_s * 1e3:.3f} ms",
+             f"  kernels at capacity {last[3].shape[3]} ({len(kernels)}, median of {repeat} "
+             f"runs: {total * 1e3:.2f} ms):"]
+    for what, ks in sorted(groups.items(), key=lambda kv: -sum(k.seconds for k in kv[1])):
+        sec = sum(k.seconds for k in ks)
+        line = (f"    {what:<18}{len(ks):>4} kernels {sec * 1e3:8.2f} ms "
+                f"{100 * sec / max(total, 1e-12):5.1f}%")
+        if what in ("lm head", "block linears"):
+            # A linear reads its weight once: bytes over time is the bandwidth it reaches
+            # (other kernels' byte counts take whole inputs, the caches, for each).
+            mb = sum(k.bytes for k in ks) / 1e6
+            line += f" {mb:8.1f} MB {mb / 1e3 / max(sec, 1e-12):6.1f} GB/s"
+        lines.append(line)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     ap.add_argument("--skip", nargs="*", default=[], choices=["torch.compile", "eager"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true",
+                    help="also print where a kiln decode step's time goes")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = CONFIGS[args.config]
@@ -217,26 +306,26 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     for batch in args.batches:
         prompt = rng.integers(0, cfg.vocab_size, (batch, args.prompt), dtype=np.int64)
-        rows = []
-        eager_tokens, eager_rate = None, None
+        runs: dict[str, Callable[[], tuple[np.ndarray, float]]] = {}
+        first_s: dict[str, float] = {}
         if "eager" not in args.skip:
             eager_generate(decoder, prompt, 2)                   # warm-up
-            eager_tokens, eager_rate, eager_prompt = measure(
-                lambda p=prompt: eager_generate(decoder, p, args.steps), args.repeat, args.steps,
-                batch)
-            rows.append(("eager", eager_rate, eager_prompt, 0.0, "reference"))
-        runtimes = [("kiln", CachedGenerator(decoder, kiln_compile(args.threads),
-                                             numpy_io=True))]
+            runs["eager"] = lambda p=prompt: eager_generate(decoder, p, args.steps)
+            first_s["eager"] = 0.0
+        gens = {"kiln": CachedGenerator(decoder, kiln_compile(args.threads), numpy_io=True)}
         if "torch.compile" not in args.skip:
-            runtimes.append(("torch.compile",
-                             CachedGenerator(decoder, torch_compile, numpy_io=False)))
-        for name, gen in runtimes:
+            gens["torch.compile"] = CachedGenerator(decoder, torch_compile, numpy_io=False)
+        for name, gen in gens.items():
             t0 = time.perf_counter()
             gen.generate(prompt, args.steps)          # compiles every capacity this run uses
-            compile_s = time.perf_counter() - t0
-            tokens, rate, prompt_ms = measure(lambda g=gen, p=prompt: g.generate(p, args.steps),
-                                              args.repeat, args.steps, batch)
-            if eager_tokens is None:
+            first_s[name] = time.perf_counter() - t0
+            runs[name] = lambda g=gen, p=prompt: g.generate(p, args.steps)
+        results = measure(runs, args.repeat, args.steps, batch)
+        eager_tokens, eager_rate = results.get("eager", (None, None, None))[:2]
+        for name, (tokens, rate, prompt_ms) in results.items():
+            if name == "eager":
+                same = "reference"
+            elif eager_tokens is None:
                 same = "n/a"
             elif np.array_equal(tokens, eager_tokens):
                 same = "same as eager"
@@ -245,11 +334,13 @@ def main(argv: list[str] | None = None) -> int:
                 same = f"DIFFER from eager (sequence {diff[0]}, step {diff[1]})"
                 if name == "kiln":
                     status = 1
-            rows.append((name, rate, prompt_ms, compile_s, same))
-        for name, rate, prompt_ms, compile_s, same in rows:
             ratio = f"{rate / eager_rate:.2f}x" if eager_rate else "n/a"
             print(f"{batch:>5}  {name:<14}{rate:>10.1f}{ratio:>10}{prompt_ms:>11.1f}"
-                  f"{compile_s:>9.1f}  {same}")
+                  f"{first_s[name]:>9.1f}  {same}")
+        if args.profile:
+            for line in profile_decode(gens["kiln"], prompt, args.steps):
+                print(f"{batch:>5}  {line}")
+        print(f"       (load average {os.getloadavg()[0]:.2f})")
     return status
 
 

@@ -12,7 +12,13 @@ import numpy as np
 import torch
 
 import kiln
-from kiln.examples.generate import CachedGenerator, capacity_for, kiln_compile
+from kiln.examples.generate import (
+    CachedGenerator,
+    capacity_for,
+    kiln_compile,
+    measure,
+    profile_decode,
+)
 from kiln.zoo.gpt2_decoder import (
     TINY,
     DecodeStep,
@@ -62,6 +68,11 @@ def test_kiln_decoding_gives_eager_tokens_across_a_capacity_change() -> None:
     np.testing.assert_array_equal(tokens, want)
     # One program per capacity, not per step: 64 and 128.
     assert sorted(k[0] for k in gen._step._programs) == [64, 128]
+    # A second generation reuses the caches, an earlier generation's keys still in the slots
+    # the mask hides: the tokens are still eager's.
+    prompt2 = rng.integers(0, TINY.vocab_size, (3, 4), dtype=np.int64)
+    want2 = EagerGenerator(decoder).generate(torch.from_numpy(prompt2), steps).numpy()
+    np.testing.assert_array_equal(gen.generate(prompt2, steps)[0], want2)
 
 
 def test_script_smoke_run_reports_same_tokens() -> None:
@@ -71,3 +82,31 @@ def test_script_smoke_run_reports_same_tokens() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     kiln_row = next(line for line in proc.stdout.splitlines() if " kiln " in line)
     assert "same as eager" in kiln_row, proc.stdout
+
+
+def test_measure_interleaves_the_runtimes_and_rotates_their_order() -> None:
+    order: list[str] = []
+
+    def run(name):
+        def go():
+            order.append(name)
+            return np.array([[len(name)]]), 0.0
+        return go
+
+    out = measure({"a": run("a"), "bb": run("bb"), "ccc": run("ccc")}, 3, steps=5, batch=2)
+    assert order == ["a", "bb", "ccc", "bb", "ccc", "a", "ccc", "a", "bb"]
+    assert [int(out[n][0][0, 0]) for n in ("a", "bb", "ccc")] == [1, 2, 3]
+    assert all(rate > 0 for _, rate, _ in out.values())
+
+
+def test_profile_decode_splits_a_step_into_loop_call_and_kernels() -> None:
+    decoder = build_decoder(TINY, seed=0)
+    prompt = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 5), dtype=np.int64)
+    gen = CachedGenerator(decoder, kiln_compile(threads=1), numpy_io=True)
+    lines = profile_decode(gen, prompt, steps=6, repeat=2)
+    assert lines[0].startswith("decode step:")
+    assert "outside the kernels" in lines[1] and "outside the call" in lines[2]
+    assert "capacity 64" in lines[3]
+    assert any("block linears" in line and "GB/s" in line for line in lines[4:])
+    # The generator is left as it was: its step method is the class's again.
+    assert "_run_step" not in vars(gen)

@@ -115,9 +115,12 @@ def _split_view(graph: Graph, producers: dict[str, Node], inline: set[str], out:
         node = producers.get(v)
         if node is None or node.name not in inline:
             continue
+        if vshape != shape:   # a one-element value, broadcast: read as it is
+            continue
         if node.op == "reshape":
             src = graph.types[node.inputs[0]].shape
-            if not all(len(gj) == 1 for _, gj in reshape_groups(src, shape)):
+            if math.prod(src) != math.prod(shape) or \
+                    not all(len(gj) == 1 for _, gj in reshape_groups(src, shape)):
                 return None
             finer.add(src)
             continue

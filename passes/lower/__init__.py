@@ -69,40 +69,14 @@ class LoweredGraph:
         return "\n".join(K.print_kernel(s.kernel) for s in self.steps)
 
 
-def _flat_ok(graph: Graph, producers: dict[str, Node], inline: set[str], out: str) -> set[str]:
-    """Values of an elementwise group that may be seen as 1-d (all same shape or scalars).
-
-    Returns the set of those values, or an empty set when the group needs real indices."""
+def _walk_group(graph: Graph, producers: dict[str, Node], inline: set[str], out: str,
+                split: bool) -> tuple[set[str], list[Node]] | None:
+    """The values of the elementwise group computing ``out`` (each of ``out``'s shape, or a
+    one-element value broadcast), and with ``split`` the inline reshapes to ``out``'s shape
+    where the walk stopped; None where the group holds another shape or another shape op."""
     shape = graph.types[out].shape
     seen: set[str] = set()
-    stack = [out]
-    while stack:
-        v = stack.pop()
-        if v in seen:
-            continue
-        seen.add(v)
-        node = producers.get(v)
-        vshape = graph.types[v].shape
-        if vshape != shape and math.prod(vshape) != 1:
-            return set()
-        if node is not None and node.name in inline:
-            if is_shape_op(node.op) or get_op(node.op).kind != "elementwise":
-                return set()
-            stack.extend(node.inputs)
-    return {v for v in seen if graph.types[v].shape == shape}
-
-
-def _split_view(graph: Graph, producers: dict[str, Node], inline: set[str], out: str
-                ) -> tuple[tuple[int, ...], set[str]] | None:
-    """A finer shape to iterate an elementwise group over, where it reads through a reshape
-    that merges dims (``[1, 32, 4, 64] -> [1, 32, 256]``, attention heads back to the hidden
-    size): the reshape's input shape, and the group's values seen in it. Iterating the merged
-    shape would split each index back with a division and a modulo (no vector loads); the
-    finer one reads the reshape's input with affine indices. None where the group has other
-    shapes (broadcasts), other shape ops, or reshapes of differing input shapes."""
-    shape = graph.types[out].shape
-    seen: set[str] = set()
-    finer: set[tuple[int, ...]] = set()
+    reshapes: list[Node] = []
     stack = [out]
     while stack:
         v = stack.pop()
@@ -115,22 +89,48 @@ def _split_view(graph: Graph, producers: dict[str, Node], inline: set[str], out:
         node = producers.get(v)
         if node is None or node.name not in inline:
             continue
-        if vshape != shape:   # a one-element value, broadcast: read as it is
+        if split and vshape != shape:   # a one-element value, broadcast: read as it is
             continue
-        if node.op == "reshape":
-            src = graph.types[node.inputs[0]].shape
-            if math.prod(src) != math.prod(shape) or \
-                    not all(len(gj) == 1 for _, gj in reshape_groups(src, shape)):
-                return None
-            finer.add(src)
+        if split and node.op == "reshape":
+            reshapes.append(node)
             continue
         if is_shape_op(node.op) or get_op(node.op).kind != "elementwise":
             return None
         stack.extend(node.inputs)
+    return seen, reshapes
+
+
+def _flat_ok(graph: Graph, producers: dict[str, Node], inline: set[str], out: str) -> set[str]:
+    """Values of an elementwise group that may be seen as 1-d (all same shape or scalars).
+
+    Returns the set of those values, or an empty set when the group needs real indices."""
+    walked = _walk_group(graph, producers, inline, out, split=False)
+    if walked is None:
+        return set()
+    shape = graph.types[out].shape
+    return {v for v in walked[0] if graph.types[v].shape == shape}
+
+
+def _split_view(graph: Graph, producers: dict[str, Node], inline: set[str], out: str
+                ) -> tuple[tuple[int, ...], set[str]] | None:
+    """A finer shape to iterate an elementwise group over, where it reads through a reshape
+    that merges dims (``[1, 32, 4, 64] -> [1, 32, 256]``, attention heads back to the hidden
+    size): the reshape's input shape, and the group's values seen in it. Iterating the merged
+    shape would split each index back with a division and a modulo (no vector loads); the
+    finer one reads the reshape's input with affine indices. None where the group has other
+    shapes (broadcasts), other shape ops, or reshapes of differing input shapes."""
+    walked = _walk_group(graph, producers, inline, out, split=True)
+    if walked is None or not walked[1]:
+        return None
+    shape = graph.types[out].shape
+    finer = {graph.types[n.inputs[0]].shape for n in walked[1]}
     if len(finer) != 1:
         return None
     (src,) = finer
-    return src, {v for v in seen if graph.types[v].shape == shape}
+    if math.prod(src) != math.prod(shape) or \
+            not all(len(gj) == 1 for _, gj in reshape_groups(src, shape)):
+        return None
+    return src, {v for v in walked[0] if graph.types[v].shape == shape}
 
 
 def lower_group(graph: Graph, plan: FusionPlan, root: Node, producers: dict[str, Node],

@@ -140,12 +140,16 @@ class CompiledModel:
         # What a well-formed call looks like, so the hot path checks it in a few comparisons.
         types = executable.input_types
         self._torch_sig = [(torch.Size(t.shape), _TORCH_DTYPE[t.dtype.value]) for t in types]
+        self._cuda = executable.backend == "cuda"
 
     @property
     def backend(self) -> str:
         return self.executable.backend
 
     def __call__(self, *args: Any) -> Any:
+        fast = self._fast_call(args)
+        if fast is not None:
+            return fast
         use_torch = any(isinstance(a, torch.Tensor) for a in args)
         on_device = self.backend == "cuda" and any(
             a.is_cuda if isinstance(a, torch.Tensor) else hasattr(a, "__cuda_array_interface__")
@@ -173,6 +177,27 @@ class CompiledModel:
             # Backends return fresh arrays on every call, so sharing their memory is safe.
             outs = [torch.from_numpy(o) if o.flags.writeable else torch.from_numpy(o.copy())
                     for o in outs]
+        if self._single:
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        return pytree.tree_unflatten(outs, self._out_spec)
+
+    def _fast_call(self, args: Sequence[Any]) -> Any:
+        """The call of plain CPU tensors of the compiled signature (the common case), in as
+        few Python steps as possible: after a call's kernels have streamed the weights
+        through the caches, every step of Python here runs cold (BERT int8: about 57 us of
+        the general path per call). None where the general path must run."""
+        sig = self._torch_sig
+        if self._cuda or len(args) != len(sig):
+            return None
+        arrays = []
+        for a, (shape, dtype) in zip(args, sig):
+            if (type(a) is not torch.Tensor or a.dtype != dtype or a.shape != shape
+                    or a.requires_grad or not a.is_cpu):
+                return None
+            arrays.append(a.numpy())
+        outs = self.executable.run_checked(arrays)
+        outs = [torch.from_numpy(o) if o.flags.writeable else torch.from_numpy(o.copy())
+                for o in outs]
         if self._single:
             return outs[0] if len(outs) == 1 else tuple(outs)
         return pytree.tree_unflatten(outs, self._out_spec)

@@ -174,12 +174,8 @@ class CompiledModel:
                       else np.asarray(a) for a in args]
             outs = self.executable.run(arrays)
         if use_torch and not on_device:
-            # Backends return fresh arrays on every call, so sharing their memory is safe.
-            outs = [torch.from_numpy(o) if o.flags.writeable else torch.from_numpy(o.copy())
-                    for o in outs]
-        if self._single:
-            return outs[0] if len(outs) == 1 else tuple(outs)
-        return pytree.tree_unflatten(outs, self._out_spec)
+            outs = self._as_tensors(outs)
+        return self._structured(outs)
 
     def _fast_call(self, args: Sequence[Any]) -> Any:
         """The call of plain CPU tensors of the compiled signature (the common case), in as
@@ -195,12 +191,19 @@ class CompiledModel:
                     or a.requires_grad or not a.is_cpu):
                 return None
             arrays.append(a.numpy())
-        outs = self.executable.run_checked(arrays)
-        outs = [torch.from_numpy(o) if o.flags.writeable else torch.from_numpy(o.copy())
+        return self._structured(self._as_tensors(self.executable.run_checked(arrays)))
+
+    @staticmethod
+    def _as_tensors(outs: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        # Backends return fresh arrays on every call, so sharing their memory is safe.
+        return [torch.from_numpy(o) if o.flags.writeable else torch.from_numpy(o.copy())
                 for o in outs]
+
+    def _structured(self, outs: Sequence[Any]) -> Any:
+        """The outputs in the model's own structure."""
         if self._single:
             return outs[0] if len(outs) == 1 else tuple(outs)
-        return pytree.tree_unflatten(outs, self._out_spec)
+        return pytree.tree_unflatten(list(outs), self._out_spec)
 
     def _check_dtypes(self, args: Sequence[Any]) -> None:
         """A KilnError for a tensor argument of a dtype NumPy and kiln cannot take (bfloat16,

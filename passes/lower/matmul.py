@@ -130,7 +130,7 @@ def lower_matmul(low: Lowering, node: Node, final: str, inline: set[str],
             return None
         copy: list = []
         if affine_coef(probe.index, cv.name) != 1:
-            transposed = _transposed_b(low, node, b_v, ib, Kd, N,
+            transposed = _transposed_b(low, node, b_v, ib, probe, Kd, N,
                                        shared=math.prod(batch) <= 1)
             if transposed is None:
                 return None
@@ -162,19 +162,16 @@ TRANSPOSED_B_SHARED_MAX = 1 << 22
 """The same for one matrix (no batch), copied once into the arena before a parallel product."""
 
 
-def _transposed_b(low: Lowering, node: Node, b_v: str, ib: list, Kd: int, N: int,
-                  shared: bool) -> tuple[str, list] | None:
+def _transposed_b(low: Lowering, node: Node, b_v: str, ib: list, probe: K.Load, Kd: int,
+                  N: int, shared: bool) -> tuple[str, list] | None:
     """An array and the statements copying B (read as a transposed view: stride 1 along k) to
     it as rows, B[k, col] at k * N + col, so the micro-kernel reads them as vectors. For
     q @ k^T the dot-product nest did one horizontal sum per score (BERT's 32x32x64 heads: 12
     us per layer); the copy is Kd * N scalar moves, read in order. ``shared``: one copy in the
     arena, made before the (parallel) product; otherwise a stack array per thread, filled by
-    each batch entry inside the parallel batch loop."""
-    kv, cv = Var("__k"), Var("__col")
-    probe = low.element(b_v, ib + [kv, cv])
+    each batch entry inside the parallel batch loop. ``probe``: B's element at (__k, __col)."""
     limit = TRANSPOSED_B_SHARED_MAX if shared else TRANSPOSED_B_MAX
-    if (not isinstance(probe, K.Load) or affine_coef(probe.index, kv.name) != 1
-            or Kd * N > limit):
+    if affine_coef(probe.index, "__k") != 1 or Kd * N > limit:
         return None
     if shared:
         rows = low.workspace(f"bt_{node.name}", "f32", Kd * N)

@@ -255,6 +255,8 @@ class _Fn:
         r = self.tmp()
         op = e.op
         if op in ("add", "sub", "mul", "div"):
+            if op == "div" and dt == "f32" and self._exact_division(e.b) is not None:
+                return self._divide_by_constant(a, at, e.lanes, self._exact_division(e.b))
             if fl:
                 inst = {"add": "fadd", "sub": "fsub", "mul": "fmul", "div": "fdiv"}[op]
                 self.emit(f"{r} = {inst} contract {at} {a}, {b}")
@@ -293,6 +295,62 @@ class _Fn:
             self.emit(f"{r} = {op} {at} {a}, {b}")
             return r
         raise InternalError(f"codegen: unknown binary op {op}")
+
+    def _exact_division(self, divisor: Expr) -> float | None:
+        """The constant float32 divisor of a division that `_divide_by_constant` may take:
+        finite, not a power of two (LLVM multiplies by those itself), its reciprocal a
+        normal number, on a target with FMA."""
+        c = divisor.x if isinstance(divisor, Broadcast) else divisor
+        if not isinstance(c, Const) or "+fma" not in self.m.features.split(","):
+            return None
+        v = np.float32(c.value)
+        if not np.isfinite(v) or v == 0:
+            return None
+        mant, _ = np.frexp(np.float64(abs(v)))
+        inv = np.float32(1) / v
+        tiny = np.finfo(np.float32).tiny
+        if mant == 0.5 or not tiny <= abs(inv) < np.finfo(np.float32).max / 4:
+            return None
+        return float(v)
+
+    def _divide_by_constant(self, a: str, t: str, lanes: int, divisor: float) -> str:
+        """``a / divisor``, correctly rounded, without a division instruction: q = a * y with
+        y = RN(1/divisor), the remainder r = a - q * divisor exactly by one FMA, and
+        RN(q + r * y) is RN(a / divisor) for every quotient in the normal range (Markstein's
+        theorem). A vector division occupies the divider for 5-10 cycles per vector; this is
+        three FMA-port instructions, and requantizing epilogues (BERT's GELU into u8) divide
+        every output by the scale. Where q is inf or NaN (a inf or NaN, or a quotient at the
+        overflow edge) r is NaN and q itself is the answer."""
+        d = float_literal(divisor, "f32")
+        y = float_literal(float(np.float32(1) / np.float32(divisor)), "f32")
+        if lanes > 1:
+            d = "<" + ", ".join([f"float {d}"] * lanes) + ">"
+            y = "<" + ", ".join([f"float {y}"] * lanes) + ">"
+        sfx = _intrinsic_suffix("f32", lanes)
+        q = self.tmp()
+        self.emit(f"{q} = fmul {t} {a}, {y}")
+        # Which side the residual is taken from follows the divisor's sign, so that a zero
+        # quotient keeps a's sign (-0 / 3 the other way round would be -0 + +0 = +0). The
+        # negations fold into vfmsub / vfnmadd.
+        fma = f"llvm.fma.{sfx}"
+        if divisor > 0:   # r = q*d - a, q2 = q - r*y
+            na = self.tmp()
+            self.emit(f"{na} = fneg {t} {a}")
+            r = self.call(t, fma, [(t, q), (t, d), (t, na)])
+            nr = self.tmp()
+            self.emit(f"{nr} = fneg {t} {r}")
+            q2 = self.call(t, fma, [(t, nr), (t, y), (t, q)])
+        else:             # r = a - q*d, q2 = q + r*y
+            nq = self.tmp()
+            self.emit(f"{nq} = fneg {t} {q}")
+            r = self.call(t, fma, [(t, nq), (t, d), (t, a)])
+            q2 = self.call(t, fma, [(t, r), (t, y), (t, q)])
+        ok = self.tmp()
+        bt = "i1" if lanes == 1 else f"<{lanes} x i1>"
+        self.emit(f"{ok} = fcmp ord {t} {q2}, {q2}")
+        out = self.tmp()
+        self.emit(f"{out} = select {bt} {ok}, {t} {q2}, {t} {q}")
+        return out
 
     def unary(self, e: Unary) -> str:
         x = self.expr(e.x)

@@ -13,8 +13,9 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -293,6 +294,31 @@ class CompiledProgram:
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Outputs for inputs already checked against the signature. Safe to call from many
         threads at once."""
+        return self.run_into(inputs, None)
+
+    __call__ = run
+
+    @property
+    def output_specs(self) -> list[tuple[tuple[int, ...], np.dtype]]:
+        """Each output's shape and NumPy dtype."""
+        return list(self._out_specs)
+
+    @property
+    def writes_every_output(self) -> bool:
+        """Whether the native code computes every output (none is a copy of an input or a
+        constant made after the call): then ``run_into`` can take the output buffers."""
+        return not self.image.output_copies and not self.image.copy_constants
+
+    def run_into(self, inputs: list[np.ndarray], outputs: Sequence[int] | None) -> Any:
+        """``run`` writing into output buffers the caller owns: ``outputs`` holds the address
+        of a C-contiguous buffer of each output's shape and dtype (``output_specs``), which
+        the caller keeps alive through the call; None: fresh arrays, returned (``run``).
+        Caller-owned buffers need a program that ``writes_every_output``. CompiledModel
+        hands it torch tensors allocated ahead of time: after the kernels have streamed a
+        model's weights through the caches, making an output tensor costs 20-30 us of cold
+        Python and torch code per call, more than some models' kernels. For the same reason
+        this is one function: each further Python call on this path measured several
+        microseconds."""
         arrays = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in inputs]
         try:
             state = self._free.pop()
@@ -310,12 +336,18 @@ class CompiledProgram:
                                 node=node.partition(":")[2] or node,
                                 op=node.partition(":")[0] if ":" in node else "embedding",
                                 hint="check the indices (token ids) fed to the model")
+        outs = None
         try:
             for i, a in enumerate(arrays):
                 state.inputs[i] = a.ctypes.data
-            outs = [np.empty(shape, dt) for shape, dt in self._out_specs]
-            for j, o in enumerate(outs):
-                state.outputs[j] = o.ctypes.data
+            if outputs is None:
+                outs = [np.empty(shape, dt) for shape, dt in self._out_specs]
+                outputs = [o.ctypes.data for o in outs]
+            elif self.image.output_copies or self.image.copy_constants:
+                raise InternalError("run_into with output buffers on a program whose outputs "
+                                    "are copies")
+            for j, address in enumerate(outputs):
+                state.outputs[j] = address
         except BaseException:
             self._free.append(state)
             raise
@@ -337,13 +369,14 @@ class CompiledProgram:
             t1 = time.perf_counter()
             with self._choosing:  # callers in other threads record theirs too
                 chooser.after_call(t1 - t0, t1)
+        if outs is None:
+            return None
         for j, (kind, index) in self.image.output_copies.items():
             outs[j][...] = arrays[index] if kind == "input" else outs[index]
         for j, arr in self.image.copy_constants.items():
             outs[j][...] = arr
         return outs
 
-    __call__ = run
 
     def threads(self, n: int, adaptive: bool = True) -> None:
         """Use up to ``n`` threads (0: one per core). With ``adaptive``, each call uses the

@@ -61,3 +61,54 @@ def test_wrong_inputs_are_kiln_errors(compiled, bad):
     assert c._fast_call((bad,)) is None
     with pytest.raises(KilnError):
         c(bad)
+
+
+def test_short_path_returns_a_fresh_tensor_from_every_call(compiled):
+    model, c, x = compiled
+    assert c._into is not None   # this program computes its output: tensors made ahead
+    results = []
+    for i in range(3 * 8 + 1):   # more calls than one batch of spare outputs
+        xi = x + i
+        results.append((xi, c(xi)))
+    assert len({r.data_ptr() for _, r in results}) == len(results)
+    results[0][1].fill_(123.0)   # the caller owns what it got: no later call sees this
+    for xi, got in results[1:]:
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(xi), rtol=1e-5, atol=1e-6)
+
+
+def test_short_path_from_many_threads(compiled):
+    import concurrent.futures
+
+    model, c, x = compiled
+    torch.manual_seed(1)
+    xs = [torch.randn(3, 16) for _ in range(64)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(c, xs))
+    with torch.no_grad():
+        for xi, got in zip(xs, outs):
+            torch.testing.assert_close(got, model(xi), rtol=1e-5, atol=1e-6)
+    assert len({o.data_ptr() for o in outs}) == len(outs)
+
+
+class _Lookup(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, ids):
+        return self.emb(ids), ids
+
+
+def test_short_path_error_and_copied_outputs():
+    torch.manual_seed(0)
+    model = _Lookup().eval()
+    ids = torch.tensor([[1, 2, 3]])
+    c = kiln.compile(model, (ids,))
+    with pytest.raises(KilnError, match="out of range"):
+        c(torch.tensor([[1, 2, 10]]))
+    for _ in range(3):   # after the error the calls go on, through the short path
+        assert c._fast_call((ids,)) is not None
+        emb, same = c(ids)
+        torch.testing.assert_close(emb, model(ids)[0].detach())
+        assert torch.equal(same, ids) and same.data_ptr() != ids.data_ptr()

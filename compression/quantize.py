@@ -2,7 +2,7 @@
 
 Needs calibrated activation ranges (``quantize_int8.ranges``: value name -> (min, max), made
 by ``kiln.compression.calibration`` from data the user passes to ``kiln.compress``). For every 2-d
-conv (one group) and linear with constant weights whose input has a range:
+conv (one group, 1-d or 2-d) and linear with constant weights whose input has a range:
 
 - weights become i8, symmetric, one scale per output channel (max |w| -> ``weight_max``:
   127, or 64 for CPUs whose int8 dot product (pmaddubsw, without VNNI) saturates pairs of
@@ -10,7 +10,8 @@ conv (one group) and linear with constant weights whose input has a range:
   on those CPUs);
 - the input is quantized to u8 with the range's scale and zero point (per tensor,
   asymmetric), once per value however many layers read it; a convolution's input goes
-  channels-last first (qconv is NHWC), the permutes are left for ``sink_permutes``;
+  channels-last first (qconv is NHWC), the permutes are left for ``sink_permutes``; a 1-d
+  convolution runs as a 2-d one of height 1 ([N, C, L] -> [N, 1, L, C]);
 - the bias becomes i32 in the accumulator's scale;
 - a relu right after the layer fuses into it (the requantization clamp);
 - the output stays u8 (requantized in the layer's epilogue) when every reader is another
@@ -129,8 +130,8 @@ def _quantizable(node: Node, graph: Graph, ranges: dict, protect: set[str]) -> s
         return "its input has no calibrated range"
     w = graph.constants[node.inputs[1]]
     if node.op == "conv":
-        if w.ndim != 4:
-            return "not a 2-d convolution"
+        if w.ndim not in (3, 4):
+            return "a 3-d convolution (int8 takes 1-d and 2-d ones)"
         if node.attrs["groups"] != 1:
             return "grouped / depthwise convolution"
     elif w.ndim != 2:
@@ -205,6 +206,40 @@ def _near_float_conv(node: Node, users: dict, producers: dict, float_convs: set[
             return False
         v = p.inputs[0]
     return False
+
+
+def _layout(node: Node, graph: Graph) -> str:
+    """How a layer reads its quantized input: ``plain`` (linear), ``nhwc`` (2-d conv:
+    channels last) or ``nlc`` (1-d conv: [N, 1, L, C], channels last at height 1, so that
+    qconv's 2-d kernels run it)."""
+    if node.op != "conv":
+        return "plain"
+    return "nlc" if graph.types[node.inputs[0]].rank == 3 else "nhwc"
+
+
+def _to_layout(b: _Builder, v: str, layout: str) -> str:
+    """Float value ``v`` (NCHW / NCL) in ``layout``."""
+    if layout == "nhwc":
+        return b.emit("permute", [v], {"perm": NCHW_TO_NHWC}, hint=f"{v}.nhwc")
+    if layout == "nlc":
+        n, c, length = b.g.types[v].shape
+        t = b.emit("permute", [v], {"perm": (0, 2, 1)}, hint=f"{v}.nlc")
+        return b.emit("reshape", [t], {"shape": (n, 1, length, c)}, hint=f"{v}.nlc")
+    return v
+
+
+def _from_layout(b: _Builder, v: str, layout: str, hint: str, name: str | None = None,
+                 source: str | None = None) -> str:
+    """``v`` in ``layout`` back in the model's own (NCHW / NCL): the inverse of _to_layout."""
+    if layout == "nhwc":
+        return b.emit("permute", [v], {"perm": NHWC_TO_NCHW}, name=name, hint=hint,
+                      source=source)
+    if layout == "nlc":
+        n, _, length, c = b.g.types[v].shape
+        t = b.emit("reshape", [v], {"shape": (n, length, c)}, hint=hint, source=source)
+        return b.emit("permute", [t], {"perm": (0, 2, 1)}, name=name, hint=hint,
+                      source=source)
+    return v
 
 
 class _Builder:
@@ -323,7 +358,7 @@ class QuantizeInt8(Pass):
         for n in cands.values():
             x = n.inputs[0]
             if x not in u8_values:
-                wanted.setdefault(x, set()).add("nhwc" if n.op == "conv" else "plain")
+                wanted.setdefault(x, set()).add(_layout(n, graph))
 
         b = _Builder(graph)
         quantized: dict[tuple[str, str], tuple[str, float, int]] = {}
@@ -335,17 +370,14 @@ class QuantizeInt8(Pass):
                              or u.inputs[0] != v] + ([None] if v in outputs else [])
             deq = None
             for layout in sorted(wanted[v]):
-                src = v
-                if layout == "nhwc":
-                    src = b.emit("permute", [v], {"perm": NCHW_TO_NHWC}, hint=f"{v}.nhwc")
+                src = _to_layout(b, v, layout)
                 q = b.emit("quantize", [src], {"scale": scale, "zero_point": zp},
                            hint=f"{v}.q")
                 quantized[(v, layout)] = (q, scale, zp)
                 if deq is None and any(r is not None for r in float_readers):
                     deq = b.emit("dequantize", [q], {"scale": scale, "zero_point": zp},
                                  hint=f"{v}.dq")
-                    if layout == "nhwc":
-                        deq = b.emit("permute", [deq], {"perm": NHWC_TO_NCHW}, hint=f"{v}.dq")
+                    deq = _from_layout(b, deq, layout, f"{v}.dq")
             if deq is not None:
                 rename[v] = deq
 
@@ -380,10 +412,12 @@ class QuantizeInt8(Pass):
         value, relu, u8 = result
         x = n.inputs[0]
         conv = n.op == "conv"
-        layout = "nhwc" if conv else "plain"
+        layout = _layout(n, graph)
         xq, sx, zx = quantized[(x, layout)]
         w = graph.constants[n.inputs[1]].astype(np.float32)
-        if conv:
+        if layout == "nlc":   # a 1-d conv runs as a 2-d one of height 1: [Cout, 1, k, Cin]
+            w = w.transpose(0, 2, 1)[:, None]
+        elif conv:
             w = w.transpose(0, 2, 3, 1)
         wq, sw = weight_qparams(w, weight_max)
         acc_scale = sx * sw.astype(np.float64)
@@ -402,9 +436,14 @@ class QuantizeInt8(Pass):
             attrs.update(out_dtype="f32")
         if conv:
             a = n.attrs
-            attrs.update(stride=as_tuple(a["stride"], 2, "stride"),
-                         padding=as_tuple(a["padding"], 2, "padding"),
-                         dilation=as_tuple(a["dilation"], 2, "dilation"))
+            if layout == "nlc":
+                attrs.update(stride=(1, *as_tuple(a["stride"], 1, "stride")),
+                             padding=(0, *as_tuple(a["padding"], 1, "padding")),
+                             dilation=(1, *as_tuple(a["dilation"], 1, "dilation")))
+            else:
+                attrs.update(stride=as_tuple(a["stride"], 2, "stride"),
+                             padding=as_tuple(a["padding"], 2, "padding"),
+                             dilation=as_tuple(a["dilation"], 2, "dilation"))
         g = b.g
         consts = [g.add_constant(wq, f"{n.inputs[1]}.i8"),
                   g.add_constant(bq.astype(np.int32), f"{n.name}.bias_i32"),
@@ -414,7 +453,7 @@ class QuantizeInt8(Pass):
             q = b.emit(op, [xq, *consts], attrs, hint=f"{value}.u8", source=n.source)
             quantized[(value, layout)] = (q, so, zo)
         elif conv:
-            y = b.emit(op, [xq, *consts], attrs, hint=f"{value}.nhwc", source=n.source)
-            b.emit("permute", [y], {"perm": NHWC_TO_NCHW}, name=value, source=n.source)
+            y = b.emit(op, [xq, *consts], attrs, hint=f"{value}.{layout}", source=n.source)
+            _from_layout(b, y, layout, value, name=value, source=n.source)
         else:
             b.emit(op, [xq, *consts], attrs, name=value, source=n.source)

@@ -73,6 +73,9 @@ class Compressed:
     report: list[StageReport] = field(default_factory=list)
     # Quantization's decision per conv / linear layer: name -> (precision, why).
     layers: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # One-shot pruning: the FLOPs removed against the target, and the groups rounded to a
+    # finer channel multiple than asked to land on it (layers -> multiple).
+    pruning: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> str:
         """The report as a text table: one line per stage, then (when quantized) the
@@ -81,6 +84,13 @@ class Compressed:
         for r in self.report:
             lines.append(f"{r.stage:<12} {r.parameters:>12,} {r.flops / 1e6:>10.2f} "
                          f"{r.seconds:>8.2f}")
+        p = self.pruning
+        if p:
+            target = "" if p["flops_target"] is None else f" (target {p['flops_target']:.3f})"
+            lines += ["", f"pruning: {p['flops_removed']:.3f} of the FLOPs removed{target}, "
+                          f"kept channels in multiples of {p['multiple']}"]
+            lines += [f"  {layers}: multiple of {m}, to land on the target"
+                      for layers, m in p["finer_rounding"].items()]
         if self.layers:
             width = max(len(n) for n in self.layers)
             lines += ["", f"{'layer':<{width}}  precision  why"]
@@ -222,8 +232,13 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
             # Per-sample labels are cut like the data: one label array per batch.
             prune_o["scores"] = taylor_scores(g, cut, batches_with_labels(data, labels, cut))
         if not gradual:
-            g = _run(g, ["prune_channels"],
-                     {f"prune_channels.{k}": v for k, v in prune_o.items()})
+            before = graph_flops(g)
+            ctx = PassContext(options={f"prune_channels.{k}": v for k, v in prune_o.items()})
+            g = PassManager([get_pass("prune_channels")], [Verify()]).run(g, ctx)
+            result.pruning = {"flops_removed": 1.0 - graph_flops(g) / max(before, 1),
+                              "flops_target": prune_o.get("flops_target"),
+                              "multiple": prune_o["multiple"],
+                              "finer_rounding": ctx.notes.get("prune_channels.rounding", {})}
             _record(result, "pruned", g, t0)
     if low_rank_o is not None:
         t0 = time.perf_counter()

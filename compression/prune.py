@@ -414,26 +414,45 @@ def plan_pruning(graph: Graph, analysis: ChannelAnalysis | None = None,
     scores = {g.id: unit_scores(graph, g, opts.criterion, opts.scores) for g in groups}
     fixed = group_ratios(groups, opts.layers)
 
-    def plan(ratio: float) -> dict[int, np.ndarray]:
-        counts = _keep_counts(groups, scores, ratio, opts.global_, opts.multiple,
-                              opts.min_channels, fixed)
-        return _select(groups, scores, counts)
+    def counts_at(ratio: float) -> dict[int, int]:
+        return _keep_counts(groups, scores, ratio, opts.global_, opts.multiple,
+                            opts.min_channels, fixed)
 
     if opts.flops_target is None:
-        return plan(opts.ratio), analysis
-    return _plan_for_flops(graph, analysis, plan, opts.flops_target), analysis
+        return _select(groups, scores, counts_at(opts.ratio)), analysis
+    counts = _counts_for_flops(graph, analysis, groups, scores, counts_at, opts, fixed, ctx)
+    return _select(groups, scores, counts), analysis
 
 
-def _plan_for_flops(graph: Graph, analysis: ChannelAnalysis, plan, target: float):
-    """The plan whose FLOPs reduction is closest to ``target``, by bisection on the ratio
-    (the reduction only grows with the ratio)."""
+FLOPS_TOLERANCE = 0.005   # the refinement stops this close to a FLOPs target
+FINER_ABOVE = 0.01        # ... and rounds groups to finer multiples only past this miss
+
+
+def _counts_for_flops(graph: Graph, analysis: ChannelAnalysis, groups: Sequence[ChannelGroup],
+                      scores: Mapping[int, np.ndarray], counts_at, opts: _Options,
+                      fixed: Mapping[int, float], ctx: PassContext) -> dict[int, int]:
+    """Kept units per group whose FLOPs reduction lands near ``opts.flops_target``.
+
+    Bisection on the common ratio first (the reduction only grows with it). With every group
+    rounded up to ``multiple`` channels that alone can miss by several points (ResNet-18 on
+    CIFAR: 0.3 asked, 0.226 removed); then each round moves groups one ``multiple`` step up or
+    down, largest effect first, while that brings the reduction closer to the target. Where
+    that still misses by more than ``FINER_ABOVE``, the steps (and the groups' rounding) go to
+    half the multiple, down to single channels; the groups so rounded are noted in
+    ``ctx.notes["prune_channels.rounding"]`` and logged."""
+    target = opts.flops_target
     base = graph_flops(graph)
+    cache: dict[tuple, float] = {}
 
-    def removed(p) -> float:
-        return 1.0 - graph_flops(rewrite(graph, analysis, p, materialize=False)) / base
+    def removed(counts: Mapping[int, int]) -> float:
+        key = tuple(sorted(counts.items()))
+        if key not in cache:
+            p = _select(groups, scores, counts)
+            cache[key] = 1.0 - graph_flops(rewrite(graph, analysis, p, materialize=False)) / base
+        return cache[key]
 
     hi_ratio = 1.0 - 1e-9
-    most = removed(plan(hi_ratio))
+    most = removed(counts_at(hi_ratio))
     if most < target:
         raise KilnError(f"prune_channels can remove at most {most:.1%} of the FLOPs of "
                         f"{graph.name}, not {target:.1%}",
@@ -441,12 +460,51 @@ def _plan_for_flops(graph: Graph, analysis: ChannelAnalysis, plan, target: float
     lo, hi = 0.0, hi_ratio
     for _ in range(30):
         mid = (lo + hi) / 2
-        if removed(plan(mid)) >= target:
+        if removed(counts_at(mid)) >= target:
             hi = mid
         else:
             lo = mid
-    above, below = plan(hi), plan(lo)
-    return above if removed(above) - target <= target - removed(below) else below
+    above, below = counts_at(hi), counts_at(lo)
+    counts = dict(above if removed(above) - target <= target - removed(below) else below)
+    free = [g for g in groups if g.id not in fixed]
+    floor = {g.id: min(g.num_units, -(-max(opts.min_channels, 1) // g.unit_width)) for g in free}
+    m = opts.multiple
+    while free:
+        for _ in range(4):   # rounds at this step size
+            err = removed(counts) - target
+            if abs(err) <= FLOPS_TOLERANCE:
+                break
+            moves = []
+            for g in free:
+                step = math.lcm(m, g.unit_width) // g.unit_width
+                c = counts[g.id]
+                new = max(floor[g.id], c - step) if err < 0 else min(g.num_units, c + step)
+                # Whole groups and the floor are always allowed; other counts on the step.
+                aligned = (new * g.unit_width) % m == 0 or new in (g.num_units, floor[g.id])
+                if new != c and aligned:
+                    moves.append((removed({**counts, g.id: new}) - removed(counts), g.id, new))
+            changed = False
+            for delta, gid, new in sorted(moves, key=lambda t: -abs(t[0])):
+                if abs(err + delta) < abs(err):
+                    counts[gid] = new
+                    err += delta
+                    changed = True
+            if not changed:
+                break
+        if abs(removed(counts) - target) <= FINER_ABOVE or m == 1:
+            break
+        m //= 2
+    finer = {}
+    for g in free:
+        channels = counts[g.id] * g.unit_width
+        if channels % opts.multiple and counts[g.id] < g.num_units:
+            finer[", ".join(s.node for s in g.sources)] = math.gcd(channels, opts.multiple)
+    ctx.notes[f"{PASS_NAME}.rounding"] = finer
+    ctx.logger.info("%s: flops_target %.3f: %.3f of the FLOPs removed%s", PASS_NAME, target,
+                    removed(counts), "" if not finer else
+                    f"; rounded to a finer multiple than {opts.multiple}: " +
+                    ", ".join(f"{k} ({v})" for k, v in finer.items()))
+    return counts
 
 
 # ---- the pass ------------------------------------------------------------------------------

@@ -224,6 +224,7 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
     if prune_o is not None:
         t0 = time.perf_counter()
         prune_o.setdefault("multiple", prune_multiple)
+        recalibrate = bool(prune_o.pop("recalibrate_bn", True))
         if prune_o.get("criterion") == "taylor" and "scores" not in prune_o:
             from kiln.compression.prune_scores import taylor_scores
             from kiln.compression.sensitivity import batches_with_labels
@@ -244,6 +245,16 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
         t0 = time.perf_counter()
         g = _run(g, ["low_rank"], {f"low_rank.{k}": v for k, v in low_rank_o.items()})
         _record(result, "low-rank", g, t0)
+    changed = (prune_o is not None and not gradual) or low_rank_o is not None
+    if changed and data is not None and (prune_o is None or recalibrate):
+        # The layers before each batch norm changed: its statistics follow them (bn_stats.py).
+        from kiln.compression.bn_stats import batches_needed, recalibrate_batch_norms
+
+        t0 = time.perf_counter()
+        n = g.types[g.inputs[0]].shape[0] if g.inputs and g.types[g.inputs[0]].rank else 1
+        g, count = recalibrate_batch_norms(g, data_batches(data, g, batches_needed(n)))
+        if count:
+            _record(result, "bn stats", g, t0)
     if distill_o is not None:
         from kiln.compression.distill import distill as run_distill
 

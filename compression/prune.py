@@ -438,7 +438,8 @@ def _counts_for_flops(graph: Graph, analysis: ChannelAnalysis, groups: Sequence[
     CIFAR: 0.3 asked, 0.226 removed); then each round moves groups one ``multiple`` step up or
     down, largest effect first, while that brings the reduction closer to the target. Where
     that still misses by more than ``FINER_ABOVE``, the steps (and the groups' rounding) go to
-    half the multiple, down to single channels; the groups so rounded are noted in
+    half the multiple, down to single channels (never below ``multiple`` channels in all);
+    the groups so rounded are noted in
     ``ctx.notes["prune_channels.rounding"]`` and logged."""
     target = opts.flops_target
     base = graph_flops(graph)
@@ -452,7 +453,7 @@ def _counts_for_flops(graph: Graph, analysis: ChannelAnalysis, groups: Sequence[
         return cache[key]
 
     hi_ratio = 1.0 - 1e-9
-    most = removed(counts_at(hi_ratio))
+    most = removed(counts_at(hi_ratio))   # every group at its floor (see below)
     if most < target:
         raise KilnError(f"prune_channels can remove at most {most:.1%} of the FLOPs of "
                         f"{graph.name}, not {target:.1%}",
@@ -467,7 +468,10 @@ def _counts_for_flops(graph: Graph, analysis: ChannelAnalysis, groups: Sequence[
     above, below = counts_at(hi), counts_at(lo)
     counts = dict(above if removed(above) - target <= target - removed(below) else below)
     free = [g for g in groups if g.id not in fixed]
-    floor = {g.id: min(g.num_units, -(-max(opts.min_channels, 1) // g.unit_width)) for g in free}
+    # Finer steps never take a group below ``multiple`` channels (nor min_channels), as
+    # kept_units does not: a group cut to a channel or two would be a bottleneck.
+    floor = {g.id: min(g.num_units, -(-max(opts.multiple, opts.min_channels) // g.unit_width))
+             for g in free}
     m = opts.multiple
     while free:
         for _ in range(4):   # rounds at this step size

@@ -199,6 +199,29 @@ def _run(graph: Graph, names: Sequence[str], options: Mapping[str, Any]) -> Grap
         graph, PassContext(options=dict(options)))
 
 
+def _fp16_layers(graph: Graph, patterns: Any) -> set[str]:
+    """The linear layers ``quantize={"fp16": ...}`` names (glob patterns on node names or
+    module paths, as ``prune={"layers": ...}``); a KilnError for a pattern naming none."""
+    if not patterns:
+        return set()
+    from kiln.compression.prune import name_matches
+
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    linears = [n.name for n in graph.nodes if n.op == "linear"]
+    names = set()
+    for p in patterns:
+        if not isinstance(p, str):
+            raise KilnError(f"quantize= option 'fp16' takes layer name patterns, got {p!r}",
+                            hint='for example {"fp16": ["head", "layers.3.*"]}')
+        hit = {n for n in linears if name_matches(n, p)}
+        if not hit:
+            raise KilnError(f"quantize= option 'fp16': {p!r} matches no linear layer",
+                            hint=f"the linear layers are {linears[:20]}"
+                                 + (" ..." if len(linears) > 20 else ""))
+        names |= hit
+    return names
+
+
 def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
                    prune: Any = None, low_rank: Any = None, distill: Any = None,
                    quantize: Any = None, labels: Any = None, out_spec: Any = None,
@@ -277,6 +300,11 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
                    "quantize_int8.target": target}
         if "weight_max" in quant_o:
             options["quantize_int8.weight_max"] = quant_o["weight_max"]
+        # Mixed precision: the linear layers named in ``fp16`` stay out of int8 and store
+        # their weights in half precision instead.
+        fp16_names = _fp16_layers(g, quant_o.get("fp16"))
+        if fp16_names:
+            options["quantize_int8.protect"] += tuple(sorted(fp16_names))
         if qat and data is None:
             raise KilnError("quantization-aware training needs data",
                             hint="pass data=... (calibration and training batches), or use "
@@ -299,8 +327,13 @@ def compress_graph(graph: Graph, data: Any = None, *, teacher: Any = None,
         g = PassManager([get_pass(n) for n in ("quantize_int8", "sink_permutes", "dce")],
                         [Verify()]).run(g, ctx)
         layers = ctx.notes.get("quantize_int8.layers", {})
+        if fp16_names:
+            from kiln.compression.quantize import fp16_weights
+
+            g, decided = fp16_weights(g, fp16_names)
+            layers.update(decided)
         result.layers = {k: layers[k] for k in sorted(layers, key=lambda k: order.get(k, -1))}
-        _record(result, "int8", g, t0)
+        _record(result, "fp16" if quant_o["mode"] == "fp16" else "int8", g, t0)
     verify(g)
     result.graph = g
     return result

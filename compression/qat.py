@@ -59,7 +59,7 @@ QAT_TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 3, "lr": 1e-4, "temperature": 4.
                                       "progress": True}
 """The QAT fine-tune's settings (``kiln.compression.distill.distill`` arguments) and defaults."""
 
-STATIC_KEYS = ("mode", "method", "percentile", "max_batches", "protect", "weight_max")
+STATIC_KEYS = ("mode", "method", "percentile", "max_batches", "protect", "weight_max", "fp16")
 """The ``quantize=`` options of every mode (the others are QAT's own)."""
 
 QUANTIZE_KEYS = STATIC_KEYS + tuple(QAT_TRAIN_DEFAULTS)

@@ -22,8 +22,10 @@ The space (``default_space``; ``space=`` overrides it) is a dict of categorical 
 - ``low_rank``: singular-value energy kept by each factorized dense layer (None: none);
   ``low_rank_layers.<pattern>``: the energy of the layers matching ``pattern`` (None: they
   follow ``low_rank``; False: not factorized), ``low_rank_keep.<layer>``: ``[False, True]``;
-- ``precision.<layer>``: ``int8`` or ``fp32`` for each layer the int8 pass quantizes (the
-  fp32 ones become ``quantize={"protect": [...]}``); no layer in int8 means no quantization.
+- ``precision.<layer>``: ``int8``, ``fp16`` (linear layers: half-precision weights) or
+  ``fp32`` for each layer the int8 pass quantizes (the fp32 ones become
+  ``quantize={"protect": [...]}``, the fp16 ones ``quantize={"fp16": [...]}``, or
+  ``{"mode": "fp16"}`` when no layer is int8); none in int8 or fp16: no quantization.
   A space without ``precision.*`` may have ``quantize``: ``[False, True]`` (the whole model);
 - ``distill_epochs``, ``temperature``, ``alpha``: knowledge distillation after pruning.
 
@@ -347,11 +349,12 @@ STAGE_RATIOS = [0.0, 0.3, 0.5, 0.7]
 """Choices of each stage's ``prune_layers`` dimension in the default space."""
 
 
-def default_space(int8_layers: Sequence[str] = (), stages: Sequence[str] = ()
-                  ) -> dict[str, list[Any]]:
+def default_space(int8_layers: Sequence[str] = (), stages: Sequence[str] = (),
+                  fp16_layers: Sequence[str] = ()) -> dict[str, list[Any]]:
     """The default space; ``int8_layers``: the layers the int8 pass would quantize, each
-    searched as int8 or fp32; ``stages``: glob patterns (``stage_patterns``), each a
-    ``prune_layers`` dimension."""
+    searched as int8 or fp32, and as fp16 too where it is one of ``fp16_layers`` (the linear
+    layers: half-precision weight storage); ``stages``: glob patterns (``stage_patterns``),
+    each a ``prune_layers`` dimension."""
     space: dict[str, list[Any]] = {
         "prune": [0.0, 0.3, 0.5, 0.7],
         "prune_global": [False, True],
@@ -363,8 +366,10 @@ def default_space(int8_layers: Sequence[str] = (), stages: Sequence[str] = ()
     }
     for pattern in stages:
         space[f"prune_layers.{pattern}"] = list(STAGE_RATIOS)
+    halves = set(fp16_layers)
     for name in int8_layers:
-        space[f"precision.{name}"] = ["int8", "fp32"]
+        space[f"precision.{name}"] = ["int8", "fp16", "fp32"] if name in halves \
+            else ["int8", "fp32"]
     return space
 
 
@@ -450,9 +455,15 @@ def config_of(params: Mapping[str, Any], options: Mapping[str, Any] | None = Non
         if params.get("agp") and config["prune"] is not None:
             config["prune"]["schedule"] = "agp"
     layers = {k.partition(".")[2]: v for k, v in params.items() if k.startswith("precision.")}
+    halves = sorted(n for n, v in layers.items() if v == "fp16")
     if any(v == "int8" for v in layers.values()):
-        protect = sorted(n for n, v in layers.items() if v != "int8")
+        protect = sorted(n for n, v in layers.items() if v == "fp32")
         config["quantize"] = {**stage_opts.get("quantize", {}), "protect": protect}
+        if halves:
+            config["quantize"]["fp16"] = halves
+    elif halves:   # no int8 layer: half-precision weights where chosen, float elsewhere
+        config["quantize"] = {"mode": "fp16",
+                              "protect": sorted(n for n, v in layers.items() if v == "fp32")}
     elif params.get("quantize") and not layers:
         config["quantize"] = dict(stage_opts.get("quantize", {}))
     return {**config, **options}
@@ -896,7 +907,9 @@ def search(model: torch.nn.Module, example_inputs: Any, *, data: Any, labels: An
     gate_drop = 0.5 * abs(base_score) if gate_drop is None else float(gate_drop)
     stages = stage_patterns(baseline_model.source_graph)
     if space is None:
-        space = default_space(int8_layers(model, example_inputs, data, options), stages)
+        linears = [n.name for n in baseline_model.source_graph.nodes if n.op == "linear"]
+        space = default_space(int8_layers(model, example_inputs, data, options), stages,
+                              fp16_layers=linears)
     sensitivity = sensitivity_of(baseline_model.source_graph, data, labels) if any(
         k == "prune" or k.startswith(("prune_layers.", "prune_keep.")) for k in space) else None
     stage_costs = sensitivity.stages(stages) if sensitivity is not None else {}

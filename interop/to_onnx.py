@@ -156,8 +156,21 @@ def _simple(op_type: str, **fixed: Any) -> Emit:
 def _linear(e: OnnxEmitter, node: Node) -> None:
     x, w = node.inputs[:2]
     out = node.outputs[0]
+    inputs = list(node.inputs)
+    x_type = e.type_of(x).dtype
+    for i in range(1, len(inputs)):   # half-precision storage of a float32 layer: cast up
+        if e.type_of(inputs[i]).dtype != x_type:
+            inputs[i] = e.op("Cast", [inputs[i]], to=onnx_dtype(x_type))
     if e.type_of(x).rank == 2:
-        e.op("Gemm", node.inputs, out, transB=1)
+        e.op("Gemm", inputs, out, transB=1)
+        return
+    if inputs[1] != w:
+        w = inputs[1]
+        wt = e.op("Transpose", [w], perm=[1, 0])
+        if len(inputs) == 2:
+            e.op("MatMul", [x, wt], out)
+        else:
+            e.op("Add", [e.op("MatMul", [x, wt]), inputs[2]], out)
         return
     if e.g.is_constant(w):
         wt = e.const(np.asarray(e.g.constants[w]).T, "weight_t")
@@ -166,7 +179,7 @@ def _linear(e: OnnxEmitter, node: Node) -> None:
     if len(node.inputs) == 2:
         e.op("MatMul", [x, wt], out)
     else:
-        e.op("Add", [e.op("MatMul", [x, wt]), node.inputs[2]], out)
+        e.op("Add", [e.op("MatMul", [x, wt]), inputs[2]], out)
 
 
 def _recurrent_seq(e: OnnxEmitter, node: Node) -> None:

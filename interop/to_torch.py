@@ -245,6 +245,15 @@ def _qconv(x, weight, bias, scale, *, stride, padding, dilation, x_zero_point, o
     return _requantize(acc, scale, out_dtype, out_zero_point, relu)
 
 
+def _linear(x, weight, bias=None):
+    # Half-precision storage of a float32 layer's weights computes in the input's precision.
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
 def _linear_w8(x, weight, scale, bias=None):
     y = (x.to(torch.float64) @ weight.to(torch.float64).T) * scale.to(torch.float64)
     if bias is not None:
@@ -371,7 +380,7 @@ TORCH_IMPL: dict[str, Callable] = {
     "resize": _resize,
     "embedding": F.embedding,
     "matmul": torch.matmul,
-    "linear": F.linear,
+    "linear": _linear,
     "conv": _conv,
     "conv_transpose": _conv_transpose,
     "attention": _attention,

@@ -11,7 +11,7 @@ import numpy as np
 from kiln.ir.errors import ShapeError
 from kiln.ir.ops._rules import as_tuple, broadcast, conv_out_size, same_dtype, want_float
 from kiln.ir.registry import register
-from kiln.ir.types import TensorType
+from kiln.ir.types import DType, TensorType
 
 
 def _f64(*arrays: np.ndarray) -> list[np.ndarray]:
@@ -45,7 +45,10 @@ register("matmul", ["a", "b"], infer=_matmul_infer,
 # ---- linear ----------------------------------------------------------------------------------
 def _linear_infer(ins, attrs):
     x, w = ins[0], ins[1]
-    same_dtype(ins)
+    # Half-precision storage of the weights (and bias) of a float32 layer: computed in f32.
+    if not (x.dtype == DType.f32 and all(t.dtype == DType.f16 for t in ins[1:2])
+            and all(t.dtype in (DType.f16, DType.f32) for t in ins[2:])):
+        same_dtype(ins)
     want_float(x)
     if w.rank != 2 or x.rank < 1 or x.shape[-1] != w.shape[1]:
         raise ShapeError(f"linear: input {list(x.shape)} does not fit weight {list(w.shape)}",
@@ -86,7 +89,10 @@ def _conv_geometry(x: TensorType, w: TensorType, attrs):
 
 def _conv_infer(ins, attrs):
     x, w = ins[0], ins[1]
-    same_dtype(ins)
+    # Half-precision storage of the weights (and bias) of a float32 layer: computed in f32.
+    if not (x.dtype == DType.f32 and all(t.dtype == DType.f16 for t in ins[1:2])
+            and all(t.dtype in (DType.f16, DType.f32) for t in ins[2:])):
+        same_dtype(ins)
     want_float(x)
     nd, stride, padding, dilation = _conv_geometry(x, w, attrs)
     g = attrs["groups"]
@@ -146,7 +152,10 @@ register("conv", ["x", "weight", "bias?"], infer=_conv_infer, reference=_conv_re
 # ---- transposed convolution ------------------------------------------------------------------
 def _convt_infer(ins, attrs):
     x, w = ins[0], ins[1]
-    same_dtype(ins)
+    # Half-precision storage of the weights (and bias) of a float32 layer: computed in f32.
+    if not (x.dtype == DType.f32 and all(t.dtype == DType.f16 for t in ins[1:2])
+            and all(t.dtype in (DType.f16, DType.f32) for t in ins[2:])):
+        same_dtype(ins)
     want_float(x)
     nd, stride, padding, dilation = _conv_geometry(x, w, attrs)
     out_pad = as_tuple(attrs["output_padding"], nd, "output_padding")

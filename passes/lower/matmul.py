@@ -35,7 +35,11 @@ def lower_linear(low: Lowering, node: Node, final: str, inline: set[str],
         return None
     low.view_shapes.update(views)
     shape = micro_shape(width, T)
-    bp = low.constant(pack_b(np.asarray(wv.T, np.float32), shape.nr), f"{node.name}_packed")
+    # Weights stored in half precision (a float32 layer's f16 storage) stay half in the
+    # panels, half the bytes to stream, and widen to f32 as they are loaded.
+    half = wv.dtype == np.float16
+    bp = low.constant(pack_b(np.asarray(wv.T, np.float16 if half else np.float32), shape.nr),
+                      f"{node.name}_packed")
     bias = low.constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
     bias_buf = low.constant(bias.astype(np.float32), f"{node.name}_bias") \
         if bias is not None else None
@@ -46,7 +50,9 @@ def lower_linear(low: Lowering, node: Node, final: str, inline: set[str],
 
     def b(k, col, lanes):
         # Panel layout: column col of tile col // NR at position col % NR.
-        return K.Load(bp, (col // nr) * (Kd * nr) + k * nr + col % nr, "f32", lanes)
+        load = K.Load(bp, (col // nr) * (Kd * nr) + k * nr + col % nr,
+                      "f16" if half else "f32", lanes)
+        return K.Cast(load, "f32") if half else load
 
     def store(row, col, value):
         if bias_buf is not None:

@@ -283,7 +283,7 @@ def test_cli_search_rejects_a_negative_max_drop(capsys):
 
 
 def test_config_of_maps_params_to_compile_options():
-    from kiln.compression.search import config_of
+    from kiln.compression.search import config_of, default_space
 
     params = {"prune": 0.5, "prune_global": True, "prune_keep.fc1": True,
               "prune_keep.fc2": False, "low_rank": 0.9, "low_rank_keep.fc2": True,
@@ -301,6 +301,16 @@ def test_config_of_maps_params_to_compile_options():
     }
     off = config_of({"prune": 0.0, "distill_epochs": 0, "precision.fc1": "fp32"})
     assert off == {"prune": None, "low_rank": None, "distill": None, "quantize": None}
+    # Mixed precision with half-precision weights: beside int8, and alone.
+    mixed = config_of({"prune": 0.0, "distill_epochs": 0, "precision.fc1": "fp16",
+                       "precision.fc2": "int8", "precision.fc3": "fp32"})
+    assert mixed["quantize"] == {"protect": ["fc3"], "fp16": ["fc1"]}
+    halves = config_of({"prune": 0.0, "distill_epochs": 0, "precision.fc1": "fp16",
+                        "precision.fc2": "fp32"})
+    assert halves["quantize"] == {"mode": "fp16", "protect": ["fc2"]}
+    assert default_space(["conv1", "fc"], fp16_layers=["fc"]) == {
+        **default_space(), "precision.conv1": ["int8", "fp32"],
+        "precision.fc": ["int8", "fp16", "fp32"]}
 
 
 def test_distillation_runs_only_past_the_gate(digits_mlp):

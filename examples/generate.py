@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 DEFAULT_THREADS = 2
 FIRST_CAPACITY = 64
@@ -160,10 +161,11 @@ class CachedGenerator:
         return out, prompt_s
 
 
-def kiln_compile(threads: int) -> Callable:
-    """kiln.compile with the varying dimensions declared dynamic (one program per size)."""
+def kiln_compile(threads: int, quantize: Any = None) -> Callable:
+    """kiln.compile with the varying dimensions declared dynamic (one program per size);
+    ``quantize``: kiln.compile's option (``{"mode": "fp16"}`` for --fp16)."""
     def compile_fn(module, args, dynamic):
-        return kiln.compile(module, args, dynamic=dynamic, threads=threads)
+        return kiln.compile(module, args, dynamic=dynamic, threads=threads, quantize=quantize)
     return compile_fn
 
 
@@ -285,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     ap.add_argument("--skip", nargs="*", default=[], choices=["torch.compile", "eager"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fp16", action="store_true",
+                    help="also run kiln with half-precision weights (quantize={'mode': 'fp16'}:"
+                         " half the bytes a step streams; lossy, so its tokens may part from "
+                         "eager's: the table says after how many steps)")
     ap.add_argument("--profile", action="store_true",
                     help="also print where a kiln decode step's time goes")
     args = ap.parse_args(argv)
@@ -313,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
             runs["eager"] = lambda p=prompt: eager_generate(decoder, p, args.steps)
             first_s["eager"] = 0.0
         gens = {"kiln": CachedGenerator(decoder, kiln_compile(args.threads), numpy_io=True)}
+        if args.fp16:
+            gens["kiln fp16"] = CachedGenerator(
+                decoder, kiln_compile(args.threads, {"mode": "fp16"}), numpy_io=True)
         if "torch.compile" not in args.skip:
             gens["torch.compile"] = CachedGenerator(decoder, torch_compile, numpy_io=False)
         for name, gen in gens.items():
@@ -329,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
                 same = "n/a"
             elif np.array_equal(tokens, eager_tokens):
                 same = "same as eager"
+            elif name == "kiln fp16":   # lossy by request: how far it follows eager
+                steps = (tokens != eager_tokens).argmax(axis=1)
+                steps[(tokens == eager_tokens).all(axis=1)] = tokens.shape[1]
+                same = (f"same as eager for the first {int(steps.min())} of {tokens.shape[1]} "
+                        f"tokens (fp16 weights)")
             else:
                 diff = np.argwhere(tokens != eager_tokens)[0]
                 same = f"DIFFER from eager (sequence {diff[0]}, step {diff[1]})"

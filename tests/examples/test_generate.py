@@ -77,11 +77,14 @@ def test_kiln_decoding_gives_eager_tokens_across_a_capacity_change() -> None:
 
 def test_script_smoke_run_reports_same_tokens() -> None:
     cmd = [sys.executable, str(SCRIPT), "--config", "tiny", "--batches", "2", "--steps", "6",
-           "--repeat", "1", "--skip", "torch.compile"]
+           "--repeat", "1", "--skip", "torch.compile", "--fp16"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     kiln_row = next(line for line in proc.stdout.splitlines() if " kiln " in line)
     assert "same as eager" in kiln_row, proc.stdout
+    # Half-precision weights: a row of its own that says how far it follows eager.
+    half_row = next(line for line in proc.stdout.splitlines() if " kiln fp16 " in line)
+    assert "same as eager" in half_row, proc.stdout
 
 
 def test_measure_interleaves_the_runtimes_and_rotates_their_order() -> None:

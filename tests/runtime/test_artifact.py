@@ -40,7 +40,9 @@ def test_compressed_int8_round_trip_is_bit_exact(name: str, tmp_path) -> None:
     arrays = [x.numpy() for x in inputs]
     loaded = kiln.load(kiln.export(compiled, tmp_path / f"{name}.kiln"))
     assert np.array_equal(loaded(*arrays), compiled(*arrays))
-    assert loaded.manifest["pipeline"] == ["pruned", "O1", "int8"]
+    # ResNet's batch norms are re-estimated on the data after pruning; BERT has none.
+    stats = ["bn stats"] if name == "resnet18_cifar" else []
+    assert loaded.manifest["pipeline"] == ["pruned", *stats, "O1", "int8"]
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))

@@ -247,7 +247,13 @@ def cmp(op: str, a: Expr, b: Expr | float) -> Expr:
 
 
 # ---- statements ------------------------------------------------------------------------------
-LOOP_KINDS = ("serial", "parallel", "vectorized", "unrolled")
+LOOP_KINDS = ("serial", "parallel", "vectorized", "unrolled", "team")
+"""``team``: a serial loop that every thread of one parallel region runs (a recurrent layer's
+time steps): each of its body's top-level ``parallel`` loops is shared out among the threads
+and ends in a barrier; its other top-level statements run on one thread, then a barrier (a
+Decl or Assign of a local runs on every thread). One region for all the steps, where a
+``parallel`` loop inside a serial one opens a region per step. Serial anywhere else (inside a
+parallel loop, on one thread, in the interpreter, on the GPU)."""
 
 
 @dataclass(frozen=True)

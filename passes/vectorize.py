@@ -350,7 +350,7 @@ def place_parallel(kernel: Kernel) -> Kernel:
         for s in stmts:
             if isinstance(s, For):
                 par = s.kind == "parallel"
-                kind = "serial" if par and inside else s.kind
+                kind = "serial" if (par or s.kind == "team") and inside else s.kind
                 out.append(replace(s, kind=kind, body=tuple(demote(s.body, inside or par))))
             elif isinstance(s, If):
                 out.append(If(s.cond, demote(s.then, inside), demote(s.orelse, inside)))

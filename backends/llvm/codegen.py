@@ -513,7 +513,8 @@ class _Fn:
     # ---- statements ------------------------------------------------------------------------
     def stmts(self, body: Sequence[K.Stmt], dtypes: dict[str, str]) -> None:
         for s in body:
-            if isinstance(s, For) and s.kind == "parallel" and self.outline is not None:
+            if isinstance(s, For) and s.kind in ("parallel", "team") \
+                    and self.outline is not None:
                 self.outline(s)
             elif isinstance(s, For):
                 self.loop(s, dtypes)
@@ -630,6 +631,7 @@ class ModuleBuilder:
     def text(self) -> str:
         head = [f'target triple = "{self.triple}"',
                 "declare void @GOMP_parallel(ptr, ptr, i32, i32)",
+                "declare void @GOMP_barrier()",
                 "declare i32 @omp_get_thread_num()",
                 "declare i32 @omp_get_num_threads()"]
         return "\n".join(head + sorted(self.declared.values())) + "\n\n" + "\n".join(
@@ -707,6 +709,7 @@ def _outline(fn: _Fn, m: ModuleBuilder, k: Kernel, loop: For, dtypes: dict[str, 
     if isinstance(loop.extent, Const) and loop.extent.value <= 1:
         # One iteration leaves nothing to share: a region would only wake the pool and wait
         # for it (BERT's batch-1 P @ V matmul at 2 threads: 10.2 us as a region, 7.9 without).
+        # (A team loop of one step: its parallel loops get regions of their own.)
         fn.loop(replace(loop, kind="serial"), dtypes)
         return
     inner_decls = {s.var.name for s in K.walk_stmts(loop.body) if isinstance(s, (Decl, For))}
@@ -772,6 +775,12 @@ def _emit_task(m: ModuleBuilder, name: str, k: Kernel, loop: For,
         ptr = fn.declare(v)
         fn.emit(f"store {llvm_type(v.dtype)} {val}, ptr {ptr}")
     _scratch_allocas(fn, k.scratch)
+    if loop.kind == "team":
+        _emit_team(fn, loop, dtypes)
+        text = fn.text()
+        m.functions.append(text.replace(f"define internal void @{name}(ptr noalias %ctx)",
+                                        f"define internal void @{name}(ptr %ctx)"))
+        return
     # Threads take chunks of [start, start + extent) from a shared counter until none is
     # left: a thread the OS has descheduled holds up one chunk, not a fixed share of the
     # loop (which, on a loaded machine, stalled every parallel region for a time slice).
@@ -810,6 +819,73 @@ def _emit_task(m: ModuleBuilder, name: str, k: Kernel, loop: For,
     text = fn.text()
     m.functions.append(text.replace(f"define internal void @{name}(ptr noalias %ctx)",
                                     f"define internal void @{name}(ptr %ctx)"))
+
+def _emit_team(fn: _Fn, loop: For, dtypes: dict[str, str]) -> None:
+    """A ``team`` loop in its task: every thread runs the steps; each top-level parallel loop
+    of a step takes this thread's static share (the same share every step: the rows a thread
+    computes stay in its cache) and ends in a barrier; the other statements run on thread 0,
+    then a barrier. Outside a region (one thread) the barriers return at once."""
+    tid32, nt32, tid, nt = fn.tmp(), fn.tmp(), fn.tmp(), fn.tmp()
+    fn.emit(f"{tid32} = call i32 @omp_get_thread_num()")
+    fn.emit(f"{nt32} = call i32 @omp_get_num_threads()")
+    fn.emit(f"{tid} = sext i32 {tid32} to i64")
+    fn.emit(f"{nt} = sext i32 {nt32} to i64")
+    first = fn.tmp()
+    fn.emit(f"{first} = icmp eq i64 {tid}, 0")
+    groups: list[tuple[str, list]] = []
+    for st in loop.body:
+        kind = ("parallel" if isinstance(st, For) and st.kind == "parallel" else
+                "local" if isinstance(st, (Decl, Assign)) else "single")
+        if groups and kind == groups[-1][0] == "single":
+            groups[-1][1].append(st)
+        else:
+            groups.append((kind, [st]))
+    head_lo = fn.expr(loop.start)
+    head_hi = fn.tmp()
+    fn.emit(f"{head_hi} = add i64 {head_lo}, {fn.expr(loop.extent)}")
+    ptr = fn.declare(loop.var)
+    fn.emit(f"store i64 {head_lo}, ptr {ptr}")
+    head, body, done = fn.label("team_head"), fn.label("team_body"), fn.label("team_done")
+    fn.emit(f"br label %{head}")
+    fn.block(head)
+    i, c = fn.tmp(), fn.tmp()
+    fn.emit(f"{i} = load i64, ptr {ptr}")
+    fn.emit(f"{c} = icmp slt i64 {i}, {head_hi}")
+    fn.emit(f"br i1 {c}, label %{body}, label %{done}")
+    fn.block(body)
+    for kind, stmts in groups:
+        if kind == "local":
+            fn.stmts(stmts, dtypes)
+            continue
+        if kind == "parallel":
+            (par,) = stmts
+            start, ext = fn.expr(par.start), fn.expr(par.extent)
+            t1, chunk, off, lo, end, hi0, hi = (fn.tmp() for _ in range(7))
+            fn.emit(f"{t1} = add i64 {ext}, {nt}")
+            fn.emit(f"{t1}.m = sub i64 {t1}, 1")
+            fn.emit(f"{chunk} = sdiv i64 {t1}.m, {nt}")
+            fn.emit(f"{off} = mul i64 {tid}, {chunk}")
+            fn.emit(f"{lo} = add i64 {start}, {off}")
+            fn.emit(f"{end} = add i64 {start}, {ext}")
+            fn.emit(f"{hi0} = add i64 {lo}, {chunk}")
+            fn.emit(f"{hi} = call i64 @llvm.smin.i64(i64 {hi0}, i64 {end})")
+            fn.m.declare("llvm.smin.i64", "i64", ["i64", "i64"])
+            fn.loop(replace(par, kind="serial"), dtypes, lo, hi)
+        else:
+            one, rest = fn.label("team_one"), fn.label("team_wait")
+            fn.emit(f"br i1 {first}, label %{one}, label %{rest}")
+            fn.block(one)
+            fn.stmts(stmts, dtypes)
+            fn.emit(f"br label %{rest}")
+            fn.block(rest)
+        fn.emit("call void @GOMP_barrier()")
+    i2, nxt = fn.tmp(), fn.tmp()
+    fn.emit(f"{i2} = load i64, ptr {ptr}")
+    fn.emit(f"{nxt} = add nsw i64 {i2}, {loop.step}")
+    fn.emit(f"store i64 {nxt}, ptr {ptr}")
+    fn.emit(f"br label %{head}")
+    fn.block(done)
+
 
 def emit_entry(m: ModuleBuilder, calls: Sequence[tuple[Kernel, Sequence[Binding]]]) -> None:
     """The exported ``kiln_run(ptr inputs, ptr outputs, ptr arena, ptr consts, i32 nthreads)``.

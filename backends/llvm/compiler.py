@@ -72,7 +72,7 @@ def default_target() -> Target:
 
 
 # The OpenMP entry points kiln's code calls (objcheck.py allows no others).
-OMP_SYMBOLS = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
+OMP_SYMBOLS = ("GOMP_parallel", "GOMP_barrier", "omp_get_thread_num", "omp_get_num_threads")
 _LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64",
              "/usr/lib", "/lib")
 _GOMP = None   # kiln's own instance of libgomp, kept loaded

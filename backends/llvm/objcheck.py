@@ -60,7 +60,7 @@ _MAX_ALIGN = 1 << 16
 # What kiln's code may call: OpenMP, the C library's memory functions, libm (scalar calls the
 # vectorizer leaves, or that a target without an instruction needs) and compiler-rt helpers.
 _EXTERNAL = re.compile(
-    r"(GOMP_parallel|omp_get_thread_num|omp_get_num_threads|_GLOBAL_OFFSET_TABLE_"
+    r"(GOMP_parallel|GOMP_barrier|omp_get_thread_num|omp_get_num_threads|_GLOBAL_OFFSET_TABLE_"
     r"|mem(cpy|set|move)"
     r"|(exp|exp2|expm1|log|log2|log10|log1p|pow|sqrt|cbrt|sin|cos|tan|asin|acos|atan|atan2"
     r"|sinh|cosh|tanh|asinh|acosh|atanh|erf|erfc|fma|fmod|remainder|fabs|floor|ceil|trunc"

@@ -73,6 +73,15 @@ def _recurrent_product(low: Lowering, node: Node, h_ws: str, gates_ws: str, batc
     return _loop(jb, rows // block, [_loop(b, batch, body)], kind)
 
 
+def _steps_kind(product: For) -> str:
+    """The step loop's kind: ``team`` when the recurrent product runs in parallel, so that one
+    parallel region holds every step (a barrier after the product and after the update, which
+    thread 0 runs; split among the threads it measured no faster) instead of one region per
+    step. LSTM, 2 layers, hidden 256, 100 steps, batch 1, 2 threads: a layer's kernel 840 ->
+    680 us, the model 2.30 -> 1.92 ms."""
+    return "team" if product.kind == "parallel" else "serial"
+
+
 def _time(low: Lowering, node: Node) -> tuple[Var, Expr]:
     """The step loop's variable and the time index it stands for."""
     steps = low.shape(node.inputs[0])[0]
@@ -109,7 +118,7 @@ def _lstm_seq(low: Lowering, node: Node, store: StoreFn) -> list:
     ]
     update = _loop(b, batch, [_loop(j, hidden, cell, "vectorized")])
     return [_copy_state(low, h_ws, h0, batch, hidden), _copy_state(low, c_ws, c0, batch, hidden),
-            _loop(s, steps, [product, update])]
+            _loop(s, steps, [product, update], _steps_kind(product))]
 
 
 @anchor_rule("gru_seq")
@@ -142,5 +151,6 @@ def _gru_seq(low: Lowering, node: Node, store: StoreFn) -> list:
         store([t, b, j], h_new),
     ]
     update = _loop(b, batch, [_loop(j, hidden, cell, "vectorized")])
-    return [_copy_state(low, h_ws, h0, batch, hidden), _loop(s, steps, [product, update])]
+    return [_copy_state(low, h_ws, h0, batch, hidden),
+            _loop(s, steps, [product, update], _steps_kind(product))]
 

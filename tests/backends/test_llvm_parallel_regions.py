@@ -72,3 +72,50 @@ def test_parallel_loop_of_one_iteration_opens_no_region(outer, regions):
     y = np.zeros_like(x)
     run_kernel_llvm(kernel, {"x": x, "y": y}, threads=2)
     np.testing.assert_array_equal(y, 2 * x)
+
+
+def _team_kernel(steps: int, n: int) -> Kernel:
+    """A ``team`` loop over steps: a parallel update of acc, a total on one thread that reads
+    every thread's acc, a local, then a parallel loop that reads the total (each phase needs
+    the barrier before it)."""
+    t, i, j, r = Var("t"), Var("i"), Var("j"), Var("r")
+    tot, v = Var("tot", "f32"), Var("v", "f32")
+    acc_i = K.Load("acc", i, "f32")
+    body = (
+        For(i, Const(0, INDEX), Const(n, INDEX), (
+            K.Store("acc", i, acc_i + K.Load("x", t * n + i, "f32") * K.Cast(t + 1, "f32")),),
+            "parallel"),
+        K.Decl(tot, K.Const(0.0, "f32")),
+        For(r, Const(0, INDEX), Const(n, INDEX), (
+            K.Assign(tot, tot + K.Load("acc", r, "f32")),)),
+        K.Store("s", t, tot),
+        K.Decl(v, K.Cast(t * 2, "f32")),
+        For(j, Const(0, INDEX), Const(n, INDEX), (
+            K.Store("y", t * n + j, K.Load("acc", j, "f32") + K.Load("s", t, "f32") + v),),
+            "parallel"),
+    )
+    return Kernel("team", (Buffer("x", "f32", steps * n), Buffer("acc", "f32", n),
+                           Buffer("s", "f32", steps), Buffer("y", "f32", steps * n)),
+                  (For(t, Const(0, INDEX), Const(steps, INDEX), body, "team"),))
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_team_loop_shares_parallel_loops_and_waits_between_phases(n, threads):
+    steps = 12
+    kernel = _team_kernel(steps, n)
+    m = ModuleBuilder(default_target())
+    emit_kernel(m, kernel)
+    text = m.text()
+    assert text.count(REGION) == 1 and "GOMP_barrier" in text   # one region for all steps
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(steps * n).astype(np.float32)
+    want = {"x": x, "acc": np.zeros(n, np.float32), "s": np.zeros(steps, np.float32),
+            "y": np.zeros(steps * n, np.float32)}
+    K.run_kernel(kernel, want)
+    for _ in range(3):   # a missing barrier would show as a race
+        got = {"x": x, "acc": np.zeros(n, np.float32), "s": np.zeros(steps, np.float32),
+               "y": np.zeros(steps * n, np.float32)}
+        run_kernel_llvm(kernel, got, threads=threads)
+        for name in ("acc", "s", "y"):
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)

@@ -356,3 +356,27 @@ def test_onnx_default_activations_spelled_out_are_read() -> None:
     got = run_graph(import_onnx(model), list(feeds.values()))
     for g, e in zip(got, _ort(model, feeds), strict=True):
         np.testing.assert_allclose(g, e, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_wide_layers_run_their_steps_as_one_team(cls: type, threads: int) -> None:
+    """Layers wide enough for a parallel recurrent product run all their steps in one
+    parallel region (a ``team`` loop: barriers between a step's phases), bidirectional and
+    stacked, with eager's answers at every thread count."""
+    torch.manual_seed(0)
+    rnn = cls(32, 128, num_layers=2, bidirectional=True).eval()
+    x = torch.randn(9, 2, 32)
+    compiled = kiln.compile(rnn, (x,), threads=threads)
+    compiled.executable.program.threads(threads, adaptive=False)
+    from kiln.backends.llvm.compiler import default_target
+    from kiln.passes.compile import compile_kernels
+
+    target = default_target()
+    lowered = compile_kernels(compiled.graph, width=target.f32_lanes, target=target).lowered
+    kernels = [str(s.kernel) for s in lowered.steps]
+    assert sum("team for" in k for k in kernels) == 4   # 2 layers x 2 directions
+    with torch.no_grad():
+        expected = rnn(x)
+    for _ in range(3):
+        assert_same(compiled(x), expected)

@@ -316,9 +316,7 @@ class CompiledProgram:
         Caller-owned buffers need a program that ``writes_every_output``. CompiledModel
         hands it torch tensors allocated ahead of time: after the kernels have streamed a
         model's weights through the caches, making an output tensor costs 20-30 us of cold
-        Python and torch code per call, more than some models' kernels. For the same reason
-        this is one function: each further Python call on this path measured several
-        microseconds."""
+        Python and torch code per call, more than some models' kernels."""
         arrays = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in inputs]
         try:
             state = self._free.pop()
@@ -351,6 +349,43 @@ class CompiledProgram:
         except BaseException:
             self._free.append(state)
             raise
+        self._execute(state)
+        if outs is None:
+            return None
+        for j, (kind, index) in self.image.output_copies.items():
+            outs[j][...] = arrays[index] if kind == "input" else outs[index]
+        for j, arr in self.image.copy_constants.items():
+            outs[j][...] = arr
+        return outs
+
+    @property
+    def checks_indices(self) -> bool:
+        """Whether some input holds indices whose range each call checks (token ids)."""
+        return bool(self.image.index_checks)
+
+    def run_addresses(self, inputs: Sequence[int], outputs: Sequence[int]) -> None:
+        """The native call on buffers given by address: ``inputs`` C-contiguous, of the
+        signature's shapes and dtypes, ``outputs`` as in ``run_into``; the caller keeps them
+        alive and has checked them, and the program neither ``checks_indices`` nor copies
+        outputs. CompiledModel's short path passes torch tensors' ``data_ptr()`` here
+        (0.06 us each, where a NumPy view and its ``ctypes.data`` take 1.4 us)."""
+        try:
+            state = self._free.pop()
+        except IndexError:
+            state = self._call_state()
+        try:
+            for i, address in enumerate(inputs):
+                state.inputs[i] = address
+            for j, address in enumerate(outputs):
+                state.outputs[j] = address
+        except BaseException:
+            self._free.append(state)
+            raise
+        self._execute(state)
+
+    def _execute(self, state: _CallState) -> None:
+        """The native call on ``state`` at the thread count the chooser picks; gives the state
+        back to the pool."""
         chooser = self._chooser
         n = self._fixed if chooser is None else chooser.current
         if n != 1 and _POOL_THREAD.busy:
@@ -369,13 +404,6 @@ class CompiledProgram:
             t1 = time.perf_counter()
             with self._choosing:  # callers in other threads record theirs too
                 chooser.after_call(t1 - t0, t1)
-        if outs is None:
-            return None
-        for j, (kind, index) in self.image.output_copies.items():
-            outs[j][...] = arrays[index] if kind == "input" else outs[index]
-        for j, arr in self.image.copy_constants.items():
-            outs[j][...] = arr
-        return outs
 
 
     def threads(self, n: int, adaptive: bool = True) -> None:

@@ -117,8 +117,11 @@ def test_agp_matches_one_shot_at_the_same_budget(digits_cnn):
     with a teacher trained on two threads 98.75% against 98.89% (fp32 99.44%; 360 test images,
     0.28% each). What holds either way is asserted: the same FLOPs, and AGP within half a
     point of one-shot."""
-    one_shot = {"flops_target": 0.7, "multiple": 1}
-    agp = {**one_shot, "schedule": "agp"}
+    # Like for like: the batch-norm re-estimation one-shot pruning now gets before its
+    # fine-tune (bn_stats.py) has no AGP counterpart (channels go during the fine-tune), so it
+    # is off here; with it, one-shot is ahead (README, compression search).
+    one_shot = {"flops_target": 0.7, "multiple": 1, "recalibrate_bn": False}
+    agp = {"flops_target": 0.7, "multiple": 1, "schedule": "agp"}
     acc = {"one-shot": [], "agp": []}
     for seed in range(4):
         for name, prune in (("one-shot", one_shot), ("agp", agp)):

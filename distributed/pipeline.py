@@ -84,13 +84,29 @@ def _ray():
 
 class _Stage:
     """A Ray actor body: one stage, a kiln graph compiled here or an artifact (its bytes)
-    loaded here, run on lists of arrays."""
+    loaded here, run on lists of arrays.
 
-    def __init__(self, stage: Graph | bytes, backend: str, threads: int) -> None:
+    The stage itself comes with every call, as ``[ObjectRef]`` (a reference nested in a small
+    inlined argument: fetched and built on the first call, free after), not through the
+    constructor: a restarted actor then rebuilds from the retried call (the driver holds the
+    reference for the pipeline's life), and Ray has no object-store constructor arguments of
+    a restartable actor to log an error-level notice about at every pipeline start
+    (ray-project/ray#53727)."""
+
+    def __init__(self, backend: str, threads: int) -> None:
+        self.backend, self.threads = backend, threads
+        self.fn = self.fn_checked = None
+        self.image = None
+        self.calls = 0
+
+    def _load(self, stage: list) -> None:
+        if self.fn is not None:
+            return
+        stage = _ray().get(stage[0])
         if isinstance(stage, Graph):
             from kiln.runtime import Executable
 
-            exe = Executable(stage, backend, threads)
+            exe = Executable(stage, self.backend, self.threads)
             self.image = getattr(exe.program, "image", None)
             self.fn = exe.run
             # Inputs reach a stage checked (the driver checks the first stage's, an earlier
@@ -99,22 +115,23 @@ class _Stage:
         else:
             from kiln.runtime.artifact import load
 
-            loaded = load(stage, threads=threads)
+            loaded = load(stage, threads=self.threads)
             self.image = None
             self.fn = lambda arrays: list(loaded(*arrays)) if len(loaded.outputs) > 1 \
                 else [loaded(*arrays)]
             self.fn_checked = self.fn
-        self.calls = 0
 
-    def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def run(self, stage: list, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        self._load(stage)
         self.calls += 1
         return self.fn(list(arrays))
 
-    def run_batch(self, per: int, *chunks: Sequence[Sequence[np.ndarray]]) -> Any:
+    def run_batch(self, stage: list, per: int, *chunks: Sequence[Sequence[np.ndarray]]) -> Any:
         """Several inputs in one call, each run through the stage on its own (the same
         answers as ``run``, bit for bit). The inputs come as chunks (lists of inputs, one
         argument each) and their outputs go back ``per`` to a chunk, one return value each
         (``per`` 0: all in one): ``_chunks`` sizes them for Ray to pass inline."""
+        self._load(stage)
         self.calls += 1
         fn = self.fn_checked
         outs = [fn(list(arrays)) for chunk in chunks for arrays in chunk]
@@ -122,10 +139,11 @@ class _Stage:
             return outs
         return tuple(outs[i:i + per] for i in range(0, len(outs), per))
 
-    def probe(self, carried: tuple[Sequence[np.ndarray], list[float]], repeat: int = 3
-              ) -> tuple[list[np.ndarray], list[float]]:
+    def probe(self, stage: list, carried: tuple[Sequence[np.ndarray], list[float]],
+              repeat: int = 3) -> tuple[list[np.ndarray], list[float]]:
         """``run`` timed: (outputs, the seconds of the earlier stages plus this one's, the
         fastest of ``repeat`` runs)."""
+        self._load(stage)
         arrays, times = carried
         best, out = float("inf"), []
         for _ in range(max(repeat, 1)):
@@ -134,10 +152,11 @@ class _Stage:
             best = min(best, time.perf_counter() - t0)
         return out, [*times, best]
 
-    def artifact(self) -> bytes:
+    def artifact(self, stage: list) -> bytes:
         """This stage as a kiln artifact (llvm-compiled stages only)."""
         import tempfile
 
+        self._load(stage)
         from kiln.runtime.artifact import save
 
         if self.image is None:
@@ -152,7 +171,8 @@ class _Stage:
 
         return os.getpid()
 
-    def ready(self) -> bool:
+    def ready(self, stage: list) -> bool:
+        self._load(stage)
         return True
 
 
@@ -185,9 +205,10 @@ class Pipeline:
         # The stages stay referenced here for the pipeline's life: a restarted actor rebuilds
         # from them.
         self._stage_refs = [ray.put(g) for g in stages]
-        self.chains = [[actor.remote(g, backend, threads_per_stage) for g in self._stage_refs]
+        self.chains = [[actor.remote(backend, threads_per_stage) for _ in self._stage_refs]
                        for _ in range(replicas)]
-        ray.get([a.ready.remote() for chain in self.chains for a in chain])
+        ray.get([a.ready.remote(self._stage(k)) for chain in self.chains
+                 for k, a in enumerate(chain)])
         self._first = first_inputs
         # What one input weighs entering each stage and leaving it: batches travel in
         # objects small enough to go inline where they can (_per_chunk).
@@ -217,13 +238,17 @@ class Pipeline:
         for _ in range(trips):
             t0 = time.perf_counter()
             ref: Any = (zeros, [])
-            for stage in self.chains[0]:
-                ref = stage.probe.remote(ref, 1)
+            for k, stage in enumerate(self.chains[0]):
+                ref = stage.probe.remote(self._stage(k), ref, 1)
             _, times = ray.get(ref)
             wall = time.perf_counter() - t0
             stage_s = [min(a, b) for a, b in zip(stage_s, times)]
             hop_s = min(hop_s, max(wall - sum(times), 0.0) / (len(times) + 1))
         return stage_s, hop_s
+
+    def _stage(self, k: int) -> list:
+        """Stage ``k`` as its actors' calls carry it: its object-store reference in a list."""
+        return [self._stage_refs[k]]
 
     def batch_size(self, inputs: int | None = None) -> int:
         """How many inputs ``map`` sends per actor call for a stream of ``inputs`` (None:
@@ -252,7 +277,7 @@ class Pipeline:
             path = out / f"stage{k}.kiln"
             if path.exists():
                 raise KilnError(f"{path} already exists", hint="export into an empty folder")
-            path.write_bytes(_ray().get(stage.artifact.remote()))
+            path.write_bytes(_ray().get(stage.artifact.remote(self._stage(k))))
             paths.append(path)
         return paths
 
@@ -264,8 +289,8 @@ class Pipeline:
         start, n = next(self._turn), len(self.chains)
         r = min(((start + i) % n for i in range(n)), key=lambda i: self._in_flight[i])
         ref: Any = arrays
-        for stage in self.chains[r]:
-            ref = stage.run.remote(ref)
+        for k, stage in enumerate(self.chains[r]):
+            ref = stage.run.remote(self._stage(k), ref)
         self._in_flight[r] += 1
         return r, ref
 
@@ -296,9 +321,10 @@ class Pipeline:
         start, n = next(self._turn), len(self.chains)
         r = min(((start + i) % n for i in range(n)), key=lambda i: self._in_flight[i])
         refs: list[Any] = _chunks(batch, self._per_in)
-        for stage, per in zip(self.chains[r], self._per_out):
+        for k, (stage, per) in enumerate(zip(self.chains[r], self._per_out)):
             returns = len(_chunks(batch, per))
-            out = stage.run_batch.options(num_returns=returns).remote(per, *refs)
+            out = stage.run_batch.options(num_returns=returns).remote(self._stage(k), per,
+                                                                       *refs)
             refs = [out] if returns == 1 else list(out)
         self._in_flight[r] += 1
         return r, refs

@@ -208,17 +208,7 @@ class CompiledModel:
                     break
                 addresses.append(a.data_ptr())
             else:
-                try:
-                    outs, out_addresses = self._spares.pop()
-                except IndexError:
-                    self._allocate_spares()
-                    outs, out_addresses = self._spares.pop()
-                try:
-                    self._direct(addresses, out_addresses)
-                except BaseException:
-                    self._spares.append((outs, out_addresses))
-                    raise
-                return self._structured(outs)
+                return self._into_spares(lambda out: self._direct(addresses, out))
         arrays = []
         for a, (shape, dtype) in zip(args, self._numpy_sig):
             if type(a) is not torch.Tensor:
@@ -232,13 +222,18 @@ class CompiledModel:
             arrays.append(arr)
         if self._into is None:
             return self._structured(self._as_tensors(self.executable.run_checked(arrays)))
+        return self._into_spares(lambda out: self._into(arrays, out))
+
+    def _into_spares(self, run: Any) -> Any:
+        """``run(output addresses)`` into a set of output tensors made ahead, returned in the
+        model's structure (the set goes back to the spares if the call fails)."""
         try:
             outs, addresses = self._spares.pop()
         except IndexError:
             self._allocate_spares()
             outs, addresses = self._spares.pop()
         try:
-            self._into(arrays, addresses)
+            run(addresses)
         except BaseException:
             self._spares.append((outs, addresses))   # never returned: reusable
             raise

@@ -318,16 +318,11 @@ class CompiledProgram:
         model's weights through the caches, making an output tensor costs 20-30 us of cold
         Python and torch code per call, more than some models' kernels."""
         arrays = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in inputs]
-        try:
-            state = self._free.pop()
-        except IndexError:
-            state = self._call_state()
         for i, rows, node in self.image.index_checks:
             ids = arrays[i]
             # rows < 0: the ops reading this input count negative indices from the end.
             lo, hi = (rows, -rows) if rows < 0 else (0, rows)
             if ids.size and (ids.min() < lo or ids.max() >= hi):
-                self._free.append(state)
                 bad = ids[(ids < lo) | (ids >= hi)].flat[0]
                 raise KilnError(f"input %{self.image.inputs[i][0]} holds index {bad}, out of "
                                 f"range [{lo}, {hi}) of the axis it selects from",
@@ -335,21 +330,13 @@ class CompiledProgram:
                                 op=node.partition(":")[0] if ":" in node else "embedding",
                                 hint="check the indices (token ids) fed to the model")
         outs = None
-        try:
-            for i, a in enumerate(arrays):
-                state.inputs[i] = a.ctypes.data
-            if outputs is None:
-                outs = [np.empty(shape, dt) for shape, dt in self._out_specs]
-                outputs = [o.ctypes.data for o in outs]
-            elif self.image.output_copies or self.image.copy_constants:
-                raise InternalError("run_into with output buffers on a program whose outputs "
-                                    "are copies")
-            for j, address in enumerate(outputs):
-                state.outputs[j] = address
-        except BaseException:
-            self._free.append(state)
-            raise
-        self._execute(state)
+        if outputs is None:
+            outs = [np.empty(shape, dt) for shape, dt in self._out_specs]
+            outputs = [o.ctypes.data for o in outs]
+        elif self.image.output_copies or self.image.copy_constants:
+            raise InternalError("run_into with output buffers on a program whose outputs "
+                                "are copies")
+        self.run_addresses([a.ctypes.data for a in arrays], outputs)
         if outs is None:
             return None
         for j, (kind, index) in self.image.output_copies.items():
@@ -366,9 +353,10 @@ class CompiledProgram:
     def run_addresses(self, inputs: Sequence[int], outputs: Sequence[int]) -> None:
         """The native call on buffers given by address: ``inputs`` C-contiguous, of the
         signature's shapes and dtypes, ``outputs`` as in ``run_into``; the caller keeps them
-        alive and has checked them, and the program neither ``checks_indices`` nor copies
-        outputs. CompiledModel's short path passes torch tensors' ``data_ptr()`` here
-        (0.06 us each, where a NumPy view and its ``ctypes.data`` take 1.4 us)."""
+        alive and has checked them (indices included, where the program ``checks_indices``).
+        ``run_into`` ends here; CompiledModel's short path passes torch tensors'
+        ``data_ptr()`` here directly (0.06 us each, where a NumPy view and its ``ctypes.data``
+        take 1.4 us)."""
         try:
             state = self._free.pop()
         except IndexError:

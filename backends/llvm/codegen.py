@@ -13,7 +13,7 @@ different counts may run at once.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -545,7 +545,10 @@ class _Fn:
                 raise InternalError(f"codegen: unknown statement {type(s).__name__}")
 
     def loop(self, s: For, dtypes: dict[str, str], lo: str | None = None,
-             hi: str | None = None) -> None:
+             hi: str | None = None, body: Callable[[], None] | None = None) -> None:
+        """``s`` as a counted loop over [lo, hi) (default: its start and extent); ``body``
+        emits the body instead of ``s.body`` (a team loop's phases)."""
+        emit_body = body or (lambda: self.stmts(s.body, dtypes))
         if lo is None:
             lo = self.expr(s.start)
             ext = self.expr(s.extent)
@@ -553,16 +556,16 @@ class _Fn:
             self.emit(f"{hi} = add i64 {lo}, {ext}")
         ptr = self.declare(s.var)
         self.emit(f"store i64 {lo}, ptr {ptr}")
-        head, body, done = self.label("head"), self.label("body"), self.label("done")
+        head, top, done = self.label("head"), self.label("body"), self.label("done")
         self.emit(f"br label %{head}")
         self.block(head)
         i = self.tmp()
         self.emit(f"{i} = load i64, ptr {ptr}")
         c = self.tmp()
         self.emit(f"{c} = icmp slt i64 {i}, {hi}")
-        self.emit(f"br i1 {c}, label %{body}, label %{done}")
-        self.block(body)
-        self.stmts(s.body, dtypes)
+        self.emit(f"br i1 {c}, label %{top}, label %{done}")
+        self.block(top)
+        emit_body()
         i2, nxt = self.tmp(), self.tmp()
         self.emit(f"{i2} = load i64, ptr {ptr}")
         self.emit(f"{nxt} = add nsw i64 {i2}, {s.step}")
@@ -842,51 +845,43 @@ def _emit_team(fn: _Fn, loop: For, dtypes: dict[str, str]) -> None:
             groups[-1][1].append(st)
         else:
             groups.append((kind, [st]))
-    head_lo = fn.expr(loop.start)
-    head_hi = fn.tmp()
-    fn.emit(f"{head_hi} = add i64 {head_lo}, {fn.expr(loop.extent)}")
-    ptr = fn.declare(loop.var)
-    fn.emit(f"store i64 {head_lo}, ptr {ptr}")
-    head, body, done = fn.label("team_head"), fn.label("team_body"), fn.label("team_done")
-    fn.emit(f"br label %{head}")
-    fn.block(head)
-    i, c = fn.tmp(), fn.tmp()
-    fn.emit(f"{i} = load i64, ptr {ptr}")
-    fn.emit(f"{c} = icmp slt i64 {i}, {head_hi}")
-    fn.emit(f"br i1 {c}, label %{body}, label %{done}")
-    fn.block(body)
-    for kind, stmts in groups:
-        if kind == "local":
-            fn.stmts(stmts, dtypes)
-            continue
-        if kind == "parallel":
-            (par,) = stmts
-            start, ext = fn.expr(par.start), fn.expr(par.extent)
-            t1, chunk, off, lo, end, hi0, hi = (fn.tmp() for _ in range(7))
-            fn.emit(f"{t1} = add i64 {ext}, {nt}")
-            fn.emit(f"{t1}.m = sub i64 {t1}, 1")
-            fn.emit(f"{chunk} = sdiv i64 {t1}.m, {nt}")
-            fn.emit(f"{off} = mul i64 {tid}, {chunk}")
-            fn.emit(f"{lo} = add i64 {start}, {off}")
-            fn.emit(f"{end} = add i64 {start}, {ext}")
-            fn.emit(f"{hi0} = add i64 {lo}, {chunk}")
-            fn.emit(f"{hi} = call i64 @llvm.smin.i64(i64 {hi0}, i64 {end})")
-            fn.m.declare("llvm.smin.i64", "i64", ["i64", "i64"])
-            fn.loop(replace(par, kind="serial"), dtypes, lo, hi)
-        else:
-            one, rest = fn.label("team_one"), fn.label("team_wait")
-            fn.emit(f"br i1 {first}, label %{one}, label %{rest}")
-            fn.block(one)
-            fn.stmts(stmts, dtypes)
-            fn.emit(f"br label %{rest}")
-            fn.block(rest)
-        fn.emit("call void @GOMP_barrier()")
-    i2, nxt = fn.tmp(), fn.tmp()
-    fn.emit(f"{i2} = load i64, ptr {ptr}")
-    fn.emit(f"{nxt} = add nsw i64 {i2}, {loop.step}")
-    fn.emit(f"store i64 {nxt}, ptr {ptr}")
-    fn.emit(f"br label %{head}")
-    fn.block(done)
+
+    def phases() -> None:
+        for kind, stmts in groups:
+            _emit_team_phase(fn, kind, stmts, dtypes, tid, nt, first)
+
+    fn.loop(replace(loop, kind="serial"), dtypes, body=phases)
+
+
+def _emit_team_phase(fn: _Fn, kind: str, stmts: list, dtypes: dict[str, str], tid: str,
+                     nt: str, first: str) -> None:
+    """One phase of a team step: locals on every thread; a parallel loop's static share of
+    this thread, then a barrier; other statements on thread 0, then a barrier."""
+    if kind == "local":
+        fn.stmts(stmts, dtypes)
+        return
+    if kind == "parallel":
+        (par,) = stmts
+        start, ext = fn.expr(par.start), fn.expr(par.extent)
+        t1, chunk, off, lo, end, hi0, hi = (fn.tmp() for _ in range(7))
+        fn.emit(f"{t1} = add i64 {ext}, {nt}")
+        fn.emit(f"{t1}.m = sub i64 {t1}, 1")
+        fn.emit(f"{chunk} = sdiv i64 {t1}.m, {nt}")
+        fn.emit(f"{off} = mul i64 {tid}, {chunk}")
+        fn.emit(f"{lo} = add i64 {start}, {off}")
+        fn.emit(f"{end} = add i64 {start}, {ext}")
+        fn.emit(f"{hi0} = add i64 {lo}, {chunk}")
+        fn.emit(f"{hi} = call i64 @llvm.smin.i64(i64 {hi0}, i64 {end})")
+        fn.m.declare("llvm.smin.i64", "i64", ["i64", "i64"])
+        fn.loop(replace(par, kind="serial"), dtypes, lo, hi)
+    else:
+        one, rest = fn.label("team_one"), fn.label("team_wait")
+        fn.emit(f"br i1 {first}, label %{one}, label %{rest}")
+        fn.block(one)
+        fn.stmts(stmts, dtypes)
+        fn.emit(f"br label %{rest}")
+        fn.block(rest)
+    fn.emit("call void @GOMP_barrier()")
 
 
 def emit_entry(m: ModuleBuilder, calls: Sequence[tuple[Kernel, Sequence[Binding]]]) -> None:

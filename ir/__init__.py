@@ -20,13 +20,15 @@ from kiln.ir.registry import (
     node_flops,
     run_reference,
 )
+from kiln.ir.sizes import SymDim
+from kiln.ir.symbolic import bind_sizes, specialize
 from kiln.ir.text import parse_graph, print_graph
 from kiln.ir.types import DType, TensorType
 from kiln.ir.verify import verify
 
 __all__ = [
     "DType", "Graph", "GraphBuilder", "InternalError", "KilnError", "Node", "NumericsError",
-    "OpDef", "ParseError", "ShapeError", "TensorType", "UnsupportedOpError", "VerificationError",
-    "all_ops", "get_op", "graph_flops", "infer_types", "node_flops", "parse_graph", "print_graph",
-    "run_reference", "verify",
+    "OpDef", "ParseError", "ShapeError", "SymDim", "TensorType", "UnsupportedOpError",
+    "VerificationError", "all_ops", "bind_sizes", "get_op", "graph_flops", "infer_types",
+    "node_flops", "parse_graph", "print_graph", "run_reference", "specialize", "verify",
 ]

@@ -69,6 +69,7 @@ class Graph:
         nodes: Iterable[Node] = (),
         types: Mapping[str, TensorType] | None = None,
         constants: Mapping[str, np.ndarray] | None = None,
+        sizes: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
         self.name = name
         self.inputs: list[str] = list(inputs)
@@ -76,10 +77,20 @@ class Graph:
         self.nodes: list[Node] = list(nodes)
         self.types: dict[str, TensorType] = dict(types or {})
         self.constants: dict[str, np.ndarray] = dict(constants or {})
+        # The named sizes its types may use, with their bounds (kiln.ir.sizes): {"batch": (1,
+        # 4096)}. Empty for a static graph, whose every dimension is a number.
+        self.sizes: dict[str, tuple[int, int]] = {
+            k: (int(lo), int(hi)) for k, (lo, hi) in (sizes or {}).items()}
 
     def copy(self) -> Graph:
         """A new graph sharing the immutable nodes and the (read-only) constant arrays."""
-        return Graph(self.name, self.inputs, self.outputs, self.nodes, self.types, self.constants)
+        return Graph(self.name, self.inputs, self.outputs, self.nodes, self.types, self.constants,
+                     self.sizes)
+
+    @property
+    def is_static(self) -> bool:
+        """Whether every type holds numbers only (no named sizes)."""
+        return not self.sizes and all(t.is_static for t in self.types.values())
 
     # ---- queries -------------------------------------------------------------------------
     def type_of(self, value: str) -> TensorType:

@@ -19,16 +19,24 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from kiln.ir.errors import ParseError
+from kiln.ir.errors import KilnError, ParseError
 from kiln.ir.graph import Graph, Node
+from kiln.ir.sizes import SymDim, format_dim, parse_dim
 from kiln.ir.types import DType, TensorType
 
 INLINE_LIMIT = 16
 
 
+def _json_default(value):
+    if isinstance(value, SymDim):
+        return {"size": format_dim(value)}
+    raise TypeError(f"attribute value {value!r} cannot be printed")
+
+
 def format_attr(value) -> str:
-    """One attribute value: JSON, with tuples as lists."""
-    return json.dumps(value, separators=(", ", ": "))
+    """One attribute value: JSON, with tuples as lists and a size formula (kiln.ir.sizes) as
+    ``{"size": "batch*seq"}``."""
+    return json.dumps(value, separators=(", ", ": "), default=_json_default)
 
 
 def _format_scalar(v, dtype: DType) -> str:
@@ -61,6 +69,8 @@ def print_graph(g: Graph, *, sources: bool = True) -> str:
     ins = ", ".join(f"%{i}: {g.types[i]}" for i in g.inputs)
     outs = ", ".join(f"%{o}" for o in g.outputs)
     lines = [f"graph {g.name}({ins}) -> ({outs}) {{"]
+    for name, (lo, hi) in g.sizes.items():
+        lines.append(f"  size {name} in {lo}..{hi}")
     for name, arr in g.constants.items():
         t = g.types[name]
         line = f"  const %{name}: {t}"
@@ -76,18 +86,22 @@ def print_graph(g: Graph, *, sources: bool = True) -> str:
 
 # ---- parsing ---------------------------------------------------------------------------------
 _NAME = r"%([A-Za-z0-9_.]+)"
-_TYPE = r"([a-z0-9]+)\[([0-9,]*)\]"
+_TYPE = r"([a-z0-9]+)\[([A-Za-z0-9_,+*^ -]*)\]"
+_SIZE = re.compile(r"^size\s+([A-Za-z_][A-Za-z0-9_]*)\s+in\s+(\d{1,12})\.\.(\d{1,12})$")
 _HEADER = re.compile(r"^graph\s+([A-Za-z0-9_.]+)\((.*)\)\s*->\s*\((.*)\)\s*\{$")
 _TYPED = re.compile(_NAME + r":\s*" + _TYPE)
 _CONST = re.compile(r"^const\s+" + _NAME + r":\s*" + _TYPE + r"(?:\s*=\s*\[(.*)\])?$")
 _NODE = re.compile(r"^(.*?)\s*=\s*([A-Za-z_][A-Za-z0-9_]*)\((.*?)\)\s*\{")
 
 
-def _parse_type(dtype: str, dims: str, line_no: int) -> TensorType:
+def _parse_type(dtype: str, dims: str, line_no: int,
+                sizes: Mapping[str, tuple[int, int]] | None = None) -> TensorType:
     try:
-        return TensorType(tuple(int(d) for d in dims.split(",") if d), DType(dtype))
-    except ValueError as e:
-        raise ParseError(f"line {line_no}: bad type {dtype}[{dims}]: {e}") from None
+        return TensorType(tuple(int(d) if d.strip().isdigit() else parse_dim(d, sizes or {})
+                                for d in dims.split(",") if d.strip()), DType(dtype))
+    except (ValueError, KilnError) as e:
+        msg = e.message if isinstance(e, KilnError) else str(e)
+        raise ParseError(f"line {line_no}: bad type {dtype}[{dims}]: {msg}") from None
 
 
 def _split_top(text: str) -> list[str]:
@@ -142,17 +156,25 @@ def _match_brace(text: str, start: int) -> int:
     return -1
 
 
-def _parse_attrs(text: str, line_no: int) -> dict:
+def _parse_attrs(text: str, line_no: int, sizes: Mapping[str, tuple[int, int]]) -> dict:
+    def size(obj: dict):
+        if set(obj) == {"size"}:
+            return parse_dim(obj["size"], sizes)
+        return obj
+
     attrs = {}
     for part in _split_top(text):
         key, sep, val = part.partition("=")
         if not sep:
             raise ParseError(f"line {line_no}: attribute {part!r} has no '='")
         try:
-            attrs[key.strip()] = json.loads(val)
+            attrs[key.strip()] = json.loads(val, object_hook=size)
         except json.JSONDecodeError as e:
             raise ParseError(
                 f"line {line_no}: bad value for attribute {key.strip()}: {e}") from None
+        except KilnError as e:
+            raise ParseError(f"line {line_no}: bad size in attribute {key.strip()}: "
+                             f"{e.message}") from None
     return attrs
 
 
@@ -172,12 +194,23 @@ def parse_graph(text: str, constants: Mapping[str, np.ndarray] | None = None) ->
     if not m:
         raise ParseError(f"line {line_no}: expected 'graph NAME(%in: type, ...) -> (...) {{'")
     g = Graph(m.group(1))
+    # The sizes come first: the header's types may use them.
+    for size_line, ln in lines[1:]:
+        if ln.startswith("size "):
+            sm = _SIZE.match(ln)
+            if not sm or sm.group(1) in g.sizes:
+                raise ParseError(f"line {size_line}: bad size {ln!r}",
+                                 hint="one line per size: 'size NAME in LO..HI'")
+            lo, hi = int(sm.group(2)), int(sm.group(3))
+            if not 1 <= lo <= hi:
+                raise ParseError(f"line {size_line}: size {sm.group(1)} has bounds {lo}..{hi}")
+            g.sizes[sm.group(1)] = (lo, hi)
     for part in _split_top(m.group(2)):
         tm = _TYPED.fullmatch(part)
         if not tm:
             raise ParseError(f"line {line_no}: bad graph input {part!r}")
         g.inputs.append(tm.group(1))
-        g.types[tm.group(1)] = _parse_type(tm.group(2), tm.group(3), line_no)
+        g.types[tm.group(1)] = _parse_type(tm.group(2), tm.group(3), line_no, g.sizes)
     declared_outputs = [p.strip().lstrip("%") for p in _split_top(m.group(3))]
     returned = None
     for line_no, ln in lines[1:]:
@@ -188,6 +221,8 @@ def parse_graph(text: str, constants: Mapping[str, np.ndarray] | None = None) ->
             continue
         if ln.startswith("const "):
             _parse_const(g, ln, line_no, constants)
+            continue
+        if ln.startswith("size "):
             continue
         g.nodes.append(_parse_node(g, ln, line_no))
     else:
@@ -237,7 +272,7 @@ def _parse_node(g: Graph, ln: str, line_no: int) -> Node:
         if not tm:
             raise ParseError(f"line {line_no}: bad output {part!r}")
         outs.append(tm.group(1))
-        g.types[tm.group(1)] = _parse_type(tm.group(2), tm.group(3), line_no)
+        g.types[tm.group(1)] = _parse_type(tm.group(2), tm.group(3), line_no, g.sizes)
     ins = []
     for part in _split_top(m.group(3)):
         if not re.fullmatch(_NAME, part):
@@ -247,7 +282,7 @@ def _parse_node(g: Graph, ln: str, line_no: int) -> Node:
     close = _match_brace(ln, brace)
     if close < 0:
         raise ParseError(f"line {line_no}: unclosed attribute braces")
-    attrs = _parse_attrs(ln[brace + 1:close], line_no)
+    attrs = _parse_attrs(ln[brace + 1:close], line_no, g.sizes)
     rest = ln[close + 1:].strip()
     source = None
     if rest:

@@ -9,6 +9,7 @@ from enum import Enum
 import numpy as np
 
 from kiln.ir.errors import ShapeError
+from kiln.ir.sizes import Dim, SymDim, format_dim, size_names
 
 
 class DType(str, Enum):
@@ -64,34 +65,55 @@ _TO_NUMPY = {
 
 @dataclass(frozen=True)
 class TensorType:
-    """A static shape and a dtype. Shapes are known at compile time from the example inputs."""
+    """A shape and a dtype. A dimension is a number, or a formula of named sizes (a
+    ``kiln.ir.sizes.SymDim``: ``batch``, ``batch*seq``) in a graph that holds for every size
+    it declares."""
 
-    shape: tuple[int, ...]
+    shape: tuple[Dim, ...]
     dtype: DType = DType.f32
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "shape", tuple(
+            d if isinstance(d, SymDim) else int(d) for d in self.shape))
         object.__setattr__(self, "dtype", DType(self.dtype))
-        if any(d < 0 for d in self.shape):
-            raise ShapeError(f"negative dimension in shape {self.shape}")
+        for d in self.shape:
+            if isinstance(d, SymDim):
+                if d.interval()[0] < 0:
+                    raise ShapeError(f"dimension {d} of shape [{self._dims()}] is negative for "
+                                     f"some sizes", hint="tighten the sizes' bounds")
+            elif d < 0:
+                raise ShapeError(f"negative dimension in shape {self.shape}")
 
     @property
     def rank(self) -> int:
         return len(self.shape)
 
     @property
-    def numel(self) -> int:
+    def numel(self) -> Dim:
         return math.prod(self.shape)
 
     @property
-    def nbytes(self) -> int:
+    def nbytes(self) -> Dim:
         return self.numel * self.dtype.itemsize
 
-    def with_shape(self, shape: tuple[int, ...]) -> TensorType:
+    @property
+    def is_static(self) -> bool:
+        """Whether every dimension is a number."""
+        return not any(isinstance(d, SymDim) for d in self.shape)
+
+    @property
+    def size_names(self) -> set[str]:
+        """The size names its dimensions use."""
+        return size_names(self.shape)
+
+    def with_shape(self, shape: tuple[Dim, ...]) -> TensorType:
         return TensorType(tuple(shape), self.dtype)
 
+    def _dims(self) -> str:
+        return ",".join(format_dim(d) for d in self.shape)
+
     def __str__(self) -> str:
-        return f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
+        return f"{self.dtype}[{self._dims()}]"
 
     @staticmethod
     def of(array: np.ndarray) -> TensorType:

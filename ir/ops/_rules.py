@@ -7,18 +7,43 @@ from collections.abc import Sequence
 import numpy as np
 
 from kiln.ir.errors import ShapeError
+from kiln.ir.sizes import Dim, is_static
 from kiln.ir.types import DType, TensorType
 
 
-def broadcast(*shapes: Sequence[int]) -> tuple[int, ...]:
-    """NumPy/PyTorch broadcasting of shapes; ShapeError when they do not broadcast."""
-    try:
-        return tuple(int(d) for d in np.broadcast_shapes(*[tuple(s) for s in shapes]))
-    except ValueError:
-        raise ShapeError(
-            f"shapes {', '.join(str(list(s)) for s in shapes)} do not broadcast",
-            hint="reshape or expand the operands so that trailing dimensions agree",
-        ) from None
+def broadcast(*shapes: Sequence[Dim]) -> tuple[Dim, ...]:
+    """NumPy/PyTorch broadcasting of shapes; ShapeError when they do not broadcast.
+
+    With sizes (``batch``): a size broadcasts with 1 and with itself only, since it must hold
+    for every value of the size, 1 included and not only."""
+    shapes = [tuple(s) for s in shapes]
+    if all(is_static(s) for s in shapes):
+        try:
+            return tuple(int(d) for d in np.broadcast_shapes(*shapes))
+        except ValueError:
+            pass
+    else:
+        rank = max((len(s) for s in shapes), default=0)
+        out = []
+        for k in range(rank):
+            dims = {s[len(s) - rank + k] for s in shapes if len(s) - rank + k >= 0} - {1}
+            if len(dims) > 1:
+                break
+            out.append(dims.pop() if dims else 1)
+        else:
+            return tuple(out)
+    raise ShapeError(
+        f"shapes {', '.join('[' + ', '.join(map(str, s)) + ']' for s in shapes)} do not "
+        "broadcast",
+        hint="reshape or expand the operands so that trailing dimensions agree",
+    )
+
+
+def slice_length(start: Dim, end: Dim, step: int) -> Dim:
+    """How many of ``range(start, end, step)`` there are (``0 <= start <= end``)."""
+    if isinstance(start, int) and isinstance(end, int):
+        return len(range(start, end, step))
+    return (end - start + step - 1) // step
 
 
 def same_dtype(types: Sequence[TensorType]) -> DType:
@@ -56,9 +81,10 @@ def norm_axes(axes: Sequence[int] | None, rank: int) -> tuple[int, ...]:
     return out if rank else ()
 
 
-def conv_out_size(size: int, k: int, stride: int, pad_lo: int, pad_hi: int, dilation: int,
-                  ceil_mode: bool = False) -> int:
-    """Output length of a sliding window (convolution or pooling)."""
+def conv_out_size(size: Dim, k: int, stride: int, pad_lo: int, pad_hi: int, dilation: int,
+                  ceil_mode: bool = False) -> Dim:
+    """Output length of a sliding window (convolution or pooling). Over a size (``h``) it is
+    a formula where one exists: stride 1, or a stride that divides every size term."""
     span = dilation * (k - 1) + 1
     avail = size + pad_lo + pad_hi - span
     if avail < 0:

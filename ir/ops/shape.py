@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from kiln.ir.errors import ShapeError
-from kiln.ir.ops._rules import broadcast, norm_axis, same_dtype
+from kiln.ir.ops._rules import broadcast, norm_axis, same_dtype, slice_length
 from kiln.ir.registry import REQUIRED, no_flops, register
 from kiln.ir.types import TensorType
 
@@ -53,7 +53,7 @@ def _slice_infer(ins, attrs):
         raise ShapeError(f"slice [{start}:{end}:{step}] is not normalized for a dimension of "
                          f"{x.shape[axis]}", hint="0 <= start <= end <= size, step >= 1")
     shape = list(x.shape)
-    shape[axis] = len(range(start, end, step))
+    shape[axis] = slice_length(start, end, step)
     return [x.with_shape(tuple(shape))]
 
 
@@ -94,7 +94,7 @@ def _split_infer(ins, attrs):
     _not_scalar(x, "split")
     axis = norm_axis(attrs["axis"], x.rank)
     sizes = tuple(attrs["sizes"])
-    if sum(sizes) != x.shape[axis] or min(sizes, default=-1) < 0:
+    if not sizes or sum(sizes) != x.shape[axis] or any(s < 0 for s in sizes):
         raise ShapeError(f"split sizes {list(sizes)} do not add up to {x.shape[axis]}")
     out = []
     for s in sizes:

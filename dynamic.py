@@ -146,6 +146,7 @@ class DynamicModel:
         self._lock = threading.Lock()          # the table of programs
         self._compiling = threading.Lock()     # compiles, one at a time
         self._by_shapes: dict[tuple, tuple] = {}  # input shapes -> sizes, for calls
+        self._symbolic: Any = None
         first = self.specialize(*example_inputs)
         self.backend = first.backend
 
@@ -229,6 +230,18 @@ class DynamicModel:
                             hint="export one size: kiln.export(model.specialize(*inputs), "
                                  "path)")
         return self._graph_at(self.inputs_at(sizes))
+
+    def symbolic_graph(self) -> Any:
+        """The model's optimized graph for every size: its dynamic dimensions are named sizes
+        (kiln.ir.sizes) with the model's bounds, fitted from the graph at a few probe sizes
+        (kiln.frontend.symbolic) and verified. A KilnError names the node when the model's
+        graph has no such form (a constant folded from a size, a graph that changes with the
+        sizes)."""
+        if self._symbolic is None:
+            from kiln.frontend.symbolic import symbolic_graph
+
+            self._symbolic = symbolic_graph(self.graph_at, self.bounds)
+        return self._symbolic
 
     def programs(self) -> list[Any]:
         """The compiled programs held now, least recently used first."""

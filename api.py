@@ -360,7 +360,8 @@ def export(compiled: CompiledModel, path: str | os.PathLike | None = None, *,
         extra = {"variants": [p.executable.program.image for p in programs[1:]],
                  "dims": [(i, d, n) for i, dims in sorted(dynamic.dims.items())
                           for d, n in sorted(dims.items())],
-                 "bounds": dynamic.bounds}
+                 "bounds": dynamic.bounds,
+                 "rows": dynamic.rows[0] if dynamic.split_rows else None}
     try:
         return artifact.save(path, image, pipeline=pipeline, kiln_version=_kiln_version(),
                              sign_key=sign_key, overwrite=overwrite, **extra)
@@ -526,8 +527,16 @@ def compile(
         def graph_at(xs: tuple[torch.Tensor, ...]) -> Graph:
             return optimize(trace_module(model, xs, frontend)[0], pipeline, verify=verify)[0]
 
+        def compile_graph_at(graph: Graph, xs: tuple[torch.Tensor, ...],
+                             first: CompiledModel) -> CompiledModel:
+            return compile_graph(graph, xs, out_spec=first._out_spec, backend=backend,
+                                 pipeline=pipeline, verify=verify,
+                                 check_numerics=check_numerics, threads=threads, target=target,
+                                 winograd=winograd)
+
         return DynamicModel(lambda xs: compile(model, xs, **options), example_inputs, dims,
-                            names, bounds, graph_at=graph_at)
+                            names, bounds, graph_at=graph_at,
+                            compile_graph_at=compile_graph_at)
     source_graph, out_spec = trace_module(model, example_inputs, frontend)
     if not any(o is not None and o is not False for o in (prune, low_rank, distill, quantize)):
         return compile_graph(source_graph, example_inputs, out_spec=out_spec, backend=backend,

@@ -13,13 +13,17 @@ at a few probe sizes (``graph_at``).
 
 With compression (``kiln.compile(..., quantize=..., dynamic=...)`` or ``kiln.compress(...,
 dynamic=...)``) the model is compressed once, at the example inputs, and that compression is
-rebuilt at each new size (``SizedCompression``). Not done yet: one program whose kernels take
-their sizes at run time (symbolic dimensions in the IR).
+rebuilt at each new size (``SizedCompression``). ``symbolic_graph()`` is the graph for every
+size, with the dynamic dimensions as named sizes (kiln.ir.sizes, kiln.frontend.symbolic). Not
+done yet: one program whose kernels take their sizes at run time.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -31,6 +35,10 @@ from kiln.ir import KilnError
 
 MAX_SPECIALIZATIONS = 16
 """Programs a DynamicModel keeps in memory, one per set of sizes (least recently used go)."""
+
+HOT_CALLS = 8
+"""A row count served on row slices this many times gets a program of its own, compiled in
+the background (``DynamicModel.compile_hot``)."""
 
 MAX_DIM = 1 << 20
 """The largest size a dynamic dimension may take at a call."""
@@ -126,11 +134,31 @@ class DynamicModel:
     docstring). Call it like the original; ``specialize(*inputs)`` gives the CompiledModel
     for those inputs' sizes (to export, profile or inspect)."""
 
+    split_rows: bool = True
+    """A call whose row count (a size every input that has it holds as its leading dimension,
+    such as the batch) is not a power of two and has no program yet runs as calls of
+    power-of-two row counts on row slices (13 rows: 8 + 4 + 1), when the model's symbolic
+    graph shows that rows never meet (``rows``); so any batch size runs on at most
+    log2(max) + 1 compiled programs instead of one compile per size, at once. A row count
+    called often gets its own program (``compile_hot``). False: compile every size on the call
+    that first brings it."""
+
+    compile_hot: int = HOT_CALLS
+    """Calls on row slices after which a row count gets a program of its own, compiled by a
+    background thread while calls go on on row slices (0: never)."""
+
     def __init__(self, compile_at: Callable[[tuple[torch.Tensor, ...]], Any],
                  example_inputs: Sequence[torch.Tensor], dims: dict[int, dict[int, str]],
                  names: Sequence[str], bounds: Mapping[str, tuple[int, int]] | None = None,
-                 graph_at: Callable[[tuple[torch.Tensor, ...]], Any] | None = None) -> None:
+                 graph_at: Callable[[tuple[torch.Tensor, ...]], Any] | None = None,
+                 compile_graph_at: Callable[[Any, tuple[torch.Tensor, ...], Any], Any]
+                 | None = None) -> None:
         self._compile_at = compile_at
+        # Compiles a static graph (the symbolic graph specialized to a call's sizes), given the
+        # call's inputs and the first program (for its output structure): a new size then
+        # needs no trace of the model.
+        self._compile_graph_at = compile_graph_at
+        self._first: Any = None
         # The optimized graph at given sizes, without code (ONNX export builds it at probes).
         self._graph_at = graph_at
         self._example_inputs = tuple(example_inputs)
@@ -147,7 +175,15 @@ class DynamicModel:
         self._compiling = threading.Lock()     # compiles, one at a time
         self._by_shapes: dict[tuple, tuple] = {}  # input shapes -> sizes, for calls
         self._symbolic: Any = None
+        self._symbolic_error: KilnError | None = None
+        self._rows: tuple[str | None, str] | None = None   # (row size, reason)
+        self._rows_lock = threading.RLock()     # the symbolic graph and the rows, made once
+        self._split_calls: dict[tuple, int] = {}  # calls served on row slices, per sizes
+        self._hot: list[tuple] = []            # sizes to compile in the background
+        self._worker: threading.Thread | None = None
+        _LIVE.add(self)
         first = self.specialize(*example_inputs)
+        self._first = first
         self.backend = first.backend
 
     @property
@@ -207,7 +243,7 @@ class DynamicModel:
             tensors = tuple(a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
                             for a in inputs)
             try:
-                program = self._compile_at(tensors)
+                program = self._compile_sizes(key, tensors)
             except KilnError as e:
                 sizes = ", ".join(f"{n}={v}" for n, v in zip(self._size_names(), key))
                 e.message = f"{e.message} (compiling for {sizes})"
@@ -217,6 +253,28 @@ class DynamicModel:
                 while len(self._programs) > MAX_SPECIALIZATIONS:
                     self._programs.popitem(last=False)
             return program
+
+    def _compile_sizes(self, key: tuple, tensors: tuple[torch.Tensor, ...]) -> Any:
+        """The program for one set of sizes: from the symbolic graph specialized to them when
+        the model has one (no trace of the model: a trace patches torch.nn.Module calls
+        process-wide while it runs), else from a trace at these sizes."""
+        if self._first is not None and self._compile_graph_at is not None:
+            graph = self._symbolic_or_none()
+            if graph is not None:
+                from kiln.ir.symbolic import specialize
+
+                sizes = dict(zip(self._size_names(), key))
+                return self._compile_graph_at(specialize(graph, sizes), tensors, self._first)
+        return self._compile_at(tensors)
+
+    def _symbolic_or_none(self) -> Any:
+        with self._rows_lock:
+            if self._symbolic is None and self._symbolic_error is None:
+                try:
+                    self.symbolic_graph()
+                except KilnError as e:
+                    self._symbolic_error = e
+            return self._symbolic
 
     def inputs_at(self, sizes: Mapping[str, int]) -> tuple[torch.Tensor, ...]:
         """The example inputs with each dynamic dimension at ``sizes[its name]``."""
@@ -237,11 +295,121 @@ class DynamicModel:
         (kiln.frontend.symbolic) and verified. A KilnError names the node when the model's
         graph has no such form (a constant folded from a size, a graph that changes with the
         sizes)."""
-        if self._symbolic is None:
-            from kiln.frontend.symbolic import symbolic_graph
+        with self._rows_lock:
+            if self._symbolic is None:
+                if self._symbolic_error is not None:
+                    raise self._symbolic_error
+                from kiln.frontend.symbolic import symbolic_graph
 
-            self._symbolic = symbolic_graph(self.graph_at, self.bounds)
-        return self._symbolic
+                try:
+                    self._symbolic = symbolic_graph(self.graph_at, self.bounds)
+                except KilnError as e:
+                    self._symbolic_error = e
+                    raise
+            return self._symbolic
+
+    @property
+    def rows(self) -> tuple[str | None, str]:
+        """(the size whose rows run apart, or None; why): the first size held as the leading
+        dimension of inputs for which ``kiln.ir.symbolic.rows_independent`` holds on the
+        symbolic graph, else None and the reason."""
+        with self._rows_lock:
+            if self._rows is None:
+                self._rows = self._find_rows()
+            return self._rows
+
+    def _find_rows(self) -> tuple[str | None, str]:
+        from kiln.ir.symbolic import rows_independent
+
+        leading = list(dict.fromkeys(d[0] for d in self.dims.values() if 0 in d))
+        if not leading:
+            return None, "no input has a dynamic leading dimension"
+        graph = self._symbolic_or_none()
+        if graph is None:
+            return None, f"the model has no graph for every size: {self._symbolic_error.message}"
+        reasons = []
+        for name in leading:
+            why = rows_independent(graph, name)
+            if why is None:
+                return name, f"the rows of {name} never meet in the graph"
+            reasons.append(why)
+        return None, "; ".join(reasons)
+
+    def _split_plan(self, key: tuple) -> tuple[str, list[int]] | None:
+        """(row size, row counts) when this call runs as smaller calls (``split_rows``)."""
+        if not self.split_rows:
+            return None
+        with self._lock:
+            if key in self._programs:
+                return None
+        sizes = dict(zip(self._size_names(), key))
+        name = self.rows[0]
+        if name is None:
+            return None
+        n = sizes[name]
+        if n & (n - 1) == 0:
+            return None                        # a power of two: compiled as it is
+        parts = [1 << k for k in range(n.bit_length() - 1, -1, -1) if n >> k & 1]
+        lo, hi = self.bounds[name]
+        if any(not lo <= p <= hi for p in parts):
+            return None
+        return name, parts
+
+    def _count_split(self, key: tuple) -> None:
+        """Count a call served on row slices; the ``compile_hot``-th queues its sizes for a
+        program of their own, compiled by a background thread."""
+        if self.compile_hot <= 0:
+            return
+        with self._lock:
+            if len(self._split_calls) >= 4096:
+                self._split_calls.clear()
+            count = self._split_calls[key] = self._split_calls.get(key, 0) + 1
+            if count != self.compile_hot:
+                return
+            self._hot.append(key)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._compile_hot_sizes, daemon=True,
+                                                name="kiln-dynamic-compile")
+                self._worker.start()
+
+    def _compile_hot_sizes(self) -> None:
+        while True:
+            with self._lock:
+                if not self._hot:
+                    self._worker = None
+                    return
+                key = self._hot.pop(0)
+            sizes = dict(zip(self._size_names(), key))
+            try:
+                self.specialize(*self.inputs_at(sizes))
+            except Exception as e:  # noqa: BLE001 (a background compile must not kill its thread)
+                warnings.warn(f"kiln: compiling a program for {sizes} failed; calls of these "
+                              f"sizes keep running on row slices: {e}", stacklevel=1)
+
+    def wait_compiles(self, timeout: float | None = None) -> bool:
+        """Wait for the background compiles of hot sizes; True when none is left."""
+        worker = self._worker
+        if worker is not None:
+            worker.join(timeout)
+        return self._worker is None
+
+    def _after_fork(self) -> None:
+        # Only the forking thread lives on in a child: a lock held by another thread (a
+        # compile) would never be released there, and its background worker is gone.
+        self._lock = threading.Lock()
+        self._compiling = threading.Lock()
+        self._rows_lock = threading.RLock()
+        self._hot, self._worker = [], None
+        self._split_calls = {}
+
+    def _run_rows(self, args: Sequence[Any], name: str, parts: list[int]) -> Any:
+        sliced = {i for i, d in self.dims.items() if d.get(0) == name}
+        outs, start = [], 0
+        for part in parts:
+            piece = [a[start:start + part] if i in sliced else a for i, a in enumerate(args)]
+            outs.append(self(*piece))
+            start += part
+        return _cat_rows(outs)
 
     def programs(self) -> list[Any]:
         """The compiled programs held now, least recently used first."""
@@ -266,6 +434,11 @@ class DynamicModel:
                     self._programs.move_to_end(key)
             if program is not None:
                 return program(*args)
+        key = self._sizes(args)
+        plan = self._split_plan(key)
+        if plan is not None:
+            self._count_split(key)
+            return self._run_rows(args, *plan)
         program = self.specialize(*args)
         if shapes is not None:
             if len(self._by_shapes) >= 4096:
@@ -276,6 +449,37 @@ class DynamicModel:
     def __repr__(self) -> str:
         return (f"<kiln DynamicModel {self.dynamic_dims}, {len(self._programs)} size(s) "
                 f"compiled>")
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for model in list(_LIVE):
+        model._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _cat_rows(outs: Sequence[Any]) -> Any:
+    """The outputs of calls on consecutive row slices, joined along their leading axis (the
+    output structure is the first call's)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flat = [tree_flatten(o) for o in outs]
+    leaves, spec = flat[0]
+    joined = []
+    for k, leaf in enumerate(leaves):
+        column = [f[0][k] for f in flat]
+        if isinstance(leaf, torch.Tensor):
+            joined.append(torch.cat(column, dim=0))
+        elif isinstance(leaf, np.ndarray):
+            joined.append(np.concatenate(column, axis=0))
+        else:
+            joined.append(leaf)
+    return tree_unflatten(joined, spec)
 
 
 # ---- compression with dynamic sizes -------------------------------------------------------

@@ -107,3 +107,106 @@ def specialize(graph: Graph, sizes: Mapping[str, int]) -> Graph:
 
 def _at(t: TensorType, sizes: Mapping[str, int]) -> TensorType:
     return t if t.is_static else t.with_shape(substitute(t.shape, sizes))
+
+
+# ---- rows of a size ----------------------------------------------------------------------------
+def _axis_not(axis_attr: str, what: str = "the rows' axis"):
+    def rule(node, ins, attrs) -> str | None:
+        axes = attrs[axis_attr]
+        if axes is None:
+            return f"{axis_attr} is every axis, {what} included"
+        axes = axes if isinstance(axes, tuple) else (axes,)
+        rank = next(t.rank for t in ins if t is not None)
+        return f"{axis_attr} is {what}" if any(a % max(rank, 1) == 0 for a in axes) else None
+    return rule
+
+
+def _rank3(node, ins, attrs) -> str | None:
+    # matmul / attention contract over dimension -2 of b (k, v): the rows must lie above it.
+    return "the rows are a matrix dimension" if any(t.rank < 3 for t in ins[1:] if t) else None
+
+
+def _zero_pads(node, ins, attrs) -> str | None:
+    return "it pads the rows" if tuple(attrs["pads"][:2]) != (0, 0) else None
+
+
+def _perm(node, ins, attrs) -> str | None:
+    return "it moves the rows' axis" if attrs["perm"][0] != 0 else None
+
+
+def _take(node, ins, attrs) -> str | None:
+    x, rest = ins[0], ins[1:]
+    if x is None:                        # a table looked up by rows of indices
+        return None
+    if attrs["axis"] % x.rank == 0 or any(t is not None for t in rest):
+        return "it indexes the rows"
+    return None
+
+
+_ROWWISE = {"conv", "conv_transpose", "qconv", "max_pool", "avg_pool", "adaptive_avg_pool",
+            "batch_norm", "group_norm", "resize", "linear", "linear_w8", "dynamic_qlinear",
+            "qlinear", "embedding", "reshape", "expand"}
+ROW_RULES: dict = {
+    **{op: None for op in _ROWWISE},
+    "matmul": _rank3, "attention": _rank3,
+    "layer_norm": lambda n, ins, a: ("it normalizes over the rows" if a["normalized_ndim"]
+                                     >= ins[0].rank else None),
+    "softmax": _axis_not("axis"), "log_softmax": _axis_not("axis"),
+    "cumsum": _axis_not("axis"), "argmax": _axis_not("axis"), "argmin": _axis_not("axis"),
+    "topk": _axis_not("axis"), "slice": _axis_not("axis"), "concat": _axis_not("axis"),
+    "split": _axis_not("axis"), "gather_elements": _axis_not("axis"),
+    "reduce_sum": _axis_not("axes"), "reduce_mean": _axis_not("axes"),
+    "reduce_max": _axis_not("axes"), "reduce_min": _axis_not("axes"),
+    "permute": _perm, "pad": _zero_pads, "take": _take,
+    # The recurrent ops hold the batch in dimension 1: refused by the leading-axis check.
+    "lstm_seq": None, "gru_seq": None,
+}
+"""Per op that is not elementwise: None when output row i is computed from input rows i
+only (given that every operand carrying the size holds it as its leading dimension), or a
+rule ``(node, input types or None for an operand without the size, attrs) -> reason or None``.
+Elementwise ops are row-wise by broadcasting. ``tests/ir/test_symbolic_shapes.py`` holds
+every registered op to having an entry here or being elementwise."""
+
+
+def rows_independent(graph: Graph, size: str) -> str | None:
+    """None when ``graph`` computes row ``i`` of every output from row ``i`` of its inputs
+    along size ``size``: each value that uses the size holds it as exactly its leading
+    dimension, and each node keeps rows apart (ROW_RULES). Then a call of ``n`` rows can run
+    as calls of fewer rows on row slices, their outputs concatenated. Otherwise the reason,
+    naming the node."""
+    from kiln.ir.registry import get_op
+
+    def leading(value: str) -> bool | None:
+        t = graph.types[value]
+        uses = [k for k, d in enumerate(t.shape) if isinstance(d, SymDim) and size in d.names]
+        if not uses:
+            return None
+        return uses == [0] and t.shape[0] == SymDim.named(size, *graph.sizes[size])
+
+    for value in graph.inputs:
+        if leading(value) is False:
+            return (f"input %{value} does not hold {size} as its leading dimension alone "
+                    f"({graph.types[value]})")
+    for value in graph.outputs:
+        if not leading(value):
+            return (f"output %{value} does not hold {size} as its leading dimension alone "
+                    f"({graph.types[value]})")
+    for n in graph.nodes:
+        ins = [graph.types[i] if leading(i) else None for i in n.inputs]
+        for v in list(n.inputs) + list(n.outputs):
+            if leading(v) is False:
+                return (f"node {n.name} ({n.op}): %{v} is {graph.types[v]}, {size} is not its "
+                        "leading dimension alone")
+        if not any(ins):
+            continue
+        if not all(leading(o) for o in n.outputs):
+            return f"node {n.name} ({n.op}) makes an output without the rows of {size}"
+        if get_op(n.op).kind == "elementwise":
+            continue
+        if n.op not in ROW_RULES:
+            return f"node {n.name} ({n.op}): kiln does not know whether {n.op} keeps rows apart"
+        rule = ROW_RULES[n.op]
+        why = rule(n, ins, n.attrs) if rule is not None else None
+        if why:
+            return f"node {n.name} ({n.op}): {why}"
+    return None

@@ -82,13 +82,15 @@ def _program_fields(image: Any, prefix: str, parts: dict[str, Any]) -> dict[str,
 def save(path: str | os.PathLike, image: Any, *, pipeline: Sequence[str] = (),
          kiln_version: str = "", sign_key: Any = None, overwrite: bool = True,
          variants: Sequence[Any] = (), dims: Sequence[tuple[int, int, str]] = (),
-         bounds: dict[str, tuple[int, int]] | None = None) -> Path:
+         bounds: dict[str, tuple[int, int]] | None = None, rows: str | None = None) -> Path:
     """Write ``image`` (a backends.llvm ProgramImage) as an artifact at ``path``, signed
     with ``sign_key`` (an Ed25519 private key; artifact_signing.py) when given.
 
     A dynamic model's artifact holds one program per set of sizes: ``image`` and the
     ``variants`` (more ProgramImages for the same inputs at other sizes of the dynamic
-    dimensions ``dims``, (input, dimension, size name) each, within ``bounds``).
+    dimensions ``dims``, (input, dimension, size name) each, within ``bounds``). ``rows``
+    names a size whose rows never meet (kiln.ir.symbolic.rows_independent): a loaded model
+    runs a call of a row count it has no program for on row slices of counts it has.
 
     The file is written next to its destination and renamed into place, so a failed export
     never leaves a half-written artifact or overwrites an existing one with garbage; only a
@@ -107,6 +109,8 @@ def save(path: str | os.PathLike, image: Any, *, pipeline: Sequence[str] = (),
             "variants": [{"prefix": f"v{k}.", **_program_fields(v, f"v{k}.", parts)}
                          for k, v in enumerate(variants, 1)],
         }
+        if rows is not None:
+            header["dynamic"]["rows"] = str(rows)
     return write_container(path, header, parts, sign_key=sign_key, overwrite=overwrite)
 
 
@@ -241,6 +245,8 @@ def _dynamic_variants(header: dict, blobs: dict[str, bytes], first: Any, target:
                     and 1 <= b[0] <= b[1], f"dynamic bounds of {name} are malformed")
         bounds[name] = (b[0], b[1])
     _check.want(set(raw_bounds) == set(bounds), "dynamic.bounds names unknown sizes")
+    _check.want(set(dyn) <= {"dims", "bounds", "variants", "rows"},
+                "dynamic has unknown entries")
     images, used = [first], {"code", "consts"} | {f"output{j}" for j in first.copy_constants}
     for k, v in enumerate(raw_variants, 1):
         _check.want(isinstance(v, dict) and v.get("prefix") == f"v{k}.",
@@ -271,6 +277,10 @@ def _dynamic_variants(header: dict, blobs: dict[str, bytes], first: Any, target:
         key = tuple(sorted(sizes.items()))
         _check.want(key not in seen, f"program {k} repeats the sizes of another")
         seen.add(key)
+    rows = dyn.get("rows")
+    _check.want(rows is None or (isinstance(rows, str) and rows in bounds and all(
+        d == 0 for _, d, n in dims if n == rows)),
+        "dynamic.rows must name a size held as the leading dimension of its inputs")
     return dims, bounds, images
 
 
@@ -336,6 +346,9 @@ class LoadedModel:
                 raise KilnError(f"input %{name} expects {dtype}{list(shape)}, got "
                                 f"{a.dtype}{list(a.shape)}")
         if program is None:
+            parts = self._row_parts(arrays)
+            if parts is not None:
+                return self._run_rows(arrays, parts)
             got = {name: arrays[i].shape[d] if d < arrays[i].ndim else None
                    for i, d, name in self.dims}
             raise KilnError(f"this artifact has programs for {self.sizes}; the call brings "
@@ -344,6 +357,42 @@ class LoadedModel:
                                  "a model compiled for them")
         outs = program.run(arrays)
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _row_parts(self, arrays: Sequence[np.ndarray]) -> list[int] | None:
+        """Row counts with programs that add up to this call's rows (largest first), when the
+        artifact names a size whose rows never meet (``manifest.dynamic.rows``)."""
+        rows = (self.manifest.get("dynamic") or {}).get("rows")
+        if rows is None or any(a.ndim != len(s) for a, (_, _, s) in zip(arrays, self.inputs)):
+            return None
+        sliced = {i for i, d, n in self.dims if n == rows}
+        shape_of = [a.shape for a in arrays]
+        n = shape_of[min(sliced)][0]
+        if any(shape_of[i][0] != n for i in sliced):
+            return None
+        have = sorted({k[min(sliced)][0] for k in self._programs
+                       if all(k[i][1:] == shape_of[i][1:] if i in sliced else k[i] == shape_of[i]
+                              for i in range(len(arrays)))}, reverse=True)
+        parts, left = [], n
+        while left:
+            part = next((h for h in have if h <= left), None)
+            if part is None or len(parts) >= 4096:
+                return None
+            parts.append(part)
+            left -= part
+        return parts
+
+    def _run_rows(self, arrays: Sequence[np.ndarray], parts: list[int]
+                  ) -> np.ndarray | tuple[np.ndarray, ...]:
+        rows = self.manifest["dynamic"]["rows"]
+        sliced = {i for i, d, n in self.dims if n == rows}
+        pieces, start = [], 0
+        for part in parts:
+            out = self(*[a[start:start + part] if i in sliced else a
+                         for i, a in enumerate(arrays)])
+            pieces.append(out if isinstance(out, tuple) else (out,))
+            start += part
+        joined = tuple(np.concatenate(col, axis=0) for col in zip(*pieces))
+        return joined[0] if len(joined) == 1 else joined
 
     def __repr__(self) -> str:
         sig = ", ".join(f"{d}{list(s)}" for _, d, s in self.inputs)

@@ -263,7 +263,7 @@ def test_dynamic_model_library_takes_sizes(tmp_path: Path) -> None:
     inputs = {b: torch.randn(b, *x.shape[1:], generator=torch.Generator().manual_seed(b))
               for b in batches}
     for b in batches[1:]:
-        dyn(inputs[b])
+        dyn.specialize(inputs[b])
     lib_dir = export_c(dyn, tmp_path / "lib")
     header = (lib_dir / "model.h").read_text()
     assert "#define MODEL_NUM_PROGRAMS 3" in header and 'MODEL_SIZE0_NAME "batch"' in header

@@ -255,3 +255,65 @@ def test_static_graph_text_is_unchanged() -> None:
               nodes=[Node("relu", ("x",), ("y",))])
     assert print_graph(g) == ("graph s(%x: f32[2,3]) -> (%y) {\n  %y: f32[2,3] = relu(%x) {}\n"
                               "  return %y\n}\n")
+
+
+# ---- rows of a size ----------------------------------------------------------------------------
+def test_every_op_says_whether_it_keeps_rows_apart() -> None:
+    from kiln.ir.symbolic import ROW_RULES
+
+    missing = {op for op, d in all_ops().items() if d.kind != "elementwise"} - set(ROW_RULES)
+    assert not missing, sorted(missing)
+
+
+def _one_node(op: str, ins: list[TensorType], outs: int = 1, **attrs) -> Graph:
+    attrs = get_op(op).normalize_attrs(attrs)
+    types = infer_types(op, ins, attrs)
+    names = [f"x{i}" for i in range(len(ins))]
+    g = Graph("g", inputs=names, outputs=[f"y{k}" for k in range(len(types))],
+              sizes={"batch": (1, 64), "seq": (1, 512)})
+    g.types.update(zip(names, ins))
+    g.types.update({f"y{k}": t for k, t in enumerate(types)})
+    g.nodes.append(Node(op, tuple(names), tuple(g.outputs), attrs))
+    verify(g)
+    return g
+
+
+@pytest.mark.parametrize("op,ins,attrs", [
+    ("conv", [T(B, 3, 8, 8), T(4, 3, 3, 3)], {}),
+    ("linear", [T(B, S, 8), T(4, 8)], {}),
+    ("matmul", [T(B, 8), T(8, 4)], {}),
+    ("matmul", [T(B, 4, 8), T(B, 8, 4)], {}),
+    ("softmax", [T(B, 4)], {"axis": -1}),
+    ("reduce_sum", [T(B, 4, 3)], {"axes": (1, 2)}),
+    ("reshape", [T(B, 4, 3)], {"shape": (B, 12)}),
+    ("permute", [T(B, 4, 3)], {"perm": (0, 2, 1)}),
+    ("concat", [T(B, 4), T(B, 2)], {"axis": 1}),
+    ("take", [T(100, 8), T(B, S, dtype=i64)], {"axis": 0}),
+    ("layer_norm", [T(B, 8)], {}),
+    ("attention", [T(B, 2, S, 8), T(B, 2, S, 8), T(B, 2, S, 8)], {}),
+])
+def test_rowwise_nodes(op: str, ins, attrs) -> None:
+    from kiln.ir.symbolic import rows_independent
+
+    assert rows_independent(_one_node(op, ins, **attrs), "batch") is None
+
+
+@pytest.mark.parametrize("op,ins,attrs,why", [
+    ("softmax", [T(B, 4)], {"axis": 0}, "axis is the rows' axis"),
+    ("reduce_sum", [T(B, 4)], {"axes": None}, "leading dimension"),
+    ("reduce_max", [T(B, 4)], {"axes": (0,), "keepdim": True}, "leading dimension"),
+    ("matmul", [T(4, B), T(B, 4)], {}, "leading dimension"),
+    ("attention", [T(4, 8), T(B, 8), T(B, 8)], {}, "leading dimension"),   # S = batch
+    ("layer_norm", [T(B, 8)], {"normalized_ndim": 2}, "normalizes over the rows"),
+    ("permute", [T(B, 4)], {"perm": (1, 0)}, "leading dimension"),
+    ("reshape", [T(B, 4)], {"shape": (4 * B,)}, "leading dimension"),
+    ("concat", [T(B, 4), T(B, 4)], {"axis": 0}, "leading dimension"),
+    ("take", [T(B, 8), T(B, dtype=i64)], {"axis": 0}, "indexes the rows"),
+    ("lstm_seq", [T(S, B, 64), T(64, 16), T(1, B, 16), T(1, B, 16)], {}, "leading dimension"),
+])
+def test_nodes_that_mix_rows_are_named(op: str, ins, attrs, why: str) -> None:
+    from kiln.ir.symbolic import rows_independent
+
+    g = _one_node(op, ins, **attrs)
+    reason = rows_independent(g, "batch")
+    assert reason is not None and why in reason, reason

@@ -27,7 +27,7 @@ def exported(tmp_path_factory):
     inputs = {b: torch.randn(b, *x.shape[1:], generator=torch.Generator().manual_seed(b))
               for b in (1, 3, 8)}
     for b in (3, 8):
-        dyn(inputs[b])
+        dyn.specialize(inputs[b])     # compiled for exactly these sizes (a call of 3 runs 2+1)
     path = tmp_path_factory.mktemp("dyn") / "lenet_dynamic.kiln"
     kiln.export(dyn, path)
     with torch.no_grad():
@@ -46,9 +46,23 @@ def test_every_exported_size_runs_and_matches_eager(exported) -> None:
     np.testing.assert_allclose(from_bytes(inputs[3]), expected[3], rtol=1e-4, atol=1e-5)
 
 
-def test_sizes_not_exported_and_wrong_inputs_are_refused(exported) -> None:
+def test_row_counts_not_exported_run_on_row_slices(exported) -> None:
     path, inputs, _ = exported
     loaded = kiln.load(path)
+    assert loaded.manifest["dynamic"]["rows"] == "batch"
+    model, _ = get_model("lenet5")
+    gen = torch.Generator().manual_seed(5)
+    for n in (2, 11, 16):                       # 1+1, 8+3, 8+8
+        x = torch.randn(n, *inputs[1].shape[1:], generator=gen)
+        with torch.no_grad():
+            want = model(x).numpy()
+        np.testing.assert_allclose(loaded(x.numpy()), want, rtol=1e-4, atol=1e-5)
+
+
+def test_sizes_not_exported_and_wrong_inputs_are_refused(exported) -> None:
+    path, inputs, _ = exported
+    raw = _resealed(path.read_bytes(), lambda h: h["dynamic"].pop("rows"))
+    loaded = kiln.load(raw)                     # rows not declared: every size is its own
     with pytest.raises(kiln.KilnError, match=r"programs for .*'batch': 3.*brings \{'batch': 2\}"):
         loaded(np.zeros((2, *inputs[1].shape[1:]), np.float32))
     with pytest.raises(kiln.KilnError, match="expects f32"):
@@ -87,6 +101,9 @@ def _set(path: list, value):
     (lambda h: h["dynamic"]["variants"].pop(), "parts no program uses"),
     (lambda h: h.pop("dynamic"), "parts no program uses"),
     (_set(["dynamic", "variants", 0, "inputs", 0, 2, 0], 1), "signature|repeats the sizes"),
+    (_set(["dynamic", "rows"], "seq"), "dynamic.rows must name"),
+    (_set(["dynamic", "rows"], ["batch"]), "dynamic.rows must name"),
+    (_set(["dynamic", "extra"], 1), "unknown entries"),
 ])
 def test_edited_dynamic_headers_are_refused(exported, edit, message) -> None:
     path, _, _ = exported

@@ -144,8 +144,8 @@ def _take(node, ins, attrs) -> str | None:
 
 
 _ROWWISE = {"conv", "conv_transpose", "qconv", "max_pool", "avg_pool", "adaptive_avg_pool",
-            "batch_norm", "group_norm", "resize", "linear", "linear_w8", "dynamic_qlinear",
-            "qlinear", "embedding", "reshape", "expand"}
+            "batch_norm", "group_norm", "resize", "linear", "linear_w8", "qlinear",
+            "embedding", "reshape", "expand"}
 ROW_RULES: dict = {
     **{op: None for op in _ROWWISE},
     "matmul": _rank3, "attention": _rank3,
@@ -158,8 +158,12 @@ ROW_RULES: dict = {
     "reduce_sum": _axis_not("axes"), "reduce_mean": _axis_not("axes"),
     "reduce_max": _axis_not("axes"), "reduce_min": _axis_not("axes"),
     "permute": _perm, "pad": _zero_pads, "take": _take,
-    # The recurrent ops hold the batch in dimension 1: refused by the leading-axis check.
-    "lstm_seq": None, "gru_seq": None,
+    # One scale for the whole input, from its largest magnitude: every row changes it.
+    "dynamic_qlinear": lambda n, ins, a: "it quantizes all rows with one scale",
+    # The recurrent ops hold the batch in dimension 1 (refused by the leading-axis check) and
+    # the steps in dimension 0, which the recurrence runs along.
+    "lstm_seq": lambda n, ins, a: "its recurrence runs along the leading dimension",
+    "gru_seq": lambda n, ins, a: "its recurrence runs along the leading dimension",
 }
 """Per op that is not elementwise: None when output row i is computed from input rows i
 only (given that every operand carrying the size holds it as its leading dimension), or a

@@ -199,3 +199,17 @@ def test_forked_child_serves_odd_sizes_while_the_parent_compiles() -> None:
         if child.is_alive():
             child.kill()
     assert result is True, result
+
+
+def test_dynamic_quantization_keeps_rows_together() -> None:
+    # Dynamic int8 quantizes each call's input with one scale from all its rows: a call of 3
+    # rows must not run as 2 + 1 (other scales, other answers).
+    model, (x,) = get_model("mlp")
+    compiled = kiln.compile(model, (x,), quantize={"mode": "dynamic"}, dynamic=True)
+    name, why = compiled.rows
+    assert name is None and "one scale" in why, why
+    x3 = torch.randn((3, *x.shape[1:]), generator=torch.Generator().manual_seed(1))
+    x3[0] *= 50                                   # one row sets the scale of all three
+    exact = kiln.compile(model, (x3,), quantize={"mode": "dynamic"})
+    torch.testing.assert_close(compiled(x3), exact(x3))
+    assert 3 in _sizes(compiled)

@@ -310,6 +310,11 @@ def test_rowwise_nodes(op: str, ins, attrs) -> None:
     ("concat", [T(B, 4), T(B, 4)], {"axis": 0}, "leading dimension"),
     ("take", [T(B, 8), T(B, dtype=i64)], {"axis": 0}, "indexes the rows"),
     ("lstm_seq", [T(S, B, 64), T(64, 16), T(1, B, 16), T(1, B, 16)], {}, "leading dimension"),
+    # The steps as the leading size: the recurrence carries state from row to row.
+    ("lstm_seq", [T(B, 2, 64), T(64, 16), T(1, 2, 16), T(1, 2, 16)], {}, "recurrence"),
+    ("gru_seq", [T(B, 2, 48), T(48, 16), T(48), T(1, 2, 16)], {}, "recurrence"),
+    # Dynamic quantization: one scale from the largest magnitude of all rows.
+    ("dynamic_qlinear", [T(B, 8), T(4, 8, dtype=i8), T(4)], {}, "one scale"),
 ])
 def test_nodes_that_mix_rows_are_named(op: str, ins, attrs, why: str) -> None:
     from kiln.ir.symbolic import rows_independent

@@ -7,10 +7,13 @@ tensors, recompiling when a weight was replaced or changed in place.
 
 Dynamic shapes: when a second call brings another batch size (or sequence length), Dynamo
 marks the dimension dynamic and hands over a graph whose sizes are symbols (``SymInt``
-placeholders). kiln compiles such a graph per concrete size on the call that first brings it
-(the sizes bound as constants; the compile cache makes a size seen before cheap) and keeps the
-``MAX_SPECIALIZATIONS`` most recently used programs. Every call gives eager's answer; a new
-size costs one compile.
+placeholders). Where every symbol is a plain size that an input dimension holds, the graph
+runs as a ``kiln.dynamic.DynamicModel`` over its tensor inputs: programs per size from one
+symbolic graph, and a batch size without a program run at once on row slices of power-of-two
+programs when the rows never meet (a size called often gets its own program in the
+background). Otherwise kiln compiles the graph per concrete size on the call that first brings
+it (the sizes bound as constants; the compile cache makes a size seen before cheap) and keeps
+the ``MAX_SPECIALIZATIONS`` most recently used programs. Every call gives eager's answer.
 """
 
 from __future__ import annotations
@@ -70,6 +73,12 @@ class _DynamoGraph:
                 raise unsupported_dtype(f"input {node.name}", value.dtype)
         self.programs: OrderedDict[tuple, CompiledModel] = OrderedDict()
         self.weights: dict[int, tuple[Any, int]] = {}
+        # Where every symbol is a plain size held by some input dimension, the graph runs as
+        # a kiln.dynamic.DynamicModel over the tensor inputs (made on the first call): one
+        # graph for every size, a batch size without a program run on row slices of
+        # power-of-two programs instead of a compile per size.
+        self._plan = _size_plan(placeholders, example_inputs, self.static, self.symbols)
+        self._dynamic: Any = None
         if not self.symbols and not any(
                 isinstance(v, torch.Tensor) and _has_symbolic_shape(v) for v in example_inputs):
             self._build(example_inputs)
@@ -92,9 +101,59 @@ class _DynamoGraph:
                          self.options.get("threads", 0))
         self.compiled = CompiledModel(optimized, exe, spec, graph, timing)
 
+    def _full_args(self, tensors: Sequence[torch.Tensor], like: Sequence[Any]) -> list[Any]:
+        """Dynamo's argument list for these tensor inputs: the weights of ``like``, and each
+        size symbol read off the tensor dimension that holds it."""
+        dims, names = self._plan
+        where = {n: (p, d) for p, ds in dims.items() for d, n in ds.items()}
+        full, it = list(like), iter(tensors)
+        for i in range(len(full)):
+            if i in self.symbols:
+                p, d = where[names[i]]
+                full[i] = int(tensors[p].shape[d])
+            elif i not in self.static:
+                full[i] = next(it)
+        return full
+
+    def _make_dynamic(self, args: Sequence[Any]) -> Any:
+        from kiln.dynamic import DynamicModel
+
+        dims, _ = self._plan
+        tensors = [a for i, a in enumerate(args) if i not in self.static and i not in
+                   self.symbols]
+        like = list(args)
+
+        def compile_at(xs: Sequence[torch.Tensor]) -> CompiledModel:
+            self._build(self._full_args(xs, like))
+            return self.compiled
+
+        def graph_at(xs: Sequence[torch.Tensor]) -> Any:
+            gm, inputs, static = _bind_symbols(self.gm, self._full_args(xs, like),
+                                               self.symbols, self.static)
+            graph, _ = import_graph_module(gm, inputs, "dynamo_graph", static)
+            return optimize(graph, self.options.get("pipeline", "O1"))[0]
+
+        def compile_graph_at(graph: Any, xs: Sequence[torch.Tensor],
+                             first: CompiledModel) -> CompiledModel:
+            optimized, timing = optimize(graph, self.options.get("pipeline", "O1"))
+            exe = Executable(optimized, self.options.get("backend", "llvm"),
+                             self.options.get("threads", 0))
+            return CompiledModel(optimized, exe, first._out_spec, graph, timing)
+
+        names = [f"input{p}" for p in range(len(tensors))]
+        return DynamicModel(compile_at, tensors, {p: dict(d) for p, d in dims.items()}, names,
+                            graph_at=graph_at, compile_graph_at=compile_graph_at)
+
     def __call__(self, *args: Any) -> Any:
         if any(args[i] is not t or args[i]._version != v for i, (t, v) in self.weights.items()):
             self.programs.clear()  # every specialization holds the old weights
+            self._dynamic = None
+        if self._plan is not None:
+            if self._dynamic is None:
+                self._dynamic = self._make_dynamic(args)
+            out = self._dynamic(*[a for i, a in enumerate(args)
+                                  if i not in self.static and i not in self.symbols])
+            return out if isinstance(out, (tuple, list)) else (out,)
         key = self._key(args)
         compiled = self.programs.get(key)
         if compiled is None:
@@ -107,6 +166,43 @@ class _DynamoGraph:
         dynamic = [a for i, a in enumerate(args) if i not in self.static and i not in self.symbols]
         out = compiled(*dynamic)
         return out if isinstance(out, (tuple, list)) else (out,)
+
+
+def _size_plan(placeholders: Sequence[torch.fx.Node], example_inputs: Sequence[Any],
+               static: frozenset[int], symbols: Sequence[int]
+               ) -> tuple[dict[int, dict[int, str]], dict[int, str]] | None:
+    """({tensor input position: {dimension: size name}}, {symbol placeholder: size name}) when
+    every symbolic dimension and every symbol argument is one plain size (``s0``) that some
+    tensor input holds as a dimension; else None (the graph is compiled per size)."""
+    dims: dict[int, dict[int, str]] = {}
+    names: dict[int, str] = {}
+    pos = 0
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if i in static:
+            continue
+        # Dynamo's example tensors are real; the placeholder's fake one has the symbols.
+        meta = node.meta.get("example_value")
+        if i in symbols:
+            value = meta if isinstance(meta, torch.SymInt) else value
+            expr = getattr(getattr(value, "node", None), "expr", None)
+            if not isinstance(value, torch.SymInt) or not getattr(expr, "is_Symbol", False):
+                return None           # a scalar read with .item(), or a formula of sizes
+            names[i] = str(expr)
+            continue
+        if not isinstance(value, torch.Tensor):
+            return None
+        shape = meta.shape if isinstance(meta, torch.Tensor) else value.shape
+        for d, size in enumerate(shape):
+            if isinstance(size, torch.SymInt):
+                expr = size.node.expr
+                if not getattr(expr, "is_Symbol", False):
+                    return None
+                dims.setdefault(pos, {})[d] = str(expr)
+        pos += 1
+    held = {n for ds in dims.values() for n in ds.values()}
+    if not dims or not set(names.values()) <= held:
+        return None
+    return dims, names
 
 
 def _is_read_scalar(node: torch.fx.Node, value: Any) -> bool:

@@ -163,3 +163,22 @@ def test_torch_compile_with_dynamic_sequence_length() -> None:
         with torch.no_grad():
             assert_matches(fast(ids), model(ids))
     torch._dynamo.reset()
+
+
+def test_torch_compile_runs_new_batch_sizes_on_row_slices() -> None:
+    # Dynamo's symbolic graph runs as a DynamicModel: a batch size never seen runs on
+    # power-of-two programs (13 = 8 + 4 + 1) instead of a compile of its own.
+    torch._dynamo.reset()
+    model, inputs = get_model("lenet5")
+    fast = torch.compile(model, backend="kiln")
+    gen = torch.Generator().manual_seed(4)
+    for batch in (1, 3, 8, 5, 13):
+        x = torch.randn((batch, *inputs[0].shape[1:]), generator=gen)
+        with torch.no_grad():
+            assert_matches(fast(x), model(x))
+    models = [m for m in list(dyn._LIVE) if any(n.startswith("s") for d in m.dims.values()
+                                                  for n in d.values())]
+    assert models, "the Dynamo graph did not run as a DynamicModel"
+    sizes = {k[0] for m in models for k in m._programs}
+    assert 13 not in sizes and 5 not in sizes and {8, 4, 1} <= sizes, sizes
+    torch._dynamo.reset()

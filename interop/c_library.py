@@ -410,7 +410,7 @@ def _size_names(dims: list[tuple[int, int, str]]) -> list[str]:
 
 
 def _dynamic_header(images: list, dims: list[tuple[int, int, str]], name: str,
-                    weights_bytes: int, arena_bytes: int) -> str:
+                    weights_bytes: int, arena_bytes: int, rows: str | None = None) -> str:
     """The C API of a dynamic model's library (see _dynamic_wrapper)."""
     up = name.upper()
     names = _size_names(dims)
@@ -423,8 +423,12 @@ def _dynamic_header(images: list, dims: list[tuple[int, int, str]], name: str,
         " *",
         f" * It holds one program per exported set of sizes ({len(images)}): {programs}.",
         f" * {name}_run takes the sizes of the call ({up}_NUM_SIZES values, in the order of",
-        f" * the {up}_SIZE<k>_NAME constants) and runs the program compiled for them; other sizes",
-        f" * are refused (-1, and {name}_error says which sizes the library has).",
+        f" * the {up}_SIZE<k>_NAME constants) and runs the program compiled for them. Where",
+        f" * {up}_ROWS_SIZE is a size's index (not -1), that size's rows never meet: a call of",
+        " * a row count without a program runs as calls (at most 64) of programs with fewer",
+        " * rows, largest first, on consecutive rows of the inputs and outputs (the threads of",
+        " * one model take turns for the whole call). Other sizes are refused (-1,",
+        f" * and {name}_error says which sizes the library has).",
         " *",
         f" *     kiln_model* m = {name}_load(\"{name}_weights.bin\");",
         f" *     int64_t sizes[{up}_NUM_SIZES] = {{...}};",
@@ -441,6 +445,7 @@ def _dynamic_header(images: list, dims: list[tuple[int, int, str]], name: str,
         f"#define {up}_NUM_SIZES {len(names)}",
         *(f"#define {up}_SIZE{k}_NAME {_c_string(n)}" for k, n in enumerate(names)),
         f"#define {up}_NUM_PROGRAMS {len(images)}",
+        f"#define {up}_ROWS_SIZE {names.index(rows) if rows in names else -1}",
         f"#define {up}_WEIGHTS_BYTES {weights_bytes}ULL",
         f"#define {up}_ARENA_BYTES {arena_bytes}ULL",
         "",
@@ -453,8 +458,8 @@ def _dynamic_header(images: list, dims: list[tuple[int, int, str]], name: str,
         f"/* Read the weights file ({up}_WEIGHTS_BYTES bytes, every program's) and allocate",
         f" * the arena. NULL (and {name}_error) on failure. */",
         f"kiln_model* {name}_load(const char* weights_path);",
-        "/* Run the program for `sizes`. 0, or -1 (and " + name + "_error) for NULL pointers or",
-        " * sizes no program has. */",
+        "/* Run the program for `sizes` (or, see above, programs on row slices). 0, or -1 (and",
+        f" * {name}_error) for NULL pointers or sizes no program or sum of rows has. */",
         f"int {name}_run(kiln_model* model, const int64_t* sizes, const void* const* inputs,",
         "             void* const* outputs);",
         f"void {name}_free(kiln_model* model);",
@@ -476,7 +481,8 @@ def _name_positions(dims: list[tuple[int, int, str]]) -> dict[str, tuple[int, in
 
 
 def _dynamic_wrapper(images: list, dims: list[tuple[int, int, str]], name: str,
-                     weights: list[tuple[int, dict[int, tuple[int, int]]]], threads: int) -> str:
+                     weights: list[tuple[int, dict[int, tuple[int, int]]]], threads: int,
+                     rows: str | None = None) -> str:
     """The wrapper of a dynamic model's library: the shared load/free/threads/error code,
     per-program tensor tables, and a run that picks the program by the call's sizes."""
     up = name.upper()
@@ -531,8 +537,35 @@ def _dynamic_wrapper(images: list, dims: list[tuple[int, int, str]], name: str,
                      f"{name}_p{k}_output_info, copies_p{k}}},")
     listing = "; ".join(", ".join(f"{n}={image.inputs[i][2][d]}" for n, (i, d) in
                                   positions.items()) for image in images)
+    row_inputs = [int(any(i == j and d == 0 and n == rows for j, d, n in dims))
+                  for i in range(len(images[0].inputs))] or [0]
     lines += [
         "};",
+        "",
+        "/* Inputs that hold the rows of the ROWS_SIZE size as their leading dimension. */",
+        f"static const int row_inputs[] = {{{', '.join(map(str, row_inputs))}}};",
+        "",
+        "/* The programs whose rows add up to sizes[ROWS_SIZE] (largest first, the other sizes",
+        " * equal), into plan[]; their count, or -1. */",
+        "static int rows_plan(const int64_t* sizes, int* plan, int most) {",
+        f"    int r = {up}_ROWS_SIZE, n = 0;",
+        "    if (r < 0 || sizes[r] < 1) return -1;",
+        "    for (int64_t left = sizes[r]; left > 0; n++) {",
+        "        int best = -1;",
+        f"        for (int q = 0; q < {up}_NUM_PROGRAMS; q++) {{",
+        "            int same = 1;",
+        f"            for (int s = 0; s < {up}_NUM_SIZES; s++)",
+        "                if (s != r && programs[q].sizes[s] != sizes[s]) same = 0;",
+        "            if (same && programs[q].sizes[r] <= left",
+        "                && (best < 0 || programs[q].sizes[r] > programs[best].sizes[r]))",
+        "                best = q;",
+        "        }",
+        "        if (best < 0 || n == most) return -1;",
+        "        plan[n] = best;",
+        "        left -= programs[best].sizes[r];",
+        "    }",
+        "    return n;",
+        "}",
         "",
         f"int {name}_program_sizes(int p, int64_t* sizes) {{",
         f"    if (p < 0 || p >= {up}_NUM_PROGRAMS || !sizes) return -1;",
@@ -558,7 +591,10 @@ def _dynamic_wrapper(images: list, dims: list[tuple[int, int, str]], name: str,
         "    int p = 0;",
         f"    while (p < {up}_NUM_PROGRAMS",
         "           && memcmp(programs[p].sizes, sizes, sizeof programs[p].sizes) != 0) p++;",
-        f"    if (p == {up}_NUM_PROGRAMS) {{",
+        "    int plan[64], parts = 1;",
+        f"    if (p < {up}_NUM_PROGRAMS) {{",
+        "        plan[0] = p;",
+        "    } else if ((parts = rows_plan(sizes, plan, 64)) < 0) {",
         "        snprintf(last_error, sizeof last_error,",
         f"                 \"no program for these sizes; this library has: %s\", "
         f"{_c_string(listing[:400])});",
@@ -571,11 +607,27 @@ def _dynamic_wrapper(images: list, dims: list[tuple[int, int, str]], name: str,
         "                 strerror(lock_error));",
         "        return -1;",
         "    }",
-        "    programs[p].run((void**)inputs, (void**)outputs, model->arena,",
-        "                    model->weights + programs[p].weights_offset,",
-        "                    (int32_t)atomic_load(&kiln_threads));",
+        "    int64_t done = 0;",
+        "    for (int k = 0; k < parts; k++) {",
+        "        int q = plan[k];",
+        f"        const void* in[{up}_NUM_INPUTS > 0 ? {up}_NUM_INPUTS : 1];",
+        f"        void* out[{up}_NUM_OUTPUTS > 0 ? {up}_NUM_OUTPUTS : 1];",
+        f"        int64_t rows = {up}_ROWS_SIZE >= 0 ? programs[q].sizes[{up}_ROWS_SIZE] : 1;",
+        "        /* One program: done stays 0. On row slices every output holds the rows. */",
+        f"        for (int i = 0; i < {up}_NUM_INPUTS; i++)",
+        "            in[i] = (const char*)inputs[i]",
+        "                    + (row_inputs[i] ? done * (programs[q].input_info(i)->nbytes / rows)",
+        "                                     : 0);",
+        f"        for (int j = 0; j < {up}_NUM_OUTPUTS; j++)",
+        "            out[j] = (char*)outputs[j]",
+        "                     + done * (programs[q].output_info(j)->nbytes / rows);",
+        "        programs[q].run((void**)in, (void**)out, model->arena,",
+        "                        model->weights + programs[q].weights_offset,",
+        "                        (int32_t)atomic_load(&kiln_threads));",
+        "        programs[q].copies(in, out, model->weights);",
+        "        done += rows;",
+        "    }",
         "    pthread_mutex_unlock(&model->lock);",
-        "    programs[p].copies(inputs, outputs, model->weights);",
         "    return 0;",
         "}",
     ]
@@ -611,8 +663,9 @@ def _export_dynamic(dynamic: Any, out: Path, name: str, threads: int) -> None:
         if done.returncode != 0:
             raise KilnError(f"objcopy failed on program {k}: {done.stderr.strip()}")
     (out / f"{name}_weights.bin").write_bytes(b"".join(blob))
-    (out / f"{name}.h").write_text(_dynamic_header(images, dims, name, offset, arena))
-    (out / f"{name}.c").write_text(_dynamic_wrapper(images, dims, name, weights, threads))
+    rows = dynamic.rows[0] if getattr(dynamic, "split_rows", False) else None
+    (out / f"{name}.h").write_text(_dynamic_header(images, dims, name, offset, arena, rows))
+    (out / f"{name}.c").write_text(_dynamic_wrapper(images, dims, name, weights, threads, rows))
 
 
 def find_c_compiler() -> str | None:

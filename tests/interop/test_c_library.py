@@ -296,10 +296,24 @@ def test_dynamic_model_library_takes_sizes(tmp_path: Path) -> None:
             assert rc == 0, lib.model_error()
             with torch.no_grad():
                 np.testing.assert_allclose(out, model(inputs[b]).numpy(), rtol=1e-4, atol=1e-5)
+        # Row counts without a program run on row slices: 2 = 1 + 1, 12 = 8 + 3 + 1.
+        assert "#define MODEL_ROWS_SIZE 0" in header
+        for b in (2, 12):
+            xb = torch.randn(b, *x.shape[1:], generator=torch.Generator().manual_seed(b))
+            a = xb.numpy()
+            out = np.empty((b, 10), np.float32)
+            rc = lib.model_run(handle, (ctypes.c_int64 * 1)(b),
+                               (ctypes.c_void_p * 1)(a.ctypes.data),
+                               (ctypes.c_void_p * 1)(out.ctypes.data))
+            assert rc == 0, lib.model_error()
+            with torch.no_grad():
+                np.testing.assert_allclose(out, model(xb).numpy(), rtol=1e-4, atol=1e-5)
         out = np.empty((2, 10), np.float32)
         a = np.zeros((2, 1, 32, 32), np.float32)
-        assert lib.model_run(handle, (ctypes.c_int64 * 1)(2), (ctypes.c_void_p * 1)(a.ctypes.data),
+        assert lib.model_run(handle, (ctypes.c_int64 * 1)(0), (ctypes.c_void_p * 1)(a.ctypes.data),
                              (ctypes.c_void_p * 1)(out.ctypes.data)) == -1
         assert b"no program for these sizes; this library has: batch=" in lib.model_error()
+        assert lib.model_run(handle, (ctypes.c_int64 * 1)(1000), (ctypes.c_void_p * 1)(
+            a.ctypes.data), (ctypes.c_void_p * 1)(out.ctypes.data)) == -1   # 125 parts
     finally:
         lib.model_free(handle)

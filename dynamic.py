@@ -368,7 +368,9 @@ class DynamicModel:
                 return
             self._hot.append(key)
             if self._worker is None:
-                self._worker = threading.Thread(target=self._compile_hot_sizes, daemon=True,
+                # Not a daemon: the interpreter waits for a compile in flight at exit rather
+                # than freeze this thread inside LLVM while it tears the process down.
+                self._worker = threading.Thread(target=self._compile_hot_sizes, daemon=False,
                                                 name="kiln-dynamic-compile")
                 self._worker.start()
 

@@ -161,6 +161,27 @@ def _cmd_trace(args: argparse.Namespace) -> None:
 
         print(format_kernels(kernels))
     print(f"wrote {len(rows)} stages (.txt, .diff), table.tsv and report.html to {args.output}")
+    if args.dynamic is not None:
+        _write_symbolic(args)
+
+
+def _write_symbolic(args: argparse.Namespace) -> None:
+    """``kiln trace --dynamic``: the optimized graph for every size (named sizes in its types,
+    kiln.ir.sizes) as ``symbolic.txt``, and whether the rows of a size run apart."""
+    import kiln
+
+    if is_onnx_spec(args.model):
+        raise KilnError("--dynamic declares dimensions of a PyTorch model; an ONNX model "
+                        "keeps its own dim_params", hint="leave --dynamic out")
+    module, inputs, _ = load_model(args.model, None)
+    model = kiln.compile(module, inputs, dynamic=_dynamic_dims(args.dynamic),
+                         frontend=args.frontend, pipeline=args.pipeline)
+    graph = model.symbolic_graph()
+    path = Path(args.output) / "symbolic.txt"
+    path.write_text(str(graph))
+    sizes = ", ".join(f"{lo} <= {n} <= {hi}" for n, (lo, hi) in graph.sizes.items())
+    name, why = model.rows
+    print(f"wrote the graph for every size ({sizes}) to {path}; rows: {why}")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -474,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="write into an existing non-empty DIR, replacing the trace's files "
                         "there (other files are kept; without it such a DIR is refused)")
+    p.add_argument("--dynamic", metavar="SPEC", nargs="?", const="", default=None,
+                   help="also write symbolic.txt: the optimized graph for every size of these "
+                        "dimensions (alone: the batch of every input; or "
+                        "[INPUT:]DIM=NAME[<=MAX],...), and say whether the rows of a size run "
+                        "apart")
     p.add_argument("--backend", default="llvm", choices=("llvm", "reference"),
                    help="llvm (default): go on through fusion, lowering, each schedule, the "
                         "memory plan and codegen, with a per-kernel table (schedule, time, "

@@ -283,3 +283,11 @@ def test_export_signs_with_sign_key(tmp_path, capsys) -> None:
                  "--sign-key", str(pem)]) == 2
     assert "--sign-key" in capsys.readouterr().err
     assert not (tmp_path / "x.kiln").exists() and not (tmp_path / "c").exists()
+
+
+def test_trace_dynamic_writes_the_graph_for_every_size(tmp_path, capsys) -> None:
+    out = tmp_path / "trace"
+    assert main(["trace", "mlp", "-o", str(out), "--backend", "reference", "--dynamic"]) == 0
+    text = (out / "symbolic.txt").read_text()
+    assert "size batch in 1..1048576" in text and "f32[batch," in text
+    assert "rows: the rows of batch never meet" in capsys.readouterr().out

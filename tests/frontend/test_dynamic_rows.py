@@ -213,3 +213,36 @@ def test_dynamic_quantization_keeps_rows_together() -> None:
     exact = kiln.compile(model, (x3,), quantize={"mode": "dynamic"})
     torch.testing.assert_close(compiled(x3), exact(x3))
     assert 3 in _sizes(compiled)
+
+
+def test_threads_with_hot_sizes_compiling_in_the_background_get_their_answers() -> None:
+    model, (x,) = get_model("mlp")
+    compiled = kiln.compile(model, (x,), dynamic=True)
+    compiled.compile_hot = 2             # sizes turn hot while other threads call them
+    gen = torch.Generator().manual_seed(11)
+    cases = {}
+    for n in (3, 5, 6, 7, 9, 11):
+        xs = torch.randn((n, *x.shape[1:]), generator=gen)
+        with torch.no_grad():
+            cases[n] = (xs, model(xs))
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        order = list(cases) * 3
+        order = order[seed:] + order[:seed]
+        try:
+            for n in order:
+                xs, want = cases[n]
+                torch.testing.assert_close(compiled(xs), want, rtol=1e-4, atol=1e-4)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    assert not errors, errors[0]
+    assert compiled.wait_compiles(timeout=300)
+    assert {3, 5, 6, 7, 9, 11} <= set(_sizes(compiled))      # every size turned hot

@@ -115,9 +115,11 @@ table slice, a causal mask) is kept whole, at that bound, and sliced to each cal
 
 def _tables(graph_at, moving: Mapping[str, Sequence[np.ndarray]], graphs, points, bounds
             ) -> dict[str, tuple]:
-    """For each constant that grows with sizes: (table name, the constant at the sizes' upper
-    bounds, the slice nodes cutting it to the sizes, their output types). Checked: at every
-    probe the constant is the table's leading window."""
+    """For each constant that grows with sizes: (table name, the table, the nodes making the
+    constant from it at the call's sizes, their output types). Along an axis where the
+    constant repeats one slice (a row expanded to the batch) the table holds that slice and
+    an ``expand`` makes the size; along the others it holds the constant at the size's upper
+    bound, sliced to the size. Checked: at every probe the constant is what the nodes make."""
     base = graphs[0]
 
     def refuse(name: str, why: str, hint: str = _HINT) -> KilnError:
@@ -129,7 +131,7 @@ def _tables(graph_at, moving: Mapping[str, Sequence[np.ndarray]], graphs, points
                          op=user.op if user else None, source=user.source if user else None,
                          hint=hint)
 
-    fitted = {}
+    fitted: dict[str, tuple[list, list[int], list[int]]] = {}
     for name, arrays in moving.items():
         if any(a.ndim != arrays[0].ndim or a.dtype != arrays[0].dtype for a in arrays):
             raise refuse(name, "its rank or dtype moves")
@@ -137,39 +139,55 @@ def _tables(graph_at, moving: Mapping[str, Sequence[np.ndarray]], graphs, points
                 for d in range(arrays[0].ndim)]
         if any(d is None for d in dims) or all(isinstance(d, int) for d in dims):
             raise refuse(name, "its values were computed from a size and folded into it")
-        fitted[name] = dims
-    needed = {n for dims in fitted.values() for d in dims if isinstance(d, SymDim)
-              for n in d.names}
+        moved = [k for k, d in enumerate(dims) if isinstance(d, SymDim)]
+        repeated = [k for k in moved if all(
+            np.array_equal(a, np.broadcast_to(a.take([0], axis=k), a.shape), equal_nan=True)
+            for a in arrays)]
+        fitted[name] = (dims, [k for k in moved if k not in repeated], repeated)
+    needed = {n for dims, sliced, _ in fitted.values() for k in sliced for n in dims[k].names}
     for n in sorted(needed):
         if bounds[n][1] > MAX_TABLE:
-            name = next(k for k, dims in fitted.items()
-                        if any(isinstance(d, SymDim) and n in d.names for d in dims))
+            name = next(k for k, (dims, sliced, _) in fitted.items()
+                        if any(n in dims[a].names for a in sliced))
             raise refuse(name, f"it grows with {n}, which has no bound up to {MAX_TABLE}",
                          hint=f"bound {n} (torch.export.Dim('{n}', max=...) in dynamic=, such "
                               "as the length of a position table)")
     top_point = {**points[0], **{n: bounds[n][1] for n in needed}}
-    top = graph_at(top_point)
-    _same_structure([base, top], [points[0], top_point])
+    top = None
+    if needed:
+        top = graph_at(top_point)
+        _same_structure([base, top], [points[0], top_point])
     out = {}
-    for name, dims in fitted.items():
-        table = top.constants[name]
-        if [d if isinstance(d, int) else d.evaluate(top_point) for d in dims] != \
-                list(table.shape):
+    for name, (dims, sliced, repeated) in fitted.items():
+        source = top.constants[name] if sliced else moving[name][0]
+        at = top_point if sliced else points[0]
+        if [d if isinstance(d, int) else d.evaluate(at) for d in dims] != list(source.shape):
             raise refuse(name, "its shape at the sizes' upper bounds is not the fitted one")
+        table = source
+        for k in repeated:
+            table = table.take([0], axis=k)
+        table = np.array(table, order="C", copy=True)
+        table.setflags(write=False)             # a graph's constants are never written
         for a in moving[name]:
-            window = table[tuple(slice(0, k) for k in a.shape)]
+            window = table[tuple(slice(0, n) for n in a.shape)]
+            window = np.broadcast_to(window, a.shape) if window.ndim == a.ndim else window
             if window.shape != a.shape or not np.array_equal(window, a, equal_nan=True):
                 raise refuse(name, "it is not a leading window of the constant at the sizes' "
                                    "upper bounds")
         table_name = base.fresh_name(f"{name}.table")
+        dtype = base.types[name].dtype
         nodes, types, src, shape = [], {}, table_name, list(table.shape)
-        axes = [k for k, d in enumerate(dims) if isinstance(d, SymDim)]
-        for j, axis in enumerate(axes):
-            dst = name if j == len(axes) - 1 else base.fresh_name(f"{name}.slice{j}")
-            shape[axis] = dims[axis]
-            nodes.append(Node("slice", (src,), (dst,), {"axis": axis, "start": 0,
-                                                         "end": dims[axis], "step": 1}))
-            types[dst] = TensorType(tuple(shape), base.types[name].dtype)
+        steps = [("slice", k) for k in sliced] + ([("expand", None)] if repeated else [])
+        for j, (op, axis) in enumerate(steps):
+            dst = name if j == len(steps) - 1 else base.fresh_name(f"{name}.{op}{j}")
+            if op == "slice":
+                shape[axis] = dims[axis]
+                nodes.append(Node("slice", (src,), (dst,), {"axis": axis, "start": 0,
+                                                             "end": dims[axis], "step": 1}))
+            else:
+                shape = list(dims)
+                nodes.append(Node("expand", (src,), (dst,), {"shape": tuple(dims)}))
+            types[dst] = TensorType(tuple(shape), dtype)
             src = dst
         out[name] = (table_name, table, nodes, types)
     return out

@@ -96,3 +96,30 @@ def test_growing_constant_needs_a_bound() -> None:
     graph = bounded.symbolic_graph()
     for n in (1, 7, 64):
         _check(_Arange(), graph, (torch.randn(2, n),))
+
+
+class _Expanded(torch.nn.Module):
+    """HuggingFace BERT's token-type rows: a table slice expanded to the batch, which
+    constant folding turns into a [batch, seq, 8] constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(1, 64, 8, generator=torch.Generator()
+                                                  .manual_seed(3)))
+
+    def forward(self, x):
+        b, s = x.shape[:2]
+        return x * self.table[:, :s].expand(b, s, 8)
+
+
+def test_constant_repeated_along_a_size_is_expanded() -> None:
+    model = _Expanded().eval()
+    seq = torch.export.Dim("seq", max=64)
+    compiled = kiln.compile(model, (torch.randn(2, 5, 8),), dynamic={0: {0: "batch", 1: seq}})
+    graph = compiled.symbolic_graph()
+    text = print_graph(graph)
+    # The table keeps one row for the batch (no bound on it needed) and 64 positions.
+    assert "const %const.table: f32[1,64,8]" in text and "= expand(%const.slice0)" in text, text
+    assert compiled.rows[0] == "batch"
+    for b, s in ((1, 1), (3, 17), (7, 64)):
+        _check(model, graph, (torch.randn(b, s, 8),))

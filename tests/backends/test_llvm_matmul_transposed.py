@@ -3,7 +3,8 @@
 The packed schedule reads B's rows as vectors; a transposed view has stride 1 along k instead,
 so lowering copies it to rows first (``passes/lower/matmul._transposed_b``): into a stack array
 per thread when batch entries run in parallel, into the arena when one matrix is multiplied
-by a parallel product. Checked against NumPy and PyTorch on the host and the AVX2 target."""
+by a parallel product; a single row of A (a decode step) takes dot products along B's rows
+instead. Checked against NumPy and PyTorch on the host and the AVX2 target."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ CASES = {
     "batch_heads": ((2, 3, 17, 40), (2, 3, 29, 40), "scratch"),
     "one_matrix": ((70, 50), (45, 50), "workspace"),
     "too_large": ((2, 5, 300), (2, 64, 300), None),
+    # One query row (a decode step): dot products read k's rows in place, nothing copied.
+    "decode_step": ((1, 12, 1, 64), (1, 12, 128, 64), "not one row"),
 }
 
 
@@ -68,6 +71,8 @@ def test_transposed_b_matches_numpy_and_torch(case, target):
         assert "scratch bt_" in text
     elif copied == "workspace":
         assert "ws_bt_" in text and "scratch bt_" not in text
+    elif copied == "not one row":
+        assert a_shape[-2] == 1 and "bt_" not in text
     else:
         assert b_shape[-1] * b_shape[-2] > TRANSPOSED_B_MAX
         assert "bt_" not in text

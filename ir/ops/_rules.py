@@ -17,26 +17,25 @@ def broadcast(*shapes: Sequence[Dim]) -> tuple[Dim, ...]:
     With sizes (``batch``): a size broadcasts with 1 and with itself only, since it must hold
     for every value of the size, 1 included and not only."""
     shapes = [tuple(s) for s in shapes]
+
+    def failed() -> ShapeError:
+        listed = ", ".join("[" + ", ".join(map(str, s)) + "]" for s in shapes)
+        return ShapeError(f"shapes {listed} do not broadcast",
+                          hint="reshape or expand the operands so that trailing dimensions agree")
+
     if all(is_static(s) for s in shapes):
         try:
             return tuple(int(d) for d in np.broadcast_shapes(*shapes))
         except ValueError:
-            pass
-    else:
-        rank = max((len(s) for s in shapes), default=0)
-        out = []
-        for k in range(rank):
-            dims = {s[len(s) - rank + k] for s in shapes if len(s) - rank + k >= 0} - {1}
-            if len(dims) > 1:
-                break
-            out.append(dims.pop() if dims else 1)
-        else:
-            return tuple(out)
-    raise ShapeError(
-        f"shapes {', '.join('[' + ', '.join(map(str, s)) + ']' for s in shapes)} do not "
-        "broadcast",
-        hint="reshape or expand the operands so that trailing dimensions agree",
-    )
+            raise failed() from None
+    rank = max((len(s) for s in shapes), default=0)
+    out = []
+    for k in range(rank):
+        dims = {s[len(s) - rank + k] for s in shapes if len(s) - rank + k >= 0} - {1}
+        if len(dims) > 1:
+            raise failed()
+        out.append(dims.pop() if dims else 1)
+    return tuple(out)
 
 
 def slice_length(start: Dim, end: Dim, step: int) -> Dim:

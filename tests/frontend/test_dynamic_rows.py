@@ -16,6 +16,27 @@ def _sizes(model) -> list[int]:
     return sorted(k[0] for k in model._programs)
 
 
+def _call_from_threads(compiled, orders: list[list[tuple]]) -> None:
+    """One thread per order, each calling ``compiled`` on its (inputs, eager answer) pairs;
+    fails on a wrong answer or a thread still running after 300 s."""
+    errors: list[BaseException] = []
+
+    def worker(order: list[tuple]) -> None:
+        try:
+            for xs, want in order:
+                torch.testing.assert_close(compiled(xs), want, rtol=1e-4, atol=1e-4)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(o,)) for o in orders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    assert not errors, errors[0]
+
+
 def test_odd_batch_runs_on_power_of_two_programs() -> None:
     model, (x,) = get_model("lenet5")
     compiled = kiln.compile(model, (x,), dynamic=True)
@@ -89,31 +110,18 @@ def test_bounds_that_exclude_small_parts_compile_the_size() -> None:
 def test_threads_calling_odd_sizes_get_their_own_rows() -> None:
     model, (x,) = get_model("mlp")
     compiled = kiln.compile(model, (x,), dynamic=True)
-    errors: list[BaseException] = []
     # Eager answers first: torch.fx tracing (a compile in another thread) patches
     # nn.Module.__call__ process-wide, so eager calls must not overlap a trace.
-    cases = {}
+    orders = []
     for seed in range(4):
         gen = torch.Generator().manual_seed(seed)
+        order = []
         for n in (3, 5, 6, 7, 9):
             xs = torch.randn((n, *x.shape[1:]), generator=gen)
             with torch.no_grad():
-                cases[seed, n] = (xs, model(xs))
-
-    def worker(seed: int) -> None:
-        try:
-            for n in (3, 5, 6, 7, 9):
-                xs, want = cases[seed, n]
-                torch.testing.assert_close(compiled(xs), want, rtol=1e-4, atol=1e-4)
-        except BaseException as e:  # noqa: BLE001 (reported below)
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+                order.append((xs, model(xs)))
+        orders.append(order)
+    _call_from_threads(compiled, orders)
     assert all(n & (n - 1) == 0 for n in _sizes(compiled))
 
 
@@ -220,29 +228,11 @@ def test_threads_with_hot_sizes_compiling_in_the_background_get_their_answers() 
     compiled = kiln.compile(model, (x,), dynamic=True)
     compiled.compile_hot = 2             # sizes turn hot while other threads call them
     gen = torch.Generator().manual_seed(11)
-    cases = {}
+    cases = []
     for n in (3, 5, 6, 7, 9, 11):
         xs = torch.randn((n, *x.shape[1:]), generator=gen)
         with torch.no_grad():
-            cases[n] = (xs, model(xs))
-    errors: list[BaseException] = []
-
-    def worker(seed: int) -> None:
-        order = list(cases) * 3
-        order = order[seed:] + order[:seed]
-        try:
-            for n in order:
-                xs, want = cases[n]
-                torch.testing.assert_close(compiled(xs), want, rtol=1e-4, atol=1e-4)
-        except BaseException as e:  # noqa: BLE001 (reported below)
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not any(t.is_alive() for t in threads), "a caller hung"
-    assert not errors, errors[0]
+            cases.append((xs, model(xs)))
+    _call_from_threads(compiled, [(cases * 3)[s:] + (cases * 3)[:s] for s in range(4)])
     assert compiled.wait_compiles(timeout=300)
     assert {3, 5, 6, 7, 9, 11} <= set(_sizes(compiled))      # every size turned hot

@@ -287,20 +287,8 @@ def test_dynamic_model_library_takes_sizes(tmp_path: Path) -> None:
             programs.append(sizes[0])
         assert sorted(programs) == list(batches)
         assert lib.model_program_sizes(3, (ctypes.c_int64 * 1)()) == -1
-        for b in batches:
-            a = inputs[b].numpy()
-            out = np.empty((b, 10), np.float32)
-            rc = lib.model_run(handle, (ctypes.c_int64 * 1)(b),
-                               (ctypes.c_void_p * 1)(a.ctypes.data),
-                               (ctypes.c_void_p * 1)(out.ctypes.data))
-            assert rc == 0, lib.model_error()
-            with torch.no_grad():
-                np.testing.assert_allclose(out, model(inputs[b]).numpy(), rtol=1e-4, atol=1e-5)
-        # Row counts without a program run on row slices: 2 = 1 + 1, 12 = 8 + 3 + 1.
-        assert "#define MODEL_ROWS_SIZE 0" in header
-        for b in (2, 12):
-            xb = torch.randn(b, *x.shape[1:], generator=torch.Generator().manual_seed(b))
-            a = xb.numpy()
+        def check(xb: torch.Tensor) -> None:
+            a, b = xb.numpy(), xb.shape[0]
             out = np.empty((b, 10), np.float32)
             rc = lib.model_run(handle, (ctypes.c_int64 * 1)(b),
                                (ctypes.c_void_p * 1)(a.ctypes.data),
@@ -308,6 +296,13 @@ def test_dynamic_model_library_takes_sizes(tmp_path: Path) -> None:
             assert rc == 0, lib.model_error()
             with torch.no_grad():
                 np.testing.assert_allclose(out, model(xb).numpy(), rtol=1e-4, atol=1e-5)
+
+        for b in batches:
+            check(inputs[b])
+        # Row counts without a program run on row slices: 2 = 1 + 1, 12 = 8 + 3 + 1.
+        assert "#define MODEL_ROWS_SIZE 0" in header
+        for b in (2, 12):
+            check(torch.randn(b, *x.shape[1:], generator=torch.Generator().manual_seed(b)))
         out = np.empty((2, 10), np.float32)
         a = np.zeros((2, 1, 32, 32), np.float32)
         assert lib.model_run(handle, (ctypes.c_int64 * 1)(0), (ctypes.c_void_p * 1)(a.ctypes.data),

@@ -116,8 +116,10 @@ def _options(value: Any, defaults: Mapping[str, Any], scalar_key: str | None, wh
 
 
 def data_batches(data: Any, graph: Graph, limit: int | None = None) -> list[list[np.ndarray]]:
-    """The data as batches shaped exactly like the graph's inputs (a tensor or array of many
-    samples is cut into the graph's batch size; a trailing partial batch is dropped)."""
+    """The data as batches shaped exactly like the graph's inputs. A tensor or array of many
+    samples, or a batch of more samples than the graph's (a data loader's batch of 32 for a
+    model compiled at batch 1), is cut into the graph's batch size along its leading
+    dimension; a trailing partial batch is dropped."""
     if data is None:
         raise KilnError("this compression needs data", hint="pass data=...: an iterable of input "
                         "batches shaped like the example inputs, or a tensor of samples")
@@ -138,14 +140,15 @@ def data_batches(data: Any, graph: Graph, limit: int | None = None) -> list[list
                             hint="pass samples shaped like the example inputs")
         chunks: Iterable = (arr[i:i + n] for i in range(0, len(arr) - n + 1, n))
     else:
-        chunks = (as_arrays(item) for item in data)
+        chunks = (piece for item in data for piece in _cut(as_arrays(item), types))
     for chunk in chunks:
         arrays = chunk if isinstance(chunk, list) else [chunk]
         for a, t in zip(arrays, types):
             if a.shape != t.shape:
                 raise KilnError(f"a data batch is shaped {list(a.shape)}, the model's input "
-                                f"{list(t.shape)}", hint="batches must match the example "
-                                                         "inputs exactly")
+                                f"{list(t.shape)}", hint="pass batches shaped like the example "
+                                                         "inputs, or holding a multiple of "
+                                                         "their batch size")
         out.append([a.astype(t.dtype.numpy, copy=False) for a, t in zip(arrays, types)])
         if limit is not None and len(out) >= limit:
             break
@@ -153,6 +156,23 @@ def data_batches(data: Any, graph: Graph, limit: int | None = None) -> list[list
         raise KilnError("the compression data holds no batch",
                         hint="pass at least one batch shaped like the example inputs")
     return out
+
+
+def _cut(arrays: list[np.ndarray], types: Sequence[Any]) -> list[list[np.ndarray]]:
+    """``arrays`` (one batch of every input) as batches of the graph's size when each holds a
+    multiple of it along the leading dimension, the same multiple for all, and the graph's
+    other dimensions; else unchanged (a wrong shape is refused by the caller)."""
+    if len(arrays) != len(types) or any(a.ndim != t.rank or a.ndim == 0 or
+                                         a.shape[1:] != tuple(t.shape[1:])
+                                         for a, t in zip(arrays, types)):
+        return [arrays]
+    counts = {a.shape[0] // t.shape[0] if t.shape[0] and a.shape[0] % t.shape[0] == 0 else 0
+              for a, t in zip(arrays, types)}
+    if len(counts) != 1 or counts == {0} or counts == {1}:
+        return [arrays]
+    k = counts.pop()
+    return [[a[j * t.shape[0]:(j + 1) * t.shape[0]] for a, t in zip(arrays, types)]
+            for j in range(k)]
 
 
 def calibrate(graph: Graph, batches: Sequence[Sequence[np.ndarray]], method: str = "percentile",

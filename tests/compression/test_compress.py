@@ -115,6 +115,21 @@ def test_tensor_of_samples_is_cut_into_batches():
     assert result.graph.types[result.graph.inputs[0]].shape[0] == 1
 
 
+def test_loader_batches_larger_than_the_model_are_cut_into_its_batches():
+    # A data loader's batches of 8 for a model compiled at batch 1 calibrate exactly as the
+    # same 16 samples passed one by one.
+    model, inputs = get_model("mlp")
+    gen = torch.Generator().manual_seed(2)
+    loader = [torch.randn(8, *inputs[0].shape[1:], generator=gen) for _ in range(2)]
+    singles = [(x[i:i + 1],) for x in loader for i in range(8)]
+    x = torch.randn(inputs[0].shape, generator=gen)
+    a = kiln.compile(model, inputs, data=loader, quantize=True)
+    b = kiln.compile(model, inputs, data=singles, quantize=True)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    with pytest.raises(kiln.KilnError, match="multiple of their batch size"):
+        kiln.compile(model, inputs, data=[torch.randn(3, 5)], quantize=True)
+
+
 def test_dynamic_int8_needs_no_data():
     model, inputs = get_model("bert")
     compiled = kiln.compile(model, inputs, quantize={"mode": "dynamic"})

@@ -58,14 +58,7 @@ def fit_dim(values: Sequence[int], points: Sequence[Mapping[str, int]],
 def _as_dim(size: int | SizeTerm, bounds: Mapping[str, tuple[int, int]]) -> Dim:
     if isinstance(size, int):
         return size
-    return size.coef * math.prod(_power(SymDim.named(n, *bounds[n]), k) for n, k in size.powers)
-
-
-def _power(x: SymDim, k: int) -> Dim:
-    out: Dim = 1
-    for _ in range(k):
-        out = out * x
-    return out
+    return size.coef * math.prod(SymDim.named(n, *bounds[n]) ** k for n, k in size.powers)
 
 
 def symbolic_graph(graph_at: Callable[[Mapping[str, int]], Graph],

@@ -154,6 +154,15 @@ class SymDim:
 
     __rmul__ = __mul__
 
+    def __pow__(self, k: int) -> SymDim:
+        """``self`` multiplied by itself ``k`` times (``k >= 1``)."""
+        if _plain_int(k) is None or k < 1:
+            return NotImplemented
+        out: Dim = self
+        for _ in range(k - 1):
+            out = out * self
+        return out
+
     def __floordiv__(self, other: object) -> Dim:
         if isinstance(other, SymDim):
             return _div_by_term(self, other)
@@ -405,7 +414,7 @@ def parse_dim(text: str, bounds: Mapping[str, tuple[int, int]]) -> Dim:
                     power = int(tokens[i + 1][0])
                     if not 1 <= power <= 8:
                         raise ShapeError(f"power {power} in {text!r} is out of range")
-                    factor = _power(factor, power)
+                    factor = factor ** power
                     i += 2
             term = term * factor
             if i < len(tokens) and tokens[i][2] == "*":
@@ -420,13 +429,6 @@ def parse_dim(text: str, bounds: Mapping[str, tuple[int, int]]) -> Dim:
             raise ShapeError(f"bad dimension {text!r}")
         sign = 1 if op == "+" else -1
         i += 1
-
-
-def _power(x: SymDim, k: int) -> SymDim:
-    out: Dim = 1
-    for _ in range(k):
-        out = out * x
-    return out
 
 
 def is_static(shape) -> bool:

@@ -147,9 +147,10 @@ class CompiledModel:
         program = executable.program
         self._into = program.run_into if getattr(program, "writes_every_output", False) \
             else None
-        # ... and, without index checks, the inputs by address (see _fast_call).
-        self._direct = program.run_addresses if self._into is not None \
-            and not program.checks_indices else None
+        # ... and the inputs by address, where no index needs a check or the native code
+        # checks them (see _fast_call).
+        self._direct = program.run_addresses if self._into is not None and (
+            not program.checks_indices or program.checks_indices_natively) else None
         self._spares: list[tuple[list[torch.Tensor], list[int]]] = []
 
     @property

@@ -332,6 +332,69 @@ def _pointer_checks(up: str) -> list[str]:
     ]
 
 
+def _index_messages(image: Any) -> list[str]:
+    """What the run function says when ``kiln_check`` reports check number c: one message per
+    check of an input that has elements, in kiln_check's order (native_index_checks)."""
+    messages = []
+    for i, rows, node in image.index_checks:
+        if math.prod(image.inputs[i][2]):
+            lo, hi = (rows, -rows) if rows < 0 else (0, rows)
+            messages.append(f"input {i} (%{image.inputs[i][0]}) holds an index out of range "
+                            f"[{lo}, {hi}) of the axis it selects from (node {node}); check "
+                            "the indices (token ids) fed to the model")
+    return messages
+
+
+def _index_check(check: str, messages: list[str], inputs: str) -> list[str]:
+    """The run functions' refusal of out-of-range indices (the kernels would clamp them), by
+    the object code's ``check`` function (weak: code made before it existed lacks it)."""
+    if not messages:
+        return []
+    table = ", ".join(_c_string(m[:400]) for m in messages)
+    return [
+        f"    if ({check}) {{",
+        f"        static const char* const index_errors[] = {{{table}}};",
+        f"        int64_t bad = {check}((void**){inputs});",
+        "        if (bad >= 0) {",
+        "            snprintf(last_error, sizeof last_error, \"%s\",",
+        f"                     bad < {len(messages)} ? index_errors[bad]",
+        "                                      : \"an input holds an index out of range\");",
+        "            return -1;",
+        "        }",
+        "    }",
+    ]
+
+
+def _dynamic_index_check(up: str, messages: list[str]) -> list[str]:
+    """``_index_check`` for a dynamic model: each program of the plan checks its rows (the
+    index ranges are the same at every size)."""
+    if not messages:
+        return []
+    table = ", ".join(_c_string(m[:400]) for m in messages)
+    return [
+        "    {",
+        f"        static const char* const index_errors[] = {{{table}}};",
+        "        int64_t seen = 0;",
+        "        for (int k = 0; k < parts; k++) {",
+        "            int q = plan[k];",
+        f"            const void* in[{up}_NUM_INPUTS > 0 ? {up}_NUM_INPUTS : 1];",
+        f"            int64_t rows = {up}_ROWS_SIZE >= 0 ? programs[q].sizes[{up}_ROWS_SIZE] : 1;",
+        f"            for (int i = 0; i < {up}_NUM_INPUTS; i++)",
+        "                in[i] = (const char*)inputs[i] + (row_inputs[i]",
+        "                        ? seen * (programs[q].input_info(i)->nbytes / rows) : 0);",
+        "            int64_t bad = programs[q].check ? programs[q].check((void**)in) : -1;",
+        "            if (bad >= 0) {",
+        "                snprintf(last_error, sizeof last_error, \"%s\",",
+        f"                         bad < {len(messages)} ? index_errors[bad]",
+        "                                          : \"an input holds an index out of range\");",
+        "                return -1;",
+        "            }",
+        "            seen += rows;",
+        "        }",
+        "    }",
+    ]
+
+
 def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]],
              threads: int) -> str:
     up = name.upper()
@@ -357,6 +420,7 @@ def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]]
         "/* kiln's object code. */",
         "void kiln_run(void** inputs, void** outputs, void* arena, const void* consts,",
         "              int32_t nthreads);",
+        "int64_t kiln_check(void** inputs) __attribute__((weak));",
         "",
         *_shared_definitions(name, threads),
         *_infos(name, "input", image.inputs),
@@ -368,6 +432,7 @@ def _wrapper(image: Any, name: str, constant_outputs: dict[int, tuple[int, int]]
         "        return -1;",
         "    }",
         *_pointer_checks(up),
+        *_index_check("kiln_check", _index_messages(image), "inputs"),
         "    int lock_error = pthread_mutex_lock(&model->lock);",
         "    if (lock_error != 0) {",
         "        snprintf(last_error, sizeof last_error, \"cannot lock the model: %s\",",
@@ -402,7 +467,7 @@ def build_command(out_dir: str | Path, name: str = "model", cc: str = "cc",
 # ---- dynamic models: one program per exported set of sizes ------------------------------------
 # The globals kiln's object code defines; each program's copy is renamed to <symbol>_p<k> so
 # that several link into one library (a new global would show up as a duplicate at link time).
-_OBJECT_GLOBALS = ("kiln_run", "kiln_cycles", "kiln_signature", "kiln_steps")
+_OBJECT_GLOBALS = ("kiln_run", "kiln_cycles", "kiln_signature", "kiln_steps", "kiln_check")
 
 
 def _size_names(dims: list[tuple[int, int, str]]) -> list[str]:
@@ -504,6 +569,8 @@ def _dynamic_wrapper(images: list, dims: list[tuple[int, int, str]], name: str,
         "typedef void (*kiln_entry)(void**, void**, void*, const void*, int32_t);",
         *(f"void kiln_run_p{k}(void** inputs, void** outputs, void* arena, const void* consts,"
           f" int32_t nthreads);" for k in range(len(images))),
+        *(f"int64_t kiln_check_p{k}(void** inputs) __attribute__((weak));"
+          for k in range(len(images))),
         "",
         *_shared_definitions(name, threads),
     ]
@@ -524,6 +591,7 @@ def _dynamic_wrapper(images: list, dims: list[tuple[int, int, str]], name: str,
     lines += [
         "static const struct {",
         "    kiln_entry run;",
+        "    int64_t (*check)(void**);",
         f"    int64_t sizes[{len(names)}];",
         "    size_t weights_offset;",
         "    const kiln_tensor_info* (*input_info)(int);",
@@ -533,7 +601,8 @@ def _dynamic_wrapper(images: list, dims: list[tuple[int, int, str]], name: str,
     ]
     for k, image in enumerate(images):
         sizes = ", ".join(f"{image.inputs[i][2][d]}LL" for i, d in positions.values())
-        lines.append(f"    {{kiln_run_p{k}, {{{sizes}}}, {weights[k][0]}, {name}_p{k}_input_info, "
+        lines.append(f"    {{kiln_run_p{k}, kiln_check_p{k}, {{{sizes}}}, {weights[k][0]}, "
+                     f"{name}_p{k}_input_info, "
                      f"{name}_p{k}_output_info, copies_p{k}}},")
     listing = "; ".join(", ".join(f"{n}={image.inputs[i][2][d]}" for n, (i, d) in
                                   positions.items()) for image in images)
@@ -601,6 +670,7 @@ def _dynamic_wrapper(images: list, dims: list[tuple[int, int, str]], name: str,
         "        return -1;",
         "    }",
         *_pointer_checks(up),
+        *_dynamic_index_check(up, _index_messages(images[0])),
         "    int lock_error = pthread_mutex_lock(&model->lock);",
         "    if (lock_error != 0) {",
         "        snprintf(last_error, sizeof last_error, \"cannot lock the model: %s\",",

@@ -919,3 +919,52 @@ def emit_entry(m: ModuleBuilder, calls: Sequence[tuple[Kernel, Sequence[Binding]
         fn.emit(f"store i64 {new}, ptr {slot}")
     text = fn.text(linkage="", attrs="").replace("ptr noalias %", "ptr %")
     m.functions.append(text)
+
+
+# The integer dtypes an index input may have: (LLVM type, extension to i64).
+_INDEX_TYPES = {"i64": ("i64", None), "i32": ("i32", "sext"), "i8": ("i8", "sext"),
+                "u8": ("i8", "zext"), "bool": ("i8", "zext")}
+
+
+def emit_index_check(m: ModuleBuilder,
+                     checks: Sequence[tuple[int, str, int, int, int]]) -> None:
+    """The exported ``i64 kiln_check(ptr inputs)``: for each check (input index, dtype,
+    element count, lo, hi), in order, whether every element of that input lies in [lo, hi);
+    the number of the first check that fails, or -1. The kernels clamp every index they read
+    (memory stays safe whatever the input); this is how a caller learns that the answer would
+    have been computed from clamped indices, in one native call instead of NumPy reductions
+    on the per-call path (BERT int8: 30 us of its 470)."""
+    lines = ["define i64 @kiln_check(ptr %inputs) {", "entry:"]
+    for c, (index, dtype, count, lo, hi) in enumerate(checks):
+        ty, ext = _INDEX_TYPES[dtype]
+        nxt = f"next{c}" if c + 1 < len(checks) else "ok"
+        lines += [
+            f"  %slot{c} = getelementptr ptr, ptr %inputs, i64 {index}",
+            f"  %base{c} = load ptr, ptr %slot{c}",
+            f"  br label %loop{c}",
+            f"loop{c}:",
+            f"  %i{c} = phi i64 [0, %{'entry' if c == 0 else f'next{c - 1}'}], "
+            f"[%i{c}n, %loop{c}]",
+            f"  %bad{c} = phi i1 [false, %{'entry' if c == 0 else f'next{c - 1}'}], "
+            f"[%bad{c}n, %loop{c}]",
+            f"  %p{c} = getelementptr {ty}, ptr %base{c}, i64 %i{c}",
+            f"  %v{c}r = load {ty}, ptr %p{c}",
+            (f"  %v{c} = {ext} {ty} %v{c}r to i64" if ext else f"  %v{c} = add i64 %v{c}r, 0"),
+            f"  %lo{c} = icmp slt i64 %v{c}, {lo}",
+            f"  %hi{c} = icmp sge i64 %v{c}, {hi}",
+            f"  %out{c} = or i1 %lo{c}, %hi{c}",
+            f"  %bad{c}n = or i1 %bad{c}, %out{c}",
+            f"  %i{c}n = add i64 %i{c}, 1",
+            f"  %more{c} = icmp ult i64 %i{c}n, {count}",
+            f"  br i1 %more{c}, label %loop{c}, label %done{c}",
+            f"done{c}:",
+            f"  br i1 %bad{c}n, label %fail{c}, label %{nxt}",
+            f"fail{c}:",
+            f"  ret i64 {c}",
+        ]
+        if nxt != "ok":
+            lines.append(f"{nxt}:")
+    if checks:
+        lines.append("ok:")
+    lines += ["  ret i64 -1", "}"]
+    m.functions.append("\n".join(lines) + "\n")

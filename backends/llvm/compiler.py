@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import math
 import os
 import queue
 import threading
@@ -22,7 +23,13 @@ import numpy as np
 
 from kiln.backends.kernel_profile import KernelProfile
 from kiln.backends.llvm.cache import cache_key, load_cached, store_cached
-from kiln.backends.llvm.codegen import Binding, ModuleBuilder, emit_entry, emit_kernel
+from kiln.backends.llvm.codegen import (
+    Binding,
+    ModuleBuilder,
+    emit_entry,
+    emit_index_check,
+    emit_kernel,
+)
 from kiln.backends.llvm.objcheck import (
     ObjectCodeError,
     check_image,
@@ -267,6 +274,12 @@ class CompiledProgram:
         # against this image's arena, constants, steps, inputs and outputs (objcheck.py).
         check_image(image)
         self.engine, self.entry = load_code(image.object_code, target)
+        # The native index check (absent from code compiled before kiln had it: then NumPy
+        # checks the indices, as run_into always did).
+        address = (self.engine.get_function_address("kiln_check")
+                   if image.index_checks else 0)
+        self._native_check = (ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)(address)
+                              if address else None)
         # Kernels load weights with full-width vector loads at 64-byte offsets in the blob; a
         # blob that itself starts off a 64-byte boundary splits every such load across two
         # cache lines (a 256-hidden LSTM layer: 1.4 ms instead of 0.9).
@@ -318,17 +331,8 @@ class CompiledProgram:
         model's weights through the caches, making an output tensor costs 20-30 us of cold
         Python and torch code per call, more than some models' kernels."""
         arrays = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in inputs]
-        for i, rows, node in self.image.index_checks:
-            ids = arrays[i]
-            # rows < 0: the ops reading this input count negative indices from the end.
-            lo, hi = (rows, -rows) if rows < 0 else (0, rows)
-            if ids.size and (ids.min() < lo or ids.max() >= hi):
-                bad = ids[(ids < lo) | (ids >= hi)].flat[0]
-                raise KilnError(f"input %{self.image.inputs[i][0]} holds index {bad}, out of "
-                                f"range [{lo}, {hi}) of the axis it selects from",
-                                node=node.partition(":")[2] or node,
-                                op=node.partition(":")[0] if ":" in node else "embedding",
-                                hint="check the indices (token ids) fed to the model")
+        if self._native_check is None:
+            self._check_indices(arrays)   # else run_addresses checks them natively
         outs = None
         if outputs is None:
             outs = [np.empty(shape, dt) for shape, dt in self._out_specs]
@@ -345,15 +349,48 @@ class CompiledProgram:
             outs[j][...] = arr
         return outs
 
+    def _check_indices(self, arrays: Sequence[np.ndarray]) -> None:
+        """A KilnError naming the first input index outside the axis it selects from."""
+        for i, rows, node in self.image.index_checks:
+            ids = arrays[i]
+            # rows < 0: the ops reading this input count negative indices from the end.
+            lo, hi = (rows, -rows) if rows < 0 else (0, rows)
+            if ids.size and (ids.min() < lo or ids.max() >= hi):
+                bad = ids[(ids < lo) | (ids >= hi)].flat[0]
+                raise KilnError(f"input %{self.image.inputs[i][0]} holds index {bad}, out of "
+                                f"range [{lo}, {hi}) of the axis it selects from",
+                                node=node.partition(":")[2] or node,
+                                op=node.partition(":")[0] if ":" in node else "embedding",
+                                hint="check the indices (token ids) fed to the model")
+
+    def _native_check_failed(self, state: _CallState) -> None:
+        """The KilnError for a call whose indices ``kiln_check`` refused, found again on
+        NumPy views of the inputs (the failing call only)."""
+        arrays = []
+        for i, (_, dtype, shape) in enumerate(self.image.inputs):
+            dt = np.dtype(DType(dtype).numpy)
+            n = math.prod(shape)
+            raw = (ctypes.c_byte * (n * dt.itemsize)).from_address(state.inputs[i]) \
+                if n else b""
+            arrays.append(np.frombuffer(raw, dt, n).reshape(shape))
+        self._check_indices(arrays)
+        raise InternalError("kiln_check refused indices that NumPy finds in range")
+
     @property
     def checks_indices(self) -> bool:
         """Whether some input holds indices whose range each call checks (token ids)."""
         return bool(self.image.index_checks)
 
+    @property
+    def checks_indices_natively(self) -> bool:
+        """Whether ``run_addresses`` itself checks the indices (in native code)."""
+        return self._native_check is not None
+
     def run_addresses(self, inputs: Sequence[int], outputs: Sequence[int]) -> None:
         """The native call on buffers given by address: ``inputs`` C-contiguous, of the
         signature's shapes and dtypes, ``outputs`` as in ``run_into``; the caller keeps them
-        alive and has checked them (indices included, where the program ``checks_indices``).
+        alive and has checked them (indices included, where the program ``checks_indices``
+        and not ``checks_indices_natively``).
         ``run_into`` ends here; CompiledModel's short path passes torch tensors'
         ``data_ptr()`` here directly (0.06 us each, where a NumPy view and its ``ctypes.data``
         take 1.4 us)."""
@@ -366,6 +403,8 @@ class CompiledProgram:
                 state.inputs[i] = address
             for j, address in enumerate(outputs):
                 state.outputs[j] = address
+            if self._native_check is not None and self._native_check(state.inputs) >= 0:
+                self._native_check_failed(state)
         except BaseException:
             self._free.append(state)
             raise
@@ -556,6 +595,7 @@ class LlvmIR(Stage):
                 emit_kernel(m, kernel)
             calls.append((kernel, _bindings(step, t, plan)))
         emit_entry(m, calls)
+        emit_index_check(m, native_index_checks(g))
         # What the code was generated for, in the code itself: a loader compares it with the
         # header or manifest that comes with the code (objcheck.py).
         m.functions.append(signature_global(encode_signature(
@@ -697,6 +737,19 @@ def _index_checks(graph: Graph) -> list[tuple[int, int, str]]:
                     continue
             checks[i] = (i, rows, f"{node.op}:{node.name}")
     return sorted(checks.values())
+
+
+def native_index_checks(graph: Graph) -> list[tuple[int, str, int, int, int]]:
+    """``_index_checks`` as ``kiln_check`` takes them: (input index, dtype, element count,
+    lo, hi), inputs without elements left out."""
+    checks = []
+    for i, rows, _ in _index_checks(graph):
+        t = graph.types[graph.inputs[i]]
+        count = math.prod(t.shape)
+        if count:
+            lo, hi = (rows, -rows) if rows < 0 else (0, rows)
+            checks.append((i, t.dtype.value, count, lo, hi))
+    return checks
 
 
 def compile_graph(graph: Graph, *, target: Target | None = None, threads: int = 0,

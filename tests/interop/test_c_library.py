@@ -312,3 +312,60 @@ def test_dynamic_model_library_takes_sizes(tmp_path: Path) -> None:
             a.ctypes.data), (ctypes.c_void_p * 1)(out.ctypes.data)) == -1   # 125 parts
     finally:
         lib.model_free(handle)
+
+
+class _Tokens(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+
+    def forward(self, ids):
+        return self.emb(ids) * 2.0
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_out_of_range_token_ids_are_refused(tmp_path: Path, dynamic: bool) -> None:
+    """The kernels clamp an index into its axis (memory stays safe); the library's run
+    function refuses such an input instead of answering from the clamped index, naming the
+    input and the range, and the next good call runs. A dynamic model checks each row slice."""
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    ids = torch.tensor([[1, 2, 3]])
+    compiled = kiln.compile(model, (ids,), dynamic=dynamic)
+    if dynamic:
+        compiled.specialize(torch.zeros(2, 3, dtype=torch.int64))
+    lib_dir = export_c(compiled, tmp_path / "lib")
+    lib = ctypes.CDLL(str(lib_dir / "libmodel.so"))
+    lib.model_load.restype = ctypes.c_void_p
+    lib.model_load.argtypes = [ctypes.c_char_p]
+    lib.model_error.restype = ctypes.c_char_p
+    lib.model_free.argtypes = [ctypes.c_void_p]
+    handle = lib.model_load(str(lib_dir / "model_weights.bin").encode())
+    assert handle, lib.model_error()
+
+    def run(x: np.ndarray) -> tuple[int, np.ndarray]:
+        out = np.full(x.shape + (4,), np.nan, np.float32)
+        args = [ctypes.c_void_p(handle)]
+        if dynamic:
+            args.append((ctypes.c_int64 * 1)(x.shape[0]))
+        args += [(ctypes.c_void_p * 1)(x.ctypes.data), (ctypes.c_void_p * 1)(out.ctypes.data)]
+        return lib.model_run(*args), out
+
+    try:
+        rows = (1, 3) if dynamic else (1,)   # batch 3 runs as the programs of 2 and 1 rows
+        for b in rows:
+            good = np.arange(3 * b, dtype=np.int64).reshape(b, 3) % 10
+            rc, out = run(good)
+            assert rc == 0, lib.model_error()
+            with torch.no_grad():
+                np.testing.assert_allclose(out, model(torch.from_numpy(good)).numpy())
+            for bad in (10, -1):
+                x = good.copy()
+                x[-1, -1] = bad   # in the last row slice of a split batch
+                rc, _ = run(x)
+                assert rc == -1
+                msg = lib.model_error().decode()
+                assert "out of range [0, 10)" in msg and "token ids" in msg, msg
+        assert run(np.zeros((1, 3), np.int64))[0] == 0
+    finally:
+        lib.model_free(handle)

@@ -112,3 +112,30 @@ def test_short_path_error_and_copied_outputs():
         emb, same = c(ids)
         torch.testing.assert_close(emb, model(ids)[0].detach())
         assert torch.equal(same, ids) and same.data_ptr() != ids.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_native_index_check_names_the_bad_index(dtype):
+    """Token ids are checked by the program's native ``kiln_check`` on the short path (no
+    NumPy reductions per call); a program without it (code compiled before it existed)
+    checks them in NumPy. Both refuse the same ids with the same message, and negative ids
+    where the op counts them from the end (take/gather) pass on both."""
+    torch.manual_seed(0)
+    model = _Lookup().eval()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=dtype)
+    c = kiln.compile(model, (ids,))
+    program = c.executable.program
+    assert program.checks_indices and program.checks_indices_natively
+    assert c._fast_call((ids,)) is not None   # the short path, by address
+    for native in (True, False):
+        if not native:
+            program._native_check = None
+        for bad, shown in (([[1, 2, 3], [4, 5, 10]], "10"), ([[-1, 2, 3], [4, 5, 6]], "-1"),
+                           ([[1, 2, 3], [2**31 - 1, 5, 6]], str(2**31 - 1))):
+            x = torch.tensor(bad, dtype=dtype)
+            for arg in (x, x.numpy()):
+                with pytest.raises(KilnError, match=rf"holds index {shown}, out of range "
+                                                    r"\[0, 10\)"):
+                    c(arg)
+        emb, _ = c(ids)
+        torch.testing.assert_close(emb, model(ids.long())[0].detach())

@@ -179,7 +179,7 @@ def _transposed_b(low: Lowering, node: Node, b_v: str, ib: list, probe: K.Load, 
     """An array and the statements copying B (read as a transposed view: stride 1 along k) to
     it as rows, B[k, col] at k * N + col, so the micro-kernel reads them as vectors. For
     q @ k^T the dot-product nest did one horizontal sum per score (BERT's 32x32x64 heads: 12
-    us per layer); the copy is Kd * N scalar moves, read in order. ``shared``: one copy in the
+    us per layer); the copy is Kd * N moves, written in order. ``shared``: one copy in the
     arena, made before the (parallel) product; otherwise a stack array per thread, filled by
     each batch entry inside the parallel batch loop. ``probe``: B's element at (__k, __col)."""
     limit = TRANSPOSED_B_SHARED_MAX if shared else TRANSPOSED_B_MAX
@@ -191,9 +191,12 @@ def _transposed_b(low: Lowering, node: Node, b_v: str, ib: list, probe: K.Load, 
         rows = f"bt_{node.name}".replace(".", "_")
         low.scratch.append(K.Buffer(rows, "f32", Kd * N))
     k, col = low.fresh("k"), low.fresh("col")
-    # Columns outer, k inner: B's memory is read in order (stride 1 along k).
-    return rows, [For(col, as_expr(0), as_expr(N), (
-        For(k, as_expr(0), as_expr(Kd), (
+    # k outer, columns inner: the rows are written in order, B read with a stride (vector
+    # gathers). The other order read B in order and scattered the stores (vscatterqps on
+    # AVX-512, lane-by-lane stores on AVX2): BERT's 32x64 q @ k^T heads 6.8 -> 4.4 us on
+    # AVX-512, 8.3 -> 7.1 with the AVX2 target, one thread.
+    return rows, [For(k, as_expr(0), as_expr(Kd), (
+        For(col, as_expr(0), as_expr(N), (
             K.Store(rows, k * N + col, low.element(b_v, ib + [k, col])),), "serial"),),
         "serial")]
 

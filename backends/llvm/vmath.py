@@ -143,24 +143,19 @@ ERF_Q = (1.0, 0.4969766139984131, 0.1137038990855217, 0.015402693301439285,
 
 
 def erf_function(lanes: int) -> tuple[str, str]:
-    """erf as one rational function: 12 multiply-adds and one division (estimated) per vector (the
+    """erf as one rational function: 12 multiply-adds and one division per vector (the
     Taylor series plus Abramowitz-Stegun tail it replaces took an exp and a division more,
     and made BERT's GELU epilogues twice as slow). Absolute error below 4e-7 in float32."""
     b = _Straight(lanes)
     name = f"kiln.erf.{b.sfx}"
-    # Past the clamp the answer is +-1 exactly. The clamp as compare-and-select keeps a NaN
-    # (an ordered compare is false for it), where minnum / maxnum drop it and take three
-    # instructions each on x86.
-    big = b.cmp("ogt", b.intr("fabs", "%x"), b.c(ERF_CLAMP))
-    xc = b.select(big, b.intr("copysign", b.c(ERF_CLAMP), "%x"), "%x")
+    # The clamp as compare-and-select keeps a NaN (an ordered compare is false for it), and
+    # is one vminps / vmaxps each on x86, where minnum / maxnum drop the NaN and take three
+    # instructions, plus a compare and a blend at the end to give the NaN back: a quarter
+    # of the function, in BERT's GELU epilogues that run on every activation.
+    xc = b.select(b.cmp("olt", "%x", b.c(-ERF_CLAMP)), b.c(-ERF_CLAMP), "%x")
+    xc = b.select(b.cmp("ogt", xc, b.c(ERF_CLAMP)), b.c(ERF_CLAMP), xc)
     t = b.f("fmul", xc, xc)
-    # The division as a reciprocal estimate and one Newton step (arcp ninf: Q >= 1 and both
-    # sides finite after the clamp): vrcp14ps / vrcpps and three multiply-adds, where
-    # vdivps takes 10 cycles a vector on AVX-512 (BERT int8's GELU epilogues). It may give
-    # -0.0 as +0.0 and 1 - 2^-24 where the division rounds to 1: erf is odd, so the sign
-    # comes back from x, and the lanes past the clamp take +-1 itself.
-    y = b.f("fdiv arcp ninf", b.f("fmul", xc, b.poly(t, list(ERF_P))), b.poly(t, list(ERF_Q)))
-    y = b.select(big, b.intr("copysign", b.c(1.0), "%x"), b.intr("copysign", y, xc))
+    y = b.f("fdiv", b.f("fmul", xc, b.poly(t, list(ERF_P))), b.poly(t, list(ERF_Q)))
     return name, b.function(name, y)
 
 

@@ -140,9 +140,10 @@ def torchvision_names() -> list[str]:
     return names + list(SEGMENTATION)
 
 
-def build_torchvision(name: str, seed: int = 0) -> Case:
+def build_torchvision(name: str, seed: int = 0, image_size: int | None = None) -> Case:
     """torchvision model ``name`` with seeded random weights, in eval mode, and one image
-    batch at the smallest resolution it accepts among the ones tried."""
+    batch at the smallest resolution it accepts among the ones tried, or at ``image_size``
+    (at least that model's own size in IMAGE_SIZE)."""
     models = import_torchvision().models
     torch.manual_seed(seed)
     if name in SEGMENTATION:
@@ -155,7 +156,7 @@ def build_torchvision(name: str, seed: int = 0) -> Case:
         model = models.get_model(name, weights=None, **kwargs)
         main = _identity
     _randomize_zero_weights(model)
-    size = IMAGE_SIZE.get(name, DEFAULT_IMAGE_SIZE)
+    size = max(IMAGE_SIZE.get(name, 0), image_size or DEFAULT_IMAGE_SIZE)
     model.eval()
     if name in CALIBRATED:
         _calibrate_batchnorm(model, torch.randn(
@@ -297,10 +298,11 @@ def build_transformers(name: str, seed: int = 0) -> Case:
     return Case(name, Positional(model.eval(), names).eval(), inputs, _first)
 
 
-def build(suite: str, name: str, seed: int = 0) -> Case:
-    """Model ``name`` of ``suite`` ("torchvision" or "transformers")."""
-    return build_torchvision(name, seed) if suite == "torchvision" else build_transformers(
-        name, seed)
+def build(suite: str, name: str, seed: int = 0, image_size: int | None = None) -> Case:
+    """Model ``name`` of ``suite`` ("torchvision" or "transformers"); ``image_size``: the
+    torchvision input resolution (default: DEFAULT_IMAGE_SIZE)."""
+    return build_torchvision(name, seed, image_size) if suite == "torchvision" else \
+        build_transformers(name, seed)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -317,6 +319,21 @@ def _median_ms(fn: Callable[[], Any], repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def _interleaved_ms(fns: list[Callable[[], Any]], repeat: int) -> list[float]:
+    """Each function's median time (ms) over ``repeat`` rounds of the functions in turn. In
+    a round each one is called once untimed, then timed: the untimed call absorbs the
+    previous function's OpenMP workers still spinning (kiln's and torch's pools are
+    different threads on the same cores), which would otherwise slow the timed one."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, ts in zip(fns, times):
+            fn()
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) * 1e3 for ts in times]
 
 
 def _ort_latency(case: Case, repeat: int) -> str:
@@ -373,12 +390,13 @@ def _first_line(e: BaseException) -> str:
     return (text[0] if text else type(e).__name__)[:120]
 
 
-def measure(suite: str, name: str, repeat: int) -> dict[str, Any]:
+def measure(suite: str, name: str, repeat: int, image_size: int | None = None
+            ) -> dict[str, Any]:
     """One table row: build ``name``, compile it with kiln, compare with eager and time kiln,
     eager and ONNX Runtime at batch 1 on THREADS threads."""
     import kiln
 
-    case = build(suite, name)
+    case = build(suite, name, image_size=image_size)
     row: dict[str, Any] = {"model": name, "params_m": case.parameters() / 1e6}
     torch.set_num_threads(THREADS)
     with torch.no_grad():
@@ -394,8 +412,12 @@ def measure(suite: str, name: str, repeat: int) -> dict[str, Any]:
             got = case.main(compiled(*case.inputs))
             row["error"] = relative_error(got, want)
             row["status"] = f"compiled ({compiled.frontend})"
-            row["kiln_ms"] = _median_ms(lambda: compiled(*case.inputs), repeat)
-        row["eager_ms"] = _median_ms(lambda: case.model(*case.inputs), repeat)
+            # kiln and eager interleaved, call by call: both see the same minutes of a
+            # machine whose speed drifts (ORT is timed after: its idle workers spin on).
+            row["kiln_ms"], row["eager_ms"] = _interleaved_ms(
+                [lambda: compiled(*case.inputs), lambda: case.model(*case.inputs)], repeat)
+        else:
+            row["eager_ms"] = _median_ms(lambda: case.model(*case.inputs), repeat)
         row["ort_ms"] = _ort_latency(case, repeat)
     return row
 
@@ -421,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated model names (default: the whole suite)")
     parser.add_argument("--repeat", type=int, default=10,
                         help="timed runs per latency (the median is printed)")
+    parser.add_argument("--size", type=int, default=None,
+                        help=f"torchvision input resolution (default {DEFAULT_IMAGE_SIZE}; "
+                             "models that need more keep theirs)")
     args = parser.parse_args(argv)
     suites = ("torchvision", "transformers") if args.suite == "all" else (args.suite,)
     available = {suite: torchvision_names() if suite == "torchvision" else list(TRANSFORMERS)
@@ -429,12 +454,13 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(wanted).difference(*available.values())
     if unknown:
         parser.error(f"unknown models {sorted(unknown)} in --suite {args.suite}")
-    print(f"batch 1, {THREADS} threads, median of {args.repeat} runs")
+    print(f"batch 1, {THREADS} threads, median of {args.repeat} runs, torchvision at "
+          f"{args.size or DEFAULT_IMAGE_SIZE}x{args.size or DEFAULT_IMAGE_SIZE}")
     print(HEADER, flush=True)
     for suite, names in available.items():
         for name in names:
             if not wanted or name in wanted:
-                print(format_row(measure(suite, name, args.repeat)), flush=True)
+                print(format_row(measure(suite, name, args.repeat, args.size)), flush=True)
 
 
 if __name__ == "__main__":

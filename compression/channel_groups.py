@@ -1,13 +1,14 @@
 """Channel dependency analysis: which output channels of which layers must be pruned together.
 
 A *source* is a node whose output channels can be removed by deleting filters: a conv or
-transposed conv with ``groups=1``, or a linear, whose weights are constants. Each output channel
-of each source is an *element*. A forward walk in topological order records, for every value
-that carries source channels, its *layout*: the axis they lie on and, for each position along
-that axis, the element found there (-1 for a position no source owns). Ops move layouts along:
-activations and per-channel affine ops keep them, permute moves the axis, concat places inputs
-side by side, flatten repeats each channel over the block of features it becomes, a reshape
-that splits the channel axis into (heads, head_dim) makes each head one indivisible chunk.
+transposed conv with ``groups=1``, a linear, or an embedding (its table's columns), whose
+weights are constants. Each output channel of each source is an *element*. A forward walk in
+topological order records, for every value that carries source channels, its *layout*: the axis
+they lie on and, for each position along that axis, the element found there (-1 for a position
+no source owns). Ops move layouts along: activations and per-channel affine ops keep them,
+permute moves the axis, concat places inputs side by side, flatten repeats each channel over
+the block of features it becomes, a reshape that splits the channel axis into (heads, head_dim)
+makes each head one indivisible chunk.
 
 Wherever two layouts meet position by position (a residual ``add``, the batch axes of a matmul
 or an attention), their elements are coupled with a union-find: coupled elements are kept or
@@ -22,6 +23,14 @@ attributes that count them (reshape, split, slice, expand, conv groups). Whateve
 not understand (a channel reaching a graph output, a reduction or normalization over the channel
 axis, a reshape mixing channels with other axes, an op with no rule) marks the groups involved
 as unprunable with a recorded reason: the pass prunes nothing it cannot rewrite exactly.
+
+One exception, asked for with ``norms=True``: a layer norm over the channel axis (a
+transformer's residual stream, the hidden size shared by the embeddings, every block's input and
+output projections, every norm and the head) keeps its weight and bias for the kept channels and
+normalizes over those. That is not the same function with channels removed (the mean and
+variance are taken over fewer channels), so it is for one-shot pruning followed by a fine-tune;
+a group that needs it records it in ``ChannelGroup.approximate``, and AGP's masking (which
+relies on removal changing nothing) leaves such groups alone.
 """
 
 from __future__ import annotations
@@ -94,6 +103,9 @@ class ChannelGroup:
     unit_of: dict[str, np.ndarray] = field(repr=False)
     members: tuple[Member, ...] = field(repr=False)
     reasons: tuple[str, ...] = ()
+    approximate: tuple[str, ...] = ()
+    """Where removing this group's channels changes more than their contribution (a layer
+    norm normalizing over them: ``norms=True``)."""
 
     @property
     def prunable(self) -> bool:
@@ -122,6 +134,7 @@ class ChannelGroup:
         lines = [head]
         lines += [f"  {m}" for m in self.members]
         lines += [f"  unprunable: {r}" for r in self.reasons]
+        lines += [f"  approximate: {r}" for r in self.approximate]
         return "\n".join(lines)
 
 
@@ -166,6 +179,7 @@ class ChannelAnalysis:
         self.groups: list[ChannelGroup] = []
         self._parent: list[int] = []
         self._refusals: list[tuple[np.ndarray, str]] = []
+        self._approximations: list[tuple[np.ndarray, str]] = []
 
     # ---- public queries ------------------------------------------------------------------
     def prunable(self) -> list[ChannelGroup]:
@@ -209,6 +223,13 @@ class ChannelAnalysis:
         elem = elem[elem >= 0]
         if elem.size:
             self._refusals.append((elem, reason))
+
+    def approximate(self, elem: np.ndarray, reason: str) -> None:
+        """Record that removing these elements changes more than their contribution."""
+        elem = np.asarray(elem)
+        elem = elem[elem >= 0]
+        if elem.size:
+            self._approximations.append((elem, reason))
 
     def couple(self, a: np.ndarray, b: np.ndarray, where: str) -> np.ndarray:
         """Tie position p of ``a`` to position p of ``b``; returns the merged layout elements.
@@ -261,9 +282,10 @@ def _rule(*ops: str) -> Callable[[Rule], Rule]:
 class _Walk:
     """One forward pass over the graph filling a ChannelAnalysis."""
 
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, norms: bool = False) -> None:
         self.g = graph
         self.a = ChannelAnalysis(graph)
+        self.norms = norms
 
     # helpers shared by the rules
     def shape(self, v: str) -> tuple[int, ...]:
@@ -326,6 +348,11 @@ class _Walk:
 def _source_spec(g: Graph, node: Node):
     """(output axis, channel count, filter axis of the weight, [(operand, axis)...]) for a
     node whose output channels can be removed, else None."""
+    if node.op == "embedding":
+        # The table's columns are the output channels (a transformer's hidden size).
+        if node.inputs[1] not in g.constants:
+            return None
+        return g.types[node.outputs[0]].rank - 1, g.types[node.inputs[1]].shape[1], 1, [(1, 1)]
     if node.op not in ("conv", "conv_transpose", "linear"):
         return None
     if any(v not in g.constants for v in node.inputs[1:]):
@@ -551,9 +578,21 @@ def _layer_norm_rule(w: _Walk, idx: int, node: Node, tracked) -> None:
     if lay is None:
         return
     rank = w.g.types[node.inputs[0]].rank
-    if lay.axis >= rank - node.attrs["normalized_ndim"]:
-        w.a.refuse(lay.elem, f"layer_norm normalizes over the channel axis at {_where(node)}")
+    first = rank - node.attrs["normalized_ndim"]
+    if lay.axis < first:
+        _passthrough(w, node, lay)
+    elif not w.norms:
+        w.a.refuse(lay.elem, f"layer_norm normalizes over the channel axis at {_where(node)} "
+                             "(pruned one-shot only: norms=True)")
+    elif any(not w.const(v) for v in node.inputs[1:]):
+        w.a.refuse(lay.elem, f"layer_norm weight or bias is not a constant at {_where(node)}")
     else:
+        # Its weight and bias (shaped like the normalized dims) keep the kept channels, and
+        # the statistics are then taken over those: approximate (module docstring).
+        for i in range(1, len(node.inputs)):
+            w.a.const_edits.append(ConstEdit(idx, i, lay.axis - first, lay.elem, "param"))
+        w.a.approximate(lay.elem, f"layer_norm at {_where(node)} normalizes over the kept "
+                                  "channels only")
         _passthrough(w, node, lay)
 
 
@@ -768,10 +807,12 @@ def _finish(a: ChannelAnalysis) -> None:
     a.element_group, a.element_unit = element_group, element_unit
 
     reasons: list[list[str]] = [[] for _ in order]
-    for elem, reason in a._refusals:
-        for g in sorted(set(element_group[elem].tolist())):
-            if reason not in reasons[g]:
-                reasons[g].append(reason)
+    approximate: list[list[str]] = [[] for _ in order]
+    for found, pairs in ((reasons, a._refusals), (approximate, a._approximations)):
+        for elem, reason in pairs:
+            for g in sorted(set(element_group[elem].tolist())):
+                if reason not in found[g]:
+                    found[g].append(reason)
     members: list[list[Member]] = [[] for _ in order]
 
     def add(role: str, node: str, target: str, axis: int, elem: np.ndarray) -> None:
@@ -804,14 +845,16 @@ def _finish(a: ChannelAnalysis) -> None:
         if unit_count[k] < 2:
             reasons[k].append("the group has a single unit")
         a.groups.append(ChannelGroup(k, tuple(a.sources[s] for s in srcs), unit_count[k],
-                                     unit_of, tuple(members[k]), tuple(reasons[k])))
+                                     unit_of, tuple(members[k]), tuple(reasons[k]),
+                                     tuple(approximate[k])))
 
 
-def find_channel_groups(graph: Graph) -> ChannelAnalysis:
+def find_channel_groups(graph: Graph, norms: bool = False) -> ChannelAnalysis:
     """Find the groups of channels that must be pruned together in ``graph``.
 
     Returns a ChannelAnalysis: ``groups`` lists every group with its sources, units, members
-    and, for the ones that cannot be pruned, the reasons; ``summary()`` prints them. The graph
-    is only read.
+    and, for the ones that cannot be pruned, the reasons; ``summary()`` prints them. With
+    ``norms``, channels a layer norm normalizes over may be pruned too (approximately: see
+    the module docstring). The graph is only read.
     """
-    return _Walk(graph).run()
+    return _Walk(graph, norms).run()

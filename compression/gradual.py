@@ -78,6 +78,7 @@ class GradualPruning:
         self.options = options
         self.graph = graph
         self.trained = trained
+        # norms=False: masking a channel a layer norm normalizes over is not removing it.
         self.analysis = find_channel_groups(graph)
         self.steps = steps
         # Update k (1..steps) happens after optimizer step update_at[k - 1].

@@ -128,6 +128,7 @@ class _Options:
     min_channels: int
     scores: Mapping[str, np.ndarray] | None
     layers: tuple[tuple[str, float], ...] = ()
+    norms: bool = True
 
 
 def name_matches(name: str, pattern: str) -> bool:
@@ -216,8 +217,13 @@ def _read_options(ctx: PassContext, graph: Graph) -> _Options:
     layers = read_layer_settings(opt("layers", None), graph, PASS_NAME, "a ratio in [0, 1)",
                           lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
                           and 0.0 <= v < 1.0)
+    norms = opt("norms", True)
+    if not isinstance(norms, bool):
+        raise KilnError(f"prune_channels.norms must be True or False, got {norms!r}",
+                        hint="True lets layer norms over pruned channels shrink with them "
+                             "(a transformer's hidden size); False leaves those groups whole")
     return _Options(float(ratio), bool(opt("global", False)), flops_target, criterion,
-                    protect, multiple, min_channels, scores, layers)
+                    protect, multiple, min_channels, scores, layers, norms)
 
 
 # ---- the rewrite ---------------------------------------------------------------------------
@@ -400,7 +406,7 @@ def plan_pruning(graph: Graph, analysis: ChannelAnalysis | None = None,
     left whole are absent), with the analysis it used."""
     ctx = ctx or PassContext()
     opts = _read_options(ctx, graph)
-    analysis = analysis or find_channel_groups(graph)
+    analysis = analysis or find_channel_groups(graph, norms=opts.norms)
     protected = set()
     for name in opts.protect:
         protected.update(g.id for g in analysis.groups_touching(name))

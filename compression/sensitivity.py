@@ -35,9 +35,13 @@ class Sensitivity:
 
     def __init__(self, graph: Graph, scores: Mapping[str, np.ndarray]) -> None:
         self.graph = graph
-        self.analysis = find_channel_groups(graph)
-        self.units = {g.id: unit_scores(graph, g, "taylor", scores)
-                      for g in self.analysis.prunable()}
+        # The groups of one-shot pruning (layer norms shrink with the channels they
+        # normalize) and of AGP (they do not), each with its units' scores.
+        self.analyses = {norms: find_channel_groups(graph, norms=norms)
+                         for norms in (True, False)}
+        self.unit_scores = {norms: {g.id: unit_scores(graph, g, "taylor", scores)
+                                    for g in a.prunable()} for norms, a in self.analyses.items()}
+        self.analysis, self.units = self.analyses[True], self.unit_scores[True]
         self.total = float(sum(s.sum() for s in self.units.values())) or 1.0
 
     def cost(self, prune: Mapping[str, Any] | None, multiple: int = 8) -> float:
@@ -47,13 +51,15 @@ class Sensitivity:
             return 0.0
         opts = {f"{PASS_NAME}.{k}": v for k, v in prune.items() if k not in _NOT_PLAN}
         opts.setdefault(f"{PASS_NAME}.multiple", multiple)
-        keep, _ = plan_pruning(self.graph, self.analysis, PassContext(options=opts))
+        norms = bool(prune.get("norms", True)) and prune.get("schedule") is None
+        units = self.unit_scores[norms]
+        keep, _ = plan_pruning(self.graph, self.analyses[norms], PassContext(options=opts))
         removed = 0.0
         for gid, kept in keep.items():
-            gone = np.ones(len(self.units[gid]), bool)
+            gone = np.ones(len(units[gid]), bool)
             gone[kept] = False
-            removed += float(self.units[gid][gone].sum())
-        return removed / self.total
+            removed += float(units[gid][gone].sum())
+        return removed / float(sum(s.sum() for s in units.values()) or 1.0)
 
     def stages(self, patterns: Sequence[str], ratio: float = 0.5) -> dict[str, float]:
         """The cost of removing ``ratio`` of each stage's channels alone, per pattern."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -99,6 +100,90 @@ def signal_cnn(batch: int = 1, seed: int = 0, epochs: int = 10
             opt.zero_grad()
             loss.backward()
             opt.step()
+    return model.eval(), (x_test[:batch],)
+
+
+SIGNAL_PATCH = 8
+
+
+def signal_transformer_module(d_model: int = 64, heads: int = 4, d_ffn: int = 128,
+                              layers: int = 2) -> torch.nn.Module:
+    """A small pre-norm transformer over ``signal_data``: patches of 8 steps x 3 channels
+    embedded by a linear layer, learned positions, ``layers`` blocks (attention with separate
+    q/k/v projections, a GELU MLP), a final layer norm, mean over the patches, a linear head.
+    Its residual stream (``d_model``, shared by the embedding, every block's output
+    projections, every norm and the head) is the channel group kiln prunes with
+    ``prune={"norms": True}`` (the default)."""
+    nn = torch.nn
+    patches = SIGNAL_LENGTH // SIGNAL_PATCH
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
+            self.v, self.o = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
+
+        def forward(self, x):
+            b, n, d = x.shape
+            q, k, v = (f(x).view(b, n, heads, d // heads).transpose(1, 2)
+                       for f in (self.q, self.k, self.v))
+            a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // heads), -1)
+            return self.o((a @ v).transpose(1, 2).reshape(b, n, d))
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm1, self.attn = nn.LayerNorm(d_model), Attention()
+            self.norm2 = nn.LayerNorm(d_model)
+            self.mlp = nn.Sequential(nn.Linear(d_model, d_ffn), nn.GELU(),
+                                     nn.Linear(d_ffn, d_model))
+
+        def forward(self, x):
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+
+    class SignalTransformer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(SIGNAL_CHANNELS * SIGNAL_PATCH, d_model)
+            self.pos = nn.Parameter(0.02 * torch.randn(1, patches, d_model))
+            self.blocks = nn.ModuleList(Block() for _ in range(layers))
+            self.norm, self.head = nn.LayerNorm(d_model), nn.Linear(d_model, SIGNAL_CLASSES)
+
+        def forward(self, x):
+            b = x.shape[0]
+            p = x.view(b, SIGNAL_CHANNELS, patches, SIGNAL_PATCH).permute(0, 2, 1, 3)
+            z = self.embed(p.reshape(b, patches, SIGNAL_CHANNELS * SIGNAL_PATCH)) + self.pos
+            for block in self.blocks:
+                z = block(z)
+            return self.head(self.norm(z).mean(1))
+
+    return SignalTransformer()
+
+
+def signal_transformer(batch: int = 1, seed: int = 0, epochs: int = 40,
+                       data: Sequence[torch.Tensor] | None = None
+                       ) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """``signal_transformer_module`` trained ``epochs`` epochs (AdamW, one-cycle learning
+    rate) on the training split of ``data`` (default ``signal_data()``), seeded, and an
+    example input of ``batch`` test signals."""
+    x_train, x_test, y_train, _ = data if data is not None else signal_data()
+    torch.manual_seed(seed)
+    model = signal_transformer_module()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2)
+    per_epoch = -(-len(x_train) // 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * per_epoch)
+    order = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x_train), generator=order)
+        for i in range(0, len(x_train), 64):
+            idx = perm[i:i + 64]
+            loss = torch.nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
     return model.eval(), (x_test[:batch],)
 
 

@@ -68,6 +68,8 @@ def assert_prunes_exactly(graph: Graph, inputs: list[np.ndarray] | None = None,
                           **options) -> tuple[Graph, list[np.ndarray]]:
     """Prune; the result must match the masked original and keep the output types. Returns
     the pruned graph and its outputs on ``inputs`` (default: random ones)."""
+    # Exact only where no layer norm shrinks with the channels (norms=True is approximate).
+    options.setdefault("norms", False)
     ctx = PassContext({f"prune_channels.{k}": v for k, v in options.items()})
     keep, analysis = plan_pruning(graph, None, ctx)
     pruned = prune(graph, **options)
@@ -597,3 +599,91 @@ def test_per_layer_widths_with_a_flops_target(zoo_graphs):
 def test_bad_per_layer_widths_fail_clearly(zoo_graphs, layers, message):
     with pytest.raises(KilnError, match=message):
         prune(zoo_graphs["lenet5"], ratio=0.3, layers=layers)
+
+
+# ---- a transformer's residual stream (layer norms over the channels) and embeddings -------
+class _PreNorm(torch.nn.Module):
+    """An embedding table and a linear input both feed one residual stream of width 16 with a
+    pre-norm block, a final norm and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.tokens, self.embed = nn.Embedding(10, 16), nn.Linear(6, 16)
+        self.norm1, self.up, self.down = nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 16)
+        self.norm, self.head = nn.LayerNorm(16), nn.Linear(16, 3)
+        for ln in (self.norm1, self.norm):   # not the identity, so slicing them matters
+            ln.weight.data.uniform_(0.5, 1.5)
+            ln.bias.data.uniform_(-0.5, 0.5)
+
+    def forward(self, ids, x):
+        z = self.tokens(ids) + self.embed(x)
+        z = z + self.down(torch.relu(self.up(self.norm1(z))))
+        return self.head(self.norm(z).mean(1))
+
+
+def test_residual_stream_through_layer_norms_prunes_with_norms():
+    """The stream is one group, refused while its layer norms must stay exact; with
+    norms=True it prunes, the norms keep the kept channels' weight and bias and normalize
+    over those, which is what a torch model built from the kept weights computes."""
+    torch.manual_seed(0)
+    model = _PreNorm().eval()
+    ids, x = torch.randint(0, 10, (2, 5)), torch.randn(2, 5, 6)
+    g, _ = trace_module(model, (ids, x))
+    stream = lambda a: next(grp for grp in a.groups if "tokens" in grp.unit_of)  # noqa: E731
+    exact = stream(find_channel_groups(g))
+    assert not exact.prunable and any("layer_norm normalizes over the channel axis" in r
+                                      for r in exact.reasons)
+    grp = stream(find_channel_groups(g, norms=True))
+    assert grp.prunable and {s.node for s in grp.sources} == {"tokens", "embed", "down"}
+    assert len(grp.approximate) == 2 and grp.num_units == 16
+    options = {"ratio": 0.0, "layers": {"tokens": 0.5}, "multiple": 1, "norms": True}
+    pruned = prune(g, **options)   # the stream only: the MLP keeps its 32 channels
+    keep, analysis = plan_pruning(g, None, PassContext(
+        {f"prune_channels.{k}": v for k, v in options.items()}))
+    kept = np.sort(np.asarray(keep[grp.id]))
+    assert len(kept) == 8
+    # The same model by hand: every stream weight sliced to the kept channels.
+    ref = _PreNorm().eval()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref.tokens.weight = torch.nn.Parameter(model.tokens.weight[:, kept])
+        for lin in ("embed", "down"):
+            getattr(ref, lin).weight = torch.nn.Parameter(getattr(model, lin).weight[kept])
+            getattr(ref, lin).bias = torch.nn.Parameter(getattr(model, lin).bias[kept])
+        for ln in ("norm1", "norm"):
+            new = torch.nn.LayerNorm(8)
+            new.weight.data, new.bias.data = (getattr(model, ln).weight[kept],
+                                              getattr(model, ln).bias[kept])
+            setattr(ref, ln, new)
+        ref.up.weight = torch.nn.Parameter(model.up.weight[:, kept])
+        ref.head.weight = torch.nn.Parameter(model.head.weight[:, kept])
+        want = ref(ids, x).numpy()
+    feeds = [ids.numpy(), x.numpy()]
+    np.testing.assert_allclose(run_graph(pruned, feeds)[0], want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(compile_graph(pruned).run(feeds)[0], want, rtol=1e-4, atol=1e-5)
+    ln_weights = [pruned.types[n.inputs[1]].shape for n in pruned.nodes if n.op == "layer_norm"]
+    assert ln_weights == [(8,), (8,)]
+    with pytest.raises(KilnError, match="norms must be True or False"):
+        prune(g, ratio=0.5, norms="yes")
+
+
+def test_embedding_columns_are_channels():
+    """An embedding table's columns are a source: removed with the readers' input columns,
+    exactly (no layer norm in between)."""
+    torch.manual_seed(0)
+
+    class Lookup(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table, self.proj = torch.nn.Embedding(12, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.proj(torch.relu(self.table(ids)))
+
+    g, _ = trace_module(Lookup().eval(), (torch.randint(0, 12, (3, 7)),))
+    (grp,) = find_channel_groups(g).prunable()
+    assert [s.node for s in grp.sources] == ["table"] and grp.sources[0].weight_axis == 1
+    pruned, _ = assert_prunes_exactly(g, [np.random.default_rng(0).integers(0, 12, (3, 7))],
+                                      ratio=0.5, multiple=1)
+    assert pruned.types[pruned.nodes[0].inputs[1]].shape == (12, 8)

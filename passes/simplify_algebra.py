@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kiln.ir import Graph, Node
+from kiln.ir.ops._rules import as_tuple
 from kiln.passes.base import Pass, PassContext, PassResult, register_pass
 from kiln.passes.rewrite import Rewriter, RuleTable, rewrite_graph
 
@@ -81,6 +82,53 @@ def drop_neutral_operand(node: Node, rw: Rewriter) -> Sequence[str] | None:
         if _constant_is(rw, node.inputs[slot], fill) and _same_type(rw, other, node):
             return [other]
     return None
+
+
+def _live_taps(size: int, out: int, k: int, stride: int, pad: int, dil: int
+               ) -> tuple[int, int] | None:
+    """The first and last kernel tap along one axis that reads the input (not the zero
+    padding) for some output position, or None when none does."""
+    live = [t for t in range(k)
+            if any(0 <= y * stride + t * dil - pad < size for y in range(out))]
+    return (live[0], live[-1]) if live else None
+
+
+@RULES.rule("conv")
+def drop_dead_conv_taps(node: Node, rw: Rewriter) -> Sequence[str] | None:
+    """Kernel taps that read only zero padding for every output position add nothing: a
+    dilated convolution wider than its input (DeepLabV3's ASPP: dilation 36 on a 28x28 map)
+    keeps only its live taps, as a smaller kernel with the padding reduced to match (a 3x3
+    conv of dilation 36 becomes a 1x1 one). Only where the live taps sit symmetrically, so
+    the padding stays symmetric and the output size the same."""
+    w = rw.constant(node.inputs[1])
+    if w is None:
+        return None
+    x_t, out_t = rw.type_of(node.inputs[0]), rw.type_of(node.outputs[0])
+    nd = w.ndim - 2
+    if not (x_t.is_static and out_t.is_static):
+        return None
+    a = node.attrs
+    stride, pad, dil = (as_tuple(a[key], nd, key) for key in ("stride", "padding", "dilation"))
+    spans, new_pad, new_dil = [], [], []
+    for i in range(nd):
+        k = w.shape[2 + i]
+        live = _live_taps(x_t.shape[2 + i], out_t.shape[2 + i], k, stride[i], pad[i], dil[i])
+        if live is None:
+            return None   # a conv of padding alone: left for constant folding to see
+        t0, t1 = live
+        p = pad[i] - t0 * dil[i]
+        if t0 != k - 1 - t1 or p < 0:
+            return None
+        spans.append(slice(t0, t1 + 1))
+        new_pad.append(p)
+        new_dil.append(dil[i] if t1 > t0 else 1)
+    if all(s_.stop - s_.start == w.shape[2 + i] for i, s_ in enumerate(spans)):
+        return None
+    weight = rw.add_constant(w[(slice(None), slice(None), *spans)], hint=f"{node.name}.live")
+    attrs = {**a, "padding": new_pad, "dilation": new_dil}
+    # Symmetric live taps keep the output size: H + 2p' - d(k'-1) = H + 2p - d(k-1).
+    return [rw.emit("conv", [node.inputs[0], weight, *node.inputs[2:]], attrs,
+                    name=node.outputs[0])]
 
 
 @register_pass

@@ -141,6 +141,12 @@ def choose_algorithm(job: ConvContext, wv: np.ndarray, images: int) -> str:
         return "direct_batch"
     if padded_ok:
         return "padded_direct"
+    if fits["direct_t"] and max(geo.dil) > 1:
+        # A dilated conv whose padded rows waste too much for padded_direct: im2col copies
+        # every tap (DeepLabV3's ASPP, 2048 -> 256 channels at dilation 12 on 28x28: a 58 MB
+        # im2col, 88.7 ms), where the transposed direct GEMM reads the input in place
+        # (23.7 ms; ResNet-50's dilation-4 3x3 of DeepLab's layer4: 18.7 -> 11.8 ms).
+        return "direct_t"
     if fits["batched_im2col"] and geo.pixels <= tn.batched_im2col_max_pixels:
         return "batched_im2col"
     return "gemm"

@@ -58,6 +58,7 @@ PATHS = [  # (cin, cout, (h, w), kernel, stride, padding, dilation, batch, path)
     (32, 40, (15, 15), 3, 2, 1, 1, 3, "transposed"),     # channels not a multiple of 64
     (64, 64, (16, 16), 1, 2, 0, 1, 2, "transposed"),     # strided 1x1 (downsample)
     (16, 32, (7, 7), 3, 1, 1, 1, 2, "transposed"),       # small map, too few pixels for Winograd
+    (64, 32, (28, 28), 3, 1, 12, 12, 1, "transposed"),   # dilated, padding too wide to copy
     (24, 24, (14, 13), 3, 1, 1, 1, 2, "depthwise padded"),   # groups = channels, stride 1
     (24, 24, (14, 13), 5, 1, 2, (2, 1), 1, "depthwise padded"),  # dilation along rows only
     (24, 24, (14, 13), 3, 2, 1, 1, 2, "depthwise in place"),  # stride 2

@@ -143,3 +143,42 @@ def test_nothing_to_simplify():
     result = run_pass(SimplifyAlgebra(), g)
     assert not result.changed
     assert print_graph(result.graph) == print_graph(g)
+
+
+def dilated_convs():
+    """A 3x3 conv of dilation 36 on a 28x28 map (only its centre tap reads the image), one of
+    dilation 24 (every tap reads some of it), and a 1-d conv whose two outer taps read only
+    padding."""
+    rng = np.random.default_rng(0)
+    b = GraphBuilder("dilated")
+    x = b.input("x", TensorType((1, 4, 28, 28)))
+    y = b.input("y", TensorType((1, 4, 12)))
+    w2 = b.constant(rng.standard_normal((2, 4, 3, 3)).astype(np.float32), "w2")
+    w1 = b.constant(rng.standard_normal((2, 4, 5)).astype(np.float32), "w1")
+    a = b.op("conv", [x, w2], {"padding": 36, "dilation": 36}, name="aspp36")
+    c = b.op("conv", [x, w2], {"padding": 24, "dilation": 24}, name="aspp24")
+    d = b.op("conv", [y, w1], {"padding": 20, "dilation": 10}, name="wide1d")
+    b.output(a, c, d)
+    return b.build()
+
+
+def test_dead_conv_taps_are_dropped():
+    from kiln.backends.reference import run_graph
+
+    g = dilated_convs()
+    result = run_pass(SimplifyAlgebra(), g)
+    assert result.changed
+    text = print_graph(result.graph)
+    assert ("%aspp36: f32[1,2,28,28] = conv(%x, %aspp36.live) {stride=1, padding=[0, 0], "
+            "dilation=[1, 1], groups=1}") in text
+    assert ("%aspp24: f32[1,2,28,28] = conv(%x, %w2) {stride=1, padding=24, dilation=24, "
+            "groups=1}") in text
+    assert ("%wide1d: f32[1,2,12] = conv(%y, %wide1d.live) {stride=1, padding=[10], "
+            "dilation=[10], groups=1}") in text
+    assert result.graph.types["aspp36.live"].shape == (2, 4, 1, 1)
+    np.testing.assert_array_equal(result.graph.constants["wide1d.live"],
+                                  g.constants["w1"][:, :, 1:4])
+    inputs = [np.random.default_rng(1).standard_normal(g.types[v].shape).astype(np.float32)
+              for v in g.inputs]
+    for want, got in zip(run_graph(g, inputs), run_graph(result.graph, inputs)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

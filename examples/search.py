@@ -90,17 +90,26 @@ def signal_cnn(batch: int = 1, seed: int = 0, epochs: int = 10
     torch.manual_seed(seed)
     model = signal_cnn_module()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    _train(model, x_train, y_train, epochs, seed, opt)
+    return model.eval(), (x_test[:batch],)
+
+
+def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int,
+           opt: torch.optim.Optimizer, sched: Any = None) -> None:
+    """``epochs`` epochs of cross-entropy training in shuffled batches of 64 (seeded order),
+    stepping ``sched`` after every batch when given."""
     order = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
-        perm = torch.randperm(len(x_train), generator=order)
-        for i in range(0, len(x_train), 64):
+        perm = torch.randperm(len(x), generator=order)
+        for i in range(0, len(x), 64):
             idx = perm[i:i + 64]
-            loss = torch.nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return model.eval(), (x_test[:batch],)
+            if sched is not None:
+                sched.step()
 
 
 SIGNAL_PATCH = 8
@@ -173,17 +182,7 @@ def signal_transformer(batch: int = 1, seed: int = 0, epochs: int = 40,
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2)
     per_epoch = -(-len(x_train) // 64)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * per_epoch)
-    order = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x_train), generator=order)
-        for i in range(0, len(x_train), 64):
-            idx = perm[i:i + 64]
-            loss = torch.nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    _train(model, x_train, y_train, epochs, seed, opt, sched)
     return model.eval(), (x_test[:batch],)
 
 

@@ -350,19 +350,30 @@ def _index_check(check: str, messages: list[str], inputs: str) -> list[str]:
     the object code's ``check`` function (weak: code made before it existed lacks it)."""
     if not messages:
         return []
-    table = ", ".join(_c_string(m[:400]) for m in messages)
     return [
         f"    if ({check}) {{",
-        f"        static const char* const index_errors[] = {{{table}}};",
+        _index_errors(messages, "        "),
         f"        int64_t bad = {check}((void**){inputs});",
-        "        if (bad >= 0) {",
-        "            snprintf(last_error, sizeof last_error, \"%s\",",
-        f"                     bad < {len(messages)} ? index_errors[bad]",
-        "                                      : \"an input holds an index out of range\");",
-        "            return -1;",
-        "        }",
+        *_index_refusal(len(messages), "        "),
         "    }",
     ]
+
+
+def _index_errors(messages: list[str], indent: str) -> str:
+    """The C table of ``_index_messages``."""
+    table = ", ".join(_c_string(m[:400]) for m in messages)
+    return f"{indent}static const char* const index_errors[] = {{{table}}};"
+
+
+def _index_refusal(count: int, indent: str) -> list[str]:
+    """Return -1 with check ``bad``'s message when ``bad`` >= 0."""
+    return [f"{indent}{line}" for line in (
+        "if (bad >= 0) {",
+        "    snprintf(last_error, sizeof last_error, \"%s\",",
+        f"             bad < {count} ? index_errors[bad]",
+        "                          : \"an input holds an index out of range\");",
+        "    return -1;",
+        "}")]
 
 
 def _dynamic_index_check(up: str, messages: list[str]) -> list[str]:
@@ -370,10 +381,9 @@ def _dynamic_index_check(up: str, messages: list[str]) -> list[str]:
     index ranges are the same at every size)."""
     if not messages:
         return []
-    table = ", ".join(_c_string(m[:400]) for m in messages)
     return [
         "    {",
-        f"        static const char* const index_errors[] = {{{table}}};",
+        _index_errors(messages, "        "),
         "        int64_t seen = 0;",
         "        for (int k = 0; k < parts; k++) {",
         "            int q = plan[k];",
@@ -383,12 +393,7 @@ def _dynamic_index_check(up: str, messages: list[str]) -> list[str]:
         "                in[i] = (const char*)inputs[i] + (row_inputs[i]",
         "                        ? seen * (programs[q].input_info(i)->nbytes / rows) : 0);",
         "            int64_t bad = programs[q].check ? programs[q].check((void**)in) : -1;",
-        "            if (bad >= 0) {",
-        "                snprintf(last_error, sizeof last_error, \"%s\",",
-        f"                         bad < {len(messages)} ? index_errors[bad]",
-        "                                          : \"an input holds an index out of range\");",
-        "                return -1;",
-        "            }",
+        *_index_refusal(len(messages), "            "),
         "            seen += rows;",
         "        }",
         "    }",

@@ -83,3 +83,34 @@ def test_permute_read_by_a_conv_is_stored():
     a = np.random.default_rng(1).standard_normal((1, 6, 6, 8)).astype(np.float32)
     np.testing.assert_allclose(compile_graph(g, cache=False)([a])[0], run_graph(g, [a])[0],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_permuted_side_operand_of_a_packed_epilogue_is_stored():
+    """MaxViT's 1x1 conv adds a residual that arrives grid-permuted: read inline, the
+    permute's own axes cannot be viewed with the conv's [channels, pixels] output, and the
+    conv fell back to its scalar nest. The permute is stored instead and the conv keeps its
+    packed schedule (no loop over single input channels in its kernel)."""
+    from kiln.backends.llvm import compile_graph
+    from kiln.backends.llvm.compiler import default_target
+    from kiln.backends.reference import run_graph
+    from kiln.ir.kernel import print_kernel
+
+    rng = np.random.default_rng(0)
+    b = GraphBuilder("t")
+    x = b.input("x", TensorType((1, 32, 4, 4)))
+    r = b.input("r", TensorType((1, 2, 2, 2, 2, 16)))
+    w = b.constant(rng.standard_normal((16, 32, 1, 1)).astype(np.float32))
+    c = b.op("conv", [x, w], name="conv")
+    grid = b.op("permute", [r], {"perm": [0, 5, 1, 3, 2, 4]}, name="grid")
+    back = b.op("reshape", [grid], {"shape": [1, 16, 4, 4]}, name="back")
+    b.output(b.op("add", [c, back], name="out"))
+    g = b.build()
+    plan = plan_fusion(g)
+    assert plan.roles["out"] == "epilogue"
+    assert plan.roles["back"] == "root" and "epilogue" in plan.reasons["back"]
+    lowered = lower_graph(g, width=default_target().f32_lanes)
+    conv_kernel = next(s.kernel for s in lowered.steps if s.root == "conv")
+    assert "for ci" not in print_kernel(conv_kernel)   # the scalar nest's input-channel loop
+    feeds = [rng.standard_normal(g.types[v].shape).astype(np.float32) for v in g.inputs]
+    np.testing.assert_allclose(compile_graph(g, cache=False)(feeds)[0], run_graph(g, feeds)[0],
+                               rtol=1e-5, atol=1e-5)

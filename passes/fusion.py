@@ -167,7 +167,8 @@ def _injective_role(n: Node, plan: FusionPlan, users: dict[str, list[Node]],
         # float depthwise conv likewise). One copy kernel stores it instead.
         return "root", f"{n.op} read by the convolution {anchor.name}: stored once, in its layout"
     if is_shape_op(n.op):
-        for u in readers:
+        # (A split's pieces stay inline: an injective root kernel writes one output.)
+        for u in readers if len(n.outputs) == 1 else ():
             anchor = plan.epilogue_anchor.get(u.name)
             if plan.roles.get(u.name) == "epilogue" and \
                     plan.anchor_ops.get(anchor) in PACKED_EPILOGUE:

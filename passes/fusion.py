@@ -75,8 +75,8 @@ class FusionPlan:
     reasons: dict[str, str] = field(default_factory=dict)
     epilogues: dict[str, list[Node]] = field(default_factory=dict)
     group_outputs: dict[str, list[str]] = field(default_factory=dict)
-    # The anchor of each epilogue node (entries of nodes no longer "epilogue" are stale) and
-    # each anchor's op.
+    # The anchor of each epilogue node (nodes that leave an epilogue leave this map) and each
+    # anchor's op.
     epilogue_anchor: dict[str, str] = field(default_factory=dict)
     anchor_ops: dict[str, str] = field(default_factory=dict)
 
@@ -204,7 +204,7 @@ def _bound_expressions(graph: Graph, plan: FusionPlan, users: dict[str, list[Nod
                        outputs: set[str]) -> None:
     """Make roots of the nodes whose fused expression would pass ``MAX_FUSED_OPS`` (one walk
     in topological order: each node's count depends only on its producers')."""
-    anchor_of = {c.name: root for root, chain in plan.epilogues.items() for c in chain}
+    anchor_of = plan.epilogue_anchor   # kept current: nodes leaving an epilogue leave it
     producers = graph.producers()
     fused_ops: dict[str, int] = {}  # node -> op applications in its expression
     for n in graph.nodes:
